@@ -1,0 +1,39 @@
+import pytest
+from pydantic import ValidationError
+
+from app.settings import Settings
+
+
+def test_defaults_match_what_users_know() -> None:
+    settings = Settings(_env_file=None)
+    assert settings.port == 3000 and settings.comfyui_url == "http://127.0.0.1:8188"
+    assert settings.comfyui_timeout_ms == 300_000 and settings.max_concurrency == 1
+    assert settings.max_image_size == 2048 and settings.max_batch_size == 4
+    assert settings.resolved_database_url.startswith("sqlite:///") and settings.temporal_address == "127.0.0.1:7233"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("API_KEYS", "k1,k2"), ("STORAGE_PROVIDER", "s3"), ("WEBHOOK_SECRET", "x"), ("CACHE_ENABLED", "true"),
+     ("RATE_LIMIT_MAX", "10"), ("JWT_SECRET", "s")],
+)
+def test_features_not_built_yet_are_a_startup_error(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match=variable.split("_")[0]):
+        Settings(_env_file=None)
+
+
+@pytest.mark.parametrize(("variable", "value"), [("STORAGE_PROVIDER", "ftp"), ("COMFYUI_URL", "localhost:8188"),
+                                                 ("DATABASE_URL", "mysql://x"), ("LOG_LEVEL", "loud")])
+def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None)
+
+
+def test_lists_and_postgres_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORS_ORIGINS", "https://a.test, https://b.test")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@h/db")
+    settings = Settings(_env_file=None)
+    assert settings.cors_origins == ["https://a.test", "https://b.test"]
+    assert settings.resolved_database_url == "postgresql+psycopg://u@h/db"
