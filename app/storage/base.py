@@ -1,0 +1,29 @@
+"""The small interface every output store implements (local disk now; S3-compatible stores next)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+
+class OutputStorage(Protocol):
+    provider: str
+
+    def put_file(self, key: str, source: Path, content_type: str) -> None:
+        """Move a finished local file under `key`, replacing what was there (so a retry is harmless)."""
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        """Store small data (such as an image input) under `key`, replacing what was there."""
+
+    def open(self, key: str) -> BinaryIO:
+        """Open the stored object for reading; FileNotFoundError when there is none."""
+
+    def local_path(self, key: str) -> Path | None:
+        """The object's path on this machine when the store is a local disk, else None."""
+
+
+def validate_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"invalid storage key {key!r}")
+    return key

@@ -1,0 +1,69 @@
+"""Table models. The jobs table is a projection that each job's workflow keeps current; nothing else
+writes job state. API request/response shapes live in app.models, apart from these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def _utc_column(index: bool = False, nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=Column(DateTime(timezone=True), index=index, nullable=nullable))
+
+
+class JobRow(SQLModel, table=True):
+    __tablename__ = "jobs"
+
+    job_id: str = Field(primary_key=True, max_length=64)
+    status: str = Field(index=True, max_length=16)
+    template_id: str | None = Field(default=None, index=True, max_length=128)
+    template_version: int | None = None
+    seed: int | None = None
+    backend: str = Field(max_length=64)
+    prompt_id: str | None = Field(default=None, max_length=64)
+    attempts: int = 0
+    progress: int = 0
+    # Under PRIVACY_MODE the inputs are not stored (the workflow passes an empty dict).
+    inputs: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    job_metadata: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    outputs: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    created_at: datetime = _utc_column(index=True, nullable=False)
+    started_at: datetime | None = _utc_column()
+    completed_at: datetime | None = _utc_column()
+    execution_time_ms: int | None = None
+    updated_at: datetime = _utc_column(nullable=False)
+
+
+class JobEventRow(SQLModel, table=True):
+    __tablename__ = "job_events"
+    # A retried activity may report the same event again; the key makes the second write a no-op.
+    __table_args__ = (UniqueConstraint("job_id", "event_key", name="uq_job_event_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True, max_length=64)
+    event_key: str = Field(max_length=200)
+    at: datetime = _utc_column(nullable=False)
+    kind: str = Field(max_length=32)
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class TemplateRow(SQLModel, table=True):
+    """One immutable version of a workflow template; a job names the (id, version) it ran with."""
+
+    __tablename__ = "workflow_templates"
+
+    template_id: str = Field(primary_key=True, max_length=128)
+    version: int = Field(primary_key=True)
+    name: str
+    description: str = ""
+    workflow_json: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    input_schema: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    default_params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _utc_column(nullable=False)
+    # Deleting a template hides it; the rows stay so that jobs submitted before still render their version.
+    deleted_at: datetime | None = _utc_column()
