@@ -1,0 +1,84 @@
+"""Registering workflow templates: what makes a template valid, and what is worth a warning."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.comfy.client import ComfyClient
+from app.comfy.errors import ComfyError
+from app.template_schema import InputSchema, parse_schema
+from app.templates import FieldIssue, PromptError, check_graph_shape, check_links, is_link, placeholders
+
+TEMPLATE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass
+class TemplateSpec:
+    template_id: str
+    name: str
+    workflow_json: dict[str, Any]
+    description: str = ""
+    input_schema: dict[str, Any] = field(default_factory=dict)
+    default_params: dict[str, Any] = field(default_factory=dict)
+
+
+def check_template(spec: TemplateSpec) -> InputSchema:
+    """Refuse what cannot work: a bad id, a graph that is not an API-format prompt, a link to a missing node,
+    a placeholder that neither the schema nor the defaults declare, or an invalid schema."""
+    issues: list[FieldIssue] = []
+    if not TEMPLATE_ID.match(spec.template_id):
+        issues.append(FieldIssue("id", "letters, digits, '_', '-' and '.', starting with a letter or digit, at most 128"))
+    schema: InputSchema | None = None
+    for check in (lambda: check_graph_shape(spec.workflow_json), lambda: check_links(spec.workflow_json)):
+        try:
+            check()
+        except PromptError as error:
+            issues += error.issues
+            break
+    else:
+        declared = set(spec.input_schema.get("fields", {})) | spec.default_params.keys()
+        issues += [
+            FieldIssue(f"workflowJson: {{{{{name}}}}}", "placeholder is neither in inputSchema.fields nor in defaultParams")
+            for name in sorted(placeholders(spec.workflow_json) - declared)
+        ]
+    try:
+        schema = parse_schema(spec.input_schema)
+    except PromptError as error:
+        issues += error.issues
+    if issues:
+        raise PromptError(issues)
+    assert schema is not None
+    return schema
+
+
+@dataclass
+class NodeTypeReport:
+    warnings: list[str]
+    issues: list[FieldIssue]
+
+
+async def check_node_types(graph: dict[str, Any], client: ComfyClient) -> NodeTypeReport:
+    """Against the ComfyUI's own node types: an unknown type is a warning (its node pack may be installed
+    later); a link to an output a known node does not have is an error. When ComfyUI is down, a warning
+    says that nothing was checked."""
+    try:
+        known = await client.object_info()
+    except ComfyError as error:
+        return NodeTypeReport([f"node types not checked: {error.message}"], [])
+    unknown: dict[str, list[str]] = {}
+    issues = []
+    for node_id, node in graph.items():
+        if node["class_type"] not in known:
+            unknown.setdefault(node["class_type"], []).append(node_id)
+        for name, value in node.get("inputs", {}).items():
+            source = graph.get(value[0]) if is_link(value) else None
+            outputs = known.get(source["class_type"], {}).get("output") if source else None
+            if outputs is not None and value[1] >= len(outputs):
+                issues.append(FieldIssue(
+                    f"workflowJson.{node_id}.inputs.{name}",
+                    f"links to output {value[1]} of node {value[0]} ({source['class_type']}), which has {len(outputs)}",
+                ))
+    warnings = [f"ComfyUI has no node type {class_type} (nodes {', '.join(ids)})" for class_type, ids in sorted(unknown.items())]
+    return NodeTypeReport(warnings, issues)

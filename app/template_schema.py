@@ -1,0 +1,197 @@
+"""A template's input schema, in the format clients already use:
+
+    {"type": "object", "fields": {name: {type, required, default, min, max, maxLength, enum, description}}}
+
+with `type` one of string | number | integer | boolean | image | enum. Job inputs are checked against it
+before a job exists, every offending field reported at once; the schema is also offered as standard JSON
+Schema so generic tools can build forms.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.image_inputs import classify_image_source
+from app.templates import FieldIssue, PromptError
+
+SEED_FIELD = "seed"
+# Seeds ComfyUI samplers accept; kept within JSON's exact integers.
+_SEED_RANGE = 2**48
+_IMAGE_SIZE_FIELDS = ("width", "height")
+_BATCH_FIELD = "batch_size"
+
+
+class FieldType(str, Enum):
+    string = "string"
+    number = "number"
+    integer = "integer"
+    boolean = "boolean"
+    image = "image"
+    enum = "enum"
+
+
+class InputField(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: FieldType
+    required: bool = False
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    max_length: int | None = Field(None, alias="maxLength", ge=0)
+    enum: list[Any] | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "InputField":
+        if self.type is FieldType.enum and not self.enum:
+            raise ValueError("an enum field needs a non-empty `enum` list")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min is larger than max")
+        if self.default is not None:
+            problem = _problem(self, self.default)
+            if problem:
+                raise ValueError(f"default {self.default!r}: {problem}")
+        return self
+
+
+class InputSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = "object"
+    fields: dict[str, InputField] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _object(self) -> "InputSchema":
+        if self.type != "object":
+            raise ValueError('type must be "object"')
+        return self
+
+
+def parse_schema(raw: dict[str, Any]) -> InputSchema:
+    """The schema as registered; problems are reported as fields of `inputSchema`."""
+    try:
+        return InputSchema.model_validate(raw or {})
+    except ValidationError as error:
+        raise PromptError(
+            [FieldIssue(".".join(["inputSchema", *map(str, e["loc"])]), e["msg"]) for e in error.errors()]
+        ) from error
+
+
+def _problem(field: InputField, value: Any) -> str | None:
+    """Why `value` does not fit `field`, or None when it does."""
+    kind = field.type
+    if kind is FieldType.boolean:
+        return None if isinstance(value, bool) else "must be true or false"
+    if kind in (FieldType.number, FieldType.integer):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        if kind is FieldType.integer and not (isinstance(value, int) or float(value).is_integer()):
+            return "must be a whole number"
+        if field.min is not None and value < field.min:
+            return f"must be at least {field.min:g}"
+        if field.max is not None and value > field.max:
+            return f"must be at most {field.max:g}"
+        return None
+    if kind is FieldType.enum:
+        return None if value in (field.enum or []) else f"must be one of {field.enum}"
+    if not isinstance(value, str):
+        return "must be a string"
+    if kind is FieldType.image and classify_image_source(value) not in ("url", "data_uri", "base64"):
+        return "must be an image: an http(s) URL, a data URI or base64"
+    if field.max_length is not None and len(value) > field.max_length:
+        return f"must be at most {field.max_length} characters"
+    if field.enum and value not in field.enum:
+        return f"must be one of {field.enum}"
+    return None
+
+
+def validate_inputs(
+    schema: InputSchema,
+    default_params: dict[str, Any],
+    inputs: dict[str, Any],
+    *,
+    max_image_size: int,
+    max_batch_size: int,
+) -> dict[str, Any]:
+    """The template's values for a job: defaults filled in, every field checked, a random seed drawn when
+    the template has one and the client gave none (or -1), so the stored inputs reproduce the result."""
+    issues: list[FieldIssue] = []
+    known = schema.fields.keys() | default_params.keys()
+    issues += [FieldIssue(f"inputs.{name}", "not an input of this workflow") for name in sorted(inputs.keys() - known)]
+    values = {**default_params, **{name: spec.default for name, spec in schema.fields.items() if spec.default is not None}}
+    values.update({name: value for name, value in inputs.items() if name in known})
+    if SEED_FIELD in known and values.get(SEED_FIELD) in (None, -1):
+        values[SEED_FIELD] = _random_seed(schema.fields.get(SEED_FIELD))
+    for name, spec in schema.fields.items():
+        if values.get(name) is None:
+            if spec.required:
+                issues.append(FieldIssue(f"inputs.{name}", "is required"))
+            continue
+        problem = _problem(spec, values[name])
+        if problem:
+            issues.append(FieldIssue(f"inputs.{name}", problem))
+    for name in _IMAGE_SIZE_FIELDS:
+        if _number_over(values.get(name), max_image_size):
+            issues.append(FieldIssue(f"inputs.{name}", f"{values[name]} exceeds MAX_IMAGE_SIZE {max_image_size}"))
+    if _number_over(values.get(_BATCH_FIELD), max_batch_size):
+        issues.append(FieldIssue(f"inputs.{_BATCH_FIELD}", f"{values[_BATCH_FIELD]} exceeds MAX_BATCH_SIZE {max_batch_size}"))
+    if issues:
+        raise PromptError(issues)
+    return values
+
+
+def _random_seed(spec: InputField | None) -> int:
+    low = max(0, int(spec.min)) if spec is not None and spec.min is not None else 0
+    high = int(spec.max) + 1 if spec is not None and spec.max is not None else _SEED_RANGE
+    return low + secrets.randbelow(max(1, min(high, _SEED_RANGE) - low))
+
+
+def _number_over(value: Any, limit: int) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit
+
+
+def image_fields(schema: InputSchema) -> list[str]:
+    return [name for name, spec in schema.fields.items() if spec.type is FieldType.image]
+
+
+def to_json_schema(schema: InputSchema, default_params: dict[str, Any]) -> dict[str, Any]:
+    """The same inputs as standard JSON Schema (draft 2020-12)."""
+    properties: dict[str, Any] = {}
+    for name, spec in schema.fields.items():
+        prop: dict[str, Any] = {}
+        if spec.type is FieldType.image:
+            prop = {"type": "string", "contentMediaType": "image/*",
+                    "description": spec.description or "an http(s) URL, a data URI or base64"}
+        elif spec.type is FieldType.enum:
+            prop = {"enum": spec.enum}
+        else:
+            prop = {"type": spec.type.value}
+        if spec.description and "description" not in prop:
+            prop["description"] = spec.description
+        if spec.min is not None:
+            prop["minimum"] = spec.min
+        if spec.max is not None:
+            prop["maximum"] = spec.max
+        if spec.max_length is not None:
+            prop["maxLength"] = spec.max_length
+        if spec.enum and spec.type is not FieldType.enum:
+            prop["enum"] = spec.enum
+        default = spec.default if spec.default is not None else default_params.get(name)
+        if default is not None:
+            prop["default"] = default
+        properties[name] = prop
+    for name, default in default_params.items():
+        properties.setdefault(name, {"default": default})
+    required = sorted(name for name, spec in schema.fields.items() if spec.required and spec.default is None)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }

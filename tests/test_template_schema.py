@@ -1,0 +1,97 @@
+import pytest
+
+from app.template_schema import parse_schema, to_json_schema, validate_inputs
+from app.templates import PromptError
+
+SCHEMA = parse_schema({
+    "type": "object",
+    "fields": {
+        "prompt": {"type": "string", "required": True, "maxLength": 20},
+        "steps": {"type": "integer", "default": 20, "min": 1, "max": 100},
+        "cfg": {"type": "number", "min": 0, "max": 30},
+        "hires": {"type": "boolean", "default": False},
+        "sampler": {"type": "enum", "enum": ["euler", "dpmpp_2m"], "default": "euler"},
+        "init": {"type": "image"},
+        "seed": {"type": "integer", "min": -1, "max": 4294967295},
+        "width": {"type": "integer", "default": 512},
+    },
+})
+
+
+def check(inputs: dict, **limits: int) -> dict:
+    return validate_inputs(SCHEMA, {"filename_prefix": "x"}, inputs,
+                           max_image_size=limits.get("size", 2048), max_batch_size=limits.get("batch", 4))
+
+
+def fields_of(error: PromptError) -> dict[str, str]:
+    return {issue.field: issue.message for issue in error.issues}
+
+
+def test_defaults_fill_gaps_and_given_values_win() -> None:
+    values = check({"prompt": "a cat", "steps": 30, "seed": 7})
+    assert values == {"prompt": "a cat", "steps": 30, "hires": False, "sampler": "euler", "seed": 7,
+                      "width": 512, "filename_prefix": "x"}
+
+
+@pytest.mark.parametrize("given", [{}, {"seed": -1}])
+def test_missing_or_minus_one_seed_is_drawn_within_the_fields_range(given: dict) -> None:
+    seeds = {check({"prompt": "p", **given})["seed"] for _ in range(20)}
+    assert len(seeds) > 1 and all(0 <= seed <= 4294967295 for seed in seeds)
+
+
+def test_every_offending_field_is_reported_at_once() -> None:
+    with pytest.raises(PromptError) as raised:
+        check({"prompt": "x" * 21, "steps": 0, "cfg": "high", "hires": "yes", "sampler": "ddim",
+               "init": "", "width": 4096, "surprise": 1}, size=2048)
+    assert fields_of(raised.value) == {
+        "inputs.surprise": "not an input of this workflow",
+        "inputs.prompt": "must be at most 20 characters",
+        "inputs.steps": "must be at least 1",
+        "inputs.cfg": "must be a number",
+        "inputs.hires": "must be true or false",
+        "inputs.sampler": "must be one of ['euler', 'dpmpp_2m']",
+        "inputs.init": "must be an image: an http(s) URL, a data URI or base64",
+        "inputs.width": "4096 exceeds MAX_IMAGE_SIZE 2048",
+    }
+
+
+def test_required_and_whole_numbers() -> None:
+    with pytest.raises(PromptError) as raised:
+        check({"steps": 2.5})
+    assert fields_of(raised.value) == {"inputs.prompt": "is required", "inputs.steps": "must be a whole number"}
+
+
+def test_batch_size_over_the_limit_is_refused() -> None:
+    schema = parse_schema({"fields": {"batch_size": {"type": "integer", "default": 1}}})
+    with pytest.raises(PromptError) as raised:
+        validate_inputs(schema, {}, {"batch_size": 8}, max_image_size=2048, max_batch_size=4)
+    assert fields_of(raised.value) == {"inputs.batch_size": "8 exceeds MAX_BATCH_SIZE 4"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"type": "array"}, "inputSchema"),
+        ({"fields": {"a": {"type": "colour"}}}, "inputSchema.fields.a.type"),
+        ({"fields": {"a": {"type": "enum"}}}, "inputSchema.fields.a"),
+        ({"fields": {"a": {"type": "integer", "min": 5, "max": 1}}}, "inputSchema.fields.a"),
+        ({"fields": {"a": {"type": "integer", "default": "five"}}}, "inputSchema.fields.a"),
+        ({"fields": {"a": {"type": "string", "colour": "red"}}}, "inputSchema.fields.a.colour"),
+    ],
+)
+def test_invalid_schemas_are_refused_naming_the_place(raw: dict, field: str) -> None:
+    with pytest.raises(PromptError) as raised:
+        parse_schema(raw)
+    assert field in fields_of(raised.value)
+
+
+def test_json_schema_export() -> None:
+    exported = to_json_schema(SCHEMA, {"filename_prefix": "x"})
+    assert exported["type"] == "object" and exported["required"] == ["prompt"]
+    assert exported["additionalProperties"] is False
+    props = exported["properties"]
+    assert props["steps"] == {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}
+    assert props["prompt"] == {"type": "string", "maxLength": 20}
+    assert props["sampler"] == {"enum": ["euler", "dpmpp_2m"], "default": "euler"}
+    assert props["init"]["type"] == "string" and props["init"]["contentMediaType"] == "image/*"
+    assert props["filename_prefix"] == {"default": "x"}

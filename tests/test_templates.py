@@ -1,0 +1,55 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from app.templates import PromptError, check_limits, placeholders, render_prompt
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "comfyui" / "workflows"
+TEMPLATE = json.loads((Path(__file__).resolve().parents[1] / "templates" / "solid_color.json").read_text())["workflowJson"]
+
+
+def test_whole_placeholder_takes_the_typed_value_and_links_stay() -> None:
+    prompt = render_prompt(TEMPLATE, {"width": 64, "height": 32, "color": 255, "filename_prefix": "x"})
+    assert prompt["1"]["inputs"] == {"width": 64, "height": 32, "batch_size": 1, "color": 255}
+    assert prompt["2"]["inputs"]["images"] == ["1", 0]
+    assert prompt["1"]["_meta"] == TEMPLATE["1"]["_meta"]
+
+
+def test_embedded_placeholder_is_interpolated_as_text_and_never_reparsed() -> None:
+    graph = {"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": "run_{{name}}_v{{n}}"}}}
+    injected = '"}, "9": {"class_type": "Evil"'
+    prompt = render_prompt(graph, {"name": injected, "n": 2})
+    assert prompt["1"]["inputs"]["filename_prefix"] == f"run_{injected}_v2"
+    assert set(prompt) == {"1"}
+
+
+def test_values_that_look_like_placeholders_are_not_expanded_again() -> None:
+    graph = {"1": {"class_type": "X", "inputs": {"a": "{{a}}", "b": "{{b}}"}}}
+    assert render_prompt(graph, {"a": "{{b}}", "b": 1})["1"]["inputs"] == {"a": "{{b}}", "b": 1}
+
+
+def test_missing_values_are_all_named() -> None:
+    with pytest.raises(PromptError) as raised:
+        render_prompt(TEMPLATE, {"width": 1})
+    assert [issue.field for issue in raised.value.issues] == ["inputs.color", "inputs.filename_prefix", "inputs.height"]
+
+
+def test_graph_shape_is_checked() -> None:
+    with pytest.raises(PromptError) as raised:
+        render_prompt({"1": {"inputs": {}}}, {})
+    assert raised.value.issues[0].field == "workflowJson.1"
+
+
+def test_limits_refuse_large_images_and_batches() -> None:
+    prompt = json.loads((SHARED / "batch.json").read_text())
+    check_limits(prompt, max_image_size=512, max_batch_size=4)
+    with pytest.raises(PromptError) as raised:
+        check_limits(prompt, max_image_size=256, max_batch_size=2)
+    fields = [issue.field for issue in raised.value.issues]
+    assert fields == ["width (node 1)", "height (node 1)", "batch_size (node 1)"]
+
+
+def test_recorded_template_placeholders() -> None:
+    graph = json.loads((SHARED / "image.template.json").read_text())
+    assert placeholders(graph) == {"width", "height", "color", "filename_prefix"}
