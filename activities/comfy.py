@@ -1,0 +1,151 @@
+"""Activities that talk to ComfyUI: run a prompt (submit + follow), stop a prompt, collect its outputs.
+
+`run_prompt` is one activity, submit and wait together, so that one slot of the backend's task queue
+covers a prompt from the moment it is queued in ComfyUI until it finishes: jobs beyond MAX_CONCURRENCY
+wait in Temporal, never in ComfyUI's in-memory queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.job_log import JobLog
+from activities.prompt_run import PromptRun, stop_prompt
+from app.comfy.client import ComfyClient
+from app.comfy.errors import ComfyError
+from app.models import (
+    CancelPromptInput,
+    CollectOutputsInput,
+    CollectOutputsResult,
+    ErrorCode,
+    OutputFile,
+    PromptProgress,
+    RunPromptInput,
+    RunPromptResult,
+    prompt_id_for,
+)
+from app.storage import OutputStorage
+
+def to_application_error(error: ComfyError) -> ApplicationError:
+    return ApplicationError(error.message, error.details, type=error.code.value, non_retryable=not error.retryable)
+
+
+class ComfyActivities:
+    def __init__(
+        self, clients: Mapping[str, ComfyClient], storage: OutputStorage, engine: Engine, scratch_dir: Path
+    ) -> None:
+        self._clients = clients
+        self._storage = storage
+        self._engine = engine
+        self._scratch_dir = scratch_dir
+        scratch_dir.mkdir(parents=True, exist_ok=True)
+
+    def _client(self, backend: str) -> ComfyClient:
+        try:
+            return self._clients[backend]
+        except KeyError:
+            raise ApplicationError(f"unknown ComfyUI backend {backend!r}", type="CONFIGURATION_ERROR", non_retryable=True)
+
+    # --- run_prompt ------------------------------------------------------------------------------
+
+    @activity.defn(name="run_prompt")
+    async def run_prompt(self, request: RunPromptInput) -> RunPromptResult:
+        details = activity.info().heartbeat_details
+        progress = (
+            PromptProgress.model_validate(details[0])
+            if details
+            else PromptProgress(prompt_id=prompt_id_for(request.job_id, request.attempt))
+        )
+        progress.started_at = progress.started_at or time.time()
+        activity.heartbeat(progress.model_dump(by_alias=True))
+        log = JobLog(self._engine, request.job_id)
+        run = PromptRun(self._client(request.backend), request, progress, log)
+        try:
+            return await run.run()
+        except ComfyError as error:
+            give_up = not error.retryable or time.time() > run.deadline  # transient ones only until the job's limit
+            if error.retryable:
+                attempt = activity.info().attempt
+                log.add(f"a{request.attempt}:transient:{attempt}", "warning",
+                        f"{error.message}; " + ("giving up: the job's time limit has passed" if give_up else "retrying"),
+                        {"code": error.code.value, "activityAttempt": attempt})
+            raise ApplicationError(error.message, error.details, type=error.code.value, non_retryable=give_up) from error
+        except asyncio.CancelledError:
+            cancellation = activity.cancellation_details()
+            # Only a cancel the workflow asked for stops the prompt; a worker shutdown or a timed-out
+            # attempt leaves it running so that the next attempt re-attaches to it.
+            if cancellation is not None and cancellation.cancel_requested:
+                await asyncio.shield(run.stop())
+            raise
+        finally:
+            await log.flush(force=True)
+
+    # --- cancel_prompt ---------------------------------------------------------------------------
+
+    @activity.defn(name="cancel_prompt")
+    async def cancel_prompt(self, request: CancelPromptInput) -> None:
+        try:
+            await stop_prompt(self._client(request.backend), request.prompt_id)
+        except ComfyError as error:
+            raise to_application_error(error) from error
+
+    # --- collect_outputs -------------------------------------------------------------------------
+
+    @activity.defn(name="collect_outputs")
+    async def collect_outputs(self, request: CollectOutputsInput) -> CollectOutputsResult:
+        client = self._client(request.backend)
+        files: list[OutputFile] = []
+        taken: set[str] = set()
+        try:
+            for node_id, entry in _output_files(request.outputs):
+                index = len(files)
+                name = entry["filename"] if entry["filename"] not in taken else f"{index}_{entry['filename']}"
+                taken.add(name)
+                key = f"{request.job_id}/{index}/{name}"
+                scratch = self._scratch_dir / f"{uuid.uuid4().hex}.download"
+                try:
+                    downloaded = await client.download(
+                        filename=entry["filename"], subfolder=entry.get("subfolder", ""),
+                        folder_type=entry.get("type", "output"), destination=scratch,
+                    )
+                    await asyncio.to_thread(self._storage.put_file, key, scratch, downloaded.content_type)
+                except OSError as exc:
+                    raise ApplicationError(f"storing {name} failed: {exc}", type=ErrorCode.STORAGE_ERROR.value) from exc
+                finally:
+                    scratch.unlink(missing_ok=True)
+                files.append(
+                    OutputFile(
+                        filename=name, storage_path=key, url=f"/outputs/{request.job_id}/{name}",
+                        size=downloaded.size, sha256=downloaded.sha256, content_type=downloaded.content_type,
+                        node_id=node_id, animated=entry["animated"],
+                    )
+                )
+                activity.heartbeat(index)
+        except ComfyError as error:
+            raise to_application_error(error) from error
+        return CollectOutputsResult(files=files)
+
+
+def _output_files(outputs: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Every file of every output node: images, batches, animated WEBP/PNG, video (under "images" with
+    `animated: [true]`), and any other list of {filename, subfolder, type} such as audio or gifs."""
+    found = []
+    for node_id in sorted(outputs, key=lambda n: (len(n), n)):
+        ui = outputs[node_id]
+        animated = any(ui.get("animated") or [])
+        for items in ui.values():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                if isinstance(item, dict) and isinstance(item.get("filename"), str):
+                    found.append((node_id, {**item, "animated": animated}))
+    return found

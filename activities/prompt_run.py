@@ -1,0 +1,237 @@
+"""Following one prompt on ComfyUI: submit it unless ComfyUI already has it, then follow its WebSocket
+events (falling back to `/history` when the socket drops) until the history entry is written."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from temporalio import activity
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from activities.job_log import JobLog
+from app.comfy.client import ComfyClient, WsEvent, parse_ws_message
+from app.comfy.errors import ComfyError, classify_execution_error, classify_interrupted
+from app.comfy.tracker import PromptTracker
+from app.models import ErrorCode, PromptProgress, PromptStarted, RunPromptInput, RunPromptResult
+
+# Without any WebSocket event for this long, ComfyUI's HTTP API is asked directly (history, queue).
+_QUIET_CHECK_SECONDS = 1.0
+# Even while events flow, ComfyUI's own view is checked this often.
+_FORCED_CHECK_SECONDS = 10.0
+# A prompt that finishes sooner is never reported as `running` separately: its result says when it started.
+_RUNNING_SIGNAL_AFTER_SECONDS = 0.1
+
+
+class PromptRun:
+    def __init__(self, client: ComfyClient, request: RunPromptInput, progress: PromptProgress, log: JobLog) -> None:
+        self.client = client
+        self.request = request
+        self.progress = progress
+        self.log = log
+        self.prompt_id = progress.prompt_id
+        self.tracker = PromptTracker(progress.prompt_id, request.prompt)
+        self.tag = f"a{request.attempt}"
+        self._started_monotonic: float | None = None
+
+    @property
+    def deadline(self) -> float:
+        return (self.progress.started_at or time.time()) + self.request.timeout_seconds
+
+    async def run(self) -> RunPromptResult:
+        # Connect before submitting: ComfyUI drops events for a client id that has no socket.
+        feed = EventFeed(self.client, self.request.job_id)
+        await feed.open()
+        try:
+            await self._submit_unless_known()
+            activity.heartbeat(self.progress.model_dump(by_alias=True))
+            return await self._follow(feed)
+        finally:
+            await feed.close()
+
+    async def stop(self) -> None:
+        await stop_prompt(self.client, self.prompt_id)
+
+    async def _submit_unless_known(self) -> None:
+        first_try = activity.info().attempt == 1 and not self.progress.submitted
+        # A first try cannot have posted before. A retry asks ComfyUI too, since its last heartbeat may
+        # predate the submission (heartbeats are throttled).
+        found_in = None if first_try else ("heartbeat" if self.progress.submitted else await locate(self.client, self.prompt_id))
+        if found_in is None:
+            await self.client.post_prompt(
+                self.request.prompt,
+                prompt_id=self.prompt_id,
+                client_id=self.request.job_id,
+                extra_data={"gateway_job_id": self.request.job_id, "gateway_attempt": self.request.attempt},
+            )
+            self.log.add(
+                f"{self.tag}:submitted", "submitted",
+                f"prompt {self.prompt_id} queued on ComfyUI (attempt {self.request.attempt})",
+                {"promptId": self.prompt_id, "attempt": self.request.attempt, "backend": self.request.backend},
+            )
+        else:
+            self.log.add(
+                f"{self.tag}:reattached:{activity.info().attempt}", "reattached",
+                f"re-attached to prompt {self.prompt_id} (found via {found_in}) after an interrupted follow",
+                {"promptId": self.prompt_id, "activityAttempt": activity.info().attempt},
+            )
+        self.progress.submitted = True
+
+    async def _follow(self, feed: EventFeed) -> RunPromptResult:
+        last_check = time.monotonic()
+        while True:
+            if time.time() > self.deadline:
+                await self.stop()
+                raise ComfyError(
+                    ErrorCode.COMFYUI_TIMEOUT,
+                    f"no result from ComfyUI within {self.request.timeout_seconds:g} s",
+                    {"promptId": self.prompt_id, "timeoutSeconds": self.request.timeout_seconds},
+                )
+            event = await feed.next(_QUIET_CHECK_SECONDS)
+            if feed.dropped:
+                self.log.add(
+                    f"{self.tag}:ws-dropped:{int(time.time())}", "warning",
+                    "ComfyUI WebSocket dropped; following the prompt through /history until it reconnects",
+                )
+            if event is not None and self.tracker.concerns(event):
+                self._on_event(event)
+                if event.type == "executing" and event.data.get("node") is None:
+                    # ComfyUI sends this after writing the history entry: the result is complete.
+                    entry = await self.client.history(self.prompt_id)
+                    if entry is not None:
+                        return self._result(entry)
+            if event is not None and event.type == "status" and not self.tracker.started:
+                # ComfyUI's queue changed: refresh the position only. The events already buffered tell the
+                # rest, so this must not short-cut to the history (that would skip them in the job's log).
+                position = (await self.client.queue()).position(self.prompt_id)
+                self.progress.queue_position = position if position is not None else self.progress.queue_position
+            elif event is None or time.monotonic() - last_check > _FORCED_CHECK_SECONDS:
+                last_check = time.monotonic()
+                entry = await self.client.history(self.prompt_id)
+                if entry is not None:
+                    return self._result(entry)
+                self.progress.queue_position = await queue_position_or_lost(self.client, self.prompt_id)
+            await self._report(quiet=event is None)
+
+    async def _report(self, *, quiet: bool) -> None:
+        progress, tracker = self.progress, self.tracker
+        progress.percent = tracker.percent
+        progress.node = tracker.current_node
+        progress.node_type = tracker.node_type
+        if tracker.started or progress.queue_position == 0:
+            progress.queue_position = 0
+            self._started_monotonic = self._started_monotonic or time.monotonic()
+            running_for = time.monotonic() - self._started_monotonic
+            if not progress.started_signalled and (quiet or running_for >= _RUNNING_SIGNAL_AFTER_SECONDS):
+                handle = activity.client().get_workflow_handle(self.request.job_id)
+                await handle.signal("prompt_started", PromptStarted(attempt=self.request.attempt, prompt_id=self.prompt_id))
+                progress.started_signalled = True
+        activity.heartbeat(progress.model_dump(by_alias=True))
+        await self.log.flush()
+
+    def _on_event(self, event: WsEvent) -> None:
+        self.tracker.apply(event)
+        if event.type == "execution_start":
+            self.log.add(f"{self.tag}:execution_start", "comfyui", "ComfyUI started executing the prompt")
+        elif event.type == "execution_cached" and event.data.get("nodes"):
+            cached = [str(node) for node in event.data["nodes"]]
+            self.log.add(f"{self.tag}:cached", "comfyui", f"{len(cached)} node(s) served from ComfyUI's cache",
+                         {"nodes": cached})
+        elif event.type == "executing" and event.data.get("node") is not None:
+            node = str(event.data["node"])
+            self.log.add(f"{self.tag}:node:{node}", "node", f"executing node {node} ({self.tracker.node_type})",
+                         {"node": node, "classType": self.tracker.node_type})
+        elif event.type in ("execution_error", "execution_interrupted"):
+            self.log.add(f"{self.tag}:{event.type}", "comfyui", f"ComfyUI reported {event.type}",
+                         {"node": event.data.get("node_id"), "classType": event.data.get("node_type")})
+
+    def _result(self, entry: dict[str, Any]) -> RunPromptResult:
+        status = entry.get("status") or {}
+        messages = status.get("messages") or []
+        stamps = {name: data.get("timestamp") for name, data in messages if isinstance(data, dict)}
+        if status.get("status_str") == "success":
+            start, end = stamps.get("execution_start"), stamps.get("execution_success")
+            return RunPromptResult(
+                prompt_id=self.prompt_id,
+                outputs=entry.get("outputs") or {},
+                started_at_ms=start,
+                execution_time_ms=int(end - start) if start is not None and end is not None else None,
+            )
+        for name, data in reversed(messages):
+            if name == "execution_error":
+                raise classify_execution_error(data)
+            if name == "execution_interrupted":
+                raise classify_interrupted(data)
+        raise ComfyError(
+            ErrorCode.COMFYUI_PROTOCOL_ERROR, "ComfyUI finished the prompt without a result or an error", {"status": status}
+        )
+
+
+class EventFeed:
+    """The job's ComfyUI WebSocket, reopened when it drops. `next` returns None when no event arrived in
+    time, which tells the caller to ask ComfyUI's HTTP API instead."""
+
+    def __init__(self, client: ComfyClient, client_id: str) -> None:
+        self._client = client
+        self._client_id = client_id
+        self._socket: ClientConnection | None = None
+        self.dropped = False
+
+    async def open(self) -> None:
+        self._socket = await self._client.connect_events(self._client_id)
+
+    async def next(self, timeout: float) -> WsEvent | None:
+        self.dropped = False
+        if self._socket is None:
+            await asyncio.sleep(timeout)
+            try:
+                await self.open()
+            except ComfyError:
+                pass
+            return None
+        try:
+            message = parse_ws_message(await asyncio.wait_for(self._socket.recv(), timeout))
+        except TimeoutError:
+            return None
+        except ConnectionClosed:
+            self._socket, self.dropped = None, True
+            return None
+        return message if isinstance(message, WsEvent) else None
+
+    async def close(self) -> None:
+        if self._socket is not None:
+            await self._socket.close()
+
+
+async def locate(client: ComfyClient, prompt_id: str) -> str | None:
+    """Where ComfyUI has the prompt: "history", "queue", or None. History is read on both sides of the
+    queue read because a prompt moves from the running queue into history between two requests."""
+    if await client.history(prompt_id) is not None:
+        return "history"
+    if (await client.queue()).position(prompt_id) is not None:
+        return "queue"
+    if await client.history(prompt_id) is not None:
+        return "history"
+    return None
+
+
+async def queue_position_or_lost(client: ComfyClient, prompt_id: str) -> int:
+    position = (await client.queue()).position(prompt_id)
+    if position is not None:
+        return position
+    if await client.history(prompt_id) is not None:
+        return 0  # finished between the two reads; the next check returns the result
+    raise ComfyError(
+        ErrorCode.PROMPT_LOST,
+        "ComfyUI has the prompt in neither its queue nor its history (it restarted or was cleared)",
+        {"promptId": prompt_id},
+    )
+
+
+async def stop_prompt(client: ComfyClient, prompt_id: str) -> None:
+    """Delete the prompt from ComfyUI's queue, then interrupt it if it is the one running. In this order a
+    prompt that starts between the two calls is still caught; both calls are no-ops for other prompts."""
+    await client.delete_from_queue([prompt_id])
+    await client.interrupt(prompt_id)

@@ -1,0 +1,64 @@
+"""Capture GenerationWorkflow histories for the replay test: `python -m tests.histories.capture`.
+
+Runs real jobs through the whole stack (Temporal dev server, worker, API, ComfyUI simulator) and writes each
+workflow's history as JSON next to this file. Re-capture only on purpose: the committed histories are what
+proves that a change to the workflow still replays the jobs already running in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from app.devserver import temporal_cli
+from tests.harness import DONE, SimulatorProcess, api_client, gateway_settings, recorded_workflow, slow_prompt, wait_for_job
+from worker.main import running_worker
+
+HERE = Path(__file__).resolve().parent
+# A 1x1 red PNG, inline: the job stages it on ComfyUI before running.
+RED_PIXEL = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
+
+
+async def capture() -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        (root / "comfyui").mkdir()
+        simulator = SimulatorProcess(root / "comfyui", time_scale=0.1)
+        simulator.start()
+        env = await WorkflowEnvironment.start_local(
+            dev_server_existing_path=temporal_cli(), data_converter=pydantic_data_converter
+        )
+        settings = gateway_settings(env.client, simulator.url, root / "gateway", "capture")
+        try:
+            async with running_worker(env.client, settings), api_client(settings, env.client) as api:
+                jobs = {
+                    "generation_succeeded": {"workflowJson": recorded_workflow("batch.json")},
+                    "generation_with_image_input": {"workflowId": "invert_image", "inputs": {"image": RED_PIXEL}},
+                    "generation_failed": {"workflowJson": recorded_workflow("fail.json")},
+                    "generation_cancelled": {"workflowJson": slow_prompt(100)},
+                }
+                for name, body in jobs.items():
+                    if (HERE / f"{name}.json").exists():
+                        continue  # committed histories stay as captured: they stand for jobs of older releases
+                    job_id = (await api.post("/jobs", json=body)).json()["jobId"]
+                    if name == "generation_cancelled":
+                        await wait_for_job(api, job_id, until={"running"})
+                        await api.post(f"/jobs/{job_id}/cancel", json={"reason": "captured for the replay test"})
+                    await wait_for_job(api, job_id, until=DONE)
+                    history = await env.client.get_workflow_handle(job_id).fetch_history()
+                    (HERE / f"{name}.json").write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
+                    print(f"wrote {name}.json")
+        finally:
+            await env.shutdown()
+            simulator.kill()
+
+
+if __name__ == "__main__":
+    asyncio.run(capture())

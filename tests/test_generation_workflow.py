@@ -1,0 +1,210 @@
+"""GenerationWorkflow on the real Temporal dev server, with its activities mocked by name."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import pytest
+from temporalio import activity
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from app.models import (
+    CancelPromptInput,
+    CancelRequest,
+    CollectOutputsInput,
+    CollectOutputsResult,
+    ErrorCode,
+    GenerationInput,
+    JobStatus,
+    OutputFile,
+    PromptStarted,
+    RecordJobInput,
+    RenderPromptInput,
+    RenderPromptResult,
+    RetrySpec,
+    RunPromptInput,
+    RunPromptResult,
+    prompt_id_for,
+)
+from tests.conftest import time_skipping_server
+from workflows_temporal.generation import GenerationWorkflow
+
+PROMPT = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8}}}
+
+
+@dataclass
+class FakeGateway:
+    """Activities registered under the workflow's activity names; `run_outcomes` scripts each attempt."""
+
+    run_outcomes: list[object] = field(default_factory=list)
+    records: list[RecordJobInput] = field(default_factory=list)
+    runs: list[RunPromptInput] = field(default_factory=list)
+    cancelled_prompts: list[str] = field(default_factory=list)
+    run_started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @activity.defn(name="render_prompt")
+    async def render_prompt(self, request: RenderPromptInput) -> RenderPromptResult:
+        return RenderPromptResult(prompt=request.workflow_json or PROMPT)
+
+    @activity.defn(name="record_job")
+    async def record_job(self, record: RecordJobInput) -> None:
+        self.records.append(record)
+
+    @activity.defn(name="run_prompt")
+    async def run_prompt(self, request: RunPromptInput) -> RunPromptResult:
+        self.runs.append(request)
+        outcome = self.run_outcomes.pop(0) if self.run_outcomes else "succeed"
+        if outcome == "block":
+            handle = activity.client().get_workflow_handle(request.job_id)
+            await handle.signal("prompt_started", PromptStarted(attempt=request.attempt, prompt_id="p"))
+            self.run_started.set()
+            while True:
+                activity.heartbeat()
+                await asyncio.sleep(0.1)
+        if isinstance(outcome, ApplicationError):
+            raise outcome
+        return RunPromptResult(prompt_id=prompt_id_for(request.job_id, request.attempt),
+                               outputs={"2": {"images": []}}, execution_time_ms=12)
+
+    @activity.defn(name="collect_outputs")
+    async def collect_outputs(self, request: CollectOutputsInput) -> CollectOutputsResult:
+        return CollectOutputsResult(files=[OutputFile(
+            filename="a.png", storage_path=f"{request.job_id}/0/a.png", url=f"/outputs/{request.job_id}/a.png",
+            size=3, sha256="abc", content_type="image/png", node_id="2")])
+
+    @activity.defn(name="cancel_prompt")
+    async def cancel_prompt(self, request: CancelPromptInput) -> None:
+        self.cancelled_prompts.append(request.prompt_id)
+
+
+@asynccontextmanager
+async def running(client: Client, task_queue: str, fake: FakeGateway) -> AsyncIterator[None]:
+    main = Worker(client, task_queue=task_queue, workflows=[GenerationWorkflow],
+                  activities=[fake.render_prompt, fake.record_job, fake.collect_outputs, fake.cancel_prompt])
+    gpu = Worker(client, task_queue=f"{task_queue}.gpu", activities=[fake.run_prompt])
+    async with main, gpu:
+        yield
+
+
+def job_input(task_queue: str, retry: RetrySpec | None = None) -> GenerationInput:
+    return GenerationInput(
+        job_id=str(uuid.uuid4()), workflow_json=PROMPT, inputs={"width": 8}, retry=retry or RetrySpec(),
+        timeout_seconds=60, heartbeat_timeout_seconds=5, backend="comfyui-1",
+        backend_task_queue=f"{task_queue}.gpu", created_at=datetime.now(timezone.utc),
+    )
+
+
+def failure(code: ErrorCode) -> ApplicationError:
+    return ApplicationError(f"{code.value} happened", {"nodeId": "2"}, type=code.value, non_retryable=True)
+
+
+async def test_success_records_queued_then_succeeded(temporal_client: Client, task_queue: str) -> None:
+    fake = FakeGateway()
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        view = await temporal_client.execute_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+    assert view.status is JobStatus.succeeded
+    assert view.attempts == 1 and view.progress == 100
+    assert [f.filename for f in view.outputs] == ["a.png"]
+    assert view.timing.execution_time_ms == 12 and view.timing.completed_at is not None
+    assert [r.job.status for r in fake.records] == [JobStatus.queued, JobStatus.succeeded]
+    assert fake.runs[0].prompt == PROMPT
+
+
+async def test_lost_prompt_is_resubmitted_with_a_new_prompt_id(temporal_client: Client, task_queue: str) -> None:
+    fake = FakeGateway(run_outcomes=[failure(ErrorCode.PROMPT_LOST), "succeed"])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        view = await temporal_client.execute_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+    assert view.status is JobStatus.succeeded and view.attempts == 2
+    assert [run.attempt for run in fake.runs] == [1, 2]
+    assert prompt_id_for(job.job_id, 1) != prompt_id_for(job.job_id, 2)
+    logged = [event.message for record in fake.records for event in record.events]
+    assert any("lost prompt" in message for message in logged)
+
+
+async def test_node_error_fails_the_job_unless_the_client_opted_in(temporal_client: Client, task_queue: str) -> None:
+    fake = FakeGateway(run_outcomes=[failure(ErrorCode.COMFYUI_NODE_ERROR)])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        with pytest.raises(WorkflowFailureError) as raised:
+            await temporal_client.execute_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+    assert isinstance(raised.value.cause, ApplicationError)
+    assert raised.value.cause.type == "COMFYUI_NODE_ERROR"
+    final = fake.records[-1].job
+    assert final.status is JobStatus.failed and final.error is not None
+    assert final.error.code is ErrorCode.COMFYUI_NODE_ERROR and final.error.details == {"nodeId": "2"}
+
+
+async def test_retry_on_reruns_node_errors_up_to_max_attempts(temporal_client: Client, task_queue: str) -> None:
+    fake = FakeGateway(run_outcomes=[failure(ErrorCode.COMFYUI_NODE_ERROR), failure(ErrorCode.COMFYUI_OOM), "succeed"])
+    retry = RetrySpec(max_attempts=3, backoff_seconds=0.1, retry_on=[ErrorCode.COMFYUI_NODE_ERROR, ErrorCode.COMFYUI_OOM])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue, retry)
+        view = await temporal_client.execute_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+    assert view.status is JobStatus.succeeded and view.attempts == 3
+
+
+async def test_cancel_signal_stops_the_running_prompt(temporal_client: Client, task_queue: str) -> None:
+    fake = FakeGateway(run_outcomes=["block"])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        await asyncio.wait_for(fake.run_started.wait(), 10)
+        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason="changed my mind"))
+        view = await handle.result()
+    assert view.status is JobStatus.cancelled
+    assert view.error is not None and "changed my mind" in view.error.message
+    assert fake.cancelled_prompts == [prompt_id_for(job.job_id, 1)]
+    statuses = [r.job.status for r in fake.records]
+    assert statuses[0] is JobStatus.queued and JobStatus.running in statuses and statuses[-1] is JobStatus.cancelled
+
+
+async def test_temporal_cancellation_takes_the_same_path(temporal_client: Client, task_queue: str) -> None:
+    fake = FakeGateway(run_outcomes=["block"])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        await asyncio.wait_for(fake.run_started.wait(), 10)
+        await handle.cancel()
+        with pytest.raises(WorkflowFailureError) as raised:
+            await handle.result()
+    assert isinstance(raised.value.cause, CancelledError)
+    assert fake.cancelled_prompts == [prompt_id_for(job.job_id, 1)]
+    assert fake.records[-1].job.status is JobStatus.cancelled
+
+
+async def test_storage_that_keeps_failing_fails_the_job_once_retries_run_out_of_time(task_queue: str) -> None:
+    """Five minutes of retries, on the time-skipping server. When the next retry would not fit in the bound,
+    Temporal fails the activity with the last error, so the job reports what kept recurring."""
+    fake = FakeGateway()
+
+    @activity.defn(name="collect_outputs")
+    async def broken_storage(request: CollectOutputsInput) -> CollectOutputsResult:
+        raise ApplicationError("disk full", type=ErrorCode.STORAGE_ERROR.value)
+
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter, test_server_existing_path=time_skipping_server()
+    )
+    try:
+        main = Worker(env.client, task_queue=task_queue, workflows=[GenerationWorkflow],
+                      activities=[fake.render_prompt, fake.record_job, broken_storage, fake.cancel_prompt])
+        gpu = Worker(env.client, task_queue=f"{task_queue}.gpu", activities=[fake.run_prompt])
+        async with main, gpu:
+            job = job_input(task_queue)
+            with pytest.raises(WorkflowFailureError) as raised:
+                await env.client.execute_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+    finally:
+        await env.shutdown()
+    assert isinstance(raised.value.cause, ApplicationError) and raised.value.cause.type == "STORAGE_ERROR"
+    final = fake.records[-1].job
+    assert final.status is JobStatus.failed and final.error is not None and final.error.message == "disk full"

@@ -1,0 +1,95 @@
+"""The Temporal worker: GenerationWorkflow and its activities, with one slot-limited queue per ComfyUI.
+
+The main task queue runs workflows and the short activities (render, record, collect, cancel). Each
+ComfyUI backend has its own queue for `run_prompt`, limited to MAX_CONCURRENCY at a time, so jobs beyond
+that wait durably in Temporal. The limit holds per worker process: run one worker per backend queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+import httpx
+from sqlalchemy.engine import Engine
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.comfy import ComfyActivities
+from activities.inputs import InputActivities
+from activities.records import RecordActivities
+from activities.render import RenderActivities
+from app.comfy.backends import backend_task_queue, configured_backends
+from app.comfy.client import ComfyClient
+from app.db import make_engine
+from app.settings import Settings
+from app.storage import build_storage
+from app.template_store import prepare_database
+from workflows_temporal.generation import GenerationWorkflow
+
+log = logging.getLogger(__name__)
+
+# Long enough for short activities to finish; a prompt being followed is handed to the next worker
+# (which re-attaches to it) rather than waited for.
+_GRACEFUL_SHUTDOWN = timedelta(seconds=5)
+
+
+def build_workers(
+    client: Client, settings: Settings, engine: Engine, http: httpx.AsyncClient, image_http: httpx.AsyncClient
+) -> list[Worker]:
+    backends = configured_backends(settings)
+    clients = {backend.id: ComfyClient(backend.url, http) for backend in backends}
+    storage = build_storage(settings)
+    comfy = ComfyActivities(clients=clients, storage=storage, engine=engine, scratch_dir=settings.data_dir / "tmp")
+    inputs = InputActivities(
+        clients, image_http, storage,
+        max_bytes=settings.input_image_max_bytes, allow_private_urls=settings.input_image_allow_private_urls,
+    )
+    render = RenderActivities(engine, max_image_size=settings.max_image_size, max_batch_size=settings.max_batch_size)
+    records = RecordActivities(engine)
+    main = Worker(
+        client,
+        task_queue=settings.temporal_task_queue,
+        workflows=[GenerationWorkflow],
+        activities=[
+            render.render_prompt, records.record_job, comfy.collect_outputs, comfy.cancel_prompt, inputs.stage_images,
+        ],
+        activity_executor=ThreadPoolExecutor(max_workers=16, thread_name_prefix="activity"),
+        graceful_shutdown_timeout=_GRACEFUL_SHUTDOWN,
+    )
+    per_backend = [
+        Worker(
+            client,
+            task_queue=backend_task_queue(settings, backend.id),
+            activities=[comfy.run_prompt],
+            max_concurrent_activities=settings.max_concurrency,
+            graceful_shutdown_timeout=_GRACEFUL_SHUTDOWN,
+        )
+        for backend in backends
+    ]
+    return [main, *per_backend]
+
+
+@asynccontextmanager
+async def running_worker(client: Client, settings: Settings, engine: Engine | None = None) -> AsyncIterator[None]:
+    """Run the gateway's workers for the duration of the block; shut them down gracefully after."""
+    engine = engine or make_engine(settings.resolved_database_url)
+    prepare_database(engine)
+    # Image inputs are fetched from the internet with a client of their own: no cookies shared with the
+    # ComfyUI client, and no proxy from the environment, which would defeat the address pinning.
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0)) as http,
+        httpx.AsyncClient(trust_env=False) as image_http,
+    ):
+        workers = build_workers(client, settings, engine, http, image_http)
+        tasks = [asyncio.create_task(worker.run()) for worker in workers]
+        log.info("worker polling %s", ", ".join(worker.task_queue for worker in workers))
+        try:
+            yield
+        finally:
+            await asyncio.gather(*(worker.shutdown() for worker in workers), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,291 @@
+"""GenerationWorkflow: one generation job, from its template to stored outputs. Workflow id = job id.
+
+Deterministic: no I/O, clock or randomness here; everything that touches the world is an activity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import TimeoutError as TemporalTimeoutError
+
+with workflow.unsafe.imports_passed_through():
+    from app.models import (
+        CancelPromptInput,
+        CancelRequest,
+        CollectOutputsInput,
+        CollectOutputsResult,
+        ErrorCode,
+        GenerationInput,
+        JobError,
+        JobEventInput,
+        JobStatus,
+        JobTiming,
+        JobView,
+        PromptStarted,
+        RecordJobInput,
+        RenderPromptInput,
+        RenderPromptResult,
+        RunPromptInput,
+        RunPromptResult,
+        StageImagesInput,
+        StageImagesResult,
+        prompt_id_for,
+    )
+
+# A prompt ComfyUI lost (it restarted) is resubmitted this many times before the job fails.
+MAX_LOST_PROMPT_RESUBMITS = 3
+
+_TRANSIENT_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    non_retryable_error_types=[
+        ErrorCode.VALIDATION_ERROR.value,
+        ErrorCode.WORKFLOW_NOT_FOUND.value,
+        ErrorCode.COMFYUI_NODE_ERROR.value,
+        ErrorCode.COMFYUI_OOM.value,
+        ErrorCode.COMFYUI_TIMEOUT.value,
+        ErrorCode.COMFYUI_INTERRUPTED.value,
+        ErrorCode.PROMPT_LOST.value,
+        "CONFIGURATION_ERROR",
+    ],
+)
+_CLEANUP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5)
+# Fetching an image input: an image host that keeps failing must not hold the job forever.
+_IMAGE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=5,
+    non_retryable_error_types=[ErrorCode.VALIDATION_ERROR.value, "CONFIGURATION_ERROR"],
+)
+
+
+def job_error_from(failure: BaseException) -> JobError:
+    """An activity failure → the job's public error, keeping the activity's classification."""
+    cause = failure.cause if isinstance(failure, ActivityError) else failure
+    if isinstance(cause, ApplicationError) and cause.type in ErrorCode.__members__:
+        details = cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
+        return JobError(code=ErrorCode(cause.type), message=cause.message, details=details)
+    if isinstance(cause, TemporalTimeoutError):
+        return JobError(code=ErrorCode.COMFYUI_TIMEOUT, message="the job ran past its time limit")
+    return JobError(code=ErrorCode.INTERNAL_ERROR, message=str(cause or failure))
+
+
+@workflow.defn(name="GenerationWorkflow")
+class GenerationWorkflow:
+    def __init__(self) -> None:
+        self._job: GenerationInput | None = None
+        self._view: JobView | None = None
+        self._cancel: CancelRequest | None = None
+        self._work: asyncio.Task[None] | None = None
+        self._prompt_id: str | None = None
+        self._event_seq = 0
+        self._pending_events: list[JobEventInput] = []
+        # Records are written one at a time, each with the latest snapshot, so the row never goes back.
+        self._record_lock = asyncio.Lock()
+
+    @workflow.run
+    async def run(self, job: GenerationInput) -> JobView:
+        self._job = job
+        self._view = JobView(
+            job_id=job.job_id,
+            status=JobStatus.queued,
+            workflow_id=job.template_id,
+            template_version=job.template_version,
+            seed=job.inputs.get("seed") if isinstance(job.inputs.get("seed"), int) else None,
+            timing=JobTiming(created_at=job.created_at),
+            metadata=job.metadata,
+        )
+        self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
+        self._work = asyncio.create_task(self._generate(job))
+        if self._cancel is not None:
+            self._work.cancel()
+        try:
+            await self._record()  # the queued row is written while the prompt renders
+            await self._work
+        except (asyncio.CancelledError, ActivityError, ApplicationError) as failure:
+            # A cancelled activity surfaces as an ActivityError caused by CancelledError.
+            if self._cancel is not None or is_cancelled_exception(failure):
+                signalled = self._cancel is not None
+                await self._finish_cancelled()
+                if not signalled:
+                    raise  # cancelled through Temporal itself (Web UI, CLI): the workflow ends as Canceled
+                return self._view
+            error = job_error_from(failure)
+            await self._finish(JobStatus.failed, error=error)
+            raise ApplicationError(error.message, error.model_dump(mode="json"), type=error.code.value, non_retryable=True)
+        return self._view
+
+    @workflow.query
+    def status(self) -> JobView:
+        assert self._view is not None
+        return self._view
+
+    @workflow.signal
+    def cancel(self, request: CancelRequest) -> None:
+        if self._cancel is not None or (self._view is not None and self._view.status.is_terminal):
+            return
+        self._cancel = request
+        if self._work is not None and not self._work.done():
+            self._work.cancel()
+
+    @workflow.signal
+    async def prompt_started(self, started: PromptStarted) -> None:
+        """Sent by run_prompt when ComfyUI starts executing; a retried activity may send it again."""
+        view = self._view
+        if view is None or view.status is not JobStatus.queued or started.attempt != view.attempts:
+            return
+        view.status = JobStatus.running
+        view.timing.started_at = view.timing.started_at or workflow.now()
+        self._event("status", f"ComfyUI started executing prompt {started.prompt_id}", {"status": "running"})
+        await self._record()
+
+    # --- the job's steps -------------------------------------------------------------------------
+
+    async def _generate(self, job: GenerationInput) -> None:
+        rendered: RenderPromptResult = await workflow.execute_local_activity(
+            "render_prompt",
+            RenderPromptInput(
+                template_id=job.template_id,
+                template_version=job.template_version,
+                workflow_json=job.workflow_json,
+                inputs=job.inputs,
+            ),
+            result_type=RenderPromptResult,
+            start_to_close_timeout=timedelta(seconds=30),
+            schedule_to_close_timeout=timedelta(minutes=5),
+            retry_policy=_TRANSIENT_RETRY,
+        )
+        prompt = rendered.prompt
+        if rendered.image_sources:
+            # On the main queue: downloads and uploads must not hold one of the ComfyUI's slots.
+            staged: StageImagesResult = await workflow.execute_activity(
+                "stage_images",
+                StageImagesInput(job_id=job.job_id, backend=job.backend, prompt=prompt, images=rendered.image_sources),
+                result_type=StageImagesResult,
+                start_to_close_timeout=timedelta(minutes=5),
+                heartbeat_timeout=timedelta(seconds=90),
+                retry_policy=_IMAGE_RETRY,
+            )
+            prompt = staged.prompt
+        result = await self._run_until_done(job, prompt)
+        collected: CollectOutputsResult = await workflow.execute_activity(
+            "collect_outputs",
+            CollectOutputsInput(job_id=job.job_id, backend=job.backend, outputs=result.outputs),
+            result_type=CollectOutputsResult,
+            # Storage trouble is retried, but not past a time as long as the job's own limit.
+            schedule_to_close_timeout=timedelta(seconds=max(job.timeout_seconds, 300)),
+            heartbeat_timeout=timedelta(seconds=120),
+            retry_policy=_TRANSIENT_RETRY,
+        )
+        assert self._view is not None
+        self._view.outputs = collected.files
+        self._view.timing.execution_time_ms = result.execution_time_ms
+        if self._view.timing.started_at is None and result.started_at_ms is not None:
+            # A prompt that finished within moments never signalled `running`; ComfyUI says when it started.
+            self._view.timing.started_at = datetime.fromtimestamp(result.started_at_ms / 1000, tz=timezone.utc)
+        await self._finish(JobStatus.succeeded)
+
+    async def _run_until_done(self, job: GenerationInput, prompt: dict[str, Any]) -> RunPromptResult:
+        """Run the prompt on ComfyUI; resubmit when ComfyUI lost it, and when the client's retry asks."""
+        assert self._view is not None
+        lost = 0
+        while True:
+            self._view.attempts += 1
+            attempt = self._view.attempts
+            self._prompt_id = prompt_id_for(job.job_id, attempt)
+            try:
+                return await workflow.execute_activity(
+                    "run_prompt",
+                    RunPromptInput(
+                        job_id=job.job_id,
+                        backend=job.backend,
+                        attempt=attempt,
+                        prompt=prompt,
+                        timeout_seconds=job.timeout_seconds,
+                    ),
+                    result_type=RunPromptResult,
+                    task_queue=job.backend_task_queue,
+                    start_to_close_timeout=timedelta(seconds=job.timeout_seconds + 60),
+                    heartbeat_timeout=timedelta(seconds=job.heartbeat_timeout_seconds),
+                    retry_policy=_TRANSIENT_RETRY,
+                )
+            except ActivityError as failure:
+                if is_cancelled_exception(failure):
+                    raise
+                error = job_error_from(failure)
+                if error.code is ErrorCode.PROMPT_LOST and lost < MAX_LOST_PROMPT_RESUBMITS:
+                    lost += 1
+                    self._event("retry", f"ComfyUI lost prompt {self._prompt_id}; resubmitting", {"attempt": attempt})
+                elif job.retry.allows(error.code, attempt):
+                    self._event(
+                        "retry",
+                        f"attempt {attempt} failed with {error.code.value}; retrying in {job.retry.backoff_seconds:g} s",
+                        {"attempt": attempt, "error": error.model_dump(mode="json")},
+                    )
+                    await self._record()
+                    await workflow.sleep(job.retry.backoff_seconds)
+                else:
+                    raise
+                self._view.status = JobStatus.queued
+                await self._record()
+
+    async def _finish_cancelled(self) -> None:
+        request = self._cancel or CancelRequest(reason="cancelled through Temporal", actor="temporal")
+        assert self._job is not None
+        if self._prompt_id is not None:
+            try:
+                await workflow.execute_activity(
+                    "cancel_prompt",
+                    CancelPromptInput(backend=self._job.backend, prompt_id=self._prompt_id),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=_CLEANUP_RETRY,
+                )
+            except ActivityError as failure:
+                self._event("warning", "could not stop the prompt on ComfyUI", {"error": str(failure.cause)})
+        message = f"cancelled by {request.actor}" + (f": {request.reason}" if request.reason else "")
+        await self._finish(JobStatus.cancelled, error=JobError(code=ErrorCode.JOB_CANCELLED, message=message))
+
+    async def _finish(self, status: JobStatus, error: JobError | None = None) -> None:
+        assert self._view is not None
+        self._view.status = status
+        self._view.error = error
+        self._view.progress = 100 if status is JobStatus.succeeded else self._view.progress
+        self._view.timing.completed_at = workflow.now()
+        data: dict[str, Any] = {"status": status.value}
+        if error is not None:
+            data["error"] = error.model_dump(mode="json")
+        self._event("status", f"job {status.value}" + (f": {error.message}" if error else ""), data)
+        await self._record()
+
+    # --- the jobs table and the event log --------------------------------------------------------
+
+    def _event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self._event_seq += 1
+        self._pending_events.append(
+            JobEventInput(key=f"wf:{self._event_seq}", at=workflow.now(), kind=kind, message=message, data=data or {})
+        )
+
+    async def _record(self) -> None:
+        assert self._job is not None and self._view is not None
+        async with self._record_lock:
+            events, self._pending_events = self._pending_events, []
+            await workflow.execute_local_activity(
+                "record_job",
+                RecordJobInput(
+                    job=self._view,
+                    backend=self._job.backend,
+                    prompt_id=self._prompt_id,
+                    inputs={} if self._job.privacy_mode else self._job.inputs,
+                    events=events,
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
+            )
