@@ -1,0 +1,47 @@
+"""FastAPI dependencies: settings, database session, Temporal client, output storage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlmodel import Session
+from temporalio.client import Client
+
+from api.errors import ApiError
+from api.job_lookup import LiveViews
+from app.models import ErrorCode
+from app.settings import Settings
+from app.storage import OutputStorage
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with Session(request.app.state.engine, expire_on_commit=False) as session:
+        yield session
+
+
+def get_temporal(request: Request) -> Client:
+    client = request.app.state.temporal.client
+    if client is None:
+        raise ApiError(503, ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal is not reachable; no job was created or changed")
+    return client
+
+
+def get_storage(request: Request) -> OutputStorage:
+    return request.app.state.storage
+
+
+def get_live_views(request: Request) -> LiveViews:
+    return request.app.state.live_views
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+TemporalClientDep = Annotated[Client, Depends(get_temporal)]
+StorageDep = Annotated[OutputStorage, Depends(get_storage)]
+LiveViewsDep = Annotated[LiveViews, Depends(get_live_views)]

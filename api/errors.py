@@ -1,0 +1,66 @@
+"""Every error leaves the API as JSON: {"error": {"code", "message", "details"}} with a stable code."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.models import ErrorCode
+from app.templates import PromptError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: ErrorCode | str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code.value if isinstance(code, ErrorCode) else code
+        self.message = message
+        self.details = details or {}
+
+
+def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message, "details": details or {}}})
+
+
+def _field_name(location: tuple[Any, ...]) -> str:
+    # ("body", "inputs", "width") → "inputs.width"; the leading "body"/"query"/"path" says where, not what.
+    parts = [str(part) for part in location[1:]] if len(location) > 1 else [str(part) for part in location]
+    return ".".join(parts) or "body"
+
+
+def validation_error(fields: list[dict[str, str]]) -> ApiError:
+    summary = "; ".join(f"{item['field']}: {item['message']}" for item in fields)
+    return ApiError(400, ErrorCode.VALIDATION_ERROR, f"invalid request: {summary}", {"fields": fields})
+
+
+def prompt_error(error: PromptError) -> ApiError:
+    return validation_error([{"field": issue.field, "message": issue.message} for issue in error.issues])
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = [{"field": _field_name(tuple(err["loc"])), "message": err["msg"]} for err in exc.errors()]
+        error = validation_error(fields)
+        return error_response(error.status, error.code, error.message, error.details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, ErrorCode.INTERNAL_ERROR.value, "internal error; see the gateway's log")

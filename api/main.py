@@ -1,0 +1,85 @@
+"""The FastAPI application: routes per resource, dependencies, JSON errors, OpenAPI at /docs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from temporalio.client import Client
+
+from api.errors import install_error_handlers
+from api.job_lookup import LiveViews
+from api.routes import health, jobs, outputs, workflows
+from app.db import make_engine
+from app.settings import Settings, get_settings
+from app.storage import build_storage
+from app.temporal_client import connect_temporal
+from app.template_store import prepare_database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TemporalConnection:
+    """The API starts even while Temporal is down; requests that need it answer 503 until it is up."""
+
+    client: Client | None = None
+
+
+async def _keep_connecting(settings: Settings, connection: TemporalConnection) -> None:
+    while connection.client is None:
+        try:
+            connection.client = await connect_temporal(settings)
+            log.info("connected to Temporal at %s", settings.temporal_address)
+        except Exception as error:  # connection errors vary by transport; all mean "try again"
+            log.warning("Temporal at %s not reachable yet (%s); retrying", settings.temporal_address, error)
+            await asyncio.sleep(2)
+
+
+def create_app(settings: Settings | None = None, temporal_client: Client | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.engine = make_engine(settings.resolved_database_url)
+        prepare_database(app.state.engine)
+        app.state.storage = build_storage(settings)
+        app.state.live_views = LiveViews()
+        app.state.started_at = time.monotonic()
+        app.state.temporal = TemporalConnection(temporal_client)
+        connector = None if temporal_client else asyncio.create_task(_keep_connecting(settings, app.state.temporal))
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0)) as http:
+            app.state.http = http
+            try:
+                yield
+            finally:
+                if connector is not None:
+                    connector.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await connector
+                app.state.engine.dispose()
+
+    app = FastAPI(
+        title="ComfyUI Gateway",
+        description="A durable REST gateway for ComfyUI: every job is a Temporal workflow.",
+        version=health.GATEWAY_VERSION,
+        lifespan=lifespan,
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    install_error_handlers(app)
+    app.include_router(jobs.router)
+    app.include_router(outputs.router)
+    app.include_router(workflows.router)
+    app.include_router(health.router)
+    return app

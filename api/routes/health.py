@@ -1,0 +1,93 @@
+"""Health (ComfyUI and Temporal reachability) and what this gateway can do."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib.metadata import version
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from api.deps import SessionDep, SettingsDep
+from api.errors import ApiError
+from app.comfy.backends import configured_backends
+from app.comfy.client import ComfyClient
+from app.comfy.errors import ComfyError
+from app.comfy.models import installed_models
+from app.models import CamelModel
+from app.template_store import list_latest_templates
+
+router = APIRouter(tags=["health"])
+
+GATEWAY_VERSION = version("comfyui-gateway")
+
+
+class Capabilities(CamelModel):
+    workflows: list[str]
+    max_size: int
+    max_batch: int
+    formats: list[str]
+    storage_provider: str
+
+
+async def _comfyui_reachable(client: ComfyClient) -> bool:
+    try:
+        await client.system_stats()
+    except ComfyError:
+        return False
+    return True
+
+
+async def _temporal_reachable(request: Request) -> bool:
+    client = request.app.state.temporal.client
+    if client is None:
+        return False
+    try:
+        return await asyncio.wait_for(client.service_client.check_health(), timeout=2)
+    except Exception:  # any failure to answer is "not reachable", which is what the probe reports
+        return False
+
+
+@router.get("/health")
+async def health(request: Request, settings: SettingsDep) -> JSONResponse:
+    backend = configured_backends(settings)[0]
+    comfy = ComfyClient(backend.url, request.app.state.http)
+    comfy_ok, temporal_ok = await asyncio.gather(_comfyui_reachable(comfy), _temporal_reachable(request))
+    body = {
+        "ok": comfy_ok and temporal_ok,
+        "version": GATEWAY_VERSION,
+        "comfyui": {"reachable": comfy_ok, "url": backend.url},
+        "temporal": {"reachable": temporal_ok, "address": settings.temporal_address},
+        "uptime": round(time.monotonic() - request.app.state.started_at, 3),
+    }
+    return JSONResponse(body, status_code=200 if body["ok"] else 503)
+
+
+@router.get("/capabilities", response_model=Capabilities)
+def capabilities(session: SessionDep, settings: SettingsDep) -> Capabilities:
+    return Capabilities(
+        workflows=[template.template_id for template in list_latest_templates(session)],
+        max_size=settings.max_image_size,
+        max_batch=settings.max_batch_size,
+        formats=["binary", "base64"],
+        storage_provider=settings.storage_provider.value,
+    )
+
+
+class Models(CamelModel):
+    checkpoints: list[str]
+    loras: list[str]
+    vae: list[str]
+    controlnet: list[str]
+    upscale_models: list[str]
+
+
+@router.get("/models", response_model=Models)
+async def models(request: Request, settings: SettingsDep) -> Models:
+    """The models ComfyUI can load, so clients can pick valid values for a template's fields."""
+    client = ComfyClient(configured_backends(settings)[0].url, request.app.state.http)
+    try:
+        return Models(**await installed_models(client))
+    except ComfyError as error:
+        raise ApiError(503, error.code, error.message, error.details) from error

@@ -1,0 +1,226 @@
+"""Jobs: submit, read, list, cancel, and the job's event log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Request
+from pydantic import ConfigDict, Field, model_validator
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError
+
+from api.deps import LiveViewsDep, SessionDep, SettingsDep, StorageDep, TemporalClientDep
+from api.errors import ApiError, prompt_error, validation_error
+from api.job_inputs import graph_job_inputs, template_job_inputs
+from api.job_lookup import find_job
+from app.comfy.backends import backend_task_queue, configured_backends
+from app.jobstore import JobFilter, as_utc, estimate_wait_seconds, list_events, list_jobs
+from app.models import CamelModel, CancelRequest, ErrorCode, GenerationInput, JobStatus, JobView, RetrySpec
+from app.template_store import get_template
+from app.templates import PromptError
+from workflows_temporal.generation import GenerationWorkflow
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+# Temporal refuses payloads over 2 MB; a job near that belongs in a template, its images in URLs or storage.
+_MAX_JOB_BYTES = 1_000_000
+_MAX_METADATA_BYTES = 16_000
+_MAX_TIMEOUT_SECONDS = 24 * 3600
+# How long `POST /jobs/{id}/cancel` waits for the workflow to finish cancelling before it answers.
+_CANCEL_WAIT_SECONDS = 10.0
+
+
+class CreateJobRequest(CamelModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workflow_id: str | None = Field(None, description="id of a registered workflow template")
+    workflow_json: dict[str, Any] | None = Field(None, description="an inline ComfyUI graph in API format")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="values for the template's {{placeholders}}")
+    params: dict[str, Any] = Field(default_factory=dict, description="generation parameters; `inputs` win on a clash")
+    callback_url: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict, description="echoed back with the job")
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    timeout_seconds: float | None = Field(None, gt=0, le=_MAX_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")
+
+    @model_validator(mode="after")
+    def _one_workflow(self) -> "CreateJobRequest":
+        if (self.workflow_id is None) == (self.workflow_json is None):
+            raise ValueError("give exactly one of workflowId and workflowJson")
+        return self
+
+
+class CreateJobResponse(CamelModel):
+    job_id: str
+    status: JobStatus
+    eta_seconds: float | None
+    poll_url: str
+
+
+class JobList(CamelModel):
+    jobs: list[JobView]
+    count: int
+
+
+class CancelJobBody(CamelModel):
+    reason: str = Field("", max_length=500)
+
+
+class CancelJobResponse(CamelModel):
+    job_id: str
+    status: JobStatus
+    message: str
+
+
+class JobEvent(CamelModel):
+    at: datetime
+    kind: str
+    message: str
+    data: dict[str, Any]
+
+
+class JobLogs(CamelModel):
+    job_id: str
+    events: list[JobEvent]
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")))
+
+
+@router.post("", status_code=202, response_model=CreateJobResponse)
+async def create_job(
+    body: CreateJobRequest,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    temporal: TemporalClientDep,
+    storage: StorageDep,
+) -> CreateJobResponse:
+    if body.callback_url is not None:
+        raise ApiError(
+            400, ErrorCode.UNSUPPORTED_FIELD, "callbackUrl: webhook delivery is not available in this version",
+            {"fields": [{"field": "callbackUrl", "message": "webhooks are not supported yet"}]},
+        )
+    if _json_size(body.metadata) > _MAX_METADATA_BYTES:
+        raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
+
+    given = {**body.params, **body.inputs}
+    template = None
+    if body.workflow_id is not None:
+        template = get_template(session, body.workflow_id)
+        if template is None:
+            raise ApiError(404, ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {body.workflow_id}",
+                           {"workflowId": body.workflow_id})
+    # Checked before a job exists: a bad input never costs a workflow, let alone GPU time.
+    context = {"settings": settings, "storage": storage, "http": request.app.state.http}
+    try:
+        if template is not None:
+            inputs = await template_job_inputs(template, given, **context)
+        else:
+            inputs = await graph_job_inputs(body.workflow_json or {}, given, **context)
+    except PromptError as error:
+        raise prompt_error(error) from error
+
+    backend = configured_backends(settings)[0]
+    job_id = str(uuid.uuid4())
+    job = GenerationInput(
+        job_id=job_id,
+        template_id=body.workflow_id,
+        template_version=template.version if template is not None else None,
+        workflow_json=inputs.workflow_json,
+        inputs=inputs.values,
+        metadata=body.metadata,
+        retry=body.retry,
+        timeout_seconds=body.timeout_seconds or settings.job_timeout_seconds,
+        heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
+        backend=backend.id,
+        backend_task_queue=backend_task_queue(settings, backend.id),
+        created_at=datetime.now(timezone.utc),
+        privacy_mode=settings.privacy_mode,
+    )
+    if len(job.model_dump_json()) > _MAX_JOB_BYTES:
+        field = "workflowJson" if body.workflow_json is not None else "inputs"
+        raise validation_error([{"field": field, "message": f"the job is larger than {_MAX_JOB_BYTES} bytes"}])
+    try:
+        await temporal.start_workflow(
+            GenerationWorkflow.run,
+            job,
+            id=job_id,
+            task_queue=settings.temporal_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+    except RPCError as error:
+        raise ApiError(503, ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal refused the job; nothing was created") from error
+    eta = estimate_wait_seconds(session, body.workflow_id, settings.max_concurrency)
+    return CreateJobResponse(job_id=job_id, status=JobStatus.queued, eta_seconds=eta, poll_url=f"/jobs/{job_id}")
+
+
+@router.get("", response_model=JobList)
+def get_jobs(
+    session: SessionDep,
+    status: JobStatus | None = None,
+    workflow_id: Annotated[str | None, Query(alias="workflowId")] = None,
+    after: datetime | None = Query(None, description="created after this instant (ISO 8601)"),
+    before: datetime | None = Query(None, description="created before this instant (ISO 8601)"),
+    limit: int = Query(50, ge=1, le=200),
+    offset: int = Query(0, ge=0),
+) -> JobList:
+    jobs, count = list_jobs(
+        session,
+        JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, limit=limit, offset=offset),
+    )
+    return JobList(jobs=jobs, count=count)
+
+
+@router.get("/{job_id}", response_model=JobView)
+async def get_job(job_id: str, session: SessionDep, temporal: TemporalClientDep, live_views: LiveViewsDep) -> JobView:
+    return await find_job(job_id, session, temporal, live_views)
+
+
+@router.post("/{job_id}/cancel", response_model=CancelJobResponse)
+async def cancel_job(
+    job_id: str,
+    session: SessionDep,
+    temporal: TemporalClientDep,
+    body: Annotated[CancelJobBody | None, Body()] = None,
+) -> CancelJobResponse:
+    view = await find_job(job_id, session, temporal)
+    if view.status.is_terminal:
+        raise _already_finished(view)
+    handle = temporal.get_workflow_handle(job_id)
+    try:
+        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=body.reason if body else "", actor="api"))
+    except RPCError:
+        view = await find_job(job_id, session, temporal)
+        raise _already_finished(view)
+    deadline = asyncio.get_running_loop().time() + _CANCEL_WAIT_SECONDS
+    while not view.status.is_terminal and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+        view = await find_job(job_id, session, temporal)
+    if view.status is JobStatus.cancelled:
+        message = "job cancelled"
+    elif view.status.is_terminal:
+        message = f"the job finished as {view.status.value} before the cancel took effect"
+    else:
+        message = "cancel requested; the job is stopping"
+    return CancelJobResponse(job_id=job_id, status=view.status, message=message)
+
+
+def _already_finished(view: JobView) -> ApiError:
+    return ApiError(
+        409, ErrorCode.JOB_ALREADY_FINISHED, f"job {view.job_id} already finished as {view.status.value}",
+        {"jobId": view.job_id, "status": view.status.value},
+    )
+
+
+@router.get("/{job_id}/logs", response_model=JobLogs)
+async def get_job_logs(job_id: str, session: SessionDep, temporal: TemporalClientDep, live_views: LiveViewsDep) -> JobLogs:
+    await find_job(job_id, session, temporal, live_views)
+    events = [
+        JobEvent(at=as_utc(row.at), kind=row.kind, message=row.message, data=row.data) for row in list_events(session, job_id)
+    ]
+    return JobLogs(job_id=job_id, events=events)

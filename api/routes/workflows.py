@@ -1,0 +1,159 @@
+"""The workflow template registry: list, register, read, update (a new version), delete.
+
+Every caller may manage templates until API keys and roles arrive; then these become admin-only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import ConfigDict, Field
+
+from api.deps import SessionDep, SettingsDep
+from api.errors import ApiError, prompt_error
+from app.comfy.backends import configured_backends
+from app.comfy.client import ComfyClient
+from app.models import CamelModel, ErrorCode
+from app.tables import TemplateRow
+from app.template_registry import TemplateSpec, check_node_types, check_template
+from app.template_schema import parse_schema, to_json_schema
+from app.template_store import TemplateExists, create_template, delete_template, get_template, list_latest_templates
+from app.template_store import update_template, updated_spec
+from app.templates import PromptError
+
+router = APIRouter(prefix="/workflows", tags=["workflows"])
+
+
+class WorkflowSummary(CamelModel):
+    id: str
+    name: str
+    description: str
+    version: int
+
+
+class Workflow(WorkflowSummary):
+    workflow_json: dict[str, Any]
+    input_schema: dict[str, Any]
+    json_schema: dict[str, Any] = Field(description="the inputs as standard JSON Schema")
+    default_params: dict[str, Any]
+    created_at: datetime
+
+
+class WorkflowList(CamelModel):
+    workflows: list[WorkflowSummary]
+
+
+class WorkflowResponse(CamelModel):
+    workflow: Workflow
+    warnings: list[str] = Field(default_factory=list)
+
+
+class CreateWorkflowRequest(CamelModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field("", max_length=2000)
+    workflow_json: dict[str, Any]
+    input_schema: dict[str, Any] = Field(default_factory=dict)
+    default_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class UpdateWorkflowRequest(CamelModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=200)
+    description: str | None = Field(None, max_length=2000)
+    workflow_json: dict[str, Any] | None = None
+    input_schema: dict[str, Any] | None = None
+    default_params: dict[str, Any] | None = None
+
+
+def _workflow(row: TemplateRow) -> Workflow:
+    return Workflow(
+        id=row.template_id,
+        name=row.name,
+        description=row.description,
+        version=row.version,
+        workflow_json=row.workflow_json,
+        input_schema=row.input_schema,
+        json_schema=to_json_schema(parse_schema(row.input_schema), row.default_params),
+        default_params=row.default_params,
+        created_at=row.created_at,
+    )
+
+
+def _not_found(template_id: str) -> ApiError:
+    return ApiError(404, ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {template_id}",
+                    {"workflowId": template_id})
+
+
+async def _checked_against_comfyui(request: Request, settings: SettingsDep, spec: TemplateSpec) -> list[str]:
+    """Warnings about node types; a link to an output the node does not have is a 400 before anything is saved."""
+    client = ComfyClient(configured_backends(settings)[0].url, request.app.state.http)
+    report = await check_node_types(spec.workflow_json, client)
+    if report.issues:
+        raise prompt_error(PromptError(report.issues))
+    return report.warnings
+
+
+@router.get("", response_model=WorkflowList)
+def list_workflows(session: SessionDep) -> WorkflowList:
+    return WorkflowList(workflows=[
+        WorkflowSummary(id=row.template_id, name=row.name, description=row.description, version=row.version)
+        for row in list_latest_templates(session)
+    ])
+
+
+@router.post("", status_code=201, response_model=WorkflowResponse)
+async def register_workflow(
+    body: CreateWorkflowRequest, request: Request, session: SessionDep, settings: SettingsDep
+) -> WorkflowResponse:
+    spec = TemplateSpec(template_id=body.id, name=body.name, description=body.description,
+                        workflow_json=body.workflow_json, input_schema=body.input_schema,
+                        default_params=body.default_params)
+    try:
+        check_template(spec)
+        warnings = await _checked_against_comfyui(request, settings, spec)
+        row = create_template(session, spec)
+    except PromptError as error:
+        raise prompt_error(error) from error
+    except TemplateExists as error:
+        raise ApiError(409, ErrorCode.WORKFLOW_EXISTS, f"a workflow template with id {body.id} exists",
+                       {"workflowId": body.id}) from error
+    return WorkflowResponse(workflow=_workflow(row), warnings=warnings)
+
+
+@router.get("/{template_id}", response_model=WorkflowResponse)
+def read_workflow(template_id: str, session: SessionDep) -> WorkflowResponse:
+    row = get_template(session, template_id)
+    if row is None:
+        raise _not_found(template_id)
+    return WorkflowResponse(workflow=_workflow(row))
+
+
+@router.put("/{template_id}", response_model=WorkflowResponse)
+async def change_workflow(
+    template_id: str, body: UpdateWorkflowRequest, request: Request, session: SessionDep, settings: SettingsDep
+) -> WorkflowResponse:
+    current = get_template(session, template_id)
+    if current is None:
+        raise _not_found(template_id)
+    changes = body.model_dump(exclude_unset=True, by_alias=False)
+    spec = updated_spec(current, changes)
+    try:
+        check_template(spec)
+        warnings = await _checked_against_comfyui(request, settings, spec) if "workflow_json" in changes else []
+        row = update_template(session, current, changes)
+    except PromptError as error:
+        raise prompt_error(error) from error
+    return WorkflowResponse(workflow=_workflow(row), warnings=warnings)
+
+
+@router.delete("/{template_id}", status_code=204, response_class=Response)
+def remove_workflow(template_id: str, session: SessionDep) -> Response:
+    if not delete_template(session, template_id):
+        raise _not_found(template_id)
+    return Response(status_code=204)

