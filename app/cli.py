@@ -149,7 +149,12 @@ def _cmd_api(settings: Settings, _: argparse.Namespace) -> None:
 
 
 def _cmd_worker(settings: Settings, _: argparse.Namespace) -> None:
-    asyncio.run(_serve(settings, with_api=False, with_worker=True))
+    from app.temporal_client import SearchAttributesMissing
+
+    try:
+        asyncio.run(_serve(settings, with_api=False, with_worker=True))
+    except SearchAttributesMissing as error:
+        sys.exit(f"comfyui-gateway worker: {error}")
 
 
 async def _health(settings: Settings) -> dict[str, object]:

@@ -14,6 +14,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from app.devserver import temporal_cli
+from app.temporal_client import register_search_attributes
 from tests.harness import Gateway, SimulatorProcess, api_client, gateway_settings
 from worker.main import running_worker
 
@@ -34,6 +35,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
         data_converter=pydantic_data_converter,
         dev_server_log_level="error",
     )
+    await register_search_attributes(env.client)  # the workflow unit tests run no gateway worker
     try:
         yield env
     finally:

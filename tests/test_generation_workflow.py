@@ -35,6 +35,7 @@ from app.models import (
     RunPromptResult,
     prompt_id_for,
 )
+from app.temporal_client import register_search_attributes
 from tests.conftest import time_skipping_server
 from workflows_temporal.generation import GenerationWorkflow
 
@@ -196,6 +197,7 @@ async def test_storage_that_keeps_failing_fails_the_job_once_retries_run_out_of_
         data_converter=pydantic_data_converter, test_server_existing_path=time_skipping_server()
     )
     try:
+        await register_search_attributes(env.client)
         main = Worker(env.client, task_queue=task_queue, workflows=[GenerationWorkflow],
                       activities=[fake.render_prompt, fake.record_job, broken_storage, fake.cancel_prompt])
         gpu = Worker(env.client, task_queue=f"{task_queue}.gpu", activities=[fake.run_prompt])

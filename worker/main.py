@@ -29,6 +29,7 @@ from app.db import make_engine
 from app.settings import Settings
 from app.storage import build_storage
 from app.template_store import prepare_database
+from app.temporal_client import register_search_attributes
 from workflows_temporal.generation import GenerationWorkflow
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
     """Run the gateway's workers for the duration of the block; shut them down gracefully after."""
     engine = engine or make_engine(settings.resolved_database_url)
     prepare_database(engine)
+    await register_search_attributes(client)
     # Image inputs are fetched from the internet with a client of their own: no cookies shared with the
     # ComfyUI client, and no proxy from the environment, which would defeat the address pinning.
     async with (

@@ -37,6 +37,10 @@ with workflow.unsafe.imports_passed_through():
         StageImagesResult,
         prompt_id_for,
     )
+    from app.search_attributes import JOB_STATUS, TEMPLATE_ID
+
+# Jobs started before the workflow wrote search attributes replay without them.
+SEARCH_ATTRIBUTES_PATCH = "job-search-attributes"
 
 # A prompt ComfyUI lost (it restarted) is resubmitted this many times before the job fails.
 MAX_LOST_PROMPT_RESUBMITS = 3
@@ -90,10 +94,13 @@ class GenerationWorkflow:
         self._pending_events: list[JobEventInput] = []
         # Records are written one at a time, each with the latest snapshot, so the row never goes back.
         self._record_lock = asyncio.Lock()
+        self._indexed = False
+        self._indexed_status: JobStatus | None = None
 
     @workflow.run
     async def run(self, job: GenerationInput) -> JobView:
         self._job = job
+        self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
         self._view = JobView(
             job_id=job.job_id,
             status=JobStatus.queued,
@@ -273,8 +280,20 @@ class GenerationWorkflow:
             JobEventInput(key=f"wf:{self._event_seq}", at=workflow.now(), kind=kind, message=message, data=data or {})
         )
 
+    def _index(self) -> None:
+        """Keep the job's search attributes in step with its status, for operators searching the Web UI."""
+        assert self._job is not None and self._view is not None
+        if not self._indexed or self._view.status is self._indexed_status:
+            return
+        updates = [JOB_STATUS.value_set(self._view.status.value)]
+        if self._indexed_status is None and self._job.template_id is not None:
+            updates.append(TEMPLATE_ID.value_set(self._job.template_id))
+        workflow.upsert_search_attributes(updates)
+        self._indexed_status = self._view.status
+
     async def _record(self) -> None:
         assert self._job is not None and self._view is not None
+        self._index()
         async with self._record_lock:
             events, self._pending_events = self._pending_events, []
             await workflow.execute_local_activity(

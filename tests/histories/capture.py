@@ -43,12 +43,15 @@ async def capture() -> None:
                     "generation_with_image_input": {"workflowId": "invert_image", "inputs": {"image": RED_PIXEL}},
                     "generation_failed": {"workflowJson": recorded_workflow("fail.json")},
                     "generation_cancelled": {"workflowJson": slow_prompt(100)},
+                    # Since the job-search-attributes patch: the workflow upserts JobStatus and TemplateId.
+                    "indexed_template_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
+                    "indexed_generation_cancelled": {"workflowJson": slow_prompt(100)},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
                         continue  # committed histories stay as captured: they stand for jobs of older releases
                     job_id = (await api.post("/jobs", json=body)).json()["jobId"]
-                    if name == "generation_cancelled":
+                    if name.endswith("cancelled"):
                         await wait_for_job(api, job_id, until={"running"})
                         await api.post(f"/jobs/{job_id}/cancel", json={"reason": "captured for the replay test"})
                     await wait_for_job(api, job_id, until=DONE)
