@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.job_log import JobLog
 from activities.prompt_run import PromptRun, stop_prompt
@@ -35,8 +35,17 @@ from app.models import (
 )
 from app.storage import OutputStorage
 
-def to_application_error(error: ComfyError) -> ApplicationError:
-    return ApplicationError(error.message, error.details, type=error.code.value, non_retryable=not error.retryable)
+def to_application_error(error: ComfyError, *, non_retryable: bool | None = None) -> ApplicationError:
+    """A ComfyUI failure → an activity failure typed by its classification. A failure that is the job's
+    outcome (a node error, OOM, a refused prompt) is benign to the worker: the job's log reports it, and the
+    SDK logs it at DEBUG rather than as a WARNING with a traceback."""
+    return ApplicationError(
+        error.message,
+        error.details,
+        type=error.code.value,
+        non_retryable=not error.retryable if non_retryable is None else non_retryable,
+        category=ApplicationErrorCategory.UNSPECIFIED if error.retryable else ApplicationErrorCategory.BENIGN,
+    )
 
 
 class ComfyActivities:
@@ -78,7 +87,7 @@ class ComfyActivities:
                 log.add(f"a{request.attempt}:transient:{attempt}", "warning",
                         f"{error.message}; " + ("giving up: the job's time limit has passed" if give_up else "retrying"),
                         {"code": error.code.value, "activityAttempt": attempt})
-            raise ApplicationError(error.message, error.details, type=error.code.value, non_retryable=give_up) from error
+            raise to_application_error(error, non_retryable=give_up) from error
         except asyncio.CancelledError:
             cancellation = activity.cancellation_details()
             # Only a cancel the workflow asked for stops the prompt; a worker shutdown or a timed-out

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import httpx
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.comfy import to_application_error
 from app.comfy.client import ComfyClient
@@ -28,12 +28,15 @@ from app.storage import OutputStorage
 
 
 def _image_input_failure(error: ImageInputError) -> ApplicationError:
-    """Bad input fails the job at once, naming the field; trouble fetching is retried by Temporal."""
+    """Bad input fails the job at once, naming the field (benign to the worker: it is the client's
+    mistake, not the gateway's); trouble fetching is retried by Temporal."""
+    bad_input = error.code == VALIDATION_ERROR
     return ApplicationError(
         str(error),
         {"fields": [{"field": error.field, "message": error.message}]},
         type=error.code,
-        non_retryable=error.code == VALIDATION_ERROR,
+        non_retryable=bad_input,
+        category=ApplicationErrorCategory.BENIGN if bad_input else ApplicationErrorCategory.UNSPECIFIED,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 from typing import Any
 
 import httpx
@@ -85,11 +86,15 @@ async def test_animated_and_video_outputs(gateway: Gateway, workflow: str, conte
     ("workflow", "code", "node_type"),
     [("fail.json", "COMFYUI_OOM", "TestFail"), ("fail_oom.json", "COMFYUI_OOM", "TestFail")],
 )
-async def test_execution_errors_are_classified(gateway: Gateway, workflow: str, code: str, node_type: str) -> None:
+async def test_execution_errors_are_classified(
+    gateway: Gateway, workflow: str, code: str, node_type: str, caplog: pytest.LogCaptureFixture
+) -> None:
     job = await gateway.run({"workflowJson": recorded_workflow(workflow)})
     assert job["status"] == "failed"
     assert job["error"]["code"] == code and job["error"]["details"]["nodeType"] == node_type
     assert job["outputs"] == []
+    # The job's failure is its outcome, reported in its log; the worker's log stays free of tracebacks.
+    assert not activity_failure_warnings(caplog)
 
 
 async def test_node_error_fails_and_retry_on_reruns_it(gateway: Gateway) -> None:
@@ -107,11 +112,17 @@ async def test_node_error_fails_and_retry_on_reruns_it(gateway: Gateway) -> None
     assert any(event["kind"] == "retry" for event in logs)
 
 
-async def test_comfyui_validation_error_names_node_and_input(gateway: Gateway) -> None:
+async def test_comfyui_validation_error_names_node_and_input(gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
     job = await gateway.run({"workflowJson": recorded_workflow("invalid_missing_input.json")})
     assert job["status"] == "failed" and job["error"]["code"] == "VALIDATION_ERROR"
     [error] = job["error"]["details"]["nodeErrors"]["1"]["errors"]
     assert error["type"] == "required_input_missing" and error["input"] == "height"
+    assert not activity_failure_warnings(caplog)
+
+
+def activity_failure_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records
+            if record.name == "temporalio.activity" and record.levelno >= logging.WARNING]
 
 
 async def test_timeout_interrupts_the_prompt(gateway: Gateway) -> None:
