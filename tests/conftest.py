@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sysconfig
 import uuid
@@ -15,7 +16,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from app.devserver import temporal_cli
 from app.temporal_client import register_search_attributes
-from tests.harness import Gateway, SimulatorProcess, api_client, gateway_settings
+from tests.harness import ComfyUITarget, ExternalComfyUI, Gateway, SimulatorProcess, api_client, gateway_settings
 from worker.main import running_worker
 
 
@@ -53,8 +54,12 @@ def task_queue() -> str:
 
 
 @pytest.fixture(scope="session")
-def simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
-    """One ComfyUI simulator for the session; time_scale 0.1 makes the recorded 20 s slow.json take 2 s."""
+def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyUITarget]:
+    """The ComfyUI the end-to-end tests run on: `TEST_COMFYUI_URL` names one (e.g. a real ComfyUI with the
+    test nodes), else one simulator for the session, at time_scale 0.1 so a 20 s prompt takes 2 s."""
+    if url := os.environ.get("TEST_COMFYUI_URL"):
+        yield ExternalComfyUI(url)
+        return
     process = SimulatorProcess(tmp_path_factory.mktemp("comfyui"), time_scale=0.1)
     process.start()
     yield process
@@ -63,12 +68,12 @@ def simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorPro
 
 @pytest.fixture
 async def gateway(
-    request: pytest.FixtureRequest, temporal_client: Client, task_queue: str, simulator: SimulatorProcess, tmp_path: Path
+    request: pytest.FixtureRequest, temporal_client: Client, task_queue: str, comfyui: ComfyUITarget, tmp_path: Path
 ) -> AsyncIterator[Gateway]:
-    """Worker and API of the gateway, on a task queue of the test's own, against the shared simulator.
+    """Worker and API of the gateway, on a task queue of the test's own, against the session's ComfyUI.
     `@pytest.mark.settings(NAME=value)` overrides settings for one test."""
     marker = request.node.get_closest_marker("settings")
     overrides = marker.kwargs if marker else {}
-    settings = gateway_settings(temporal_client, simulator.url, tmp_path, task_queue, **overrides)
+    settings = gateway_settings(temporal_client, comfyui.url, tmp_path, task_queue, **overrides)
     async with running_worker(temporal_client, settings), api_client(settings, temporal_client) as api:
-        yield Gateway(api, settings, simulator)
+        yield Gateway(api, settings, comfyui)

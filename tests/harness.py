@@ -33,11 +33,25 @@ def recorded_workflow(name: str) -> dict[str, Any]:
     return json.loads((SHARED_COMFYUI / "workflows" / name).read_text())
 
 
-def slow_prompt(seconds: float) -> dict[str, Any]:
-    """slow.json with its TestSleepProgress set to `seconds` (before the simulator's time scale)."""
-    prompt = recorded_workflow("slow.json")
-    prompt["2"]["inputs"]["seconds"] = seconds
-    return prompt
+class ComfyUITarget:
+    """A ComfyUI the end-to-end tests run jobs on; `time_scale` < 1 is a simulator that runs faster."""
+
+    url: str
+    time_scale: float = 1.0
+
+    def slow_prompt(self, seconds: float) -> dict[str, Any]:
+        """slow.json set to run for `seconds` of wall time on this ComfyUI, reporting progress as it goes."""
+        prompt = recorded_workflow("slow.json")
+        prompt["2"]["inputs"]["seconds"] = round(seconds / self.time_scale, 1)
+        return prompt
+
+
+class ExternalComfyUI(ComfyUITarget):
+    """A ComfyUI the tests did not start (`TEST_COMFYUI_URL`): a real one with the test nodes of
+    `shared/comfyui/test_nodes` installed, to check that the gateway's flows hold there unchanged."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
 
 
 def free_port() -> int:
@@ -46,7 +60,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class SimulatorProcess:
+class SimulatorProcess(ComfyUITarget):
     """`comfyui-gateway simulate-comfyui` in a child process: killing it loses its queue and history,
     exactly like restarting a real ComfyUI."""
 
@@ -182,7 +196,7 @@ async def comfy_history_for_job(simulator_url: str, job_id: str) -> list[dict[st
 class Gateway:
     api: httpx.AsyncClient
     settings: Settings
-    simulator: SimulatorProcess
+    comfyui: ComfyUITarget
 
     async def submit(self, body: dict[str, Any]) -> str:
         response = await self.api.post("/jobs", json=body)

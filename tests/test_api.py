@@ -104,7 +104,7 @@ async def test_job_log_tells_the_story(gateway: Gateway) -> None:
 
 async def test_health_capabilities_and_docs(gateway: Gateway) -> None:
     health = (await gateway.api.get("/health")).json()
-    assert health["ok"] is True and health["comfyui"] == {"reachable": True, "url": gateway.simulator.url}
+    assert health["ok"] is True and health["comfyui"] == {"reachable": True, "url": gateway.comfyui.url}
     assert health["temporal"]["reachable"] is True and health["uptime"] >= 0 and health["version"]
     capabilities = (await gateway.api.get("/capabilities")).json()
     assert "solid_color" in capabilities["workflows"]

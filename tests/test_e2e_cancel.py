@@ -8,12 +8,12 @@ import uuid
 import httpx
 from temporalio.client import Client
 
-from tests.harness import DONE, Gateway, comfy_history_for_job, slow_prompt, wait_for_job
+from tests.harness import DONE, Gateway, comfy_history_for_job, wait_for_job
 
 
 async def comfy_queue(gateway: Gateway) -> dict:
     async with httpx.AsyncClient() as client:
-        return (await client.get(f"{gateway.simulator.url}/queue")).json()
+        return (await client.get(f"{gateway.comfyui.url}/queue")).json()
 
 
 def queued_job_ids(queue: dict) -> set[str]:
@@ -22,14 +22,14 @@ def queued_job_ids(queue: dict) -> set[str]:
 
 
 async def test_cancel_while_running_interrupts_the_prompt(gateway: Gateway) -> None:
-    job_id = await gateway.submit({"workflowJson": slow_prompt(100)})
+    job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
     await wait_for_job(gateway.api, job_id, until={"running"})
     response = await gateway.api.post(f"/jobs/{job_id}/cancel", json={"reason": "user left"})
     assert response.status_code == 200, response.text
     assert response.json() == {"jobId": job_id, "status": "cancelled", "message": "job cancelled"}
     job = (await gateway.api.get(f"/jobs/{job_id}")).json()
     assert job["status"] == "cancelled" and "user left" in job["error"]["message"]
-    [run] = await comfy_history_for_job(gateway.simulator.url, job_id)
+    [run] = await comfy_history_for_job(gateway.comfyui.url, job_id)
     assert run["status"]["messages"][-1][0] == "execution_interrupted"
     again = await gateway.api.post(f"/jobs/{job_id}/cancel")
     assert again.status_code == 409 and again.json()["error"]["code"] == "JOB_ALREADY_FINISHED"
@@ -39,11 +39,11 @@ async def test_cancel_while_queued_in_comfyui_deletes_it_from_the_queue(gateway:
     # Someone else's long prompt holds ComfyUI, so the job's prompt waits in ComfyUI's own queue.
     async with httpx.AsyncClient() as client:
         blocker = str(uuid.uuid4())
-        posted = await client.post(f"{gateway.simulator.url}/prompt",
-                                   json={"prompt": slow_prompt(100), "client_id": "other", "prompt_id": blocker})
+        posted = await client.post(f"{gateway.comfyui.url}/prompt",
+                                   json={"prompt": gateway.comfyui.slow_prompt(10), "client_id": "other", "prompt_id": blocker})
         assert posted.status_code == 200
         try:
-            job_id = await gateway.submit({"workflowJson": slow_prompt(1)})
+            job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(0.1)})
             for _ in range(200):
                 if job_id in queued_job_ids(await comfy_queue(gateway)):
                     break
@@ -55,29 +55,29 @@ async def test_cancel_while_queued_in_comfyui_deletes_it_from_the_queue(gateway:
             assert response.json()["status"] == "cancelled"
             assert job_id not in queued_job_ids(await comfy_queue(gateway))
         finally:
-            await client.post(f"{gateway.simulator.url}/interrupt", json={"prompt_id": blocker})
+            await client.post(f"{gateway.comfyui.url}/interrupt", json={"prompt_id": blocker})
     # A deleted pending prompt never runs, so ComfyUI keeps no history of it.
-    assert await comfy_history_for_job(gateway.simulator.url, job_id) == []
+    assert await comfy_history_for_job(gateway.comfyui.url, job_id) == []
 
 
 async def test_cancel_while_waiting_for_a_slot_never_reaches_comfyui(gateway: Gateway) -> None:
     # MAX_CONCURRENCY is 1: the second job waits in Temporal, not in ComfyUI.
-    first = await gateway.submit({"workflowJson": slow_prompt(100)})
+    first = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
     await wait_for_job(gateway.api, first, until={"running"})
-    second = await gateway.submit({"workflowJson": slow_prompt(1)})
+    second = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(0.1)})
     assert second not in queued_job_ids(await comfy_queue(gateway))
     assert (await gateway.api.post(f"/jobs/{second}/cancel")).json()["status"] == "cancelled"
     assert (await gateway.api.post(f"/jobs/{first}/cancel")).json()["status"] == "cancelled"
-    assert await comfy_history_for_job(gateway.simulator.url, second) == []
+    assert await comfy_history_for_job(gateway.comfyui.url, second) == []
     logs = (await gateway.api.get(f"/jobs/{second}/logs")).json()["events"]
     assert not any(event["kind"] == "submitted" for event in logs)
 
 
 async def test_cancel_from_temporal_takes_the_same_path(gateway: Gateway, temporal_client: Client) -> None:
-    job_id = await gateway.submit({"workflowJson": slow_prompt(100)})
+    job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
     await wait_for_job(gateway.api, job_id, until={"running"})
     await temporal_client.get_workflow_handle(job_id).cancel()
     job = await wait_for_job(gateway.api, job_id, until=DONE)
     assert job["status"] == "cancelled" and "temporal" in job["error"]["message"]
-    [run] = await comfy_history_for_job(gateway.simulator.url, job_id)
+    [run] = await comfy_history_for_job(gateway.comfyui.url, job_id)
     assert run["status"]["messages"][-1][0] == "execution_interrupted"

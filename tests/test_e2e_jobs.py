@@ -14,17 +14,16 @@ import pytest
 from tests.harness import (
     DONE,
     Gateway,
-    SimulatorProcess,
+    ComfyUITarget,
     comfy_history_for_job,
     free_port,
     recorded_workflow,
-    slow_prompt,
     wait_for_job,
 )
 
-async def comfy_file(simulator: SimulatorProcess, entry: dict[str, Any]) -> bytes:
+async def comfy_file(comfyui: ComfyUITarget, entry: dict[str, Any]) -> bytes:
     async with httpx.AsyncClient() as client:
-        response = await client.get(f"{simulator.url}/view", params=entry)
+        response = await client.get(f"{comfyui.url}/view", params=entry)
         response.raise_for_status()
         return response.content
 
@@ -38,9 +37,9 @@ async def test_image_job_stores_outputs_with_verified_checksums(gateway: Gateway
     [output] = job["outputs"]
     assert output["contentType"] == "image/png" and output["filename"].startswith("gw_")
 
-    [run] = await comfy_history_for_job(gateway.simulator.url, job_id)
+    [run] = await comfy_history_for_job(gateway.comfyui.url, job_id)
     [entry] = run["outputs"]["2"]["images"]
-    original = await comfy_file(gateway.simulator, entry)
+    original = await comfy_file(gateway.comfyui, entry)
     assert output["sha256"] == hashlib.sha256(original).hexdigest() and output["size"] == len(original)
 
     downloaded = await gateway.api.get(output["url"])
@@ -126,24 +125,24 @@ def activity_failure_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.
 
 
 async def test_timeout_interrupts_the_prompt(gateway: Gateway) -> None:
-    job = await gateway.run({"workflowJson": slow_prompt(100), "timeoutSeconds": 1.5})
+    job = await gateway.run({"workflowJson": gateway.comfyui.slow_prompt(10), "timeoutSeconds": 1.5})
     assert job["status"] == "failed" and job["error"]["code"] == "COMFYUI_TIMEOUT"
-    [run] = await comfy_history_for_job(gateway.simulator.url, job["jobId"])
+    [run] = await comfy_history_for_job(gateway.comfyui.url, job["jobId"])
     assert run["status"]["messages"][-1][0] == "execution_interrupted"
 
 
 async def test_interrupt_from_outside_fails_the_job_with_its_own_code(gateway: Gateway) -> None:
-    job_id = await gateway.submit({"workflowJson": slow_prompt(100)})
+    job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
     running = await wait_for_job(gateway.api, job_id, until={"running"})
     assert running["status"] == "running"
     async with httpx.AsyncClient() as client:
-        await client.post(f"{gateway.simulator.url}/interrupt", json={})
+        await client.post(f"{gateway.comfyui.url}/interrupt", json={})
     job = await wait_for_job(gateway.api, job_id, until=DONE)
     assert job["status"] == "failed" and job["error"]["code"] == "COMFYUI_INTERRUPTED"
 
 
 async def test_progress_is_reported_while_running(gateway: Gateway) -> None:
-    job_id = await gateway.submit({"workflowJson": slow_prompt(30)})
+    job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(3)})
     seen: set[int] = set()
     while True:
         job = (await gateway.api.get(f"/jobs/{job_id}")).json()

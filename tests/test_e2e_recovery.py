@@ -11,12 +11,12 @@ from temporalio.client import Client
 
 from tests.harness import (
     DONE,
+    ComfyUITarget,
     SimulatorProcess,
     WorkerProcess,
     api_client,
     comfy_history_for_job,
     gateway_settings,
-    slow_prompt,
     wait_for_job,
 )
 from worker.main import running_worker
@@ -32,14 +32,14 @@ def own_simulator(tmp_path: Path) -> Iterator[SimulatorProcess]:
 
 
 async def test_worker_killed_mid_prompt_reattaches_and_the_prompt_runs_once(
-    temporal_client: Client, task_queue: str, simulator: SimulatorProcess, tmp_path: Path
+    temporal_client: Client, task_queue: str, comfyui: ComfyUITarget, tmp_path: Path
 ) -> None:
-    settings = gateway_settings(temporal_client, simulator.url, tmp_path, task_queue)
+    settings = gateway_settings(temporal_client, comfyui.url, tmp_path, task_queue)
     worker = WorkerProcess(settings)
     worker.start()
     try:
         async with api_client(settings, temporal_client) as api:
-            job_id = (await api.post("/jobs", json={"workflowJson": slow_prompt(40)})).json()["jobId"]
+            job_id = (await api.post("/jobs", json={"workflowJson": comfyui.slow_prompt(4)})).json()["jobId"]
             await wait_for_job(api, job_id, until={"running"}, timeout=60)
             await asyncio.sleep(0.5)
             worker.kill()
@@ -47,7 +47,7 @@ async def test_worker_killed_mid_prompt_reattaches_and_the_prompt_runs_once(
             job = await wait_for_job(api, job_id, until=DONE, timeout=60)
             assert job["status"] == "succeeded", job
             assert job["attempts"] == 1
-            [run] = await comfy_history_for_job(simulator.url, job_id)
+            [run] = await comfy_history_for_job(comfyui.url, job_id)
             assert run["status"]["status_str"] == "success"
             logs = (await api.get(f"/jobs/{job_id}/logs")).json()["events"]
             assert sum(event["kind"] == "submitted" for event in logs) == 1
@@ -61,7 +61,7 @@ async def test_comfyui_restarted_mid_prompt_is_resubmitted(
 ) -> None:
     settings = gateway_settings(temporal_client, own_simulator.url, tmp_path, task_queue)
     async with running_worker(temporal_client, settings), api_client(settings, temporal_client) as api:
-        job_id = (await api.post("/jobs", json={"workflowJson": slow_prompt(20)})).json()["jobId"]
+        job_id = (await api.post("/jobs", json={"workflowJson": own_simulator.slow_prompt(2)})).json()["jobId"]
         await wait_for_job(api, job_id, until={"running"})
         own_simulator.restart()  # the real ComfyUI forgets its queue and history on restart too
         job = await wait_for_job(api, job_id, until=DONE, timeout=60)

@@ -8,7 +8,7 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from app.temporal_client import register_search_attributes
-from tests.harness import DONE, Gateway, recorded_workflow, slow_prompt, wait_for_job
+from tests.harness import DONE, Gateway, recorded_workflow, wait_for_job
 
 
 async def visible(client: Client, query: str, job_id: str) -> WorkflowExecutionStatus | None:
@@ -33,7 +33,7 @@ async def test_jobs_are_searchable_by_status_and_template(gateway: Gateway, temp
 
 
 async def test_a_job_cancelled_by_signal_is_found_as_cancelled(gateway: Gateway, temporal_client: Client) -> None:
-    job_id = await gateway.submit({"workflowJson": slow_prompt(100)})
+    job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
     await wait_for_job(gateway.api, job_id, until={"running"})
     assert await visible(temporal_client, 'JobStatus = "running"', job_id) is WorkflowExecutionStatus.RUNNING
     await gateway.api.post(f"/jobs/{job_id}/cancel")

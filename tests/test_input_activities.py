@@ -24,7 +24,7 @@ from app.comfy.client import ComfyClient
 from app.image_inputs import STORED_INPUT_PREFIX, comfy_upload_name, load_image_source
 from app.models import StageImagesInput, StageImagesResult
 from app.storage import LocalStorage
-from tests.harness import SimulatorProcess, free_port, serve_locally
+from tests.harness import ComfyUITarget, free_port, serve_locally
 
 BACKEND = "comfyui-1"
 JOB_ID = "3f1f8a52-2f43-4c1e-9a57-0f6d2c1e9b11"
@@ -81,70 +81,70 @@ async def stage(
     return await environment.run(activities.stage_images, request)
 
 
-async def comfy_input_file(simulator: SimulatorProcess, http: httpx.AsyncClient, name: str) -> bytes:
-    response = await http.get(f"{simulator.url}/view", params={"filename": name, "type": "input"})
+async def comfy_input_file(comfyui: ComfyUITarget, http: httpx.AsyncClient, name: str) -> bytes:
+    response = await http.get(f"{comfyui.url}/view", params={"filename": name, "type": "input"})
     assert response.status_code == 200, f"ComfyUI has no input file {name}"
     return response.content
 
 
 async def test_images_from_a_data_uri_and_a_url_are_uploaded_under_the_returned_names(
-    simulator: SimulatorProcess, http: httpx.AsyncClient, image_host: tuple[str, dict[str, bytes]]
+    comfyui: ComfyUITarget, http: httpx.AsyncClient, image_host: tuple[str, dict[str, bytes]]
 ) -> None:
     host_url, files = image_host
     inline, fetched = unique_png(), unique_png()
     files["photo.png"] = fetched
     heartbeats: list[Any] = []
-    activities = input_activities(simulator.url, http)
+    activities = input_activities(comfyui.url, http)
     images = {"1.image": data_uri(inline), "3.image": f"{host_url}/photo.png"}
 
     result = await stage(activities, images, heartbeats)
 
     assert set(result.names) == {"1.image", "3.image"}
     assert result.prompt["3"]["inputs"]["image"] == result.names["3.image"]
-    assert await comfy_input_file(simulator, http, result.names["1.image"]) == inline
-    assert await comfy_input_file(simulator, http, result.names["3.image"]) == fetched
+    assert await comfy_input_file(comfyui, http, result.names["1.image"]) == inline
+    assert await comfy_input_file(comfyui, http, result.names["3.image"]) == fetched
     assert heartbeats == [(1,), (2,)]
     again = await stage(activities, images)
     assert again.names == result.names
 
 
 async def test_an_image_the_api_stored_is_read_from_storage(
-    simulator: SimulatorProcess, http: httpx.AsyncClient, tmp_path: Path
+    comfyui: ComfyUITarget, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     png = unique_png()
     storage = LocalStorage(tmp_path)
     storage.put_bytes("inputs/abc.png", png, "image/png")
-    activities = input_activities(simulator.url, http, storage)
+    activities = input_activities(comfyui.url, http, storage)
     result = await stage(activities, {"1.image": f"{STORED_INPUT_PREFIX}inputs/abc.png"})
-    assert await comfy_input_file(simulator, http, result.names["1.image"]) == png
+    assert await comfy_input_file(comfyui, http, result.names["1.image"]) == png
     with pytest.raises(ApplicationError) as raised:
         await stage(activities, {"1.image": f"{STORED_INPUT_PREFIX}inputs/gone.png"})
     assert raised.value.type == "VALIDATION_ERROR" and raised.value.non_retryable
 
 
 async def test_the_name_comfyui_returns_wins_over_the_one_asked_for(
-    simulator: SimulatorProcess, http: httpx.AsyncClient
+    comfyui: ComfyUITarget, http: httpx.AsyncClient
 ) -> None:
     png = unique_png()
     loaded = await load_image_source(data_uri(png), http=http, max_bytes=1 << 20, allow_private_urls=False)
     asked_for = comfy_upload_name(loaded)
     # Someone else's file already has that name: ComfyUI keeps it and renames our upload.
-    await ComfyClient(simulator.url, http).upload_image(
+    await ComfyClient(comfyui.url, http).upload_image(
         name=asked_for, data=unique_png(), content_type="image/png", overwrite=True
     )
 
-    result = await stage(input_activities(simulator.url, http), {"1.image": data_uri(png)})
+    result = await stage(input_activities(comfyui.url, http), {"1.image": data_uri(png)})
 
     assert result.names["1.image"] == asked_for.replace(".png", " (1).png")
-    assert await comfy_input_file(simulator, http, result.names["1.image"]) == png
+    assert await comfy_input_file(comfyui, http, result.names["1.image"]) == png
 
 
 async def test_a_bad_source_fails_at_once_naming_its_field(
-    simulator: SimulatorProcess, http: httpx.AsyncClient
+    comfyui: ComfyUITarget, http: httpx.AsyncClient
 ) -> None:
     not_an_image = "data:image/png;base64," + base64.b64encode(b"<html>a web page, not a picture</html>").decode()
     with pytest.raises(ApplicationError) as caught:
-        await stage(input_activities(simulator.url, http), {"1.image": data_uri(unique_png()), "7.image": not_an_image})
+        await stage(input_activities(comfyui.url, http), {"1.image": data_uri(unique_png()), "7.image": not_an_image})
     error = caught.value
     assert error.type == "VALIDATION_ERROR" and error.non_retryable
     assert error.message.startswith("7.image: is not a PNG")
@@ -153,11 +153,11 @@ async def test_a_bad_source_fails_at_once_naming_its_field(
 
 
 async def test_a_failing_image_server_is_retried(
-    simulator: SimulatorProcess, http: httpx.AsyncClient, image_host: tuple[str, dict[str, bytes]]
+    comfyui: ComfyUITarget, http: httpx.AsyncClient, image_host: tuple[str, dict[str, bytes]]
 ) -> None:
     host_url, _ = image_host
     with pytest.raises(ApplicationError) as caught:
-        await stage(input_activities(simulator.url, http), {"1.image": f"{host_url}/not-served-yet.png"})
+        await stage(input_activities(comfyui.url, http), {"1.image": f"{host_url}/not-served-yet.png"})
     assert caught.value.type == "IMAGE_FETCH_FAILED" and not caught.value.non_retryable
     assert "HTTP 500" in caught.value.message
 

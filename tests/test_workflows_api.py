@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import DONE, Gateway, free_port, recorded_workflow, slow_prompt, wait_for_job
+from tests.harness import DONE, Gateway, free_port, recorded_workflow, wait_for_job
 
 TEMPLATE = recorded_workflow("image.template.json")
 SCHEMA = {"type": "object", "fields": {
@@ -89,7 +89,7 @@ async def test_template_jobs_validate_inputs_and_store_the_seed(gateway: Gateway
 async def test_update_makes_a_new_version_and_queued_jobs_keep_theirs(gateway: Gateway) -> None:
     await register(gateway, registration("versioned"))
     # A long job holds the only slot, so the next job waits, already bound to version 1.
-    blocker = await gateway.submit({"workflowJson": slow_prompt(100)})
+    blocker = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
     await wait_for_job(gateway.api, blocker, until={"running"})
     waiting = await gateway.submit({"workflowId": "versioned", "inputs": {"color": 1}})
     updated = await gateway.api.put("/workflows/versioned", json={"defaultParams": {"filename_prefix": "versioned_v2"}})
@@ -105,7 +105,7 @@ async def test_update_makes_a_new_version_and_queued_jobs_keep_theirs(gateway: G
 
 async def test_delete_hides_the_template_but_submitted_jobs_still_run(gateway: Gateway) -> None:
     await register(gateway, registration("doomed"))
-    blocker = await gateway.submit({"workflowJson": slow_prompt(100)})
+    blocker = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
     await wait_for_job(gateway.api, blocker, until={"running"})
     waiting = await gateway.submit({"workflowId": "doomed", "inputs": {"color": 2}})
     assert (await gateway.api.delete("/workflows/doomed")).status_code == 204

@@ -16,7 +16,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from app.devserver import temporal_cli
-from tests.harness import DONE, SimulatorProcess, api_client, gateway_settings, recorded_workflow, slow_prompt, wait_for_job
+from tests.harness import DONE, SimulatorProcess, api_client, gateway_settings, recorded_workflow, wait_for_job
 from worker.main import running_worker
 
 HERE = Path(__file__).resolve().parent
@@ -42,10 +42,10 @@ async def capture() -> None:
                     "generation_succeeded": {"workflowJson": recorded_workflow("batch.json")},
                     "generation_with_image_input": {"workflowId": "invert_image", "inputs": {"image": RED_PIXEL}},
                     "generation_failed": {"workflowJson": recorded_workflow("fail.json")},
-                    "generation_cancelled": {"workflowJson": slow_prompt(100)},
+                    "generation_cancelled": {"workflowJson": simulator.slow_prompt(10)},
                     # Since the job-search-attributes patch: the workflow upserts JobStatus and TemplateId.
                     "indexed_template_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
-                    "indexed_generation_cancelled": {"workflowJson": slow_prompt(100)},
+                    "indexed_generation_cancelled": {"workflowJson": simulator.slow_prompt(10)},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
