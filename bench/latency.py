@@ -5,9 +5,7 @@ processes, exactly as a user runs them, then acts as an outside client: submits 
 (EmptyImage 64² → SaveImage) one at a time and prints, at p50 and p95, the time from `POST /jobs` until the
 outputs are stored (the job's completedAt) minus ComfyUI's own execution time (executionTimeMs), and what a
 client polling `GET /jobs/{id}` sees. Twice: with the jobs 300 ms apart (the gateway's own cost per job), and
-back to back (each job submitted the moment the previous one finished). Back to back also measures the
-Temporal dev server: its task dispatch is slow for a moment after a workflow closes, in the same way for a
-trivial workflow that has nothing to do with the gateway.
+back to back (each job submitted the moment the previous one finished).
 
     python bench/latency.py [--jobs 50] [--poll-ms 20]
 """

@@ -14,7 +14,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from app.devserver import temporal_cli
+from app.devserver import LOW_LATENCY_DYNAMIC_CONFIG, temporal_cli
 from app.temporal_client import register_search_attributes
 from tests.harness import ComfyUITarget, ExternalComfyUI, Gateway, SimulatorProcess, api_client, gateway_settings
 from worker.main import running_worker
@@ -35,6 +35,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_existing_path=temporal_cli(),
         data_converter=pydantic_data_converter,
         dev_server_log_level="error",
+        dev_server_extra_args=LOW_LATENCY_DYNAMIC_CONFIG,  # the same dev server as `comfyui-gateway dev`
     )
     await register_search_attributes(env.client)  # the workflow unit tests run no gateway worker
     try:
