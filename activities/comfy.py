@@ -90,9 +90,10 @@ class ComfyActivities:
             raise to_application_error(error, non_retryable=give_up) from error
         except asyncio.CancelledError:
             cancellation = activity.cancellation_details()
-            # Only a cancel the workflow asked for stops the prompt; a worker shutdown or a timed-out
-            # attempt leaves it running so that the next attempt re-attaches to it.
-            if cancellation is not None and cancellation.cancel_requested:
+            # A cancel the workflow asked for stops the prompt, and so does a workflow that is gone (terminated
+            # in Temporal): nobody will collect the result. A worker shutdown or a timed-out attempt leaves it
+            # running so that the next attempt re-attaches to it.
+            if cancellation is not None and (cancellation.cancel_requested or cancellation.not_found):
                 await asyncio.shield(run.stop())
             raise
         finally:

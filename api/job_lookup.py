@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 
 from sqlmodel import Session
-from temporalio.client import Client, WorkflowHandle
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import ApiError
-from app.jobstore import get_job, job_view
-from app.models import ErrorCode, JobStatus, JobView, PromptProgress
+from app.jobstore import close_abandoned_job, get_job, job_view
+from app.models import ErrorCode, JobError, JobEventInput, JobStatus, JobView, PromptProgress
 from workflows_temporal.generation import GenerationWorkflow
 
 
@@ -76,16 +78,41 @@ async def find_job(
         if error.status is RPCStatusCode.NOT_FOUND:
             raise job_not_found(job_id) from error
         raise ApiError(503, ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal could not answer for this job") from error
-    if not view.status.is_terminal:
-        await _add_live_progress(temporal, handle, view)
-        if live_views is not None:
-            live_views.put(view)
+    if view.status.is_terminal:
+        return view
+    description = await handle.describe()
+    if description.status is not WorkflowExecutionStatus.RUNNING:
+        view = await _ended_in_temporal(handle, view, description)
+        close_abandoned_job(session, view, JobEventInput(
+            key="api:ended-in-temporal", at=view.timing.completed_at, kind="status", message=view.error.message,
+            data={"status": view.status.value, "error": view.error.model_dump(mode="json")},
+        ))
+        return view
+    await _add_live_progress(temporal, description, view)
+    if live_views is not None:
+        live_views.put(view)
     return view
 
 
-async def _add_live_progress(temporal: Client, handle: WorkflowHandle, view: JobView) -> None:
+async def _ended_in_temporal(
+    handle: WorkflowHandle, view: JobView, description: WorkflowExecutionDescription
+) -> JobView:
+    """A workflow that closed while its job was unfinished was terminated in Temporal (Web UI, CLI): the
+    job ends as cancelled, with the operator's reason."""
+    reason = ""
+    async for event in handle.fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED:
+            reason = event.workflow_execution_terminated_event_attributes.reason
+    state = description.status.name.lower() if description.status else "closed"
+    message = f"{state} in Temporal" + (f": {reason}" if reason else "")
+    view.status = JobStatus.cancelled
+    view.error = JobError(code=ErrorCode.JOB_TERMINATED, message=message)
+    view.timing.completed_at = description.close_time or datetime.now(timezone.utc)
+    return view
+
+
+async def _add_live_progress(temporal: Client, description: WorkflowExecutionDescription, view: JobView) -> None:
     """Progress is not in workflow history tick by tick: it is the prompt activity's last heartbeat."""
-    description = await handle.describe()
     for pending in description.raw_description.pending_activities:
         if pending.activity_type.name != "run_prompt" or not pending.heartbeat_details.payloads:
             continue

@@ -45,6 +45,21 @@ def record_job(session: Session, record: RecordJobInput) -> None:
     session.commit()
 
 
+def close_abandoned_job(session: Session, job: JobView, event: JobEventInput) -> None:
+    """Finish the row of a job whose workflow ended in Temporal without finishing it (terminated by an
+    operator): the workflow can no longer write, so the one who notices does. A finished row stays as it is."""
+    row = session.get(JobRow, job.job_id)
+    if row is None or JobStatus(row.status).is_terminal:
+        return
+    row.status = job.status.value
+    row.error = job.error.model_dump(by_alias=True, mode="json") if job.error else None
+    row.completed_at = job.timing.completed_at
+    row.updated_at = datetime.now(timezone.utc)
+    session.add(row)
+    _insert_events(session, job.job_id, [event])
+    session.commit()
+
+
 def add_events(session: Session, job_id: str, events: list[JobEventInput]) -> None:
     _insert_events(session, job_id, events)
     session.commit()

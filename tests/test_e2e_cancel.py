@@ -81,3 +81,32 @@ async def test_cancel_from_temporal_takes_the_same_path(gateway: Gateway, tempor
     assert job["status"] == "cancelled" and "temporal" in job["error"]["message"]
     [run] = await comfy_history_for_job(gateway.comfyui.url, job_id)
     assert run["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+async def test_terminate_from_temporal_ends_the_job_and_stops_the_prompt(
+    gateway: Gateway, temporal_client: Client
+) -> None:
+    """Terminate gives the workflow no chance to clean up: the prompt activity stops the prompt when its
+    heartbeat finds the workflow gone, and the API finishes the job's row when it next reads the job."""
+    job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
+    await wait_for_job(gateway.api, job_id, until={"running"})
+    await temporal_client.get_workflow_handle(job_id).terminate(reason="stuck, says the operator")
+
+    job = await wait_for_job(gateway.api, job_id, until=DONE, timeout=5)
+    assert job["status"] == "cancelled" and job["error"]["code"] == "JOB_TERMINATED"
+    assert job["error"]["message"] == "terminated in Temporal: stuck, says the operator"
+    assert job["timing"]["completedAt"] is not None
+    listed = (await gateway.api.get("/jobs", params={"status": "cancelled"})).json()["jobs"]
+    assert job_id in {listed_job["jobId"] for listed_job in listed}
+    logs = (await gateway.api.get(f"/jobs/{job_id}/logs")).json()["events"]
+    assert logs[-1]["data"]["error"]["code"] == "JOB_TERMINATED"
+    again = await gateway.api.post(f"/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "JOB_ALREADY_FINISHED"
+
+    for _ in range(100):  # the activity learns of it at its next heartbeat
+        runs = await comfy_history_for_job(gateway.comfyui.url, job_id)
+        if runs:
+            break
+        await asyncio.sleep(0.1)
+    [run] = runs
+    assert run["status"]["messages"][-1][0] == "execution_interrupted"
