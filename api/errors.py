@@ -35,6 +35,18 @@ def _field_name(location: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+_UNPARSABLE_BODY = "There was an error parsing the body"
+
+
+def _field_error(error: dict[str, Any]) -> dict[str, str]:
+    if error.get("type") == "json_invalid":
+        # FastAPI puts the character position where a field name would be.
+        position = error["loc"][1] if len(error["loc"]) > 1 else "?"
+        return {"field": "body", "message": f"not valid JSON ({error.get('ctx', {}).get('error', 'decode error')} "
+                                            f"at character {position})"}
+    return {"field": _field_name(tuple(error["loc"])), "message": error["msg"]}
+
+
 def validation_error(fields: list[dict[str, str]]) -> ApiError:
     summary = "; ".join(f"{item['field']}: {item['message']}" for item in fields)
     return ApiError(400, ErrorCode.VALIDATION_ERROR, f"invalid request: {summary}", {"fields": fields})
@@ -51,14 +63,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = [{"field": _field_name(tuple(err["loc"])), "message": err["msg"]} for err in exc.errors()]
+        fields = [_field_error(err) for err in exc.errors()]
         error = validation_error(fields)
         return error_response(error.status, error.code, error.message, error.details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
-        return error_response(exc.status_code, code, str(exc.detail))
+        if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
+            # FastAPI's answer to a body that is not UTF-8 or nests past the JSON parser's limit.
+            error = validation_error([{"field": "body", "message": "not valid JSON: undecodable or nested too deeply"}])
+            return error_response(error.status, error.code, error.message, error.details)
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE"}.get(exc.status_code, "HTTP_ERROR")
+        details = {"fields": [{"field": "body", "message": str(exc.detail)}]} if exc.status_code == 413 else {}
+        return error_response(exc.status_code, code, str(exc.detail), details)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -10,12 +10,13 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import httpx
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from temporalio.client import Client
 
 from api.errors import install_error_handlers
 from api.job_lookup import LiveViews
+from api.plain_json import BodySizeLimit, require_plain_json
 from api.routes import health, jobs, outputs, workflows
 from app.db import make_engine
 from app.settings import Settings, get_settings
@@ -72,11 +73,13 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         description="A durable REST gateway for ComfyUI: every job is a Temporal workflow.",
         version=health.GATEWAY_VERSION,
         lifespan=lifespan,
+        dependencies=[Depends(require_plain_json)],
     )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
+    app.add_middleware(BodySizeLimit)
     install_error_handlers(app)
     app.include_router(jobs.router)
     app.include_router(outputs.router)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
+import httpx
 import pytest
+from fastapi import FastAPI
+from httpx import ASGITransport
 
+from api.errors import install_error_handlers
+from api.plain_json import MAX_BODY_BYTES, BodySizeLimit
 from tests.harness import DONE, Gateway, recorded_workflow, wait_for_job
 
 
@@ -147,3 +153,69 @@ def _leaf_values(value: object) -> list[object]:
     if isinstance(value, list):
         return [leaf for item in value for leaf in _leaf_values(item)]
     return [value]
+
+
+def nested(depth: int) -> object:
+    value: object = "leaf"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("raw_body", "field", "says"),
+    [
+        ('{"workflowId": "solid_color", "metadata": {"a": %s}}' % json.dumps(nested(40)), "metadata.a", "nested"),
+        ('{"workflowJson": {"1": {"class_type": "X", "inputs": {"v": %s}}}}' % json.dumps(nested(40)),
+         "workflowJson.1.inputs.v", "nested"),
+        ('{"workflowId": "solid_color", "inputs": {"width": NaN}}', "inputs.width", "NaN"),
+        ('{"workflowId": "solid_color", "metadata": {"k": Infinity}}', "metadata.k", "NaN and Infinity"),
+        ('{"workflowId": "solid_color", "metadata": {"k": "\\ud800"}}', "metadata.k", "surrogate"),
+        ('{"workflowId": "solid_color", "inputs": {"\\udfff": 1}}', "inputs.\\udfff", "surrogate"),
+        ('{"workflowId": "solid_color", "inputs": {"width": 8}', "body", "not valid JSON"),
+        ("[" * 1500 + "]" * 1500, "body", "not valid JSON"),
+    ],
+)
+async def test_bodies_that_are_not_plain_json_are_refused(
+    gateway: Gateway, raw_body: str, field: str, says: str
+) -> None:
+    """A job nested 200 deep used to be accepted and then could never be decoded by the worker."""
+    for path in ("/jobs", "/workflows"):
+        response = await gateway.api.post(path, content=raw_body.encode("utf-8", "surrogatepass"),
+                                          headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        error = error_of(response)
+        assert error["code"] == "VALIDATION_ERROR"
+        [problem] = error["details"]["fields"]
+        assert problem["field"].startswith(field) and says in problem["message"], problem
+    assert (await gateway.api.get("/jobs")).json()["count"] == 0
+
+
+async def test_undecodable_and_oversized_bodies(gateway: Gateway) -> None:
+    undecodable = await gateway.api.post("/jobs", content=b'{"workflowId": "\xff"}',
+                                         headers={"content-type": "application/json"})
+    assert undecodable.status_code == 400 and error_of(undecodable)["details"]["fields"][0]["field"] == "body"
+    declared = await gateway.api.post("/jobs", content=b"{}", headers={
+        "content-type": "application/json", "content-length": str(MAX_BODY_BYTES + 1)})
+    assert declared.status_code == 413 and error_of(declared)["code"] == "REQUEST_TOO_LARGE"
+    huge_offset = await gateway.api.get("/jobs", params={"offset": 10**20})
+    assert huge_offset.status_code == 400 and error_of(huge_offset)["details"]["fields"][0]["field"] == "offset"
+
+
+async def test_a_body_streamed_past_the_limit_is_refused() -> None:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/echo")
+    async def echo(body: dict) -> dict:  # type: ignore[type-arg]
+        return body
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(10):
+            yield b" " * 10  # no content-length: the limit has to count
+    async with httpx.AsyncClient(transport=ASGITransport(app=BodySizeLimit(app, max_bytes=50)),
+                                 base_url="http://test") as client:
+        small = await client.post("/echo", json={"a": 1})
+        assert small.status_code == 200
+        response = await client.post("/echo", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and error_of(response)["code"] == "REQUEST_TOO_LARGE"

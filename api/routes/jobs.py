@@ -167,7 +167,7 @@ def get_jobs(
     after: datetime | None = Query(None, description="created after this instant (ISO 8601)"),
     before: datetime | None = Query(None, description="created before this instant (ISO 8601)"),
     limit: int = Query(50, ge=1, le=200),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=1_000_000_000),
 ) -> JobList:
     jobs, count = list_jobs(
         session,
