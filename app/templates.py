@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-_WHOLE_PLACEHOLDER = re.compile(r"^\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}$")
+_WHOLE_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _IMAGE_SIZE_INPUTS = ("width", "height")
 
 
@@ -51,10 +51,13 @@ def check_graph_shape(graph: Any) -> None:
         raise PromptError([FieldIssue("workflowJson", "must be a non-empty object of nodes in ComfyUI API format")])
     issues = []
     for node_id, node in graph.items():
-        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+        class_type = node.get("class_type") if isinstance(node, dict) else None
+        if not isinstance(class_type, str) or not class_type.strip():
             issues.append(FieldIssue(f"workflowJson.{node_id}", "node needs a string class_type"))
-        elif not isinstance(node.get("inputs", {}), dict):
-            issues.append(FieldIssue(f"workflowJson.{node_id}.inputs", "must be an object"))
+        elif _PLACEHOLDER.search(class_type):
+            issues.append(FieldIssue(f"workflowJson.{node_id}.class_type", "placeholders go in inputs, not in class_type"))
+        elif not isinstance(node.get("inputs"), dict):
+            issues.append(FieldIssue(f"workflowJson.{node_id}.inputs", "every node needs an inputs object"))
     if issues:
         raise PromptError(issues)
 
@@ -82,6 +85,12 @@ def placeholders(graph: dict[str, Any]) -> set[str]:
     return found
 
 
+def whole_placeholder(value: Any) -> str | None:
+    """The input name when `value` is exactly "{{name}}" (which is replaced by the typed value)."""
+    match = _WHOLE_PLACEHOLDER.fullmatch(value) if isinstance(value, str) else None
+    return match.group(1) if match else None
+
+
 def render_prompt(graph: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     check_graph_shape(graph)
     missing = sorted(placeholders(graph) - values.keys())
@@ -89,9 +98,8 @@ def render_prompt(graph: dict[str, Any], values: dict[str, Any]) -> dict[str, An
         raise PromptError([FieldIssue(f"inputs.{name}", "required by the workflow but not given") for name in missing])
 
     def substitute(text: str) -> Any:
-        whole = _WHOLE_PLACEHOLDER.match(text)
-        if whole:
-            return values[whole.group(1)]
+        if (name := whole_placeholder(text)) is not None:
+            return values[name]
         return _PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), text)
 
     return {
@@ -102,15 +110,31 @@ def render_prompt(graph: dict[str, Any], values: dict[str, Any]) -> dict[str, An
 
 def check_limits(prompt: dict[str, Any], *, max_image_size: int, max_batch_size: int) -> None:
     """Refuse sizes and batches beyond the operator's limits before any GPU time is spent."""
+    limits = {**{name: ("MAX_IMAGE_SIZE", max_image_size) for name in _IMAGE_SIZE_INPUTS},
+              "batch_size": ("MAX_BATCH_SIZE", max_batch_size)}
     issues = []
     for node_id, node in prompt.items():
         inputs = node.get("inputs", {})
-        for name in _IMAGE_SIZE_INPUTS:
-            value = inputs.get(name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > max_image_size:
-                issues.append(FieldIssue(f"{name} (node {node_id})", f"{value} exceeds MAX_IMAGE_SIZE {max_image_size}"))
-        batch = inputs.get("batch_size")
-        if isinstance(batch, (int, float)) and not isinstance(batch, bool) and batch > max_batch_size:
-            issues.append(FieldIssue(f"batch_size (node {node_id})", f"{batch} exceeds MAX_BATCH_SIZE {max_batch_size}"))
+        for name, (setting, limit) in limits.items():
+            value = _as_number(inputs.get(name))
+            field = f"workflowJson.{node_id}.inputs.{name}"
+            if value is not None and value > limit:
+                issues.append(FieldIssue(field, f"{inputs[name]} exceeds {setting} {limit}"))
+            elif value is not None and value < 0:
+                issues.append(FieldIssue(field, f"{inputs[name]} is negative"))
     if issues:
         raise PromptError(issues)
+
+
+def _as_number(value: Any) -> float | None:
+    """The number ComfyUI will see: it accepts numeric strings ("320") for number inputs."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None

@@ -32,8 +32,12 @@ def error_of(response) -> dict:  # type: ignore[no-untyped-def]
         ({"workflowId": "solid_color", "retry": {"maxAttempts": 0}}, "retry.maxAttempts"),
         ({"workflowId": "solid_color", "timeoutSeconds": -1}, "timeoutSeconds"),
         ({"workflowId": "solid_color", "inputs": {"width": 99999}}, "inputs.width"),
-        ({"workflowJson": recorded_workflow("invalid_bad_value.json")}, "width (node 1)"),
+        ({"workflowJson": recorded_workflow("invalid_bad_value.json")}, "workflowJson.1.inputs.width"),
         ({"workflowJson": {"1": {"inputs": {}}}}, "workflowJson.1"),
+        ({"workflowJson": {"1": {"class_type": "SaveImage", "inputs": {"images": ["99", 0]}}}},
+         "workflowJson.1.inputs.images"),
+        ({"workflowJson": {"1": {"class_type": "SaveImage", "inputs": {"images": "{{link}}"}}},
+          "inputs": {"link": ["99", 0]}}, "workflowJson.1.inputs.images"),
         ({"workflowJson": recorded_workflow("image.template.json"), "inputs": {"width": 8}}, "inputs.color"),
     ],
 )

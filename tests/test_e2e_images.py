@@ -66,6 +66,27 @@ async def test_raw_graph_load_image_takes_a_data_uri(gateway: Gateway) -> None:
     assert (await inverted_output(gateway, job)).getpixel((1, 1)) == (0, 255, 255)
 
 
+async def test_raw_graph_image_through_a_placeholder_is_stored_like_a_template_input(gateway: Gateway) -> None:
+    graph = recorded_workflow("loadimage.json")
+    graph["1"]["inputs"]["image"] = "{{picture}}"
+    job = await gateway.run({"workflowJson": graph, "inputs": {"picture": DATA_URI}})
+    assert (await inverted_output(gateway, job)).getpixel((1, 1)) == (0, 255, 255)
+
+
+@pytest.mark.parametrize(
+    "picture",
+    ["data:text/plain;base64,aGVsbG8=", "file:///etc/passwd", "stored-input://inputs/somebody-elses.png"],
+)
+async def test_raw_graph_placeholder_images_are_checked_before_a_job_exists(gateway: Gateway, picture: str) -> None:
+    """A placeholder must not carry past the checks what the graph itself could not hold."""
+    graph = recorded_workflow("loadimage.json")
+    graph["1"]["inputs"]["image"] = "{{picture}}"
+    response = await gateway.api.post("/jobs", json={"workflowJson": graph, "inputs": {"picture": picture}})
+    assert response.status_code == 400, response.text
+    assert [issue["field"] for issue in response.json()["error"]["details"]["fields"]] == ["inputs.picture"]
+    assert (await gateway.api.get("/jobs")).json()["count"] == 0
+
+
 async def test_private_addresses_are_refused_for_url_inputs(gateway: Gateway, image_host: str) -> None:
     job = await gateway.run({"workflowId": "invert_image", "inputs": {"image": f"{image_host}/red.png"}})
     assert job["status"] == "failed" and job["error"]["code"] == "VALIDATION_ERROR"

@@ -47,7 +47,32 @@ def test_limits_refuse_large_images_and_batches() -> None:
     with pytest.raises(PromptError) as raised:
         check_limits(prompt, max_image_size=256, max_batch_size=2)
     fields = [issue.field for issue in raised.value.issues]
-    assert fields == ["width (node 1)", "height (node 1)", "batch_size (node 1)"]
+    assert fields == ["workflowJson.1.inputs.width", "workflowJson.1.inputs.height", "workflowJson.1.inputs.batch_size"]
+
+
+def test_limits_see_numbers_as_comfyui_does() -> None:
+    # ComfyUI coerces "99999" to a number, so a string must not slip past the limit; negatives never fit.
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": "99999", "height": -5, "batch_size": "2"}}}
+    with pytest.raises(PromptError) as raised:
+        check_limits(prompt, max_image_size=2048, max_batch_size=4)
+    assert [(issue.field, issue.message) for issue in raised.value.issues] == [
+        ("workflowJson.1.inputs.width", "99999 exceeds MAX_IMAGE_SIZE 2048"),
+        ("workflowJson.1.inputs.height", "-5 is negative"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("node", "field"),
+    [
+        ({"class_type": "", "inputs": {}}, "workflowJson.1"),
+        ({"class_type": "{{node}}", "inputs": {}}, "workflowJson.1.class_type"),
+        ({"class_type": "EmptyImage"}, "workflowJson.1.inputs"),
+    ],
+)
+def test_every_node_needs_a_real_class_type_and_inputs(node: dict, field: str) -> None:
+    with pytest.raises(PromptError) as raised:
+        render_prompt({"1": node}, {"node": "SaveImage"})
+    assert [issue.field for issue in raised.value.issues] == [field]
 
 
 def test_recorded_template_placeholders() -> None:
