@@ -31,6 +31,10 @@ def error_of(response) -> dict:  # type: ignore[no-untyped-def]
         ({"workflowId": "solid_color", "retry": {"retryOn": ["NOPE"]}}, "retry.retryOn.0"),
         ({"workflowId": "solid_color", "retry": {"maxAttempts": 0}}, "retry.maxAttempts"),
         ({"workflowId": "solid_color", "timeoutSeconds": -1}, "timeoutSeconds"),
+        ({"workflowId": "solid_color", "timeoutSeconds": True}, "timeoutSeconds"),
+        ({"workflowId": "solid_color", "retry": {"max_attempts": 3}}, "retry.max_attempts"),
+        ({"workflowId": "solid_color", "retry": {"maxAttempts": "3"}}, "retry.maxAttempts"),
+        ({"workflowId": "solid_color", "retry": {"retryOn": ["VALIDATION_ERROR"]}}, "retry.retryOn"),
         ({"workflowId": "solid_color", "inputs": {"width": 99999}}, "inputs.width"),
         ({"workflowJson": recorded_workflow("invalid_bad_value.json")}, "workflowJson.1.inputs.width"),
         ({"workflowJson": {"1": {"inputs": {}}}}, "workflowJson.1"),
@@ -68,6 +72,8 @@ async def test_unknown_jobs_are_404(gateway: Gateway, path: str) -> None:
     assert response.status_code == 404 and error_of(response)["code"] == "JOB_NOT_FOUND"
     cancel = await gateway.api.post(f"/jobs/{uuid.uuid4()}/cancel")
     assert cancel.status_code == 404 and error_of(cancel)["code"] == "JOB_NOT_FOUND"
+    surprise = await gateway.api.post(f"/jobs/{uuid.uuid4()}/cancel", json={"reason": "x", "surprise": 1})
+    assert surprise.status_code == 400 and error_of(surprise)["details"]["fields"][0]["field"] == "surprise"
 
 
 async def test_submit_answers_at_once_and_lists_filter(gateway: Gateway) -> None:

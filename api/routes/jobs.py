@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError
 
@@ -19,7 +19,16 @@ from api.job_inputs import graph_job_inputs, template_job_inputs
 from api.job_lookup import find_job
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.jobstore import JobFilter, as_utc, estimate_wait_seconds, list_events, list_jobs
-from app.models import CamelModel, CancelRequest, ErrorCode, GenerationInput, JobStatus, JobView, RetrySpec
+from app.models import (
+    CLIENT_RETRYABLE_CODES,
+    CamelModel,
+    CancelRequest,
+    ErrorCode,
+    GenerationInput,
+    JobStatus,
+    JobView,
+    RetrySpec,
+)
 from app.template_store import get_template
 from app.templates import PromptError
 from workflows_temporal.generation import GenerationWorkflow
@@ -34,8 +43,31 @@ _MAX_TIMEOUT_SECONDS = 24 * 3600
 _CANCEL_WAIT_SECONDS = 10.0
 
 
+def _json_number(value: Any) -> Any:
+    # Pydantic would read "10" as 10 and true as 1: a timeout of `true` seconds is a client's mistake.
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+class RetryRequest(RetrySpec):
+    """The job's `retry`: like every other part of the request, unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=False)  # camelCase only, as documented
+
+    _numbers = field_validator("max_attempts", "backoff_seconds", mode="before")(_json_number)
+
+    @field_validator("retry_on")
+    @classmethod
+    def _retryable(cls, codes: list[ErrorCode]) -> list[ErrorCode]:
+        if refused := [code.value for code in codes if code not in CLIENT_RETRYABLE_CODES]:
+            allowed = ", ".join(code.value for code in CLIENT_RETRYABLE_CODES)
+            raise ValueError(f"{', '.join(refused)} cannot be retried; retryOn takes {allowed}")
+        return codes
+
+
 class CreateJobRequest(CamelModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_by_name=False)  # camelCase only, as documented
 
     workflow_id: str | None = Field(None, description="id of a registered workflow template")
     workflow_json: dict[str, Any] | None = Field(None, description="an inline ComfyUI graph in API format")
@@ -43,8 +75,10 @@ class CreateJobRequest(CamelModel):
     params: dict[str, Any] = Field(default_factory=dict, description="generation parameters; `inputs` win on a clash")
     callback_url: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict, description="echoed back with the job")
-    retry: RetrySpec = Field(default_factory=RetrySpec)
+    retry: RetryRequest = Field(default_factory=RetryRequest)
     timeout_seconds: float | None = Field(None, gt=0, le=_MAX_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")
+
+    _numbers = field_validator("timeout_seconds", mode="before")(_json_number)
 
     @model_validator(mode="after")
     def _one_workflow(self) -> "CreateJobRequest":
@@ -66,6 +100,8 @@ class JobList(CamelModel):
 
 
 class CancelJobBody(CamelModel):
+    model_config = ConfigDict(extra="forbid", validate_by_name=False)  # camelCase only, as documented
+
     reason: str = Field("", max_length=500)
 
 
@@ -134,7 +170,7 @@ async def create_job(
         workflow_json=inputs.workflow_json,
         inputs=inputs.values,
         metadata=body.metadata,
-        retry=body.retry,
+        retry=RetrySpec.model_validate(body.retry.model_dump()),
         timeout_seconds=body.timeout_seconds or settings.job_timeout_seconds,
         heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
         backend=backend.id,
