@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy.engine import Engine
 from temporalio import activity
@@ -134,7 +135,7 @@ class ComfyActivities:
                     scratch.unlink(missing_ok=True)
                 files.append(
                     OutputFile(
-                        filename=name, storage_path=key, url=f"/outputs/{request.job_id}/{name}",
+                        filename=name, storage_path=key, url=f"/outputs/{request.job_id}/{quote(name, safe='')}",
                         size=downloaded.size, sha256=downloaded.sha256, content_type=downloaded.content_type,
                         node_id=node_id, animated=entry["animated"],
                     )

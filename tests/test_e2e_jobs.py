@@ -63,6 +63,15 @@ async def test_template_job_by_workflow_id(gateway: Gateway) -> None:
     assert image.size == (96, 64)
 
 
+async def test_output_urls_are_links_even_for_odd_file_names(gateway: Gateway) -> None:
+    job = await gateway.run({"workflowId": "solid_color", "inputs": {"width": 8, "height": 8,
+                                                                     "filename_prefix": "a?b#c%d e"}})
+    [output] = job["outputs"]
+    assert output["filename"].startswith("a?b#c%d e")
+    downloaded = await gateway.api.get(output["url"])
+    assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "image/png"
+
+
 async def test_batch_outputs_every_image(gateway: Gateway) -> None:
     job = await gateway.run({"workflowJson": recorded_workflow("batch.json")})
     assert job["status"] == "succeeded"
