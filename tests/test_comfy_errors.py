@@ -58,3 +58,11 @@ def test_rejection_without_node_errors_keeps_comfyuis_message() -> None:
     error = classify_prompt_rejection(status, body)
     assert "NoSuchNode does not exist" in error.message
     assert error.details["comfyError"]["type"] == "invalid_prompt"
+
+
+def test_long_messages_are_shortened_to_stay_within_temporals_payload_limit() -> None:
+    # A node that fails on a 900 KB input quotes it; the whole of it would not fit in a Temporal failure.
+    error = classify_execution_error({"node_id": "9", "node_type": "SaveImage", "exception_type": "OSError",
+                                      "exception_message": "[Errno 36] File name too long: " + "x" * 900_000})
+    assert len(error.message) < 2100 and error.message.endswith("more characters)")
+    assert len(error.details["exceptionMessage"]) < 1100

@@ -185,3 +185,12 @@ async def test_websocket_only_images_leave_no_files_and_the_job_still_succeeds(g
     # SaveImageWebsocket sends its images only as binary WebSocket frames; ComfyUI's history has no outputs.
     job = await gateway.run({"workflowJson": recorded_workflow("ws_image.json")})
     assert job["status"] == "succeeded" and job["outputs"] == []
+
+
+async def test_a_failure_quoting_a_huge_input_still_fails_with_its_own_code(gateway: Gateway) -> None:
+    # ComfyUI quotes the 900 KB file name in its error; whole, it would not fit in a Temporal failure.
+    graph = recorded_workflow("image.json")
+    graph["2"]["inputs"]["filename_prefix"] = "x" * 900_000
+    job = await gateway.run({"workflowJson": graph})
+    assert job["status"] == "failed" and job["error"]["code"] == "COMFYUI_NODE_ERROR"
+    assert "File name too long" in job["error"]["message"] and len(job["error"]["message"]) < 2100

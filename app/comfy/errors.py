@@ -19,12 +19,19 @@ NON_RETRYABLE_CODES = frozenset(
 )
 
 
+# ComfyUI's messages can quote an input in full (a 900 KB string, a traceback); the failure must stay far
+# below Temporal's payload limit and readable in a job's error.
+MAX_MESSAGE_CHARS = 2000
+MAX_DETAIL_STRING_CHARS = 1000
+
+
 class ComfyError(Exception):
     def __init__(self, code: ErrorCode, message: str, details: dict[str, Any] | None = None) -> None:
+        message = _shortened(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.code = code
         self.message = message
-        self.details = details or {}
+        self.details = _shortened_strings(details or {})
 
     @property
     def retryable(self) -> bool:
@@ -99,3 +106,17 @@ def classify_prompt_rejection(status_code: int, body: Any) -> ComfyError:
         {"comfyError": {"type": error.get("type"), "message": error.get("message"), "details": error.get("details")},
          "nodeErrors": cleaned_node_errors},
     )
+
+
+def _shortened(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
+def _shortened_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return _shortened(value, MAX_DETAIL_STRING_CHARS)
+    if isinstance(value, dict):
+        return {key: _shortened_strings(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shortened_strings(item) for item in value]
+    return value
