@@ -1,6 +1,7 @@
 """Image inputs at submit time. Inline images (data URIs, base64) are checked and put in storage, named by
 content, and the job carries a reference instead of the bytes: bytes never travel through Temporal, whose
-payloads are limited to 2 MB. URLs are checked for their scheme here and fetched by the job itself."""
+payloads are limited to 2 MB. URLs are checked as far as can be told without fetching them (syntax, scheme,
+literal addresses); the job itself fetches them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from collections.abc import Callable
 
 import httpx
 
-from app.image_inputs import ImageInputError, classify_image_source, load_image_source, stored_input
+from app.image_inputs import (
+    ImageInputError,
+    check_image_url,
+    classify_image_source,
+    load_image_source,
+    stored_input,
+)
 from app.storage import OutputStorage
 from app.templates import FieldIssue, PromptError
 
@@ -23,6 +30,7 @@ async def store_inline_images(
     storage: OutputStorage,
     http: httpx.AsyncClient,
     max_bytes: int,
+    allow_private_urls: bool,
 ) -> dict[str, str]:
     """key → stored reference, for each source that is an inline image (URLs are left to the job). Every
     bad source is reported at once, named by `field_of(key)`."""
@@ -32,8 +40,10 @@ async def store_inline_images(
         field = field_of(key)
         kind = classify_image_source(source)
         if kind == "url":
-            if not source.lower().startswith(("http://", "https://")):
-                issues.append(FieldIssue(field, "only http and https URLs can be fetched"))
+            try:
+                check_image_url(source, field=field, allow_private=allow_private_urls)
+            except ImageInputError as error:
+                issues.append(FieldIssue(error.field, error.message))
             continue
         if kind not in ("data_uri", "base64"):  # stored references are the gateway's own, never a client's
             issues.append(FieldIssue(field, _NOT_AN_IMAGE))

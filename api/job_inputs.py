@@ -35,7 +35,7 @@ async def template_job_inputs(
     images = {name: values[name] for name in image_fields(schema) if values.get(name) is not None}
     values |= await store_inline_images(
         images, field_of=lambda name: f"inputs.{name}", storage=storage, http=http,
-        max_bytes=settings.input_image_max_bytes,
+        max_bytes=settings.input_image_max_bytes, allow_private_urls=settings.input_image_allow_private_urls,
     )
     render_prompt(template.workflow_json, values)  # every placeholder has its value
     return JobInputs(values=values, workflow_json=None)
@@ -56,6 +56,7 @@ async def graph_job_inputs(
         sources,
         field_of=lambda key: f"inputs.{fed_by[key]}" if key in fed_by else f"workflowJson.{_node_of(key)}.inputs.image",
         storage=storage, http=http, max_bytes=settings.input_image_max_bytes,
+        allow_private_urls=settings.input_image_allow_private_urls,
     )
     values = given | {fed_by[key]: reference for key, reference in stored.items() if key in fed_by}
     in_graph = {key: reference for key, reference in stored.items() if key not in fed_by}

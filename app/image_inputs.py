@@ -238,6 +238,20 @@ def _parse_http_url(value: str, field: str) -> httpx.URL:
     return url
 
 
+def check_image_url(value: str, *, field: str, allow_private: bool) -> None:
+    """What can be told of an image URL without fetching it: its syntax, scheme and host, and whether the
+    host is a literal address the gateway must not connect to. Names are resolved when the job fetches."""
+    url = _parse_http_url(value, field)
+    try:
+        address = ipaddress.ip_address(url.host.strip("[]"))
+    except ValueError:
+        return  # a host name
+    reason = None if allow_private else _refusal_reason(address)
+    if reason is not None:
+        raise ImageInputError(field, f"{address} is a {reason} address; only public addresses are fetched",
+                              VALIDATION_ERROR)
+
+
 async def _fetch_url(
     value: str, *, field: str, http: httpx.AsyncClient, max_bytes: int, allow_private: bool
 ) -> tuple[bytes, str | None]:

@@ -88,7 +88,12 @@ async def test_raw_graph_placeholder_images_are_checked_before_a_job_exists(gate
 
 
 async def test_private_addresses_are_refused_for_url_inputs(gateway: Gateway, image_host: str) -> None:
-    job = await gateway.run({"workflowId": "invert_image", "inputs": {"image": f"{image_host}/red.png"}})
+    # A literal address is refused at once; a name is resolved, and refused, when the job fetches it.
+    literal = await gateway.api.post("/jobs", json={"workflowId": "invert_image",
+                                                    "inputs": {"image": f"{image_host}/red.png"}})
+    assert literal.status_code == 400 and "loopback" in literal.json()["error"]["message"]
+    by_name = image_host.replace("127.0.0.1", "localhost")
+    job = await gateway.run({"workflowId": "invert_image", "inputs": {"image": f"{by_name}/red.png"}})
     assert job["status"] == "failed" and job["error"]["code"] == "VALIDATION_ERROR"
     assert "1.image" in job["error"]["message"] and "127.0.0.1" in job["error"]["message"]
 
@@ -98,6 +103,9 @@ async def test_private_addresses_are_refused_for_url_inputs(gateway: Gateway, im
     [
         ("photo.png", "must be an image"),
         ("ftp://example.com/a.png", "only http and https"),
+        ("http:///no-host.png", "with a host"),
+        ("http://[::1]/a.png", "loopback"),
+        ("http://10.1.2.3/a.png", "private"),
         ("data:image/png;base64," + base64.b64encode(b"<html>not a picture</html>").decode(), "is not"),
         ("stored-input://inputs/somebody-elses.png", "must be an image"),
     ],
