@@ -11,7 +11,7 @@ from app.comfy.errors import ComfyError
 from app.template_schema import InputSchema, parse_schema
 from app.templates import FieldIssue, PromptError, check_graph_shape, check_links, is_link, placeholders
 
-TEMPLATE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: "$" would let a trailing newline in
 
 
 @dataclass
@@ -28,7 +28,7 @@ def check_template(spec: TemplateSpec) -> InputSchema:
     """Refuse what cannot work: a bad id, a graph that is not an API-format prompt, a link to a missing node,
     a placeholder that neither the schema nor the defaults declare, or an invalid schema."""
     issues: list[FieldIssue] = []
-    if not TEMPLATE_ID.match(spec.template_id):
+    if not TEMPLATE_ID.fullmatch(spec.template_id):
         issues.append(FieldIssue("id", "letters, digits, '_', '-' and '.', starting with a letter or digit, at most 128"))
     schema: InputSchema | None = None
     for check in (lambda: check_graph_shape(spec.workflow_json), lambda: check_links(spec.workflow_json)):

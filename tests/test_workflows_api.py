@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 
+from app.template_store import BUNDLED_TEMPLATES_DIR
 from tests.harness import DONE, Gateway, free_port, recorded_workflow, wait_for_job
 
 TEMPLATE = recorded_workflow("image.template.json")
+BUNDLED = {path.stem for path in BUNDLED_TEMPLATES_DIR.glob("*.json")}
 SCHEMA = {"type": "object", "fields": {
     "width": {"type": "integer", "min": 8, "max": 4096, "default": 64},
     "height": {"type": "integer", "min": 8, "max": 4096, "default": 64},
@@ -52,12 +54,14 @@ async def test_register_read_list_and_json_schema(gateway: Gateway) -> None:
         ({"workflowJson": {"1": {"inputs": {}}}}, "workflowJson.1"),
         ({"inputSchema": {"fields": {"color": {"type": "colour"}}}}, "inputSchema.fields.color.type"),
         ({"name": ""}, "name"),
+        ({"id": "a\n"}, "id"),
     ],
 )
 async def test_registration_errors_name_the_field(gateway: Gateway, changes: dict, field: str) -> None:
     response = await gateway.api.post("/workflows", json=registration("bad_template", **changes))
     assert response.status_code == 400, response.text
     assert field in [item["field"] for item in response.json()["error"]["details"]["fields"]]
+    assert {w["id"] for w in (await gateway.api.get("/workflows")).json()["workflows"]} == BUNDLED  # nothing written
 
 
 async def test_unknown_node_types_are_a_warning_naming_the_nodes(gateway: Gateway) -> None:
