@@ -38,7 +38,7 @@ def check_template(spec: TemplateSpec) -> InputSchema:
             issues += error.issues
             break
     else:
-        declared = set(spec.input_schema.get("fields", {})) | spec.default_params.keys()
+        declared = _field_names(spec.input_schema) | spec.default_params.keys()
         issues += [
             FieldIssue(f"workflowJson: {{{{{name}}}}}", "placeholder is neither in inputSchema.fields nor in defaultParams")
             for name in sorted(placeholders(spec.workflow_json) - declared)
@@ -51,6 +51,13 @@ def check_template(spec: TemplateSpec) -> InputSchema:
         raise PromptError(issues)
     assert schema is not None
     return schema
+
+
+def _field_names(raw_schema: dict[str, Any]) -> set[str]:
+    """The names the schema declares, read before it is parsed so that the graph is checked even when the
+    schema has problems of its own (reported by parse_schema); a `fields` that is not an object declares none."""
+    fields = raw_schema.get("fields")
+    return set(fields) if isinstance(fields, dict) else set()
 
 
 @dataclass

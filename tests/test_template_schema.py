@@ -77,6 +77,9 @@ def test_batch_size_over_the_limit_is_refused() -> None:
         ({"fields": {"a": {"type": "integer", "min": 5, "max": 1}}}, "inputSchema.fields.a"),
         ({"fields": {"a": {"type": "integer", "default": "five"}}}, "inputSchema.fields.a"),
         ({"fields": {"a": {"type": "string", "colour": "red"}}}, "inputSchema.fields.a.colour"),
+        ({"fields": 5}, "inputSchema.fields"),
+        ({"fields": None}, "inputSchema.fields"),
+        ({"fields": [{"type": "string"}]}, "inputSchema.fields"),
     ],
 )
 def test_invalid_schemas_are_refused_naming_the_place(raw: dict, field: str) -> None:

@@ -55,6 +55,9 @@ async def test_register_read_list_and_json_schema(gateway: Gateway) -> None:
         ({"inputSchema": {"fields": {"color": {"type": "colour"}}}}, "inputSchema.fields.color.type"),
         ({"name": ""}, "name"),
         ({"id": "a\n"}, "id"),
+        ({"inputSchema": {"type": "object", "fields": 5}}, "inputSchema.fields"),
+        ({"inputSchema": {"type": "object", "fields": None}}, "inputSchema.fields"),
+        ({"inputSchema": {"type": "object", "fields": [SCHEMA["fields"]["width"]]}}, "inputSchema.fields"),
     ],
 )
 async def test_registration_errors_name_the_field(gateway: Gateway, changes: dict, field: str) -> None:
