@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import secrets
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, ValidationInfo
+from pydantic import field_validator, model_validator
 
 from app.image_inputs import classify_image_source
 from app.templates import FieldIssue, PromptError
@@ -34,17 +35,63 @@ class FieldType(str, Enum):
     enum = "enum"
 
 
+_NUMERIC_TYPES = (FieldType.number, FieldType.integer)
+_TEXT_TYPES = (FieldType.string, FieldType.image)
+# Schema values are taken as written: "1" is not a number, "yes" is not true.
+_StrictNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+def _refuse_unless_type(info: ValidationInfo, types: tuple[FieldType, ...], constraint: str) -> None:
+    """A constraint the field's type never checks would be silently ignored: refuse it. An invalid type is
+    reported on its own, so it is not reported again here."""
+    kind = info.data.get("type")
+    if kind is not None and kind not in types:
+        raise ValueError(f"{constraint}, not to {kind.value} fields")
+
+
 class InputField(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     type: FieldType
-    required: bool = False
+    required: StrictBool = False
     default: Any = None
-    min: float | None = None
-    max: float | None = None
-    max_length: int | None = Field(None, alias="maxLength", ge=0)
+    min: _StrictNumber | None = None
+    max: _StrictNumber | None = None
+    max_length: StrictInt | None = Field(None, alias="maxLength", ge=0)
     enum: list[Any] | None = None
-    description: str = ""
+    description: StrictStr = ""
+
+    @field_validator("default")
+    @classmethod
+    def _not_with_required(cls, default: Any, info: ValidationInfo) -> Any:
+        if default is not None and info.data.get("required"):
+            raise ValueError("a required field has no default: leave out one or the other")
+        return default
+
+    @field_validator("min", "max")
+    @classmethod
+    def _bound_of_a_number(cls, bound: float | None, info: ValidationInfo) -> float | None:
+        if bound is not None:
+            _refuse_unless_type(info, _NUMERIC_TYPES, f"{info.field_name} applies to number and integer fields")
+        return bound
+
+    @field_validator("max_length")
+    @classmethod
+    def _length_of_a_string(cls, length: int | None, info: ValidationInfo) -> int | None:
+        if length is not None:
+            _refuse_unless_type(info, _TEXT_TYPES, "maxLength applies to string and image fields")
+        return length
+
+    @field_validator("enum")
+    @classmethod
+    def _scalar_choices(cls, choices: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        if choices is None:
+            return None
+        _refuse_unless_type(info, (FieldType.enum, *_TEXT_TYPES), "enum applies to enum, string and image fields")
+        # A list or an object put in place of a "{{name}}" could become a link to another node.
+        if not all(isinstance(choice, (str, int, float)) for choice in choices):
+            raise ValueError("choices must be strings, numbers or booleans")
+        return choices
 
     @model_validator(mode="after")
     def _consistent(self) -> "InputField":
@@ -87,7 +134,7 @@ def _problem(field: InputField, value: Any) -> str | None:
     kind = field.type
     if kind is FieldType.boolean:
         return None if isinstance(value, bool) else "must be true or false"
-    if kind in (FieldType.number, FieldType.integer):
+    if kind in _NUMERIC_TYPES:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return "must be a number"
         if kind is FieldType.integer and not (isinstance(value, int) or float(value).is_integer()):

@@ -80,12 +80,32 @@ def test_batch_size_over_the_limit_is_refused() -> None:
         ({"fields": 5}, "inputSchema.fields"),
         ({"fields": None}, "inputSchema.fields"),
         ({"fields": [{"type": "string"}]}, "inputSchema.fields"),
+        ({"fields": {"a": {"type": "string", "required": True, "default": "x"}}}, "inputSchema.fields.a.default"),
+        ({"fields": {"a": {"type": "integer", "maxLength": 3}}}, "inputSchema.fields.a.maxLength"),
+        ({"fields": {"a": {"type": "string", "min": 1}}}, "inputSchema.fields.a.min"),
+        ({"fields": {"a": {"type": "boolean", "max": 1}}}, "inputSchema.fields.a.max"),
+        ({"fields": {"a": {"type": "integer", "enum": [1, 2]}}}, "inputSchema.fields.a.enum"),
+        ({"fields": {"a": {"type": "enum", "enum": [["2", 0]]}}}, "inputSchema.fields.a.enum"),
+        ({"fields": {"a": {"type": "integer", "min": "1"}}}, "inputSchema.fields.a.min"),
+        ({"fields": {"a": {"type": "integer", "min": True}}}, "inputSchema.fields.a.min"),
+        ({"fields": {"a": {"type": "number", "max": float("inf")}}}, "inputSchema.fields.a.max"),
+        ({"fields": {"a": {"type": "string", "maxLength": "5"}}}, "inputSchema.fields.a.maxLength"),
+        ({"fields": {"a": {"type": "string", "required": "yes"}}}, "inputSchema.fields.a.required"),
     ],
 )
 def test_invalid_schemas_are_refused_naming_the_place(raw: dict, field: str) -> None:
     with pytest.raises(PromptError) as raised:
         parse_schema(raw)
     assert field in fields_of(raised.value)
+
+
+def test_valid_constraints_for_each_type_still_parse() -> None:
+    parse_schema({"fields": {
+        "n": {"type": "number", "min": 0, "max": 1.5, "default": 1},
+        "s": {"type": "string", "maxLength": 8, "enum": ["a", "b"], "required": True},
+        "i": {"type": "image", "maxLength": 4096},
+        "e": {"type": "enum", "enum": [1, 2.5, "x", True], "default": 2.5},
+    }})
 
 
 def test_json_schema_export() -> None:

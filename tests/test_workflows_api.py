@@ -20,6 +20,12 @@ SCHEMA = {"type": "object", "fields": {
 }}
 
 
+def with_field(name: str, **settings: Any) -> dict[str, Any]:
+    """SCHEMA with one field's settings changed (or a field added)."""
+    fields = {**SCHEMA["fields"], name: {**SCHEMA["fields"].get(name, {"type": "integer"}), **settings}}
+    return {**SCHEMA, "fields": fields}
+
+
 def registration(template_id: str, **changes: Any) -> dict[str, Any]:
     body = {"id": template_id, "name": "Solid", "description": "test template", "workflowJson": TEMPLATE,
             "inputSchema": SCHEMA, "defaultParams": {"filename_prefix": f"{template_id}_v1"}}
@@ -58,6 +64,11 @@ async def test_register_read_list_and_json_schema(gateway: Gateway) -> None:
         ({"inputSchema": {"type": "object", "fields": 5}}, "inputSchema.fields"),
         ({"inputSchema": {"type": "object", "fields": None}}, "inputSchema.fields"),
         ({"inputSchema": {"type": "object", "fields": [SCHEMA["fields"]["width"]]}}, "inputSchema.fields"),
+        ({"inputSchema": with_field("color", required=True, default=1)}, "inputSchema.fields.color.default"),
+        ({"inputSchema": with_field("width", maxLength=4)}, "inputSchema.fields.width.maxLength"),
+        ({"inputSchema": with_field("label", type="string", min=1)}, "inputSchema.fields.label.min"),
+        ({"inputSchema": with_field("width", min="1")}, "inputSchema.fields.width.min"),
+        ({"inputSchema": with_field("color", required="yes")}, "inputSchema.fields.color.required"),
     ],
 )
 async def test_registration_errors_name_the_field(gateway: Gateway, changes: dict, field: str) -> None:
