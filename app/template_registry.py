@@ -8,7 +8,7 @@ from typing import Any
 
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
-from app.template_schema import InputSchema, parse_schema
+from app.template_schema import InputSchema, default_params_issues, parse_schema
 from app.templates import FieldIssue, PromptError, check_graph_shape, check_links, is_link, placeholders
 
 TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: "$" would let a trailing newline in
@@ -26,7 +26,8 @@ class TemplateSpec:
 
 def check_template(spec: TemplateSpec) -> InputSchema:
     """Refuse what cannot work: a bad id, a graph that is not an API-format prompt, a link to a missing node,
-    a placeholder that neither the schema nor the defaults declare, or an invalid schema."""
+    a placeholder that neither the schema nor the defaults declare, an invalid schema, or a default its field
+    would refuse."""
     issues: list[FieldIssue] = []
     if not TEMPLATE_ID.fullmatch(spec.template_id):
         issues.append(FieldIssue("id", "letters, digits, '_', '-' and '.', starting with a letter or digit, at most 128"))
@@ -45,6 +46,7 @@ def check_template(spec: TemplateSpec) -> InputSchema:
         ]
     try:
         schema = parse_schema(spec.input_schema)
+        issues += default_params_issues(schema, spec.default_params)
     except PromptError as error:
         issues += error.issues
     if issues:

@@ -192,6 +192,25 @@ def validate_inputs(
     return values
 
 
+def default_params_issues(schema: InputSchema, default_params: dict[str, Any]) -> list[FieldIssue]:
+    """defaultParams fill what a job leaves out, so a value its field refuses would fail every job relying on
+    it. One the schema does not declare is any JSON value but null: it gives its input a type."""
+    issues = []
+    for name, value in default_params.items():
+        spec = schema.fields.get(name)
+        if value is None:
+            problem: str | None = "null is not a value; leave it out"
+        elif spec is None:
+            continue
+        elif spec.required:
+            problem = f"inputSchema.fields.{name} is required, so it takes no default"
+        else:
+            problem = _problem(spec, value)
+        if problem:
+            issues.append(FieldIssue(f"defaultParams.{name}", problem))
+    return issues
+
+
 def _random_seed(spec: InputField | None) -> int:
     low = max(0, int(spec.min)) if spec is not None and spec.min is not None else 0
     high = int(spec.max) + 1 if spec is not None and spec.max is not None else _SEED_RANGE

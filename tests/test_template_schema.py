@@ -1,6 +1,6 @@
 import pytest
 
-from app.template_schema import parse_schema, to_json_schema, validate_inputs
+from app.template_schema import default_params_issues, parse_schema, to_json_schema, validate_inputs
 from app.templates import PromptError
 
 SCHEMA = parse_schema({
@@ -106,6 +106,24 @@ def test_valid_constraints_for_each_type_still_parse() -> None:
         "i": {"type": "image", "maxLength": 4096},
         "e": {"type": "enum", "enum": [1, 2.5, "x", True], "default": 2.5},
     }})
+
+
+@pytest.mark.parametrize(
+    ("default_params", "field", "message"),
+    [
+        ({"steps": 999999}, "defaultParams.steps", "must be at most 100"),
+        ({"steps": "abc"}, "defaultParams.steps", "must be a number"),
+        ({"sampler": "ddim"}, "defaultParams.sampler", "must be one of ['euler', 'dpmpp_2m']"),
+        ({"prompt": "a cat"}, "defaultParams.prompt", "inputSchema.fields.prompt is required, so it takes no default"),
+        ({"filename_prefix": None}, "defaultParams.filename_prefix", "null is not a value; leave it out"),
+    ],
+)
+def test_default_params_must_fit_their_fields(default_params: dict, field: str, message: str) -> None:
+    assert {issue.field: issue.message for issue in default_params_issues(SCHEMA, default_params)} == {field: message}
+
+
+def test_default_params_that_fit_or_that_the_schema_does_not_declare_pass() -> None:
+    assert default_params_issues(SCHEMA, {"steps": 30, "cfg": 7.5, "filename_prefix": "x", "extra": ["a", 1]}) == []
 
 
 def test_json_schema_export() -> None:

@@ -69,6 +69,8 @@ async def test_register_read_list_and_json_schema(gateway: Gateway) -> None:
         ({"inputSchema": with_field("label", type="string", min=1)}, "inputSchema.fields.label.min"),
         ({"inputSchema": with_field("width", min="1")}, "inputSchema.fields.width.min"),
         ({"inputSchema": with_field("color", required="yes")}, "inputSchema.fields.color.required"),
+        ({"defaultParams": {"filename_prefix": "x", "width": 999999}}, "defaultParams.width"),
+        ({"defaultParams": {"filename_prefix": "x", "width": "abc"}}, "defaultParams.width"),
     ],
 )
 async def test_registration_errors_name_the_field(gateway: Gateway, changes: dict, field: str) -> None:
