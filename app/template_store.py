@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,18 @@ def updated_spec(current: TemplateRow, changes: dict[str, Any]) -> TemplateSpec:
 
 
 def update_template(session: Session, current: TemplateRow, changes: dict[str, Any]) -> TemplateRow:
-    """A new version with `changes` applied; the old version is kept for the jobs that named it."""
+    """A new version with `changes` applied; the old version is kept for the jobs that named it. Changes that
+    change nothing write no version: the current one is returned."""
     spec = updated_spec(current, changes)
     check_template(spec)
+    if _as_json(spec) == _as_json(updated_spec(current, {})):
+        return current
     return _insert(session, spec, _next_version(session, current.template_id))
+
+
+def _as_json(spec: TemplateSpec) -> str:
+    # Compared as JSON text, not as Python values, where 1 == 1.0 == true would hide a change of type.
+    return json.dumps(asdict(spec), sort_keys=True)
 
 
 def delete_template(session: Session, template_id: str) -> bool:

@@ -157,3 +157,40 @@ async def test_a_malformed_graph_in_an_update_is_400(gateway: Gateway) -> None:
     response = await gateway.api.put("/workflows/to_break", json={"workflowJson": {"1": {"inputs": {}}}})
     assert response.status_code == 400 and response.json()["error"]["details"]["fields"][0]["field"] == "workflowJson.1"
     assert (await gateway.api.get("/workflows/to_break")).json()["workflow"]["version"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": None}, "name"),
+        ({"description": None}, "description"),
+        ({"workflowJson": None}, "workflowJson"),
+        ({"inputSchema": None}, "inputSchema"),
+        ({"defaultParams": None}, "defaultParams"),
+        ({"inputSchema": {"type": "object", "fields": 5}}, "inputSchema.fields"),
+        ({"inputSchema": with_field("width", max=32)}, "inputSchema.fields.width"),  # its default, 64, no longer fits
+        ({"defaultParams": {"filename_prefix": "x", "width": 999999}}, "defaultParams.width"),
+    ],
+)
+async def test_a_refused_update_names_the_field_and_writes_no_version(gateway: Gateway, body: dict, field: str) -> None:
+    await register(gateway, registration("kept"))
+    response = await gateway.api.put("/workflows/kept", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "VALIDATION_ERROR"
+    assert field in [item["field"] for item in response.json()["error"]["details"]["fields"]]
+    assert (await gateway.api.get("/workflows/kept")).json()["workflow"]["version"] == 1
+    changed = await gateway.api.put("/workflows/kept", json={"description": "changed"})
+    assert changed.json()["workflow"]["version"] == 2  # the refused update took no version number
+
+
+async def test_an_update_that_changes_nothing_writes_no_version(gateway: Gateway) -> None:
+    await register(gateway, registration("steady"))
+    current = (await gateway.api.get("/workflows/steady")).json()["workflow"]
+    same = {"name": "Solid", "inputSchema": SCHEMA, "defaultParams": {"filename_prefix": "steady_v1"}}
+    for body in ({}, same, {"workflowJson": TEMPLATE, "description": "test template"}):
+        response = await gateway.api.put("/workflows/steady", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["workflow"] == current
+    # 64 and 64.0 are equal in Python, not in the JSON a client reads back: that is a change.
+    floated = await gateway.api.put("/workflows/steady", json={"inputSchema": with_field("width", default=64.0)})
+    assert floated.json()["workflow"]["version"] == 2

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError, prompt_error
@@ -69,6 +69,14 @@ class UpdateWorkflowRequest(CamelModel):
     workflow_json: dict[str, Any] | None = None
     input_schema: dict[str, Any] | None = None
     default_params: dict[str, Any] | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        # None stands for "left out, keep the current value"; an explicit null is not a value to store.
+        if value is None:
+            raise ValueError("null is not a value; leave the field out to keep the current one")
+        return value
 
 
 def _workflow(row: TemplateRow) -> Workflow:
@@ -138,6 +146,9 @@ def read_workflow(template_id: str, session: SessionDep) -> WorkflowResponse:
 async def change_workflow(
     template_id: str, body: UpdateWorkflowRequest, request: Request, session: SessionDep, settings: SettingsDep
 ) -> WorkflowResponse:
+    """A partial update: the fields given replace the current ones in a new version, checked as a registration
+    is. A body that changes nothing (`{}`, or the current values) writes no version: the answer is the
+    current one."""
     current = get_template(session, template_id)
     if current is None:
         raise _not_found(template_id)
