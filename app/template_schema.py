@@ -9,6 +9,7 @@ Schema so generic tools can build forms.
 
 from __future__ import annotations
 
+import math
 import secrets
 from enum import Enum
 from typing import Annotated, Any
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from pydantic import field_validator, model_validator
 
 from app.image_inputs import classify_image_source
-from app.templates import FieldIssue, PromptError
+from app.templates import FieldIssue, PromptError, is_link
 
 SEED_FIELD = "seed"
 # Seeds ComfyUI samplers accept; kept within JSON's exact integers.
@@ -137,6 +138,8 @@ def _problem(field: InputField, value: Any) -> str | None:
     if kind in _NUMERIC_TYPES:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return "must be a number"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
         if kind is FieldType.integer and not (isinstance(value, int) or float(value).is_integer()):
             return "must be a whole number"
         if field.min is not None and value < field.min:
@@ -145,16 +148,21 @@ def _problem(field: InputField, value: Any) -> str | None:
             return f"must be at most {field.max:g}"
         return None
     if kind is FieldType.enum:
-        return None if value in (field.enum or []) else f"must be one of {field.enum}"
+        return None if _is_choice(value, field.enum or []) else f"must be one of {field.enum}"
     if not isinstance(value, str):
         return "must be a string"
     if kind is FieldType.image and classify_image_source(value) not in ("url", "data_uri", "base64"):
         return "must be an image: an http(s) URL, a data URI or base64"
     if field.max_length is not None and len(value) > field.max_length:
         return f"must be at most {field.max_length} characters"
-    if field.enum and value not in field.enum:
+    if field.enum and not _is_choice(value, field.enum):
         return f"must be one of {field.enum}"
     return None
+
+
+def _is_choice(value: Any, choices: list[Any]) -> bool:
+    """`value in choices`, except that true and false are not 1 and 0: a boolean matches only a boolean."""
+    return any(value == choice and isinstance(value, bool) == isinstance(choice, bool) for choice in choices)
 
 
 def validate_inputs(
@@ -167,16 +175,15 @@ def validate_inputs(
 ) -> dict[str, Any]:
     """The template's values for a job: defaults filled in, every field checked, a random seed drawn when
     the template has one and the client gave none (or -1), so the stored inputs reproduce the result."""
-    issues: list[FieldIssue] = []
+    issues = _given_issues(schema, default_params, inputs)
     known = schema.fields.keys() | default_params.keys()
-    issues += [FieldIssue(f"inputs.{name}", "not an input of this workflow") for name in sorted(inputs.keys() - known)]
     values = {**default_params, **{name: spec.default for name, spec in schema.fields.items() if spec.default is not None}}
-    values.update({name: value for name, value in inputs.items() if name in known})
+    values.update({name: value for name, value in inputs.items() if name in known and value is not None})
     if SEED_FIELD in known and values.get(SEED_FIELD) in (None, -1):
         values[SEED_FIELD] = _random_seed(schema.fields.get(SEED_FIELD))
     for name, spec in schema.fields.items():
         if values.get(name) is None:
-            if spec.required:
+            if spec.required and name not in inputs:  # one given as null is reported already
                 issues.append(FieldIssue(f"inputs.{name}", "is required"))
             continue
         problem = _problem(spec, values[name])
@@ -190,6 +197,43 @@ def validate_inputs(
     if issues:
         raise PromptError(issues)
     return values
+
+
+def _given_issues(schema: InputSchema, default_params: dict[str, Any], inputs: dict[str, Any]) -> list[FieldIssue]:
+    """What is wrong with the inputs as the client gave them. Those the schema declares are checked later,
+    with the defaults filled in."""
+    issues = []
+    for name, value in sorted(inputs.items()):
+        if name not in schema.fields and name not in default_params:
+            problem: str | None = "not an input of this workflow"
+        elif value is None:
+            problem = "null is not a value; leave the field out to use its default"
+        elif name not in schema.fields:
+            problem = _problem_against_default(default_params[name], value)
+        else:
+            continue
+        if problem:
+            issues.append(FieldIssue(f"inputs.{name}", problem))
+    return issues
+
+
+# An input that only defaultParams declares takes the JSON type of its default.
+_TYPE_OF_DEFAULT = {bool: FieldType.boolean, int: FieldType.integer, float: FieldType.number, str: FieldType.string}
+
+
+def _problem_against_default(default: Any, value: Any) -> str | None:
+    """Why `value` does not fit an input that only defaultParams declares. In place of a "{{name}}", a list
+    or an object could become a link to another node: one is taken only where the default is one too, and a
+    list never in the shape of a link."""
+    if isinstance(default, (list, dict)):
+        if type(value) is not type(default):
+            return f"must be {'a list' if isinstance(default, list) else 'an object'}, like its default"
+        return "must not be a link to a node output, [node id, output]" if is_link(value) else None
+    kind = _TYPE_OF_DEFAULT.get(type(default))
+    if kind is not None:
+        return _problem(InputField(type=kind), value)
+    # A null default, registered before defaults were checked, gives no type; still no list or object.
+    return "must not be a list or an object" if isinstance(value, (list, dict)) else None
 
 
 def default_params_issues(schema: InputSchema, default_params: dict[str, Any]) -> list[FieldIssue]:

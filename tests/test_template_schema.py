@@ -126,6 +126,63 @@ def test_default_params_that_fit_or_that_the_schema_does_not_declare_pass() -> N
     assert default_params_issues(SCHEMA, {"steps": 30, "cfg": 7.5, "filename_prefix": "x", "extra": ["a", 1]}) == []
 
 
+@pytest.mark.parametrize("name", ["prompt", "steps", "seed", "filename_prefix"])
+def test_null_is_not_an_input_value(name: str) -> None:
+    with pytest.raises(PromptError) as raised:
+        check({"prompt": "a cat", name: None})
+    assert fields_of(raised.value) == {f"inputs.{name}": "null is not a value; leave the field out to use its default"}
+
+
+@pytest.mark.parametrize(("choices", "value"), [([1, 2], True), ([0, 1], False), ([True, False], 1), ([True, False], 0.0)])
+def test_booleans_and_numbers_never_match_each_others_choices(choices: list, value: object) -> None:
+    schema = parse_schema({"fields": {"a": {"type": "enum", "enum": choices}}})
+    with pytest.raises(PromptError) as raised:
+        validate_inputs(schema, {}, {"a": value}, max_image_size=2048, max_batch_size=4)
+    assert fields_of(raised.value) == {"inputs.a": f"must be one of {choices}"}
+
+
+@pytest.mark.parametrize(("choices", "value"), [([True, False], False), ([1, 2], 1), ([1, 2], 2.0), (["a", 1], "a")])
+def test_enum_values_among_the_choices_are_taken(choices: list, value: object) -> None:
+    schema = parse_schema({"fields": {"a": {"type": "enum", "enum": choices}}})
+    assert validate_inputs(schema, {}, {"a": value}, max_image_size=2048, max_batch_size=4) == {"a": value}
+
+
+@pytest.mark.parametrize(
+    ("default", "value", "message"),
+    [
+        ("x", ["2", 0], "must be a string"),
+        ("x", {"a": 1}, "must be a string"),
+        ("x", 5, "must be a string"),
+        (8, True, "must be a number"),
+        (8, 2.5, "must be a whole number"),
+        (8, "8", "must be a number"),
+        (0.5, False, "must be a number"),
+        (True, 1, "must be true or false"),
+        (["a"], "a", "must be a list, like its default"),
+        (["a"], {"a": 1}, "must be a list, like its default"),
+        (["a"], ["2", 0], "must not be a link to a node output, [node id, output]"),
+        ({"a": 1}, ["a"], "must be an object, like its default"),
+        (None, ["2", 0], "must not be a list or an object"),
+    ],
+)
+def test_inputs_only_in_default_params_take_the_type_of_their_default(default: object, value: object, message: str) -> None:
+    with pytest.raises(PromptError) as raised:
+        validate_inputs(parse_schema({}), {"extra": default}, {"extra": value}, max_image_size=2048, max_batch_size=4)
+    assert fields_of(raised.value) == {"inputs.extra": message}
+
+
+@pytest.mark.parametrize(("default", "value"), [("x", "y"), (8, 9), (0.5, 2), (True, False), (["a"], ["b", "c"]), ({}, {"k": 1})])
+def test_inputs_of_their_defaults_type_are_taken(default: object, value: object) -> None:
+    values = validate_inputs(parse_schema({}), {"extra": default}, {"extra": value}, max_image_size=2048, max_batch_size=4)
+    assert values == {"extra": value}
+
+
+def test_numbers_must_be_finite() -> None:
+    with pytest.raises(PromptError) as raised:
+        check({"prompt": "p", "cfg": float("nan"), "steps": float("inf")})
+    assert fields_of(raised.value) == {"inputs.cfg": "must be a finite number", "inputs.steps": "must be a finite number"}
+
+
 def test_json_schema_export() -> None:
     exported = to_json_schema(SCHEMA, {"filename_prefix": "x"})
     assert exported["type"] == "object" and exported["required"] == ["prompt"]

@@ -194,3 +194,15 @@ async def test_an_update_that_changes_nothing_writes_no_version(gateway: Gateway
     # 64 and 64.0 are equal in Python, not in the JSON a client reads back: that is a change.
     floated = await gateway.api.put("/workflows/steady", json={"inputSchema": with_field("width", default=64.0)})
     assert floated.json()["workflow"]["version"] == 2
+
+
+async def test_template_job_inputs_are_refused_before_a_job_exists(gateway: Gateway) -> None:
+    for inputs, field in [({"width": None}, "inputs.width"), ({"filename_prefix": ["2", 0]}, "inputs.filename_prefix"),
+                          ({"filename_prefix": {"a": 1}}, "inputs.filename_prefix")]:
+        response = await gateway.api.post("/jobs", json={"workflowId": "animated_noise_webp", "inputs": inputs})
+        assert response.status_code == 400, response.text
+        assert [item["field"] for item in response.json()["error"]["details"]["fields"]] == [field]
+    null = await gateway.api.post("/jobs", json={"workflowId": "solid_color", "inputs": {"width": None}})
+    [issue] = null.json()["error"]["details"]["fields"]
+    assert issue == {"field": "inputs.width", "message": "null is not a value; leave the field out to use its default"}
+    assert (await gateway.api.get("/jobs")).json()["count"] == 0
