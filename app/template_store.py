@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from sqlalchemy.engine import Engine
@@ -22,6 +23,15 @@ BUNDLED_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 class TemplateExists(Exception):
     pass
+
+
+class TemplateVersionTaken(Exception):
+    """Another write created this version of the template first."""
+
+    def __init__(self, template_id: str, version: int) -> None:
+        super().__init__(f"version {version} of {template_id} was written by another request")
+        self.template_id = template_id
+        self.version = version
 
 
 def get_template(session: Session, template_id: str, version: int | None = None) -> TemplateRow | None:
@@ -65,7 +75,12 @@ def _insert(session: Session, spec: TemplateSpec, version: int) -> TemplateRow:
         created_at=datetime.now(timezone.utc),
     )
     session.add(row)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError as error:
+        # Two writers computed the same next version at once; the version that landed first stands.
+        session.rollback()
+        raise TemplateVersionTaken(spec.template_id, version) from error
     return row
 
 
@@ -74,7 +89,10 @@ def create_template(session: Session, spec: TemplateSpec) -> TemplateRow:
     check_template(spec)
     if get_template(session, spec.template_id) is not None:
         raise TemplateExists(spec.template_id)
-    return _insert(session, spec, _next_version(session, spec.template_id))
+    try:
+        return _insert(session, spec, _next_version(session, spec.template_id))
+    except TemplateVersionTaken as error:
+        raise TemplateExists(spec.template_id) from error  # registered by someone else a moment ago
 
 
 def updated_spec(current: TemplateRow, changes: dict[str, Any]) -> TemplateSpec:

@@ -10,10 +10,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from app.db import create_tables, make_engine
 from app.devserver import LOW_LATENCY_DYNAMIC_CONFIG, temporal_cli
 from app.temporal_client import register_search_attributes
 from tests.harness import ComfyUITarget, ExternalComfyUI, Gateway, SimulatorProcess, api_client, gateway_settings
@@ -78,3 +81,28 @@ async def gateway(
     settings = gateway_settings(temporal_client, comfyui.url, tmp_path, task_queue, **overrides)
     async with running_worker(temporal_client, settings), api_client(settings, temporal_client) as api:
         yield Gateway(api, settings, comfyui)
+
+
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
+        create_tables(engine)
+        yield engine
+        engine.dispose()
+        return
+    # A schema of its own per test keeps runs independent on the shared database.
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.execute(text(f"CREATE SCHEMA {schema}"))
+    engine = make_engine(POSTGRES_URL).execution_options(schema_translate_map={None: schema})
+    create_tables(engine)
+    yield engine
+    engine.dispose()
+    with admin.begin() as connection:
+        connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()

@@ -2,45 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from app.db import create_tables, make_engine
 from app.jobstore import JobFilter, estimate_wait_seconds, get_job, job_view, list_events, list_jobs, record_job
 from app.models import ErrorCode, JobError, JobEventInput, JobStatus, JobTiming, JobView, OutputFile, RecordJobInput
-
-POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
-        create_tables(engine)
-        yield engine
-        engine.dispose()
-        return
-    # A schema of its own per test keeps runs independent on the shared database.
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(text(f"CREATE SCHEMA {schema}"))
-    engine = make_engine(POSTGRES_URL).execution_options(schema_translate_map={None: schema})
-    create_tables(engine)
-    yield engine
-    engine.dispose()
-    with admin.begin() as connection:
-        connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
-
 
 def view(job_id: str, status: JobStatus, created: datetime, **changes: object) -> JobView:
     fields: dict[str, object] = {"timing": JobTiming(created_at=created), **changes}

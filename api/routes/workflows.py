@@ -20,7 +20,7 @@ from app.tables import TemplateRow
 from app.template_registry import TemplateSpec, check_node_types, check_template
 from app.template_schema import parse_schema, to_json_schema
 from app.template_store import TemplateExists, create_template, delete_template, get_template, list_latest_templates
-from app.template_store import update_template, updated_spec
+from app.template_store import TemplateVersionTaken, update_template, updated_spec
 from app.templates import PromptError
 
 router = APIRouter(prefix="/workflows", tags=["workflows"])
@@ -160,6 +160,10 @@ async def change_workflow(
         row = update_template(session, current, changes)
     except PromptError as error:
         raise prompt_error(error) from error
+    except TemplateVersionTaken as error:
+        raise ApiError(409, ErrorCode.WORKFLOW_CONFLICT,
+                       f"another update of {template_id} landed at the same moment; read it and try again",
+                       {"workflowId": template_id, "version": error.version}) from error
     return WorkflowResponse(workflow=_workflow(row), warnings=warnings)
 
 
