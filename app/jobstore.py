@@ -9,15 +9,9 @@ from sqlalchemy import func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
+from app.db import as_utc
 from app.models import JobError, JobEventInput, JobStatus, JobTiming, JobView, OutputFile, RecordJobInput
 from app.tables import JobEventRow, JobRow
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything the gateway stores is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
 
 
 def record_job(session: Session, record: RecordJobInput) -> None:

@@ -45,6 +45,7 @@ async def test_register_read_list_and_json_schema(gateway: Gateway) -> None:
     assert {"id": "solid_test", "name": "Solid", "description": "test template", "version": 1} in listed
     read = (await gateway.api.get("/workflows/solid_test")).json()["workflow"]
     assert read["inputSchema"] == SCHEMA and read["defaultParams"] == {"filename_prefix": "solid_test_v1"}
+    assert read["createdAt"] == created["workflow"]["createdAt"]  # UTC both ways, though SQLite drops the zone
     assert read["jsonSchema"]["required"] == ["color"]
     assert read["jsonSchema"]["properties"]["width"] == {"type": "integer", "minimum": 8, "maximum": 4096, "default": 64}
     duplicate = await gateway.api.post("/workflows", json=registration("solid_test"))

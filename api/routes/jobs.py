@@ -18,7 +18,8 @@ from api.errors import ApiError, prompt_error, validation_error
 from api.job_inputs import graph_job_inputs, template_job_inputs
 from api.job_lookup import find_job
 from app.comfy.backends import backend_task_queue, configured_backends
-from app.jobstore import JobFilter, as_utc, estimate_wait_seconds, list_events, list_jobs
+from app.db import as_utc
+from app.jobstore import JobFilter, estimate_wait_seconds, list_events, list_jobs
 from app.models import (
     CLIENT_RETRYABLE_CODES,
     CamelModel,

@@ -15,6 +15,7 @@ from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError, prompt_error
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
+from app.db import as_utc
 from app.models import CamelModel, ErrorCode
 from app.tables import TemplateRow
 from app.template_registry import TemplateSpec, check_node_types, check_template
@@ -89,7 +90,7 @@ def _workflow(row: TemplateRow) -> Workflow:
         input_schema=row.input_schema,
         json_schema=to_json_schema(parse_schema(row.input_schema), row.default_params),
         default_params=row.default_params,
-        created_at=row.created_at,
+        created_at=as_utc(row.created_at),
     )
 
 
