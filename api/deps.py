@@ -1,4 +1,5 @@
-"""FastAPI dependencies: settings, database session, Temporal client, output storage."""
+"""FastAPI dependencies: settings, database (a session for sync routes, `Database` for async ones), Temporal
+client, output storage."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from fastapi import Depends, Request
 from sqlmodel import Session
 from temporalio.client import Client
 
+from api.database import Database
 from api.errors import ApiError
 from api.job_lookup import LiveViews
 from app.models import ErrorCode
@@ -20,7 +22,12 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def get_database(request: Request) -> Database:
+    return Database(request.app.state.engine)
+
+
 def get_session(request: Request) -> Iterator[Session]:
+    """For sync routes, which FastAPI already runs on worker threads."""
     with Session(request.app.state.engine, expire_on_commit=False) as session:
         yield session
 
@@ -42,6 +49,7 @@ def get_live_views(request: Request) -> LiveViews:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
+DatabaseDep = Annotated[Database, Depends(get_database)]
 TemporalClientDep = Annotated[Client, Depends(get_temporal)]
 StorageDep = Annotated[OutputStorage, Depends(get_storage)]
 LiveViewsDep = Annotated[LiveViews, Depends(get_live_views)]

@@ -12,13 +12,13 @@ import uuid
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 
-from sqlmodel import Session
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.database import Database
 from api.errors import ApiError
-from app.jobstore import close_abandoned_job, get_job, job_view
+from app.jobstore import close_abandoned_job, get_job_view
 from app.models import ErrorCode, JobError, JobEventInput, JobStatus, JobView, PromptProgress
 from workflows_temporal.generation import GenerationWorkflow
 
@@ -58,23 +58,21 @@ def _is_job_id(job_id: str) -> bool:
     return True
 
 
-async def find_job(
-    job_id: str, session: Session, temporal: Client, live_views: LiveViews | None = None
-) -> JobView:
+async def find_job(job_id: str, db: Database, temporal: Client, live_views: LiveViews | None = None) -> JobView:
     """The job's current view; with `live_views`, a live job's view may be up to LIVE_VIEW_SECONDS old."""
     if not _is_job_id(job_id):
         raise job_not_found(job_id)
-    row = get_job(session, job_id)
-    if row is not None and JobStatus(row.status).is_terminal:
-        return job_view(row)  # checked first, so a finished job never shows as live from the cache
+    recorded = await db.run(get_job_view, job_id)
+    if recorded is not None and recorded.status.is_terminal:
+        return recorded  # checked first, so a finished job never shows as live from the cache
     if live_views is not None and (cached := live_views.get(job_id)) is not None:
         return cached
     handle = temporal.get_workflow_handle(job_id)
     try:
         view = await handle.query(GenerationWorkflow.status)
     except RPCError as error:
-        if row is not None:
-            return job_view(row)  # the projection, when the workflow cannot answer right now
+        if recorded is not None:
+            return recorded  # the projection, when the workflow cannot answer right now
         if error.status is RPCStatusCode.NOT_FOUND:
             raise job_not_found(job_id) from error
         raise ApiError(503, ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal could not answer for this job") from error
@@ -83,7 +81,7 @@ async def find_job(
     description = await handle.describe()
     if description.status is not WorkflowExecutionStatus.RUNNING:
         view = await _ended_in_temporal(handle, view, description)
-        close_abandoned_job(session, view, JobEventInput(
+        await db.run(close_abandoned_job, view, JobEventInput(
             key="api:ended-in-temporal", at=view.timing.completed_at, kind="status", message=view.error.message,
             data={"status": view.status.value, "error": view.error.model_dump(mode="json")},
         ))

@@ -49,8 +49,8 @@ async def require_plain_json(request: Request) -> None:
         return
     try:
         body = await request.json()
-    except ValueError:
-        return  # not JSON at all: the route's own validation says so
+    except (ValueError, RecursionError):
+        return  # not JSON, or past the parser's nesting limit: the route's own validation says so, if it has a body
     if (impurity := first_impurity(body)) is not None:
         path, reason = impurity
         raise validation_error([{"field": path or "body", "message": reason}])

@@ -72,6 +72,11 @@ def _insert_events(session: Session, job_id: str, events: list[JobEventInput]) -
     session.execute(statement)
 
 
+def get_job_view(session: Session, job_id: str) -> JobView | None:
+    row = get_job(session, job_id)
+    return job_view(row) if row is not None else None
+
+
 def job_view(row: JobRow) -> JobView:
     return JobView(
         job_id=row.job_id,

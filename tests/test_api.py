@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -229,3 +230,16 @@ async def test_a_body_streamed_past_the_limit_is_refused() -> None:
         assert small.status_code == 200
         response = await client.post("/echo", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413 and error_of(response)["code"] == "REQUEST_TOO_LARGE"
+
+
+async def test_parallel_submits_never_wait_on_the_database_on_the_event_loop(gateway: Gateway) -> None:
+    # More submits at once than the connection pool holds (5 + 10): they once froze the whole API.
+    body = {"workflowId": "solid_color", "inputs": {"width": 8, "height": 8}}
+    responses = await asyncio.gather(*(gateway.api.post("/jobs", json=body) for _ in range(40)))
+    assert [response.status_code for response in responses] == [202] * 40
+
+
+async def test_a_body_sent_to_a_route_that_takes_none_is_ignored(gateway: Gateway) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    response = await gateway.api.request("GET", "/jobs", content=deep, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text

@@ -10,10 +10,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
 from pydantic import ConfigDict, Field, field_validator, model_validator
+from sqlmodel import Session
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError
 
-from api.deps import LiveViewsDep, SessionDep, SettingsDep, StorageDep, TemporalClientDep
+from api.deps import DatabaseDep, LiveViewsDep, SessionDep, SettingsDep, StorageDep, TemporalClientDep
 from api.errors import ApiError, prompt_error, validation_error
 from api.job_inputs import graph_job_inputs, template_job_inputs
 from api.job_lookup import find_job
@@ -132,7 +133,7 @@ def _json_size(value: Any) -> int:
 async def create_job(
     body: CreateJobRequest,
     request: Request,
-    session: SessionDep,
+    db: DatabaseDep,
     settings: SettingsDep,
     temporal: TemporalClientDep,
     storage: StorageDep,
@@ -148,7 +149,7 @@ async def create_job(
     given = {**body.params, **body.inputs}
     template = None
     if body.workflow_id is not None:
-        template = get_template(session, body.workflow_id)
+        template = await db.run(get_template, body.workflow_id)
         if template is None:
             raise ApiError(404, ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {body.workflow_id}",
                            {"workflowId": body.workflow_id})
@@ -192,7 +193,7 @@ async def create_job(
         )
     except RPCError as error:
         raise ApiError(503, ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal refused the job; nothing was created") from error
-    eta = estimate_wait_seconds(session, body.workflow_id, settings.max_concurrency)
+    eta = await db.run(estimate_wait_seconds, body.workflow_id, settings.max_concurrency)
     return CreateJobResponse(job_id=job_id, status=JobStatus.queued, eta_seconds=eta, poll_url=f"/jobs/{job_id}")
 
 
@@ -214,30 +215,30 @@ def get_jobs(
 
 
 @router.get("/{job_id}", response_model=JobView)
-async def get_job(job_id: str, session: SessionDep, temporal: TemporalClientDep, live_views: LiveViewsDep) -> JobView:
-    return await find_job(job_id, session, temporal, live_views)
+async def get_job(job_id: str, db: DatabaseDep, temporal: TemporalClientDep, live_views: LiveViewsDep) -> JobView:
+    return await find_job(job_id, db, temporal, live_views)
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
 async def cancel_job(
     job_id: str,
-    session: SessionDep,
+    db: DatabaseDep,
     temporal: TemporalClientDep,
     body: Annotated[CancelJobBody | None, Body()] = None,
 ) -> CancelJobResponse:
-    view = await find_job(job_id, session, temporal)
+    view = await find_job(job_id, db, temporal)
     if view.status.is_terminal:
         raise _already_finished(view)
     handle = temporal.get_workflow_handle(job_id)
     try:
         await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=body.reason if body else "", actor="api"))
     except RPCError:
-        view = await find_job(job_id, session, temporal)
+        view = await find_job(job_id, db, temporal)
         raise _already_finished(view)
     deadline = asyncio.get_running_loop().time() + _CANCEL_WAIT_SECONDS
     while not view.status.is_terminal and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
-        view = await find_job(job_id, session, temporal)
+        view = await find_job(job_id, db, temporal)
     if view.status is JobStatus.cancelled:
         message = "job cancelled"
     elif view.status.is_terminal:
@@ -255,9 +256,11 @@ def _already_finished(view: JobView) -> ApiError:
 
 
 @router.get("/{job_id}/logs", response_model=JobLogs)
-async def get_job_logs(job_id: str, session: SessionDep, temporal: TemporalClientDep, live_views: LiveViewsDep) -> JobLogs:
-    await find_job(job_id, session, temporal, live_views)
-    events = [
-        JobEvent(at=as_utc(row.at), kind=row.kind, message=row.message, data=row.data) for row in list_events(session, job_id)
-    ]
-    return JobLogs(job_id=job_id, events=events)
+async def get_job_logs(job_id: str, db: DatabaseDep, temporal: TemporalClientDep, live_views: LiveViewsDep) -> JobLogs:
+    await find_job(job_id, db, temporal, live_views)
+    return JobLogs(job_id=job_id, events=await db.run(_job_events, job_id))
+
+
+def _job_events(session: Session, job_id: str) -> list[JobEvent]:
+    return [JobEvent(at=as_utc(row.at), kind=row.kind, message=row.message, data=row.data)
+            for row in list_events(session, job_id)]

@@ -10,7 +10,7 @@ from typing import Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, StreamingResponse
 
-from api.deps import LiveViewsDep, SessionDep, StorageDep, TemporalClientDep
+from api.deps import DatabaseDep, LiveViewsDep, StorageDep, TemporalClientDep
 from api.errors import ApiError
 from api.job_lookup import find_job
 from app.models import CamelModel, ErrorCode, OutputFile
@@ -28,8 +28,8 @@ class OutputList(CamelModel):
 
 
 @router.get("/{job_id}", response_model=OutputList)
-async def list_outputs(job_id: str, session: SessionDep, temporal: TemporalClientDep, live_views: LiveViewsDep) -> OutputList:
-    view = await find_job(job_id, session, temporal, live_views)
+async def list_outputs(job_id: str, db: DatabaseDep, temporal: TemporalClientDep, live_views: LiveViewsDep) -> OutputList:
+    view = await find_job(job_id, db, temporal, live_views)
     return OutputList(job_id=job_id, files=view.outputs)
 
 
@@ -47,12 +47,12 @@ def _base64_json(output: OutputFile, storage: OutputStorage) -> Iterator[bytes]:
 async def get_output(
     job_id: str,
     filename: str,
-    session: SessionDep,
+    db: DatabaseDep,
     temporal: TemporalClientDep,
     storage: StorageDep,
     format: Literal["binary", "base64"] = Query("binary", description="`base64` returns JSON with the data inline"),
 ) -> FileResponse | StreamingResponse:
-    view = await find_job(job_id, session, temporal)
+    view = await find_job(job_id, db, temporal)
     output = next((item for item in view.outputs if item.filename == filename), None)
     if output is None:
         raise ApiError(404, ErrorCode.OUTPUT_NOT_FOUND, f"job {job_id} has no output {filename}",

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import ConfigDict, Field, field_validator
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import DatabaseDep, SessionDep, SettingsDep
 from api.errors import ApiError, prompt_error
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
@@ -118,7 +118,7 @@ def list_workflows(session: SessionDep) -> WorkflowList:
 
 @router.post("", status_code=201, response_model=WorkflowResponse)
 async def register_workflow(
-    body: CreateWorkflowRequest, request: Request, session: SessionDep, settings: SettingsDep
+    body: CreateWorkflowRequest, request: Request, db: DatabaseDep, settings: SettingsDep
 ) -> WorkflowResponse:
     spec = TemplateSpec(template_id=body.id, name=body.name, description=body.description,
                         workflow_json=body.workflow_json, input_schema=body.input_schema,
@@ -126,7 +126,7 @@ async def register_workflow(
     try:
         check_template(spec)
         warnings = await _checked_against_comfyui(request, settings, spec)
-        row = create_template(session, spec)
+        row = await db.run(create_template, spec)
     except PromptError as error:
         raise prompt_error(error) from error
     except TemplateExists as error:
@@ -145,12 +145,12 @@ def read_workflow(template_id: str, session: SessionDep) -> WorkflowResponse:
 
 @router.put("/{template_id}", response_model=WorkflowResponse)
 async def change_workflow(
-    template_id: str, body: UpdateWorkflowRequest, request: Request, session: SessionDep, settings: SettingsDep
+    template_id: str, body: UpdateWorkflowRequest, request: Request, db: DatabaseDep, settings: SettingsDep
 ) -> WorkflowResponse:
     """A partial update: the fields given replace the current ones in a new version, checked as a registration
     is. A body that changes nothing (`{}`, or the current values) writes no version: the answer is the
     current one."""
-    current = get_template(session, template_id)
+    current = await db.run(get_template, template_id)
     if current is None:
         raise _not_found(template_id)
     changes = body.model_dump(exclude_unset=True, by_alias=False)
@@ -158,7 +158,7 @@ async def change_workflow(
     try:
         check_template(spec)
         warnings = await _checked_against_comfyui(request, settings, spec) if "workflow_json" in changes else []
-        row = update_template(session, current, changes)
+        row = await db.run(update_template, current, changes)
     except PromptError as error:
         raise prompt_error(error) from error
     except TemplateVersionTaken as error:
