@@ -194,3 +194,11 @@ async def test_a_failure_quoting_a_huge_input_still_fails_with_its_own_code(gate
     job = await gateway.run({"workflowJson": graph})
     assert job["status"] == "failed" and job["error"]["code"] == "COMFYUI_NODE_ERROR"
     assert "File name too long" in job["error"]["message"] and len(job["error"]["message"]) < 2100
+
+
+async def test_an_output_comfyui_refuses_to_serve_fails_the_job_at_once(gateway: Gateway) -> None:
+    # ComfyUI saves "a..b_00001_.png" but its /view refuses any name containing "..": retrying cannot help.
+    job = await gateway.run({"workflowId": "solid_color", "inputs": {"width": 8, "height": 8,
+                                                                     "filename_prefix": "a..b"}}, timeout=20)
+    assert job["status"] == "failed" and job["error"]["code"] == "COMFYUI_PROTOCOL_ERROR"
+    assert "refused to serve" in job["error"]["message"] and job["timing"]["startedAt"] is not None

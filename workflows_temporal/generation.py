@@ -183,6 +183,11 @@ class GenerationWorkflow:
             )
             prompt = staged.prompt
         result = await self._run_until_done(job, prompt)
+        assert self._view is not None
+        if self._view.timing.started_at is None and result.started_at_ms is not None:
+            # A prompt that finished within moments never signalled `running`; ComfyUI says when it started.
+            self._view.timing.started_at = datetime.fromtimestamp(result.started_at_ms / 1000, tz=timezone.utc)
+        self._view.status = JobStatus.running  # ComfyUI is done; the gateway is collecting the outputs
         collected: CollectOutputsResult = await workflow.execute_activity(
             "collect_outputs",
             CollectOutputsInput(job_id=job.job_id, backend=job.backend, outputs=result.outputs),
@@ -192,12 +197,8 @@ class GenerationWorkflow:
             heartbeat_timeout=timedelta(seconds=120),
             retry_policy=_TRANSIENT_RETRY,
         )
-        assert self._view is not None
         self._view.outputs = collected.files
         self._view.timing.execution_time_ms = result.execution_time_ms
-        if self._view.timing.started_at is None and result.started_at_ms is not None:
-            # A prompt that finished within moments never signalled `running`; ComfyUI says when it started.
-            self._view.timing.started_at = datetime.fromtimestamp(result.started_at_ms / 1000, tz=timezone.utc)
         await self._finish(JobStatus.succeeded)
 
     async def _run_until_done(self, job: GenerationInput, prompt: dict[str, Any]) -> RunPromptResult:

@@ -173,8 +173,9 @@ class ComfyClient:
                 if response.status_code != 200:
                     raise ComfyError(
                         ErrorCode.COMFYUI_UNREACHABLE if response.status_code >= 500 else ErrorCode.COMFYUI_PROTOCOL_ERROR,
-                        f"GET /view answered HTTP {response.status_code}",
-                        {"filename": filename},
+                        f"ComfyUI refused to serve the output file {subfolder}/{filename} (HTTP {response.status_code})",
+                        {"filename": filename, "subfolder": subfolder, "type": folder_type,
+                         "status": response.status_code},
                     )
                 content_type = response.headers.get("content-type", "application/octet-stream").split(";")[0]
                 with open(destination, "wb") as sink:

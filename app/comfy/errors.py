@@ -15,6 +15,8 @@ NON_RETRYABLE_CODES = frozenset(
         ErrorCode.COMFYUI_TIMEOUT,
         ErrorCode.COMFYUI_INTERRUPTED,
         ErrorCode.PROMPT_LOST,
+        # ComfyUI answered, but not as its protocol says (a refused /view, a prompt ended without a result).
+        ErrorCode.COMFYUI_PROTOCOL_ERROR,
     }
 )
 
