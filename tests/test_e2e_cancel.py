@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import httpx
+import pytest
 from temporalio.client import Client
 
 from tests.harness import DONE, Gateway, comfy_history_for_job, wait_for_job
@@ -83,6 +84,7 @@ async def test_cancel_from_temporal_takes_the_same_path(gateway: Gateway, tempor
     assert run["status"]["messages"][-1][0] == "execution_interrupted"
 
 
+@pytest.mark.settings(comfyui_heartbeat_timeout_s=60)  # the production default: heartbeats are not throttled to it
 async def test_terminate_from_temporal_ends_the_job_and_stops_the_prompt(
     gateway: Gateway, temporal_client: Client
 ) -> None:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # Long enough for short activities to finish; a prompt being followed is handed to the next worker
 # (which re-attaches to it) rather than waited for.
 _GRACEFUL_SHUTDOWN = timedelta(seconds=5)
+_HEARTBEAT_THROTTLE = timedelta(seconds=1)
 
 
 def build_workers(
@@ -69,6 +70,9 @@ def build_workers(
             activities=[comfy.run_prompt],
             max_concurrent_activities=settings.max_concurrency,
             graceful_shutdown_timeout=_GRACEFUL_SHUTDOWN,
+            # Heartbeats carry the live progress, and their answers carry a cancel or a workflow gone away
+            # (terminated): both must not wait for the SDK's default throttle of up to 80% of the timeout.
+            max_heartbeat_throttle_interval=_HEARTBEAT_THROTTLE,
         )
         for backend in backends
     ]
