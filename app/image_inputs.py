@@ -242,14 +242,26 @@ def check_image_url(value: str, *, field: str, allow_private: bool) -> None:
     """What can be told of an image URL without fetching it: its syntax, scheme and host, and whether the
     host is a literal address the gateway must not connect to. Names are resolved when the job fetches."""
     url = _parse_http_url(value, field)
-    try:
-        address = ipaddress.ip_address(url.host.strip("[]"))
-    except ValueError:
+    address = _literal_address(url.host)
+    if address is None:
         return  # a host name
     reason = None if allow_private else _refusal_reason(address)
     if reason is not None:
         raise ImageInputError(field, f"{address} is a {reason} address; only public addresses are fetched",
                               VALIDATION_ERROR)
+
+
+def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host names literally, in any form the resolver accepts: 127.0.0.1, but also
+    2130706433, 127.1 and 0x7f.0.0.1."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 async def _fetch_url(

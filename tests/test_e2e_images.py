@@ -106,6 +106,8 @@ async def test_private_addresses_are_refused_for_url_inputs(gateway: Gateway, im
         ("http:///no-host.png", "with a host"),
         ("http://[::1]/a.png", "loopback"),
         ("http://10.1.2.3/a.png", "private"),
+        ("http://2130706433/a.png", "loopback"),
+        ("http://0x7f.0.0.1/a.png", "loopback"),
         ("data:image/png;base64," + base64.b64encode(b"<html>not a picture</html>").decode(), "is not"),
         ("stored-input://inputs/somebody-elses.png", "must be an image"),
     ],
