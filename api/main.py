@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         version=health.GATEWAY_VERSION,
         lifespan=lifespan,
         dependencies=[Depends(require_plain_json)],
+        redirect_slashes=False,  # a 307 with an empty body is no answer for an API client: /jobs/ is a 404
     )
     if settings.cors_origins:
         app.add_middleware(

@@ -243,3 +243,10 @@ async def test_a_body_sent_to_a_route_that_takes_none_is_ignored(gateway: Gatewa
     deep = b"[" * 100_000 + b"]" * 100_000
     response = await gateway.api.request("GET", "/jobs", content=deep, headers={"content-type": "application/json"})
     assert response.status_code == 200, response.text
+
+
+async def test_unknown_paths_and_methods_answer_json(gateway: Gateway) -> None:
+    trailing = await gateway.api.post("/jobs/", json={"workflowId": "solid_color"})
+    assert trailing.status_code == 404 and error_of(trailing)["code"] == "NOT_FOUND"
+    wrong_method = await gateway.api.delete("/jobs")
+    assert wrong_method.status_code == 405 and error_of(wrong_method)["code"] == "METHOD_NOT_ALLOWED"
