@@ -8,44 +8,54 @@ wait in Temporal, never in ComfyUI's in-memory queue.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from sqlalchemy.engine import Engine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
+from activities.heartbeats import heartbeating
 from activities.job_log import JobLog
+from activities.live_row import LiveRow
 from activities.prompt_run import PromptRun, stop_prompt
+from activities.waiting import while_unreachable
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
+from app.errors import ErrorCode
 from app.models import (
     CancelPromptInput,
     CollectOutputsInput,
     CollectOutputsResult,
-    ErrorCode,
-    OutputFile,
+    JobWarning,
+    OutputRef,
     PromptProgress,
     RunPromptInput,
     RunPromptResult,
+    StepHeartbeat,
     prompt_id_for,
 )
 from app.storage import OutputStorage
 
+
 def to_application_error(error: ComfyError, *, non_retryable: bool | None = None) -> ApplicationError:
-    """A ComfyUI failure → an activity failure typed by its classification. A failure that is the job's
-    outcome (a node error, OOM, a refused prompt) is benign to the worker: the job's log reports it, and the
-    SDK logs it at DEBUG rather than as a WARNING with a traceback."""
+    """A ComfyUI failure → an activity failure typed by its classification (app.errors). A failure that is
+    the job's outcome (a node error, OOM, a refused prompt) is benign to the worker: the job's log reports
+    it, and the SDK logs it at DEBUG rather than as a WARNING with a traceback."""
     return ApplicationError(
         error.message,
         error.details,
         type=error.code.value,
         non_retryable=not error.retryable if non_retryable is None else non_retryable,
         category=ApplicationErrorCategory.UNSPECIFIED if error.retryable else ApplicationErrorCategory.BENIGN,
+    )
+
+
+def unknown_backend(backend: str) -> ApplicationError:
+    return ApplicationError(
+        f"unknown ComfyUI backend {backend!r}", type=ErrorCode.CONFIGURATION_ERROR.value, non_retryable=True
     )
 
 
@@ -63,7 +73,7 @@ class ComfyActivities:
         try:
             return self._clients[backend]
         except KeyError:
-            raise ApplicationError(f"unknown ComfyUI backend {backend!r}", type="CONFIGURATION_ERROR", non_retryable=True)
+            raise unknown_backend(backend) from None
 
     # --- run_prompt ------------------------------------------------------------------------------
 
@@ -75,20 +85,20 @@ class ComfyActivities:
             if details
             else PromptProgress(prompt_id=prompt_id_for(request.job_id, request.attempt))
         )
-        progress.started_at = progress.started_at or time.time()
-        activity.heartbeat(progress.model_dump(by_alias=True))
         log = JobLog(self._engine, request.job_id)
         run = PromptRun(self._client(request.backend), request, progress, log)
+        live_row = LiveRow(self._engine, request.job_id, request.attempt)
         try:
-            return await run.run()
+            async with heartbeating(lambda: run.tick().model_dump(by_alias=True), lambda: live_row.write(progress.live())):
+                return await while_unreachable(run.run, on_wait=run.waiting, give_up=run.past_time_limit)
         except ComfyError as error:
-            give_up = not error.retryable or time.time() > run.deadline  # transient ones only until the job's limit
-            if error.retryable:
-                attempt = activity.info().attempt
-                log.add(f"a{request.attempt}:transient:{attempt}", "warning",
-                        f"{error.message}; " + ("giving up: the job's time limit has passed" if give_up else "retrying"),
-                        {"code": error.code.value, "activityAttempt": attempt})
-            raise to_application_error(error, non_retryable=give_up) from error
+            if error.code is ErrorCode.COMFYUI_UNREACHABLE:  # still down when the job's time ran out
+                log.add(f"a{request.attempt}:gave-up", "warning", f"{error.message}; the job's time limit has passed",
+                        {"code": error.code.value})
+                # Benign to the worker: the backend's outage is logged once, by its BackendHealth.
+                raise ApplicationError(error.message, error.details, type=error.code.value, non_retryable=True,
+                                       category=ApplicationErrorCategory.BENIGN) from error
+            raise to_application_error(error) from error
         except asyncio.CancelledError:
             cancellation = activity.cancellation_details()
             # A cancel the workflow asked for stops the prompt, and so does a workflow that is gone (terminated
@@ -114,36 +124,48 @@ class ComfyActivities:
     @activity.defn(name="collect_outputs")
     async def collect_outputs(self, request: CollectOutputsInput) -> CollectOutputsResult:
         client = self._client(request.backend)
-        files: list[OutputFile] = []
+        files: list[OutputRef] = []
         taken: set[str] = set()
+        beat = StepHeartbeat()
+
+        def waiting(warning: JobWarning | None) -> None:
+            beat.warning = warning
+
         try:
-            for node_id, entry in _output_files(request.outputs):
-                index = len(files)
-                name = entry["filename"] if entry["filename"] not in taken else f"{index}_{entry['filename']}"
-                taken.add(name)
-                key = f"{request.job_id}/{index}/{name}"
-                scratch = self._scratch_dir / f"{uuid.uuid4().hex}.download"
-                try:
-                    downloaded = await client.download(
-                        filename=entry["filename"], subfolder=entry.get("subfolder", ""),
-                        folder_type=entry.get("type", "output"), destination=scratch,
-                    )
-                    await asyncio.to_thread(self._storage.put_file, key, scratch, downloaded.content_type)
-                except OSError as exc:
-                    raise ApplicationError(f"storing {name} failed: {exc}", type=ErrorCode.STORAGE_ERROR.value) from exc
-                finally:
-                    scratch.unlink(missing_ok=True)
-                files.append(
-                    OutputFile(
-                        filename=name, storage_path=key, url=f"/outputs/{request.job_id}/{quote(name, safe='')}",
-                        size=downloaded.size, sha256=downloaded.sha256, content_type=downloaded.content_type,
-                        node_id=node_id, animated=entry["animated"],
-                    )
-                )
-                activity.heartbeat(index)
+            async with heartbeating(lambda: beat.model_dump(by_alias=True)):
+                for node_id, entry in _output_files(request.outputs):
+                    index = len(files)
+                    name = entry["filename"] if entry["filename"] not in taken else f"{index}_{entry['filename']}"
+                    taken.add(name)
+                    files.append(await while_unreachable(
+                        lambda: self._store_output(client, request.job_id, index, name, node_id, entry), on_wait=waiting,
+                    ))
+                    beat.done = len(files)
         except ComfyError as error:
             raise to_application_error(error) from error
         return CollectOutputsResult(files=files)
+
+    async def _store_output(
+        self, client: ComfyClient, job_id: str, index: int, name: str, node_id: str, entry: dict[str, Any]
+    ) -> OutputRef:
+        """One output file from ComfyUI's /view to storage under `job id / index / name`: stored again by a
+        retry, it replaces itself."""
+        key = f"{job_id}/{index}/{name}"
+        scratch = self._scratch_dir / f"{uuid.uuid4().hex}.download"
+        try:
+            downloaded = await client.download(
+                filename=entry["filename"], subfolder=entry.get("subfolder", ""),
+                folder_type=entry.get("type", "output"), destination=scratch,
+            )
+            await asyncio.to_thread(self._storage.put_file, key, scratch, downloaded.content_type)
+        except OSError as exc:
+            raise ApplicationError(f"storing {name} failed: {exc}", type=ErrorCode.STORAGE_ERROR.value) from exc
+        finally:
+            scratch.unlink(missing_ok=True)
+        return OutputRef(
+            filename=name, storage_key=key, size=downloaded.size, sha256=downloaded.sha256,
+            content_type=downloaded.content_type, node_id=node_id, animated=entry["animated"],
+        )
 
 
 def _output_files(outputs: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:

@@ -1,5 +1,9 @@
 """Following one prompt on ComfyUI: submit it unless ComfyUI already has it, then follow its WebSocket
-events (falling back to `/history` when the socket drops) until the history entry is written."""
+events (falling back to `/history` when the socket drops) until the history entry is written.
+
+The job's time limit counts the time spent here, across every try of the activity (its heartbeat carries
+the count): on ComfyUI, and waiting for an unreachable ComfyUI while the gateway runs. Time the gateway was
+down is not counted, and on its return the prompt's result is looked for before the limit is."""
 
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from activities.job_log import JobLog
 from app.comfy.client import ComfyClient, WsEvent, parse_ws_message
 from app.comfy.errors import ComfyError, classify_execution_error, classify_interrupted
 from app.comfy.tracker import PromptTracker
-from app.models import ErrorCode, PromptProgress, PromptStarted, RunPromptInput, RunPromptResult
+from app.errors import ErrorCode
+from app.models import PROMPT_STARTED_SIGNAL, JobWarning, PromptProgress, PromptStarted, RunPromptInput, RunPromptResult
 
 # Without any WebSocket event for this long, ComfyUI's HTTP API is asked directly (history, queue).
 _QUIET_CHECK_SECONDS = 1.0
@@ -35,15 +40,31 @@ class PromptRun:
         self.tracker = PromptTracker(progress.prompt_id, request.prompt)
         self.tag = f"a{request.attempt}"
         self._started_monotonic: float | None = None
+        self._elapsed_before = progress.elapsed_seconds
+        self._resumed_at = time.monotonic()
 
-    @property
-    def deadline(self) -> float:
-        return (self.progress.started_at or time.time()) + self.request.timeout_seconds
+    def tick(self) -> PromptProgress:
+        """The progress with the time spent so far brought up to date: what the heartbeat carries."""
+        self.progress.elapsed_seconds = self._elapsed_before + time.monotonic() - self._resumed_at
+        return self.progress
+
+    def past_time_limit(self) -> bool:
+        return self.tick().elapsed_seconds > self.request.timeout_seconds
+
+    def waiting(self, warning: JobWarning | None) -> None:
+        """ComfyUI stopped answering (a warning) or answers again (None): the job's log and heartbeat say so."""
+        if warning is not None and self.progress.warning is None:
+            self.log.add(f"{self.tag}:unreachable:{warning.since.timestamp():.0f}", "warning",
+                         f"{warning.message}; waiting for it", {"code": warning.code.value})
+        elif warning is None and self.progress.warning is not None:
+            self.log.add(f"{self.tag}:reachable:{time.time():.0f}", "comfyui", "ComfyUI answers again")
+        self.progress.warning = warning
 
     async def run(self) -> RunPromptResult:
         # Connect before submitting: ComfyUI drops events for a client id that has no socket.
         feed = EventFeed(self.client, self.request.job_id)
         await feed.open()
+        self.waiting(None)
         try:
             await self._submit_unless_known()
             activity.heartbeat(self.progress.model_dump(by_alias=True))
@@ -55,11 +76,17 @@ class PromptRun:
         await stop_prompt(self.client, self.prompt_id)
 
     async def _submit_unless_known(self) -> None:
-        first_try = activity.info().attempt == 1 and not self.progress.submitted
-        # A first try cannot have posted before. A retry asks ComfyUI too, since its last heartbeat may
-        # predate the submission (heartbeats are throttled).
-        found_in = None if first_try else ("heartbeat" if self.progress.submitted else await locate(self.client, self.prompt_id))
+        # A first try cannot have posted before. Any later one asks ComfyUI first, since a post that failed
+        # on the way back may have been queued, and the last heartbeat may predate the post (heartbeats are
+        # throttled).
+        if activity.info().attempt == 1 and not self.progress.post_attempted:
+            found_in = None
+        elif self.progress.submitted:
+            found_in = "heartbeat"
+        else:
+            found_in = await locate(self.client, self.prompt_id)
         if found_in is None:
+            self.progress.post_attempted = True
             await self.client.post_prompt(
                 self.request.prompt,
                 prompt_id=self.prompt_id,
@@ -82,7 +109,11 @@ class PromptRun:
     async def _follow(self, feed: EventFeed) -> RunPromptResult:
         last_check = time.monotonic()
         while True:
-            if time.time() > self.deadline:
+            if self.past_time_limit():
+                # The result may have come while nobody watched (the gateway was down): it is not too late.
+                entry = await self.client.history(self.prompt_id)
+                if entry is not None:
+                    return self._result(entry)
                 await self.stop()
                 raise ComfyError(
                     ErrorCode.COMFYUI_TIMEOUT,
@@ -126,9 +157,11 @@ class PromptRun:
             running_for = time.monotonic() - self._started_monotonic
             if not progress.started_signalled and (quiet or running_for >= _RUNNING_SIGNAL_AFTER_SECONDS):
                 handle = activity.client().get_workflow_handle(self.request.job_id)
-                await handle.signal("prompt_started", PromptStarted(attempt=self.request.attempt, prompt_id=self.prompt_id))
+                await handle.signal(
+                    PROMPT_STARTED_SIGNAL, PromptStarted(attempt=self.request.attempt, prompt_id=self.prompt_id)
+                )
                 progress.started_signalled = True
-        activity.heartbeat(progress.model_dump(by_alias=True))
+        activity.heartbeat(self.tick().model_dump(by_alias=True))
         await self.log.flush()
 
     def _on_event(self, event: WsEvent) -> None:

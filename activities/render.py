@@ -1,4 +1,8 @@
-"""The activity that turns a job's template (by id and version) or inline graph into a ComfyUI prompt."""
+"""The activity that turns a job's template (by id and version) or inline graph into a ComfyUI prompt.
+
+The job's inputs and the rendered graph were checked when the job was accepted (app.submission); rendering
+again here gives the same prompt, from the template version the job named.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,20 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from app.db import session_scope
-from app.image_inputs import find_load_image_sources
-from app.models import ErrorCode, RenderPromptInput, RenderPromptResult
-from app.template_store import get_template
-from app.templates import PromptError, check_limits, render_prompt
+from app.errors import ErrorCode, InvalidInput
+from app.images.load_image import find_load_image_sources
+from app.models import RenderPromptInput, RenderPromptResult
+from app.templates.rendering import render_prompt
+from app.templates.store import get_template
 
 
 class RenderActivities:
-    def __init__(self, engine: Engine, *, max_image_size: int, max_batch_size: int) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._max_image_size = max_image_size
-        self._max_batch_size = max_batch_size
 
     @activity.defn(name="render_prompt")
     def render_prompt(self, request: RenderPromptInput) -> RenderPromptResult:
+        graph = request.workflow_json or {}
         if request.template_id is not None:
             with session_scope(self._engine) as session:
                 template = get_template(session, request.template_id, request.template_version)
@@ -30,15 +34,10 @@ class RenderActivities:
                     type=ErrorCode.WORKFLOW_NOT_FOUND.value,
                     non_retryable=True,
                 )
-            # The inputs were checked against this version's schema and completed when the job was accepted.
-            graph, values, limit_nodes = template.workflow_json, request.inputs, False
-        else:
-            graph, values, limit_nodes = request.workflow_json or {}, request.inputs, True
+            graph = template.workflow_json
         try:
-            prompt = render_prompt(graph, values)
-            if limit_nodes:
-                check_limits(prompt, max_image_size=self._max_image_size, max_batch_size=self._max_batch_size)
-        except PromptError as error:
+            prompt = render_prompt(graph, request.inputs)
+        except InvalidInput as error:
             raise ApplicationError(
                 str(error),
                 {"fields": [{"field": issue.field, "message": issue.message} for issue in error.issues]},

@@ -1,5 +1,6 @@
 """FastAPI dependencies: settings, database (a session for sync routes, `Database` for async ones), Temporal
-client, output storage."""
+client, output storage, and the job a route's `job_id` names (one place loads it for every route, so the
+owner check goes in one place too)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from temporalio.client import Client
 
 from api.database import Database
 from api.errors import ApiError
-from api.job_lookup import LiveViews
-from app.models import ErrorCode
+from api.job_reader import JobReader
+from app.errors import ErrorCode
+from app.jobstore import JobSnapshot
 from app.settings import Settings
 from app.storage import OutputStorage
 
@@ -35,7 +37,7 @@ def get_session(request: Request) -> Iterator[Session]:
 def get_temporal(request: Request) -> Client:
     client = request.app.state.temporal.client
     if client is None:
-        raise ApiError(503, ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal is not reachable; no job was created or changed")
+        raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal is not reachable; no job was created or changed")
     return client
 
 
@@ -43,13 +45,22 @@ def get_storage(request: Request) -> OutputStorage:
     return request.app.state.storage
 
 
-def get_live_views(request: Request) -> LiveViews:
-    return request.app.state.live_views
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 TemporalClientDep = Annotated[Client, Depends(get_temporal)]
 StorageDep = Annotated[OutputStorage, Depends(get_storage)]
-LiveViewsDep = Annotated[LiveViews, Depends(get_live_views)]
+
+
+def get_job_reader(request: Request, db: DatabaseDep, temporal: TemporalClientDep) -> JobReader:
+    return JobReader(db, temporal, request.app.state.live_views)
+
+
+JobReaderDep = Annotated[JobReader, Depends(get_job_reader)]
+
+
+async def load_job(job_id: str, reader: JobReaderDep) -> JobSnapshot:
+    return await reader.read(job_id)
+
+
+JobDep = Annotated[JobSnapshot, Depends(load_job)]

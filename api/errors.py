@@ -10,17 +10,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.models import ErrorCode
-from app.templates import PromptError
+from app.errors import ErrorCode, InvalidInput, http_status
 
 log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: ErrorCode | str, message: str, details: dict[str, Any] | None = None) -> None:
+    """An answer with `code`'s HTTP status from the error table (app.errors)."""
+
+    def __init__(self, code: ErrorCode, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
-        self.status = status
-        self.code = code.value if isinstance(code, ErrorCode) else code
+        self.status = http_status(code)
+        self.code = code.value
         self.message = message
         self.details = details or {}
 
@@ -49,11 +50,15 @@ def _field_error(error: dict[str, Any]) -> dict[str, str]:
 
 def validation_error(fields: list[dict[str, str]]) -> ApiError:
     summary = "; ".join(f"{item['field']}: {item['message']}" for item in fields)
-    return ApiError(400, ErrorCode.VALIDATION_ERROR, f"invalid request: {summary}", {"fields": fields})
+    return ApiError(ErrorCode.VALIDATION_ERROR, f"invalid request: {summary}", {"fields": fields})
 
 
-def prompt_error(error: PromptError) -> ApiError:
+def invalid_input(error: InvalidInput) -> ApiError:
     return validation_error([{"field": issue.field, "message": issue.message} for issue in error.issues])
+
+
+# Starlette's own refusals, by status, as the gateway's codes.
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.REQUEST_TOO_LARGE}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -73,9 +78,9 @@ def install_error_handlers(app: FastAPI) -> None:
             # FastAPI's answer to a body that is not UTF-8 or nests past the JSON parser's limit.
             error = validation_error([{"field": "body", "message": "not valid JSON: undecodable or nested too deeply"}])
             return error_response(error.status, error.code, error.message, error.details)
-        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE"}.get(exc.status_code, "HTTP_ERROR")
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.VALIDATION_ERROR)
         details = {"fields": [{"field": "body", "message": str(exc.detail)}]} if exc.status_code == 413 else {}
-        return error_response(exc.status_code, code, str(exc.detail), details)
+        return error_response(exc.status_code, code.value, str(exc.detail), details)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

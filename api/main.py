@@ -12,17 +12,20 @@ from dataclasses import dataclass
 import httpx
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.client import Client
 
 from api.errors import install_error_handlers
-from api.job_lookup import LiveViews
+from api.job_reader import LiveViews
 from api.plain_json import BodySizeLimit, require_plain_json
+from api.readiness import Readiness
 from api.routes import health, jobs, outputs, workflows
+from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import make_engine
 from app.settings import Settings, get_settings
 from app.storage import build_storage
 from app.temporal_client import connect_temporal
-from app.template_store import prepare_database
+from app.templates.store import prepare_database
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,11 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         prepare_database(app.state.engine)
         app.state.storage = build_storage(settings)
         app.state.live_views = LiveViews()
+        app.state.readiness = Readiness({
+            settings.temporal_task_queue: TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            **{backend_task_queue(settings, backend.id): TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+               for backend in configured_backends(settings)},
+        })
         app.state.started_at = time.monotonic()
         app.state.temporal = TemporalConnection(temporal_client)
         connector = None if temporal_client else asyncio.create_task(_keep_connecting(settings, app.state.temporal))

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response, validation_error
+from app.errors import ErrorCode
 
 # Deep enough for any ComfyUI graph (node → inputs → value → list), far below what breaks a payload.
 MAX_DEPTH = 32
@@ -88,7 +89,7 @@ class BodySizeLimit:
 
 def body_too_large(max_bytes: int) -> JSONResponse:
     return error_response(
-        413, "REQUEST_TOO_LARGE", f"the request body is larger than {max_bytes} bytes",
+        413, ErrorCode.REQUEST_TOO_LARGE.value, f"the request body is larger than {max_bytes} bytes",
         {"fields": [{"field": "body", "message": f"larger than {max_bytes} bytes"}]},
     )
 

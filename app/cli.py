@@ -28,6 +28,8 @@ log = logging.getLogger("comfyui_gateway")
 
 def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.value, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: a line per ComfyUI poll would drown what the gateway has to say.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _load_settings() -> Settings:
@@ -93,7 +95,7 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
     their own, as in production, so that API traffic never delays the worker picking up tasks."""
     from app.db import make_engine
     from app.devserver import start_temporal_dev_server
-    from app.template_store import prepare_database
+    from app.templates.store import prepare_database
 
     temporal = start_temporal_dev_server(settings)
     log.info(
@@ -204,7 +206,7 @@ def _cmd_init(settings: Settings, args: argparse.Namespace) -> None:
 
 def _template_session(settings: Settings):  # type: ignore[no-untyped-def]
     from app.db import make_engine, session_scope
-    from app.template_store import prepare_database
+    from app.templates.store import prepare_database
 
     engine = make_engine(settings.resolved_database_url)
     prepare_database(engine)
@@ -233,18 +235,18 @@ def _cmd_add_workflow(settings: Settings, args: argparse.Namespace) -> None:
 
     from app.comfy.backends import configured_backends
     from app.comfy.client import ComfyClient
-    from app.template_registry import TemplateSpec, check_node_types, check_template
-    from app.template_store import TemplateExists, create_template, get_template, update_template
-    from app.templates import PromptError
+    from app.errors import InvalidInput
+    from app.templates.registry import TemplateSpec, check_node_types, check_template
+    from app.templates.store import TemplateExists, create_template, get_template, update_template
 
     spec = TemplateSpec(
         template_id=args.id, name=args.name or args.id, description=args.description,
         workflow_json=_read_json(args.file, "workflow"), input_schema=_read_json(args.schema, "schema"),
-        default_params=_read_json(args.defaults, "defaults"),
+        default_params=_read_json(args.defaults, "defaults"), limits=_read_json(args.limits, "limits"),
     )
     try:
         check_template(spec)
-    except PromptError as error:
+    except InvalidInput as error:
         _refuse(error.issues)
 
     async def against_comfyui():  # type: ignore[no-untyped-def]
@@ -260,7 +262,7 @@ def _cmd_add_workflow(settings: Settings, args: argparse.Namespace) -> None:
             if current is not None and args.update:
                 row = update_template(session, current, {
                     "name": spec.name, "description": spec.description, "workflow_json": spec.workflow_json,
-                    "input_schema": spec.input_schema, "default_params": spec.default_params,
+                    "input_schema": spec.input_schema, "default_params": spec.default_params, "limits": spec.limits,
                 })
             else:
                 row = create_template(session, spec)
@@ -272,7 +274,7 @@ def _cmd_add_workflow(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _cmd_list_workflows(settings: Settings, _: argparse.Namespace) -> None:
-    from app.template_store import list_latest_templates
+    from app.templates.store import list_latest_templates
 
     with _template_session(settings) as session:
         rows = list_latest_templates(session)
@@ -305,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     add.add_argument("--description", default="")
     add.add_argument("--schema", type=Path, help="the input schema: {\"type\": \"object\", \"fields\": {...}}")
     add.add_argument("--defaults", type=Path, help="default values for the placeholders")
+    add.add_argument("--limits", type=Path, help='the template\'s own limits: {"maxImageSize": N, "maxBatchSize": M}')
     add.add_argument("--update", action="store_true", help="add a new version when the id exists")
     commands.add_parser("list-workflows", help="the registered workflow templates")
     simulate = commands.add_parser(

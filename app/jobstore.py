@@ -1,62 +1,114 @@
-"""Reads and writes of the jobs projection and the job event log (used by activities and the API)."""
+"""Reads and writes of the jobs projection and the job event log.
+
+The jobs table is each job's workflow's projection. The workflow writes a job's state (status, attempts,
+outputs, error, timing) at every status change, through `record_job`. The prompt activity keeps the live
+columns (progress, current node, queue position, warning) current, throttled, and only while the job is
+live on the attempt it runs. The one other writer is the worker's reconciler, for a workflow terminated in
+Temporal, which can no longer write its own end.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from app.db import as_utc
-from app.models import JobError, JobEventInput, JobStatus, JobTiming, JobView, OutputFile, RecordJobInput
+from app.models import LIVE_STATUSES, JobError, JobEventInput, JobState, JobStatus, JobWarning, LiveProgress, OutputRef
+from app.models import RecordJobInput
 from app.tables import JobEventRow, JobRow
 
 
+@dataclass(frozen=True)
+class JobSnapshot:
+    """A job as a reader sees it: the workflow's state and, for a live job, its progress."""
+
+    state: JobState
+    live: LiveProgress
+
+
 def record_job(session: Session, record: RecordJobInput) -> None:
+    """An upsert of the job's full state plus keyed events: running it twice leaves the same rows."""
     job = record.job
-    row = session.get(JobRow, job.job_id) or JobRow(job_id=job.job_id, backend=record.backend, status=job.status.value)
+    row = session.get(JobRow, job.job_id)
+    if row is None:
+        row = JobRow(job_id=job.job_id, backend=record.backend, status=job.status.value)
+    elif job.status is JobStatus.queued and job.attempts > row.attempts:
+        # A new attempt starts from nothing; the old attempt's progress must not linger.
+        row.progress, row.current_node, row.queue_position, row.warning = 0, None, None, None
+    if job.status.is_terminal:
+        row.current_node, row.queue_position, row.warning = None, None, None
+        row.progress = 100 if job.status is JobStatus.succeeded else row.progress
     row.status = job.status.value
-    row.template_id = job.workflow_id
+    row.template_id = job.template_id
     row.template_version = job.template_version
     row.seed = job.seed
     row.backend = record.backend
     row.prompt_id = record.prompt_id
     row.attempts = job.attempts
-    row.progress = job.progress
     row.inputs = record.inputs
     row.job_metadata = job.metadata
     row.outputs = [output.model_dump(by_alias=True) for output in job.outputs]
-    row.error = job.error.model_dump(by_alias=True, mode="json") if job.error else None
-    row.created_at = job.timing.created_at
-    row.started_at = job.timing.started_at
-    row.completed_at = job.timing.completed_at
-    row.execution_time_ms = job.timing.execution_time_ms
+    row.error = _error_json(job.error)
+    row.created_at = job.created_at
+    row.started_at = job.started_at
+    row.completed_at = job.completed_at
+    row.execution_time_ms = job.execution_time_ms
     row.updated_at = datetime.now(timezone.utc)
     session.add(row)
     _insert_events(session, job.job_id, record.events)
     session.commit()
 
 
-def close_abandoned_job(session: Session, job: JobView, event: JobEventInput) -> None:
-    """Finish the row of a job whose workflow ended in Temporal without finishing it (terminated by an
-    operator): the workflow can no longer write, so the one who notices does. A finished row stays as it is."""
-    row = session.get(JobRow, job.job_id)
-    if row is None or JobStatus(row.status).is_terminal:
-        return
-    row.status = job.status.value
-    row.error = job.error.model_dump(by_alias=True, mode="json") if job.error else None
-    row.completed_at = job.timing.completed_at
-    row.updated_at = datetime.now(timezone.utc)
-    session.add(row)
-    _insert_events(session, job.job_id, [event])
+def write_live_progress(session: Session, job_id: str, attempt: int, live: LiveProgress) -> bool:
+    """The live columns of a job that is still live on this attempt (or an earlier record of it); a late
+    write from an attempt that was superseded, or after the job ended, changes nothing."""
+    result = session.execute(
+        update(JobRow)
+        .where(
+            col(JobRow.job_id) == job_id,
+            col(JobRow.status).in_([status.value for status in LIVE_STATUSES]),
+            col(JobRow.attempts) <= attempt,
+        )
+        .values(
+            progress=live.percent,
+            current_node=live.node,
+            queue_position=live.queue_position,
+            warning=live.warning.model_dump(by_alias=True, mode="json") if live.warning else None,
+            updated_at=datetime.now(timezone.utc),
+        )
+    )
     session.commit()
+    return result.rowcount > 0
+
+
+def close_ended_job(session: Session, job_id: str, error: JobError, completed_at: datetime, event: JobEventInput) -> bool:
+    """End the row of a job whose workflow Temporal terminated or timed out, as `cancelled`: that workflow
+    can no longer write its own end. A row that has ended stays as it is."""
+    result = session.execute(
+        update(JobRow)
+        .where(col(JobRow.job_id) == job_id, col(JobRow.status).in_([status.value for status in LIVE_STATUSES]))
+        .values(
+            status=JobStatus.cancelled.value, error=_error_json(error), completed_at=completed_at,
+            current_node=None, queue_position=None, warning=None, updated_at=datetime.now(timezone.utc),
+        )
+    )
+    if result.rowcount:
+        _insert_events(session, job_id, [event])
+    session.commit()
+    return result.rowcount > 0
 
 
 def add_events(session: Session, job_id: str, events: list[JobEventInput]) -> None:
     _insert_events(session, job_id, events)
     session.commit()
+
+
+def _error_json(error: JobError | None) -> dict | None:
+    return error.model_dump(by_alias=True, mode="json") if error else None
 
 
 def _insert_events(session: Session, job_id: str, events: list[JobEventInput]) -> None:
@@ -72,34 +124,36 @@ def _insert_events(session: Session, job_id: str, events: list[JobEventInput]) -
     session.execute(statement)
 
 
-def get_job_view(session: Session, job_id: str) -> JobView | None:
-    row = get_job(session, job_id)
-    return job_view(row) if row is not None else None
-
-
-def job_view(row: JobRow) -> JobView:
-    return JobView(
+def job_snapshot(row: JobRow) -> JobSnapshot:
+    state = JobState(
         job_id=row.job_id,
         status=JobStatus(row.status),
-        workflow_id=row.template_id,
+        template_id=row.template_id,
         template_version=row.template_version,
         seed=row.seed,
-        progress=row.progress,
         attempts=row.attempts,
-        outputs=[OutputFile.model_validate(output) for output in row.outputs],
+        outputs=[OutputRef.model_validate(output) for output in row.outputs],
         error=JobError.model_validate(row.error) if row.error else None,
-        timing=JobTiming(
-            created_at=as_utc(row.created_at),
-            started_at=as_utc(row.started_at),
-            completed_at=as_utc(row.completed_at),
-            execution_time_ms=row.execution_time_ms,
-        ),
+        created_at=as_utc(row.created_at),
+        started_at=as_utc(row.started_at),
+        completed_at=as_utc(row.completed_at),
+        execution_time_ms=row.execution_time_ms,
         metadata=row.job_metadata,
     )
+    live = LiveProgress(
+        percent=row.progress, node=row.current_node, queue_position=row.queue_position,
+        warning=JobWarning.model_validate(row.warning) if row.warning else None,
+    )
+    return JobSnapshot(state, live)
 
 
 def get_job(session: Session, job_id: str) -> JobRow | None:
     return session.get(JobRow, job_id)
+
+
+def get_job_snapshot(session: Session, job_id: str) -> JobSnapshot | None:
+    row = get_job(session, job_id)
+    return job_snapshot(row) if row is not None else None
 
 
 @dataclass(frozen=True)
@@ -112,7 +166,7 @@ class JobFilter:
     offset: int = 0
 
 
-def list_jobs(session: Session, job_filter: JobFilter) -> tuple[list[JobView], int]:
+def list_jobs(session: Session, job_filter: JobFilter) -> tuple[list[JobSnapshot], int]:
     conditions = []
     if job_filter.status:
         conditions.append(col(JobRow.status) == job_filter.status.value)
@@ -130,7 +184,7 @@ def list_jobs(session: Session, job_filter: JobFilter) -> tuple[list[JobView], i
         .offset(job_filter.offset)
         .limit(job_filter.limit)
     ).all()
-    return [job_view(row) for row in rows], count
+    return [job_snapshot(row) for row in rows], count
 
 
 def list_events(session: Session, job_id: str) -> list[JobEventRow]:
@@ -155,6 +209,6 @@ def estimate_wait_seconds(session: Session, template_id: str | None, slots: int)
     active = session.exec(
         select(func.count())
         .select_from(JobRow)
-        .where(col(JobRow.status).in_([JobStatus.queued.value, JobStatus.running.value]))
+        .where(col(JobRow.status).in_([status.value for status in LIVE_STATUSES]))
     ).one()
     return round(mean_seconds * (1 + active / slots), 3)

@@ -1,21 +1,28 @@
-"""Shared I/O models: workflow, activity and signal inputs and results, and the job's public view.
+"""Temporal payloads: workflow, signal and activity inputs and results, the workflow's state (its `status`
+query answer and its result), and the heartbeats of activities.
 
-No I/O here: workflows import this module through `imports_passed_through`. Everything travels through
-Temporal with the pydantic data converter, and carries references (storage keys), never file bytes.
+Internal and versioned. These are neither the public API shapes (`api/schemas.py` maps them) nor the row
+shapes (`app/tables.py`). They change compatibly only, because the histories of jobs in flight hold the old
+shapes: a field added has a default, a field dropped is ignored when an old payload is read. They carry
+references (storage keys), never file bytes or URLs. No I/O here: workflows import this module through
+`imports_passed_through`.
 """
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode
 
 
 class CamelModel(BaseModel):
-    """API shapes are camelCase on the wire; Python code uses snake_case names."""
+    """camelCase on the wire (API bodies, and the payloads that always were); snake_case names in Python."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True)
 
@@ -32,40 +39,7 @@ class JobStatus(str, Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
-class ErrorCode(str, Enum):
-    """Stable error codes: clients branch on these, so they never change meaning."""
-
-    VALIDATION_ERROR = "VALIDATION_ERROR"
-    UNSUPPORTED_FIELD = "UNSUPPORTED_FIELD"
-    WORKFLOW_NOT_FOUND = "WORKFLOW_NOT_FOUND"
-    WORKFLOW_EXISTS = "WORKFLOW_EXISTS"
-    WORKFLOW_CONFLICT = "WORKFLOW_CONFLICT"
-    JOB_NOT_FOUND = "JOB_NOT_FOUND"
-    JOB_ALREADY_FINISHED = "JOB_ALREADY_FINISHED"
-    JOB_CANCELLED = "JOB_CANCELLED"
-    JOB_TERMINATED = "JOB_TERMINATED"
-    OUTPUT_NOT_FOUND = "OUTPUT_NOT_FOUND"
-    COMFYUI_UNREACHABLE = "COMFYUI_UNREACHABLE"
-    COMFYUI_OOM = "COMFYUI_OOM"
-    COMFYUI_NODE_ERROR = "COMFYUI_NODE_ERROR"
-    COMFYUI_TIMEOUT = "COMFYUI_TIMEOUT"
-    COMFYUI_INTERRUPTED = "COMFYUI_INTERRUPTED"
-    COMFYUI_PROTOCOL_ERROR = "COMFYUI_PROTOCOL_ERROR"
-    PROMPT_LOST = "PROMPT_LOST"
-    STORAGE_ERROR = "STORAGE_ERROR"
-    IMAGE_FETCH_FAILED = "IMAGE_FETCH_FAILED"
-    TEMPORAL_UNAVAILABLE = "TEMPORAL_UNAVAILABLE"
-    INTERNAL_ERROR = "INTERNAL_ERROR"
-
-
-# Failures a client may ask to retry through the job's `retry.retryOn`; transient ones
-# (COMFYUI_UNREACHABLE, PROMPT_LOST, STORAGE_ERROR) are always retried and need no opt-in.
-CLIENT_RETRYABLE_CODES = (
-    ErrorCode.COMFYUI_NODE_ERROR,
-    ErrorCode.COMFYUI_OOM,
-    ErrorCode.COMFYUI_INTERRUPTED,
-    ErrorCode.COMFYUI_TIMEOUT,
-)
+LIVE_STATUSES = (JobStatus.queued, JobStatus.running)
 
 
 class JobError(CamelModel):
@@ -74,10 +48,20 @@ class JobError(CamelModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
-class OutputFile(CamelModel):
+class JobWarning(CamelModel):
+    """Why a live job is waiting, e.g. COMFYUI_UNREACHABLE; cleared when it runs again."""
+
+    code: ErrorCode
+    message: str
+    since: datetime
+
+
+class OutputRef(CamelModel):
+    """A stored output file: its storage key, never a URL (URLs are made when the job is read)."""
+
     filename: str
-    storage_path: str
-    url: str
+    # Histories written before URLs were made at read time call it storagePath.
+    storage_key: str = Field(validation_alias=AliasChoices("storageKey", "storagePath", "storage_key"))
     size: int
     sha256: str
     content_type: str
@@ -85,11 +69,34 @@ class OutputFile(CamelModel):
     animated: bool = False
 
 
-class JobTiming(CamelModel):
+class JobState(CamelModel):
+    """A job as its workflow knows it: the `status` query's answer, the workflow's result, and what it
+    records in the jobs table at every status change. Live progress is not part of it: it travels in the
+    prompt activity's heartbeat, never through workflow history."""
+
+    job_id: str
+    status: JobStatus
+    template_id: str | None = None
+    template_version: int | None = None
+    # The seed the job ran with (drawn by the gateway when the client gave none or -1), to reproduce it.
+    seed: int | None = None
+    attempts: int = 0
+    outputs: list[OutputRef] = Field(default_factory=list)
+    error: JobError | None = None
     created_at: datetime
     started_at: datetime | None = None
     completed_at: datetime | None = None
     execution_time_ms: int | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class LiveProgress(CamelModel):
+    """What a live job shows beyond its state: progress, current node, place in ComfyUI's queue, a warning."""
+
+    percent: int = 0
+    node: str | None = None
+    queue_position: int | None = None
+    warning: JobWarning | None = None
 
 
 class RetrySpec(CamelModel):
@@ -100,41 +107,36 @@ class RetrySpec(CamelModel):
     retry_on: list[ErrorCode] = Field(default_factory=list)
 
     def allows(self, code: ErrorCode, attempt: int) -> bool:
-        return code in self.retry_on and attempt < self.max_attempts
+        return code in self.retry_on and code in CLIENT_RETRYABLE_CODES and attempt < self.max_attempts
 
 
 class PromptProgress(CamelModel):
-    """What the prompt-following activity heartbeats; also the live part of `GET /jobs/{id}`."""
+    """What the prompt-following activity heartbeats, and resumes from after a crash."""
 
     prompt_id: str
+    # A post of the prompt may have reached ComfyUI: a later try looks for it before posting again.
+    post_attempted: bool = False
     submitted: bool = False
     percent: int = 0
     node: str | None = None
     node_type: str | None = None
     queue_position: int | None = None
-    # Epoch seconds when the first attempt got its slot: a retried activity keeps the job's deadline.
-    started_at: float | None = None
+    # Time spent on the job's limit so far: on ComfyUI, or waiting for it while the gateway ran. Time the
+    # gateway was down is not in it, so a restart does not spend the job's timeout.
+    elapsed_seconds: float = 0.0
     started_signalled: bool = False
+    warning: JobWarning | None = None
+
+    def live(self) -> LiveProgress:
+        return LiveProgress(percent=self.percent, node=self.node, queue_position=self.queue_position,
+                            warning=self.warning)
 
 
-class JobView(CamelModel):
-    """Everything `GET /jobs/{id}` shows; also the `status` query's answer."""
+class StepHeartbeat(CamelModel):
+    """The heartbeat of the other activities that talk to ComfyUI (staging images, collecting outputs)."""
 
-    job_id: str
-    status: JobStatus
-    # The contract calls the template id `workflowId`; it is not Temporal's workflow id (that is job_id).
-    workflow_id: str | None = None
-    template_version: int | None = None
-    # The seed the job ran with (drawn by the gateway when the client gave none or -1), to reproduce it.
-    seed: int | None = None
-    progress: int = 0
-    current_node: str | None = None
-    queue_position: int | None = None
-    attempts: int = 0
-    outputs: list[OutputFile] = Field(default_factory=list)
-    error: JobError | None = None
-    timing: JobTiming
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    done: int = 0
+    warning: JobWarning | None = None
 
 
 # --- workflow, signal and activity inputs and results ---------------------------------------------
@@ -154,6 +156,10 @@ class GenerationInput(BaseModel):
     backend_task_queue: str
     created_at: datetime
     privacy_mode: bool = False
+
+
+# By name: the activity that sends it cannot import the workflow, which imports the activity.
+PROMPT_STARTED_SIGNAL = "prompt_started"
 
 
 class PromptStarted(BaseModel):
@@ -224,7 +230,7 @@ class CollectOutputsInput(BaseModel):
 
 
 class CollectOutputsResult(BaseModel):
-    files: list[OutputFile]
+    files: list[OutputRef]
 
 
 class JobEventInput(BaseModel):
@@ -237,9 +243,9 @@ class JobEventInput(BaseModel):
 
 
 class RecordJobInput(BaseModel):
-    """One status change: the job's full snapshot plus the log events that explain it."""
+    """One status change: the job's full state plus the log events that explain it."""
 
-    job: JobView
+    job: JobState
     backend: str
     prompt_id: str | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
@@ -248,6 +254,4 @@ class RecordJobInput(BaseModel):
 
 def prompt_id_for(job_id: str, attempt: int) -> str:
     """The ComfyUI prompt id of a job's n-th run: deterministic, so a retried submit finds its own prompt."""
-    import uuid
-
     return str(uuid.uuid5(uuid.UUID(job_id), f"attempt-{attempt}"))

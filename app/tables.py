@@ -1,5 +1,5 @@
-"""Table models. The jobs table is a projection that each job's workflow keeps current; nothing else
-writes job state. API request/response shapes live in app.models, apart from these."""
+"""Table models: the rows' own shapes, apart from Temporal payloads (app.models) and the public API (api/).
+The jobs table is a projection that each job's workflow keeps current (see app.jobstore for who writes what)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,11 @@ class JobRow(SQLModel, table=True):
     backend: str = Field(max_length=64)
     prompt_id: str | None = Field(default=None, max_length=64)
     attempts: int = 0
+    # The live columns, written by the prompt activity while the job runs (throttled), cleared at its end.
     progress: int = 0
+    current_node: str | None = Field(default=None, max_length=64)
+    queue_position: int | None = None
+    warning: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     # Under PRIVACY_MODE the inputs are not stored (the workflow passes an empty dict).
     inputs: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     job_metadata: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
@@ -64,6 +68,8 @@ class TemplateRow(SQLModel, table=True):
     workflow_json: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     input_schema: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     default_params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # The template's own limits ({"maxImageSize", "maxBatchSize"}), in place of the operator's.
+    limits: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = _utc_column(nullable=False)
     # Deleting a template hides it; the rows stay so that jobs submitted before still render their version.
     deleted_at: datetime | None = _utc_column()

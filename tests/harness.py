@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import signal
@@ -10,11 +11,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from aiohttp import web
@@ -27,6 +28,31 @@ from app.settings import Settings
 SHARED_COMFYUI = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DONE = {"succeeded", "failed", "cancelled"}
+
+T = TypeVar("T")
+
+
+async def assert_eventually(
+    check: Callable[[], T | Awaitable[T]], *, timeout: float = 30, interval: float = 0.05, what: str = "the condition"
+) -> T:
+    """Call `check` until it returns something true (which is returned) without failing an assertion; after
+    `timeout` seconds, fail with its last answer or its last assertion."""
+    deadline = time.monotonic() + timeout
+    while True:
+        failure: AssertionError | None = None
+        try:
+            answer = check()
+            if inspect.isawaitable(answer):
+                answer = await answer
+            if answer:
+                return answer  # type: ignore[return-value]
+        except AssertionError as error:
+            failure, answer = error, None
+        if time.monotonic() > deadline:
+            if failure is not None:
+                raise failure
+            raise AssertionError(f"{what} did not hold within {timeout} s; last answer: {answer!r}")
+        await asyncio.sleep(interval)
 
 
 def recorded_workflow(name: str) -> dict[str, Any]:
@@ -173,16 +199,13 @@ async def api_client(settings: Settings, temporal: Client) -> AsyncIterator[http
 
 
 async def wait_for_job(api: httpx.AsyncClient, job_id: str, *, until: set[str], timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+    async def job_in_status() -> dict[str, Any] | None:
         response = await api.get(f"/jobs/{job_id}")
         assert response.status_code == 200, response.text
         job = response.json()
-        if job["status"] in until:
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
-        await asyncio.sleep(0.05)
+        return job if job["status"] in until else None
+
+    return await assert_eventually(job_in_status, timeout=timeout, what=f"job {job_id} reaching {sorted(until)}")
 
 
 async def comfy_history_for_job(simulator_url: str, job_id: str) -> list[dict[str, Any]]:

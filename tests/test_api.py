@@ -71,10 +71,8 @@ async def test_unknown_template_and_unsupported_callback(gateway: Gateway) -> No
 async def test_unknown_jobs_are_404(gateway: Gateway, path: str) -> None:
     response = await gateway.api.get(path.format(id=uuid.uuid4()))
     assert response.status_code == 404 and error_of(response)["code"] == "JOB_NOT_FOUND"
-    cancel = await gateway.api.post(f"/jobs/{uuid.uuid4()}/cancel")
+    cancel = await gateway.api.post(f"/jobs/{uuid.uuid4()}/cancel", json={"reason": "x"})
     assert cancel.status_code == 404 and error_of(cancel)["code"] == "JOB_NOT_FOUND"
-    surprise = await gateway.api.post(f"/jobs/{uuid.uuid4()}/cancel", json={"reason": "x", "surprise": 1})
-    assert surprise.status_code == 400 and error_of(surprise)["details"]["fields"][0]["field"] == "surprise"
 
 
 async def test_submit_answers_at_once_and_lists_filter(gateway: Gateway) -> None:

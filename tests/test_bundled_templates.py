@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from app.comfy.models import combo_choices
-from app.template_registry import check_template
-from app.template_store import BUNDLED_TEMPLATES_DIR, read_template_file
+from app.templates.registry import check_template
+from app.templates.store import BUNDLED_TEMPLATES_DIR, read_template_file
 from tests.harness import Gateway, SimulatorProcess
 
 BUNDLED = sorted(BUNDLED_TEMPLATES_DIR.glob("*.json"))

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from app.comfy.errors import classify_execution_error, classify_interrupted, classify_prompt_rejection
-from app.models import ErrorCode
+from app.errors import ErrorCode
 
 RECORDINGS = json.loads(
     (Path(__file__).resolve().parents[2] / "shared" / "comfyui" / "recordings" / "results.json").read_text()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import httpx
 import pytest
 from temporalio.client import Client
 
-from tests.harness import DONE, Gateway, comfy_history_for_job, wait_for_job
+from tests.harness import DONE, Gateway, assert_eventually, comfy_history_for_job, wait_for_job
 
 
 async def comfy_queue(gateway: Gateway) -> dict:
@@ -22,9 +21,20 @@ def queued_job_ids(queue: dict) -> set[str]:
     return {item[3].get("gateway_job_id") for item in items}
 
 
+async def in_comfyui_queue(gateway: Gateway, job_id: str) -> bool:
+    return job_id in queued_job_ids(await comfy_queue(gateway))
+
+
+async def listed_as_cancelled(gateway: Gateway, job_id: str) -> bool:
+    listed = (await gateway.api.get("/jobs", params={"status": "cancelled"})).json()["jobs"]
+    return job_id in {job["jobId"] for job in listed}
+
+
 async def test_cancel_while_running_interrupts_the_prompt(gateway: Gateway) -> None:
     job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
     await wait_for_job(gateway.api, job_id, until={"running"})
+    surprise = await gateway.api.post(f"/jobs/{job_id}/cancel", json={"reason": "x", "surprise": 1})
+    assert surprise.status_code == 400 and surprise.json()["error"]["details"]["fields"][0]["field"] == "surprise"
     response = await gateway.api.post(f"/jobs/{job_id}/cancel", json={"reason": "user left"})
     assert response.status_code == 200, response.text
     assert response.json() == {"jobId": job_id, "status": "cancelled", "message": "job cancelled"}
@@ -45,11 +55,7 @@ async def test_cancel_while_queued_in_comfyui_deletes_it_from_the_queue(gateway:
         assert posted.status_code == 200
         try:
             job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(0.1)})
-            for _ in range(200):
-                if job_id in queued_job_ids(await comfy_queue(gateway)):
-                    break
-                await asyncio.sleep(0.05)
-            assert job_id in queued_job_ids(await comfy_queue(gateway))
+            await assert_eventually(lambda: in_comfyui_queue(gateway, job_id), timeout=10)
             job = (await gateway.api.get(f"/jobs/{job_id}")).json()
             assert job["status"] == "queued" and job["queuePosition"] in (1, None)
             response = await gateway.api.post(f"/jobs/{job_id}/cancel")
@@ -89,26 +95,22 @@ async def test_terminate_from_temporal_ends_the_job_and_stops_the_prompt(
     gateway: Gateway, temporal_client: Client
 ) -> None:
     """Terminate gives the workflow no chance to clean up: the prompt activity stops the prompt when its
-    heartbeat finds the workflow gone, and the API finishes the job's row when it next reads the job."""
+    heartbeat finds the workflow gone, and the worker's reconciler closes the job's row, without anyone
+    reading the job."""
     job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
     await wait_for_job(gateway.api, job_id, until={"running"})
     await temporal_client.get_workflow_handle(job_id).terminate(reason="stuck, says the operator")
 
-    job = await wait_for_job(gateway.api, job_id, until=DONE, timeout=5)
+    await assert_eventually(lambda: listed_as_cancelled(gateway, job_id), timeout=10)
+    job = (await gateway.api.get(f"/jobs/{job_id}")).json()
     assert job["status"] == "cancelled" and job["error"]["code"] == "JOB_TERMINATED"
     assert job["error"]["message"] == "terminated in Temporal: stuck, says the operator"
     assert job["timing"]["completedAt"] is not None
-    listed = (await gateway.api.get("/jobs", params={"status": "cancelled"})).json()["jobs"]
-    assert job_id in {listed_job["jobId"] for listed_job in listed}
     logs = (await gateway.api.get(f"/jobs/{job_id}/logs")).json()["events"]
     assert logs[-1]["data"]["error"]["code"] == "JOB_TERMINATED"
     again = await gateway.api.post(f"/jobs/{job_id}/cancel")
     assert again.status_code == 409 and again.json()["error"]["code"] == "JOB_ALREADY_FINISHED"
 
-    for _ in range(100):  # the activity learns of it at its next heartbeat
-        runs = await comfy_history_for_job(gateway.comfyui.url, job_id)
-        if runs:
-            break
-        await asyncio.sleep(0.1)
-    [run] = runs
+    # The activity learns of it at its next heartbeat.
+    [run] = await assert_eventually(lambda: comfy_history_for_job(gateway.comfyui.url, job_id), timeout=10)
     assert run["status"]["messages"][-1][0] == "execution_interrupted"

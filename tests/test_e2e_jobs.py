@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import logging
@@ -13,13 +12,15 @@ import pytest
 
 from tests.harness import (
     DONE,
-    Gateway,
     ComfyUITarget,
+    Gateway,
+    assert_eventually,
     comfy_history_for_job,
     free_port,
     recorded_workflow,
     wait_for_job,
 )
+
 
 async def comfy_file(comfyui: ComfyUITarget, entry: dict[str, Any]) -> bytes:
     async with httpx.AsyncClient() as client:
@@ -153,24 +154,41 @@ async def test_interrupt_from_outside_fails_the_job_with_its_own_code(gateway: G
 async def test_progress_is_reported_while_running(gateway: Gateway) -> None:
     job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(3)})
     seen: set[int] = set()
-    while True:
+
+    async def finished() -> dict | None:
         job = (await gateway.api.get(f"/jobs/{job_id}")).json()
         if job["status"] == "running":
             seen.add(job["progress"])
-        if job["status"] in DONE:
-            break
-        await asyncio.sleep(0.1)
+        return job if job["status"] in DONE else None
+
+    job = await assert_eventually(finished, interval=0.1)
     assert job["status"] == "succeeded"
     assert any(0 < value < 100 for value in seen), seen
 
 
 
 @pytest.mark.settings(comfyui_url=f"http://127.0.0.1:{free_port()}")  # nothing listens there
-async def test_unreachable_comfyui_is_retried_until_the_job_timeout(gateway: Gateway) -> None:
-    job = await gateway.run({"workflowJson": recorded_workflow("image.json"), "timeoutSeconds": 2.5})
-    assert job["status"] == "failed" and job["error"]["code"] == "COMFYUI_UNREACHABLE"
-    warnings = [e for e in (await gateway.api.get(f"/jobs/{job['jobId']}/logs")).json()["events"] if e["kind"] == "warning"]
-    assert len(warnings) >= 2 and "retrying" in warnings[0]["message"] and "giving up" in warnings[-1]["message"]
+async def test_an_unreachable_comfyui_is_waited_for_with_a_warning_until_the_job_timeout(gateway: Gateway) -> None:
+    job_id = await gateway.submit({"workflowJson": recorded_workflow("image.json"), "timeoutSeconds": 3})
+
+    async def warned() -> dict | None:
+        job = (await gateway.api.get(f"/jobs/{job_id}")).json()
+        return job if job["warning"] else None
+
+    waiting = await assert_eventually(warned, timeout=10)
+    assert waiting["status"] == "queued" and waiting["error"] is None
+    assert waiting["warning"]["code"] == "COMFYUI_UNREACHABLE" and waiting["warning"]["since"]
+
+    async def listed_with_the_warning() -> bool:
+        [listed] = [job for job in (await gateway.api.get("/jobs")).json()["jobs"] if job["jobId"] == job_id]
+        return listed["warning"] == waiting["warning"]
+
+    await assert_eventually(listed_with_the_warning, timeout=5)  # lists agree with the job read alone
+    job = await wait_for_job(gateway.api, job_id, until=DONE, timeout=30)
+    assert job["status"] == "failed" and job["error"]["code"] == "COMFYUI_UNREACHABLE" and job["warning"] is None
+    logs = (await gateway.api.get(f"/jobs/{job_id}/logs")).json()["events"]
+    warnings = [event["message"] for event in logs if event["kind"] == "warning"]
+    assert len(warnings) == 2 and "waiting for it" in warnings[0] and "time limit has passed" in warnings[1]
 
 
 async def test_preview_outputs_from_comfyuis_temp_folder_are_collected(gateway: Gateway) -> None:

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from app.temporal_client import register_search_attributes
-from tests.harness import DONE, Gateway, recorded_workflow, wait_for_job
+from tests.harness import DONE, Gateway, assert_eventually, recorded_workflow, wait_for_job
 
 
 async def visible(client: Client, query: str, job_id: str) -> WorkflowExecutionStatus | None:
     """The job's Temporal status once the visibility query finds it (visibility lags a moment)."""
-    for _ in range(50):
+
+    async def found() -> WorkflowExecutionStatus | None:
         async for execution in client.list_workflows(f'WorkflowId = "{job_id}" AND {query}'):
             return execution.status
-        await asyncio.sleep(0.1)
-    return None
+        return None
+
+    try:
+        return await assert_eventually(found, timeout=5, what=f"a visibility query for {job_id}")
+    except AssertionError:
+        return None
 
 
 async def test_jobs_are_searchable_by_status_and_template(gateway: Gateway, temporal_client: Client) -> None:

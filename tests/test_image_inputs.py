@@ -19,19 +19,16 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from app import image_inputs
-from app.image_inputs import (
-    IMAGE_FETCH_FAILED,
-    VALIDATION_ERROR,
-    ImageInputError,
-    LoadedImage,
-    classify_image_source,
-    comfy_upload_name,
-    find_load_image_sources,
-    load_image_source,
-    replace_load_image_sources,
-)
+from app import safe_http
+from app.errors import ErrorCode
+from app.images import fetching
+from app.images.decoding import ImageInputError, LoadedImage
+from app.images.load_image import comfy_upload_name, find_load_image_sources, replace_load_image_sources
+from app.images.loading import load_image_source
+from app.images.sources import classify_image_source
 from tests.harness import free_port
+
+VALIDATION_ERROR, IMAGE_FETCH_FAILED = ErrorCode.VALIDATION_ERROR, ErrorCode.IMAGE_FETCH_FAILED
 
 LIMIT = 4096
 SLOW_SECONDS = 0.5
@@ -279,12 +276,12 @@ async def test_a_redirect_to_loopback_is_refused(
     server: ImageServer, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Offline there is no public server to start from: let 127.0.0.1 pass as public for this test only.
-    refusal_reason = image_inputs._refusal_reason
+    refusal_reason = safe_http.refusal_reason
 
     def refusal_reason_but_for_the_server(address: Any) -> str | None:
         return None if str(address) == "127.0.0.1" else refusal_reason(address)
 
-    monkeypatch.setattr(image_inputs, "_refusal_reason", refusal_reason_but_for_the_server)
+    monkeypatch.setattr(safe_http, "refusal_reason", refusal_reason_but_for_the_server)
     error = await load_error(f"{server.url}/redirect-to-loopback", http, allow_private=False)
     assert error.code == VALIDATION_ERROR and "127.0.0.2, a loopback address" in error.message
     assert [path for path, _ in server.requests] == ["/redirect-to-loopback"]
@@ -345,7 +342,7 @@ async def test_client_errors_are_bad_input_server_errors_are_transient(
 async def test_a_download_has_a_deadline(
     server: ImageServer, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(image_inputs, "_FETCH_DEADLINE_SECONDS", SLOW_SECONDS / 5)
+    monkeypatch.setattr(fetching, "_FETCH_DEADLINE_SECONDS", SLOW_SECONDS / 5)
     error = await load_error(f"{server.url}/slow.png", http)
     assert error.code == IMAGE_FETCH_FAILED and "took longer than" in error.message
 

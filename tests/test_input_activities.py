@@ -4,6 +4,7 @@ fail the job at once while transient trouble is left to Temporal's retries."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -21,10 +22,12 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.inputs import InputActivities
 from app.comfy.client import ComfyClient
-from app.image_inputs import STORED_INPUT_PREFIX, comfy_upload_name, load_image_source
-from app.models import StageImagesInput, StageImagesResult
+from app.images.load_image import comfy_upload_name
+from app.images.loading import load_image_source
+from app.images.sources import STORED_INPUT_PREFIX
+from app.models import StageImagesInput, StageImagesResult, StepHeartbeat
 from app.storage import LocalStorage
-from tests.harness import ComfyUITarget, free_port, serve_locally
+from tests.harness import ComfyUITarget, SimulatorProcess, assert_eventually, serve_locally
 
 BACKEND = "comfyui-1"
 JOB_ID = "3f1f8a52-2f43-4c1e-9a57-0f6d2c1e9b11"
@@ -103,7 +106,7 @@ async def test_images_from_a_data_uri_and_a_url_are_uploaded_under_the_returned_
     assert result.prompt["3"]["inputs"]["image"] == result.names["3.image"]
     assert await comfy_input_file(comfyui, http, result.names["1.image"]) == inline
     assert await comfy_input_file(comfyui, http, result.names["3.image"]) == fetched
-    assert heartbeats == [(1,), (2,)]
+    assert [StepHeartbeat.model_validate(details).done for details, in heartbeats] == [0] * len(heartbeats)
     again = await stage(activities, images)
     assert again.names == result.names
 
@@ -162,7 +165,18 @@ async def test_a_failing_image_server_is_retried(
     assert "HTTP 500" in caught.value.message
 
 
-async def test_an_unreachable_comfyui_is_retried(http: httpx.AsyncClient) -> None:
-    with pytest.raises(ApplicationError) as caught:
-        await stage(input_activities(f"http://127.0.0.1:{free_port()}", http), {"1.image": data_uri(unique_png())})
-    assert caught.value.type == "COMFYUI_UNREACHABLE" and not caught.value.non_retryable
+async def test_an_unreachable_comfyui_is_waited_for_with_a_warning(http: httpx.AsyncClient, tmp_path: Path) -> None:
+    simulator = SimulatorProcess(tmp_path)  # not started yet: nothing answers at its port
+    heartbeats: list[Any] = []
+    staging = asyncio.create_task(stage(input_activities(simulator.url, http), {"1.image": data_uri(unique_png())},
+                                        heartbeats))
+    try:
+        warned = lambda: [beat for beat, in heartbeats if (beat.get("warning") or {}).get("code") == "COMFYUI_UNREACHABLE"]
+        await assert_eventually(lambda: warned(), timeout=10)
+        assert not staging.done()
+        simulator.start()
+        result = await asyncio.wait_for(staging, 30)
+        assert result.names["1.image"].startswith("gw_")
+    finally:
+        staging.cancel()
+        simulator.kill()

@@ -6,9 +6,9 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from app import template_store
-from app.template_registry import TemplateSpec
-from app.template_store import TemplateExists, TemplateVersionTaken, create_template, get_template, update_template
+from app.templates import store as template_store
+from app.templates.registry import TemplateSpec
+from app.templates.store import TemplateExists, TemplateVersionTaken, create_template, get_template, update_template
 
 GRAPH = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
          "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t"}}}

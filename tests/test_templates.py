@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from app.templates import PromptError, check_limits, placeholders, render_prompt
+from app.errors import InvalidInput
+from app.templates.limits import Limits, check_limits
+from app.templates.rendering import placeholders, render_prompt
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "comfyui" / "workflows"
 TEMPLATE = json.loads((Path(__file__).resolve().parents[1] / "templates" / "solid_color.json").read_text())["workflowJson"]
@@ -30,22 +32,26 @@ def test_values_that_look_like_placeholders_are_not_expanded_again() -> None:
 
 
 def test_missing_values_are_all_named() -> None:
-    with pytest.raises(PromptError) as raised:
+    with pytest.raises(InvalidInput) as raised:
         render_prompt(TEMPLATE, {"width": 1})
     assert [issue.field for issue in raised.value.issues] == ["inputs.color", "inputs.filename_prefix", "inputs.height"]
 
 
 def test_graph_shape_is_checked() -> None:
-    with pytest.raises(PromptError) as raised:
+    with pytest.raises(InvalidInput) as raised:
         render_prompt({"1": {"inputs": {}}}, {})
     assert raised.value.issues[0].field == "workflowJson.1"
 
 
+def node_field(node_id: str, name: str) -> str:
+    return f"workflowJson.{node_id}.inputs.{name}"
+
+
 def test_limits_refuse_large_images_and_batches() -> None:
     prompt = json.loads((SHARED / "batch.json").read_text())
-    check_limits(prompt, max_image_size=512, max_batch_size=4)
-    with pytest.raises(PromptError) as raised:
-        check_limits(prompt, max_image_size=256, max_batch_size=2)
+    check_limits(prompt, Limits.of_settings(512, 4), field_of=node_field)
+    with pytest.raises(InvalidInput) as raised:
+        check_limits(prompt, Limits.of_settings(256, 2), field_of=node_field)
     fields = [issue.field for issue in raised.value.issues]
     assert fields == ["workflowJson.1.inputs.width", "workflowJson.1.inputs.height", "workflowJson.1.inputs.batch_size"]
 
@@ -53,12 +59,32 @@ def test_limits_refuse_large_images_and_batches() -> None:
 def test_limits_see_numbers_as_comfyui_does() -> None:
     # ComfyUI coerces "99999" to a number, so a string must not slip past the limit; negatives never fit.
     prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": "99999", "height": -5, "batch_size": "2"}}}
-    with pytest.raises(PromptError) as raised:
-        check_limits(prompt, max_image_size=2048, max_batch_size=4)
+    with pytest.raises(InvalidInput) as raised:
+        check_limits(prompt, Limits.of_settings(2048, 4), field_of=node_field)
     assert [(issue.field, issue.message) for issue in raised.value.issues] == [
         ("workflowJson.1.inputs.width", "99999 exceeds MAX_IMAGE_SIZE 2048"),
         ("workflowJson.1.inputs.height", "-5 is negative"),
     ]
+
+
+def test_a_templates_own_limits_replace_the_operators() -> None:
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 16}}}
+    template_limits = Limits.of_settings(2048, 4).for_template({"maxBatchSize": 16})
+    check_limits(prompt, template_limits, field_of=node_field)
+    with pytest.raises(InvalidInput) as raised:
+        check_limits(prompt, Limits.of_settings(2048, 4).for_template({"maxImageSize": 32}), field_of=node_field)
+    assert [(issue.field, issue.message) for issue in raised.value.issues] == [
+        ("workflowJson.1.inputs.width", "64 exceeds the template's maxImageSize 32"),
+        ("workflowJson.1.inputs.height", "64 exceeds the template's maxImageSize 32"),
+        ("workflowJson.1.inputs.batch_size", "16 exceeds MAX_BATCH_SIZE 4"),
+    ]
+
+
+@pytest.mark.parametrize("limits", [{"maxBatchSize": 0}, {"maxImageSize": "64"}, {"maxFrames": 3}, {"maxBatchSize": 1.5}])
+def test_template_limits_must_be_positive_whole_numbers(limits: dict) -> None:
+    with pytest.raises(InvalidInput) as raised:
+        Limits.of_settings(2048, 4).for_template(limits)
+    assert all(issue.field.startswith("limits.") for issue in raised.value.issues)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +96,7 @@ def test_limits_see_numbers_as_comfyui_does() -> None:
     ],
 )
 def test_every_node_needs_a_real_class_type_and_inputs(node: dict, field: str) -> None:
-    with pytest.raises(PromptError) as raised:
+    with pytest.raises(InvalidInput) as raised:
         render_prompt({"1": node}, {"node": "SaveImage"})
     assert [issue.field for issue in raised.value.issues] == [field]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from app.template_store import BUNDLED_TEMPLATES_DIR
+from app.templates.store import BUNDLED_TEMPLATES_DIR
 from tests.harness import DONE, Gateway, free_port, recorded_workflow, wait_for_job
 
 TEMPLATE = recorded_workflow("image.template.json")

@@ -1,4 +1,5 @@
-"""The Temporal worker: GenerationWorkflow and its activities, with one slot-limited queue per ComfyUI.
+"""The Temporal worker: GenerationWorkflow and its activities, with one slot-limited queue per ComfyUI, and
+the reconciler that closes the rows of jobs Temporal itself ended.
 
 The main task queue runs workflows and the short activities (render, record, collect, cancel). Each
 ComfyUI backend has its own queue for `run_prompt`, limited to MAX_CONCURRENCY at a time, so jobs beyond
@@ -25,11 +26,13 @@ from activities.records import RecordActivities
 from activities.render import RenderActivities
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.comfy.client import ComfyClient
+from app.comfy.health import BackendHealth
 from app.db import make_engine
 from app.settings import Settings
 from app.storage import build_storage
-from app.template_store import prepare_database
+from app.templates.store import prepare_database
 from app.temporal_client import register_search_attributes
+from worker.reconciler import JobReconciler
 from workflows_temporal.generation import GenerationWorkflow
 
 log = logging.getLogger(__name__)
@@ -44,14 +47,14 @@ def build_workers(
     client: Client, settings: Settings, engine: Engine, http: httpx.AsyncClient, image_http: httpx.AsyncClient
 ) -> list[Worker]:
     backends = configured_backends(settings)
-    clients = {backend.id: ComfyClient(backend.url, http) for backend in backends}
+    clients = {backend.id: ComfyClient(backend.url, http, BackendHealth(backend.id, backend.url)) for backend in backends}
     storage = build_storage(settings)
     comfy = ComfyActivities(clients=clients, storage=storage, engine=engine, scratch_dir=settings.data_dir / "tmp")
     inputs = InputActivities(
         clients, image_http, storage,
         max_bytes=settings.input_image_max_bytes, allow_private_urls=settings.input_image_allow_private_urls,
     )
-    render = RenderActivities(engine, max_image_size=settings.max_image_size, max_batch_size=settings.max_batch_size)
+    render = RenderActivities(engine)
     records = RecordActivities(engine)
     main = Worker(
         client,
@@ -93,9 +96,11 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
     ):
         workers = build_workers(client, settings, engine, http, image_http)
         tasks = [asyncio.create_task(worker.run()) for worker in workers]
+        reconciler = asyncio.create_task(JobReconciler(client, engine, settings.temporal_task_queue).run())
         log.info("worker polling %s", ", ".join(worker.task_queue for worker in workers))
         try:
             yield
         finally:
+            reconciler.cancel()
             await asyncio.gather(*(worker.shutdown() for worker in workers), return_exceptions=True)
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(reconciler, *tasks, return_exceptions=True)

@@ -15,26 +15,27 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.comfy import ComfyActivities
+    from activities.inputs import InputActivities
+    from activities.records import RecordActivities
+    from activities.render import RenderActivities
+    from app.errors import NON_RETRYABLE_TYPES, ErrorCode
     from app.models import (
         CancelPromptInput,
         CancelRequest,
         CollectOutputsInput,
-        CollectOutputsResult,
-        ErrorCode,
         GenerationInput,
         JobError,
         JobEventInput,
+        JobState,
         JobStatus,
-        JobTiming,
-        JobView,
+        PROMPT_STARTED_SIGNAL,
         PromptStarted,
         RecordJobInput,
         RenderPromptInput,
-        RenderPromptResult,
         RunPromptInput,
         RunPromptResult,
         StageImagesInput,
-        StageImagesResult,
         prompt_id_for,
     )
     from app.search_attributes import JOB_STATUS, TEMPLATE_ID
@@ -45,29 +46,23 @@ SEARCH_ATTRIBUTES_PATCH = "job-search-attributes"
 # A prompt ComfyUI lost (it restarted) is resubmitted this many times before the job fails.
 MAX_LOST_PROMPT_RESUBMITS = 3
 
+# Which failures are retried is the error table's (app.errors); these only say how often and how long.
 _TRANSIENT_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=10),
-    non_retryable_error_types=[
-        ErrorCode.VALIDATION_ERROR.value,
-        ErrorCode.WORKFLOW_NOT_FOUND.value,
-        ErrorCode.COMFYUI_NODE_ERROR.value,
-        ErrorCode.COMFYUI_OOM.value,
-        ErrorCode.COMFYUI_TIMEOUT.value,
-        ErrorCode.COMFYUI_INTERRUPTED.value,
-        ErrorCode.PROMPT_LOST.value,
-        "CONFIGURATION_ERROR",
-    ],
+    non_retryable_error_types=NON_RETRYABLE_TYPES,
 )
-_CLEANUP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5)
+_CLEANUP_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_attempts=5, non_retryable_error_types=NON_RETRYABLE_TYPES
+)
 # Fetching an image input: an image host that keeps failing must not hold the job forever.
 _IMAGE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=10),
     maximum_attempts=5,
-    non_retryable_error_types=[ErrorCode.VALIDATION_ERROR.value, "CONFIGURATION_ERROR"],
+    non_retryable_error_types=NON_RETRYABLE_TYPES,
 )
 
 
@@ -86,7 +81,7 @@ def job_error_from(failure: BaseException) -> JobError:
 class GenerationWorkflow:
     def __init__(self) -> None:
         self._job: GenerationInput | None = None
-        self._view: JobView | None = None
+        self._state: JobState | None = None
         self._cancel: CancelRequest | None = None
         self._work: asyncio.Task[None] | None = None
         self._prompt_id: str | None = None
@@ -98,16 +93,16 @@ class GenerationWorkflow:
         self._indexed_status: JobStatus | None = None
 
     @workflow.run
-    async def run(self, job: GenerationInput) -> JobView:
+    async def run(self, job: GenerationInput) -> JobState:
         self._job = job
         self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
-        self._view = JobView(
+        self._state = JobState(
             job_id=job.job_id,
             status=JobStatus.queued,
-            workflow_id=job.template_id,
+            template_id=job.template_id,
             template_version=job.template_version,
             seed=job.inputs.get("seed") if isinstance(job.inputs.get("seed"), int) else None,
-            timing=JobTiming(created_at=job.created_at),
+            created_at=job.created_at,
             metadata=job.metadata,
         )
         self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
@@ -124,48 +119,47 @@ class GenerationWorkflow:
                 await self._finish_cancelled()
                 if not signalled:
                     raise  # cancelled through Temporal itself (Web UI, CLI): the workflow ends as Canceled
-                return self._view
+                return self._state
             error = job_error_from(failure)
             await self._finish(JobStatus.failed, error=error)
             raise ApplicationError(error.message, error.model_dump(mode="json"), type=error.code.value, non_retryable=True)
-        return self._view
+        return self._state
 
     @workflow.query
-    def status(self) -> JobView:
-        assert self._view is not None
-        return self._view
+    def status(self) -> JobState:
+        assert self._state is not None
+        return self._state
 
     @workflow.signal
     def cancel(self, request: CancelRequest) -> None:
-        if self._cancel is not None or (self._view is not None and self._view.status.is_terminal):
+        if self._cancel is not None or (self._state is not None and self._state.status.is_terminal):
             return
         self._cancel = request
         if self._work is not None and not self._work.done():
             self._work.cancel()
 
-    @workflow.signal
+    @workflow.signal(name=PROMPT_STARTED_SIGNAL)
     async def prompt_started(self, started: PromptStarted) -> None:
         """Sent by run_prompt when ComfyUI starts executing; a retried activity may send it again."""
-        view = self._view
-        if view is None or view.status is not JobStatus.queued or started.attempt != view.attempts:
+        state = self._state
+        if state is None or state.status is not JobStatus.queued or started.attempt != state.attempts:
             return
-        view.status = JobStatus.running
-        view.timing.started_at = view.timing.started_at or workflow.now()
+        state.status = JobStatus.running
+        state.started_at = state.started_at or workflow.now()
         self._event("status", f"ComfyUI started executing prompt {started.prompt_id}", {"status": "running"})
         await self._record()
 
     # --- the job's steps -------------------------------------------------------------------------
 
     async def _generate(self, job: GenerationInput) -> None:
-        rendered: RenderPromptResult = await workflow.execute_local_activity(
-            "render_prompt",
+        rendered = await workflow.execute_local_activity_method(
+            RenderActivities.render_prompt,
             RenderPromptInput(
                 template_id=job.template_id,
                 template_version=job.template_version,
                 workflow_json=job.workflow_json,
                 inputs=job.inputs,
             ),
-            result_type=RenderPromptResult,
             start_to_close_timeout=timedelta(seconds=30),
             schedule_to_close_timeout=timedelta(minutes=5),
             retry_policy=_TRANSIENT_RETRY,
@@ -173,45 +167,46 @@ class GenerationWorkflow:
         prompt = rendered.prompt
         if rendered.image_sources:
             # On the main queue: downloads and uploads must not hold one of the ComfyUI's slots.
-            staged: StageImagesResult = await workflow.execute_activity(
-                "stage_images",
+            staged = await workflow.execute_activity_method(
+                InputActivities.stage_images,
                 StageImagesInput(job_id=job.job_id, backend=job.backend, prompt=prompt, images=rendered.image_sources),
-                result_type=StageImagesResult,
                 start_to_close_timeout=timedelta(minutes=5),
                 heartbeat_timeout=timedelta(seconds=90),
                 retry_policy=_IMAGE_RETRY,
             )
             prompt = staged.prompt
         result = await self._run_until_done(job, prompt)
-        assert self._view is not None
-        if self._view.timing.started_at is None and result.started_at_ms is not None:
+        assert self._state is not None
+        if self._state.started_at is None and result.started_at_ms is not None:
             # A prompt that finished within moments never signalled `running`; ComfyUI says when it started.
-            self._view.timing.started_at = datetime.fromtimestamp(result.started_at_ms / 1000, tz=timezone.utc)
-        self._view.status = JobStatus.running  # ComfyUI is done; the gateway is collecting the outputs
-        collected: CollectOutputsResult = await workflow.execute_activity(
-            "collect_outputs",
+            self._state.started_at = datetime.fromtimestamp(result.started_at_ms / 1000, tz=timezone.utc)
+        self._state.status = JobStatus.running  # ComfyUI is done; the gateway is collecting the outputs
+        collected = await workflow.execute_activity_method(
+            ComfyActivities.collect_outputs,
             CollectOutputsInput(job_id=job.job_id, backend=job.backend, outputs=result.outputs),
-            result_type=CollectOutputsResult,
             # Storage trouble is retried, but not past a time as long as the job's own limit.
             schedule_to_close_timeout=timedelta(seconds=max(job.timeout_seconds, 300)),
             heartbeat_timeout=timedelta(seconds=120),
             retry_policy=_TRANSIENT_RETRY,
         )
-        self._view.outputs = collected.files
-        self._view.timing.execution_time_ms = result.execution_time_ms
+        self._state.outputs = collected.files
+        self._state.execution_time_ms = result.execution_time_ms
         await self._finish(JobStatus.succeeded)
 
     async def _run_until_done(self, job: GenerationInput, prompt: dict[str, Any]) -> RunPromptResult:
         """Run the prompt on ComfyUI; resubmit when ComfyUI lost it, and when the client's retry asks."""
-        assert self._view is not None
+        assert self._state is not None
         lost = 0
         while True:
-            self._view.attempts += 1
-            attempt = self._view.attempts
+            self._state.attempts += 1
+            attempt = self._state.attempts
             self._prompt_id = prompt_id_for(job.job_id, attempt)
+            if attempt > 1:
+                self._state.status = JobStatus.queued  # the new attempt waits for a slot again
+                await self._record()
             try:
-                return await workflow.execute_activity(
-                    "run_prompt",
+                return await workflow.execute_activity_method(
+                    ComfyActivities.run_prompt,
                     RunPromptInput(
                         job_id=job.job_id,
                         backend=job.backend,
@@ -219,7 +214,6 @@ class GenerationWorkflow:
                         prompt=prompt,
                         timeout_seconds=job.timeout_seconds,
                     ),
-                    result_type=RunPromptResult,
                     task_queue=job.backend_task_queue,
                     start_to_close_timeout=timedelta(seconds=job.timeout_seconds + 60),
                     heartbeat_timeout=timedelta(seconds=job.heartbeat_timeout_seconds),
@@ -242,16 +236,14 @@ class GenerationWorkflow:
                     await workflow.sleep(job.retry.backoff_seconds)
                 else:
                     raise
-                self._view.status = JobStatus.queued
-                await self._record()
 
     async def _finish_cancelled(self) -> None:
         request = self._cancel or CancelRequest(reason="cancelled through Temporal", actor="temporal")
         assert self._job is not None
         if self._prompt_id is not None:
             try:
-                await workflow.execute_activity(
-                    "cancel_prompt",
+                await workflow.execute_activity_method(
+                    ComfyActivities.cancel_prompt,
                     CancelPromptInput(backend=self._job.backend, prompt_id=self._prompt_id),
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=_CLEANUP_RETRY,
@@ -262,11 +254,10 @@ class GenerationWorkflow:
         await self._finish(JobStatus.cancelled, error=JobError(code=ErrorCode.JOB_CANCELLED, message=message))
 
     async def _finish(self, status: JobStatus, error: JobError | None = None) -> None:
-        assert self._view is not None
-        self._view.status = status
-        self._view.error = error
-        self._view.progress = 100 if status is JobStatus.succeeded else self._view.progress
-        self._view.timing.completed_at = workflow.now()
+        assert self._state is not None
+        self._state.status = status
+        self._state.error = error
+        self._state.completed_at = workflow.now()
         data: dict[str, Any] = {"status": status.value}
         if error is not None:
             data["error"] = error.model_dump(mode="json")
@@ -283,24 +274,24 @@ class GenerationWorkflow:
 
     def _index(self) -> None:
         """Keep the job's search attributes in step with its status, for operators searching the Web UI."""
-        assert self._job is not None and self._view is not None
-        if not self._indexed or self._view.status is self._indexed_status:
+        assert self._job is not None and self._state is not None
+        if not self._indexed or self._state.status is self._indexed_status:
             return
-        updates = [JOB_STATUS.value_set(self._view.status.value)]
+        updates = [JOB_STATUS.value_set(self._state.status.value)]
         if self._indexed_status is None and self._job.template_id is not None:
             updates.append(TEMPLATE_ID.value_set(self._job.template_id))
         workflow.upsert_search_attributes(updates)
-        self._indexed_status = self._view.status
+        self._indexed_status = self._state.status
 
     async def _record(self) -> None:
-        assert self._job is not None and self._view is not None
+        assert self._job is not None and self._state is not None
         self._index()
         async with self._record_lock:
             events, self._pending_events = self._pending_events, []
-            await workflow.execute_local_activity(
-                "record_job",
+            await workflow.execute_local_activity_method(
+                RecordActivities.record_job,
                 RecordJobInput(
-                    job=self._view,
+                    job=self._state,
                     backend=self._job.backend,
                     prompt_id=self._prompt_id,
                     inputs={} if self._job.privacy_mode else self._job.inputs,

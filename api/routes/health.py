@@ -16,7 +16,7 @@ from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
 from app.comfy.models import installed_models
 from app.models import CamelModel
-from app.template_store import list_latest_templates
+from app.templates.store import list_latest_templates
 
 router = APIRouter(tags=["health"])
 
@@ -64,6 +64,18 @@ async def health(request: Request, settings: SettingsDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if body["ok"] else 503)
 
 
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """503 until a worker polls the job queue and each ComfyUI's queue: only then can a job run."""
+    polled = await request.app.state.readiness.check(request.app.state.temporal.client)
+    body = {
+        "ready": bool(polled) and all(polled.values()),
+        "temporal": {"reachable": bool(polled)},
+        "workers": {"queues": polled},
+    }
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
 @router.get("/capabilities", response_model=Capabilities)
 def capabilities(session: SessionDep, settings: SettingsDep) -> Capabilities:
     return Capabilities(
@@ -90,4 +102,4 @@ async def models(request: Request, settings: SettingsDep) -> Models:
     try:
         return Models(**await installed_models(client))
     except ComfyError as error:
-        raise ApiError(503, error.code, error.message, error.details) from error
+        raise ApiError(error.code, error.message, error.details) from error

@@ -5,34 +5,28 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from contextlib import suppress
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
+from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError
 
-from api.deps import DatabaseDep, LiveViewsDep, SessionDep, SettingsDep, StorageDep, TemporalClientDep
-from api.errors import ApiError, prompt_error, validation_error
-from api.job_inputs import graph_job_inputs, template_job_inputs
-from api.job_lookup import find_job
+from api.deps import DatabaseDep, JobDep, JobReaderDep, SessionDep, SettingsDep, StorageDep, TemporalClientDep
+from api.errors import ApiError, invalid_input, validation_error
+from api.job_views import Job, public_job
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
-from app.jobstore import JobFilter, estimate_wait_seconds, list_events, list_jobs
-from app.models import (
-    CLIENT_RETRYABLE_CODES,
-    CamelModel,
-    CancelRequest,
-    ErrorCode,
-    GenerationInput,
-    JobStatus,
-    JobView,
-    RetrySpec,
-)
-from app.template_store import get_template
-from app.templates import PromptError
+from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
+from app.jobstore import JobFilter, JobSnapshot, estimate_wait_seconds, list_events, list_jobs
+from app.models import CamelModel, CancelRequest, GenerationInput, JobStatus, RetrySpec
+from app.submission import ImageIntake, prepare_job
+from app.templates.limits import Limits
+from app.templates.store import get_template
 from workflows_temporal.generation import GenerationWorkflow
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -97,7 +91,7 @@ class CreateJobResponse(CamelModel):
 
 
 class JobList(CamelModel):
-    jobs: list[JobView]
+    jobs: list[Job]
     count: int
 
 
@@ -140,28 +134,29 @@ async def create_job(
 ) -> CreateJobResponse:
     if body.callback_url is not None:
         raise ApiError(
-            400, ErrorCode.UNSUPPORTED_FIELD, "callbackUrl: webhook delivery is not available in this version",
+            ErrorCode.UNSUPPORTED_FIELD, "callbackUrl: webhook delivery is not available in this version",
             {"fields": [{"field": "callbackUrl", "message": "webhooks are not supported yet"}]},
         )
     if _json_size(body.metadata) > _MAX_METADATA_BYTES:
         raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
 
-    given = {**body.params, **body.inputs}
     template = None
     if body.workflow_id is not None:
         template = await db.run(get_template, body.workflow_id)
         if template is None:
-            raise ApiError(404, ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {body.workflow_id}",
+            raise ApiError(ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {body.workflow_id}",
                            {"workflowId": body.workflow_id})
-    # Checked before a job exists: a bad input never costs a workflow, let alone GPU time.
-    context = {"settings": settings, "storage": storage, "http": request.app.state.http}
+    images = ImageIntake(
+        storage=storage, http=request.app.state.http, max_bytes=settings.input_image_max_bytes,
+        allow_private_urls=settings.input_image_allow_private_urls,
+    )
     try:
-        if template is not None:
-            inputs = await template_job_inputs(template, given, **context)
-        else:
-            inputs = await graph_job_inputs(body.workflow_json or {}, given, **context)
-    except PromptError as error:
-        raise prompt_error(error) from error
+        prepared = await prepare_job(
+            template=template, workflow_json=body.workflow_json, given={**body.params, **body.inputs},
+            limits=Limits.of_settings(settings.max_image_size, settings.max_batch_size), images=images,
+        )
+    except InvalidInput as error:
+        raise invalid_input(error) from error
 
     backend = configured_backends(settings)[0]
     job_id = str(uuid.uuid4())
@@ -169,8 +164,8 @@ async def create_job(
         job_id=job_id,
         template_id=body.workflow_id,
         template_version=template.version if template is not None else None,
-        workflow_json=inputs.workflow_json,
-        inputs=inputs.values,
+        workflow_json=prepared.workflow_json,
+        inputs=prepared.inputs,
         metadata=body.metadata,
         retry=RetrySpec.model_validate(body.retry.model_dump()),
         timeout_seconds=body.timeout_seconds or settings.job_timeout_seconds,
@@ -192,7 +187,7 @@ async def create_job(
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         )
     except RPCError as error:
-        raise ApiError(503, ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal refused the job; nothing was created") from error
+        raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal refused the job; nothing was created") from error
     eta = await db.run(estimate_wait_seconds, body.workflow_id, settings.max_concurrency)
     return CreateJobResponse(job_id=job_id, status=JobStatus.queued, eta_seconds=eta, poll_url=f"/jobs/{job_id}")
 
@@ -200,6 +195,7 @@ async def create_job(
 @router.get("", response_model=JobList)
 def get_jobs(
     session: SessionDep,
+    storage: StorageDep,
     status: JobStatus | None = None,
     workflow_id: Annotated[str | None, Query(alias="workflowId")] = None,
     after: datetime | None = Query(None, description="created after this instant (ISO 8601)"),
@@ -211,54 +207,56 @@ def get_jobs(
         session,
         JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, limit=limit, offset=offset),
     )
-    return JobList(jobs=jobs, count=count)
+    return JobList(jobs=[public_job(job, storage) for job in jobs], count=count)
 
 
-@router.get("/{job_id}", response_model=JobView)
-async def get_job(job_id: str, db: DatabaseDep, temporal: TemporalClientDep, live_views: LiveViewsDep) -> JobView:
-    return await find_job(job_id, db, temporal, live_views)
+@router.get("/{job_id}", response_model=Job)
+async def get_job(job: JobDep, storage: StorageDep) -> Job:
+    return public_job(job, storage)
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
 async def cancel_job(
-    job_id: str,
-    db: DatabaseDep,
+    job: JobDep,
+    reader: JobReaderDep,
     temporal: TemporalClientDep,
     body: Annotated[CancelJobBody | None, Body()] = None,
 ) -> CancelJobResponse:
-    view = await find_job(job_id, db, temporal)
-    if view.status.is_terminal:
-        raise _already_finished(view)
+    job_id = job.state.job_id
+    if job.state.status.is_terminal:
+        raise _already_finished(job)
     handle = temporal.get_workflow_handle(job_id)
     try:
         await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=body.reason if body else "", actor="api"))
-    except RPCError:
-        view = await find_job(job_id, db, temporal)
-        raise _already_finished(view)
-    deadline = asyncio.get_running_loop().time() + _CANCEL_WAIT_SECONDS
-    while not view.status.is_terminal and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
-        view = await find_job(job_id, db, temporal)
-    if view.status is JobStatus.cancelled:
+    except RPCError as error:
+        job = await reader.read(job_id, reuse_live=False)
+        if job.state.status.is_terminal:
+            raise _already_finished(job) from error
+        raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal did not take the cancel; try again") from error
+    # The workflow's end, awaited (long-polled by Temporal) rather than polled for.
+    with suppress(TimeoutError, WorkflowFailureError, RPCError):
+        await asyncio.wait_for(handle.result(), _CANCEL_WAIT_SECONDS)
+    status = (await reader.read(job_id, reuse_live=False)).state.status
+    if status is JobStatus.cancelled:
         message = "job cancelled"
-    elif view.status.is_terminal:
-        message = f"the job finished as {view.status.value} before the cancel took effect"
+    elif status.is_terminal:
+        message = f"the job finished as {status.value} before the cancel took effect"
     else:
         message = "cancel requested; the job is stopping"
-    return CancelJobResponse(job_id=job_id, status=view.status, message=message)
+    return CancelJobResponse(job_id=job_id, status=status, message=message)
 
 
-def _already_finished(view: JobView) -> ApiError:
+def _already_finished(job: JobSnapshot) -> ApiError:
+    state = job.state
     return ApiError(
-        409, ErrorCode.JOB_ALREADY_FINISHED, f"job {view.job_id} already finished as {view.status.value}",
-        {"jobId": view.job_id, "status": view.status.value},
+        ErrorCode.JOB_ALREADY_FINISHED, f"job {state.job_id} already finished as {state.status.value}",
+        {"jobId": state.job_id, "status": state.status.value},
     )
 
 
 @router.get("/{job_id}/logs", response_model=JobLogs)
-async def get_job_logs(job_id: str, db: DatabaseDep, temporal: TemporalClientDep, live_views: LiveViewsDep) -> JobLogs:
-    await find_job(job_id, db, temporal, live_views)
-    return JobLogs(job_id=job_id, events=await db.run(_job_events, job_id))
+async def get_job_logs(job: JobDep, db: DatabaseDep) -> JobLogs:
+    return JobLogs(job_id=job.state.job_id, events=await db.run(_job_events, job.state.job_id))
 
 
 def _job_events(session: Session, job_id: str) -> list[JobEvent]:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, StreamingResponse
 
-from api.deps import DatabaseDep, LiveViewsDep, StorageDep, TemporalClientDep
+from api.deps import JobDep, StorageDep
 from api.errors import ApiError
-from api.job_lookup import find_job
-from app.models import CamelModel, ErrorCode, OutputFile
+from api.job_views import OutputFile, output_file
+from app.errors import ErrorCode
+from app.models import CamelModel, OutputRef
 from app.storage import OutputStorage
 
 router = APIRouter(prefix="/outputs", tags=["outputs"])
@@ -28,39 +29,54 @@ class OutputList(CamelModel):
 
 
 @router.get("/{job_id}", response_model=OutputList)
-async def list_outputs(job_id: str, db: DatabaseDep, temporal: TemporalClientDep, live_views: LiveViewsDep) -> OutputList:
-    view = await find_job(job_id, db, temporal, live_views)
-    return OutputList(job_id=job_id, files=view.outputs)
+async def list_outputs(job: JobDep, storage: StorageDep) -> OutputList:
+    job_id = job.state.job_id
+    return OutputList(job_id=job_id, files=[output_file(job_id, output, storage) for output in job.state.outputs])
 
 
-def _base64_json(output: OutputFile, storage: OutputStorage) -> Iterator[bytes]:
+def _base64_json(output: OutputRef, source: BinaryIO) -> Iterator[bytes]:
     """{"filename", "contentType", "size", "data"} streamed, so a large video never sits in memory."""
     head = json.dumps({"filename": output.filename, "contentType": output.content_type, "size": output.size})
     yield (head[:-1] + ', "data": "').encode()
-    with storage.open(output.storage_path) as source:
+    with source:
         while chunk := source.read(_BASE64_CHUNK):
             yield base64.b64encode(chunk)
     yield b'"}'
 
 
+def _file_missing(job_id: str, output: OutputRef, storage: OutputStorage) -> ApiError:
+    return ApiError(
+        ErrorCode.OUTPUT_FILE_MISSING, f"the file of output {output.filename} of job {job_id} is gone from storage",
+        {"jobId": job_id, "filename": output.filename, "storagePath": storage.location(output.storage_key)},
+    )
+
+
+def _open(job_id: str, output: OutputRef, storage: OutputStorage) -> BinaryIO:
+    """Opened before the answer starts, so a file gone from storage is a 404, not a broken stream."""
+    try:
+        return storage.open(output.storage_key)
+    except FileNotFoundError:
+        raise _file_missing(job_id, output, storage) from None
+
+
 @router.get("/{job_id}/{filename}", response_model=None)
 async def get_output(
-    job_id: str,
+    job: JobDep,
     filename: str,
-    db: DatabaseDep,
-    temporal: TemporalClientDep,
     storage: StorageDep,
     format: Literal["binary", "base64"] = Query("binary", description="`base64` returns JSON with the data inline"),
 ) -> FileResponse | StreamingResponse:
-    view = await find_job(job_id, db, temporal)
-    output = next((item for item in view.outputs if item.filename == filename), None)
+    job_id = job.state.job_id
+    output = next((item for item in job.state.outputs if item.filename == filename), None)
     if output is None:
-        raise ApiError(404, ErrorCode.OUTPUT_NOT_FOUND, f"job {job_id} has no output {filename}",
+        raise ApiError(ErrorCode.OUTPUT_NOT_FOUND, f"job {job_id} has no output {filename}",
                        {"jobId": job_id, "filename": filename})
     if format == "base64":
-        return StreamingResponse(_base64_json(output, storage), media_type="application/json")
-    local = storage.local_path(output.storage_path)
+        return StreamingResponse(_base64_json(output, _open(job_id, output, storage)), media_type="application/json")
+    local = storage.local_path(output.storage_key)
     if local is not None:
+        if not local.is_file():
+            raise _file_missing(job_id, output, storage)
         return FileResponse(local, media_type=output.content_type, filename=output.filename)
-    return StreamingResponse(storage.open(output.storage_path), media_type=output.content_type,
+    return StreamingResponse(_open(job_id, output, storage), media_type=output.content_type,
                              headers={"Content-Disposition": f'attachment; filename="{output.filename}"'})

@@ -12,17 +12,17 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ConfigDict, Field, field_validator
 
 from api.deps import DatabaseDep, SessionDep, SettingsDep
-from api.errors import ApiError, prompt_error
+from api.errors import ApiError, invalid_input
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
 from app.db import as_utc
-from app.models import CamelModel, ErrorCode
+from app.errors import ErrorCode, InvalidInput
+from app.models import CamelModel
 from app.tables import TemplateRow
-from app.template_registry import TemplateSpec, check_node_types, check_template
-from app.template_schema import parse_schema, to_json_schema
-from app.template_store import TemplateExists, create_template, delete_template, get_template, list_latest_templates
-from app.template_store import TemplateVersionTaken, update_template, updated_spec
-from app.templates import PromptError
+from app.templates.registry import TemplateSpec, check_node_types, check_template
+from app.templates.schema import parse_schema, to_json_schema
+from app.templates.store import TemplateExists, create_template, delete_template, get_template, list_latest_templates
+from app.templates.store import TemplateVersionTaken, update_template, updated_spec
 
 router = APIRouter(prefix="/workflows", tags=["workflows"])
 
@@ -39,6 +39,7 @@ class Workflow(WorkflowSummary):
     input_schema: dict[str, Any]
     json_schema: dict[str, Any] = Field(description="the inputs as standard JSON Schema")
     default_params: dict[str, Any]
+    limits: dict[str, Any] = Field(description="the template's own maxImageSize/maxBatchSize, if any")
     created_at: datetime
 
 
@@ -60,6 +61,8 @@ class CreateWorkflowRequest(CamelModel):
     workflow_json: dict[str, Any]
     input_schema: dict[str, Any] = Field(default_factory=dict)
     default_params: dict[str, Any] = Field(default_factory=dict)
+    limits: dict[str, Any] = Field(
+        default_factory=dict, description='{"maxImageSize": N, "maxBatchSize": M}: in place of the operator\'s limits')
 
 
 class UpdateWorkflowRequest(CamelModel):
@@ -70,6 +73,7 @@ class UpdateWorkflowRequest(CamelModel):
     workflow_json: dict[str, Any] | None = None
     input_schema: dict[str, Any] | None = None
     default_params: dict[str, Any] | None = None
+    limits: dict[str, Any] | None = None
 
     @field_validator("*", mode="before")
     @classmethod
@@ -90,12 +94,13 @@ def _workflow(row: TemplateRow) -> Workflow:
         input_schema=row.input_schema,
         json_schema=to_json_schema(parse_schema(row.input_schema), row.default_params),
         default_params=row.default_params,
+        limits=row.limits,
         created_at=as_utc(row.created_at),
     )
 
 
 def _not_found(template_id: str) -> ApiError:
-    return ApiError(404, ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {template_id}",
+    return ApiError(ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {template_id}",
                     {"workflowId": template_id})
 
 
@@ -104,7 +109,7 @@ async def _checked_against_comfyui(request: Request, settings: SettingsDep, spec
     client = ComfyClient(configured_backends(settings)[0].url, request.app.state.http)
     report = await check_node_types(spec.workflow_json, client)
     if report.issues:
-        raise prompt_error(PromptError(report.issues))
+        raise invalid_input(InvalidInput(report.issues))
     return report.warnings
 
 
@@ -122,15 +127,15 @@ async def register_workflow(
 ) -> WorkflowResponse:
     spec = TemplateSpec(template_id=body.id, name=body.name, description=body.description,
                         workflow_json=body.workflow_json, input_schema=body.input_schema,
-                        default_params=body.default_params)
+                        default_params=body.default_params, limits=body.limits)
     try:
         check_template(spec)
         warnings = await _checked_against_comfyui(request, settings, spec)
         row = await db.run(create_template, spec)
-    except PromptError as error:
-        raise prompt_error(error) from error
+    except InvalidInput as error:
+        raise invalid_input(error) from error
     except TemplateExists as error:
-        raise ApiError(409, ErrorCode.WORKFLOW_EXISTS, f"a workflow template with id {body.id} exists",
+        raise ApiError(ErrorCode.WORKFLOW_EXISTS, f"a workflow template with id {body.id} exists",
                        {"workflowId": body.id}) from error
     return WorkflowResponse(workflow=_workflow(row), warnings=warnings)
 
@@ -159,10 +164,10 @@ async def change_workflow(
         check_template(spec)
         warnings = await _checked_against_comfyui(request, settings, spec) if "workflow_json" in changes else []
         row = await db.run(update_template, current, changes)
-    except PromptError as error:
-        raise prompt_error(error) from error
+    except InvalidInput as error:
+        raise invalid_input(error) from error
     except TemplateVersionTaken as error:
-        raise ApiError(409, ErrorCode.WORKFLOW_CONFLICT,
+        raise ApiError(ErrorCode.WORKFLOW_CONFLICT,
                        f"another update of {template_id} landed at the same moment; read it and try again",
                        {"workflowId": template_id, "version": error.version}) from error
     return WorkflowResponse(workflow=_workflow(row), warnings=warnings)

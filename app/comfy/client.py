@@ -20,7 +20,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from app.comfy.errors import ComfyError, classify_prompt_rejection
-from app.models import ErrorCode
+from app.comfy.health import BackendHealth
+from app.errors import ErrorCode
 
 _STREAM_CHUNK = 256 * 1024
 
@@ -75,16 +76,28 @@ def parse_ws_message(raw: str | bytes) -> WsEvent | WsBinary:
 
 
 class ComfyClient:
-    def __init__(self, base_url: str, http: httpx.AsyncClient) -> None:
+    """`health`, when given, hears of every call that reached ComfyUI and every one that did not."""
+
+    def __init__(self, base_url: str, http: httpx.AsyncClient, health: BackendHealth | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = http
+        self._health = health
 
     def _unreachable(self, exc: Exception) -> ComfyError:
-        return ComfyError(
+        return self._down(ComfyError(
             ErrorCode.COMFYUI_UNREACHABLE,
             f"ComfyUI at {self.base_url} is unreachable: {type(exc).__name__}",
             {"url": self.base_url},
-        )
+        ))
+
+    def _down(self, error: ComfyError) -> ComfyError:
+        if self._health is not None:
+            self._health.failed(error.message)
+        return error
+
+    def _answered(self) -> None:
+        if self._health is not None:
+            self._health.answered()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -92,11 +105,12 @@ class ComfyClient:
         except (httpx.TransportError, OSError) as exc:
             raise self._unreachable(exc) from exc
         if response.status_code >= 500:
-            raise ComfyError(
+            raise self._down(ComfyError(
                 ErrorCode.COMFYUI_UNREACHABLE,
                 f"ComfyUI answered {method} {path} with HTTP {response.status_code}",
                 {"url": self.base_url, "status": response.status_code},
-            )
+            ))
+        self._answered()
         return response
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -158,24 +172,31 @@ class ComfyClient:
     # --- files -------------------------------------------------------------------------------------
 
     async def download(self, *, filename: str, subfolder: str, folder_type: str, destination: Path) -> DownloadedFile:
-        """Stream `/view` into `destination`, hashing as it goes; never holds the whole file in memory."""
+        """Stream `/view` into `destination`, hashing as it goes; never holds the whole file in memory. A file
+        that cannot be written raises OSError, which is the gateway's trouble, not ComfyUI's."""
         params = {"filename": filename, "subfolder": subfolder, "type": folder_type}
+        where = {"filename": filename, "subfolder": subfolder, "type": folder_type}
         digest = hashlib.sha256()
         size = 0
         try:
             async with self._http.stream("GET", f"{self.base_url}/view", params=params) as response:
+                if response.status_code >= 500:
+                    raise self._down(ComfyError(
+                        ErrorCode.COMFYUI_UNREACHABLE,
+                        f"ComfyUI answered GET /view for {subfolder}/{filename} with HTTP {response.status_code}",
+                        {"url": self.base_url, "status": response.status_code},
+                    ))
+                self._answered()
                 if response.status_code == 404:
                     raise ComfyError(
                         ErrorCode.COMFYUI_PROTOCOL_ERROR,
-                        f"ComfyUI has no output file {subfolder}/{filename} ({folder_type})",
-                        {"filename": filename, "subfolder": subfolder, "type": folder_type},
+                        f"ComfyUI has no output file {subfolder}/{filename} ({folder_type})", where,
                     )
                 if response.status_code != 200:
                     raise ComfyError(
-                        ErrorCode.COMFYUI_UNREACHABLE if response.status_code >= 500 else ErrorCode.COMFYUI_PROTOCOL_ERROR,
+                        ErrorCode.COMFYUI_PROTOCOL_ERROR,
                         f"ComfyUI refused to serve the output file {subfolder}/{filename} (HTTP {response.status_code})",
-                        {"filename": filename, "subfolder": subfolder, "type": folder_type,
-                         "status": response.status_code},
+                        {**where, "status": response.status_code},
                     )
                 content_type = response.headers.get("content-type", "application/octet-stream").split(";")[0]
                 with open(destination, "wb") as sink:
@@ -185,7 +206,7 @@ class ComfyClient:
                         size += len(chunk)
                     sink.flush()
                     os.fsync(sink.fileno())
-        except (httpx.TransportError, OSError) as exc:
+        except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         return DownloadedFile(size=size, sha256=digest.hexdigest(), content_type=content_type)
 
@@ -211,9 +232,11 @@ class ComfyClient:
             # The socket is closed as soon as the result is in hand, often with events still unread. With
             # websockets' default queue of 16, reading pauses then and the server's close frame is never
             # read, so the close would wait out its timeout (10 s by default) on every such job.
-            return await websockets.connect(
+            socket = await websockets.connect(
                 f"{self.ws_url}?clientId={client_id}", max_size=None, open_timeout=10, ping_interval=20,
                 max_queue=1024, close_timeout=1,
             )
         except (OSError, websockets.WebSocketException, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
+        self._answered()
+        return socket

@@ -4,21 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.models import ErrorCode
-
-# Codes after which running the same prompt again cannot help, unless a client opts in per job.
-NON_RETRYABLE_CODES = frozenset(
-    {
-        ErrorCode.VALIDATION_ERROR,
-        ErrorCode.COMFYUI_NODE_ERROR,
-        ErrorCode.COMFYUI_OOM,
-        ErrorCode.COMFYUI_TIMEOUT,
-        ErrorCode.COMFYUI_INTERRUPTED,
-        ErrorCode.PROMPT_LOST,
-        # ComfyUI answered, but not as its protocol says (a refused /view, a prompt ended without a result).
-        ErrorCode.COMFYUI_PROTOCOL_ERROR,
-    }
-)
+from app.errors import ErrorCode, temporal_retries
 
 
 # ComfyUI's messages can quote an input in full (a 900 KB string, a traceback); the failure must stay far
@@ -37,7 +23,7 @@ class ComfyError(Exception):
 
     @property
     def retryable(self) -> bool:
-        return self.code not in NON_RETRYABLE_CODES
+        return temporal_retries(self.code)
 
 
 def _is_out_of_memory(exception_type: str, message: str) -> bool:

@@ -1,4 +1,5 @@
-"""The small interface every output store implements (local disk now; S3-compatible stores next)."""
+"""The small interface every output store implements (local disk now; S3-compatible stores next). Jobs and
+their histories hold storage keys only; where a file can be downloaded is asked of the store when it is read."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ class OutputStorage(Protocol):
 
     def local_path(self, key: str) -> Path | None:
         """The object's path on this machine when the store is a local disk, else None."""
+
+    def location(self, key: str) -> str:
+        """Where the object is, for people: the key under the local root, or a bucket URI."""
+
+    def download_url(self, key: str, api_route: str) -> str:
+        """Where a client downloads the object: `api_route` (the gateway serves it) or a URL of the store's."""
 
 
 def validate_key(key: str) -> str:

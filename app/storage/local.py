@@ -40,3 +40,9 @@ class LocalStorage:
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
+
+    def location(self, key: str) -> str:
+        return validate_key(key)
+
+    def download_url(self, key: str, api_route: str) -> str:
+        return api_route  # the API streams local files itself

@@ -16,9 +16,9 @@ from sqlalchemy.engine import Engine
 
 from app.db import create_tables, session_scope
 from app.tables import TemplateRow
-from app.template_registry import TemplateSpec, check_template
+from app.templates.registry import TemplateSpec, check_template
 
-BUNDLED_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+BUNDLED_TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 
 
 class TemplateExists(Exception):
@@ -72,6 +72,7 @@ def _insert(session: Session, spec: TemplateSpec, version: int) -> TemplateRow:
         workflow_json=spec.workflow_json,
         input_schema=spec.input_schema,
         default_params=spec.default_params,
+        limits=spec.limits,
         created_at=datetime.now(timezone.utc),
     )
     session.add(row)
@@ -104,6 +105,7 @@ def updated_spec(current: TemplateRow, changes: dict[str, Any]) -> TemplateSpec:
         workflow_json=changes.get("workflow_json", current.workflow_json),
         input_schema=changes.get("input_schema", current.input_schema),
         default_params=changes.get("default_params", current.default_params),
+        limits=changes.get("limits", current.limits),
     )
 
 
@@ -141,6 +143,7 @@ def read_template_file(path: Path) -> TemplateSpec:
         workflow_json=spec["workflowJson"],
         input_schema=spec.get("inputSchema", {}),
         default_params=spec.get("defaultParams", {}),
+        limits=spec.get("limits", {}),
     )
 
 

@@ -9,24 +9,11 @@ input cannot inject nodes.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
+from app.errors import FieldIssue, InvalidInput
+
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-_WHOLE_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-_IMAGE_SIZE_INPUTS = ("width", "height")
-
-
-@dataclass(frozen=True)
-class FieldIssue:
-    field: str
-    message: str
-
-
-class PromptError(ValueError):
-    def __init__(self, issues: list[FieldIssue]) -> None:
-        super().__init__("; ".join(f"{issue.field}: {issue.message}" for issue in issues))
-        self.issues = issues
 
 
 def is_link(value: Any) -> bool:
@@ -48,7 +35,7 @@ def _walk_strings(value: Any, visit) -> Any:  # type: ignore[no-untyped-def]
 def check_graph_shape(graph: Any) -> None:
     """An API-format prompt: {node_id: {"class_type": str, "inputs": {...}}}."""
     if not isinstance(graph, dict) or not graph:
-        raise PromptError([FieldIssue("workflowJson", "must be a non-empty object of nodes in ComfyUI API format")])
+        raise InvalidInput([FieldIssue("workflowJson", "must be a non-empty object of nodes in ComfyUI API format")])
     issues = []
     for node_id, node in graph.items():
         class_type = node.get("class_type") if isinstance(node, dict) else None
@@ -59,7 +46,7 @@ def check_graph_shape(graph: Any) -> None:
         elif not isinstance(node.get("inputs"), dict):
             issues.append(FieldIssue(f"workflowJson.{node_id}.inputs", "every node needs an inputs object"))
     if issues:
-        raise PromptError(issues)
+        raise InvalidInput(issues)
 
 
 def check_links(graph: dict[str, Any]) -> None:
@@ -70,7 +57,7 @@ def check_links(graph: dict[str, Any]) -> None:
             if is_link(value) and (value[0] not in graph or value[1] < 0):
                 issues.append(FieldIssue(f"workflowJson.{node_id}.inputs.{name}", f"links to missing node output {value}"))
     if issues:
-        raise PromptError(issues)
+        raise InvalidInput(issues)
 
 
 def placeholders(graph: dict[str, Any]) -> set[str]:
@@ -87,7 +74,7 @@ def placeholders(graph: dict[str, Any]) -> set[str]:
 
 def whole_placeholder(value: Any) -> str | None:
     """The input name when `value` is exactly "{{name}}" (which is replaced by the typed value)."""
-    match = _WHOLE_PLACEHOLDER.fullmatch(value) if isinstance(value, str) else None
+    match = _PLACEHOLDER.fullmatch(value) if isinstance(value, str) else None
     return match.group(1) if match else None
 
 
@@ -95,7 +82,7 @@ def render_prompt(graph: dict[str, Any], values: dict[str, Any]) -> dict[str, An
     check_graph_shape(graph)
     missing = sorted(placeholders(graph) - values.keys())
     if missing:
-        raise PromptError([FieldIssue(f"inputs.{name}", "required by the workflow but not given") for name in missing])
+        raise InvalidInput([FieldIssue(f"inputs.{name}", "required by the workflow but not given") for name in missing])
 
     def substitute(text: str) -> Any:
         if (name := whole_placeholder(text)) is not None:
@@ -106,35 +93,3 @@ def render_prompt(graph: dict[str, Any], values: dict[str, Any]) -> dict[str, An
         node_id: {**node, "inputs": _walk_strings(node.get("inputs", {}), substitute)}
         for node_id, node in graph.items()
     }
-
-
-def check_limits(prompt: dict[str, Any], *, max_image_size: int, max_batch_size: int) -> None:
-    """Refuse sizes and batches beyond the operator's limits before any GPU time is spent."""
-    limits = {**{name: ("MAX_IMAGE_SIZE", max_image_size) for name in _IMAGE_SIZE_INPUTS},
-              "batch_size": ("MAX_BATCH_SIZE", max_batch_size)}
-    issues = []
-    for node_id, node in prompt.items():
-        inputs = node.get("inputs", {})
-        for name, (setting, limit) in limits.items():
-            value = _as_number(inputs.get(name))
-            field = f"workflowJson.{node_id}.inputs.{name}"
-            if value is not None and value > limit:
-                issues.append(FieldIssue(field, f"{inputs[name]} exceeds {setting} {limit}"))
-            elif value is not None and value < 0:
-                issues.append(FieldIssue(field, f"{inputs[name]} is negative"))
-    if issues:
-        raise PromptError(issues)
-
-
-def _as_number(value: Any) -> float | None:
-    """The number ComfyUI will see: it accepts numeric strings ("320") for number inputs."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return value
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None

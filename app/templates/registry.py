@@ -8,8 +8,10 @@ from typing import Any
 
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
-from app.template_schema import InputSchema, default_params_issues, parse_schema
-from app.templates import FieldIssue, PromptError, check_graph_shape, check_links, is_link, placeholders
+from app.errors import FieldIssue, InvalidInput
+from app.templates.limits import parse_template_limits
+from app.templates.rendering import check_graph_shape, check_links, is_link, placeholders
+from app.templates.schema import InputSchema, default_params_issues, parse_schema
 
 TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: "$" would let a trailing newline in
 
@@ -22,12 +24,14 @@ class TemplateSpec:
     description: str = ""
     input_schema: dict[str, Any] = field(default_factory=dict)
     default_params: dict[str, Any] = field(default_factory=dict)
+    # {"maxImageSize": N, "maxBatchSize": M}: this template's own limits in place of the operator's.
+    limits: dict[str, Any] = field(default_factory=dict)
 
 
 def check_template(spec: TemplateSpec) -> InputSchema:
     """Refuse what cannot work: a bad id, a graph that is not an API-format prompt, a link to a missing node,
-    a placeholder that neither the schema nor the defaults declare, an invalid schema, or a default its field
-    would refuse."""
+    a placeholder that neither the schema nor the defaults declare, an invalid schema, a default its field
+    would refuse, or limits that are not positive whole numbers."""
     issues: list[FieldIssue] = []
     if not TEMPLATE_ID.fullmatch(spec.template_id):
         issues.append(FieldIssue("id", "letters, digits, '_', '-' and '.', starting with a letter or digit, at most 128"))
@@ -35,7 +39,7 @@ def check_template(spec: TemplateSpec) -> InputSchema:
     for check in (lambda: check_graph_shape(spec.workflow_json), lambda: check_links(spec.workflow_json)):
         try:
             check()
-        except PromptError as error:
+        except InvalidInput as error:
             issues += error.issues
             break
     else:
@@ -47,10 +51,14 @@ def check_template(spec: TemplateSpec) -> InputSchema:
     try:
         schema = parse_schema(spec.input_schema)
         issues += default_params_issues(schema, spec.default_params)
-    except PromptError as error:
+    except InvalidInput as error:
+        issues += error.issues
+    try:
+        parse_template_limits(spec.limits)
+    except InvalidInput as error:
         issues += error.issues
     if issues:
-        raise PromptError(issues)
+        raise InvalidInput(issues)
     assert schema is not None
     return schema
 

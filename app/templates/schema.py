@@ -17,14 +17,13 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, ValidationInfo
 from pydantic import field_validator, model_validator
 
-from app.image_inputs import classify_image_source
-from app.templates import FieldIssue, PromptError, is_link
+from app.errors import FieldIssue, InvalidInput
+from app.images.sources import classify_image_source
+from app.templates.rendering import is_link
 
 SEED_FIELD = "seed"
 # Seeds ComfyUI samplers accept; kept within JSON's exact integers.
 _SEED_RANGE = 2**48
-_IMAGE_SIZE_FIELDS = ("width", "height")
-_BATCH_FIELD = "batch_size"
 
 
 class FieldType(str, Enum):
@@ -125,7 +124,7 @@ def parse_schema(raw: dict[str, Any]) -> InputSchema:
     try:
         return InputSchema.model_validate(raw or {})
     except ValidationError as error:
-        raise PromptError(
+        raise InvalidInput(
             [FieldIssue(".".join(["inputSchema", *map(str, e["loc"])]), e["msg"]) for e in error.errors()]
         ) from error
 
@@ -165,16 +164,10 @@ def _is_choice(value: Any, choices: list[Any]) -> bool:
     return any(value == choice and isinstance(value, bool) == isinstance(choice, bool) for choice in choices)
 
 
-def validate_inputs(
-    schema: InputSchema,
-    default_params: dict[str, Any],
-    inputs: dict[str, Any],
-    *,
-    max_image_size: int,
-    max_batch_size: int,
-) -> dict[str, Any]:
+def validate_inputs(schema: InputSchema, default_params: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     """The template's values for a job: defaults filled in, every field checked, a random seed drawn when
-    the template has one and the client gave none (or -1), so the stored inputs reproduce the result."""
+    the template has one and the client gave none (or -1), so the stored inputs reproduce the result. Sizes
+    and batches are checked later, on the rendered graph (app.templates.limits)."""
     issues = _given_issues(schema, default_params, inputs)
     known = schema.fields.keys() | default_params.keys()
     values = {**default_params, **{name: spec.default for name, spec in schema.fields.items() if spec.default is not None}}
@@ -189,13 +182,8 @@ def validate_inputs(
         problem = _problem(spec, values[name])
         if problem:
             issues.append(FieldIssue(f"inputs.{name}", problem))
-    for name in _IMAGE_SIZE_FIELDS:
-        if _number_over(values.get(name), max_image_size):
-            issues.append(FieldIssue(f"inputs.{name}", f"{values[name]} exceeds MAX_IMAGE_SIZE {max_image_size}"))
-    if _number_over(values.get(_BATCH_FIELD), max_batch_size):
-        issues.append(FieldIssue(f"inputs.{_BATCH_FIELD}", f"{values[_BATCH_FIELD]} exceeds MAX_BATCH_SIZE {max_batch_size}"))
     if issues:
-        raise PromptError(issues)
+        raise InvalidInput(issues)
     return values
 
 
@@ -259,10 +247,6 @@ def _random_seed(spec: InputField | None) -> int:
     low = max(0, int(spec.min)) if spec is not None and spec.min is not None else 0
     high = int(spec.max) + 1 if spec is not None and spec.max is not None else _SEED_RANGE
     return low + secrets.randbelow(max(1, min(high, _SEED_RANGE) - low))
-
-
-def _number_over(value: Any, limit: int) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit
 
 
 def image_fields(schema: InputSchema) -> list[str]:

@@ -1,0 +1,145 @@
+"""Where a job's truth is, and the one way the API reads a job.
+
+A finished job's truth is its row, which its workflow writes before it completes: it is read first, so a
+finished job never shows as live. A live job's truth is its workflow: the `status` query's answer, with the
+live progress of the activity it is waiting on (its last heartbeat, through describe). A query answer is
+true when it is given; nothing is inferred from a race between two calls. A workflow that has closed is
+read from its row or, if the row does not show the end yet, from the workflow itself (a query of a closed
+workflow replays it to its end). Only a workflow Temporal itself terminated or timed out ends a job as
+`cancelled`/JOB_TERMINATED; the worker's reconciler writes that end into the row.
+
+Queries run on the worker, beside the jobs themselves, so a live job's snapshot is reused for a moment:
+however often clients poll, each live job costs the worker at most a few queries a second.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.database import Database
+from api.errors import ApiError
+from app.errors import ErrorCode
+from app.jobstore import JobSnapshot, get_job_snapshot
+from app.models import JobState, JobStatus, LiveProgress, PromptProgress, StepHeartbeat
+from app.temporal_endings import ended_by_temporal, terminated_error, termination_reason
+from workflows_temporal.generation import GenerationWorkflow
+
+LIVE_VIEW_SECONDS = 0.25
+_LIVE_VIEW_CAPACITY = 10_000
+_PROMPT_ACTIVITY = "run_prompt"
+
+
+@dataclass
+class LiveViews:
+    """Recently read snapshots of live jobs, by job id, each kept for LIVE_VIEW_SECONDS."""
+
+    _views: dict[str, tuple[float, JobSnapshot]] = field(default_factory=dict)
+
+    def get(self, job_id: str) -> JobSnapshot | None:
+        cached = self._views.get(job_id)
+        if cached is None or cached[0] < time.monotonic():
+            return None
+        return cached[1]
+
+    def put(self, snapshot: JobSnapshot) -> None:
+        now = time.monotonic()
+        if len(self._views) >= _LIVE_VIEW_CAPACITY:
+            self._views = {job_id: entry for job_id, entry in self._views.items() if entry[0] >= now}
+        self._views[snapshot.state.job_id] = (now + LIVE_VIEW_SECONDS, snapshot)
+
+
+def job_not_found(job_id: str) -> ApiError:
+    return ApiError(ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id}", {"jobId": job_id})
+
+
+def _temporal_unavailable() -> ApiError:
+    return ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal could not answer for this job")
+
+
+def _is_job_id(job_id: str) -> bool:
+    try:
+        uuid.UUID(job_id)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class JobReader:
+    db: Database
+    temporal: Client
+    live_views: LiveViews
+
+    async def read(self, job_id: str, *, reuse_live: bool = True) -> JobSnapshot:
+        """The job as it is now; with `reuse_live`, a live job's snapshot may be up to LIVE_VIEW_SECONDS old."""
+        if not _is_job_id(job_id):
+            raise job_not_found(job_id)
+        recorded = await self.db.run(get_job_snapshot, job_id)
+        if recorded is not None and recorded.state.status.is_terminal:
+            return recorded
+        if reuse_live and (cached := self.live_views.get(job_id)) is not None:
+            return cached
+        handle = self.temporal.get_workflow_handle(job_id)
+        try:
+            description = await handle.describe()
+        except RPCError as error:
+            if recorded is not None:
+                return recorded  # the projection, when Temporal cannot answer for the workflow right now
+            if error.status is RPCStatusCode.NOT_FOUND:
+                raise job_not_found(job_id) from error
+            raise _temporal_unavailable() from error
+        if description.status is not WorkflowExecutionStatus.RUNNING:
+            return await self._closed(handle, description)
+        state = await self._query(handle, recorded)
+        if state.status.is_terminal:
+            return JobSnapshot(state, LiveProgress())
+        snapshot = JobSnapshot(state, await self._live_progress(description))
+        self.live_views.put(snapshot)
+        return snapshot
+
+    async def _query(self, handle: WorkflowHandle, recorded: JobSnapshot | None) -> JobState:
+        try:
+            return await handle.query(GenerationWorkflow.status)
+        except RPCError as error:
+            if recorded is not None:
+                return recorded.state
+            raise _temporal_unavailable() from error
+
+    async def _closed(self, handle: WorkflowHandle, description: WorkflowExecutionDescription) -> JobSnapshot:
+        """A workflow that has closed, perhaps a moment ago: its row has its end, unless Temporal ended it."""
+        recorded = await self.db.run(get_job_snapshot, handle.id)
+        if recorded is not None and recorded.state.status.is_terminal:
+            return recorded
+        if not ended_by_temporal(description.status):
+            # It wrote its end and closed between two reads: a query replays the closed workflow to its end.
+            return JobSnapshot(await self._query(handle, recorded), LiveProgress())
+        assert description.status is not None
+        state = recorded.state if recorded is not None else await self._query(handle, None)
+        ended = state.model_copy(update={
+            "status": JobStatus.cancelled,
+            "error": terminated_error(description.status, await termination_reason(self.temporal, handle.id)),
+            "completed_at": description.close_time or datetime.now(timezone.utc),
+        })
+        return JobSnapshot(ended, recorded.live if recorded is not None else LiveProgress())
+
+    async def _live_progress(self, description: WorkflowExecutionDescription) -> LiveProgress:
+        """Progress is not in workflow history tick by tick: it is the last heartbeat of the activity the
+        job waits on (the prompt's progress, or a warning while ComfyUI does not answer)."""
+        live = LiveProgress()
+        for pending in description.raw_description.pending_activities:
+            if not pending.heartbeat_details.payloads:
+                continue
+            [details] = await self.temporal.data_converter.decode(pending.heartbeat_details.payloads)
+            if not isinstance(details, dict):
+                continue  # a heartbeat of an older release (a bare count)
+            if pending.activity_type.name == _PROMPT_ACTIVITY:
+                live = PromptProgress.model_validate(details).live()
+            elif (warning := StepHeartbeat.model_validate(details).warning) is not None:
+                live.warning = warning
+        return live

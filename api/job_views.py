@@ -1,0 +1,85 @@
+"""The public shape of a job (`GET /jobs/{id}`, lists, outputs), mapped from the workflow's state and the
+job's live progress. Output URLs are made here, at read time, by the storage provider: for local storage
+the API's own route, and never frozen into workflow history."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import Field
+
+from app.jobstore import JobSnapshot
+from app.models import CamelModel, JobError, JobStatus, JobWarning, OutputRef
+from app.storage import OutputStorage
+
+
+class OutputFile(CamelModel):
+    filename: str
+    storage_path: str = Field(description="where the file is stored: its key under STORAGE_LOCAL_PATH")
+    url: str = Field(description="where to download it")
+    size: int
+    sha256: str
+    content_type: str
+    node_id: str
+    animated: bool = False
+
+
+class JobTiming(CamelModel):
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    execution_time_ms: int | None = None
+
+
+class Job(CamelModel):
+    job_id: str
+    status: JobStatus
+    # The contract calls the template id `workflowId`; it is not Temporal's workflow id (that is job_id).
+    workflow_id: str | None = None
+    template_version: int | None = None
+    seed: int | None = Field(None, description="the seed the job ran with, to reproduce it")
+    progress: int = 0
+    current_node: str | None = None
+    queue_position: int | None = Field(None, description="the prompt's place in ComfyUI's queue (0 = running)")
+    attempts: int = 0
+    outputs: list[OutputFile] = Field(default_factory=list)
+    error: JobError | None = None
+    warning: JobWarning | None = Field(None, description="why a live job is waiting; cleared when it runs again")
+    timing: JobTiming
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> OutputFile:
+    route = f"/outputs/{job_id}/{quote(output.filename, safe='')}"
+    return OutputFile(
+        filename=output.filename, storage_path=storage.location(output.storage_key),
+        url=storage.download_url(output.storage_key, route),
+        size=output.size, sha256=output.sha256, content_type=output.content_type, node_id=output.node_id,
+        animated=output.animated,
+    )
+
+
+def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
+    state, live = snapshot.state, snapshot.live
+    finished = state.status.is_terminal
+    return Job(
+        job_id=state.job_id,
+        status=state.status,
+        workflow_id=state.template_id,
+        template_version=state.template_version,
+        seed=state.seed,
+        progress=100 if state.status is JobStatus.succeeded else live.percent,
+        current_node=None if finished else live.node,
+        queue_position=None if finished else live.queue_position,
+        attempts=state.attempts,
+        outputs=[output_file(state.job_id, output, storage) for output in state.outputs],
+        error=state.error,
+        warning=None if finished else live.warning,
+        timing=JobTiming(
+            created_at=state.created_at, started_at=state.started_at, completed_at=state.completed_at,
+            execution_time_ms=state.execution_time_ms,
+        ),
+        metadata=state.metadata,
+    )

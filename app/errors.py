@@ -1,0 +1,153 @@
+"""The gateway's error classes: every stable error code, the HTTP status it answers with, whether Temporal
+retries an activity that fails with it, and whether a client may opt in to re-running a job after it.
+
+This table is the one place these rules live: the workflow's retry policies, the activities' failures, the
+API's error answers, the `retry.retryOn` check and the README's table are all derived from it. No I/O here:
+the workflow imports this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    """Stable error codes: clients branch on these, so they never change meaning."""
+
+    VALIDATION_ERROR = "VALIDATION_ERROR"
+    UNSUPPORTED_FIELD = "UNSUPPORTED_FIELD"
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+    NOT_FOUND = "NOT_FOUND"
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+    WORKFLOW_NOT_FOUND = "WORKFLOW_NOT_FOUND"
+    WORKFLOW_EXISTS = "WORKFLOW_EXISTS"
+    WORKFLOW_CONFLICT = "WORKFLOW_CONFLICT"
+    JOB_NOT_FOUND = "JOB_NOT_FOUND"
+    JOB_ALREADY_FINISHED = "JOB_ALREADY_FINISHED"
+    OUTPUT_NOT_FOUND = "OUTPUT_NOT_FOUND"
+    OUTPUT_FILE_MISSING = "OUTPUT_FILE_MISSING"
+    JOB_CANCELLED = "JOB_CANCELLED"
+    JOB_TERMINATED = "JOB_TERMINATED"
+    COMFYUI_UNREACHABLE = "COMFYUI_UNREACHABLE"
+    COMFYUI_OOM = "COMFYUI_OOM"
+    COMFYUI_NODE_ERROR = "COMFYUI_NODE_ERROR"
+    COMFYUI_TIMEOUT = "COMFYUI_TIMEOUT"
+    COMFYUI_INTERRUPTED = "COMFYUI_INTERRUPTED"
+    COMFYUI_PROTOCOL_ERROR = "COMFYUI_PROTOCOL_ERROR"
+    PROMPT_LOST = "PROMPT_LOST"
+    IMAGE_FETCH_FAILED = "IMAGE_FETCH_FAILED"
+    STORAGE_ERROR = "STORAGE_ERROR"
+    TEMPORAL_UNAVAILABLE = "TEMPORAL_UNAVAILABLE"
+    CONFIGURATION_ERROR = "CONFIGURATION_ERROR"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+@dataclass(frozen=True)
+class ErrorClass:
+    http_status: int
+    # Temporal retries an activity that failed with it (with backoff, within the activity's own limits).
+    temporal_retries: bool
+    # A client may name it in `retry.retryOn` to have the job re-run on ComfyUI after it.
+    client_retryable: bool
+    # Where it is seen: "request" (an API answer), "job" (a failed job's `error.code`), or both.
+    seen_in: str
+    meaning: str
+
+
+_REQUEST, _JOB, _BOTH = "request", "job", "request, job"
+
+ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
+    ErrorCode.VALIDATION_ERROR: ErrorClass(
+        400, False, False, _BOTH,
+        "a request or its inputs are invalid (`details.fields` names each field); as a job's error, ComfyUI refused "
+        "the prompt (`details.nodeErrors` says which node, which input, why)"),
+    ErrorCode.UNSUPPORTED_FIELD: ErrorClass(400, False, False, _REQUEST, "a field this version does not support yet"),
+    ErrorCode.REQUEST_TOO_LARGE: ErrorClass(413, False, False, _REQUEST, "the request body is over 64 MB"),
+    ErrorCode.NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "no such route"),
+    ErrorCode.METHOD_NOT_ALLOWED: ErrorClass(405, False, False, _REQUEST, "the route does not take this method"),
+    ErrorCode.WORKFLOW_NOT_FOUND: ErrorClass(
+        404, False, False, _BOTH, "no such workflow template (as a job's error: its version was removed)"),
+    ErrorCode.WORKFLOW_EXISTS: ErrorClass(409, False, False, _REQUEST, "a template with this id exists"),
+    ErrorCode.WORKFLOW_CONFLICT: ErrorClass(
+        409, False, False, _REQUEST, "a concurrent update took the same template version first"),
+    ErrorCode.JOB_NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "no such job"),
+    ErrorCode.JOB_ALREADY_FINISHED: ErrorClass(409, False, False, _REQUEST, "the job has finished; it cannot be cancelled"),
+    ErrorCode.OUTPUT_NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "the job has no output of this name"),
+    ErrorCode.OUTPUT_FILE_MISSING: ErrorClass(
+        404, False, False, _REQUEST, "the job has this output, but its file is gone from storage"),
+    ErrorCode.JOB_CANCELLED: ErrorClass(
+        409, False, False, _JOB, "the job was cancelled (`message` says by whom and why)"),
+    ErrorCode.JOB_TERMINATED: ErrorClass(
+        409, False, False, _JOB,
+        "the job's workflow was terminated or timed out in Temporal (`message` has the operator's reason); "
+        "status `cancelled`"),
+    ErrorCode.COMFYUI_UNREACHABLE: ErrorClass(
+        503, True, False, _BOTH,
+        "connection refused, timeouts, 5xx; the job waits for ComfyUI (with a `warning`) until its timeout"),
+    ErrorCode.COMFYUI_OOM: ErrorClass(
+        502, False, True, _JOB, "out of memory (`torch.OutOfMemoryError` or CUDA OOM text)"),
+    ErrorCode.COMFYUI_NODE_ERROR: ErrorClass(
+        502, False, True, _JOB,
+        "a node raised; `details` has `nodeId`, `nodeType`, `exceptionType`, `exceptionMessage`"),
+    ErrorCode.COMFYUI_TIMEOUT: ErrorClass(
+        504, False, True, _JOB, "no result within the job's timeout (the prompt is interrupted)"),
+    ErrorCode.COMFYUI_INTERRUPTED: ErrorClass(
+        502, False, True, _JOB, "someone else interrupted the prompt on ComfyUI"),
+    ErrorCode.COMFYUI_PROTOCOL_ERROR: ErrorClass(
+        502, False, False, _BOTH,
+        "ComfyUI answered outside its protocol, e.g. refused to serve an output file (`/view` refuses names "
+        "containing `..`)"),
+    ErrorCode.PROMPT_LOST: ErrorClass(
+        502, False, False, _JOB,
+        "ComfyUI restarted and forgot the prompt; the workflow resubmits it as a new attempt, up to 3 times"),
+    ErrorCode.IMAGE_FETCH_FAILED: ErrorClass(
+        502, True, False, _JOB, "an image input's URL timed out or answered 5xx, 408 or 429 (up to 5 tries)"),
+    ErrorCode.STORAGE_ERROR: ErrorClass(500, True, False, _JOB, "storing an output failed"),
+    ErrorCode.TEMPORAL_UNAVAILABLE: ErrorClass(
+        503, False, False, _REQUEST, "Temporal is not reachable; nothing was created or changed"),
+    ErrorCode.CONFIGURATION_ERROR: ErrorClass(
+        500, False, False, _JOB, "the gateway's configuration cannot run the job (e.g. an unknown backend)"),
+    ErrorCode.INTERNAL_ERROR: ErrorClass(500, False, False, _BOTH, "a fault in the gateway; see its log"),
+}
+
+CLIENT_RETRYABLE_CODES = tuple(code for code, error in ERROR_CLASSES.items() if error.client_retryable)
+# For Temporal retry policies: an activity failing with one of these is never tried again.
+NON_RETRYABLE_TYPES = [code.value for code, error in ERROR_CLASSES.items() if not error.temporal_retries]
+
+
+def http_status(code: ErrorCode) -> int:
+    return ERROR_CLASSES[code].http_status
+
+
+def temporal_retries(code: ErrorCode) -> bool:
+    return ERROR_CLASSES[code].temporal_retries
+
+
+def markdown_table() -> str:
+    """The README's table of error codes."""
+    rows = ["| code | HTTP | seen in | retried by the gateway | `retry.retryOn` | meaning |", "|---|---|---|---|---|---|"]
+    for code, error in ERROR_CLASSES.items():
+        rows.append(
+            f"| `{code.value}` | {error.http_status} | {error.seen_in} | {'yes' if error.temporal_retries else 'no'} "
+            f"| {'yes' if error.client_retryable else 'no'} | {error.meaning} |"
+        )
+    return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class FieldIssue:
+    field: str
+    message: str
+
+
+class InvalidInput(ValueError):
+    """What is wrong with a request or a job's inputs, every offending field at once."""
+
+    def __init__(self, issues: list[FieldIssue]) -> None:
+        super().__init__("; ".join(f"{issue.field}: {issue.message}" for issue in issues))
+        self.issues = issues
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,79 @@
+"""Closing the rows of jobs whose workflows Temporal itself ended: terminated by an operator (Web UI, CLI) or
+timed out. Such a workflow can no longer write its own end, so the worker finds them through a visibility
+query on the job's search attributes and ends their rows as `cancelled` with JOB_TERMINATED, within seconds
+and without waiting for anyone to read the job. Idempotent: a row that has ended stays as it is, so several
+workers may run this at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from temporalio.client import Client, WorkflowExecution
+from temporalio.service import RPCError
+
+from app.db import session_scope
+from app.jobstore import close_ended_job
+from app.models import LIVE_STATUSES, JobEventInput, JobStatus
+from app.search_attributes import JOB_STATUS
+from app.temporal_endings import terminated_error, termination_reason
+
+log = logging.getLogger(__name__)
+
+RECONCILE_EVERY_SECONDS = 2.0
+# Visibility is eventually consistent: each scan looks back over the last one's window too.
+_OVERLAP = timedelta(minutes=1)
+class JobReconciler:
+    def __init__(self, client: Client, engine: Engine, task_queue: str) -> None:
+        self._client = client
+        self._engine = engine
+        self._task_queue = task_queue
+        self._closed_since: datetime | None = None  # the first scan looks at every such workflow
+
+    def _query(self) -> str:
+        live = ", ".join(f"'{status.value}'" for status in LIVE_STATUSES)
+        query = (
+            f"WorkflowType = 'GenerationWorkflow' AND TaskQueue = '{self._task_queue}' "
+            f"AND ExecutionStatus IN ('Terminated', 'TimedOut') AND {JOB_STATUS.name} IN ({live})"
+        )
+        if self._closed_since is not None:
+            query += f" AND CloseTime > '{(self._closed_since - _OVERLAP).isoformat()}'"
+        return query
+
+    async def reconcile_once(self) -> int:
+        """Close the rows of the jobs Temporal ended since the last scan; returns how many were closed."""
+        scan_started = datetime.now(timezone.utc)
+        closed = 0
+        async for execution in self._client.list_workflows(self._query()):
+            closed += await self._close(execution)
+        self._closed_since = scan_started
+        return closed
+
+    async def _close(self, execution: WorkflowExecution) -> int:
+        assert execution.status is not None
+        error = terminated_error(execution.status, await termination_reason(self._client, execution.id))
+        completed_at = execution.close_time or datetime.now(timezone.utc)
+        event = JobEventInput(
+            key="temporal:ended", at=completed_at, kind="status", message=f"job cancelled: {error.message}",
+            data={"status": JobStatus.cancelled.value, "error": error.model_dump(mode="json")},
+        )
+
+        def close() -> bool:
+            with session_scope(self._engine) as session:
+                return close_ended_job(session, execution.id, error, completed_at, event)
+
+        if not await asyncio.to_thread(close):
+            return 0
+        log.info("job %s: %s; its row is closed as cancelled", execution.id, error.message)
+        return 1
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.reconcile_once()
+            except (RPCError, SQLAlchemyError) as error:  # unavailable for a moment: the next scan catches up
+                log.debug("reconciling jobs ended in Temporal failed: %s", error)
+            await asyncio.sleep(RECONCILE_EVERY_SECONDS)
