@@ -91,6 +91,7 @@ async def _serve(settings: Settings, *, with_api: bool, with_worker: bool) -> No
 def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
     """Temporal dev server, worker and API as one process tree. The worker and the API are processes of
     their own, as in production, so that API traffic never delays the worker picking up tasks."""
+    from app.child_processes import stop
     from app.db import make_engine
     from app.devserver import start_temporal_dev_server
     from app.template_store import prepare_database
@@ -110,14 +111,16 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
         exit_code = _supervise(children)
     finally:
         for child in reversed(children):  # the API first, then the worker, then Temporal
-            _stop(child, timeout=30)
-        _stop(temporal, timeout=15)
+            stop(child, timeout=30)
+        stop(temporal, timeout=15)
         log.info("stopped")
     sys.exit(exit_code)
 
 
 def _spawn_part(command: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "app.cli", command])
+    from app.child_processes import spawn_dying_with_this_process
+
+    return spawn_dying_with_this_process([sys.executable, "-m", "app.cli", command])
 
 
 def _supervise(children: list[subprocess.Popen[bytes]]) -> int:
@@ -132,16 +135,6 @@ def _supervise(children: list[subprocess.Popen[bytes]]) -> int:
                 return 1
         time.sleep(0.2)
     return 0
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _cmd_api(settings: Settings, _: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
+from app.child_processes import spawn_dying_with_this_process
 from app.settings import Settings
 
 
@@ -30,7 +31,7 @@ def start_temporal_dev_server(settings: Settings) -> subprocess.Popen[bytes]:
     host, port = settings.temporal_address.rsplit(":", 1)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with open(settings.data_dir / "temporal.log", "ab") as log_file:  # the child keeps its own handle
-        return subprocess.Popen(
+        return spawn_dying_with_this_process(
             [
                 temporal_cli(), "server", "start-dev",
                 "--ip", host,

@@ -1,17 +1,36 @@
-"""`comfyui-gateway dev` as a user runs it: one process tree, a clean stop, and jobs that survive a restart."""
+"""`comfyui-gateway dev` as a user runs it: one process tree, a clean stop, jobs that survive a restart, and
+no process left behind however dev dies."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from tests.harness import REPO_ROOT, SimulatorProcess, free_port, recorded_workflow
+
+
+def dev_environment(tmp_path: Path, comfyui_url: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATA_DIR": str(tmp_path / "gateway"),
+        "PORT": str(free_port()),
+        "COMFYUI_URL": comfyui_url,
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "TEMPORAL_UI_PORT": str(free_port()),
+        "COMFYUI_TIMEOUT_MS": "120000",
+    }
+
+
+def temporal_port(env: dict[str, str]) -> int:
+    return int(env["TEMPORAL_ADDRESS"].rsplit(":", 1)[1])
 
 
 def start_dev(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -52,6 +71,30 @@ def alive(pid: int) -> bool:
         return False
 
 
+def part_of_dev(pid: int) -> str:
+    """"temporal", "worker" or "api": what a process of dev's tree runs, from its command line."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    return "temporal" if b"start-dev" in command else command[-2].decode()  # [..., "app.cli", "worker", ""]
+
+
+def port_is_free(port: int) -> bool:
+    try:
+        socket.create_server(("127.0.0.1", port)).close()
+    except OSError:
+        return False
+    return True
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
+        time.sleep(0.1)
+
+
 def stop_dev(process: subprocess.Popen[bytes]) -> list[int]:
     """SIGTERM the gateway; returns the processes of its tree still alive afterwards."""
     tree = descendants(process.pid)
@@ -64,17 +107,8 @@ def stop_dev(process: subprocess.Popen[bytes]) -> list[int]:
 def test_dev_runs_everything_stops_cleanly_and_jobs_survive_a_restart(tmp_path: Path) -> None:
     (tmp_path / "comfyui").mkdir()
     simulator = SimulatorProcess(tmp_path / "comfyui")
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATA_DIR": str(tmp_path / "gateway"),
-        "PORT": str(port),
-        "COMFYUI_URL": simulator.url,  # not running yet: the job has to wait for it
-        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
-        "TEMPORAL_UI_PORT": str(free_port()),
-        "COMFYUI_TIMEOUT_MS": "120000",
-    }
-    api = f"http://127.0.0.1:{port}"
+    env = dev_environment(tmp_path, simulator.url)  # not running yet: the job has to wait for it
+    api = f"http://127.0.0.1:{env['PORT']}"
     gateway = start_dev(env, tmp_path / "dev.log")
     try:
         health = httpx.get(f"{api}/health").json()
@@ -100,3 +134,19 @@ def test_dev_runs_everything_stops_cleanly_and_jobs_survive_a_restart(tmp_path: 
     finally:
         assert stop_dev(gateway) == []
         simulator.kill()
+
+
+def test_a_killed_dev_takes_temporal_the_worker_and_the_api_with_it(tmp_path: Path) -> None:
+    env = dev_environment(tmp_path, comfyui_url=f"http://127.0.0.1:{free_port()}")
+    gateway = start_dev(env, tmp_path / "dev.log")
+    tree = descendants(gateway.pid)
+    try:
+        assert sorted(part_of_dev(pid) for pid in tree) == ["api", "temporal", "worker"]
+        gateway.kill()
+        gateway.wait()
+        wait_until(lambda: not any(alive(pid) for pid in tree), timeout=10, what="all of dev's tree gone")
+        ports = [int(env["PORT"]), temporal_port(env), int(env["TEMPORAL_UI_PORT"])]
+        wait_until(lambda: all(port_is_free(port) for port in ports), timeout=5, what="all ports free")
+    finally:
+        for pid in filter(alive, tree):  # what the gateway left behind must not outlive the test
+            os.kill(pid, signal.SIGKILL)
