@@ -18,10 +18,14 @@ import time
 from contextlib import AsyncExitStack, contextmanager
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.devserver import TemporalDevServer
 
 log = logging.getLogger("comfyui_gateway")
 
@@ -93,26 +97,31 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
     their own, as in production, so that API traffic never delays the worker picking up tasks."""
     from app.child_processes import stop
     from app.db import make_engine
-    from app.devserver import start_temporal_dev_server
+    from app.devserver import TemporalDevServer, TemporalUnavailable, start_temporal_dev_server
     from app.template_store import prepare_database
 
-    temporal = start_temporal_dev_server(settings)
-    log.info(
-        "Temporal dev server on %s, Web UI on http://127.0.0.1:%d (log: %s)",
-        settings.temporal_address, settings.temporal_ui_port, settings.data_dir / "temporal.log",
-    )
+    temporal: TemporalDevServer | None = None
     children: list[subprocess.Popen[bytes]] = []
     exit_code = 0
     try:
+        temporal = start_temporal_dev_server(settings)
+        asyncio.run(temporal.wait_until_healthy(settings))  # only then may a part connect to the address
+        log.info(
+            "Temporal dev server on %s, Web UI on http://127.0.0.1:%d (log: %s)",
+            settings.temporal_address, settings.temporal_ui_port, temporal.log_path,
+        )
         prepare_database(make_engine(settings.resolved_database_url))  # once, before two processes race to
-        asyncio.run(_connect_with_retry(settings))
         children = [_spawn_part("worker"), _spawn_part("api")]
         log.info("API on http://%s:%d (docs at /docs); Ctrl-C stops everything", settings.host, settings.port)
-        exit_code = _supervise(children)
+        exit_code = _supervise(temporal, children)
+    except TemporalUnavailable as failure:
+        log.error("%s", failure)
+        exit_code = 1
     finally:
         for child in reversed(children):  # the API first, then the worker, then Temporal
             stop(child, timeout=30)
-        stop(temporal, timeout=15)
+        if temporal is not None:
+            temporal.stop()
         log.info("stopped")
     sys.exit(exit_code)
 
@@ -123,12 +132,17 @@ def _spawn_part(command: str) -> subprocess.Popen[bytes]:
     return spawn_dying_with_this_process([sys.executable, "-m", "app.cli", command])
 
 
-def _supervise(children: list[subprocess.Popen[bytes]]) -> int:
-    """Wait for SIGINT/SIGTERM, or for a part to exit on its own (then the whole gateway stops)."""
+def _supervise(temporal: TemporalDevServer, children: list[subprocess.Popen[bytes]]) -> int:
+    """Wait for SIGINT/SIGTERM, or for a part to exit on its own (then the whole gateway stops). Without its
+    Temporal the gateway can do nothing, so Temporal exiting raises TemporalUnavailable."""
+    from app.devserver import TemporalUnavailable
+
     stopping: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda received, _frame: stopping.append(received))
     while not stopping:
+        if temporal.process.poll() is not None:
+            raise TemporalUnavailable(temporal.exit_report())
         for child in children:
             if child.poll() is not None:
                 log.error("%s exited with code %s; stopping the gateway", child.args[-1], child.returncode)

@@ -1,5 +1,5 @@
-"""`comfyui-gateway dev` as a user runs it: one process tree, a clean stop, jobs that survive a restart, and
-no process left behind however dev dies."""
+"""`comfyui-gateway dev` as a user runs it: one process tree, a clean stop, jobs that survive a restart, no
+process left behind however dev dies, and no Temporal but its own."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
+from temporalio.client import Client
 
 from tests.harness import REPO_ROOT, SimulatorProcess, free_port, recorded_workflow
 
@@ -95,6 +97,14 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.1)
 
 
+def run_dev_until_it_exits(env: dict[str, str]) -> tuple[int, str, float]:
+    """Exit code, output and seconds taken by a dev that is meant to refuse to start."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "app.cli", "dev"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=30)
+    return result.returncode, result.stdout + result.stderr, time.monotonic() - started
+
+
 def stop_dev(process: subprocess.Popen[bytes]) -> list[int]:
     """SIGTERM the gateway; returns the processes of its tree still alive afterwards."""
     tree = descendants(process.pid)
@@ -150,3 +160,30 @@ def test_a_killed_dev_takes_temporal_the_worker_and_the_api_with_it(tmp_path: Pa
     finally:
         for pid in filter(alive, tree):  # what the gateway left behind must not outlive the test
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("taken", ["TEMPORAL_ADDRESS", "TEMPORAL_UI_PORT"])
+def test_dev_refuses_to_start_when_a_temporal_port_is_taken(tmp_path: Path, taken: str) -> None:
+    env = dev_environment(tmp_path, comfyui_url=f"http://127.0.0.1:{free_port()}")
+    port = temporal_port(env) if taken == "TEMPORAL_ADDRESS" else int(env["TEMPORAL_UI_PORT"])
+    with socket.create_server(("127.0.0.1", port)):  # a listener that is no Temporal at all
+        code, output, seconds = run_dev_until_it_exits(env)
+    assert code != 0 and seconds < 10, (code, seconds, output)
+    assert f"127.0.0.1:{port} ({taken}) is not free: Address already in use" in output
+
+
+def test_dev_never_uses_a_temporal_it_did_not_start(tmp_path: Path, temporal_client: Client) -> None:
+    env = dev_environment(tmp_path, comfyui_url=f"http://127.0.0.1:{free_port()}")
+    env["TEMPORAL_ADDRESS"] = temporal_client.service_client.config.target_host  # the test session's Temporal
+    code, output, seconds = run_dev_until_it_exits(env)
+    assert code != 0 and seconds < 10, (code, seconds, output)
+    assert f"{env['TEMPORAL_ADDRESS']} (TEMPORAL_ADDRESS) is not free" in output
+    assert "worker polling" not in output
+
+
+def test_dev_whose_temporal_fails_to_start_exits_at_once_with_the_reason(tmp_path: Path) -> None:
+    env = dev_environment(tmp_path, comfyui_url=f"http://127.0.0.1:{free_port()}")
+    (tmp_path / "gateway" / "temporal.db").mkdir(parents=True)  # a database Temporal cannot open
+    code, output, seconds = run_dev_until_it_exits(env)
+    assert code != 0 and seconds < 15, (code, seconds, output)
+    assert "Temporal exited with code 1: Error:" in output and "unable to open database file" in output
