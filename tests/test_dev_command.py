@@ -1,5 +1,5 @@
 """`comfyui-gateway dev` as a user runs it: one process tree, a clean stop, jobs that survive a restart, no
-process left behind however dev dies, and no Temporal but its own."""
+process left behind however dev dies, no Temporal but its own, and parts restarted when they die."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from tests.harness import REPO_ROOT, SimulatorProcess, free_port, recorded_workflow
+from tests.harness import DONE, REPO_ROOT, SimulatorProcess, free_port, recorded_workflow
 
 
 def dev_environment(tmp_path: Path, comfyui_url: str) -> dict[str, str]:
@@ -80,6 +80,10 @@ def part_of_dev(pid: int) -> str:
     except OSError:
         return "gone"
     return "temporal" if b"start-dev" in command else command[-2].decode()  # [..., "app.cli", "worker", ""]
+
+
+def part_pids(dev: subprocess.Popen[bytes], part: str) -> set[int]:
+    return {pid for pid in descendants(dev.pid) if alive(pid) and part_of_dev(pid) == part}
 
 
 def port_is_free(port: int) -> bool:
@@ -187,3 +191,38 @@ def test_dev_whose_temporal_fails_to_start_exits_at_once_with_the_reason(tmp_pat
     code, output, seconds = run_dev_until_it_exits(env)
     assert code != 0 and seconds < 15, (code, seconds, output)
     assert "Temporal exited with code 1: Error:" in output and "unable to open database file" in output
+
+
+def test_dev_restarts_a_killed_worker_while_the_api_keeps_answering(tmp_path: Path) -> None:
+    (tmp_path / "comfyui").mkdir()
+    simulator = SimulatorProcess(tmp_path / "comfyui")
+    simulator.start()
+    env = dev_environment(tmp_path, simulator.url)
+    api = f"http://127.0.0.1:{env['PORT']}"
+
+    def healthy() -> bool:
+        return httpx.get(f"{api}/health", timeout=5).status_code == 200
+
+    gateway = start_dev(env, tmp_path / "dev.log")
+    try:
+        wait_until(healthy, timeout=20, what="healthy")  # the API connects to Temporal on its own time
+        [killed] = part_pids(gateway, "worker")
+        os.kill(killed, signal.SIGKILL)
+
+        def restarted() -> bool:
+            assert healthy(), "the API stopped answering while the worker was down"
+            return len(part_pids(gateway, "worker") - {killed}) == 1
+
+        wait_until(restarted, timeout=20, what="a new worker")
+        job_id = httpx.post(f"{api}/jobs", json={"workflowJson": recorded_workflow("image.json")}).json()["jobId"]
+
+        def done() -> bool:
+            assert healthy()
+            return httpx.get(f"{api}/jobs/{job_id}").json()["status"] in DONE
+
+        wait_until(done, timeout=30, what="the job done")
+        assert httpx.get(f"{api}/jobs/{job_id}").json()["status"] == "succeeded"
+    finally:
+        simulator.kill()
+        assert stop_dev(gateway) == []
+    assert "worker was killed by SIGKILL; restarting it in 1 s" in (tmp_path / "dev.log").read_text()
