@@ -59,8 +59,10 @@ class TemporalDevServer:
         return f"; {self.log_path} is empty"
 
     async def wait_until_healthy(self, settings: Settings, timeout: float = 60) -> None:
-        """Return once this process answers the health check; raise at once if it exits meanwhile. The
-        ports were free before it started, so what answers at the address is this process."""
+        """Return once this process answers the health check; raise at once if it exits meanwhile. The ports
+        were free just before it started and it exits within a second when it cannot bind them, so what answers
+        while it lives is this process (unless another program took the port in that moment: dev then sees
+        Temporal exit and stops)."""
         deadline = time.monotonic() + timeout
         while self.process.poll() is None:
             try:
