@@ -12,16 +12,20 @@ import asyncio
 import json
 import logging
 import signal
-import subprocess
 import sys
 import time
 from contextlib import AsyncExitStack, contextmanager
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.child_processes import RestartingPart
+    from app.devserver import TemporalDevServer
 
 log = logging.getLogger("comfyui_gateway")
 
@@ -93,57 +97,52 @@ async def _serve(settings: Settings, *, with_api: bool, with_worker: bool) -> No
 def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
     """Temporal dev server, worker and API as one process tree. The worker and the API are processes of
     their own, as in production, so that API traffic never delays the worker picking up tasks."""
+    from app.child_processes import RestartingPart
     from app.db import make_engine
-    from app.devserver import start_temporal_dev_server
+    from app.devserver import TemporalDevServer, TemporalUnavailable, start_temporal_dev_server
     from app.templates.store import prepare_database
 
-    temporal = start_temporal_dev_server(settings)
-    log.info(
-        "Temporal dev server on %s, Web UI on http://127.0.0.1:%d (log: %s)",
-        settings.temporal_address, settings.temporal_ui_port, settings.data_dir / "temporal.log",
-    )
-    children: list[subprocess.Popen[bytes]] = []
+    parts = [RestartingPart(command, [sys.executable, "-m", "app.cli", command]) for command in ("worker", "api")]
+    temporal: TemporalDevServer | None = None
     exit_code = 0
     try:
+        temporal = start_temporal_dev_server(settings)
+        asyncio.run(temporal.wait_until_healthy(settings))  # only then may a part connect to the address
+        log.info(
+            "Temporal dev server on %s, Web UI on http://127.0.0.1:%d (log: %s)",
+            settings.temporal_address, settings.temporal_ui_port, temporal.log_path,
+        )
         prepare_database(make_engine(settings.resolved_database_url))  # once, before two processes race to
-        asyncio.run(_connect_with_retry(settings))
-        children = [_spawn_part("worker"), _spawn_part("api")]
+        for part in parts:
+            part.start()
         log.info("API on http://%s:%d (docs at /docs); Ctrl-C stops everything", settings.host, settings.port)
-        exit_code = _supervise(children)
+        _supervise(temporal, parts)
+    except TemporalUnavailable as failure:
+        log.error("%s", failure)
+        exit_code = 1
     finally:
-        for child in reversed(children):  # the API first, then the worker, then Temporal
-            _stop(child, timeout=30)
-        _stop(temporal, timeout=15)
+        for part in reversed(parts):  # the API first, then the worker, then Temporal
+            part.stop(timeout=30)
+        if temporal is not None:
+            temporal.stop()
         log.info("stopped")
     sys.exit(exit_code)
 
 
-def _spawn_part(command: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "app.cli", command])
+def _supervise(temporal: TemporalDevServer, parts: list[RestartingPart]) -> None:
+    """Until SIGINT/SIGTERM, restart the parts that exit; a worker crash must not take the API down.
+    Without its Temporal the gateway can do nothing, so Temporal exiting raises TemporalUnavailable."""
+    from app.devserver import TemporalUnavailable
 
-
-def _supervise(children: list[subprocess.Popen[bytes]]) -> int:
-    """Wait for SIGINT/SIGTERM, or for a part to exit on its own (then the whole gateway stops)."""
     stopping: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda received, _frame: stopping.append(received))
     while not stopping:
-        for child in children:
-            if child.poll() is not None:
-                log.error("%s exited with code %s; stopping the gateway", child.args[-1], child.returncode)
-                return 1
+        if temporal.process.poll() is not None:
+            raise TemporalUnavailable(temporal.exit_report())
+        for part in parts:
+            part.keep_running()
         time.sleep(0.2)
-    return 0
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _cmd_api(settings: Settings, _: argparse.Namespace) -> None:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import socket
 import subprocess
 import sysconfig
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from app.child_processes import describe_exit, spawn_dying_with_this_process, stop
 from app.settings import Settings
+from app.temporal_client import connect_temporal
+
+
+class TemporalUnavailable(RuntimeError):
+    """The gateway's own Temporal dev server did not start, or stopped."""
 
 
 def temporal_cli() -> str:
@@ -26,11 +36,74 @@ def temporal_cli() -> str:
 LOW_LATENCY_DYNAMIC_CONFIG = ["--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000"]
 
 
-def start_temporal_dev_server(settings: Settings) -> subprocess.Popen[bytes]:
+@dataclass
+class TemporalDevServer:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log_start: int  # where this run's output begins in the log, which earlier runs appended to
+
+    def exit_report(self) -> str:
+        assert self.process.returncode is not None
+        return f"Temporal {describe_exit(self.process.returncode)}{self._log_excerpt()}"
+
+    def _log_excerpt(self) -> str:
+        """Why Temporal quit, as its log says: the CLI's "Error:" line if it wrote one, else its last lines."""
+        with open(self.log_path, "rb") as log_file:
+            log_file.seek(self.log_start)
+            lines = [line for line in log_file.read().decode(errors="replace").splitlines() if line.strip()]
+        fatal = [line for line in lines if line.startswith("Error:")]
+        if fatal:
+            return f": {'; '.join(fatal)} (log: {self.log_path})"
+        if lines:
+            return f"; the last lines of {self.log_path}:\n" + "\n".join(f"  {line}" for line in lines[-5:])
+        return f"; {self.log_path} is empty"
+
+    async def wait_until_healthy(self, settings: Settings, timeout: float = 60) -> None:
+        """Return once this process answers the health check; raise at once if it exits meanwhile. The ports
+        were free just before it started and it exits within a second when it cannot bind them, so what answers
+        while it lives is this process (unless another program took the port in that moment: dev then sees
+        Temporal exit and stops)."""
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            try:
+                client = await asyncio.wait_for(connect_temporal(settings), timeout=5)
+                if await asyncio.wait_for(client.service_client.check_health(), timeout=5):
+                    return
+            except Exception:  # connection errors vary by transport and phase; all mean "not up yet"
+                pass
+            if time.monotonic() > deadline:
+                raise TemporalUnavailable(f"Temporal did not become healthy within {timeout:g} s{self._log_excerpt()}")
+            await asyncio.sleep(0.1)
+        raise TemporalUnavailable(self.exit_report())
+
+    def stop(self) -> None:
+        stop(self.process, timeout=15)
+
+
+def refuse_taken_ports(settings: Settings) -> None:
+    """A dev server whose port is taken exits at once, but whatever holds the port (another gateway's
+    Temporal, say) would still answer at the address: this gateway must not use a Temporal it did not start."""
+    host, port = settings.temporal_address.rsplit(":", 1)
+    for variable, number in (("TEMPORAL_ADDRESS", int(port)), ("TEMPORAL_UI_PORT", settings.temporal_ui_port)):
+        try:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Temporal binds: TIME_WAIT is free
+                probe.bind((host, number))
+        except OSError as error:
+            raise TemporalUnavailable(
+                f"cannot start Temporal: {host}:{number} ({variable}) is not free: {error.strerror}; "
+                "is another Temporal or `comfyui-gateway dev` running? Stop it or choose another port"
+            ) from None
+
+
+def start_temporal_dev_server(settings: Settings) -> TemporalDevServer:
+    refuse_taken_ports(settings)
     host, port = settings.temporal_address.rsplit(":", 1)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    with open(settings.data_dir / "temporal.log", "ab") as log_file:  # the child keeps its own handle
-        return subprocess.Popen(
+    log_path = settings.data_dir / "temporal.log"
+    with open(log_path, "ab") as log_file:  # the child keeps its own handle
+        log_start = log_file.tell()
+        process = spawn_dying_with_this_process(
             [
                 temporal_cli(), "server", "start-dev",
                 "--ip", host,
@@ -50,3 +123,4 @@ def start_temporal_dev_server(settings: Settings) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches the gateway, which then stops Temporal last, cleanly
         )
+    return TemporalDevServer(process, log_path, log_start)
