@@ -1,5 +1,5 @@
-"""`comfyui-gateway`: run the gateway (all in one, or the API and the worker apart), check health,
-or run the ComfyUI simulator.
+"""`comfyui-gateway`: run the gateway (all in one, or the API and the worker apart), migrate its database,
+check health, or run the ComfyUI simulator.
 
 This module is the composition root: it alone imports `api` and `worker`, inside the commands that
 start them, so the rest of `app` stays free of them.
@@ -21,13 +21,16 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from app.settings import Settings
+from app.settings import LogLevel, Settings
 
 log = logging.getLogger("comfyui_gateway")
 
 
 def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.value, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Alembic narrates every schema check at INFO (its plugins, its dialect); `migrate` prints what it did.
+    if settings.log_level is not LogLevel.debug:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _load_settings() -> Settings:
@@ -202,6 +205,21 @@ def _cmd_init(settings: Settings, args: argparse.Namespace) -> None:
         print(f"wrote   {example}: copy it to .env and uncomment what you change")
 
 
+def _cmd_migrate(settings: Settings, _: argparse.Namespace) -> None:
+    from app.db import SchemaNotCurrent, make_engine, migrate
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        migration = migrate(engine)
+    except SchemaNotCurrent as error:
+        sys.exit(f"comfyui-gateway migrate: {error}")
+    finally:
+        engine.dispose()
+    print(f"database  {engine.url!r}")
+    print(f"before    {migration.before}")
+    print(f"after     {migration.after}")
+
+
 def _template_session(settings: Settings):  # type: ignore[no-untyped-def]
     from app.db import make_engine, session_scope
     from app.template_store import prepare_database
@@ -296,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("api", help="the REST API only, against TEMPORAL_ADDRESS")
     commands.add_parser("worker", help="the Temporal worker only, against TEMPORAL_ADDRESS")
     commands.add_parser("health", help="check that ComfyUI and Temporal answer")
+    commands.add_parser("migrate", help="upgrade the database schema (DATABASE_URL) to this release's")
     init = commands.add_parser("init", help="create the data folders and a commented .env.example")
     init.add_argument("--force", action="store_true", help="rewrite an existing .env.example")
     add = commands.add_parser("add-workflow", help="register a ComfyUI graph (API format) as a workflow template")
@@ -325,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     _configure_logging(settings)
     handlers = {
         "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "health": _cmd_health, "init": _cmd_init,
-        "add-workflow": _cmd_add_workflow, "list-workflows": _cmd_list_workflows,
+        "migrate": _cmd_migrate, "add-workflow": _cmd_add_workflow, "list-workflows": _cmd_list_workflows,
     }
     handlers[args.command](settings, args)
 
