@@ -94,7 +94,7 @@ async def _serve(settings: Settings, *, with_api: bool, with_worker: bool) -> No
 def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
     """Temporal dev server, worker and API as one process tree. The worker and the API are processes of
     their own, as in production, so that API traffic never delays the worker picking up tasks."""
-    from app.db import make_engine
+    from app.db import make_engine, migrate
     from app.devserver import start_temporal_dev_server
     from app.template_store import prepare_database
 
@@ -106,7 +106,12 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
     children: list[subprocess.Popen[bytes]] = []
     exit_code = 0
     try:
-        prepare_database(make_engine(settings.resolved_database_url))  # once, before two processes race to
+        engine = make_engine(settings.resolved_database_url)
+        # The one-command set-up migrates by itself; the worker and the API it starts then find the schema current.
+        migration = migrate(engine)
+        log.info("database schema %s (was %s)", migration.after, migration.before)
+        prepare_database(engine)  # once here, so that the worker and the API do not race to load templates
+        engine.dispose()
         asyncio.run(_connect_with_retry(settings))
         children = [_spawn_part("worker"), _spawn_part("api")]
         log.info("API on http://%s:%d (docs at /docs); Ctrl-C stops everything", settings.host, settings.port)
@@ -147,13 +152,28 @@ def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
         process.wait()
 
 
+def _require_current_schema(settings: Settings, command: str) -> None:
+    """Exit with what to run unless the database schema is at this code's head revision."""
+    from app.db import SchemaNotCurrent, make_engine, require_current_schema
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        require_current_schema(engine)
+    except SchemaNotCurrent as error:
+        sys.exit(f"comfyui-gateway {command}: {error}")
+    finally:
+        engine.dispose()
+
+
 def _cmd_api(settings: Settings, _: argparse.Namespace) -> None:
+    _require_current_schema(settings, "api")  # before waiting for Temporal, which may take a minute
     asyncio.run(_serve(settings, with_api=True, with_worker=False))
 
 
 def _cmd_worker(settings: Settings, _: argparse.Namespace) -> None:
     from app.temporal_client import SearchAttributesMissing
 
+    _require_current_schema(settings, "worker")
     try:
         asyncio.run(_serve(settings, with_api=False, with_worker=True))
     except SearchAttributesMissing as error:
@@ -220,12 +240,15 @@ def _cmd_migrate(settings: Settings, _: argparse.Namespace) -> None:
     print(f"after     {migration.after}")
 
 
-def _template_session(settings: Settings):  # type: ignore[no-untyped-def]
-    from app.db import make_engine, session_scope
+def _template_session(settings: Settings, command: str):  # type: ignore[no-untyped-def]
+    from app.db import SchemaNotCurrent, make_engine, session_scope
     from app.template_store import prepare_database
 
     engine = make_engine(settings.resolved_database_url)
-    prepare_database(engine)
+    try:
+        prepare_database(engine)
+    except SchemaNotCurrent as error:
+        sys.exit(f"comfyui-gateway {command}: {error}")
     return session_scope(engine)
 
 
@@ -272,7 +295,7 @@ def _cmd_add_workflow(settings: Settings, args: argparse.Namespace) -> None:
     report = asyncio.run(against_comfyui())
     if report.issues:
         _refuse(report.issues)
-    with _template_session(settings) as session:
+    with _template_session(settings, "add-workflow") as session:
         current = get_template(session, spec.template_id)
         try:
             if current is not None and args.update:
@@ -292,7 +315,7 @@ def _cmd_add_workflow(settings: Settings, args: argparse.Namespace) -> None:
 def _cmd_list_workflows(settings: Settings, _: argparse.Namespace) -> None:
     from app.template_store import list_latest_templates
 
-    with _template_session(settings) as session:
+    with _template_session(settings, "list-workflows") as session:
         rows = list_latest_templates(session)
     width = max((len(row.template_id) for row in rows), default=2)
     print(f"{'id':<{width}}  version  name")

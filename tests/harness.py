@@ -22,6 +22,7 @@ from httpx import ASGITransport
 from temporalio.client import Client
 
 from api.main import create_app
+from app.db import make_engine, migrate
 from app.settings import Settings
 
 SHARED_COMFYUI = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
@@ -112,6 +113,13 @@ def gateway_settings(temporal: Client, simulator_url: str, data_dir: Path, task_
         **overrides,
     }
     return Settings(_env_file=None, **values)
+
+
+def migrate_database(settings: Settings) -> None:
+    """What an operator runs before starting the API and the worker: `comfyui-gateway migrate`."""
+    engine = make_engine(settings.resolved_database_url)
+    migrate(engine)
+    engine.dispose()
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:

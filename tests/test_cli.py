@@ -30,6 +30,7 @@ def test_init_writes_folders_and_a_commented_env_example(tmp_path: Path) -> None
 
 
 def test_add_and_list_workflows(tmp_path: Path) -> None:
+    assert cli(tmp_path, "migrate").returncode == 0
     graph = SHARED_COMFYUI / "workflows" / "image.template.json"
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps({"type": "object", "fields": {"color": {"type": "integer", "required": True}}}))
