@@ -122,6 +122,13 @@ def migrate_database(settings: Settings) -> None:
     engine.dispose()
 
 
+def cli_environment(data_dir: Path, **variables: str) -> dict[str, str]:
+    """The environment of a `python -m app.cli` run as a user runs it: this checkout's code, DATA_DIR, and a
+    COMFYUI_URL where nothing listens; `variables` on top."""
+    return {**os.environ, "DATA_DIR": str(data_dir), "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
+            "PYTHONPATH": str(REPO_ROOT), **variables}
+
+
 def settings_environment(settings: Settings) -> dict[str, str]:
     """The same settings as environment variables, for a gateway process of its own."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("COMFYUI_", "TEMPORAL_"))}
