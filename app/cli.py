@@ -1,5 +1,5 @@
-"""`comfyui-gateway`: run the gateway (all in one, or the API and the worker apart), check health,
-or run the ComfyUI simulator.
+"""`comfyui-gateway`: run the gateway (all in one, or the API and the worker apart), migrate its database,
+check health, or run the ComfyUI simulator.
 
 This module is the composition root: it alone imports `api` and `worker`, inside the commands that
 start them, so the rest of `app` stays free of them.
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from app.settings import Settings
+from app.settings import LogLevel, Settings
 
 if TYPE_CHECKING:
     from app.child_processes import RestartingPart
@@ -34,6 +34,9 @@ def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.value, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request at INFO: a line per ComfyUI poll would drown what the gateway has to say.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Alembic narrates every schema check at INFO (its plugins, its dialect); `migrate` prints what it did.
+    if settings.log_level is not LogLevel.debug:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _load_settings() -> Settings:
@@ -98,7 +101,7 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
     """Temporal dev server, worker and API as one process tree. The worker and the API are processes of
     their own, as in production, so that API traffic never delays the worker picking up tasks."""
     from app.child_processes import RestartingPart
-    from app.db import make_engine
+    from app.db import make_engine, migrate
     from app.devserver import TemporalDevServer, TemporalUnavailable, start_temporal_dev_server
     from app.templates.store import prepare_database
 
@@ -112,7 +115,12 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
             "Temporal dev server on %s, Web UI on http://127.0.0.1:%d (log: %s)",
             settings.temporal_address, settings.temporal_ui_port, temporal.log_path,
         )
-        prepare_database(make_engine(settings.resolved_database_url))  # once, before two processes race to
+        engine = make_engine(settings.resolved_database_url)
+        # The one-command set-up migrates by itself; the worker and the API it starts then find the schema current.
+        migration = migrate(engine)
+        log.info("database schema %s (was %s)", migration.after, migration.before)
+        prepare_database(engine)  # once here, so that the worker and the API do not race to load templates
+        engine.dispose()
         for part in parts:
             part.start()
         log.info("API on http://%s:%d (docs at /docs); Ctrl-C stops everything", settings.host, settings.port)
@@ -145,13 +153,28 @@ def _supervise(temporal: TemporalDevServer, parts: list[RestartingPart]) -> None
         time.sleep(0.2)
 
 
+def _require_current_schema(settings: Settings, command: str) -> None:
+    """Exit with what to run unless the database schema is at this code's head revision."""
+    from app.db import SchemaNotCurrent, make_engine, require_current_schema
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        require_current_schema(engine)
+    except SchemaNotCurrent as error:
+        sys.exit(f"comfyui-gateway {command}: {error}")
+    finally:
+        engine.dispose()
+
+
 def _cmd_api(settings: Settings, _: argparse.Namespace) -> None:
+    _require_current_schema(settings, "api")  # before waiting for Temporal, which may take a minute
     asyncio.run(_serve(settings, with_api=True, with_worker=False))
 
 
 def _cmd_worker(settings: Settings, _: argparse.Namespace) -> None:
     from app.temporal_client import SearchAttributesMissing
 
+    _require_current_schema(settings, "worker")
     try:
         asyncio.run(_serve(settings, with_api=False, with_worker=True))
     except SearchAttributesMissing as error:
@@ -203,12 +226,30 @@ def _cmd_init(settings: Settings, args: argparse.Namespace) -> None:
         print(f"wrote   {example}: copy it to .env and uncomment what you change")
 
 
-def _template_session(settings: Settings):  # type: ignore[no-untyped-def]
-    from app.db import make_engine, session_scope
+def _cmd_migrate(settings: Settings, _: argparse.Namespace) -> None:
+    from app.db import SchemaNotCurrent, make_engine, migrate
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        migration = migrate(engine)
+    except SchemaNotCurrent as error:
+        sys.exit(f"comfyui-gateway migrate: {error}")
+    finally:
+        engine.dispose()
+    print(f"database  {engine.url!r}")
+    print(f"before    {migration.before}")
+    print(f"after     {migration.after}")
+
+
+def _template_session(settings: Settings, command: str):  # type: ignore[no-untyped-def]
+    from app.db import SchemaNotCurrent, make_engine, session_scope
     from app.templates.store import prepare_database
 
     engine = make_engine(settings.resolved_database_url)
-    prepare_database(engine)
+    try:
+        prepare_database(engine)
+    except SchemaNotCurrent as error:
+        sys.exit(f"comfyui-gateway {command}: {error}")
     return session_scope(engine)
 
 
@@ -255,7 +296,7 @@ def _cmd_add_workflow(settings: Settings, args: argparse.Namespace) -> None:
     report = asyncio.run(against_comfyui())
     if report.issues:
         _refuse(report.issues)
-    with _template_session(settings) as session:
+    with _template_session(settings, "add-workflow") as session:
         current = get_template(session, spec.template_id)
         try:
             if current is not None and args.update:
@@ -275,7 +316,7 @@ def _cmd_add_workflow(settings: Settings, args: argparse.Namespace) -> None:
 def _cmd_list_workflows(settings: Settings, _: argparse.Namespace) -> None:
     from app.templates.store import list_latest_templates
 
-    with _template_session(settings) as session:
+    with _template_session(settings, "list-workflows") as session:
         rows = list_latest_templates(session)
     width = max((len(row.template_id) for row in rows), default=2)
     print(f"{'id':<{width}}  version  name")
@@ -297,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("api", help="the REST API only, against TEMPORAL_ADDRESS")
     commands.add_parser("worker", help="the Temporal worker only, against TEMPORAL_ADDRESS")
     commands.add_parser("health", help="check that ComfyUI and Temporal answer")
+    commands.add_parser("migrate", help="upgrade the database schema (DATABASE_URL) to this release's")
     init = commands.add_parser("init", help="create the data folders and a commented .env.example")
     init.add_argument("--force", action="store_true", help="rewrite an existing .env.example")
     add = commands.add_parser("add-workflow", help="register a ComfyUI graph (API format) as a workflow template")
@@ -327,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     _configure_logging(settings)
     handlers = {
         "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "health": _cmd_health, "init": _cmd_init,
-        "add-workflow": _cmd_add_workflow, "list-workflows": _cmd_list_workflows,
+        "migrate": _cmd_migrate, "add-workflow": _cmd_add_workflow, "list-workflows": _cmd_list_workflows,
     }
     handlers[args.command](settings, args)
 

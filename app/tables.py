@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -21,7 +21,8 @@ class JobRow(SQLModel, table=True):
     status: str = Field(index=True, max_length=16)
     template_id: str | None = Field(default=None, index=True, max_length=128)
     template_version: int | None = None
-    seed: int | None = None
+    # Seeds reach 2**48: past PostgreSQL's INTEGER.
+    seed: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     backend: str = Field(max_length=64)
     prompt_id: str | None = Field(default=None, max_length=64)
     attempts: int = 0

@@ -10,16 +10,24 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from app.db import create_tables, make_engine
+from app.db import make_engine, migrate
 from app.devserver import LOW_LATENCY_DYNAMIC_CONFIG, temporal_cli
 from app.temporal_client import register_search_attributes
-from tests.harness import ComfyUITarget, ExternalComfyUI, Gateway, SimulatorProcess, api_client, gateway_settings
+from tests.harness import (
+    ComfyUITarget,
+    ExternalComfyUI,
+    Gateway,
+    SimulatorProcess,
+    api_client,
+    gateway_settings,
+    migrate_database,
+)
 from worker.main import running_worker
 
 
@@ -79,6 +87,7 @@ async def gateway(
     marker = request.node.get_closest_marker("settings")
     overrides = marker.kwargs if marker else {}
     settings = gateway_settings(temporal_client, comfyui.url, tmp_path, task_queue, **overrides)
+    migrate_database(settings)
     async with running_worker(temporal_client, settings), api_client(settings, temporal_client) as api:
         yield Gateway(api, settings, comfyui)
 
@@ -87,22 +96,29 @@ POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgre
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of the test's own, as a DATABASE_URL (for engines and for gateway processes alike)."""
     if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
-        create_tables(engine)
-        yield engine
-        engine.dispose()
+        yield f"sqlite:///{tmp_path / 'gateway.db'}"
         return
-    # A schema of its own per test keeps runs independent on the shared database.
+    # A schema of its own per test keeps runs independent on the shared database. It is the connections'
+    # search_path, so everything unqualified lands there: the tables and Alembic's version table.
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = make_engine(POSTGRES_URL)
     with admin.begin() as connection:
         connection.execute(text(f"CREATE SCHEMA {schema}"))
-    engine = make_engine(POSTGRES_URL).execution_options(schema_translate_map={None: schema})
-    create_tables(engine)
-    yield engine
-    engine.dispose()
+    yield make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+        hide_password=False
+    )
     with admin.begin() as connection:
         connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
     admin.dispose()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """The test's database, migrated to the head revision."""
+    engine = make_engine(database_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()

@@ -23,6 +23,7 @@ from httpx import ASGITransport
 from temporalio.client import Client
 
 from api.main import create_app
+from app.db import make_engine, migrate
 from app.settings import Settings
 
 SHARED_COMFYUI = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
@@ -138,6 +139,20 @@ def gateway_settings(temporal: Client, simulator_url: str, data_dir: Path, task_
         **overrides,
     }
     return Settings(_env_file=None, **values)
+
+
+def migrate_database(settings: Settings) -> None:
+    """What an operator runs before starting the API and the worker: `comfyui-gateway migrate`."""
+    engine = make_engine(settings.resolved_database_url)
+    migrate(engine)
+    engine.dispose()
+
+
+def cli_environment(data_dir: Path, **variables: str) -> dict[str, str]:
+    """The environment of a `python -m app.cli` run as a user runs it: this checkout's code, DATA_DIR, and a
+    COMFYUI_URL where nothing listens; `variables` on top."""
+    return {**os.environ, "DATA_DIR": str(data_dir), "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
+            "PYTHONPATH": str(REPO_ROOT), **variables}
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:

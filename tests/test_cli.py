@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.harness import REPO_ROOT, SHARED_COMFYUI, free_port
+from tests.harness import SHARED_COMFYUI, cli_environment
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
-           "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=tmp_path, capture_output=True,
+                          env=cli_environment(tmp_path / "data"), text=True, timeout=60)
 
 
 def test_init_writes_folders_and_a_commented_env_example(tmp_path: Path) -> None:
@@ -30,6 +27,7 @@ def test_init_writes_folders_and_a_commented_env_example(tmp_path: Path) -> None
 
 
 def test_add_and_list_workflows(tmp_path: Path) -> None:
+    assert cli(tmp_path, "migrate").returncode == 0
     graph = SHARED_COMFYUI / "workflows" / "image.template.json"
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps({"type": "object", "fields": {"color": {"type": "integer", "required": True}}}))

@@ -17,6 +17,7 @@ from tests.harness import (
     api_client,
     comfy_history_for_job,
     gateway_settings,
+    migrate_database,
     wait_for_job,
 )
 from worker.main import running_worker
@@ -35,6 +36,7 @@ async def test_worker_killed_mid_prompt_reattaches_and_the_prompt_runs_once(
     temporal_client: Client, task_queue: str, comfyui: ComfyUITarget, tmp_path: Path
 ) -> None:
     settings = gateway_settings(temporal_client, comfyui.url, tmp_path, task_queue)
+    migrate_database(settings)
     worker = WorkerProcess(settings)
     worker.start()
     try:
@@ -60,6 +62,7 @@ async def test_comfyui_restarted_mid_prompt_is_resubmitted(
     temporal_client: Client, task_queue: str, own_simulator: SimulatorProcess, tmp_path: Path
 ) -> None:
     settings = gateway_settings(temporal_client, own_simulator.url, tmp_path, task_queue)
+    migrate_database(settings)
     async with running_worker(temporal_client, settings), api_client(settings, temporal_client) as api:
         job_id = (await api.post("/jobs", json={"workflowJson": own_simulator.slow_prompt(2)})).json()["jobId"]
         await wait_for_job(api, job_id, until={"running"})

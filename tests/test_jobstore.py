@@ -42,7 +42,7 @@ def test_record_is_an_idempotent_upsert_of_the_latest_state(engine: Engine) -> N
                        node_id="2")
     with Session(engine) as session:
         record_job(session, record(state(job_id, JobStatus.queued, created), event("wf:1", "queued")))
-        finished = state(job_id, JobStatus.failed, created, attempts=2, outputs=[output],
+        finished = state(job_id, JobStatus.failed, created, attempts=2, outputs=[output], seed=2**48 - 1,
                          error=JobError(code=ErrorCode.COMFYUI_OOM, message="oom", details={"nodeId": "2"}))
         # The same record twice (a retried activity) leaves one row and one copy of each event.
         record_job(session, record(finished, event("wf:2", "failed")))

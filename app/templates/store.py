@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 
 from sqlalchemy.engine import Engine
 
-from app.db import create_tables, session_scope
+from app.db import require_current_schema, session_scope
 from app.tables import TemplateRow
 from app.templates.registry import TemplateSpec, check_template
 
@@ -160,7 +160,9 @@ def load_bundled_templates(session: Session, directory: Path = BUNDLED_TEMPLATES
 
 
 def prepare_database(engine: Engine) -> None:
-    """Tables, and the bundled templates registered: what every entry point of the gateway expects."""
-    create_tables(engine)
+    """The schema at this code's head revision (else SchemaNotCurrent: the API, the worker and the registry
+    commands never migrate it themselves) and the bundled templates registered: what every entry point of the
+    gateway expects."""
+    require_current_schema(engine)
     with session_scope(engine) as session:
         load_bundled_templates(session)

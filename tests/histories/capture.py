@@ -16,7 +16,15 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from app.devserver import temporal_cli
-from tests.harness import DONE, SimulatorProcess, api_client, gateway_settings, recorded_workflow, wait_for_job
+from tests.harness import (
+    DONE,
+    SimulatorProcess,
+    api_client,
+    gateway_settings,
+    migrate_database,
+    recorded_workflow,
+    wait_for_job,
+)
 from worker.main import running_worker
 
 HERE = Path(__file__).resolve().parent
@@ -36,6 +44,7 @@ async def capture() -> None:
             dev_server_existing_path=temporal_cli(), data_converter=pydantic_data_converter
         )
         settings = gateway_settings(env.client, simulator.url, root / "gateway", "capture")
+        migrate_database(settings)
         try:
             async with running_worker(env.client, settings), api_client(settings, env.client) as api:
                 jobs = {
