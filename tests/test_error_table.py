@@ -1,0 +1,30 @@
+"""The error table is the one source of the retry rules, the API's statuses and the README's table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.comfy.errors import ComfyError
+from app.errors import CLIENT_RETRYABLE_CODES, ERROR_CLASSES, NON_RETRYABLE_TYPES, ErrorCode, markdown_table
+from workflows_temporal.generation import _CLEANUP_RETRY, _IMAGE_RETRY, _TRANSIENT_RETRY
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_every_code_has_its_class_and_the_readme_shows_the_table() -> None:
+    assert set(ERROR_CLASSES) == set(ErrorCode)
+    assert markdown_table() in README.read_text()
+
+
+def test_retry_policies_and_classifications_come_from_the_table() -> None:
+    for policy in (_TRANSIENT_RETRY, _IMAGE_RETRY, _CLEANUP_RETRY):
+        assert policy.non_retryable_error_types == NON_RETRYABLE_TYPES
+    for code, error_class in ERROR_CLASSES.items():
+        assert ComfyError(code, "x").retryable is error_class.temporal_retries
+        # A code Temporal retries on its own is never one a client has to opt in to.
+        assert not (error_class.temporal_retries and error_class.client_retryable), code
+    assert set(CLIENT_RETRYABLE_CODES) == {
+        ErrorCode.COMFYUI_NODE_ERROR, ErrorCode.COMFYUI_OOM, ErrorCode.COMFYUI_INTERRUPTED, ErrorCode.COMFYUI_TIMEOUT,
+    }
+    assert ErrorCode.COMFYUI_PROTOCOL_ERROR.value in NON_RETRYABLE_TYPES
+    assert ErrorCode.CONFIGURATION_ERROR.value in NON_RETRYABLE_TYPES
