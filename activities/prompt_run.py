@@ -98,6 +98,7 @@ class PromptRun:
                 f"prompt {self.prompt_id} queued on ComfyUI (attempt {self.request.attempt})",
                 {"promptId": self.prompt_id, "attempt": self.request.attempt, "backend": self.request.backend},
             )
+            await self.log.flush(force=True)  # a crash right after must not lose that the prompt was queued
         else:
             self.log.add(
                 f"{self.tag}:reattached:{activity.info().attempt}", "reattached",

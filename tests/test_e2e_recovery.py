@@ -1,9 +1,10 @@
-"""Crashes: the worker killed mid-prompt, ComfyUI restarted mid-prompt. The job still succeeds."""
+"""Crashes: the worker killed mid-prompt, ComfyUI restarted mid-prompt, the gateway down for longer than the
+job's own time limit. The job still succeeds, and its prompt runs once (or again, when ComfyUI lost it)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from tests.harness import (
     SimulatorProcess,
     WorkerProcess,
     api_client,
+    assert_eventually,
     comfy_history_for_job,
     gateway_settings,
     migrate_database,
@@ -32,30 +34,54 @@ def own_simulator(tmp_path: Path) -> Iterator[SimulatorProcess]:
     process.kill()
 
 
-async def test_worker_killed_mid_prompt_reattaches_and_the_prompt_runs_once(
-    temporal_client: Client, task_queue: str, comfyui: ComfyUITarget, tmp_path: Path
-) -> None:
+async def _job_across_a_worker_crash(
+    comfyui: ComfyUITarget,
+    temporal_client: Client,
+    task_queue: str,
+    tmp_path: Path,
+    *,
+    prompt_seconds: float,
+    downtime: float = 0.0,
+    timeout_seconds: float | None = None,
+    while_down: Callable[[], None] | None = None,
+) -> tuple[dict, list[dict]]:
+    """A job whose worker is SIGKILLed while it follows the prompt, and started again after `downtime`;
+    `while_down` runs in between. Returns the finished job and its log."""
     settings = gateway_settings(temporal_client, comfyui.url, tmp_path, task_queue)
     migrate_database(settings)
     worker = WorkerProcess(settings)
     worker.start()
     try:
         async with api_client(settings, temporal_client) as api:
-            job_id = (await api.post("/jobs", json={"workflowJson": comfyui.slow_prompt(4)})).json()["jobId"]
-            await wait_for_job(api, job_id, until={"running"}, timeout=60)
-            await asyncio.sleep(0.5)
+            body = {"workflowJson": comfyui.slow_prompt(prompt_seconds), "timeoutSeconds": timeout_seconds}
+            job_id = (await api.post("/jobs", json={k: v for k, v in body.items() if v is not None})).json()["jobId"]
+
+            async def followed() -> bool:  # its heartbeat, which says the prompt was queued, reached Temporal
+                job = (await api.get(f"/jobs/{job_id}")).json()
+                return job["status"] == "running" and job["currentNode"] is not None
+
+            await assert_eventually(followed, timeout=60)
             worker.kill()
+            if while_down is not None:
+                while_down()
+            await asyncio.sleep(downtime)
             worker.start()
             job = await wait_for_job(api, job_id, until=DONE, timeout=60)
-            assert job["status"] == "succeeded", job
-            assert job["attempts"] == 1
-            [run] = await comfy_history_for_job(comfyui.url, job_id)
-            assert run["status"]["status_str"] == "success"
-            logs = (await api.get(f"/jobs/{job_id}/logs")).json()["events"]
-            assert sum(event["kind"] == "submitted" for event in logs) == 1
-            assert any(event["kind"] == "reattached" for event in logs)
+            return job, (await api.get(f"/jobs/{job_id}/logs")).json()["events"]
     finally:
         worker.stop()
+
+
+async def test_worker_killed_mid_prompt_reattaches_and_the_prompt_runs_once(
+    temporal_client: Client, task_queue: str, comfyui: ComfyUITarget, tmp_path: Path
+) -> None:
+    job, logs = await _job_across_a_worker_crash(comfyui, temporal_client, task_queue, tmp_path, prompt_seconds=4)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 1
+    [run] = await comfy_history_for_job(comfyui.url, job["jobId"])
+    assert run["status"]["status_str"] == "success"
+    assert sum(event["kind"] == "submitted" for event in logs) == 1
+    assert any(event["kind"] == "reattached" for event in logs)
 
 
 async def test_comfyui_restarted_mid_prompt_is_resubmitted(
@@ -74,3 +100,36 @@ async def test_comfyui_restarted_mid_prompt_is_resubmitted(
         assert run["prompt"][3]["gateway_attempt"] == 2
         logs = (await api.get(f"/jobs/{job_id}/logs")).json()["events"]
         assert any("lost prompt" in event["message"] for event in logs)
+
+
+# The gateway stays down longer than the job's own limit: that time must not count against the job.
+_DOWNTIME_SECONDS = 6.0
+_JOB_TIMEOUT_SECONDS = 4.0
+
+
+async def test_a_prompt_that_finished_while_the_gateway_was_down_is_collected(
+    temporal_client: Client, task_queue: str, comfyui: ComfyUITarget, tmp_path: Path
+) -> None:
+    job, logs = await _job_across_a_worker_crash(
+        comfyui, temporal_client, task_queue, tmp_path, prompt_seconds=1.5, downtime=_DOWNTIME_SECONDS,
+        timeout_seconds=_JOB_TIMEOUT_SECONDS,
+    )
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 1 and len(job["outputs"]) == 1
+    assert sum(event["kind"] == "submitted" for event in logs) == 1
+    [run] = await comfy_history_for_job(comfyui.url, job["jobId"])
+    assert run["status"]["status_str"] == "success"
+
+
+async def test_a_prompt_comfyui_lost_while_the_gateway_was_down_is_resubmitted(
+    temporal_client: Client, task_queue: str, own_simulator: SimulatorProcess, tmp_path: Path
+) -> None:
+    job, logs = await _job_across_a_worker_crash(
+        own_simulator, temporal_client, task_queue, tmp_path, prompt_seconds=1.5, downtime=_DOWNTIME_SECONDS,
+        timeout_seconds=_JOB_TIMEOUT_SECONDS, while_down=own_simulator.restart,
+    )
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2
+    assert any("lost prompt" in event["message"] for event in logs)
+    [run] = await comfy_history_for_job(own_simulator.url, job["jobId"])
+    assert run["prompt"][3]["gateway_attempt"] == 2
