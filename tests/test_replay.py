@@ -10,6 +10,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from app.models import CancelPromptInput, CollectOutputsInput, GenerationInput, RunPromptInput, StageImagesInput
 from workflows_temporal.generation import GenerationWorkflow
 
 HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"))
@@ -27,3 +28,27 @@ async def test_history_replays(path: Path) -> None:
     replayer = Replayer(workflows=[GenerationWorkflow], data_converter=pydantic_data_converter)
     result = await replayer.replay_workflow(WorkflowHistory.from_json(path.stem, path.read_text()))
     assert result.replay_failure is None
+
+
+# Each activity the workflow schedules, by the name in history, with the input model today's code reads.
+ACTIVITY_INPUTS = {
+    "stage_images": StageImagesInput, "run_prompt": RunPromptInput, "collect_outputs": CollectOutputsInput,
+    "cancel_prompt": CancelPromptInput,
+}
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])
+async def test_activities_scheduled_by_older_releases_read_their_inputs_today(path: Path) -> None:
+    """A job in flight when the gateway is upgraded has activities scheduled with the old input shapes: the
+    new worker must read them as they are."""
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    scheduled = [event.activity_task_scheduled_event_attributes for event in history.events
+                 if event.HasField("activity_task_scheduled_event_attributes")]
+    assert scheduled
+    for attributes in scheduled:
+        model = ACTIVITY_INPUTS[attributes.activity_type.name]
+        [decoded] = await pydantic_data_converter.decode(attributes.input.payloads, [model])
+        assert isinstance(decoded, model)
+    [started] = [event.workflow_execution_started_event_attributes for event in history.events[:1]]
+    [job] = await pydantic_data_converter.decode(started.input.payloads, [GenerationInput])
+    assert isinstance(job, GenerationInput)
