@@ -102,7 +102,7 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
     their own, as in production, so that API traffic never delays the worker picking up tasks."""
     from app.child_processes import RestartingPart
     from app.db import make_engine, migrate
-    from app.devserver import TemporalDevServer, TemporalUnavailable, start_temporal_dev_server
+    from app.devserver import TemporalUnavailable, start_temporal_dev_server
     from app.templates.store import prepare_database
 
     parts = [RestartingPart(command, [sys.executable, "-m", "app.cli", command]) for command in ("worker", "api")]

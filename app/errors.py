@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from pydantic import ValidationError
+
 
 class ErrorCode(str, Enum):
     """Stable error codes: clients branch on these, so they never change meaning."""
@@ -147,6 +149,11 @@ class InvalidInput(ValueError):
     def __init__(self, issues: list[FieldIssue]) -> None:
         super().__init__("; ".join(f"{issue.field}: {issue.message}" for issue in issues))
         self.issues = issues
+
+    @classmethod
+    def of(cls, error: ValidationError, under: str) -> "InvalidInput":
+        """A pydantic model's complaints about a part of a request, named as fields of `under`."""
+        return cls([FieldIssue(".".join([under, *map(str, e["loc"])]), e["msg"]) for e in error.errors()])
 
 
 if __name__ == "__main__":

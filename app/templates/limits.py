@@ -33,9 +33,7 @@ def parse_template_limits(raw: dict[str, Any] | None) -> TemplateLimits:
     try:
         return TemplateLimits.model_validate(raw or {})
     except ValidationError as error:
-        raise InvalidInput(
-            [FieldIssue(".".join(["limits", *map(str, e["loc"])]), e["msg"]) for e in error.errors()]
-        ) from error
+        raise InvalidInput.of(error, "limits") from error
 
 
 @dataclass(frozen=True)

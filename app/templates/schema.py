@@ -124,9 +124,7 @@ def parse_schema(raw: dict[str, Any]) -> InputSchema:
     try:
         return InputSchema.model_validate(raw or {})
     except ValidationError as error:
-        raise InvalidInput(
-            [FieldIssue(".".join(["inputSchema", *map(str, e["loc"])]), e["msg"]) for e in error.errors()]
-        ) from error
+        raise InvalidInput.of(error, "inputSchema") from error
 
 
 def _problem(field: InputField, value: Any) -> str | None:
