@@ -9,14 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from temporalio.client import Client
 
-from tests.harness import DONE, REPO_ROOT, SimulatorProcess, free_port, recorded_workflow
+from tests.harness import DONE, REPO_ROOT, SimulatorProcess, assert_eventually, free_port, recorded_workflow
 
 
 def dev_environment(tmp_path: Path, comfyui_url: str) -> dict[str, str]:
@@ -35,19 +34,25 @@ def temporal_port(env: dict[str, str]) -> int:
     return int(env["TEMPORAL_ADDRESS"].rsplit(":", 1)[1])
 
 
-def start_dev(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+async def start_dev(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as output:  # the child keeps its own handle
         process = subprocess.Popen([sys.executable, "-m", "app.cli", "dev"], cwd=REPO_ROOT, env=env,
                                    stdout=output, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    async with httpx.AsyncClient(timeout=2) as client:
+
+        async def api_answers() -> bool:
+            try:
+                await client.get(f"http://127.0.0.1:{env['PORT']}/health")
+            except httpx.TransportError:
+                return False
+            return True
+
         try:
-            httpx.get(f"http://127.0.0.1:{env['PORT']}/health", timeout=2)
-            return process
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"the gateway did not start; see {log}")
+            await assert_eventually(api_answers, timeout=60, interval=0.2, what=f"the gateway answering (log: {log})")
+        except AssertionError:
+            process.kill()
+            raise
+    return process
 
 
 def descendants(pid: int) -> set[int]:
@@ -79,6 +84,8 @@ def part_of_dev(pid: int) -> str:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return "gone"
+    if command == [b""]:
+        return "gone"  # exiting: a killed process gives up its memory, command line included, before it is a zombie
     return "temporal" if b"start-dev" in command else command[-2].decode()  # [..., "app.cli", "worker", ""]
 
 
@@ -92,13 +99,6 @@ def port_is_free(port: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
-        time.sleep(0.1)
 
 
 def run_dev_until_it_exits(env: dict[str, str]) -> tuple[int, str, float]:
@@ -118,49 +118,62 @@ def stop_dev(process: subprocess.Popen[bytes]) -> list[int]:
     return [pid for pid in tree if alive(pid)]
 
 
-def test_dev_runs_everything_stops_cleanly_and_jobs_survive_a_restart(tmp_path: Path) -> None:
+async def test_dev_runs_everything_stops_cleanly_and_jobs_survive_a_restart(tmp_path: Path) -> None:
     (tmp_path / "comfyui").mkdir()
     simulator = SimulatorProcess(tmp_path / "comfyui")
     env = dev_environment(tmp_path, simulator.url)  # not running yet: the job has to wait for it
-    api = f"http://127.0.0.1:{env['PORT']}"
-    gateway = start_dev(env, tmp_path / "dev.log")
+    gateway = await start_dev(env, tmp_path / "dev.log")
     try:
-        health = httpx.get(f"{api}/health").json()
-        assert health["temporal"]["reachable"] is True and health["comfyui"]["reachable"] is False
-        ui = httpx.get(f"http://127.0.0.1:{env['TEMPORAL_UI_PORT']}/")
-        assert ui.status_code == 200  # the Temporal Web UI
-        job_id = httpx.post(f"{api}/jobs", json={"workflowJson": recorded_workflow("image.json")}).json()["jobId"]
-        time.sleep(1)
-        assert httpx.get(f"{api}/jobs/{job_id}").json()["status"] == "queued"
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['PORT']}") as api:
+            health = (await api.get("/health")).json()
+            assert health["temporal"]["reachable"] is True and health["comfyui"]["reachable"] is False
+            ui = await api.get(f"http://127.0.0.1:{env['TEMPORAL_UI_PORT']}/")
+            assert ui.status_code == 200  # the Temporal Web UI
+            submitted = await api.post("/jobs", json={"workflowJson": recorded_workflow("image.json")})
+            job_id = submitted.json()["jobId"]
+
+            async def waiting_for_comfyui() -> dict | None:
+                job = (await api.get(f"/jobs/{job_id}")).json()
+                return job if job["warning"] else None
+
+            # The worker has the job and waits for ComfyUI: the restart interrupts a job in progress.
+            job = await assert_eventually(waiting_for_comfyui, timeout=20, what="the job waiting for ComfyUI")
+            assert job["status"] == "queued" and job["warning"]["code"] == "COMFYUI_UNREACHABLE"
     finally:
         survivors = stop_dev(gateway)
     assert survivors == []
 
     simulator.start()
-    gateway = start_dev(env, tmp_path / "dev.log")
+    gateway = await start_dev(env, tmp_path / "dev.log")
     try:
-        deadline = time.monotonic() + 60
-        while (job := httpx.get(f"{api}/jobs/{job_id}").json())["status"] in ("queued", "running"):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.2)
-        assert job["status"] == "succeeded" and len(job["outputs"]) == 1
-        assert httpx.get(f"{api}{job['outputs'][0]['url']}").status_code == 200
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['PORT']}") as api:
+
+            async def finished() -> dict:
+                job = (await api.get(f"/jobs/{job_id}")).json()
+                assert job["status"] in DONE, job
+                return job
+
+            job = await assert_eventually(finished, timeout=60, interval=0.2)
+            assert job["status"] == "succeeded" and len(job["outputs"]) == 1
+            assert (await api.get(job["outputs"][0]["url"])).status_code == 200
     finally:
         assert stop_dev(gateway) == []
         simulator.kill()
 
 
-def test_a_killed_dev_takes_temporal_the_worker_and_the_api_with_it(tmp_path: Path) -> None:
+async def test_a_killed_dev_takes_temporal_the_worker_and_the_api_with_it(tmp_path: Path) -> None:
     env = dev_environment(tmp_path, comfyui_url=f"http://127.0.0.1:{free_port()}")
-    gateway = start_dev(env, tmp_path / "dev.log")
+    gateway = await start_dev(env, tmp_path / "dev.log")
     tree = descendants(gateway.pid)
     try:
         assert sorted(part_of_dev(pid) for pid in tree) == ["api", "temporal", "worker"]
         gateway.kill()
         gateway.wait()
-        wait_until(lambda: not any(alive(pid) for pid in tree), timeout=10, what="all of dev's tree gone")
+        await assert_eventually(lambda: not any(alive(pid) for pid in tree), timeout=10, interval=0.1,
+                                what="all of dev's tree gone")
         ports = [int(env["PORT"]), temporal_port(env), int(env["TEMPORAL_UI_PORT"])]
-        wait_until(lambda: all(port_is_free(port) for port in ports), timeout=5, what="all ports free")
+        await assert_eventually(lambda: all(port_is_free(port) for port in ports), timeout=5, interval=0.1,
+                                what="all ports free")
     finally:
         for pid in filter(alive, tree):  # what the gateway left behind must not outlive the test
             os.kill(pid, signal.SIGKILL)
@@ -193,35 +206,42 @@ def test_dev_whose_temporal_fails_to_start_exits_at_once_with_the_reason(tmp_pat
     assert "Temporal exited with code 1: Error:" in output and "unable to open database file" in output
 
 
-def test_dev_restarts_a_killed_worker_while_the_api_keeps_answering(tmp_path: Path) -> None:
+async def test_dev_restarts_a_killed_worker_while_the_api_keeps_answering(tmp_path: Path) -> None:
     (tmp_path / "comfyui").mkdir()
     simulator = SimulatorProcess(tmp_path / "comfyui")
     simulator.start()
     env = dev_environment(tmp_path, simulator.url)
-    api = f"http://127.0.0.1:{env['PORT']}"
-
-    def healthy() -> bool:
-        return httpx.get(f"{api}/health", timeout=5).status_code == 200
-
-    gateway = start_dev(env, tmp_path / "dev.log")
+    gateway = await start_dev(env, tmp_path / "dev.log")
     try:
-        wait_until(healthy, timeout=20, what="healthy")  # the API connects to Temporal on its own time
-        [killed] = part_pids(gateway, "worker")
-        os.kill(killed, signal.SIGKILL)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['PORT']}", timeout=5) as api:
 
-        def restarted() -> bool:
-            assert healthy(), "the API stopped answering while the worker was down"
-            return len(part_pids(gateway, "worker") - {killed}) == 1
+            async def healthy() -> bool:
+                return (await api.get("/health")).status_code == 200
 
-        wait_until(restarted, timeout=20, what="a new worker")
-        job_id = httpx.post(f"{api}/jobs", json={"workflowJson": recorded_workflow("image.json")}).json()["jobId"]
+            async def still_healthy(when: str) -> None:
+                # pytest.fail, not assert: assert_eventually takes an AssertionError for "not yet" and polls on.
+                if not await healthy():
+                    pytest.fail(f"the API stopped answering {when}")
 
-        def done() -> bool:
-            assert healthy()
-            return httpx.get(f"{api}/jobs/{job_id}").json()["status"] in DONE
+            # the API connects to Temporal on its own time
+            await assert_eventually(healthy, timeout=20, interval=0.1, what="healthy")
+            [killed] = part_pids(gateway, "worker")
+            os.kill(killed, signal.SIGKILL)
 
-        wait_until(done, timeout=30, what="the job done")
-        assert httpx.get(f"{api}/jobs/{job_id}").json()["status"] == "succeeded"
+            async def restarted() -> bool:
+                await still_healthy("while the worker was down")
+                return len(part_pids(gateway, "worker") - {killed}) == 1
+
+            await assert_eventually(restarted, timeout=20, interval=0.1, what="a new worker")
+            submitted = await api.post("/jobs", json={"workflowJson": recorded_workflow("image.json")})
+            job_id = submitted.json()["jobId"]
+
+            async def done() -> bool:
+                await still_healthy("while the job ran")
+                return (await api.get(f"/jobs/{job_id}")).json()["status"] in DONE
+
+            await assert_eventually(done, timeout=30, interval=0.1, what="the job done")
+            assert (await api.get(f"/jobs/{job_id}")).json()["status"] == "succeeded"
     finally:
         simulator.kill()
         assert stop_dev(gateway) == []
