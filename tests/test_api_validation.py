@@ -1,0 +1,280 @@
+"""Requests the API refuses before a job exists, on the API alone: a migrated SQLite database, no worker, a
+ComfyUI where nothing listens, and a Temporal any use of which fails the test."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from httpx import ASGITransport
+
+from api.deps import get_temporal
+from api.errors import install_error_handlers
+from api.main import create_app
+from api.plain_json import MAX_BODY_BYTES, BodySizeLimit
+from app.settings import Settings
+from app.templates.store import BUNDLED_TEMPLATES_DIR
+from tests.harness import free_port, migrate_database, recorded_workflow
+from tests.test_api import error_of
+from tests.test_workflows_api import SCHEMA, registration, with_field
+
+BUNDLED = {path.stem for path in BUNDLED_TEMPLATES_DIR.glob("*.json")}
+
+
+class UnusableTemporal:
+    """Temporal for an app whose requests must all be refused before a job is started or read. Routes still
+    receive it (FastAPI resolves a route's dependencies before it validates the body); using it fails the
+    test."""
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise AssertionError(f"the request reached Temporal (Client.{name})")
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(
+        _env_file=None, data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+        comfyui_url=f"http://127.0.0.1:{free_port()}", temporal_address=f"127.0.0.1:{free_port()}",
+    )
+    migrate_database(settings)
+    temporal = UnusableTemporal()
+    app = create_app(settings, temporal)  # type: ignore[arg-type]  # given a client, the API does not connect
+    app.dependency_overrides[get_temporal] = lambda: temporal  # what every route gets, however get_temporal works
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=ASGITransport(app=app), base_url="http://gateway") as client:
+            yield client
+
+
+async def register(api: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    response = await api.post("/workflows", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+# --- jobs ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "body"),
+        ({"workflowId": "solid_color", "workflowJson": {"1": {}}}, "body"),
+        ({"workflowId": "solid_color", "surprise": 1}, "surprise"),
+        ({"workflowId": "solid_color", "inputs": []}, "inputs"),
+        ({"workflowId": "solid_color", "retry": {"retryOn": ["NOPE"]}}, "retry.retryOn.0"),
+        ({"workflowId": "solid_color", "retry": {"maxAttempts": 0}}, "retry.maxAttempts"),
+        ({"workflowId": "solid_color", "timeoutSeconds": -1}, "timeoutSeconds"),
+        ({"workflowId": "solid_color", "timeoutSeconds": True}, "timeoutSeconds"),
+        ({"workflowId": "solid_color", "retry": {"max_attempts": 3}}, "retry.max_attempts"),
+        ({"workflowId": "solid_color", "retry": {"maxAttempts": "3"}}, "retry.maxAttempts"),
+        ({"workflowId": "solid_color", "retry": {"retryOn": ["VALIDATION_ERROR"]}}, "retry.retryOn"),
+        ({"workflowId": "solid_color", "inputs": {"width": 99999}}, "inputs.width"),
+        ({"workflowJson": recorded_workflow("invalid_bad_value.json")}, "workflowJson.1.inputs.width"),
+        ({"workflowJson": {"1": {"inputs": {}}}}, "workflowJson.1"),
+        ({"workflowJson": {"1": {"class_type": "SaveImage", "inputs": {"images": ["99", 0]}}}},
+         "workflowJson.1.inputs.images"),
+        ({"workflowJson": {"1": {"class_type": "SaveImage", "inputs": {"images": "{{link}}"}}},
+          "inputs": {"link": ["99", 0]}}, "workflowJson.1.inputs.images"),
+        ({"workflowJson": recorded_workflow("image.template.json"), "inputs": {"width": 8}}, "inputs.color"),
+    ],
+)
+async def test_bad_job_requests_are_400_naming_the_field(api: httpx.AsyncClient, body: dict, field: str) -> None:
+    response = await api.post("/jobs", json=body)
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "VALIDATION_ERROR"
+    assert field in [item["field"] for item in error["details"]["fields"]]
+    assert (await api.get("/jobs")).json()["count"] == 0  # nothing half-written
+
+
+async def test_malformed_json_is_a_validation_error(api: httpx.AsyncClient) -> None:
+    response = await api.post("/jobs", content=b"{nope", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and error_of(response)["code"] == "VALIDATION_ERROR"
+
+
+async def test_unknown_template_and_unsupported_callback(api: httpx.AsyncClient) -> None:
+    missing = await api.post("/jobs", json={"workflowId": "no_such_template"})
+    assert missing.status_code == 404 and error_of(missing)["code"] == "WORKFLOW_NOT_FOUND"
+    callback = await api.post("/jobs", json={"workflowId": "solid_color", "callbackUrl": "https://x.test/h"})
+    assert callback.status_code == 400 and error_of(callback)["code"] == "UNSUPPORTED_FIELD"
+
+
+@pytest.mark.parametrize("path", ["/jobs/not-a-uuid", "/jobs/not-a-uuid/logs", "/outputs/not-a-uuid",
+                                  "/outputs/not-a-uuid/a.png"])
+async def test_a_job_id_that_is_no_uuid_is_404(api: httpx.AsyncClient, path: str) -> None:
+    response = await api.get(path)
+    assert response.status_code == 404 and error_of(response)["code"] == "JOB_NOT_FOUND"
+    cancel = await api.post("/jobs/not-a-uuid/cancel", json={"reason": "x"})
+    assert cancel.status_code == 404 and error_of(cancel)["code"] == "JOB_NOT_FOUND"
+
+
+async def test_bad_list_filters_are_400_naming_the_fields(api: httpx.AsyncClient) -> None:
+    bad = await api.get("/jobs", params={"status": "bogus", "limit": 500})
+    assert bad.status_code == 400
+    assert {item["field"] for item in error_of(bad)["details"]["fields"]} == {"status", "limit"}
+
+
+async def test_template_jobs_validate_inputs(api: httpx.AsyncClient) -> None:
+    await register(api, registration("seeded"))
+    bad = await api.post("/jobs", json={"workflowId": "seeded", "inputs": {"width": 2, "nope": 1}})
+    assert bad.status_code == 400
+    fields = {item["field"] for item in bad.json()["error"]["details"]["fields"]}
+    assert fields == {"inputs.color", "inputs.width", "inputs.nope"}
+
+
+async def test_template_job_inputs_are_refused_before_a_job_exists(api: httpx.AsyncClient) -> None:
+    for inputs, field in [({"width": None}, "inputs.width"), ({"filename_prefix": ["2", 0]}, "inputs.filename_prefix"),
+                          ({"filename_prefix": {"a": 1}}, "inputs.filename_prefix")]:
+        response = await api.post("/jobs", json={"workflowId": "animated_noise_webp", "inputs": inputs})
+        assert response.status_code == 400, response.text
+        assert [item["field"] for item in response.json()["error"]["details"]["fields"]] == [field]
+    null = await api.post("/jobs", json={"workflowId": "solid_color", "inputs": {"width": None}})
+    [issue] = null.json()["error"]["details"]["fields"]
+    assert issue == {"field": "inputs.width", "message": "null is not a value; leave the field out to use its default"}
+    assert (await api.get("/jobs")).json()["count"] == 0
+
+
+# --- bodies ----------------------------------------------------------------------------------------------
+
+
+def nested(depth: int) -> object:
+    value: object = "leaf"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("raw_body", "field", "says"),
+    [
+        ('{"workflowId": "solid_color", "metadata": {"a": %s}}' % json.dumps(nested(40)), "metadata.a", "nested"),
+        ('{"workflowJson": {"1": {"class_type": "X", "inputs": {"v": %s}}}}' % json.dumps(nested(40)),
+         "workflowJson.1.inputs.v", "nested"),
+        ('{"workflowId": "solid_color", "inputs": {"width": NaN}}', "inputs.width", "NaN"),
+        ('{"workflowId": "solid_color", "metadata": {"k": Infinity}}', "metadata.k", "NaN and Infinity"),
+        ('{"workflowId": "solid_color", "metadata": {"k": "\\ud800"}}', "metadata.k", "surrogate"),
+        ('{"workflowId": "solid_color", "inputs": {"\\udfff": 1}}', "inputs.\\udfff", "surrogate"),
+        ('{"workflowId": "solid_color", "inputs": {"width": 8}', "body", "not valid JSON"),
+        ("[" * 1500 + "]" * 1500, "body", "not valid JSON"),
+    ],
+)
+async def test_bodies_that_are_not_plain_json_are_refused(
+    api: httpx.AsyncClient, raw_body: str, field: str, says: str
+) -> None:
+    """A job nested 200 deep used to be accepted and then could never be decoded by the worker."""
+    for path in ("/jobs", "/workflows"):
+        response = await api.post(path, content=raw_body.encode("utf-8", "surrogatepass"),
+                                  headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        error = error_of(response)
+        assert error["code"] == "VALIDATION_ERROR"
+        [problem] = error["details"]["fields"]
+        assert problem["field"].startswith(field) and says in problem["message"], problem
+    assert (await api.get("/jobs")).json()["count"] == 0
+
+
+async def test_undecodable_and_oversized_bodies(api: httpx.AsyncClient) -> None:
+    undecodable = await api.post("/jobs", content=b'{"workflowId": "\xff"}',
+                                 headers={"content-type": "application/json"})
+    assert undecodable.status_code == 400 and error_of(undecodable)["details"]["fields"][0]["field"] == "body"
+    declared = await api.post("/jobs", content=b"{}", headers={
+        "content-type": "application/json", "content-length": str(MAX_BODY_BYTES + 1)})
+    assert declared.status_code == 413 and error_of(declared)["code"] == "REQUEST_TOO_LARGE"
+    huge_offset = await api.get("/jobs", params={"offset": 10**20})
+    assert huge_offset.status_code == 400 and error_of(huge_offset)["details"]["fields"][0]["field"] == "offset"
+
+
+async def test_a_body_streamed_past_the_limit_is_refused() -> None:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/echo")
+    async def echo(body: dict) -> dict:  # type: ignore[type-arg]
+        return body
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(10):
+            yield b" " * 10  # no content-length: the limit has to count
+    async with httpx.AsyncClient(transport=ASGITransport(app=BodySizeLimit(app, max_bytes=50)),
+                                 base_url="http://test") as client:
+        small = await client.post("/echo", json={"a": 1})
+        assert small.status_code == 200
+        response = await client.post("/echo", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and error_of(response)["code"] == "REQUEST_TOO_LARGE"
+
+
+async def test_unknown_paths_and_methods_answer_json(api: httpx.AsyncClient) -> None:
+    trailing = await api.post("/jobs/", json={"workflowId": "solid_color"})
+    assert trailing.status_code == 404 and error_of(trailing)["code"] == "NOT_FOUND"
+    wrong_method = await api.delete("/jobs")
+    assert wrong_method.status_code == 405 and error_of(wrong_method)["code"] == "METHOD_NOT_ALLOWED"
+
+
+# --- templates -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"id": "has space"}, "id"),
+        ({"defaultParams": {}}, "workflowJson: {{filename_prefix}}"),
+        ({"workflowJson": {"1": {"class_type": "SaveImage", "inputs": {"images": ["9", 0]}}}}, "workflowJson.1.inputs.images"),
+        ({"workflowJson": {"1": {"inputs": {}}}}, "workflowJson.1"),
+        ({"inputSchema": {"fields": {"color": {"type": "colour"}}}}, "inputSchema.fields.color.type"),
+        ({"name": ""}, "name"),
+        ({"id": "a\n"}, "id"),
+        ({"inputSchema": {"type": "object", "fields": 5}}, "inputSchema.fields"),
+        ({"inputSchema": {"type": "object", "fields": None}}, "inputSchema.fields"),
+        ({"inputSchema": {"type": "object", "fields": [SCHEMA["fields"]["width"]]}}, "inputSchema.fields"),
+        ({"inputSchema": with_field("color", required=True, default=1)}, "inputSchema.fields.color.default"),
+        ({"inputSchema": with_field("width", maxLength=4)}, "inputSchema.fields.width.maxLength"),
+        ({"inputSchema": with_field("label", type="string", min=1)}, "inputSchema.fields.label.min"),
+        ({"inputSchema": with_field("width", min="1")}, "inputSchema.fields.width.min"),
+        ({"inputSchema": with_field("color", required="yes")}, "inputSchema.fields.color.required"),
+        ({"defaultParams": {"filename_prefix": "x", "width": 999999}}, "defaultParams.width"),
+        ({"defaultParams": {"filename_prefix": "x", "width": "abc"}}, "defaultParams.width"),
+    ],
+)
+async def test_registration_errors_name_the_field(api: httpx.AsyncClient, changes: dict, field: str) -> None:
+    response = await api.post("/workflows", json=registration("bad_template", **changes))
+    assert response.status_code == 400, response.text
+    assert field in [item["field"] for item in response.json()["error"]["details"]["fields"]]
+    assert {w["id"] for w in (await api.get("/workflows")).json()["workflows"]} == BUNDLED  # nothing written
+
+
+async def test_a_malformed_graph_in_an_update_is_400(api: httpx.AsyncClient) -> None:
+    await register(api, registration("to_break"))
+    response = await api.put("/workflows/to_break", json={"workflowJson": {"1": {"inputs": {}}}})
+    assert response.status_code == 400 and response.json()["error"]["details"]["fields"][0]["field"] == "workflowJson.1"
+    assert (await api.get("/workflows/to_break")).json()["workflow"]["version"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": None}, "name"),
+        ({"description": None}, "description"),
+        ({"workflowJson": None}, "workflowJson"),
+        ({"inputSchema": None}, "inputSchema"),
+        ({"defaultParams": None}, "defaultParams"),
+        ({"inputSchema": {"type": "object", "fields": 5}}, "inputSchema.fields"),
+        ({"inputSchema": with_field("width", max=32)}, "inputSchema.fields.width"),  # its default, 64, no longer fits
+        ({"defaultParams": {"filename_prefix": "x", "width": 999999}}, "defaultParams.width"),
+    ],
+)
+async def test_a_refused_update_names_the_field_and_writes_no_version(
+    api: httpx.AsyncClient, body: dict, field: str
+) -> None:
+    await register(api, registration("kept"))
+    response = await api.put("/workflows/kept", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "VALIDATION_ERROR"
+    assert field in [item["field"] for item in response.json()["error"]["details"]["fields"]]
+    assert (await api.get("/workflows/kept")).json()["workflow"]["version"] == 1
+    changed = await api.put("/workflows/kept", json={"description": "changed"})
+    assert changed.json()["workflow"]["version"] == 2  # the refused update took no version number
