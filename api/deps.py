@@ -1,5 +1,5 @@
 """FastAPI dependencies: settings, database (a session for sync routes, `Database` for async ones), Temporal
-client, output storage, and the job a route's `job_id` names (one place loads it for every route, so the
+connection, output storage, and the job a route's `job_id` names (one place loads it for every route, so the
 owner check goes in one place too)."""
 
 from __future__ import annotations
@@ -9,12 +9,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlmodel import Session
-from temporalio.client import Client
 
 from api.database import Database
-from api.errors import ApiError
 from api.job_reader import JobReader
-from app.errors import ErrorCode
+from api.temporal_connection import TemporalConnection
 from app.jobstore import JobSnapshot
 from app.settings import Settings
 from app.storage import OutputStorage
@@ -34,11 +32,8 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_temporal(request: Request) -> Client:
-    client = request.app.state.temporal.client
-    if client is None:
-        raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal is not reachable; no job was created or changed")
-    return client
+def get_temporal(request: Request) -> TemporalConnection:
+    return request.app.state.temporal
 
 
 def get_storage(request: Request) -> OutputStorage:
@@ -48,11 +43,11 @@ def get_storage(request: Request) -> OutputStorage:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
-TemporalClientDep = Annotated[Client, Depends(get_temporal)]
+TemporalDep = Annotated[TemporalConnection, Depends(get_temporal)]
 StorageDep = Annotated[OutputStorage, Depends(get_storage)]
 
 
-def get_job_reader(request: Request, db: DatabaseDep, temporal: TemporalClientDep) -> JobReader:
+def get_job_reader(request: Request, db: DatabaseDep, temporal: TemporalDep) -> JobReader:
     return JobReader(db, temporal, request.app.state.live_views)
 
 

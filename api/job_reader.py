@@ -24,6 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.database import Database
 from api.errors import ApiError
+from api.temporal_connection import TemporalConnection
 from app.errors import ErrorCode
 from app.jobstore import JobSnapshot, get_job_snapshot
 from app.models import JobState, JobStatus, LiveProgress, PromptProgress, StepHeartbeat
@@ -73,7 +74,7 @@ def _is_job_id(job_id: str) -> bool:
 @dataclass(frozen=True)
 class JobReader:
     db: Database
-    temporal: Client
+    temporal: TemporalConnection
     live_views: LiveViews
 
     async def read(self, job_id: str, *, reuse_live: bool = True) -> JobSnapshot:
@@ -85,7 +86,12 @@ class JobReader:
             return recorded
         if reuse_live and (cached := self.live_views.get(job_id)) is not None:
             return cached
-        handle = self.temporal.get_workflow_handle(job_id)
+        client = self.temporal.client
+        if client is None:
+            if recorded is not None:
+                return recorded  # the projection, while the API waits for Temporal
+            raise _temporal_unavailable()
+        handle = client.get_workflow_handle(job_id)
         try:
             description = await handle.describe()
         except RPCError as error:
@@ -95,11 +101,11 @@ class JobReader:
                 raise job_not_found(job_id) from error
             raise _temporal_unavailable() from error
         if description.status is not WorkflowExecutionStatus.RUNNING:
-            return await self._closed(handle, description)
+            return await self._closed(client, handle, description)
         state = await self._query(handle, recorded)
         if state.status.is_terminal:
             return JobSnapshot(state, LiveProgress())
-        snapshot = JobSnapshot(state, await self._live_progress(description))
+        snapshot = JobSnapshot(state, await _live_progress(client, description))
         self.live_views.put(snapshot)
         return snapshot
 
@@ -111,7 +117,9 @@ class JobReader:
                 return recorded.state
             raise _temporal_unavailable() from error
 
-    async def _closed(self, handle: WorkflowHandle, description: WorkflowExecutionDescription) -> JobSnapshot:
+    async def _closed(
+        self, client: Client, handle: WorkflowHandle, description: WorkflowExecutionDescription
+    ) -> JobSnapshot:
         """A workflow that has closed, perhaps a moment ago: its row has its end, unless Temporal ended it."""
         recorded = await self.db.run(get_job_snapshot, handle.id)
         if recorded is not None and recorded.state.status.is_terminal:
@@ -123,23 +131,25 @@ class JobReader:
         state = recorded.state if recorded is not None else await self._query(handle, None)
         ended = state.model_copy(update={
             "status": JobStatus.cancelled,
-            "error": terminated_error(description.status, await termination_reason(self.temporal, handle.id)),
+            "error": terminated_error(description.status, await termination_reason(client, handle.id)),
             "completed_at": description.close_time or datetime.now(timezone.utc),
         })
         return JobSnapshot(ended, recorded.live if recorded is not None else LiveProgress())
 
-    async def _live_progress(self, description: WorkflowExecutionDescription) -> LiveProgress:
-        """Progress is not in workflow history tick by tick: it is the last heartbeat of the activity the
-        job waits on (the prompt's progress, or a warning while ComfyUI does not answer)."""
-        live = LiveProgress()
-        for pending in description.raw_description.pending_activities:
-            if not pending.heartbeat_details.payloads:
-                continue
-            [details] = await self.temporal.data_converter.decode(pending.heartbeat_details.payloads)
-            if not isinstance(details, dict):
-                continue  # a heartbeat of an older release (a bare count)
-            if pending.activity_type.name == _PROMPT_ACTIVITY:
-                live = PromptProgress.model_validate(details).live()
-            elif (warning := StepHeartbeat.model_validate(details).warning) is not None:
-                live.warning = warning
-        return live
+
+
+async def _live_progress(client: Client, description: WorkflowExecutionDescription) -> LiveProgress:
+    """Progress is not in workflow history tick by tick: it is the last heartbeat of the activity the job
+    waits on (the prompt's progress, or a warning while ComfyUI does not answer)."""
+    live = LiveProgress()
+    for pending in description.raw_description.pending_activities:
+        if not pending.heartbeat_details.payloads:
+            continue
+        [details] = await client.data_converter.decode(pending.heartbeat_details.payloads)
+        if not isinstance(details, dict):
+            continue  # a heartbeat of an older release (a bare count)
+        if pending.activity_type.name == _PROMPT_ACTIVITY:
+            live = PromptProgress.model_validate(details).live()
+        elif (warning := StepHeartbeat.model_validate(details).warning) is not None:
+            live.warning = warning
+    return live

@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
 
 import httpx
 from fastapi import Depends, FastAPI
@@ -19,6 +18,7 @@ from api.errors import install_error_handlers
 from api.job_reader import LiveViews
 from api.plain_json import BodySizeLimit, require_plain_json
 from api.readiness import Readiness
+from api.temporal_connection import TemporalConnection
 from api.routes import health, jobs, outputs, workflows
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import make_engine
@@ -28,13 +28,6 @@ from app.temporal_client import connect_temporal
 from app.templates.store import prepare_database
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TemporalConnection:
-    """The API starts even while Temporal is down; requests that need it answer 503 until it is up."""
-
-    client: Client | None = None
 
 
 async def _keep_connecting(settings: Settings, connection: TemporalConnection) -> None:

@@ -28,11 +28,11 @@ BUNDLED = {path.stem for path in BUNDLED_TEMPLATES_DIR.glob("*.json")}
 
 class UnusableTemporal:
     """Temporal for an app whose requests must all be refused before a job is started or read. Routes still
-    receive it (FastAPI resolves a route's dependencies before it validates the body); using it fails the
-    test."""
+    receive the connection (FastAPI resolves a route's dependencies before it validates the body); using it
+    fails the test."""
 
     def __getattr__(self, name: str) -> NoReturn:
-        raise AssertionError(f"the request reached Temporal (Client.{name})")
+        raise AssertionError(f"the request reached Temporal ({name})")
 
 
 @pytest.fixture
@@ -278,3 +278,22 @@ async def test_a_refused_update_names_the_field_and_writes_no_version(
     assert (await api.get("/workflows/kept")).json()["workflow"]["version"] == 1
     changed = await api.put("/workflows/kept", json={"description": "changed"})
     assert changed.json()["workflow"]["version"] == 2  # the refused update took no version number
+
+
+async def test_while_temporal_is_down_a_bad_request_is_still_refused_for_what_it_says(tmp_path: Path) -> None:
+    settings = Settings(
+        _env_file=None, data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+        comfyui_url=f"http://127.0.0.1:{free_port()}", temporal_address=f"127.0.0.1:{free_port()}",
+    )
+    migrate_database(settings)
+    app = create_app(settings)  # keeps trying to reach a Temporal that is not there
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=ASGITransport(app=app), base_url="http://gateway") as client:
+            bad = await client.post("/jobs", json={"workflowId": "solid_color", "surprise": 1})
+            unknown = await client.post("/jobs", json={"workflowId": "no_such_template"})
+            not_a_job = await client.get("/jobs/not-a-uuid")
+            good = await client.post("/jobs", json={"workflowId": "solid_color"})
+    assert (bad.status_code, error_of(bad)["code"]) == (400, "VALIDATION_ERROR")
+    assert (unknown.status_code, error_of(unknown)["code"]) == (404, "WORKFLOW_NOT_FOUND")
+    assert (not_a_job.status_code, error_of(not_a_job)["code"]) == (404, "JOB_NOT_FOUND")
+    assert (good.status_code, error_of(good)["code"]) == (503, "TEMPORAL_UNAVAILABLE")

@@ -16,7 +16,7 @@ from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError
 
-from api.deps import DatabaseDep, JobDep, JobReaderDep, SessionDep, SettingsDep, StorageDep, TemporalClientDep
+from api.deps import DatabaseDep, JobDep, JobReaderDep, SessionDep, SettingsDep, StorageDep, TemporalDep
 from api.errors import ApiError, invalid_input, validation_error
 from api.job_views import Job, public_job
 from app.comfy.backends import backend_task_queue, configured_backends
@@ -129,7 +129,7 @@ async def create_job(
     request: Request,
     db: DatabaseDep,
     settings: SettingsDep,
-    temporal: TemporalClientDep,
+    temporal: TemporalDep,
     storage: StorageDep,
 ) -> CreateJobResponse:
     if body.callback_url is not None:
@@ -179,7 +179,7 @@ async def create_job(
         field = "workflowJson" if body.workflow_json is not None else "inputs"
         raise validation_error([{"field": field, "message": f"the job is larger than {_MAX_JOB_BYTES} bytes"}])
     try:
-        await temporal.start_workflow(
+        await temporal.require().start_workflow(
             GenerationWorkflow.run,
             job,
             id=job_id,
@@ -219,13 +219,13 @@ async def get_job(job: JobDep, storage: StorageDep) -> Job:
 async def cancel_job(
     job: JobDep,
     reader: JobReaderDep,
-    temporal: TemporalClientDep,
+    temporal: TemporalDep,
     body: Annotated[CancelJobBody | None, Body()] = None,
 ) -> CancelJobResponse:
     job_id = job.state.job_id
     if job.state.status.is_terminal:
         raise _already_finished(job)
-    handle = temporal.get_workflow_handle(job_id)
+    handle = temporal.require().get_workflow_handle(job_id)
     try:
         await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=body.reason if body else "", actor="api"))
     except RPCError as error:
