@@ -223,6 +223,12 @@ async def wait_for_job(api: httpx.AsyncClient, job_id: str, *, until: set[str], 
     return await assert_eventually(job_in_status, timeout=timeout, what=f"job {job_id} reaching {sorted(until)}")
 
 
+def error_of(response) -> dict:  # type: ignore[no-untyped-def]
+    body = response.json()
+    assert set(body) == {"error"}, body
+    return body["error"]
+
+
 async def comfy_history_for_job(simulator_url: str, job_id: str) -> list[dict[str, Any]]:
     """Every prompt ComfyUI ran for this job (the gateway tags prompts with their job id)."""
     async with httpx.AsyncClient() as client:

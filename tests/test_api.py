@@ -7,13 +7,7 @@ import uuid
 
 import pytest
 
-from tests.harness import DONE, Gateway, recorded_workflow, wait_for_job
-
-
-def error_of(response) -> dict:  # type: ignore[no-untyped-def]
-    body = response.json()
-    assert set(body) == {"error"}, body
-    return body["error"]
+from tests.harness import DONE, Gateway, error_of, recorded_workflow, wait_for_job
 
 
 @pytest.mark.parametrize("path", ["/jobs/{id}", "/jobs/{id}/logs", "/outputs/{id}", "/outputs/{id}/a.png"])

@@ -19,9 +19,8 @@ from api.main import create_app
 from api.plain_json import MAX_BODY_BYTES, BodySizeLimit
 from app.settings import Settings
 from app.templates.store import BUNDLED_TEMPLATES_DIR
-from tests.harness import free_port, migrate_database, recorded_workflow
-from tests.test_api import error_of
-from tests.test_workflows_api import SCHEMA, registration, with_field
+from tests.harness import error_of, free_port, migrate_database, recorded_workflow
+from tests.template_bodies import SCHEMA, registration, with_field
 
 BUNDLED = {path.stem for path in BUNDLED_TEMPLATES_DIR.glob("*.json")}
 

@@ -7,28 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import DONE, Gateway, free_port, recorded_workflow, wait_for_job
-
-TEMPLATE = recorded_workflow("image.template.json")
-SCHEMA = {"type": "object", "fields": {
-    "width": {"type": "integer", "min": 8, "max": 4096, "default": 64},
-    "height": {"type": "integer", "min": 8, "max": 4096, "default": 64},
-    "color": {"type": "integer", "min": 0, "max": 16777215, "required": True},
-    "seed": {"type": "integer", "min": -1, "max": 1000000},
-}}
-
-
-def with_field(name: str, **settings: Any) -> dict[str, Any]:
-    """SCHEMA with one field's settings changed (or a field added)."""
-    fields = {**SCHEMA["fields"], name: {**SCHEMA["fields"].get(name, {"type": "integer"}), **settings}}
-    return {**SCHEMA, "fields": fields}
-
-
-def registration(template_id: str, **changes: Any) -> dict[str, Any]:
-    body = {"id": template_id, "name": "Solid", "description": "test template", "workflowJson": TEMPLATE,
-            "inputSchema": SCHEMA, "defaultParams": {"filename_prefix": f"{template_id}_v1"}}
-    return {**body, **changes}
-
+from tests.harness import DONE, Gateway, free_port, wait_for_job
+from tests.template_bodies import SCHEMA, TEMPLATE, registration, with_field
 
 async def register(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     response = await gateway.api.post("/workflows", json=body)
