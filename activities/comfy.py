@@ -40,17 +40,23 @@ from app.models import (
 from app.storage import OutputStorage
 
 
-def to_application_error(error: ComfyError, *, non_retryable: bool | None = None) -> ApplicationError:
+def to_application_error(error: ComfyError) -> ApplicationError:
     """A ComfyUI failure → an activity failure typed by its classification (app.errors). A failure that is
     the job's outcome (a node error, OOM, a refused prompt) is benign to the worker: the job's log reports
-    it, and the SDK logs it at DEBUG rather than as a WARNING with a traceback."""
+    it, and the SDK logs it at DEBUG rather than as a WARNING with a traceback. So is an unreachable ComfyUI
+    that reaches here: the activities wait it out (activities.waiting) and let it through only to give up,
+    once the job's time is spent, and the outage itself is logged once, by the backend's BackendHealth."""
     return ApplicationError(
         error.message,
         error.details,
         type=error.code.value,
-        non_retryable=not error.retryable if non_retryable is None else non_retryable,
+        non_retryable=not error.retryable,
         category=ApplicationErrorCategory.UNSPECIFIED if error.retryable else ApplicationErrorCategory.BENIGN,
     )
+
+
+# Tries of one prompt's activity (worker crashes, faults of the gateway's own); past this, the job fails.
+MAX_PROMPT_TRIES = 20
 
 
 def unknown_backend(backend: str) -> ApplicationError:
@@ -79,6 +85,11 @@ class ComfyActivities:
 
     @activity.defn(name="run_prompt")
     async def run_prompt(self, request: RunPromptInput) -> RunPromptResult:
+        if activity.info().attempt > MAX_PROMPT_TRIES:
+            raise ApplicationError(
+                f"following prompt {prompt_id_for(request.job_id, request.attempt)} was tried {MAX_PROMPT_TRIES} "
+                "times without an end (see the worker's log)", type=ErrorCode.INTERNAL_ERROR.value, non_retryable=True,
+            )
         details = activity.info().heartbeat_details
         progress = (
             PromptProgress.model_validate(details[0])
@@ -89,15 +100,12 @@ class ComfyActivities:
         run = PromptRun(self._client(request.backend), request, progress, log)
         live_row = LiveRow(self._engine, request.job_id, request.attempt)
         try:
-            async with heartbeating(lambda: run.tick().model_dump(by_alias=True), lambda: live_row.write(progress.live())):
+            async with heartbeating(lambda: run.tick().model_dump(by_alias=True), lambda: live_row.offer(progress.live())):
                 return await while_unreachable(run.run, on_wait=run.waiting, give_up=run.past_time_limit)
         except ComfyError as error:
-            if error.code is ErrorCode.COMFYUI_UNREACHABLE:  # still down when the job's time ran out
+            if error.code is ErrorCode.COMFYUI_UNREACHABLE:
                 log.add(f"a{request.attempt}:gave-up", "warning", f"{error.message}; the job's time limit has passed",
                         {"code": error.code.value})
-                # Benign to the worker: the backend's outage is logged once, by its BackendHealth.
-                raise ApplicationError(error.message, error.details, type=error.code.value, non_retryable=True,
-                                       category=ApplicationErrorCategory.BENIGN) from error
             raise to_application_error(error) from error
         except asyncio.CancelledError:
             cancellation = activity.cancellation_details()
@@ -108,6 +116,7 @@ class ComfyActivities:
                 await asyncio.shield(run.stop())
             raise
         finally:
+            await live_row.close()
             await log.flush(force=True)
 
     # --- cancel_prompt ---------------------------------------------------------------------------
@@ -138,7 +147,8 @@ class ComfyActivities:
                     name = entry["filename"] if entry["filename"] not in taken else f"{index}_{entry['filename']}"
                     taken.add(name)
                     files.append(await while_unreachable(
-                        lambda: self._store_output(client, request.job_id, index, name, node_id, entry), on_wait=waiting,
+                        lambda: self._store_output(client, request.job_id, index, name, node_id, entry),
+                        on_wait=waiting, max_wait=request.timeout_seconds,
                     ))
                     beat.done = len(files)
         except ComfyError as error:

@@ -4,7 +4,7 @@ its time, or a backend that does not answer, must not look like a dead worker to
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -14,14 +14,15 @@ HEARTBEAT_EVERY_SECONDS = 1.0
 
 
 @asynccontextmanager
-async def heartbeating(details: Callable[[], Any], also: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[None]:
-    """Heartbeat `details()` every second for the duration of the block; `also()` runs after each one."""
+async def heartbeating(details: Callable[[], Any], also: Callable[[], None] | None = None) -> AsyncIterator[None]:
+    """Heartbeat `details()` every second for the duration of the block; `also()`, which must not block,
+    runs after each one."""
 
     async def beat() -> None:
         while True:
             activity.heartbeat(details())
             if also is not None:
-                await also()
+                also()
             await asyncio.sleep(HEARTBEAT_EVERY_SECONDS)
 
     task = asyncio.create_task(beat())

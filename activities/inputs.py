@@ -72,7 +72,7 @@ class InputActivities:
 
         async with heartbeating(lambda: beat.model_dump(by_alias=True)):
             for key, source in request.images.items():
-                names[key] = await self._stage(client, key, source, waiting)
+                names[key] = await self._stage(client, key, source, waiting, request.timeout_seconds)
                 activity.logger.info("job %s: image input %s staged on ComfyUI as %s", request.job_id, key, names[key])
                 beat.done = len(names)
         return StageImagesResult(names=names, prompt=replace_load_image_sources(request.prompt, names))
@@ -82,7 +82,8 @@ class InputActivities:
             return stored.read()
 
     async def _stage(
-        self, client: ComfyClient, key: str, source: str, waiting: Callable[[JobWarning | None], None]
+        self, client: ComfyClient, key: str, source: str, waiting: Callable[[JobWarning | None], None],
+        max_wait: float | None,
     ) -> str:
         try:
             image = await load_image_source(
@@ -94,7 +95,7 @@ class InputActivities:
                 lambda: client.upload_image(
                     name=comfy_upload_name(image), data=image.data, content_type=image.content_type, overwrite=False
                 ),
-                on_wait=waiting,
+                on_wait=waiting, max_wait=max_wait,
             )
         except ImageInputError as error:
             raise _image_input_failure(error) from error

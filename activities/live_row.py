@@ -1,13 +1,17 @@
 """The live columns of a job's row (progress, current node, queue position, warning), kept current by the
-activity that runs its prompt, so that lists of jobs agree with a job read on its own. Written at most once
-a heartbeat and only when something changed; never the job's status, which is its workflow's alone."""
+activity that runs its prompt, so that lists of jobs agree with a job read on its own. Never the job's
+status, which is its workflow's alone.
+
+Written in the background, one write at a time, with the latest values: a database that makes a write wait
+(SQLite's busy timeout is 30 s) must not hold up the heartbeats that keep the activity alive.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
 from temporalio import activity
 
 from app.db import session_scope
@@ -21,17 +25,33 @@ class LiveRow:
         self._job_id = job_id
         self._attempt = attempt
         self._written: LiveProgress | None = None
+        self._wanted: LiveProgress | None = None
+        self._writer: asyncio.Task[None] | None = None
 
-    async def write(self, live: LiveProgress) -> None:
-        if live == self._written:
-            return
-        try:
-            await asyncio.to_thread(self._write, live)
-        except SQLAlchemyError as error:  # the row is a projection: the job goes on, the next beat tries again
-            activity.logger.warning("job %s: live progress not written: %s", self._job_id, error)
-            return
-        self._written = live
+    def offer(self, live: LiveProgress) -> None:
+        """Have `live` written, unless it is what the row already holds; returns at once."""
+        self._wanted = live.model_copy(deep=True)
+        if self._wanted != self._written and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.create_task(self._write_wanted())
 
-    def _write(self, live: LiveProgress) -> None:
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._writer
+
+    async def _write_wanted(self) -> None:
+        while self._wanted is not None and self._wanted != self._written:
+            live = self._wanted
+            try:
+                matched = await asyncio.to_thread(self._write, live)
+            except Exception as error:  # the row is a projection: the job goes on, the next heartbeat tries again
+                activity.logger.warning("job %s: live progress not written: %s", self._job_id, error)
+                return
+            if not matched:
+                return  # no live row of this attempt (not recorded yet, or the job moved on): nothing to keep
+            self._written = live
+
+    def _write(self, live: LiveProgress) -> bool:
         with session_scope(self._engine) as session:
-            write_live_progress(session, self._job_id, self._attempt, live)
+            return write_live_progress(session, self._job_id, self._attempt, live)

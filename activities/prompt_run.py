@@ -28,6 +28,9 @@ _QUIET_CHECK_SECONDS = 1.0
 _FORCED_CHECK_SECONDS = 10.0
 # A prompt that finishes sooner is never reported as `running` separately: its result says when it started.
 _RUNNING_SIGNAL_AFTER_SECONDS = 0.1
+# A post that failed on its way back may still be queued a moment later (ComfyUI validates before it queues):
+# before posting again, ComfyUI is asked twice, this far apart.
+_POST_SETTLE_SECONDS = 5.0
 
 
 class PromptRun:
@@ -85,14 +88,21 @@ class PromptRun:
             found_in = "heartbeat"
         else:
             found_in = await locate(self.client, self.prompt_id)
+            if found_in is None and self.progress.post_attempted:
+                await asyncio.sleep(_POST_SETTLE_SECONDS)
+                found_in = await locate(self.client, self.prompt_id)
         if found_in is None:
             self.progress.post_attempted = True
-            await self.client.post_prompt(
-                self.request.prompt,
-                prompt_id=self.prompt_id,
-                client_id=self.request.job_id,
-                extra_data={"gateway_job_id": self.request.job_id, "gateway_attempt": self.request.attempt},
-            )
+            try:
+                await self.client.post_prompt(
+                    self.request.prompt,
+                    prompt_id=self.prompt_id,
+                    client_id=self.request.job_id,
+                    extra_data={"gateway_job_id": self.request.job_id, "gateway_attempt": self.request.attempt},
+                )
+            except ComfyError as error:
+                self.progress.post_attempted = error.details.get("requestSent", True)
+                raise
             self.log.add(
                 f"{self.tag}:submitted", "submitted",
                 f"prompt {self.prompt_id} queued on ComfyUI (attempt {self.request.attempt})",
@@ -227,7 +237,7 @@ class EventFeed:
             return None
         try:
             message = parse_ws_message(await asyncio.wait_for(self._socket.recv(), timeout))
-        except TimeoutError:
+        except (TimeoutError, ComfyError):  # nothing, or nothing the gateway reads: ask the HTTP API instead
             return None
         except ConnectionClosed:
             self._socket, self.dropped = None, True

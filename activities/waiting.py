@@ -5,6 +5,7 @@ line when the backend goes down and one when it comes back, instead of a traceba
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import TypeVar
@@ -24,16 +25,21 @@ async def while_unreachable(
     *,
     on_wait: Callable[[JobWarning | None], None],
     give_up: Callable[[], bool] = lambda: False,
+    max_wait: float | None = None,
 ) -> T:
     """`attempt()` until it returns or fails otherwise than COMFYUI_UNREACHABLE, backing off in between.
     `on_wait(warning)` hears when the wait starts (and each retry), `on_wait(None)` when ComfyUI answers again.
-    With `give_up()` true, the unreachable error is raised (the caller's time limit has passed)."""
-    delay, warning = _FIRST_DELAY_SECONDS, None
+    The unreachable error itself is raised only to give up: when `give_up()` is true (the caller's time limit
+    has passed) or the wait has lasted `max_wait` seconds."""
+    delay, warning, waiting_since = _FIRST_DELAY_SECONDS, None, None
     while True:
         try:
             result = await attempt()
         except ComfyError as error:
-            if error.code is not ErrorCode.COMFYUI_UNREACHABLE or give_up():
+            if error.code is not ErrorCode.COMFYUI_UNREACHABLE:
+                raise
+            waiting_since = waiting_since or time.monotonic()
+            if give_up() or (max_wait is not None and time.monotonic() - waiting_since > max_wait):
                 raise
             warning = warning or JobWarning(code=error.code, message=error.message, since=datetime.now(timezone.utc))
             on_wait(warning)

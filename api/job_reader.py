@@ -17,9 +17,16 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
-from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.database import Database
@@ -27,13 +34,16 @@ from api.errors import ApiError
 from api.temporal_connection import TemporalConnection
 from app.errors import ErrorCode
 from app.jobstore import JobSnapshot, get_job_snapshot
-from app.models import JobState, JobStatus, LiveProgress, PromptProgress, StepHeartbeat
+from app.models import GenerationInput, JobState, JobStatus, LiveProgress, PromptProgress, StepHeartbeat, accepted_state
 from app.temporal_endings import ended_by_temporal, terminated_error, termination_reason
 from workflows_temporal.generation import GenerationWorkflow
 
 LIVE_VIEW_SECONDS = 0.25
 _LIVE_VIEW_CAPACITY = 10_000
 _PROMPT_ACTIVITY = "run_prompt"
+# A worker answers a query in milliseconds; with no worker polling, Temporal would hold one for 30 s.
+_QUERY_TIMEOUT = timedelta(seconds=2)
+_QUERY_FAILURES = (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError)
 
 
 @dataclass
@@ -102,20 +112,29 @@ class JobReader:
             raise _temporal_unavailable() from error
         if description.status is not WorkflowExecutionStatus.RUNNING:
             return await self._closed(client, handle, description)
-        state = await self._query(handle, recorded)
+        state = await self._query(client, handle, recorded)
         if state.status.is_terminal:
             return JobSnapshot(state, LiveProgress())
-        snapshot = JobSnapshot(state, await _live_progress(client, description))
+        snapshot = JobSnapshot(state, await _live_progress(client, description, recorded))
         self.live_views.put(snapshot)
         return snapshot
 
-    async def _query(self, handle: WorkflowHandle, recorded: JobSnapshot | None) -> JobState:
+    async def _query(
+        self, client: Client, handle: WorkflowHandle, recorded: JobSnapshot | None, *, live: bool = True
+    ) -> JobState:
+        """The workflow's own answer. When it cannot give one (no worker polls, say), a live workflow is shown
+        by its row, else as it was started; a closed one must answer, or nothing is said of it."""
         try:
-            return await handle.query(GenerationWorkflow.status)
-        except RPCError as error:
+            return await handle.query(GenerationWorkflow.status, rpc_timeout=_QUERY_TIMEOUT)
+        except _QUERY_FAILURES as error:
+            if not live:
+                raise _temporal_unavailable() from error
             if recorded is not None:
                 return recorded.state
-            raise _temporal_unavailable() from error
+            try:
+                return await _accepted(client, handle)
+            except RPCError:
+                raise _temporal_unavailable() from error
 
     async def _closed(
         self, client: Client, handle: WorkflowHandle, description: WorkflowExecutionDescription
@@ -126,22 +145,38 @@ class JobReader:
             return recorded
         if not ended_by_temporal(description.status):
             # It wrote its end and closed between two reads: a query replays the closed workflow to its end.
-            return JobSnapshot(await self._query(handle, recorded), LiveProgress())
+            return JobSnapshot(await self._query(client, handle, recorded, live=False), LiveProgress())
         assert description.status is not None
-        state = recorded.state if recorded is not None else await self._query(handle, None)
+        state = recorded.state if recorded is not None else await self._query(client, handle, None)
+        try:
+            reason = await termination_reason(client, handle.id, description.run_id)
+        except RPCError:
+            reason = ""  # the end is known; only the operator's words could not be read just now
         ended = state.model_copy(update={
             "status": JobStatus.cancelled,
-            "error": terminated_error(description.status, await termination_reason(client, handle.id)),
+            "error": terminated_error(description.status, reason),
             "completed_at": description.close_time or datetime.now(timezone.utc),
         })
         return JobSnapshot(ended, recorded.live if recorded is not None else LiveProgress())
 
 
+async def _accepted(client: Client, handle: WorkflowHandle) -> JobState:
+    """The job as its workflow was started with it, from the first event of its history."""
+    async for event in handle.fetch_history_events(page_size=1):
+        [job] = await client.data_converter.decode(
+            event.workflow_execution_started_event_attributes.input.payloads, [GenerationInput]
+        )
+        return accepted_state(job)
+    raise RPCError("the workflow has no history", RPCStatusCode.NOT_FOUND, b"")
 
-async def _live_progress(client: Client, description: WorkflowExecutionDescription) -> LiveProgress:
-    """Progress is not in workflow history tick by tick: it is the last heartbeat of the activity the job
-    waits on (the prompt's progress, or a warning while ComfyUI does not answer)."""
-    live = LiveProgress()
+
+async def _live_progress(
+    client: Client, description: WorkflowExecutionDescription, recorded: JobSnapshot | None
+) -> LiveProgress:
+    """Progress is not in workflow history tick by tick: it is the last heartbeat of the prompt's activity,
+    while it runs; otherwise (staging images, storing outputs) the row's, with the warning of the activity the
+    job waits on."""
+    live = recorded.live.model_copy() if recorded is not None else LiveProgress()
     for pending in description.raw_description.pending_activities:
         if not pending.heartbeat_details.payloads:
             continue

@@ -85,8 +85,9 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
         "the job's workflow was terminated or timed out in Temporal (`message` has the operator's reason); "
         "status `cancelled`"),
     ErrorCode.COMFYUI_UNREACHABLE: ErrorClass(
-        503, True, False, _BOTH,
-        "connection refused, timeouts, 5xx; the job waits for ComfyUI (with a `warning`) until its timeout"),
+        503, False, False, _BOTH,
+        "connection refused, timeouts, 5xx; the job waits for its ComfyUI inside the step that needs it, with a "
+        "`warning`, and fails with this code once its timeout has passed"),
     ErrorCode.COMFYUI_OOM: ErrorClass(
         502, False, True, _JOB, "out of memory (`torch.OutOfMemoryError` or CUDA OOM text)"),
     ErrorCode.COMFYUI_NODE_ERROR: ErrorClass(
@@ -128,7 +129,7 @@ def temporal_retries(code: ErrorCode) -> bool:
 
 def markdown_table() -> str:
     """The README's table of error codes."""
-    rows = ["| code | HTTP | seen in | retried by the gateway | `retry.retryOn` | meaning |", "|---|---|---|---|---|---|"]
+    rows = ["| code | HTTP | seen in | retried by Temporal | `retry.retryOn` | meaning |", "|---|---|---|---|---|---|"]
     for code, error in ERROR_CLASSES.items():
         rows.append(
             f"| `{code.value}` | {error.http_status} | {error.seen_in} | {'yes' if error.temporal_retries else 'no'} "

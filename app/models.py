@@ -193,6 +193,8 @@ class StageImagesInput(BaseModel):
     prompt: dict[str, Any]
     # "<node id>.image" → source (URL or stored reference); the key names the input in errors.
     images: dict[str, str]
+    # How long an unreachable ComfyUI is waited for (the job's limit); None, from older releases: no bound.
+    timeout_seconds: float | None = None
 
 
 class StageImagesResult(BaseModel):
@@ -227,6 +229,8 @@ class CollectOutputsInput(BaseModel):
     job_id: str
     backend: str
     outputs: dict[str, dict[str, Any]]
+    # How long an unreachable ComfyUI is waited for (the job's limit); None, from older releases: no bound.
+    timeout_seconds: float | None = None
 
 
 class CollectOutputsResult(BaseModel):
@@ -250,6 +254,20 @@ class RecordJobInput(BaseModel):
     prompt_id: str | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
     events: list[JobEventInput] = Field(default_factory=list)
+
+
+def accepted_state(job: GenerationInput) -> JobState:
+    """A job as it stands when its workflow starts: queued, nothing run yet."""
+    seed = job.inputs.get("seed")
+    return JobState(
+        job_id=job.job_id,
+        status=JobStatus.queued,
+        template_id=job.template_id,
+        template_version=job.template_version,
+        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        created_at=job.created_at,
+        metadata=job.metadata,
+    )
 
 
 def prompt_id_for(job_id: str, attempt: int) -> str:

@@ -23,9 +23,9 @@ def terminated_error(status: WorkflowExecutionStatus, reason: str) -> JobError:
     return JobError(code=ErrorCode.JOB_TERMINATED, message=message)
 
 
-async def termination_reason(client: Client, workflow_id: str) -> str:
-    """The operator's reason, from the workflow's close event (empty for a timeout)."""
-    handle = client.get_workflow_handle(workflow_id)
+async def termination_reason(client: Client, workflow_id: str, run_id: str | None) -> str:
+    """The operator's reason, from the close event of the run that was ended (empty for a timeout)."""
+    handle = client.get_workflow_handle(workflow_id, run_id=run_id)
     async for event in handle.fetch_history_events(event_filter_type=WorkflowHistoryEventFilterType.CLOSE_EVENT):
         if event.HasField("workflow_execution_terminated_event_attributes"):
             return event.workflow_execution_terminated_event_attributes.reason

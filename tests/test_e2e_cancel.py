@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import httpx
 import pytest
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client
 
-from tests.harness import DONE, Gateway, assert_eventually, comfy_history_for_job, wait_for_job
+from tests.harness import (
+    DONE,
+    Gateway,
+    assert_eventually,
+    comfy_history_for_job,
+    wait_for_job,
+)
+from worker.reconciler import RECONCILE_EVERY_SECONDS
 
 
 async def comfy_queue(gateway: Gateway) -> dict:
@@ -114,3 +125,25 @@ async def test_terminate_from_temporal_ends_the_job_and_stops_the_prompt(
     # The activity learns of it at its next heartbeat.
     [run] = await assert_eventually(lambda: comfy_history_for_job(gateway.comfyui.url, job_id), timeout=10)
     assert run["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+async def test_a_reset_job_goes_on_in_its_new_run_and_its_row_is_not_closed(
+    gateway: Gateway, temporal_client: Client
+) -> None:
+    """A reset terminates the run it starts from, but the job goes on in the new run: the reconciler must
+    not take the terminated run for the job's end."""
+    job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(8)})
+    await wait_for_job(gateway.api, job_id, until={"running"})
+    history = await temporal_client.get_workflow_handle(job_id).fetch_history()
+    first_task = next(event.event_id for event in history.events
+                      if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
+    await temporal_client.workflow_service.reset_workflow_execution(ResetWorkflowExecutionRequest(
+        namespace=temporal_client.namespace, reason="operator reset",
+        workflow_execution=WorkflowExecution(workflow_id=job_id, run_id=history.run_id),
+        workflow_task_finish_event_id=first_task, request_id=str(uuid.uuid4()),
+    ))
+    await asyncio.sleep(2.5 * RECONCILE_EVERY_SECONDS)  # the reconciler sees the terminated run while the job runs
+    job = await wait_for_job(gateway.api, job_id, until=DONE, timeout=60)
+    assert job["status"] == "succeeded", job
+    logs = (await gateway.api.get(f"/jobs/{job_id}/logs")).json()["events"]
+    assert not [event for event in logs if event["data"].get("status") == "cancelled"], logs

@@ -5,6 +5,7 @@ worker is there to run jobs."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,25 @@ async def test_ready_waits_for_a_worker_polling_the_job_queues(
 
             body = await assert_eventually(is_ready, timeout=15)
     assert body["ready"] is True and set(body["workers"]["queues"]) == {task_queue, f"{task_queue}.comfyui-1"}
+
+
+async def test_with_no_worker_a_job_reads_as_accepted_and_a_terminated_one_as_ended(
+    temporal_client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    settings = gateway_settings(temporal_client, "http://127.0.0.1:9", tmp_path, task_queue)
+    migrate_database(settings)
+    async with api_client(settings, temporal_client) as api:
+        job_id = (await api.post("/jobs", json={"workflowJson": recorded_workflow("image.json")})).json()["jobId"]
+        started = time.monotonic()
+        job = (await api.get(f"/jobs/{job_id}")).json()
+        assert time.monotonic() - started < 10  # not Temporal's 30 s wait for a query no worker takes
+        assert job["status"] == "queued" and job["attempts"] == 0 and job["error"] is None
+        await temporal_client.get_workflow_handle(job_id).terminate(reason="never ran")
+
+        async def ended_job() -> dict | None:
+            job = (await api.get(f"/jobs/{job_id}")).json()
+            return job if job["status"] != "queued" else None
+
+        ended = await assert_eventually(ended_job, timeout=5)  # a live job's view is reused for 250 ms
+    assert ended["status"] == "cancelled" and ended["error"]["code"] == "JOB_TERMINATED"
+    assert ended["error"]["message"] == "terminated in Temporal: never ran"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from activities.comfy import to_application_error
 from app.comfy.errors import ComfyError
 from app.errors import CLIENT_RETRYABLE_CODES, ERROR_CLASSES, NON_RETRYABLE_TYPES, ErrorCode, markdown_table
-from workflows_temporal.generation import _CLEANUP_RETRY, _IMAGE_RETRY, _TRANSIENT_RETRY
+from workflows_temporal.generation import _CLEANUP_RETRY, _IMAGE_RETRY, _STORAGE_RETRY, _TRANSIENT_RETRY
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -17,10 +18,11 @@ def test_every_code_has_its_class_and_the_readme_shows_the_table() -> None:
 
 
 def test_retry_policies_and_classifications_come_from_the_table() -> None:
-    for policy in (_TRANSIENT_RETRY, _IMAGE_RETRY, _CLEANUP_RETRY):
+    for policy in (_TRANSIENT_RETRY, _IMAGE_RETRY, _STORAGE_RETRY, _CLEANUP_RETRY):
         assert policy.non_retryable_error_types == NON_RETRYABLE_TYPES
     for code, error_class in ERROR_CLASSES.items():
-        assert ComfyError(code, "x").retryable is error_class.temporal_retries
+        # The failure an activity raises for a ComfyUI error is final exactly when the table says so.
+        assert to_application_error(ComfyError(code, "x")).non_retryable is not error_class.temporal_retries, code
         # A code Temporal retries on its own is never one a client has to opt in to.
         assert not (error_class.temporal_retries and error_class.client_retryable), code
     assert set(CLIENT_RETRYABLE_CODES) == {

@@ -51,6 +51,9 @@ class FakeGateway:
     runs: list[RunPromptInput] = field(default_factory=list)
     cancelled_prompts: list[str] = field(default_factory=list)
     run_started: asyncio.Event = field(default_factory=asyncio.Event)
+    # The first record of a succeeded job waits until it is cancelled.
+    hold_the_success: bool = False
+    success_held: asyncio.Event = field(default_factory=asyncio.Event)
 
     @activity.defn(name="render_prompt")
     async def render_prompt(self, request: RenderPromptInput) -> RenderPromptResult:
@@ -58,6 +61,9 @@ class FakeGateway:
 
     @activity.defn(name="record_job")
     async def record_job(self, record: RecordJobInput) -> None:
+        if self.hold_the_success and record.job.status is JobStatus.succeeded and not self.success_held.is_set():
+            self.success_held.set()
+            await asyncio.sleep(60)  # until the workflow's cancellation cancels this record
         self.records.append(record)
 
     @activity.defn(name="run_prompt")
@@ -186,9 +192,26 @@ async def test_temporal_cancellation_takes_the_same_path(temporal_client: Client
     assert fake.records[-1].job.status is JobStatus.cancelled
 
 
-async def test_storage_that_keeps_failing_fails_the_job_once_retries_run_out_of_time(task_queue: str) -> None:
-    """Five minutes of retries, on the time-skipping server. When the next retry would not fit in the bound,
-    Temporal fails the activity with the last error, so the job reports what kept recurring."""
+async def test_a_cancel_from_temporal_while_the_end_is_recorded_leaves_the_job_succeeded(
+    temporal_client: Client, task_queue: str
+) -> None:
+    fake = FakeGateway(hold_the_success=True)
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        await asyncio.wait_for(fake.success_held.wait(), 10)
+        await handle.cancel()
+        state = await handle.result()
+    assert state.status is JobStatus.succeeded and state.outputs
+    assert fake.records[-1].job.status is JobStatus.succeeded
+    logged = [event.message for record in fake.records for event in record.events]
+    assert logged.count("job succeeded") == 1  # the record cut short is written again, with its events
+
+
+async def test_storage_that_keeps_failing_fails_the_job_once_its_tries_are_spent(task_queue: str) -> None:
+    """Ten tries, backing off to a minute apart, on the time-skipping server: tries, not time, so that time
+    the gateway is down is not spent. Then Temporal fails the activity with the last error, so the job
+    reports what kept recurring."""
     fake = FakeGateway()
 
     @activity.defn(name="collect_outputs")

@@ -67,6 +67,20 @@ def test_limits_see_numbers_as_comfyui_does() -> None:
     ]
 
 
+def test_limits_follow_links_to_primitive_number_nodes() -> None:
+    prompt = {
+        "9": {"class_type": "PrimitiveInt", "inputs": {"value": 16384}},
+        "8": {"class_type": "PrimitiveInt", "inputs": {"value": ["9", 0]}},
+        "1": {"class_type": "EmptyLatentImage", "inputs": {"width": ["8", 0], "height": 64, "batch_size": ["7", 0]}},
+        "7": {"class_type": "SomeCustomNode", "inputs": {"amount": 64}},  # what it computes only ComfyUI knows
+    }
+    with pytest.raises(InvalidInput) as raised:
+        check_limits(prompt, Limits.of_settings(2048, 4), field_of=node_field)
+    assert [(issue.field, issue.message) for issue in raised.value.issues] == [
+        ("workflowJson.9.inputs.value", "16384 exceeds MAX_IMAGE_SIZE 2048"),
+    ]
+
+
 def test_a_templates_own_limits_replace_the_operators() -> None:
     prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 16}}}
     template_limits = Limits.of_settings(2048, 4).for_template({"maxBatchSize": 16})

@@ -2,7 +2,8 @@
 timed out. Such a workflow can no longer write its own end, so the worker finds them through a visibility
 query on the job's search attributes and ends their rows as `cancelled` with JOB_TERMINATED, within seconds
 and without waiting for anyone to read the job. Idempotent: a row that has ended stays as it is, so several
-workers may run this at once."""
+workers may run this at once. A run terminated by a reset is not the job's end: the job goes on in its new
+run, so only a job whose latest run has ended is closed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from temporalio.client import Client, WorkflowExecution
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from app.db import session_scope
@@ -37,7 +38,9 @@ class JobReconciler:
         live = ", ".join(f"'{status.value}'" for status in LIVE_STATUSES)
         query = (
             f"WorkflowType = 'GenerationWorkflow' AND TaskQueue = '{self._task_queue}' "
-            f"AND ExecutionStatus IN ('Terminated', 'TimedOut') AND {JOB_STATUS.name} IN ({live})"
+            f"AND ExecutionStatus IN ('Terminated', 'TimedOut') "
+            # Jobs started before the workflow kept its status there have none.
+            f"AND ({JOB_STATUS.name} IN ({live}) OR {JOB_STATUS.name} IS NULL)"
         )
         if self._closed_since is not None:
             query += f" AND CloseTime > '{(self._closed_since - _OVERLAP).isoformat()}'"
@@ -54,7 +57,10 @@ class JobReconciler:
 
     async def _close(self, execution: WorkflowExecution) -> int:
         assert execution.status is not None
-        error = terminated_error(execution.status, await termination_reason(self._client, execution.id))
+        latest = await self._client.get_workflow_handle(execution.id).describe()
+        if latest.run_id != execution.run_id or latest.status is WorkflowExecutionStatus.RUNNING:
+            return 0  # reset: the job goes on in a newer run
+        error = terminated_error(execution.status, await termination_reason(self._client, execution.id, execution.run_id))
         completed_at = execution.close_time or datetime.now(timezone.utc)
         event = JobEventInput(
             key="temporal:ended", at=completed_at, kind="status", message=f"job cancelled: {error.message}",
@@ -76,4 +82,6 @@ class JobReconciler:
                 await self.reconcile_once()
             except (RPCError, SQLAlchemyError) as error:  # unavailable for a moment: the next scan catches up
                 log.debug("reconciling jobs ended in Temporal failed: %s", error)
+            except Exception:  # a fault of the reconciler's own must not end it for the worker's lifetime
+                log.exception("reconciling jobs ended in Temporal failed")
             await asyncio.sleep(RECONCILE_EVERY_SECONDS)

@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         RunPromptInput,
         RunPromptResult,
         StageImagesInput,
+        accepted_state,
         prompt_id_for,
     )
     from app.search_attributes import JOB_STATUS, TEMPLATE_ID
@@ -56,6 +57,15 @@ _TRANSIENT_RETRY = RetryPolicy(
 _CLEANUP_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_attempts=5, non_retryable_error_types=NON_RETRYABLE_TYPES
 )
+# Storing outputs: trouble is retried, but a store that keeps failing fails the job. Bounded by tries, not
+# time, so that time the gateway is down (no try runs then) is not spent on it.
+_STORAGE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=60),
+    maximum_attempts=10,
+    non_retryable_error_types=NON_RETRYABLE_TYPES,
+)
 # Fetching an image input: an image host that keeps failing must not hold the job forever.
 _IMAGE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -66,6 +76,14 @@ _IMAGE_RETRY = RetryPolicy(
 )
 
 
+# A step that ran out of Temporal's time: what ran out, in the terms of the step.
+_TIMED_OUT = {
+    "run_prompt": (ErrorCode.COMFYUI_TIMEOUT, "the job ran past its time limit"),
+    "collect_outputs": (ErrorCode.STORAGE_ERROR, "storing the outputs did not finish in time"),
+    "stage_images": (ErrorCode.IMAGE_FETCH_FAILED, "staging the image inputs did not finish in time"),
+}
+
+
 def job_error_from(failure: BaseException) -> JobError:
     """An activity failure → the job's public error, keeping the activity's classification."""
     cause = failure.cause if isinstance(failure, ActivityError) else failure
@@ -73,7 +91,9 @@ def job_error_from(failure: BaseException) -> JobError:
         details = cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
         return JobError(code=ErrorCode(cause.type), message=cause.message, details=details)
     if isinstance(cause, TemporalTimeoutError):
-        return JobError(code=ErrorCode.COMFYUI_TIMEOUT, message="the job ran past its time limit")
+        step = failure.activity_type if isinstance(failure, ActivityError) else ""
+        code, message = _TIMED_OUT.get(step, (ErrorCode.INTERNAL_ERROR, f"the job's step {step} did not finish in time"))
+        return JobError(code=code, message=message)
     return JobError(code=ErrorCode.INTERNAL_ERROR, message=str(cause or failure))
 
 
@@ -96,15 +116,7 @@ class GenerationWorkflow:
     async def run(self, job: GenerationInput) -> JobState:
         self._job = job
         self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
-        self._state = JobState(
-            job_id=job.job_id,
-            status=JobStatus.queued,
-            template_id=job.template_id,
-            template_version=job.template_version,
-            seed=job.inputs.get("seed") if isinstance(job.inputs.get("seed"), int) else None,
-            created_at=job.created_at,
-            metadata=job.metadata,
-        )
+        self._state = accepted_state(job)
         self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
         self._work = asyncio.create_task(self._generate(job))
         if self._cancel is not None:
@@ -113,6 +125,10 @@ class GenerationWorkflow:
             await self._record()  # the queued row is written while the prompt renders
             await self._work
         except (asyncio.CancelledError, ActivityError, ApplicationError) as failure:
+            if self._state.status.is_terminal:
+                # The job had ended, its outputs stored, when a cancel from Temporal cut its last record short.
+                await self._record()
+                return self._state
             # A cancelled activity surfaces as an ActivityError caused by CancelledError.
             if self._cancel is not None or is_cancelled_exception(failure):
                 signalled = self._cancel is not None
@@ -169,7 +185,10 @@ class GenerationWorkflow:
             # On the main queue: downloads and uploads must not hold one of the ComfyUI's slots.
             staged = await workflow.execute_activity_method(
                 InputActivities.stage_images,
-                StageImagesInput(job_id=job.job_id, backend=job.backend, prompt=prompt, images=rendered.image_sources),
+                StageImagesInput(
+                    job_id=job.job_id, backend=job.backend, prompt=prompt, images=rendered.image_sources,
+                    timeout_seconds=job.timeout_seconds,
+                ),
                 start_to_close_timeout=timedelta(minutes=5),
                 heartbeat_timeout=timedelta(seconds=90),
                 retry_policy=_IMAGE_RETRY,
@@ -183,11 +202,12 @@ class GenerationWorkflow:
         self._state.status = JobStatus.running  # ComfyUI is done; the gateway is collecting the outputs
         collected = await workflow.execute_activity_method(
             ComfyActivities.collect_outputs,
-            CollectOutputsInput(job_id=job.job_id, backend=job.backend, outputs=result.outputs),
-            # Storage trouble is retried, but not past a time as long as the job's own limit.
-            schedule_to_close_timeout=timedelta(seconds=max(job.timeout_seconds, 300)),
+            CollectOutputsInput(
+                job_id=job.job_id, backend=job.backend, outputs=result.outputs, timeout_seconds=job.timeout_seconds
+            ),
+            start_to_close_timeout=timedelta(seconds=max(job.timeout_seconds, 300)),
             heartbeat_timeout=timedelta(seconds=120),
-            retry_policy=_TRANSIENT_RETRY,
+            retry_policy=_STORAGE_RETRY,
         )
         self._state.outputs = collected.files
         self._state.execution_time_ms = result.execution_time_ms
@@ -287,7 +307,7 @@ class GenerationWorkflow:
         assert self._job is not None and self._state is not None
         self._index()
         async with self._record_lock:
-            events, self._pending_events = self._pending_events, []
+            events = list(self._pending_events)
             await workflow.execute_local_activity_method(
                 RecordActivities.record_job,
                 RecordJobInput(
@@ -300,3 +320,4 @@ class GenerationWorkflow:
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
             )
+            del self._pending_events[: len(events)]  # kept until written: a cut-short record loses none

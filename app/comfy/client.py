@@ -24,6 +24,13 @@ from app.comfy.health import BackendHealth
 from app.errors import ErrorCode
 
 _STREAM_CHUNK = 256 * 1024
+# ComfyUI validates a prompt before it answers the post: a large graph takes a while, and a post given up on
+# while ComfyUI still validates would be queued all the same.
+_POST_PROMPT_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
+
+
+def _not_as_recorded(method: str, path: str, what: str) -> ComfyError:
+    return ComfyError(ErrorCode.COMFYUI_PROTOCOL_ERROR, f"ComfyUI answered {method} {path} with {what}", {})
 
 
 @dataclass(frozen=True)
@@ -65,14 +72,25 @@ class DownloadedFile:
     content_type: str
 
 
+def _parsed(response: httpx.Response, method: str, path: str) -> Any:
+    """The JSON body; anything else (a proxy's HTML page, say) is not ComfyUI answering as recorded."""
+    try:
+        return response.json()
+    except ValueError:
+        raise _not_as_recorded(method, path, f"a body that is not JSON ({response.headers.get('content-type')})") from None
+
+
 def parse_ws_message(raw: str | bytes) -> WsEvent | WsBinary:
     if isinstance(raw, bytes):
         if len(raw) < 8:
             raise ComfyError(ErrorCode.COMFYUI_PROTOCOL_ERROR, "binary WebSocket frame shorter than its header")
         event_type, image_format = struct.unpack(">II", raw[:8])
         return WsBinary(event_type, image_format, raw[8:])
-    message = json.loads(raw)
-    return WsEvent(str(message.get("type")), message.get("data") or {})
+    try:
+        message = json.loads(raw)
+        return WsEvent(str(message.get("type")), message.get("data") or {})
+    except (ValueError, AttributeError):
+        raise ComfyError(ErrorCode.COMFYUI_PROTOCOL_ERROR, "a WebSocket message that is not a JSON event") from None
 
 
 class ComfyClient:
@@ -84,10 +102,12 @@ class ComfyClient:
         self._health = health
 
     def _unreachable(self, exc: Exception) -> ComfyError:
+        # Whether ComfyUI may have received the request: a post that never connected was surely not queued.
+        sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | ConnectionRefusedError)
         return self._down(ComfyError(
             ErrorCode.COMFYUI_UNREACHABLE,
             f"ComfyUI at {self.base_url} is unreachable: {type(exc).__name__}",
-            {"url": self.base_url},
+            {"url": self.base_url, "requestSent": sent},
         ))
 
     def _down(self, error: ComfyError) -> ComfyError:
@@ -121,7 +141,7 @@ class ComfyClient:
                 f"ComfyUI answered {method} {path} with HTTP {response.status_code}",
                 {"status": response.status_code},
             )
-        return response.json()
+        return _parsed(response, method, path)
 
     # --- introspection ---------------------------------------------------------------------------
 
@@ -137,7 +157,7 @@ class ComfyClient:
         self, prompt: dict[str, Any], *, prompt_id: str, client_id: str, extra_data: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         body = {"prompt": prompt, "prompt_id": prompt_id, "client_id": client_id, "extra_data": extra_data or {}}
-        response = await self._request("POST", "/prompt", json=body)
+        response = await self._request("POST", "/prompt", json=body, timeout=_POST_PROMPT_TIMEOUT)
         if response.status_code == 400:
             try:
                 payload = response.json()
@@ -148,19 +168,25 @@ class ComfyClient:
             raise ComfyError(
                 ErrorCode.COMFYUI_PROTOCOL_ERROR, f"POST /prompt answered HTTP {response.status_code}", {}
             )
-        return response.json()
+        return _parsed(response, "POST", "/prompt")
 
     async def queue(self) -> QueueSnapshot:
         body = await self._json("GET", "/queue")
-        # Each item is [number, prompt_id, prompt, extra_data, outputs_to_execute].
-        running = [item[1] for item in body.get("queue_running", [])]
-        pending = [item[1] for item in sorted(body.get("queue_pending", []), key=lambda item: item[0])]
+        try:
+            # Each item is [number, prompt_id, prompt, extra_data, outputs_to_execute].
+            running = [item[1] for item in body.get("queue_running", [])]
+            pending = [item[1] for item in sorted(body.get("queue_pending", []), key=lambda item: item[0])]
+        except (AttributeError, IndexError, KeyError, TypeError):
+            raise _not_as_recorded("GET", "/queue", "a queue of another shape") from None
         return QueueSnapshot(running=running, pending=pending)
 
     async def history(self, prompt_id: str) -> dict[str, Any] | None:
         """The finished prompt's history entry, or None while it is pending, running or unknown."""
         body = await self._json("GET", f"/history/{prompt_id}")
-        return body.get(prompt_id)
+        entry = body.get(prompt_id) if isinstance(body, dict) else body
+        if not isinstance(body, dict) or not isinstance(entry, dict | None):
+            raise _not_as_recorded("GET", f"/history/{prompt_id}", "a history of another shape")
+        return entry
 
     async def interrupt(self, prompt_id: str | None = None) -> None:
         """Prompt-scoped when `prompt_id` is given: ComfyUI ignores it unless that prompt is running."""

@@ -2,8 +2,11 @@
 job, template or raw, before the job exists. Checking the rendered graph, not input names, means no name a
 template gives its fields (`size`, `n`) and no placeholder can carry a value past a limit.
 
-The operator's MAX_IMAGE_SIZE and MAX_BATCH_SIZE hold for every job; a template may carry limits of its own,
-set by whoever registers it (a video template whose frames are one batch needs a larger batch).
+What is checked: every node's `width`, `height` and `batch_size`, given as a number, a numeric string, or a
+link to one of ComfyUI's primitive number nodes. A value a node computes (a scale factor, a custom node's
+arithmetic) only ComfyUI knows. The operator's MAX_IMAGE_SIZE and MAX_BATCH_SIZE hold for every job of a raw
+graph and of a template without limits of its own; a template's own limits, set by whoever registers it (a
+video template whose frames are one batch needs a larger batch), replace them for its jobs.
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from app.errors import FieldIssue, InvalidInput
+from app.templates.rendering import is_link
 
 _IMAGE_SIZE_INPUTS = ("width", "height")
 _BATCH_INPUTS = ("batch_size",)
+# ComfyUI's own nodes that hand a constant `value` on (comfy_extras/nodes_primitive.py).
+_PRIMITIVE_NUMBER_NODES = frozenset({"PrimitiveInt", "PrimitiveFloat"})
+_MAX_PRIMITIVE_HOPS = 8
 
 
 class TemplateLimits(BaseModel):
@@ -67,17 +74,31 @@ def check_limits(prompt: dict[str, Any], limits: Limits, *, field_of: Callable[[
     ]
     issues = []
     for node_id, node in prompt.items():
-        inputs = node.get("inputs", {})
         for name, limit in checked:
-            value = _as_number(inputs.get(name))
+            if name not in node.get("inputs", {}):
+                continue
+            source, written = _constant(prompt, node_id, name)
+            value = _as_number(written)
             if value is None:
                 continue
             if value > limit.value:
-                issues.append(FieldIssue(field_of(node_id, name), f"{inputs[name]} exceeds {limit.name} {limit.value}"))
+                issues.append(FieldIssue(field_of(*source), f"{written} exceeds {limit.name} {limit.value}"))
             elif value < 0:
-                issues.append(FieldIssue(field_of(node_id, name), f"{inputs[name]} is negative"))
+                issues.append(FieldIssue(field_of(*source), f"{written} is negative"))
     if issues:
         raise InvalidInput(issues)
+
+
+def _constant(prompt: dict[str, Any], node_id: str, name: str) -> tuple[tuple[str, str], Any]:
+    """(node id, input) where the value of `node_id.name` is written, and that value: the input itself, or
+    the `value` of the primitive number node it links to."""
+    source, value = (node_id, name), prompt[node_id]["inputs"][name]
+    for _ in range(_MAX_PRIMITIVE_HOPS):
+        linked = prompt.get(value[0]) if is_link(value) else None
+        if not isinstance(linked, dict) or linked.get("class_type") not in _PRIMITIVE_NUMBER_NODES:
+            break
+        source, value = (value[0], "value"), (linked.get("inputs") or {}).get("value")
+    return source, value
 
 
 def _as_number(value: Any) -> float | None:
