@@ -24,7 +24,8 @@ class LiveRow:
         self._engine = engine
         self._job_id = job_id
         self._attempt = attempt
-        self._written: LiveProgress | None = None
+        # What the row holds when an attempt starts (a new attempt's row is reset to it): nothing to write yet.
+        self._written: LiveProgress | None = LiveProgress()
         self._wanted: LiveProgress | None = None
         self._writer: asyncio.Task[None] | None = None
 
