@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from temporalio.client import Client
 
 from tests.harness import (
     DONE,
+    ExternalComfyUI,
     Gateway,
     SimulatorProcess,
     api_client,
@@ -67,42 +69,46 @@ async def test_an_output_whose_file_is_gone_is_a_404_of_its_own(gateway: Gateway
         assert error["code"] == "OUTPUT_FILE_MISSING" and error["details"]["storagePath"] == output["storagePath"]
 
 
-async def test_ready_waits_for_a_worker_polling_the_job_queues(
-    temporal_client: Client, task_queue: str, tmp_path: Path
-) -> None:
+@pytest.fixture
+async def no_worker(temporal_client: Client, task_queue: str, tmp_path: Path) -> AsyncIterator[Gateway]:
+    """The API on a queue that no worker polls (yet)."""
     settings = gateway_settings(temporal_client, "http://127.0.0.1:9", tmp_path, task_queue)
     migrate_database(settings)
     async with api_client(settings, temporal_client) as api:
-        health, ready = await api.get("/health"), await api.get("/ready")
-        assert health.json()["temporal"]["reachable"] is True
-        assert ready.status_code == 503 and ready.json()["ready"] is False
-        async with running_worker(temporal_client, settings):
+        yield Gateway(api, settings, ExternalComfyUI(settings.comfyui_url))
 
-            async def is_ready() -> dict | None:
-                response = await api.get("/ready")
-                return response.json() if response.status_code == 200 else None
 
-            body = await assert_eventually(is_ready, timeout=15)
+async def test_ready_waits_for_a_worker_polling_the_job_queues(
+    no_worker: Gateway, temporal_client: Client, task_queue: str
+) -> None:
+    health, ready = await no_worker.api.get("/health"), await no_worker.api.get("/ready")
+    assert health.json()["temporal"]["reachable"] is True
+    assert ready.status_code == 503 and ready.json()["ready"] is False
+
+    async def is_ready() -> dict | None:
+        response = await no_worker.api.get("/ready")
+        return response.json() if response.status_code == 200 else None
+
+    async with running_worker(temporal_client, no_worker.settings):
+        body = await assert_eventually(is_ready, timeout=15)
     assert body["ready"] is True and set(body["workers"]["queues"]) == {task_queue, f"{task_queue}.comfyui-1"}
 
 
 async def test_with_no_worker_a_job_reads_as_accepted_and_a_terminated_one_as_ended(
-    temporal_client: Client, task_queue: str, tmp_path: Path
+    no_worker: Gateway, temporal_client: Client
 ) -> None:
-    settings = gateway_settings(temporal_client, "http://127.0.0.1:9", tmp_path, task_queue)
-    migrate_database(settings)
-    async with api_client(settings, temporal_client) as api:
-        job_id = (await api.post("/jobs", json={"workflowJson": recorded_workflow("image.json")})).json()["jobId"]
-        started = time.monotonic()
+    api = no_worker.api
+    job_id = (await api.post("/jobs", json={"workflowJson": recorded_workflow("image.json")})).json()["jobId"]
+    started = time.monotonic()
+    job = (await api.get(f"/jobs/{job_id}")).json()
+    assert time.monotonic() - started < 10  # not Temporal's 30 s wait for a query no worker takes
+    assert job["status"] == "queued" and job["attempts"] == 0 and job["error"] is None
+    await temporal_client.get_workflow_handle(job_id).terminate(reason="never ran")
+
+    async def ended_job() -> dict | None:
         job = (await api.get(f"/jobs/{job_id}")).json()
-        assert time.monotonic() - started < 10  # not Temporal's 30 s wait for a query no worker takes
-        assert job["status"] == "queued" and job["attempts"] == 0 and job["error"] is None
-        await temporal_client.get_workflow_handle(job_id).terminate(reason="never ran")
+        return job if job["status"] != "queued" else None
 
-        async def ended_job() -> dict | None:
-            job = (await api.get(f"/jobs/{job_id}")).json()
-            return job if job["status"] != "queued" else None
-
-        ended = await assert_eventually(ended_job, timeout=5)  # a live job's view is reused for 250 ms
+    ended = await assert_eventually(ended_job, timeout=5)  # a live job's view is reused for 250 ms
     assert ended["status"] == "cancelled" and ended["error"]["code"] == "JOB_TERMINATED"
     assert ended["error"]["message"] == "terminated in Temporal: never ran"
