@@ -8,15 +8,15 @@ read from its row or, if the row does not show the end yet, from the workflow it
 workflow replays it to its end). Only a workflow Temporal itself terminated or timed out ends a job as
 `cancelled`/JOB_TERMINATED; the worker's reconciler writes that end into the row.
 
-Queries run on the worker, beside the jobs themselves, so a live job's snapshot is reused for a moment:
-however often clients poll, each live job costs the worker at most a few queries a second.
+Queries run on the worker, beside the jobs themselves, so a live job's snapshot is shared by the reads that
+come while it is being made, and reused for a moment: however many clients poll, however often, each live job
+costs Temporal at most a few describes and the worker a few queries a second.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from temporalio.client import (
@@ -31,6 +31,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.database import Database
 from api.errors import ApiError
+from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
 from app.errors import ErrorCode
 from app.jobstore import JobSnapshot, get_job_snapshot
@@ -39,30 +40,17 @@ from app.temporal_endings import ended_by_temporal, terminated_error, terminatio
 from workflows_temporal.generation import GenerationWorkflow
 
 LIVE_VIEW_SECONDS = 0.25
-_LIVE_VIEW_CAPACITY = 10_000
 _PROMPT_ACTIVITY = "run_prompt"
 # A worker answers a query in milliseconds; with no worker polling, Temporal would hold one for 30 s.
 _QUERY_TIMEOUT = timedelta(seconds=2)
 _QUERY_FAILURES = (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError)
 
+# Live jobs as recently read, by job id: concurrent reads of one job share one describe and one query.
+LiveViews = SharedAnswers[JobSnapshot]
 
-@dataclass
-class LiveViews:
-    """Recently read snapshots of live jobs, by job id, each kept for LIVE_VIEW_SECONDS."""
 
-    _views: dict[str, tuple[float, JobSnapshot]] = field(default_factory=dict)
-
-    def get(self, job_id: str) -> JobSnapshot | None:
-        cached = self._views.get(job_id)
-        if cached is None or cached[0] < time.monotonic():
-            return None
-        return cached[1]
-
-    def put(self, snapshot: JobSnapshot) -> None:
-        now = time.monotonic()
-        if len(self._views) >= _LIVE_VIEW_CAPACITY:
-            self._views = {job_id: entry for job_id, entry in self._views.items() if entry[0] >= now}
-        self._views[snapshot.state.job_id] = (now + LIVE_VIEW_SECONDS, snapshot)
+def live_views() -> LiveViews:
+    return LiveViews(reuse_seconds=LIVE_VIEW_SECONDS)
 
 
 def job_not_found(job_id: str) -> ApiError:
@@ -88,19 +76,23 @@ class JobReader:
     live_views: LiveViews
 
     async def read(self, job_id: str, *, reuse_live: bool = True) -> JobSnapshot:
-        """The job as it is now; with `reuse_live`, a live job's snapshot may be up to LIVE_VIEW_SECONDS old."""
+        """The job as it is now; with `reuse_live`, a live job's snapshot may be up to LIVE_VIEW_SECONDS old.
+        A finished job is one database read."""
         if not _is_job_id(job_id):
             raise job_not_found(job_id)
         recorded = await self.db.run(get_job_snapshot, job_id)
         if recorded is not None and recorded.state.status.is_terminal:
             return recorded
-        if reuse_live and (cached := self.live_views.get(job_id)) is not None:
-            return cached
         client = self.temporal.client
         if client is None:
             if recorded is not None:
                 return recorded  # the projection, while the API waits for Temporal
             raise _temporal_unavailable()
+        if not reuse_live:
+            self.live_views.forget(job_id)
+        return await self.live_views.get(job_id, lambda: self._from_temporal(client, job_id, recorded))
+
+    async def _from_temporal(self, client: Client, job_id: str, recorded: JobSnapshot | None) -> JobSnapshot:
         handle = client.get_workflow_handle(job_id)
         try:
             description = await handle.describe()
@@ -115,9 +107,7 @@ class JobReader:
         state = await self._query(client, handle, recorded)
         if state.status.is_terminal:
             return JobSnapshot(state, LiveProgress())
-        snapshot = JobSnapshot(state, await _live_progress(client, description, recorded))
-        self.live_views.put(snapshot)
-        return snapshot
+        return JobSnapshot(state, await _live_progress(client, description, recorded))
 
     async def _query(
         self, client: Client, handle: WorkflowHandle, recorded: JobSnapshot | None, *, live: bool = True

@@ -15,9 +15,10 @@ from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.client import Client
 
 from api.errors import install_error_handlers
-from api.job_reader import LiveViews
+from api.job_reader import live_views
 from api.plain_json import BodySizeLimit, require_plain_json
-from api.readiness import Readiness
+from api.probes import Probes
+from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
 from api.routes import health, jobs, outputs, workflows
 from app.comfy.backends import backend_task_queue, configured_backends
@@ -28,6 +29,8 @@ from app.temporal_client import connect_temporal
 from app.templates.store import prepare_database
 
 log = logging.getLogger(__name__)
+
+_COMFYUI_ANSWERS_SECONDS = 10.0
 
 
 async def _keep_connecting(settings: Settings, connection: TemporalConnection) -> None:
@@ -49,24 +52,35 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         app.state.engine = make_engine(settings.resolved_database_url)
         prepare_database(app.state.engine)
         app.state.storage = build_storage(settings)
-        app.state.live_views = LiveViews()
-        app.state.readiness = Readiness({
-            settings.temporal_task_queue: TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
-            **{backend_task_queue(settings, backend.id): TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
-               for backend in configured_backends(settings)},
-        })
+        app.state.live_views = live_views()
+        # What ComfyUI has (node types, models) changes rarely: a burst of requests asks it once.
+        app.state.comfyui_answers = SharedAnswers(reuse_seconds=_COMFYUI_ANSWERS_SECONDS)
         app.state.started_at = time.monotonic()
         app.state.temporal = TemporalConnection(temporal_client)
-        connector = None if temporal_client else asyncio.create_task(_keep_connecting(settings, app.state.temporal))
-        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0)) as http:
+        background = [] if temporal_client else [asyncio.create_task(_keep_connecting(settings, app.state.temporal))]
+        async with (
+            httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0)) as http,
+            httpx.AsyncClient(timeout=httpx.Timeout(2.0)) as probe_http,
+        ):
             app.state.http = http
+            app.state.probes = Probes(
+                backends=configured_backends(settings),
+                queues={
+                    settings.temporal_task_queue: TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                    **{backend_task_queue(settings, backend.id): TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+                       for backend in configured_backends(settings)},
+                },
+                temporal=app.state.temporal, http=probe_http,
+            )
+            await app.state.probes.refresh()  # /health has an answer from the first request on
+            background.append(asyncio.create_task(app.state.probes.run()))
             try:
                 yield
             finally:
-                if connector is not None:
-                    connector.cancel()
+                for task in background:
+                    task.cancel()
                     with suppress(asyncio.CancelledError):
-                        await connector
+                        await task
                 app.state.engine.dispose()
 
     app = FastAPI(

@@ -291,7 +291,9 @@ def _cmd_add_workflow(settings: Settings, args: argparse.Namespace) -> None:
 
     async def against_comfyui():  # type: ignore[no-untyped-def]
         async with httpx.AsyncClient(timeout=10) as http:
-            return await check_node_types(spec.workflow_json, ComfyClient(configured_backends(settings)[0].url, http))
+            return await check_node_types(
+                spec.workflow_json, ComfyClient(configured_backends(settings)[0].url, http).object_info
+            )
 
     report = asyncio.run(against_comfyui())
     if report.issues:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from importlib.metadata import version
 
@@ -31,49 +30,33 @@ class Capabilities(CamelModel):
     storage_provider: str
 
 
-async def _comfyui_reachable(client: ComfyClient) -> bool:
-    try:
-        await client.system_stats()
-    except ComfyError:
-        return False
-    return True
-
-
-async def _temporal_reachable(request: Request) -> bool:
-    client = request.app.state.temporal.client
-    if client is None:
-        return False
-    try:
-        return await asyncio.wait_for(client.service_client.check_health(), timeout=2)
-    except Exception:  # any failure to answer is "not reachable", which is what the probe reports
-        return False
-
-
 @router.get("/health")
 async def health(request: Request, settings: SettingsDep) -> JSONResponse:
+    """From the probe refreshed in the background about once a second (api/probes.py)."""
+    probe = request.app.state.probes.latest
     backend = configured_backends(settings)[0]
-    comfy = ComfyClient(backend.url, request.app.state.http)
-    comfy_ok, temporal_ok = await asyncio.gather(_comfyui_reachable(comfy), _temporal_reachable(request))
     body = {
-        "ok": comfy_ok and temporal_ok,
+        "ok": probe.healthy,
         "version": GATEWAY_VERSION,
-        "comfyui": {"reachable": comfy_ok, "url": backend.url},
-        "temporal": {"reachable": temporal_ok, "address": settings.temporal_address},
+        "comfyui": {"reachable": probe.comfyui[backend.id], "url": backend.url},
+        "temporal": {"reachable": probe.temporal, "address": settings.temporal_address},
         "uptime": round(time.monotonic() - request.app.state.started_at, 3),
+        "checkedAt": probe.checked_at.isoformat(),
     }
-    return JSONResponse(body, status_code=200 if body["ok"] else 503)
+    return JSONResponse(body, status_code=200 if probe.healthy else 503)
 
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     """503 until a worker polls the job queue and each ComfyUI's queue: only then can a job run."""
-    polled = await request.app.state.readiness.check(request.app.state.temporal.client)
+    probe = request.app.state.probes.latest
     body = {
-        "ready": bool(polled) and all(polled.values()),
-        "temporal": {"reachable": bool(polled)},
-        "workers": {"queues": polled},
+        "ready": probe.ready,
+        "temporal": {"reachable": probe.temporal},
+        "workers": {"queues": probe.workers},
+        "checkedAt": probe.checked_at.isoformat(),
     }
-    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+    return JSONResponse(body, status_code=200 if probe.ready else 503)
 
 
 @router.get("/capabilities", response_model=Capabilities)
@@ -100,6 +83,6 @@ async def models(request: Request, settings: SettingsDep) -> Models:
     """The models ComfyUI can load, so clients can pick valid values for a template's fields."""
     client = ComfyClient(configured_backends(settings)[0].url, request.app.state.http)
     try:
-        return Models(**await installed_models(client))
+        return Models(**await request.app.state.comfyui_answers.get("models", lambda: installed_models(client)))
     except ComfyError as error:
         raise ApiError(error.code, error.message, error.details) from error

@@ -107,7 +107,9 @@ def _not_found(template_id: str) -> ApiError:
 async def _checked_against_comfyui(request: Request, settings: SettingsDep, spec: TemplateSpec) -> list[str]:
     """Warnings about node types; a link to an output the node does not have is a 400 before anything is saved."""
     client = ComfyClient(configured_backends(settings)[0].url, request.app.state.http)
-    report = await check_node_types(spec.workflow_json, client)
+    report = await check_node_types(
+        spec.workflow_json, lambda: request.app.state.comfyui_answers.get("object_info", client.object_info)
+    )
     if report.issues:
         raise invalid_input(InvalidInput(report.issues))
     return report.warnings

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
 from app.errors import FieldIssue, InvalidInput
 from app.templates.limits import parse_template_limits
@@ -76,12 +76,12 @@ class NodeTypeReport:
     issues: list[FieldIssue]
 
 
-async def check_node_types(graph: dict[str, Any], client: ComfyClient) -> NodeTypeReport:
-    """Against the ComfyUI's own node types: an unknown type is a warning (its node pack may be installed
-    later); a link to an output a known node does not have is an error. When ComfyUI is down, a warning
-    says that nothing was checked."""
+async def check_node_types(graph: dict[str, Any], object_info: Callable[[], Awaitable[dict[str, Any]]]) -> NodeTypeReport:
+    """Against the ComfyUI's own node types (`object_info()`, ComfyUI's /object_info): an unknown type is a
+    warning (its node pack may be installed later); a link to an output a known node does not have is an
+    error. When ComfyUI is down, a warning says that nothing was checked."""
     try:
-        known = await client.object_info()
+        known = await object_info()
     except ComfyError as error:
         return NodeTypeReport([f"node types not checked: {error.message}"], [])
     unknown: dict[str, list[str]] = {}

@@ -1,0 +1,115 @@
+"""What `/health` and `/ready` answer, found out in the background about once a second rather than per
+request: no burst of requests can multiply the calls to ComfyUI and Temporal, wedge the API's connection pool,
+or make a healthy ComfyUI look down.
+
+`/health`: does each ComfyUI answer, does Temporal. `/ready`: does a worker poll the job queue and each
+ComfyUI's queue, so that a job can run; a gateway that has just started answers `/health` before its worker
+polls. Temporal lists a queue's recent pollers with the time each last polled. An idle worker polls again at
+least once a minute (a long poll ends after about a minute), so a poller seen within the last 90 s is a live one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import httpx
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from api.temporal_connection import TemporalConnection
+from app.comfy.backends import Backend
+from app.comfy.client import ComfyClient
+from app.comfy.errors import ComfyError
+
+log = logging.getLogger(__name__)
+
+PROBE_EVERY_SECONDS = 1.0
+_LIVE_POLLER = timedelta(seconds=90)
+_PROBE_TIMEOUT = timedelta(seconds=2)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    comfyui: dict[str, bool]  # backend id → answers
+    temporal: bool
+    workers: dict[str, bool]  # task queue → a worker polls it
+    checked_at: datetime
+
+    @property
+    def healthy(self) -> bool:
+        return self.temporal and all(self.comfyui.values())
+
+    @property
+    def ready(self) -> bool:
+        return self.temporal and bool(self.workers) and all(self.workers.values())
+
+
+async def workers_poll(client: Client, task_queue: str, queue_type: TaskQueueType.ValueType) -> bool:
+    response = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(namespace=client.namespace, task_queue=TaskQueue(name=task_queue),
+                                 task_queue_type=queue_type),
+        timeout=_PROBE_TIMEOUT,
+    )
+    now = datetime.now(timezone.utc)
+    return any(now - poller.last_access_time.ToDatetime(tzinfo=timezone.utc) < _LIVE_POLLER
+               for poller in response.pollers)
+
+
+@dataclass
+class Probes:
+    backends: list[Backend]
+    queues: dict[str, TaskQueueType.ValueType]
+    temporal: TemporalConnection
+    http: httpx.AsyncClient  # its own, with the probe's timeout: a probe is never cut short from outside
+    latest: ProbeResult | None = field(default=None)
+
+    async def refresh(self) -> ProbeResult:
+        comfyui, temporal, workers = await asyncio.gather(
+            asyncio.gather(*(self._comfyui_answers(backend) for backend in self.backends)),
+            self._temporal_answers(), self._workers_poll(),
+        )
+        self.latest = ProbeResult(
+            comfyui={backend.id: answers for backend, answers in zip(self.backends, comfyui)},
+            temporal=temporal, workers=workers, checked_at=datetime.now(timezone.utc),
+        )
+        return self.latest
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_EVERY_SECONDS)
+            try:
+                await self.refresh()
+            except Exception:  # a fault of the probe's own must not leave /health frozen at its last answer
+                log.exception("health probe failed")
+
+    async def _comfyui_answers(self, backend: Backend) -> bool:
+        try:
+            await ComfyClient(backend.url, self.http).system_stats()
+        except ComfyError:
+            return False
+        return True
+
+    async def _temporal_answers(self) -> bool:
+        client = self.temporal.client
+        if client is None:
+            return False
+        try:
+            return await client.service_client.check_health(timeout=_PROBE_TIMEOUT)
+        except Exception:  # any failure to answer is "not reachable", which is what the probe reports
+            return False
+
+    async def _workers_poll(self) -> dict[str, bool]:
+        client = self.temporal.client
+        if client is None:
+            return {}
+        try:
+            polled = await asyncio.gather(*(workers_poll(client, queue, kind) for queue, kind in self.queues.items()))
+        except RPCError:
+            return {}
+        return dict(zip(self.queues, polled))
