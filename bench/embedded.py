@@ -1,0 +1,53 @@
+"""What the benchmarks share: `comfyui-gateway dev` started as a user starts it, a zero-length ComfyUI job,
+percentiles."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.harness import REPO_ROOT, free_port
+
+ZERO_LENGTH_PROMPT = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
+}
+WARM_UP_JOBS = 3
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def start_gateway(root: Path, comfyui_url: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATA_DIR": str(root / "gateway"),
+        "PORT": str(port),
+        "COMFYUI_URL": comfyui_url,
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "TEMPORAL_UI_PORT": str(free_port()),
+        "LOG_LEVEL": "WARNING",
+    }
+    with open(root / "gateway.log", "wb") as log:  # the child keeps its own handle
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "dev"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return process, base_url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"the gateway did not become healthy; see {root / 'gateway.log'}")
