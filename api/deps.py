@@ -18,11 +18,15 @@ from app.settings import Settings
 from app.storage import OutputStorage
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies that only look something up are `async def`: FastAPI runs a plain `def` dependency on a worker
+# thread, a thread hop per dependency per request for nothing.
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     return Database(request.app.state.engine)
 
 
@@ -32,11 +36,11 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_temporal(request: Request) -> TemporalConnection:
+async def get_temporal(request: Request) -> TemporalConnection:
     return request.app.state.temporal
 
 
-def get_storage(request: Request) -> OutputStorage:
+async def get_storage(request: Request) -> OutputStorage:
     return request.app.state.storage
 
 
@@ -47,7 +51,7 @@ TemporalDep = Annotated[TemporalConnection, Depends(get_temporal)]
 StorageDep = Annotated[OutputStorage, Depends(get_storage)]
 
 
-def get_job_reader(request: Request, db: DatabaseDep, temporal: TemporalDep) -> JobReader:
+async def get_job_reader(request: Request, db: DatabaseDep, temporal: TemporalDep) -> JobReader:
     return JobReader(db, temporal, request.app.state.live_views)
 
 
