@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import ErrorCode, InvalidInput, http_status
+from app.errors import ErrorCode, InvalidInput, http_status, summarise
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,35 @@ def _field_error(error: dict[str, Any]) -> dict[str, str]:
     return {"field": _field_name(tuple(error["loc"])), "message": error["msg"]}
 
 
-def validation_error(fields: list[dict[str, str]]) -> ApiError:
-    summary = "; ".join(f"{item['field']}: {item['message']}" for item in fields)
-    return ApiError(ErrorCode.VALIDATION_ERROR, f"invalid request: {summary}", {"fields": fields})
+# An answer lists this many offending fields and counts the rest: a body with a million unknown fields once
+# got an answer of 104 MB. Names and messages are cut to a length a client can still read: a name is the
+# client's own key, and may be megabytes long.
+MAX_LISTED_FIELDS = 50
+_MAX_TEXT = 200
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
+
+
+def validation_error(fields: Sequence[dict[str, str]]) -> ApiError:
+    """A 400 naming the first MAX_LISTED_FIELDS offending fields in `details.fields` and counting the rest in
+    `details.moreFields`; its message names the first few."""
+    return _validation_error(fields[:MAX_LISTED_FIELDS], len(fields))
+
+
+def request_validation_error(errors: Sequence[dict[str, Any]]) -> ApiError:
+    """`validation_error` of FastAPI's and pydantic's errors, of which only the listed ones are formatted."""
+    return _validation_error([_field_error(error) for error in errors[:MAX_LISTED_FIELDS]], len(errors))
+
+
+def _validation_error(listed: Sequence[dict[str, str]], total: int) -> ApiError:
+    fields = [{"field": _bounded(item["field"]), "message": _bounded(item["message"])} for item in listed]
+    details: dict[str, Any] = {"fields": fields}
+    if total > len(fields):
+        details["moreFields"] = total - len(fields)
+    summary = summarise([(item["field"], item["message"]) for item in fields], total)
+    return ApiError(ErrorCode.VALIDATION_ERROR, f"invalid request: {summary}", details)
 
 
 def invalid_input(error: InvalidInput) -> ApiError:
@@ -68,8 +95,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = [_field_error(err) for err in exc.errors()]
-        error = validation_error(fields)
+        error = request_validation_error(exc.errors())
         return error_response(error.status, error.code, error.message, error.details)
 
     @app.exception_handler(StarletteHTTPException)

@@ -8,6 +8,7 @@ the workflow imports this module.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -144,11 +145,23 @@ class FieldIssue:
     message: str
 
 
+# How many offending fields a message names; the rest are counted.
+_FIELDS_IN_MESSAGE = 3
+
+
+def summarise(issues: Sequence[tuple[str, str]], total: int) -> str:
+    """The first few of `total` issues as "field: message", then how many more there are."""
+    named = "; ".join(f"{field}: {message}" for field, message in issues[:_FIELDS_IN_MESSAGE])
+    unnamed = total - min(len(issues), _FIELDS_IN_MESSAGE)
+    return f"{named}; and {unnamed} more" if unnamed else named
+
+
 class InvalidInput(ValueError):
     """What is wrong with a request or a job's inputs, every offending field at once."""
 
     def __init__(self, issues: list[FieldIssue]) -> None:
-        super().__init__("; ".join(f"{issue.field}: {issue.message}" for issue in issues))
+        named = [(issue.field, issue.message) for issue in issues[:_FIELDS_IN_MESSAGE]]
+        super().__init__(summarise(named, len(issues)))
         self.issues = issues
 
     @classmethod

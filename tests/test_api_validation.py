@@ -138,6 +138,30 @@ async def test_template_job_inputs_are_refused_before_a_job_exists(api: httpx.As
     assert (await api.get("/jobs")).json()["count"] == 0
 
 
+async def test_an_answer_lists_fifty_offending_fields_and_counts_the_rest(api: httpx.AsyncClient) -> None:
+    """A body of a million unknown fields once got an answer of 104 MB naming each of them."""
+    unknown = {f"k{index:05d}": 0 for index in range(10_000)}
+    template_inputs = {"workflowId": "solid_color", "inputs": unknown}  # refused by the input schema
+    for body, first in [({"workflowId": "solid_color", **unknown}, "k00000"), (template_inputs, "inputs.k00000")]:
+        response = await api.post("/jobs", json=body)
+        assert response.status_code == 400 and len(response.content) < 16_000, len(response.content)
+        error = error_of(response)
+        assert len(error["details"]["fields"]) == 50 and error["details"]["moreFields"] == 10_000 - 50
+        assert error["details"]["fields"][0]["field"] == first
+        assert error["message"].count(first[:-5]) == 3 and error["message"].endswith("; and 9997 more"), error["message"]
+    few = error_of(await api.post("/jobs", json={"workflowId": "solid_color", "a": 1, "b": 2}))
+    assert "moreFields" not in few["details"] and few["message"].count("Extra inputs") == 2
+
+
+async def test_long_names_and_ids_are_not_echoed_whole(api: httpx.AsyncClient) -> None:
+    long_key = await api.post("/jobs", json={"workflowId": "solid_color", "x" * 100_000: 1})
+    [issue] = error_of(long_key)["details"]["fields"]
+    assert long_key.status_code == 400 and len(long_key.content) < 2_000 and issue["field"].startswith("xxx")
+    long_id = await api.post("/jobs", json={"workflowId": "x" * 100_000})
+    assert long_id.status_code == 400 and len(long_id.content) < 2_000
+    assert [item["field"] for item in error_of(long_id)["details"]["fields"]] == ["workflowId"]
+
+
 # --- bodies ----------------------------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from app.jobstore import JobFilter, JobSnapshot, estimate_wait_seconds, list_eve
 from app.models import CamelModel, CancelRequest, GenerationInput, JobStatus, RetrySpec
 from app.submission import ImageIntake, prepare_job
 from app.templates.limits import Limits
+from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
 from app.templates.store import get_template
 from workflows_temporal.generation import GenerationWorkflow
 
@@ -65,7 +66,9 @@ class RetryRequest(RetrySpec):
 class CreateJobRequest(CamelModel):
     model_config = ConfigDict(extra="forbid", validate_by_name=False)  # camelCase only, as documented
 
-    workflow_id: str | None = Field(None, description="id of a registered workflow template")
+    # No longer than a template id can be: a 404 names the id it did not find.
+    workflow_id: str | None = Field(
+        None, max_length=TEMPLATE_ID_MAX_LENGTH, description="id of a registered workflow template")
     workflow_json: dict[str, Any] | None = Field(None, description="an inline ComfyUI graph in API format")
     inputs: dict[str, Any] = Field(default_factory=dict, description="values for the template's {{placeholders}}")
     params: dict[str, Any] = Field(default_factory=dict, description="generation parameters; `inputs` win on a clash")
