@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.errors import ErrorCode, InvalidInput, http_status, summarise
 
@@ -37,15 +38,7 @@ def _field_name(location: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
-_UNPARSABLE_BODY = "There was an error parsing the body"
-
-
 def _field_error(error: dict[str, Any]) -> dict[str, str]:
-    if error.get("type") == "json_invalid":
-        # FastAPI puts the character position where a field name would be.
-        position = error["loc"][1] if len(error["loc"]) > 1 else "?"
-        return {"field": "body", "message": f"not valid JSON ({error.get('ctx', {}).get('error', 'decode error')} "
-                                            f"at character {position})"}
     return {"field": _field_name(tuple(error["loc"])), "message": error["msg"]}
 
 
@@ -100,13 +93,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
-            # FastAPI's answer to a body that is not UTF-8 or nests past the JSON parser's limit.
-            error = validation_error([{"field": "body", "message": "not valid JSON: undecodable or nested too deeply"}])
-            return error_response(error.status, error.code, error.message, error.details)
         code = _HTTP_CODES.get(exc.status_code, ErrorCode.VALIDATION_ERROR)
         details = {"fields": [{"field": "body", "message": str(exc.detail)}]} if exc.status_code == 413 else {}
         return error_response(exc.status_code, code.value, str(exc.detail), details)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # Nobody reads this answer; it is one rather than a 500 because the gateway is not at fault.
+        error = validation_error([{"field": "body", "message": "the client disconnected before sending all of it"}])
+        return error_response(error.status, error.code, error.message, error.details)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -11,12 +11,16 @@ from typing import Any, NoReturn
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from httpx import ASGITransport
 
+from api import plain_json as plain_json_module
 from api.deps import get_temporal
-from api.errors import install_error_handlers
+from api.errors import ApiError, install_error_handlers
+from api.json_body import JsonBodyRoute
 from api.main import create_app
-from api.plain_json import MAX_BODY_BYTES, BodySizeLimit
+from api.plain_json import MAX_BODY_BYTES, MAX_VALUES, BodySizeLimit, plain_json
+from api.routes import health, jobs, outputs, workflows
 from app.settings import Settings
 from app.templates.store import BUNDLED_TEMPLATES_DIR
 from tests.harness import error_of, free_port, migrate_database, recorded_workflow
@@ -199,6 +203,50 @@ async def test_bodies_that_are_not_plain_json_are_refused(
         [problem] = error["details"]["fields"]
         assert problem["field"].startswith(field) and says in problem["message"], problem
     assert (await api.get("/jobs")).json()["count"] == 0
+
+
+def counted_values(value: object) -> int:
+    """Array items and object members, an empty array or object counting as one, as plain_json counts them."""
+    if isinstance(value, dict | list):
+        children = value.values() if isinstance(value, dict) else value
+        return max(len(value), 1) + sum(counted_values(child) for child in children)
+    return 0
+
+
+@pytest.mark.parametrize("value", [
+    {"a": [1, 2, {"b": []}], "c": {}},
+    ["commas, [brackets] and {braces} in strings", {"k,[{": "\\\",[{"}],
+    # An escape just where a step of the count ends (a step reads at most 256 KiB).
+    {"long": "x" * (256 * 1024 - 1) + '\\"\\\\"' + ",[{" * 1000, "after": [1, 2]},
+    {"ünïcødé": ["😀", "\u2028"]},
+])
+def test_values_are_counted_before_parsing_as_parsing_would_count_them(
+    value: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = json.dumps(value, ensure_ascii=False).encode()
+    monkeypatch.setattr(plain_json_module, "MAX_VALUES", counted_values(value))
+    assert plain_json(raw) == value
+    monkeypatch.setattr(plain_json_module, "MAX_VALUES", counted_values(value) - 1)
+    with pytest.raises(ApiError) as refused:
+        plain_json(raw)
+    assert refused.value.details["fields"][0]["field"] == "body" and "more than" in refused.value.message
+
+
+def test_every_route_that_takes_a_body_reads_it_off_the_event_loop() -> None:
+    """FastAPI's own reading of a body neither counts its values nor refuses what is not plain JSON."""
+    routes = [route for module in (health, jobs, outputs, workflows) for route in module.router.routes]
+    taking_bodies = [route for route in routes if isinstance(route, APIRoute) and route.body_field is not None]
+    assert len(taking_bodies) == 4 and all(isinstance(route, JsonBodyRoute) for route in taking_bodies)
+
+
+async def test_a_body_of_too_many_values_is_refused_before_it_is_parsed(api: httpx.AsyncClient) -> None:
+    many = await api.post("/jobs", json={"workflowId": "solid_color", "metadata": {"list": [0] * MAX_VALUES}})
+    assert many.status_code == 400
+    assert error_of(many)["details"]["fields"] == [
+        {"field": "body", "message": f"more than {MAX_VALUES} values (array items and object members)"}]
+    text = {**registration("commas"), "description": "x"}
+    text["workflowJson"] = {**text["workflowJson"], "9": {"class_type": "Note", "inputs": {"text": ",[{" * MAX_VALUES}}}
+    assert (await api.post("/workflows", json=text)).status_code == 201, "commas in strings are no values"
 
 
 async def test_undecodable_and_oversized_bodies(api: httpx.AsyncClient) -> None:

@@ -19,6 +19,7 @@ from temporalio.service import RPCError
 from api.deps import DatabaseDep, JobDep, JobReaderDep, SessionDep, SettingsDep, StorageDep, TemporalDep
 from api.errors import ApiError, invalid_input, validation_error
 from api.job_views import Job, public_job
+from api.json_body import JsonBodyRoute
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
@@ -30,7 +31,7 @@ from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
 from app.templates.store import get_template
 from workflows_temporal.generation import GenerationWorkflow
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute)
 
 # Temporal refuses payloads over 2 MB; a job near that belongs in a template, its images in URLs or storage.
 _MAX_JOB_BYTES = 1_000_000
