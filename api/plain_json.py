@@ -1,5 +1,5 @@
-"""Request bodies must be plain JSON: bounded size, nesting and number of values, finite numbers, valid
-Unicode text.
+"""Request bodies must be plain JSON: UTF-8 text of bounded size, nesting and number of values, finite
+numbers that Python can hold, valid Unicode text.
 
 Python's json module accepts NaN and Infinity, unpaired surrogates such as "\\ud800", and nesting as deep as
 its recursion allows. None of these survive the way a job takes (Temporal's payloads, the database, ComfyUI):
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from typing import Any
 
 from fastapi import HTTPException
@@ -37,17 +38,55 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 def plain_json(raw: bytes) -> Any:
     """The value of a request body; ApiError (400) names what makes it not plain JSON. A large body takes a
     while: call this off the event loop."""
+    text = _utf8_text(raw)
     if _holds_more_values_than(raw, MAX_VALUES):
         raise _refused("body", f"more than {MAX_VALUES} values (array items and object members)")
     try:
-        value = json.loads(raw)
+        value = json.loads(text, parse_int=_integer, parse_float=_decimal)
     except json.JSONDecodeError as error:
         raise _refused("body", f"not valid JSON ({error.msg} at character {error.pos})") from None
-    except (ValueError, RecursionError):
-        raise _refused("body", "not valid JSON: undecodable or nested too deeply") from None
+    except RecursionError:
+        raise _refused("body", f"nested more than {MAX_DEPTH} levels deep") from None
     if (impurity := first_impurity(value)) is not None:
         path, reason = impurity
         raise _refused(path or "body", reason)
+    return value
+
+
+def _utf8_text(raw: bytes) -> str:
+    # JSON exchanged between systems is UTF-8 without a byte order mark (RFC 8259); Python's json module
+    # would also read UTF-16 and UTF-32, with or without one.
+    encoding = json.detect_encoding(raw)
+    if encoding == "utf-8-sig":
+        raise _refused("body", "starts with a byte order mark; send UTF-8 without one")
+    if encoding != "utf-8":
+        raise _refused("body", f"looks like {encoding.upper()} text; send UTF-8")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _refused("body", f"not UTF-8 text (byte {error.start} cannot be decoded)") from None
+
+
+class _UnusableNumber:
+    """What json.loads makes of a number Python cannot hold; first_impurity reports it with its path."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _integer(digits: str) -> int | _UnusableNumber:
+    # Python refuses to convert an integer of more digits than this; json.loads would raise a ValueError that
+    # names neither the value nor where it is.
+    count, limit = len(digits.lstrip("-")), sys.get_int_max_str_digits()
+    if limit and count > limit:
+        return _UnusableNumber(f"an integer of {count} digits is too long (at most {limit})")
+    return int(digits)
+
+
+def _decimal(text: str) -> float | _UnusableNumber:
+    value = float(text)
+    if math.isinf(value):  # 1e400: not Infinity, which first_impurity refuses as such, but too large
+        return _UnusableNumber("too large for a 64-bit floating-point number (at most about 1.8e308)")
     return value
 
 
@@ -109,6 +148,8 @@ def first_impurity(value: Any) -> tuple[str, str] | None:
             return path, "not valid Unicode text (an unpaired surrogate)"
         elif isinstance(item, float) and not math.isfinite(item):
             return path, "NaN and Infinity are not JSON numbers"
+        elif isinstance(item, _UnusableNumber):
+            return path, item.reason
     return None
 
 

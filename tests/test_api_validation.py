@@ -187,7 +187,12 @@ def nested(depth: int) -> object:
         ('{"workflowId": "solid_color", "metadata": {"k": "\\ud800"}}', "metadata.k", "surrogate"),
         ('{"workflowId": "solid_color", "inputs": {"\\udfff": 1}}', "inputs.\\udfff", "surrogate"),
         ('{"workflowId": "solid_color", "inputs": {"width": 8}', "body", "not valid JSON"),
-        ("[" * 1500 + "]" * 1500, "body", "not valid JSON"),
+        ("[" * 1500 + "]" * 1500, "body", "nested more than 32 levels deep"),
+        # Python's limit on an integer's digits once answered "not valid JSON: undecodable or nested too deeply".
+        ('{"workflowId": "solid_color", "inputs": {"seed": %s}}' % ("9" * 5000), "inputs.seed",
+         "an integer of 5000 digits is too long (at most 4300)"),
+        ('{"workflowId": "solid_color", "metadata": {"k": [-%s]}}' % ("1" * 4301), "metadata.k.0", "4301 digits"),
+        ('{"workflowId": "solid_color", "metadata": {"k": 1e400}}', "metadata.k", "too large"),
     ],
 )
 async def test_bodies_that_are_not_plain_json_are_refused(
@@ -247,6 +252,22 @@ async def test_a_body_of_too_many_values_is_refused_before_it_is_parsed(api: htt
     text = {**registration("commas"), "description": "x"}
     text["workflowJson"] = {**text["workflowJson"], "9": {"class_type": "Note", "inputs": {"text": ",[{" * MAX_VALUES}}}
     assert (await api.post("/workflows", json=text)).status_code == 201, "commas in strings are no values"
+
+
+@pytest.mark.parametrize(("encoded", "says"), [
+    ('{"workflowId": "solid_color"}'.encode("utf-16"), "looks like UTF-16 text; send UTF-8"),
+    ('{"workflowId": "solid_color"}'.encode("utf-16-le"), "looks like UTF-16-LE text"),
+    ('{"workflowId": "solid_color"}'.encode("utf-32"), "looks like UTF-32 text"),
+    ('{"workflowId": "solid_color"}'.encode("utf-8-sig"), "byte order mark"),
+    ('{"workflowId": "solid_color", "metadata": {"k": "é"}}'.encode("latin-1"), "not UTF-8 text (byte 49 cannot be decoded)"),
+])
+async def test_bodies_in_other_encodings_than_utf8_are_refused(api: httpx.AsyncClient, encoded: bytes, says: str) -> None:
+    """Python's json module reads UTF-16 and UTF-32 too: a UTF-16 body was accepted."""
+    for path in ("/jobs", "/workflows"):
+        response = await api.post(path, content=encoded, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        [problem] = error_of(response)["details"]["fields"]
+        assert problem["field"] == "body" and says in problem["message"], problem
 
 
 async def test_undecodable_and_oversized_bodies(api: httpx.AsyncClient) -> None:
