@@ -307,6 +307,19 @@ async def test_unknown_paths_and_methods_answer_json(api: httpx.AsyncClient) -> 
     assert wrong_method.status_code == 405 and error_of(wrong_method)["code"] == "METHOD_NOT_ALLOWED"
 
 
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("DELETE", "/jobs", "GET, POST"),  # two routes at one path
+    ("PUT", "/jobs/0b0e5f3c-3b5e-4f0e-9d7b-3f2b1d6a9c11", "GET"),
+    ("GET", "/jobs/0b0e5f3c-3b5e-4f0e-9d7b-3f2b1d6a9c11/cancel", "POST"),
+    ("POST", "/workflows/solid_color", "GET, PUT, DELETE"),
+    ("POST", "/health", "GET"),
+])
+async def test_a_405_says_which_methods_the_path_takes(api: httpx.AsyncClient, method: str, path: str, allowed: str) -> None:
+    response = await api.request(method, path)
+    assert response.status_code == 405 and error_of(response)["code"] == "METHOD_NOT_ALLOWED"
+    assert response.headers["allow"] == allowed
+
+
 # --- templates -------------------------------------------------------------------------------------------
 
 
