@@ -122,6 +122,17 @@ async def test_bad_list_filters_are_400_naming_the_fields(api: httpx.AsyncClient
     assert {item["field"] for item in error_of(bad)["details"]["fields"]} == {"status", "limit"}
 
 
+@pytest.mark.parametrize("value", ["0", "1714564800", "1.5e9", "-1", "nan"])
+async def test_list_filters_take_iso_8601_instants_not_unix_times(api: httpx.AsyncClient, value: str) -> None:
+    for name in ("after", "before"):
+        response = await api.get("/jobs", params={name: value})
+        assert response.status_code == 400, response.text
+        [issue] = error_of(response)["details"]["fields"]
+        assert issue["field"] == name and "ISO 8601" in issue["message"] and "Unix time" in issue["message"]
+    instants = {"after": "2024-05-01T12:00:00Z", "before": "2999-01-01T00:00:00+02:00"}
+    assert (await api.get("/jobs", params=instants)).status_code == 200
+
+
 async def test_template_jobs_validate_inputs(api: httpx.AsyncClient) -> None:
     await register(api, registration("seeded"))
     bad = await api.post("/jobs", json={"workflowId": "seeded", "inputs": {"width": 2, "nope": 1}})

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
@@ -46,6 +46,18 @@ def _json_number(value: Any) -> Any:
     if isinstance(value, bool | str):
         raise ValueError("must be a JSON number")
     return value
+
+
+def _iso_8601(value: Any) -> Any:
+    # Pydantic reads a number, or a string that is one, as a Unix time: `before=0` was taken for 1970.
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return value
+    raise ValueError("must be an ISO 8601 instant such as 2024-05-01T12:00:00Z, not a Unix time")
+
+
+Instant = Annotated[datetime, BeforeValidator(_iso_8601)]
 
 
 class RetryRequest(RetrySpec):
@@ -202,8 +214,8 @@ def get_jobs(
     storage: StorageDep,
     status: JobStatus | None = None,
     workflow_id: Annotated[str | None, Query(alias="workflowId")] = None,
-    after: datetime | None = Query(None, description="created after this instant (ISO 8601)"),
-    before: datetime | None = Query(None, description="created before this instant (ISO 8601)"),
+    after: Instant | None = Query(None, description="created after this instant (ISO 8601)"),
+    before: Instant | None = Query(None, description="created before this instant (ISO 8601)"),
     limit: int = Query(50, ge=1, le=200),
     offset: int = Query(0, ge=0, le=1_000_000_000),
 ) -> JobList:
