@@ -82,7 +82,8 @@ def invalid_input(error: InvalidInput) -> ApiError:
 
 
 # Starlette's own refusals, by status, as the gateway's codes.
-_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.REQUEST_TOO_LARGE}
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 408: ErrorCode.REQUEST_TIMEOUT,
+               413: ErrorCode.REQUEST_TOO_LARGE}
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

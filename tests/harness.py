@@ -227,7 +227,11 @@ class ApiProcess:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(timeout=30)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # uvicorn waits for requests still running; a test may leave some
+                self.process.kill()
+                self.process.wait()
 
 
 @asynccontextmanager
