@@ -31,8 +31,8 @@ BUNDLED = {path.stem for path in BUNDLED_TEMPLATES_DIR.glob("*.json")}
 
 class UnusableTemporal:
     """Temporal for an app whose requests must all be refused before a job is started or read. Routes still
-    receive the connection (FastAPI resolves a route's dependencies before it validates the body); using it
-    fails the test."""
+    receive the connection (FastAPI resolves a route's dependencies before the route makes its own checks);
+    using it fails the test."""
 
     def __getattr__(self, name: str) -> NoReturn:
         raise AssertionError(f"the request reached Temporal ({name})")
