@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
-from app.errors import ErrorCode, InvalidInput, http_status
+from app.errors import ErrorCode, InvalidInput, http_status, summarise
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +29,11 @@ class ApiError(Exception):
         self.details = details or {}
 
 
-def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message, "details": details or {}}})
+def error_response(
+    status: int, code: str, message: str, details: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    content = {"error": {"code": code, "message": message, "details": details or {}}}
+    return JSONResponse(status_code=status, content=content, headers=headers)
 
 
 def _field_name(location: tuple[Any, ...]) -> str:
@@ -36,21 +42,39 @@ def _field_name(location: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
-_UNPARSABLE_BODY = "There was an error parsing the body"
-
-
 def _field_error(error: dict[str, Any]) -> dict[str, str]:
-    if error.get("type") == "json_invalid":
-        # FastAPI puts the character position where a field name would be.
-        position = error["loc"][1] if len(error["loc"]) > 1 else "?"
-        return {"field": "body", "message": f"not valid JSON ({error.get('ctx', {}).get('error', 'decode error')} "
-                                            f"at character {position})"}
     return {"field": _field_name(tuple(error["loc"])), "message": error["msg"]}
 
 
-def validation_error(fields: list[dict[str, str]]) -> ApiError:
-    summary = "; ".join(f"{item['field']}: {item['message']}" for item in fields)
-    return ApiError(ErrorCode.VALIDATION_ERROR, f"invalid request: {summary}", {"fields": fields})
+# An answer lists this many offending fields and counts the rest: a body with a million unknown fields once
+# got an answer of 104 MB. Names and messages are cut to a length a client can still read: a name is the
+# client's own key, and may be megabytes long.
+MAX_LISTED_FIELDS = 50
+_MAX_TEXT = 200
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
+
+
+def validation_error(fields: Sequence[dict[str, str]]) -> ApiError:
+    """A 400 naming the first MAX_LISTED_FIELDS offending fields in `details.fields` and counting the rest in
+    `details.moreFields`; its message names the first few."""
+    return _validation_error(fields[:MAX_LISTED_FIELDS], len(fields))
+
+
+def request_validation_error(errors: Sequence[dict[str, Any]]) -> ApiError:
+    """`validation_error` of FastAPI's and pydantic's errors, of which only the listed ones are formatted."""
+    return _validation_error([_field_error(error) for error in errors[:MAX_LISTED_FIELDS]], len(errors))
+
+
+def _validation_error(listed: Sequence[dict[str, str]], total: int) -> ApiError:
+    fields = [{"field": _bounded(item["field"]), "message": _bounded(item["message"])} for item in listed]
+    details: dict[str, Any] = {"fields": fields}
+    if total > len(fields):
+        details["moreFields"] = total - len(fields)
+    summary = summarise([(item["field"], item["message"]) for item in fields], total)
+    return ApiError(ErrorCode.VALIDATION_ERROR, f"invalid request: {summary}", details)
 
 
 def invalid_input(error: InvalidInput) -> ApiError:
@@ -58,7 +82,19 @@ def invalid_input(error: InvalidInput) -> ApiError:
 
 
 # Starlette's own refusals, by status, as the gateway's codes.
-_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.REQUEST_TOO_LARGE}
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 408: ErrorCode.REQUEST_TIMEOUT,
+               413: ErrorCode.REQUEST_TOO_LARGE}
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes at the request's path, for a 405's Allow header. Starlette's own names
+    only the methods of the first route at the path: GET /jobs and POST /jobs are two routes."""
+    routes = request.app.router.routes
+    return ", ".join(method for method in _METHODS
+                     if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -68,19 +104,23 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = [_field_error(err) for err in exc.errors()]
-        error = validation_error(fields)
+        error = request_validation_error(exc.errors())
         return error_response(error.status, error.code, error.message, error.details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
-            # FastAPI's answer to a body that is not UTF-8 or nests past the JSON parser's limit.
-            error = validation_error([{"field": "body", "message": "not valid JSON: undecodable or nested too deeply"}])
-            return error_response(error.status, error.code, error.message, error.details)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, ErrorCode.VALIDATION_ERROR)
         details = {"fields": [{"field": "body", "message": str(exc.detail)}]} if exc.status_code == 413 else {}
-        return error_response(exc.status_code, code.value, str(exc.detail), details)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return error_response(exc.status_code, code.value, str(exc.detail), details, headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # Nobody reads this answer; it is one rather than a 500 because the gateway is not at fault.
+        error = validation_error([{"field": "body", "message": "the client disconnected before sending all of it"}])
+        return error_response(error.status, error.code, error.message, error.details)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
 import httpx
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.client import Client
 
 from api.errors import install_error_handlers
 from api.job_reader import live_views
-from api.plain_json import BodySizeLimit, require_plain_json
+from api.plain_json import BodySizeLimit
 from api.probes import Probes
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
@@ -88,7 +88,6 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         description="A durable REST gateway for ComfyUI: every job is a Temporal workflow.",
         version=health.GATEWAY_VERSION,
         lifespan=lifespan,
-        dependencies=[Depends(require_plain_json)],
         redirect_slashes=False,  # a 307 with an empty body is no answer for an API client: /jobs/ is a 404
     )
     if settings.cors_origins:

@@ -63,6 +63,7 @@ async def _connect_with_retry(settings: Settings, attempts: int = 60):  # type: 
 async def _serve(settings: Settings, *, with_api: bool, with_worker: bool) -> None:
     import uvicorn
 
+    from api.http_server import server_config
     from api.main import create_app
     from worker.main import running_worker
 
@@ -82,11 +83,7 @@ async def _serve(settings: Settings, *, with_api: bool, with_worker: bool) -> No
             await stack.enter_async_context(running_worker(client, settings))
         server_task = None
         if with_api:
-            config = uvicorn.Config(
-                create_app(settings, client), host=settings.host, port=settings.port,
-                log_level=settings.log_level.value.lower(),
-            )
-            server = EmbeddedServer(config)
+            server = EmbeddedServer(server_config(create_app(settings, client), settings))
             server_task = asyncio.create_task(server.serve())
             log.info("API on http://%s:%d (docs at /docs)", settings.host, settings.port)
         waiters = [asyncio.create_task(stop.wait())] + ([server_task] if server_task else [])

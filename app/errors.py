@@ -8,6 +8,7 @@ the workflow imports this module.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -22,6 +23,8 @@ class ErrorCode(str, Enum):
     REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
     NOT_FOUND = "NOT_FOUND"
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+    REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
+    SERVER_BUSY = "SERVER_BUSY"
     WORKFLOW_NOT_FOUND = "WORKFLOW_NOT_FOUND"
     WORKFLOW_EXISTS = "WORKFLOW_EXISTS"
     WORKFLOW_CONFLICT = "WORKFLOW_CONFLICT"
@@ -67,7 +70,14 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.UNSUPPORTED_FIELD: ErrorClass(400, False, False, _REQUEST, "a field this version does not support yet"),
     ErrorCode.REQUEST_TOO_LARGE: ErrorClass(413, False, False, _REQUEST, "the request body is over 64 MB"),
     ErrorCode.NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "no such route"),
-    ErrorCode.METHOD_NOT_ALLOWED: ErrorClass(405, False, False, _REQUEST, "the route does not take this method"),
+    ErrorCode.METHOD_NOT_ALLOWED: ErrorClass(
+        405, False, False, _REQUEST, "the route does not take this method (the `Allow` header says which it takes)"),
+    ErrorCode.REQUEST_TIMEOUT: ErrorClass(
+        408, False, False, _REQUEST,
+        "the request's body stopped arriving for `API_BODY_TIMEOUT_S`; the connection is closed"),
+    ErrorCode.SERVER_BUSY: ErrorClass(
+        503, False, False, _REQUEST,
+        "the API is handling `API_MAX_CONCURRENT_REQUESTS` requests already; try again after `Retry-After` seconds"),
     ErrorCode.WORKFLOW_NOT_FOUND: ErrorClass(
         404, False, False, _BOTH, "no such workflow template (as a job's error: its version was removed)"),
     ErrorCode.WORKFLOW_EXISTS: ErrorClass(409, False, False, _REQUEST, "a template with this id exists"),
@@ -144,11 +154,23 @@ class FieldIssue:
     message: str
 
 
+# How many offending fields a message names; the rest are counted.
+_FIELDS_IN_MESSAGE = 3
+
+
+def summarise(issues: Sequence[tuple[str, str]], total: int) -> str:
+    """The first few of `total` issues as "field: message", then how many more there are."""
+    named = "; ".join(f"{field}: {message}" for field, message in issues[:_FIELDS_IN_MESSAGE])
+    unnamed = total - min(len(issues), _FIELDS_IN_MESSAGE)
+    return f"{named}; and {unnamed} more" if unnamed else named
+
+
 class InvalidInput(ValueError):
     """What is wrong with a request or a job's inputs, every offending field at once."""
 
     def __init__(self, issues: list[FieldIssue]) -> None:
-        super().__init__("; ".join(f"{issue.field}: {issue.message}" for issue in issues))
+        named = [(issue.field, issue.message) for issue in issues[:_FIELDS_IN_MESSAGE]]
+        super().__init__(summarise(named, len(issues)))
         self.issues = issues
 
     @classmethod

@@ -39,6 +39,13 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated origins allowed to call the API from a browser")
     log_level: LogLevel = Field(LogLevel.info, description="DEBUG, INFO, WARNING or ERROR")
     privacy_mode: bool = Field(False, description="keep job inputs out of the database and the logs")
+    # Against clients that are slow or many (`comfyui-gateway api` and `dev`).
+    api_header_timeout_s: float = Field(
+        10.0, gt=0, description="how long a client may take to send a request's line and headers; then it is cut off")
+    api_body_timeout_s: float = Field(
+        30.0, gt=0, description="how long a request's body may stop arriving before the request is refused with 408")
+    api_max_concurrent_requests: int = Field(
+        2048, ge=1, description="requests the API handles at once; more are refused with 503 SERVER_BUSY")
 
     # ComfyUI
     comfyui_url: str = Field("http://127.0.0.1:8188", description="the ComfyUI server")

@@ -192,6 +192,48 @@ class WorkerProcess:
             self.process.wait(timeout=30)
 
 
+class ApiProcess:
+    """`comfyui-gateway api` in a child process on a free port: the API server as it is deployed. `variables`
+    are settings on top of `settings`."""
+
+    def __init__(self, settings: Settings, **variables: str) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.variables = variables
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        log_path = self.settings.data_dir / "api.log"
+        with open(log_path, "ab") as log:  # the child keeps its own handle
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "api"], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                env={**settings_environment(self.settings), "PORT": str(self.port), **self.variables},
+            )
+
+        async def answers() -> bool:
+            try:
+                async with httpx.AsyncClient(timeout=2) as client:
+                    await client.get(f"{self.url}/health")
+            except httpx.TransportError:
+                return False
+            return True
+
+        await assert_eventually(answers, timeout=60, interval=0.2, what=f"the API answering (log: {log_path})")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # uvicorn waits for requests still running; a test may leave some
+                self.process.kill()
+                self.process.wait()
+
+
 @asynccontextmanager
 async def serve_locally(app: web.Application) -> AsyncIterator[str]:
     """An aiohttp app on a free loopback port, for as long as the block runs; yields its base URL."""

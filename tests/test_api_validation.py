@@ -11,12 +11,16 @@ from typing import Any, NoReturn
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from httpx import ASGITransport
 
+from api import plain_json as plain_json_module
 from api.deps import get_temporal
-from api.errors import install_error_handlers
+from api.errors import ApiError, install_error_handlers
+from api.json_body import JsonBodyRoute
 from api.main import create_app
-from api.plain_json import MAX_BODY_BYTES, BodySizeLimit
+from api.plain_json import MAX_BODY_BYTES, MAX_VALUES, BodySizeLimit, plain_json
+from api.routes import health, jobs, outputs, workflows
 from app.settings import Settings
 from app.templates.store import BUNDLED_TEMPLATES_DIR
 from tests.harness import error_of, free_port, migrate_database, recorded_workflow
@@ -27,8 +31,8 @@ BUNDLED = {path.stem for path in BUNDLED_TEMPLATES_DIR.glob("*.json")}
 
 class UnusableTemporal:
     """Temporal for an app whose requests must all be refused before a job is started or read. Routes still
-    receive the connection (FastAPI resolves a route's dependencies before it validates the body); using it
-    fails the test."""
+    receive the connection (FastAPI resolves a route's dependencies before the route makes its own checks);
+    using it fails the test."""
 
     def __getattr__(self, name: str) -> NoReturn:
         raise AssertionError(f"the request reached Temporal ({name})")
@@ -118,6 +122,17 @@ async def test_bad_list_filters_are_400_naming_the_fields(api: httpx.AsyncClient
     assert {item["field"] for item in error_of(bad)["details"]["fields"]} == {"status", "limit"}
 
 
+@pytest.mark.parametrize("value", ["0", "1714564800", "1.5e9", "-1", "nan"])
+async def test_list_filters_take_iso_8601_instants_not_unix_times(api: httpx.AsyncClient, value: str) -> None:
+    for name in ("after", "before"):
+        response = await api.get("/jobs", params={name: value})
+        assert response.status_code == 400, response.text
+        [issue] = error_of(response)["details"]["fields"]
+        assert issue["field"] == name and "ISO 8601" in issue["message"] and "Unix time" in issue["message"]
+    instants = {"after": "2024-05-01T12:00:00Z", "before": "2999-01-01T00:00:00+02:00"}
+    assert (await api.get("/jobs", params=instants)).status_code == 200
+
+
 async def test_template_jobs_validate_inputs(api: httpx.AsyncClient) -> None:
     await register(api, registration("seeded"))
     bad = await api.post("/jobs", json={"workflowId": "seeded", "inputs": {"width": 2, "nope": 1}})
@@ -136,6 +151,30 @@ async def test_template_job_inputs_are_refused_before_a_job_exists(api: httpx.As
     [issue] = null.json()["error"]["details"]["fields"]
     assert issue == {"field": "inputs.width", "message": "null is not a value; leave the field out to use its default"}
     assert (await api.get("/jobs")).json()["count"] == 0
+
+
+async def test_an_answer_lists_fifty_offending_fields_and_counts_the_rest(api: httpx.AsyncClient) -> None:
+    """A body of a million unknown fields once got an answer of 104 MB naming each of them."""
+    unknown = {f"k{index:05d}": 0 for index in range(10_000)}
+    template_inputs = {"workflowId": "solid_color", "inputs": unknown}  # refused by the input schema
+    for body, first in [({"workflowId": "solid_color", **unknown}, "k00000"), (template_inputs, "inputs.k00000")]:
+        response = await api.post("/jobs", json=body)
+        assert response.status_code == 400 and len(response.content) < 16_000, len(response.content)
+        error = error_of(response)
+        assert len(error["details"]["fields"]) == 50 and error["details"]["moreFields"] == 10_000 - 50
+        assert error["details"]["fields"][0]["field"] == first
+        assert error["message"].count(first[:-5]) == 3 and error["message"].endswith("; and 9997 more"), error["message"]
+    few = error_of(await api.post("/jobs", json={"workflowId": "solid_color", "a": 1, "b": 2}))
+    assert "moreFields" not in few["details"] and few["message"].count("Extra inputs") == 2
+
+
+async def test_long_names_and_ids_are_not_echoed_whole(api: httpx.AsyncClient) -> None:
+    long_key = await api.post("/jobs", json={"workflowId": "solid_color", "x" * 100_000: 1})
+    [issue] = error_of(long_key)["details"]["fields"]
+    assert long_key.status_code == 400 and len(long_key.content) < 2_000 and issue["field"].startswith("xxx")
+    long_id = await api.post("/jobs", json={"workflowId": "x" * 100_000})
+    assert long_id.status_code == 400 and len(long_id.content) < 2_000
+    assert [item["field"] for item in error_of(long_id)["details"]["fields"]] == ["workflowId"]
 
 
 # --- bodies ----------------------------------------------------------------------------------------------
@@ -159,7 +198,12 @@ def nested(depth: int) -> object:
         ('{"workflowId": "solid_color", "metadata": {"k": "\\ud800"}}', "metadata.k", "surrogate"),
         ('{"workflowId": "solid_color", "inputs": {"\\udfff": 1}}', "inputs.\\udfff", "surrogate"),
         ('{"workflowId": "solid_color", "inputs": {"width": 8}', "body", "not valid JSON"),
-        ("[" * 1500 + "]" * 1500, "body", "not valid JSON"),
+        ("[" * 1500 + "]" * 1500, "body", "nested more than 32 levels deep"),
+        # Python's limit on an integer's digits once answered "not valid JSON: undecodable or nested too deeply".
+        ('{"workflowId": "solid_color", "inputs": {"seed": %s}}' % ("9" * 5000), "inputs.seed",
+         "an integer of 5000 digits is too long (at most 4300)"),
+        ('{"workflowId": "solid_color", "metadata": {"k": [-%s]}}' % ("1" * 4301), "metadata.k.0", "4301 digits"),
+        ('{"workflowId": "solid_color", "metadata": {"k": 1e400}}', "metadata.k", "too large"),
     ],
 )
 async def test_bodies_that_are_not_plain_json_are_refused(
@@ -175,6 +219,66 @@ async def test_bodies_that_are_not_plain_json_are_refused(
         [problem] = error["details"]["fields"]
         assert problem["field"].startswith(field) and says in problem["message"], problem
     assert (await api.get("/jobs")).json()["count"] == 0
+
+
+def counted_values(value: object) -> int:
+    """Array items and object members, an empty array or object counting as one, as plain_json counts them."""
+    if isinstance(value, dict | list):
+        children = value.values() if isinstance(value, dict) else value
+        return max(len(value), 1) + sum(counted_values(child) for child in children)
+    return 0
+
+
+@pytest.mark.parametrize("value", [
+    {"a": [1, 2, {"b": []}], "c": {}},
+    ["commas, [brackets] and {braces} in strings", {"k,[{": "\\\",[{"}],
+    # An escape just where a step of the count ends (a step reads at most 256 KiB).
+    {"long": "x" * (256 * 1024 - 1) + '\\"\\\\"' + ",[{" * 1000, "after": [1, 2]},
+    {"ünïcødé": ["😀", "\u2028"]},
+])
+def test_values_are_counted_before_parsing_as_parsing_would_count_them(
+    value: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = json.dumps(value, ensure_ascii=False).encode()
+    monkeypatch.setattr(plain_json_module, "MAX_VALUES", counted_values(value))
+    assert plain_json(raw) == value
+    monkeypatch.setattr(plain_json_module, "MAX_VALUES", counted_values(value) - 1)
+    with pytest.raises(ApiError) as refused:
+        plain_json(raw)
+    assert refused.value.details["fields"][0]["field"] == "body" and "more than" in refused.value.message
+
+
+def test_every_route_that_takes_a_body_reads_it_off_the_event_loop() -> None:
+    """FastAPI's own reading of a body neither counts its values nor refuses what is not plain JSON."""
+    routes = [route for module in (health, jobs, outputs, workflows) for route in module.router.routes]
+    taking_bodies = [route for route in routes if isinstance(route, APIRoute) and route.body_field is not None]
+    assert len(taking_bodies) == 4 and all(isinstance(route, JsonBodyRoute) for route in taking_bodies)
+
+
+async def test_a_body_of_too_many_values_is_refused_before_it_is_parsed(api: httpx.AsyncClient) -> None:
+    many = await api.post("/jobs", json={"workflowId": "solid_color", "metadata": {"list": [0] * MAX_VALUES}})
+    assert many.status_code == 400
+    assert error_of(many)["details"]["fields"] == [
+        {"field": "body", "message": f"more than {MAX_VALUES} values (array items and object members)"}]
+    text = {**registration("commas"), "description": "x"}
+    text["workflowJson"] = {**text["workflowJson"], "9": {"class_type": "Note", "inputs": {"text": ",[{" * MAX_VALUES}}}
+    assert (await api.post("/workflows", json=text)).status_code == 201, "commas in strings are no values"
+
+
+@pytest.mark.parametrize(("encoded", "says"), [
+    ('{"workflowId": "solid_color"}'.encode("utf-16"), "looks like UTF-16 text; send UTF-8"),
+    ('{"workflowId": "solid_color"}'.encode("utf-16-le"), "looks like UTF-16-LE text"),
+    ('{"workflowId": "solid_color"}'.encode("utf-32"), "looks like UTF-32 text"),
+    ('{"workflowId": "solid_color"}'.encode("utf-8-sig"), "byte order mark"),
+    ('{"workflowId": "solid_color", "metadata": {"k": "é"}}'.encode("latin-1"), "not UTF-8 text (byte 49 cannot be decoded)"),
+])
+async def test_bodies_in_other_encodings_than_utf8_are_refused(api: httpx.AsyncClient, encoded: bytes, says: str) -> None:
+    """Python's json module reads UTF-16 and UTF-32 too: a UTF-16 body was accepted."""
+    for path in ("/jobs", "/workflows"):
+        response = await api.post(path, content=encoded, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        [problem] = error_of(response)["details"]["fields"]
+        assert problem["field"] == "body" and says in problem["message"], problem
 
 
 async def test_undecodable_and_oversized_bodies(api: httpx.AsyncClient) -> None:
@@ -212,6 +316,19 @@ async def test_unknown_paths_and_methods_answer_json(api: httpx.AsyncClient) -> 
     assert trailing.status_code == 404 and error_of(trailing)["code"] == "NOT_FOUND"
     wrong_method = await api.delete("/jobs")
     assert wrong_method.status_code == 405 and error_of(wrong_method)["code"] == "METHOD_NOT_ALLOWED"
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("DELETE", "/jobs", "GET, POST"),  # two routes at one path
+    ("PUT", "/jobs/0b0e5f3c-3b5e-4f0e-9d7b-3f2b1d6a9c11", "GET"),
+    ("GET", "/jobs/0b0e5f3c-3b5e-4f0e-9d7b-3f2b1d6a9c11/cancel", "POST"),
+    ("POST", "/workflows/solid_color", "GET, PUT, DELETE"),
+    ("POST", "/health", "GET"),
+])
+async def test_a_405_says_which_methods_the_path_takes(api: httpx.AsyncClient, method: str, path: str, allowed: str) -> None:
+    response = await api.request(method, path)
+    assert response.status_code == 405 and error_of(response)["code"] == "METHOD_NOT_ALLOWED"
+    assert response.headers["allow"] == allowed
 
 
 # --- templates -------------------------------------------------------------------------------------------

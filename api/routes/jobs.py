@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
@@ -19,6 +19,7 @@ from temporalio.service import RPCError
 from api.deps import DatabaseDep, JobDep, JobReaderDep, SessionDep, SettingsDep, StorageDep, TemporalDep
 from api.errors import ApiError, invalid_input, validation_error
 from api.job_views import Job, public_job
+from api.json_body import JsonBodyRoute
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
@@ -26,10 +27,11 @@ from app.jobstore import JobFilter, JobSnapshot, estimate_wait_seconds, list_eve
 from app.models import CamelModel, CancelRequest, GenerationInput, JobStatus, RetrySpec
 from app.submission import ImageIntake, prepare_job
 from app.templates.limits import Limits
+from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
 from app.templates.store import get_template
 from workflows_temporal.generation import GenerationWorkflow
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute)
 
 # Temporal refuses payloads over 2 MB; a job near that belongs in a template, its images in URLs or storage.
 _MAX_JOB_BYTES = 1_000_000
@@ -44,6 +46,18 @@ def _json_number(value: Any) -> Any:
     if isinstance(value, bool | str):
         raise ValueError("must be a JSON number")
     return value
+
+
+def _iso_8601(value: Any) -> Any:
+    # Pydantic reads a number, or a string that is one, as a Unix time: `before=0` was taken for 1970.
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return value
+    raise ValueError("must be an ISO 8601 instant such as 2024-05-01T12:00:00Z, not a Unix time")
+
+
+Instant = Annotated[datetime, BeforeValidator(_iso_8601)]
 
 
 class RetryRequest(RetrySpec):
@@ -65,7 +79,9 @@ class RetryRequest(RetrySpec):
 class CreateJobRequest(CamelModel):
     model_config = ConfigDict(extra="forbid", validate_by_name=False)  # camelCase only, as documented
 
-    workflow_id: str | None = Field(None, description="id of a registered workflow template")
+    # No longer than a template id can be: a 404 names the id it did not find.
+    workflow_id: str | None = Field(
+        None, max_length=TEMPLATE_ID_MAX_LENGTH, description="id of a registered workflow template")
     workflow_json: dict[str, Any] | None = Field(None, description="an inline ComfyUI graph in API format")
     inputs: dict[str, Any] = Field(default_factory=dict, description="values for the template's {{placeholders}}")
     params: dict[str, Any] = Field(default_factory=dict, description="generation parameters; `inputs` win on a clash")
@@ -198,8 +214,8 @@ def get_jobs(
     storage: StorageDep,
     status: JobStatus | None = None,
     workflow_id: Annotated[str | None, Query(alias="workflowId")] = None,
-    after: datetime | None = Query(None, description="created after this instant (ISO 8601)"),
-    before: datetime | None = Query(None, description="created before this instant (ISO 8601)"),
+    after: Instant | None = Query(None, description="created after this instant (ISO 8601)"),
+    before: Instant | None = Query(None, description="created before this instant (ISO 8601)"),
     limit: int = Query(50, ge=1, le=200),
     offset: int = Query(0, ge=0, le=1_000_000_000),
 ) -> JobList:

@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from api.deps import DatabaseDep, SessionDep, SettingsDep
 from api.errors import ApiError, invalid_input
+from api.json_body import JsonBodyRoute
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
 from app.db import as_utc
@@ -24,7 +25,7 @@ from app.templates.schema import parse_schema, to_json_schema
 from app.templates.store import TemplateExists, create_template, delete_template, get_template, list_latest_templates
 from app.templates.store import TemplateVersionTaken, update_template, updated_spec
 
-router = APIRouter(prefix="/workflows", tags=["workflows"])
+router = APIRouter(prefix="/workflows", tags=["workflows"], route_class=JsonBodyRoute)
 
 
 class WorkflowSummary(CamelModel):

@@ -13,7 +13,9 @@ from app.templates.limits import parse_template_limits
 from app.templates.rendering import check_graph_shape, check_links, is_link, placeholders
 from app.templates.schema import InputSchema, default_params_issues, parse_schema
 
-TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: "$" would let a trailing newline in
+TEMPLATE_ID_MAX_LENGTH = 128
+# fullmatch: "$" would let a trailing newline in
+TEMPLATE_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{TEMPLATE_ID_MAX_LENGTH - 1}}}")
 
 
 @dataclass

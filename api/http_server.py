@@ -1,0 +1,147 @@
+"""How `comfyui-gateway api` serves the API: uvicorn, with limits for clients that are slow or many.
+
+Without them, 1,000 connections that sent a request line slowly were never closed, and a body shorter than
+its Content-Length held its request for ever. uvicorn closes idle keep-alive connections (after 5 s) and
+bounds a request's head (16 KB), but sets no deadline for the head to arrive, nor for a body that stops
+arriving; `HeaderTimeoutProtocol` and `BodyReadTimeout` add them. `ConcurrencyLimit` refuses requests beyond
+a number at once, with the API's JSON error: uvicorn's own limit answers in plain text, and counts the
+connections that have not sent a request yet, so a crowd of slow clients would turn every request away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import h11
+import uvicorn
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
+
+from api.errors import error_response
+from app.errors import ErrorCode, http_status
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def server_config(app: ASGIApp, settings: Settings) -> ServerConfig:
+    return ServerConfig(
+        ConcurrencyLimit(BodyReadTimeout(app, settings.api_body_timeout_s), settings.api_max_concurrent_requests),
+        header_timeout=settings.api_header_timeout_s,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.value.lower(),
+    )
+
+
+class ServerConfig(uvicorn.Config):
+    """uvicorn's configuration, with a deadline for each request's line and headers."""
+
+    def __init__(self, app: ASGIApp, *, header_timeout: float, **options: Any) -> None:
+        super().__init__(app, http=HeaderTimeoutProtocol, **options)
+        self.header_timeout = header_timeout
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request line and headers have not all arrived
+    `header_timeout` seconds after the connection opened, or after the first byte of a later request on it."""
+
+    def __init__(self, config: ServerConfig, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.header_timeout = config.header_timeout
+        self.head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Between requests, uvicorn's keep-alive timer runs until a byte arrives; from then on, this one.
+        if self.conn.their_state is h11.IDLE:
+            self._await_head()
+        else:
+            self._stop_waiting()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_waiting()
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        if self.head_deadline is None:
+            self.head_deadline = self.loop.call_later(self.header_timeout, self._head_too_late)
+
+    def _stop_waiting(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def _head_too_late(self) -> None:
+        self.head_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.debug("closing a connection from %s: no request head within %g s", self.client, self.header_timeout)
+            self.transport.close()
+
+
+class BodyReadTimeout:
+    """ASGI middleware: while a request's body is incomplete, each read waits at most `seconds` for more of it;
+    then the request is refused with 408 and its connection closed. A slow body is fine; a stopped one is not."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_complete
+            if body_complete:  # later reads wait for the client to disconnect, for as long as that takes
+                return await receive()
+            try:
+                async with asyncio.timeout(self.seconds):
+                    message = await receive()
+            except TimeoutError:
+                # FastAPI passes an HTTPException raised while it reads the body on to the error handlers.
+                raise HTTPException(http_status(ErrorCode.REQUEST_TIMEOUT),
+                                    f"the request body stopped arriving for {self.seconds:g} s",
+                                    headers={"Connection": "close"}) from None
+            body_complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: at most `limit` requests at once; a request beyond them is refused at once with
+    503 SERVER_BUSY rather than queued, so that a flood cannot grow the server's tasks without bound."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            busy = error_response(
+                http_status(ErrorCode.SERVER_BUSY), ErrorCode.SERVER_BUSY.value,
+                f"the API is handling {self.limit} requests already; try again shortly", headers={"Retry-After": "1"},
+            )
+            await busy(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
