@@ -236,7 +236,11 @@ class EventFeed:
                 pass
             return None
         try:
-            message = parse_ws_message(await asyncio.wait_for(self._socket.recv(), timeout))
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for loses a cancellation that arrives as the
+            # message does, and a prompt whose workflow was terminated would then run on to its end.
+            async with asyncio.timeout(timeout):
+                raw = await self._socket.recv()
+            message = parse_ws_message(raw)
         except (TimeoutError, ComfyError):  # nothing, or nothing the gateway reads: ask the HTTP API instead
             return None
         except ConnectionClosed:

@@ -251,7 +251,8 @@ async def cancel_job(
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal did not take the cancel; try again") from error
     # The workflow's end, awaited (long-polled by Temporal) rather than polled for.
     with suppress(TimeoutError, WorkflowFailureError, RPCError):
-        await asyncio.wait_for(handle.result(), _CANCEL_WAIT_SECONDS)
+        async with asyncio.timeout(_CANCEL_WAIT_SECONDS):
+            await handle.result()
     status = (await reader.read(job_id, reuse_live=False)).state.status
     if status is JobStatus.cancelled:
         message = "job cancelled"
