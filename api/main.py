@@ -1,4 +1,4 @@
-"""The FastAPI application: routes per resource, dependencies, JSON errors, OpenAPI at /docs."""
+"""The FastAPI application: routes per resource, dependencies, JSON errors, OpenAPI docs at /docs and /redoc."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager, suppress
 import httpx
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.client import Client
 
@@ -69,7 +70,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
                         await connector
                 app.state.engine.dispose()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from the assets the package bundles, not a CDN: the docs work offline.
+    app = FastAPIOffline(
         title="ComfyUI Gateway",
         description="A durable REST gateway for ComfyUI: every job is a Temporal workflow.",
         version=health.GATEWAY_VERSION,
