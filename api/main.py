@@ -17,6 +17,7 @@ from temporalio.client import Client
 
 from api.errors import install_error_handlers
 from api.job_reader import LiveViews
+from api.openapi import install_openapi
 from api.plain_json import BodySizeLimit, require_plain_json
 from api.readiness import Readiness
 from api.temporal_connection import TemporalConnection
@@ -85,8 +86,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         )
     app.add_middleware(BodySizeLimit)
     install_error_handlers(app)
-    app.include_router(jobs.router)
-    app.include_router(outputs.router)
-    app.include_router(workflows.router)
-    app.include_router(health.router)
+    routers = [jobs.router, outputs.router, workflows.router, health.router]
+    for router in routers:
+        app.include_router(router)
+    install_openapi(app, routers)
     return app

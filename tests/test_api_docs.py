@@ -1,7 +1,9 @@
-"""The API documents itself: Swagger UI and ReDoc that work offline."""
+"""The API documents itself: Swagger UI and ReDoc that work offline, and an OpenAPI document that tells the
+truth."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from httpx import ASGITransport
 
 from api.main import create_app
+from app.errors import ErrorCode, http_status
 from app.settings import Settings
 from tests.harness import free_port, migrate_database
 
@@ -67,3 +70,67 @@ async def test_the_docs_load_nothing_from_another_host(api: httpx.AsyncClient, p
         assert asset.status_code == 200, url
         assert EXPECTED_TYPES[Path(urlsplit(target).path).suffix] in asset.headers["content-type"], (url, asset.headers)
         assert len(asset.content) > 0, url
+
+
+# --- the document --------------------------------------------------------------------------------------------
+
+# What each operation answers besides its success, by code; the statuses are the error table's.
+ERROR_CODES = {
+    "POST /jobs": {"VALIDATION_ERROR", "UNSUPPORTED_FIELD", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND",
+                   "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
+    "GET /jobs": {"VALIDATION_ERROR", "INTERNAL_ERROR"},
+    "GET /jobs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
+    "POST /jobs/{job_id}/cancel": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "JOB_NOT_FOUND", "JOB_ALREADY_FINISHED",
+                                   "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
+    "GET /jobs/{job_id}/logs": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
+    "GET /outputs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
+    "GET /outputs/{job_id}/{filename}": {"VALIDATION_ERROR", "JOB_NOT_FOUND", "OUTPUT_NOT_FOUND",
+                                         "OUTPUT_FILE_MISSING", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
+    "GET /workflows": {"INTERNAL_ERROR"},
+    "POST /workflows": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WORKFLOW_EXISTS", "INTERNAL_ERROR"},
+    "GET /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "INTERNAL_ERROR"},
+    "PUT /workflows/{template_id}": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND",
+                                     "WORKFLOW_CONFLICT", "INTERNAL_ERROR"},
+    "DELETE /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "INTERNAL_ERROR"},
+    "GET /health": {"INTERNAL_ERROR"},
+    "GET /ready": {"INTERNAL_ERROR"},
+    "GET /capabilities": {"INTERNAL_ERROR"},
+    "GET /models": {"COMFYUI_UNREACHABLE", "COMFYUI_PROTOCOL_ERROR", "INTERNAL_ERROR"},
+}
+
+
+def documented_error_codes(response: dict) -> list[str]:
+    schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+    return schema.get("properties", {}).get("error", {}).get("properties", {}).get("code", {}).get("enum", [])
+
+
+async def test_each_operation_documents_the_errors_it_answers_with(api: httpx.AsyncClient) -> None:
+    document = (await api.get("/openapi.json")).json()
+    assert "HTTPValidationError" not in json.dumps(document)  # FastAPI's 422, which the API never sends
+    operations = {f"{method.upper()} {path}": operation
+                  for path, by_method in document["paths"].items() for method, operation in by_method.items()}
+    assert operations.keys() == ERROR_CODES.keys()
+    for name, operation in operations.items():
+        errors = {status: documented_error_codes(response) for status, response in operation["responses"].items()
+                  if documented_error_codes(response)}
+        assert {code for codes in errors.values() for code in codes} == ERROR_CODES[name], name
+        for status, codes in errors.items():
+            assert {http_status(ErrorCode(code)) for code in codes} == {int(status)}, (name, status)
+        assert set(operation["responses"]) - set(errors) == {min(operation["responses"])} | (
+            {"503"} if name in ("GET /health", "GET /ready") else set()), name  # the success, and no 422
+        query = [parameter["name"] for parameter in operation.get("parameters", []) if parameter["in"] == "query"]
+        assert all("_" not in parameter for parameter in query), (name, query)  # camelCase, as on the wire
+    assert [p["name"] for p in operations["GET /jobs"]["parameters"]] == [
+        "status", "workflowId", "after", "before", "limit", "offset"]
+
+
+async def test_an_answer_of_the_health_routes_is_documented_whatever_its_status(api: httpx.AsyncClient) -> None:
+    paths = (await api.get("/openapi.json")).json()["paths"]
+    for path, model in (("/health", "HealthReport"), ("/ready", "ReadinessReport")):
+        responses = paths[path]["get"]["responses"]
+        for status in ("200", "503"):
+            assert responses[status]["content"]["application/json"]["schema"] == {
+                "$ref": f"#/components/schemas/{model}"}, (path, status)
+    output = paths["/outputs/{job_id}/{filename}"]["get"]["responses"]["200"]["content"]
+    assert output.keys() == {"application/json", "*/*"}  # base64 JSON, or the file with its own type
+

@@ -8,19 +8,53 @@ from importlib.metadata import version
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import Field
 
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
+from api.openapi import answers_with
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
 from app.comfy.models import installed_models
+from app.errors import ErrorCode
 from app.models import CamelModel
 from app.templates.store import list_latest_templates
 
 router = APIRouter(tags=["health"])
 
 GATEWAY_VERSION = version("comfyui-gateway")
+
+
+class ComfyUIReachability(CamelModel):
+    reachable: bool
+    url: str
+
+
+class TemporalReachability(CamelModel):
+    reachable: bool
+
+
+class TemporalHealth(TemporalReachability):
+    address: str
+
+
+class HealthReport(CamelModel):
+    ok: bool = Field(description="ComfyUI and Temporal both answer")
+    version: str
+    comfyui: ComfyUIReachability
+    temporal: TemporalHealth
+    uptime: float = Field(description="seconds since the API started")
+
+
+class Workers(CamelModel):
+    queues: dict[str, bool] = Field(description="task queue → whether a worker polls it")
+
+
+class ReadinessReport(CamelModel):
+    ready: bool = Field(description="a worker polls the job queue and each ComfyUI's queue")
+    temporal: TemporalReachability
+    workers: Workers
 
 
 class Capabilities(CamelModel):
@@ -49,31 +83,33 @@ async def _temporal_reachable(request: Request) -> bool:
         return False
 
 
-@router.get("/health")
+@router.get("/health", response_model=HealthReport, responses={
+    503: {"model": HealthReport, "description": "ComfyUI or Temporal does not answer"}})
 async def health(request: Request, settings: SettingsDep) -> JSONResponse:
     backend = configured_backends(settings)[0]
     comfy = ComfyClient(backend.url, request.app.state.http)
     comfy_ok, temporal_ok = await asyncio.gather(_comfyui_reachable(comfy), _temporal_reachable(request))
-    body = {
-        "ok": comfy_ok and temporal_ok,
-        "version": GATEWAY_VERSION,
-        "comfyui": {"reachable": comfy_ok, "url": backend.url},
-        "temporal": {"reachable": temporal_ok, "address": settings.temporal_address},
-        "uptime": round(time.monotonic() - request.app.state.started_at, 3),
-    }
-    return JSONResponse(body, status_code=200 if body["ok"] else 503)
+    report = HealthReport(
+        ok=comfy_ok and temporal_ok,
+        version=GATEWAY_VERSION,
+        comfyui=ComfyUIReachability(reachable=comfy_ok, url=backend.url),
+        temporal=TemporalHealth(reachable=temporal_ok, address=settings.temporal_address),
+        uptime=round(time.monotonic() - request.app.state.started_at, 3),
+    )
+    return JSONResponse(report.model_dump(mode="json"), status_code=200 if report.ok else 503)
 
 
-@router.get("/ready")
+@router.get("/ready", response_model=ReadinessReport, responses={
+    503: {"model": ReadinessReport, "description": "no worker polls one of the queues, or Temporal does not answer"}})
 async def ready(request: Request) -> JSONResponse:
     """503 until a worker polls the job queue and each ComfyUI's queue: only then can a job run."""
     polled = await request.app.state.readiness.check(request.app.state.temporal.client)
-    body = {
-        "ready": bool(polled) and all(polled.values()),
-        "temporal": {"reachable": bool(polled)},
-        "workers": {"queues": polled},
-    }
-    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+    report = ReadinessReport(
+        ready=bool(polled) and all(polled.values()),
+        temporal=TemporalReachability(reachable=bool(polled)),
+        workers=Workers(queues=polled),
+    )
+    return JSONResponse(report.model_dump(mode="json"), status_code=200 if report.ready else 503)
 
 
 @router.get("/capabilities", response_model=Capabilities)
@@ -96,6 +132,7 @@ class Models(CamelModel):
 
 
 @router.get("/models", response_model=Models)
+@answers_with(ErrorCode.COMFYUI_UNREACHABLE, ErrorCode.COMFYUI_PROTOCOL_ERROR)
 async def models(request: Request, settings: SettingsDep) -> Models:
     """The models ComfyUI can load, so clients can pick valid values for a template's fields."""
     client = ComfyClient(configured_backends(settings)[0].url, request.app.state.http)

@@ -19,6 +19,7 @@ from temporalio.service import RPCError
 from api.deps import DatabaseDep, JobDep, JobReaderDep, SessionDep, SettingsDep, StorageDep, TemporalDep
 from api.errors import ApiError, invalid_input, validation_error
 from api.job_views import Job, public_job
+from api.openapi import answers_with
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
@@ -124,6 +125,7 @@ def _json_size(value: Any) -> int:
 
 
 @router.post("", status_code=202, response_model=CreateJobResponse)
+@answers_with(ErrorCode.UNSUPPORTED_FIELD, ErrorCode.WORKFLOW_NOT_FOUND)
 async def create_job(
     body: CreateJobRequest,
     request: Request,
@@ -216,6 +218,7 @@ async def get_job(job: JobDep, storage: StorageDep) -> Job:
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
+@answers_with(ErrorCode.JOB_ALREADY_FINISHED)
 async def cancel_job(
     job: JobDep,
     reader: JobReaderDep,

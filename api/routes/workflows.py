@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from api.deps import DatabaseDep, SessionDep, SettingsDep
 from api.errors import ApiError, invalid_input
+from api.openapi import answers_with
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
 from app.db import as_utc
@@ -122,6 +123,7 @@ def list_workflows(session: SessionDep) -> WorkflowList:
 
 
 @router.post("", status_code=201, response_model=WorkflowResponse)
+@answers_with(ErrorCode.WORKFLOW_EXISTS)
 async def register_workflow(
     body: CreateWorkflowRequest, request: Request, db: DatabaseDep, settings: SettingsDep
 ) -> WorkflowResponse:
@@ -141,6 +143,7 @@ async def register_workflow(
 
 
 @router.get("/{template_id}", response_model=WorkflowResponse)
+@answers_with(ErrorCode.WORKFLOW_NOT_FOUND)
 def read_workflow(template_id: str, session: SessionDep) -> WorkflowResponse:
     row = get_template(session, template_id)
     if row is None:
@@ -149,6 +152,7 @@ def read_workflow(template_id: str, session: SessionDep) -> WorkflowResponse:
 
 
 @router.put("/{template_id}", response_model=WorkflowResponse)
+@answers_with(ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.WORKFLOW_CONFLICT)
 async def change_workflow(
     template_id: str, body: UpdateWorkflowRequest, request: Request, db: DatabaseDep, settings: SettingsDep
 ) -> WorkflowResponse:
@@ -174,6 +178,7 @@ async def change_workflow(
 
 
 @router.delete("/{template_id}", status_code=204, response_class=Response)
+@answers_with(ErrorCode.WORKFLOW_NOT_FOUND)
 def remove_workflow(template_id: str, session: SessionDep) -> Response:
     if not delete_template(session, template_id):
         raise _not_found(template_id)
