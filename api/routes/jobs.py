@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
@@ -27,6 +27,7 @@ from app.jobstore import JobFilter, JobSnapshot, estimate_wait_seconds, list_eve
 from app.models import CamelModel, CancelRequest, GenerationInput, JobStatus, RetrySpec
 from app.submission import ImageIntake, prepare_job
 from app.templates.limits import Limits
+from app.templates.rendering import ApiFormatGraph
 from app.templates.store import get_template
 from workflows_temporal.generation import GenerationWorkflow
 
@@ -52,6 +53,9 @@ class RetryRequest(RetrySpec):
 
     model_config = ConfigDict(extra="forbid", validate_by_name=False)  # camelCase only, as documented
 
+    retry_on: list[ErrorCode] = Field(default_factory=list, json_schema_extra={
+        "items": {"type": "string", "enum": [code.value for code in CLIENT_RETRYABLE_CODES]}})
+
     _numbers = field_validator("max_attempts", "backoff_seconds", mode="before")(_json_number)
 
     @field_validator("retry_on")
@@ -64,13 +68,23 @@ class RetryRequest(RetrySpec):
 
 
 class CreateJobRequest(CamelModel):
-    model_config = ConfigDict(extra="forbid", validate_by_name=False)  # camelCase only, as documented
+    model_config = ConfigDict(
+        extra="forbid", validate_by_name=False,  # camelCase only, as documented
+        json_schema_extra={
+            "oneOf": [  # _one_workflow's rule: a template id or a graph, not both (null is as good as absent)
+                {"required": ["workflowId"], "properties": {"workflowId": {"type": "string"}}},
+                {"required": ["workflowJson"], "properties": {"workflowJson": {"type": "object"}}},
+            ],
+            "examples": [{"workflowId": "solid_color", "inputs": {"width": 256, "height": 256, "color": 16711680}}],
+        },
+    )
 
     workflow_id: str | None = Field(None, description="id of a registered workflow template")
-    workflow_json: dict[str, Any] | None = Field(None, description="an inline ComfyUI graph in API format")
+    workflow_json: ApiFormatGraph | None = Field(None, description="an inline ComfyUI graph in API format")
     inputs: dict[str, Any] = Field(default_factory=dict, description="values for the template's {{placeholders}}")
     params: dict[str, Any] = Field(default_factory=dict, description="generation parameters; `inputs` win on a clash")
-    callback_url: str | None = None
+    callback_url: Annotated[str | None, WithJsonSchema({
+        "type": "null", "description": "webhooks are not supported yet: a URL is refused with UNSUPPORTED_FIELD"})] = None
     metadata: dict[str, Any] = Field(default_factory=dict, description="echoed back with the job")
     retry: RetryRequest = Field(default_factory=RetryRequest)
     timeout_seconds: float | None = Field(None, gt=0, le=_MAX_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")

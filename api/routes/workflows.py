@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from api.deps import DatabaseDep, SessionDep, SettingsDep
 from api.errors import ApiError, invalid_input
@@ -20,7 +21,8 @@ from app.db import as_utc
 from app.errors import ErrorCode, InvalidInput
 from app.models import CamelModel
 from app.tables import TemplateRow
-from app.templates.registry import TemplateSpec, check_node_types, check_template
+from app.templates.registry import TEMPLATE_ID, TemplateSpec, check_node_types, check_template
+from app.templates.rendering import ApiFormatGraph
 from app.templates.schema import parse_schema, to_json_schema
 from app.templates.store import TemplateExists, create_template, delete_template, get_template, list_latest_templates
 from app.templates.store import TemplateVersionTaken, update_template, updated_spec
@@ -54,12 +56,22 @@ class WorkflowResponse(CamelModel):
 
 
 class CreateWorkflowRequest(CamelModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "id": "plain_square",
+        "name": "Plain square",
+        "workflowJson": {
+            "1": {"class_type": "EmptyImage",
+                  "inputs": {"width": "{{size}}", "height": "{{size}}", "batch_size": 1, "color": 0}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "square"}},
+        },
+        "inputSchema": {"type": "object", "fields": {"size": {"type": "integer", "min": 8, "max": 1024, "default": 64}}},
+    }]})
 
-    id: str
+    # check_template's rule, documented; checked there, with its own message.
+    id: str = Field(json_schema_extra={"pattern": f"^{TEMPLATE_ID.pattern}$"})
     name: str = Field(min_length=1, max_length=200)
     description: str = Field("", max_length=2000)
-    workflow_json: dict[str, Any]
+    workflow_json: ApiFormatGraph
     input_schema: dict[str, Any] = Field(default_factory=dict)
     default_params: dict[str, Any] = Field(default_factory=dict)
     limits: dict[str, Any] = Field(
@@ -69,12 +81,13 @@ class CreateWorkflowRequest(CamelModel):
 class UpdateWorkflowRequest(CamelModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, min_length=1, max_length=200)
-    description: str | None = Field(None, max_length=2000)
-    workflow_json: dict[str, Any] | None = None
-    input_schema: dict[str, Any] | None = None
-    default_params: dict[str, Any] | None = None
-    limits: dict[str, Any] | None = None
+    # None is "left out" (an explicit null is refused, below), so the document shows no null.
+    name: str | SkipJsonSchema[None] = Field(None, min_length=1, max_length=200)
+    description: str | SkipJsonSchema[None] = Field(None, max_length=2000)
+    workflow_json: ApiFormatGraph | SkipJsonSchema[None] = None
+    input_schema: dict[str, Any] | SkipJsonSchema[None] = None
+    default_params: dict[str, Any] | SkipJsonSchema[None] = None
+    limits: dict[str, Any] | SkipJsonSchema[None] = None
 
     @field_validator("*", mode="before")
     @classmethod
