@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -21,7 +22,7 @@ from temporalio.client import Client
 from api.main import create_app
 from app.errors import ErrorCode, http_status
 from app.settings import Settings
-from tests.harness import free_port, gateway_settings, migrate_database
+from tests.harness import Gateway, free_port, gateway_settings, migrate_database, wait_for_job
 
 
 @pytest.fixture
@@ -138,6 +139,37 @@ async def test_an_answer_of_the_health_routes_is_documented_whatever_its_status(
                 "$ref": f"#/components/schemas/{model}"}, (path, status)
     output = paths["/outputs/{job_id}/{filename}"]["get"]["responses"]["200"]["content"]
     assert output.keys() == {"application/json", "*/*"}  # base64 JSON, or the file with its own type
+
+
+async def test_the_answers_about_real_jobs_are_as_documented(gateway: Gateway) -> None:
+    """What a generated request cannot reach: a job that ran, its outputs and log, and a cancel."""
+    document = (await gateway.api.get("/openapi.json")).json()
+    operations = schemathesis.openapi.from_dict(document)
+
+    async def answer(method: str, route: str, path: str, **request: Any) -> httpx.Response:
+        response = await gateway.api.request(method, path, **request)
+        assert str(response.status_code) in document["paths"][route][method.lower()]["responses"], response.text
+        operations[route][method].validate_response(response)
+        return response
+
+    job = await gateway.run({"workflowId": "solid_color", "inputs": {"width": 8, "height": 8}})
+    assert job["status"] == "succeeded", job
+    job_id, filename = job["jobId"], job["outputs"][0]["filename"]
+    await answer("GET", "/jobs/{job_id}", f"/jobs/{job_id}")
+    await answer("GET", "/jobs", "/jobs", params={"workflowId": "solid_color"})
+    await answer("GET", "/jobs/{job_id}/logs", f"/jobs/{job_id}/logs")
+    await answer("GET", "/outputs/{job_id}", f"/outputs/{job_id}")
+    await answer("GET", "/outputs/{job_id}/{filename}", f"/outputs/{job_id}/{filename}")
+    await answer("GET", "/outputs/{job_id}/{filename}", f"/outputs/{job_id}/{filename}", params={"format": "base64"})
+    finished = await answer("POST", "/jobs/{job_id}/cancel", f"/jobs/{job_id}/cancel")
+    assert finished.status_code == 409
+
+    running = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
+    await wait_for_job(gateway.api, running, until={"running"})
+    await answer("GET", "/jobs/{job_id}", f"/jobs/{running}")
+    cancelled = await answer("POST", "/jobs/{job_id}/cancel", f"/jobs/{running}/cancel", json={"reason": "docs"})
+    assert cancelled.json()["status"] == "cancelled"
+    await answer("GET", "/jobs/{job_id}", f"/jobs/{running}")
 
 
 # --- the document against the running API ---------------------------------------------------------------
