@@ -6,10 +6,10 @@ Every caller may manage templates until API keys and roles arrive; then these be
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from api.deps import DatabaseDep, SessionDep, SettingsDep
@@ -21,6 +21,7 @@ from app.db import as_utc
 from app.errors import ErrorCode, InvalidInput
 from app.models import CamelModel
 from app.tables import TemplateRow
+from app.templates.limits import TemplateLimits
 from app.templates.registry import TEMPLATE_ID, TemplateSpec, check_node_types, check_template
 from app.templates.rendering import ApiFormatGraph
 from app.templates.schema import parse_schema, to_json_schema
@@ -28,6 +29,9 @@ from app.templates.store import TemplateExists, create_template, delete_template
 from app.templates.store import TemplateVersionTaken, update_template, updated_spec
 
 router = APIRouter(prefix="/workflows", tags=["workflows"])
+
+# A template's `limits`, documented as check_template reads them; the body keeps the raw object, which is stored.
+LimitsJson = Annotated[dict[str, Any], WithJsonSchema(TemplateLimits.model_json_schema(by_alias=True))]
 
 
 class WorkflowSummary(CamelModel):
@@ -74,7 +78,7 @@ class CreateWorkflowRequest(CamelModel):
     workflow_json: ApiFormatGraph
     input_schema: dict[str, Any] = Field(default_factory=dict)
     default_params: dict[str, Any] = Field(default_factory=dict)
-    limits: dict[str, Any] = Field(
+    limits: LimitsJson = Field(
         default_factory=dict, description='{"maxImageSize": N, "maxBatchSize": M}: in place of the operator\'s limits')
 
 
@@ -87,7 +91,7 @@ class UpdateWorkflowRequest(CamelModel):
     workflow_json: ApiFormatGraph | SkipJsonSchema[None] = None
     input_schema: dict[str, Any] | SkipJsonSchema[None] = None
     default_params: dict[str, Any] | SkipJsonSchema[None] = None
-    limits: dict[str, Any] | SkipJsonSchema[None] = None
+    limits: LimitsJson | SkipJsonSchema[None] = None
 
     @field_validator("*", mode="before")
     @classmethod
