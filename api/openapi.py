@@ -26,7 +26,7 @@ _CODES_ATTRIBUTE = "__answers_with__"
 _FIELD_CODES = {ErrorCode.VALIDATION_ERROR, ErrorCode.UNSUPPORTED_FIELD, ErrorCode.REQUEST_TOO_LARGE}
 _SCHEMAS = "#/components/schemas/"
 
-ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
+_ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
     "FieldError": {
         "title": "FieldError",
         "type": "object",
@@ -64,7 +64,7 @@ def answers_with(*codes: ErrorCode) -> Callable[[F], F]:
     return mark
 
 
-def route_error_codes(route: APIRoute) -> set[ErrorCode]:
+def _route_error_codes(route: APIRoute) -> set[ErrorCode]:
     codes = {ErrorCode.INTERNAL_ERROR}
     pending: list[Dependant] = [route.dependant]
     while pending:
@@ -78,8 +78,7 @@ def route_error_codes(route: APIRoute) -> set[ErrorCode]:
     return codes
 
 
-def error_body_schema(codes: Iterable[ErrorCode]) -> dict[str, Any]:
-    codes = sorted(codes, key=list(ErrorCode).index)
+def _error_body_schema(codes: list[ErrorCode]) -> dict[str, Any]:
     details = "FieldErrorDetails" if set(codes) <= _FIELD_CODES else "ErrorDetails"
     return {
         "type": "object",
@@ -101,7 +100,7 @@ def error_body_schema(codes: Iterable[ErrorCode]) -> dict[str, Any]:
 def _error_response(codes: list[ErrorCode]) -> dict[str, Any]:
     return {
         "description": "\n".join(f"- `{code.value}`: {ERROR_CLASSES[code].meaning}" for code in codes),
-        "content": {"application/json": {"schema": error_body_schema(codes)}},
+        "content": {"application/json": {"schema": _error_body_schema(codes)}},
     }
 
 
@@ -116,7 +115,7 @@ def describe_errors(document: dict[str, Any], routes: Iterable[APIRoute]) -> Non
     """Rewrites a FastAPI document in place: each operation's real error answers instead of the 422."""
     for route in routes:
         by_status: dict[int, list[ErrorCode]] = {}
-        for code in sorted(route_error_codes(route), key=list(ErrorCode).index):
+        for code in sorted(_route_error_codes(route), key=list(ErrorCode).index):
             by_status.setdefault(http_status(code), []).append(code)
         for method in route.methods:
             operation = document["paths"][route.path_format][method.lower()]
@@ -130,7 +129,7 @@ def describe_errors(document: dict[str, Any], routes: Iterable[APIRoute]) -> Non
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
-    schemas.update(ERROR_SCHEMAS)
+    schemas.update(_ERROR_SCHEMAS)
     document["info"]["description"] += (
         "\n\n## Errors\n\nEvery error is `{\"error\": {\"code\", \"message\", \"details\"}}` with a stable `code`; "
         "validation errors list every offending field in `details.fields: [{field, message}]`. Each operation "
