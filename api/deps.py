@@ -12,7 +12,9 @@ from sqlmodel import Session
 
 from api.database import Database
 from api.job_reader import JobReader
+from api.openapi import answers_with
 from api.temporal_connection import TemporalConnection
+from app.errors import ErrorCode
 from app.jobstore import JobSnapshot
 from app.settings import Settings
 from app.storage import OutputStorage
@@ -36,6 +38,7 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+@answers_with(ErrorCode.TEMPORAL_UNAVAILABLE)  # what a route that needs Temporal answers while it is down
 async def get_temporal(request: Request) -> TemporalConnection:
     return request.app.state.temporal
 
@@ -58,6 +61,7 @@ async def get_job_reader(request: Request, db: DatabaseDep, temporal: TemporalDe
 JobReaderDep = Annotated[JobReader, Depends(get_job_reader)]
 
 
+@answers_with(ErrorCode.JOB_NOT_FOUND, ErrorCode.TEMPORAL_UNAVAILABLE)
 async def load_job(job_id: str, reader: JobReaderDep) -> JobSnapshot:
     return await reader.read(job_id)
 

@@ -1,4 +1,4 @@
-"""The FastAPI application: routes per resource, dependencies, JSON errors, OpenAPI at /docs."""
+"""The FastAPI application: routes per resource, dependencies, JSON errors, OpenAPI docs at /docs and /redoc."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from contextlib import asynccontextmanager, suppress
 import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.client import Client
 
 from api.errors import install_error_handlers
 from api.job_reader import live_views
+from api.openapi import install_openapi
 from api.plain_json import BodySizeLimit
 from api.probes import Probes
 from api.shared_answers import SharedAnswers
@@ -83,7 +85,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
                         await task
                 app.state.engine.dispose()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from the assets the package bundles, not a CDN: the docs work offline.
+    app = FastAPIOffline(
         title="ComfyUI Gateway",
         description="A durable REST gateway for ComfyUI: every job is a Temporal workflow.",
         version=health.GATEWAY_VERSION,
@@ -96,8 +99,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         )
     app.add_middleware(BodySizeLimit)
     install_error_handlers(app)
-    app.include_router(jobs.router)
-    app.include_router(outputs.router)
-    app.include_router(workflows.router)
-    app.include_router(health.router)
+    routers = [jobs.router, outputs.router, workflows.router, health.router]
+    for router in routers:
+        app.include_router(router)
+    install_openapi(app, routers)
     return app

@@ -3,23 +3,60 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from importlib.metadata import version
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import Field
 
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
+from api.openapi import answers_with
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
 from app.comfy.models import installed_models
+from app.errors import ErrorCode
 from app.models import CamelModel
 from app.templates.store import list_latest_templates
 
 router = APIRouter(tags=["health"])
 
 GATEWAY_VERSION = version("comfyui-gateway")
+
+
+class ComfyUIReachability(CamelModel):
+    reachable: bool
+    url: str
+
+
+class TemporalReachability(CamelModel):
+    reachable: bool
+
+
+class TemporalHealth(TemporalReachability):
+    address: str
+
+
+class HealthReport(CamelModel):
+    ok: bool = Field(description="ComfyUI and Temporal both answer")
+    version: str
+    comfyui: ComfyUIReachability
+    temporal: TemporalHealth
+    uptime: float = Field(description="seconds since the API started")
+    checked_at: datetime = Field(description="when the background probe last looked (about once a second)")
+
+
+class Workers(CamelModel):
+    queues: dict[str, bool] = Field(description="task queue → whether a worker polls it")
+
+
+class ReadinessReport(CamelModel):
+    ready: bool = Field(description="a worker polls the job queue and each ComfyUI's queue")
+    temporal: TemporalReachability
+    workers: Workers
+    checked_at: datetime = Field(description="when the background probe last looked (about once a second)")
 
 
 class Capabilities(CamelModel):
@@ -30,33 +67,34 @@ class Capabilities(CamelModel):
     storage_provider: str
 
 
-@router.get("/health")
+@router.get("/health", response_model=HealthReport, responses={
+    503: {"model": HealthReport, "description": "ComfyUI or Temporal does not answer"}})
 async def health(request: Request, settings: SettingsDep) -> JSONResponse:
-    """From the probe refreshed in the background about once a second (api/probes.py)."""
-    probe = request.app.state.probes.latest
     backend = configured_backends(settings)[0]
-    body = {
-        "ok": probe.healthy,
-        "version": GATEWAY_VERSION,
-        "comfyui": {"reachable": probe.comfyui[backend.id], "url": backend.url},
-        "temporal": {"reachable": probe.temporal, "address": settings.temporal_address},
-        "uptime": round(time.monotonic() - request.app.state.started_at, 3),
-        "checkedAt": probe.checked_at.isoformat(),
-    }
-    return JSONResponse(body, status_code=200 if probe.healthy else 503)
+    probe = request.app.state.probes.latest
+    report = HealthReport(
+        ok=probe.healthy,
+        version=GATEWAY_VERSION,
+        comfyui=ComfyUIReachability(reachable=probe.comfyui[backend.id], url=backend.url),
+        temporal=TemporalHealth(reachable=probe.temporal, address=settings.temporal_address),
+        uptime=round(time.monotonic() - request.app.state.started_at, 3),
+        checked_at=probe.checked_at,
+    )
+    return JSONResponse(report.model_dump(mode="json"), status_code=200 if report.ok else 503)
 
 
-@router.get("/ready")
+@router.get("/ready", response_model=ReadinessReport, responses={
+    503: {"model": ReadinessReport, "description": "no worker polls one of the queues, or Temporal does not answer"}})
 async def ready(request: Request) -> JSONResponse:
     """503 until a worker polls the job queue and each ComfyUI's queue: only then can a job run."""
     probe = request.app.state.probes.latest
-    body = {
-        "ready": probe.ready,
-        "temporal": {"reachable": probe.temporal},
-        "workers": {"queues": probe.workers},
-        "checkedAt": probe.checked_at.isoformat(),
-    }
-    return JSONResponse(body, status_code=200 if probe.ready else 503)
+    report = ReadinessReport(
+        ready=probe.ready,
+        temporal=TemporalReachability(reachable=probe.temporal),
+        workers=Workers(queues=probe.workers),
+        checked_at=probe.checked_at,
+    )
+    return JSONResponse(report.model_dump(mode="json"), status_code=200 if report.ready else 503)
 
 
 @router.get("/capabilities", response_model=Capabilities)
@@ -79,6 +117,7 @@ class Models(CamelModel):
 
 
 @router.get("/models", response_model=Models)
+@answers_with(ErrorCode.COMFYUI_UNREACHABLE, ErrorCode.COMFYUI_PROTOCOL_ERROR)
 async def models(request: Request, settings: SettingsDep) -> Models:
     """The models ComfyUI can load, so clients can pick valid values for a template's fields."""
     client = ComfyClient(configured_backends(settings)[0].url, request.app.state.http)

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
-from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
@@ -20,6 +20,7 @@ from api.deps import DatabaseDep, JobDep, JobReaderDep, SessionDep, SettingsDep,
 from api.errors import ApiError, invalid_input, validation_error
 from api.job_views import Job, public_job
 from api.json_body import JsonBodyRoute
+from api.openapi import answers_with
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
@@ -28,6 +29,7 @@ from app.models import CamelModel, CancelRequest, GenerationInput, JobStatus, Re
 from app.submission import ImageIntake, prepare_job
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
+from app.templates.rendering import ApiFormatGraph
 from app.templates.store import get_template
 from workflows_temporal.generation import GenerationWorkflow
 
@@ -65,6 +67,9 @@ class RetryRequest(RetrySpec):
 
     model_config = ConfigDict(extra="forbid", validate_by_name=False)  # camelCase only, as documented
 
+    retry_on: list[ErrorCode] = Field(default_factory=list, json_schema_extra={
+        "items": {"type": "string", "enum": [code.value for code in CLIENT_RETRYABLE_CODES]}})
+
     _numbers = field_validator("max_attempts", "backoff_seconds", mode="before")(_json_number)
 
     @field_validator("retry_on")
@@ -77,15 +82,25 @@ class RetryRequest(RetrySpec):
 
 
 class CreateJobRequest(CamelModel):
-    model_config = ConfigDict(extra="forbid", validate_by_name=False)  # camelCase only, as documented
+    model_config = ConfigDict(
+        extra="forbid", validate_by_name=False,  # camelCase only, as documented
+        json_schema_extra={
+            "oneOf": [  # _one_workflow's rule: a template id or a graph, not both (null is as good as absent)
+                {"required": ["workflowId"], "properties": {"workflowId": {"type": "string"}}},
+                {"required": ["workflowJson"], "properties": {"workflowJson": {"type": "object"}}},
+            ],
+            "examples": [{"workflowId": "solid_color", "inputs": {"width": 256, "height": 256, "color": 16711680}}],
+        },
+    )
 
     # No longer than a template id can be: a 404 names the id it did not find.
     workflow_id: str | None = Field(
         None, max_length=TEMPLATE_ID_MAX_LENGTH, description="id of a registered workflow template")
-    workflow_json: dict[str, Any] | None = Field(None, description="an inline ComfyUI graph in API format")
+    workflow_json: ApiFormatGraph | None = Field(None, description="an inline ComfyUI graph in API format")
     inputs: dict[str, Any] = Field(default_factory=dict, description="values for the template's {{placeholders}}")
     params: dict[str, Any] = Field(default_factory=dict, description="generation parameters; `inputs` win on a clash")
-    callback_url: str | None = None
+    callback_url: Annotated[str | None, WithJsonSchema({
+        "type": "null", "description": "webhooks are not supported yet: a URL is refused with UNSUPPORTED_FIELD"})] = None
     metadata: dict[str, Any] = Field(default_factory=dict, description="echoed back with the job")
     retry: RetryRequest = Field(default_factory=RetryRequest)
     timeout_seconds: float | None = Field(None, gt=0, le=_MAX_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")
@@ -140,6 +155,7 @@ def _json_size(value: Any) -> int:
 
 
 @router.post("", status_code=202, response_model=CreateJobResponse)
+@answers_with(ErrorCode.UNSUPPORTED_FIELD, ErrorCode.WORKFLOW_NOT_FOUND)
 async def create_job(
     body: CreateJobRequest,
     request: Request,
@@ -232,6 +248,7 @@ async def get_job(job: JobDep, storage: StorageDep) -> Job:
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
+@answers_with(ErrorCode.JOB_ALREADY_FINISHED)
 async def cancel_job(
     job: JobDep,
     reader: JobReaderDep,

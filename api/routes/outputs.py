@@ -9,10 +9,12 @@ from typing import BinaryIO, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import Field
 
 from api.deps import JobDep, StorageDep
 from api.errors import ApiError
 from api.job_views import OutputFile, output_file
+from api.openapi import answers_with
 from app.errors import ErrorCode
 from app.models import CamelModel, OutputRef
 from app.storage import OutputStorage
@@ -26,6 +28,15 @@ _BASE64_CHUNK = 3 * 64 * 1024
 class OutputList(CamelModel):
     job_id: str
     files: list[OutputFile]
+
+
+class Base64Output(CamelModel):
+    """`?format=base64`: the file inline. Its fields are written by `_base64_json`, which streams them."""
+
+    filename: str
+    content_type: str
+    size: int
+    data: str = Field(description="the file's bytes, base64")
 
 
 @router.get("/{job_id}", response_model=OutputList)
@@ -59,7 +70,12 @@ def _open(job_id: str, output: OutputRef, storage: OutputStorage) -> BinaryIO:
         raise _file_missing(job_id, output, storage) from None
 
 
-@router.get("/{job_id}/{filename}", response_model=None)
+@router.get("/{job_id}/{filename}", response_model=None, responses={200: {
+    "description": "the file with its own content type (the output's `contentType`); with `?format=base64`, JSON",
+    "model": Base64Output,
+    "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+}})
+@answers_with(ErrorCode.OUTPUT_NOT_FOUND, ErrorCode.OUTPUT_FILE_MISSING)
 async def get_output(
     job: JobDep,
     filename: str,

@@ -6,26 +6,33 @@ Every caller may manage templates until API keys and roles arrive; then these be
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from api.deps import DatabaseDep, SessionDep, SettingsDep
 from api.errors import ApiError, invalid_input
 from api.json_body import JsonBodyRoute
+from api.openapi import answers_with
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
 from app.db import as_utc
 from app.errors import ErrorCode, InvalidInput
 from app.models import CamelModel
 from app.tables import TemplateRow
-from app.templates.registry import TemplateSpec, check_node_types, check_template
+from app.templates.limits import TemplateLimits
+from app.templates.registry import TEMPLATE_ID, TemplateSpec, check_node_types, check_template
+from app.templates.rendering import ApiFormatGraph
 from app.templates.schema import parse_schema, to_json_schema
 from app.templates.store import TemplateExists, create_template, delete_template, get_template, list_latest_templates
 from app.templates.store import TemplateVersionTaken, update_template, updated_spec
 
 router = APIRouter(prefix="/workflows", tags=["workflows"], route_class=JsonBodyRoute)
+
+# A template's `limits`, documented as check_template reads them; the body keeps the raw object, which is stored.
+LimitsJson = Annotated[dict[str, Any], WithJsonSchema(TemplateLimits.model_json_schema(by_alias=True))]
 
 
 class WorkflowSummary(CamelModel):
@@ -54,27 +61,38 @@ class WorkflowResponse(CamelModel):
 
 
 class CreateWorkflowRequest(CamelModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "id": "plain_square",
+        "name": "Plain square",
+        "workflowJson": {
+            "1": {"class_type": "EmptyImage",
+                  "inputs": {"width": "{{size}}", "height": "{{size}}", "batch_size": 1, "color": 0}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "square"}},
+        },
+        "inputSchema": {"type": "object", "fields": {"size": {"type": "integer", "min": 8, "max": 1024, "default": 64}}},
+    }]})
 
-    id: str
+    # check_template's rule, documented; checked there, with its own message.
+    id: str = Field(json_schema_extra={"pattern": f"^{TEMPLATE_ID.pattern}$"})
     name: str = Field(min_length=1, max_length=200)
     description: str = Field("", max_length=2000)
-    workflow_json: dict[str, Any]
+    workflow_json: ApiFormatGraph
     input_schema: dict[str, Any] = Field(default_factory=dict)
     default_params: dict[str, Any] = Field(default_factory=dict)
-    limits: dict[str, Any] = Field(
+    limits: LimitsJson = Field(
         default_factory=dict, description='{"maxImageSize": N, "maxBatchSize": M}: in place of the operator\'s limits')
 
 
 class UpdateWorkflowRequest(CamelModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, min_length=1, max_length=200)
-    description: str | None = Field(None, max_length=2000)
-    workflow_json: dict[str, Any] | None = None
-    input_schema: dict[str, Any] | None = None
-    default_params: dict[str, Any] | None = None
-    limits: dict[str, Any] | None = None
+    # None is "left out" (an explicit null is refused, below), so the document shows no null.
+    name: str | SkipJsonSchema[None] = Field(None, min_length=1, max_length=200)
+    description: str | SkipJsonSchema[None] = Field(None, max_length=2000)
+    workflow_json: ApiFormatGraph | SkipJsonSchema[None] = None
+    input_schema: dict[str, Any] | SkipJsonSchema[None] = None
+    default_params: dict[str, Any] | SkipJsonSchema[None] = None
+    limits: LimitsJson | SkipJsonSchema[None] = None
 
     @field_validator("*", mode="before")
     @classmethod
@@ -125,6 +143,7 @@ def list_workflows(session: SessionDep) -> WorkflowList:
 
 
 @router.post("", status_code=201, response_model=WorkflowResponse)
+@answers_with(ErrorCode.WORKFLOW_EXISTS)
 async def register_workflow(
     body: CreateWorkflowRequest, request: Request, db: DatabaseDep, settings: SettingsDep
 ) -> WorkflowResponse:
@@ -144,6 +163,7 @@ async def register_workflow(
 
 
 @router.get("/{template_id}", response_model=WorkflowResponse)
+@answers_with(ErrorCode.WORKFLOW_NOT_FOUND)
 def read_workflow(template_id: str, session: SessionDep) -> WorkflowResponse:
     row = get_template(session, template_id)
     if row is None:
@@ -152,6 +172,7 @@ def read_workflow(template_id: str, session: SessionDep) -> WorkflowResponse:
 
 
 @router.put("/{template_id}", response_model=WorkflowResponse)
+@answers_with(ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.WORKFLOW_CONFLICT)
 async def change_workflow(
     template_id: str, body: UpdateWorkflowRequest, request: Request, db: DatabaseDep, settings: SettingsDep
 ) -> WorkflowResponse:
@@ -177,6 +198,7 @@ async def change_workflow(
 
 
 @router.delete("/{template_id}", status_code=204, response_class=Response)
+@answers_with(ErrorCode.WORKFLOW_NOT_FOUND)
 def remove_workflow(template_id: str, session: SessionDep) -> Response:
     if not delete_template(session, template_id):
         raise _not_found(template_id)

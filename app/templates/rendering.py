@@ -9,7 +9,9 @@ input cannot inject nodes.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import WithJsonSchema
 
 from app.errors import FieldIssue, InvalidInput
 
@@ -30,6 +32,24 @@ def _walk_strings(value: Any, visit) -> Any:  # type: ignore[no-untyped-def]
     if isinstance(value, dict):
         return {key: _walk_strings(item, visit) for key, item in value.items()}
     return value
+
+
+# What check_graph_shape accepts, as JSON Schema: the API's document describes a graph as it is checked.
+GRAPH_SHAPE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": 'a ComfyUI graph in API format (ComfyUI\'s "Export (API)"): node id → {"class_type", "inputs"}',
+    "minProperties": 1,
+    "additionalProperties": {
+        "type": "object",
+        "required": ["class_type", "inputs"],
+        "properties": {
+            "class_type": {"type": "string", "pattern": r"\S", "not": {"pattern": _PLACEHOLDER.pattern}},
+            "inputs": {"type": "object"},
+        },
+    },
+}
+
+ApiFormatGraph = Annotated[dict[str, Any], WithJsonSchema(GRAPH_SHAPE_SCHEMA)]
 
 
 def check_graph_shape(graph: Any) -> None:
