@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         30.0, gt=0, description="how long a request's body may stop arriving before the request is refused with 408")
     api_max_concurrent_requests: int = Field(
         2048, ge=1, description="requests the API handles at once; more are refused with 503 SERVER_BUSY")
+    api_concurrent_reads: int = Field(
+        2, ge=1, description="GET requests the API works on at once; more wait their turn, so that clients "
+                             "polling hard cannot crowd out submissions")
 
     # ComfyUI
     comfyui_url: str = Field("http://127.0.0.1:8188", description="the ComfyUI server")

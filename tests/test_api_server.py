@@ -14,6 +14,7 @@ import httpx
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from api.http_server import ReadsInTurn
 from api.plain_json import MAX_VALUES
 from tests.harness import ApiProcess, assert_eventually, error_of, free_port, gateway_settings, migrate_database
 
@@ -183,3 +184,26 @@ async def test_requests_beyond_the_concurrency_limit_get_503_until_others_end(ap
         served = await client.get("/workflows")
     assert busy.status_code == 503 and error_of(busy)["code"] == "SERVER_BUSY" and busy.headers["retry-after"] == "1"
     assert served.status_code == 200
+
+
+async def test_reads_take_turns_while_other_requests_go_straight_in() -> None:
+    inside: list[str] = []
+    leave = asyncio.Event()
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        inside.append(f"{scope['method']} {scope['path']}")
+        if scope["method"] == "GET":
+            await leave.wait()
+
+    in_turn = ReadsInTurn(app, slots=1)
+
+    def request(method: str, path: str) -> asyncio.Task[None]:
+        return asyncio.create_task(in_turn({"type": "http", "method": method, "path": path}, None, None))
+
+    first, second = request("GET", "/jobs/1"), request("GET", "/jobs/2")
+    submission = request("POST", "/jobs")
+    await assert_eventually(lambda: "POST /jobs" in inside, timeout=5)
+    assert inside == ["GET /jobs/1", "POST /jobs"]  # the second read waits for the first; the post does not
+    leave.set()
+    await asyncio.gather(first, second, submission)
+    assert inside == ["GET /jobs/1", "POST /jobs", "GET /jobs/2"]
