@@ -94,7 +94,9 @@ def test_a_templates_own_limits_replace_the_operators() -> None:
     ]
 
 
-@pytest.mark.parametrize("limits", [{"maxBatchSize": 0}, {"maxImageSize": "64"}, {"maxFrames": 3}, {"maxBatchSize": 1.5}])
+@pytest.mark.parametrize(
+    "limits", [{"maxBatchSize": 0}, {"maxImageSize": "64"}, {"maxFrames": 3}, {"maxBatchSize": 1.5}, {"max_batch_size": 8}]
+)
 def test_template_limits_must_be_positive_whole_numbers(limits: dict) -> None:
     with pytest.raises(InvalidInput) as raised:
         Limits.of_settings(2048, 4).for_template(limits)

@@ -30,7 +30,7 @@ _MAX_PRIMITIVE_HOPS = 8
 class TemplateLimits(BaseModel):
     """A template's `limits`, as registered: {"maxImageSize": N, "maxBatchSize": M}, each optional."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")  # camelCase only, as every request field
 
     max_image_size: StrictInt | None = Field(None, alias="maxImageSize", ge=1, le=65536)
     max_batch_size: StrictInt | None = Field(None, alias="maxBatchSize", ge=1, le=100_000)
