@@ -28,6 +28,9 @@ class OutputStorage(Protocol):
     def download_url(self, key: str, api_route: str) -> str:
         """Where a client downloads the object: `api_route` (the gateway serves it) or a URL of the store's."""
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object whose key starts with prefix; return how many. None left is not an error."""
+
 
 def validate_key(key: str) -> str:
     parts = key.split("/")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -46,3 +48,23 @@ class LocalStorage:
 
     def download_url(self, key: str, api_route: str) -> str:
         return api_route  # the API streams local files itself
+
+    def delete_prefix(self, prefix: str) -> int:
+        # Keys are paths, so what starts with `prefix` is in the folder before its last "/": the entries there
+        # whose names start with the rest (a whole folder of them when the prefix ends with "/").
+        head, _, name = prefix.rpartition("/")
+        if not prefix or (head and validate_key(head) != head):
+            raise ValueError(f"invalid storage prefix {prefix!r}")
+        folder = self.root / head
+        deleted = 0
+        for entry in folder.glob(glob.escape(name) + "*") if folder.is_dir() else []:
+            if entry.is_dir():
+                deleted += sum(1 for path in entry.rglob("*") if path.is_file())
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+                deleted += 1
+        if head and not name:
+            with contextlib.suppress(OSError):  # gone already, or something was written to it meanwhile
+                folder.rmdir()
+        return deleted
