@@ -273,3 +273,47 @@ def accepted_state(job: GenerationInput) -> JobState:
 def prompt_id_for(job_id: str, attempt: int) -> str:
     """The ComfyUI prompt id of a job's n-th run: deterministic, so a retried submit finds its own prompt."""
     return str(uuid.uuid5(uuid.UUID(job_id), f"attempt-{attempt}"))
+
+
+# --- retention -------------------------------------------------------------------------------------
+
+
+class RetentionInput(BaseModel):
+    """What the retention schedule starts RetentionWorkflow with."""
+
+    retention_days: int = Field(ge=1)
+    batch_size: int = Field(500, ge=1, le=5000)
+
+
+class FindExpiredJobsInput(BaseModel):
+    cutoff: datetime
+    # Job ids are walked in order: the next batch starts after the last one looked at, so jobs that are
+    # passed over (their workflow is still open) are not looked at again in the same run.
+    after: str = ""
+    limit: int
+
+
+class FindExpiredJobsResult(BaseModel):
+    job_ids: list[str]
+    # Jobs of this batch whose workflow is still open in Temporal: left alone.
+    in_flight: int = 0
+    # Where the next batch starts; None when this batch was the last.
+    next_after: str | None = None
+
+
+class DeleteJobsInput(BaseModel):
+    job_ids: list[str]
+
+
+class DeleteJobsResult(BaseModel):
+    jobs: int = 0
+    output_files: int = 0
+    input_files: int = 0
+
+
+class RetentionResult(BaseModel):
+    cutoff: datetime
+    jobs: int = 0
+    output_files: int = 0
+    input_files: int = 0
+    in_flight: int = 0

@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     s3_access_key: str | None = Field(None, description="S3 access key (soon)")
     s3_secret_key: str | None = Field(None, description="S3 secret key (soon)")
     s3_region: str | None = Field(None, description="S3 region (soon)")
+    retention_days: int | None = Field(
+        None, ge=1, le=36_500,
+        description="delete jobs (rows, log, outputs, staged inputs) that finished longer ago than this; "
+                    "off when unset. The worker runs it hourly as a Temporal Schedule")
 
     # Temporal
     temporal_address: str = Field("127.0.0.1:7233", description="the Temporal frontend")

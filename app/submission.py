@@ -9,19 +9,22 @@ smuggle in what the graph itself may not hold.
 
 Inline images (data URIs, base64) are checked and put in storage, named by content, and the job carries a
 reference instead of the bytes: bytes never travel through Temporal, whose payloads are limited to 2 MB.
+Jobs that send the same image share its stored object; each one's use of it is noted (`ImageIntake.note_use`)
+before it is stored, so that retention deletes it only when no job uses it any more.
 URLs are checked as far as can be told without fetching them; the job itself fetches them.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from app.errors import FieldIssue, InvalidInput
-from app.images.decoding import ImageInputError
+from app.images.decoding import ImageInputError, LoadedImage
 from app.images.fetching import check_image_url
 from app.images.load_image import find_load_image_sources, load_image_key, node_of, replace_load_image_sources
 from app.images.loading import load_image_source
@@ -40,6 +43,8 @@ class ImageIntake:
     """Where inline images go, and the limits they are checked against."""
 
     storage: OutputStorage
+    # Called with the storage keys of the job's inline images before they are stored (app.retention).
+    note_use: Callable[[list[str]], Awaitable[None]]
     http: httpx.AsyncClient
     max_bytes: int
     allow_private_urls: bool
@@ -110,8 +115,8 @@ async def prepare_job(
 
 async def _store_inline_images(sources: dict[_Place, str], intake: ImageIntake) -> dict[_Place, str]:
     """place → stored reference, for each source that is an inline image (URLs are left to the job). Every
-    bad source is reported at once."""
-    references: dict[_Place, str] = {}
+    bad source is reported at once, and then nothing is stored."""
+    images: dict[_Place, LoadedImage] = {}
     issues: list[FieldIssue] = []
     for place, source in sources.items():
         kind = classify_image_source(source)
@@ -122,14 +127,15 @@ async def _store_inline_images(sources: dict[_Place, str], intake: ImageIntake) 
             if kind not in ("data_uri", "base64"):  # stored references are the gateway's own, never a client's
                 issues.append(FieldIssue(place.field, _NOT_AN_IMAGE))
                 continue
-            image = await load_image_source(
+            images[place] = await load_image_source(
                 source, http=intake.http, max_bytes=intake.max_bytes, allow_private_urls=False, field=place.field
             )
         except ImageInputError as error:
             issues.append(FieldIssue(error.field, error.message))
-            continue
-        await asyncio.to_thread(intake.storage.put_bytes, image.storage_key, image.data, image.content_type)
-        references[place] = stored_reference(image.storage_key)
     if issues:
         raise InvalidInput(issues)
-    return references
+    if images:
+        await intake.note_use([image.storage_key for image in images.values()])
+    for image in images.values():
+        await asyncio.to_thread(intake.storage.put_bytes, image.storage_key, image.data, image.content_type)
+    return {place: stored_reference(image.storage_key) for place, image in images.items()}

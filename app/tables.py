@@ -74,3 +74,15 @@ class TemplateRow(SQLModel, table=True):
     created_at: datetime = _utc_column(nullable=False)
     # Deleting a template hides it; the rows stay so that jobs submitted before still render their version.
     deleted_at: datetime | None = _utc_column()
+
+
+class JobInputRow(SQLModel, table=True):
+    """A staged input image a job uses. Inline images are stored by content (`inputs/<sha256>.<ext>`), so jobs
+    that sent the same image share one object: retention deletes it only when no job left refers to it.
+    Written by the API before it stores the image, so no stored input is ever without a row naming it."""
+
+    __tablename__ = "job_inputs"
+
+    job_id: str = Field(primary_key=True, max_length=64)
+    storage_key: str = Field(primary_key=True, index=True, max_length=255)
+    created_at: datetime = _utc_column(nullable=False)

@@ -1,5 +1,6 @@
-"""The Temporal worker: GenerationWorkflow and its activities, with one slot-limited queue per ComfyUI, and
-the reconciler that closes the rows of jobs Temporal itself ended.
+"""The Temporal worker: GenerationWorkflow and its activities, with one slot-limited queue per ComfyUI, the
+reconciler that closes the rows of jobs Temporal itself ended, and RetentionWorkflow with the schedule that
+starts it (RETENTION_DAYS).
 
 The main task queue runs workflows and the short activities (render, record, collect, cancel). Each
 ComfyUI backend has its own queue for `run_prompt`, limited to MAX_CONCURRENCY at a time, so jobs beyond
@@ -24,6 +25,7 @@ from activities.comfy import ComfyActivities
 from activities.inputs import InputActivities
 from activities.records import RecordActivities
 from activities.render import RenderActivities
+from activities.retention import RetentionActivities
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.comfy.client import ComfyClient
 from app.comfy.health import BackendHealth
@@ -33,7 +35,9 @@ from app.storage import build_storage
 from app.templates.store import prepare_database
 from app.temporal_client import register_search_attributes
 from worker.reconciler import JobReconciler
+from worker.retention_schedule import ensure_retention_schedule
 from workflows_temporal.generation import GenerationWorkflow
+from workflows_temporal.retention import RetentionWorkflow
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +60,14 @@ def build_workers(
     )
     render = RenderActivities(engine)
     records = RecordActivities(engine)
+    retention = RetentionActivities(engine, storage, client)
     main = Worker(
         client,
         task_queue=settings.temporal_task_queue,
-        workflows=[GenerationWorkflow],
+        workflows=[GenerationWorkflow, RetentionWorkflow],
         activities=[
             render.render_prompt, records.record_job, comfy.collect_outputs, comfy.cancel_prompt, inputs.stage_images,
+            retention.find_expired_jobs, retention.delete_jobs,
         ],
         activity_executor=ThreadPoolExecutor(max_workers=16, thread_name_prefix="activity"),
         graceful_shutdown_timeout=_GRACEFUL_SHUTDOWN,
@@ -88,6 +94,7 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
     engine = engine or make_engine(settings.resolved_database_url)
     prepare_database(engine)
     await register_search_attributes(client)
+    await ensure_retention_schedule(client, settings)
     # Image inputs are fetched from the internet with a client of their own: no cookies shared with the
     # ComfyUI client, and no proxy from the environment, which would defeat the address pinning.
     async with (

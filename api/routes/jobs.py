@@ -26,6 +26,7 @@ from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
 from app.jobstore import JobFilter, JobSnapshot, estimate_wait_seconds, list_events, list_jobs
 from app.models import CamelModel, CancelRequest, GenerationInput, JobStatus, RetrySpec
+from app.retention import link_job_inputs
 from app.submission import ImageIntake, prepare_job
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
@@ -178,8 +179,10 @@ async def create_job(
         if template is None:
             raise ApiError(ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {body.workflow_id}",
                            {"workflowId": body.workflow_id})
+    job_id = str(uuid.uuid4())
     images = ImageIntake(
-        storage=storage, http=request.app.state.http, max_bytes=settings.input_image_max_bytes,
+        storage=storage, note_use=lambda keys: db.run(link_job_inputs, job_id, keys, datetime.now(timezone.utc)),
+        http=request.app.state.http, max_bytes=settings.input_image_max_bytes,
         allow_private_urls=settings.input_image_allow_private_urls,
     )
     try:
@@ -191,7 +194,6 @@ async def create_job(
         raise invalid_input(error) from error
 
     backend = configured_backends(settings)[0]
-    job_id = str(uuid.uuid4())
     job = GenerationInput(
         job_id=job_id,
         template_id=body.workflow_id,
