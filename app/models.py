@@ -293,8 +293,14 @@ class FindExpiredJobsInput(BaseModel):
     limit: int
 
 
+class ExpiredJob(BaseModel):
+    job_id: str
+    # Its workflow's run, closed; None when Temporal no longer has it (its own retention removed it).
+    run_id: str | None = None
+
+
 class FindExpiredJobsResult(BaseModel):
-    job_ids: list[str]
+    jobs: list[ExpiredJob]
     # Jobs of this batch whose workflow is still open in Temporal: left alone.
     in_flight: int = 0
     # Where the next batch starts; None when this batch was the last.
@@ -302,13 +308,15 @@ class FindExpiredJobsResult(BaseModel):
 
 
 class DeleteJobsInput(BaseModel):
-    job_ids: list[str]
+    jobs: list[ExpiredJob]
 
 
 class DeleteJobsResult(BaseModel):
     jobs: int = 0
     output_files: int = 0
     input_files: int = 0
+    # Closed workflows whose deletion Temporal accepted (it deletes them in the background).
+    workflows: int = 0
 
 
 class RetentionResult(BaseModel):
@@ -316,4 +324,5 @@ class RetentionResult(BaseModel):
     jobs: int = 0
     output_files: int = 0
     input_files: int = 0
+    workflows: int = 0
     in_flight: int = 0

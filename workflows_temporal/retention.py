@@ -37,10 +37,10 @@ class RetentionWorkflow:
                 retry_policy=_RETRY,
             )
             result.in_flight += found.in_flight
-            if found.job_ids:
+            if found.jobs:
                 deleted = await workflow.execute_activity_method(
                     RetentionActivities.delete_jobs,
-                    DeleteJobsInput(job_ids=found.job_ids),
+                    DeleteJobsInput(jobs=found.jobs),
                     start_to_close_timeout=timedelta(minutes=10),
                     heartbeat_timeout=timedelta(minutes=1),
                     retry_policy=_RETRY,
@@ -48,10 +48,12 @@ class RetentionWorkflow:
                 result.jobs += deleted.jobs
                 result.output_files += deleted.output_files
                 result.input_files += deleted.input_files
+                result.workflows += deleted.workflows
             after = found.next_after
         workflow.logger.info(
-            "retention: deleted %d jobs that ended before %s (%d output files, %d staged inputs); "
+            "retention: deleted %d jobs that ended before %s (%d output files, %d staged inputs, %d workflows); "
             "%d such jobs left alone, their workflows still open",
-            result.jobs, result.cutoff.isoformat(), result.output_files, result.input_files, result.in_flight,
+            result.jobs, result.cutoff.isoformat(), result.output_files, result.input_files, result.workflows,
+            result.in_flight,
         )
         return result
