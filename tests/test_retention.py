@@ -55,6 +55,21 @@ def add_outputs(storage: LocalStorage, job_id: str) -> None:
     storage.put_bytes(f"{job_id}/1/out_00002_.png", b"png", "image/png")
 
 
+def test_local_storage_deletes_by_prefix_and_nothing_beside_it(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    for key in ("j1/0/a.png", "j1/1/b.png", "j10/0/a.png", "inputs/ab.png", "inputs/abc.png"):
+        storage.put_bytes(key, b"x", "image/png")
+    assert storage.delete_prefix("j1/") == 2
+    assert storage.delete_prefix("j1/") == 0  # gone already: nothing to do, no error
+    assert storage.delete_prefix("inputs/ab.png") == 1
+    assert stored_keys(storage) == {"j10/0/a.png", "inputs/abc.png"}
+    assert not (tmp_path / "j1").exists()
+    for refused in ("../", "/", "", "j10//"):
+        with pytest.raises(ValueError):
+            storage.delete_prefix(refused)
+    assert stored_keys(storage) == {"j10/0/a.png", "inputs/abc.png"}
+
+
 # --- the database's side, on SQLite and PostgreSQL -----------------------------------------------------
 
 

@@ -53,8 +53,10 @@ class LocalStorage:
         # Keys are paths, so what starts with `prefix` is in the folder before its last "/": the entries there
         # whose names start with the rest (a whole folder of them when the prefix ends with "/").
         head, _, name = prefix.rpartition("/")
-        if not prefix or (head and validate_key(head) != head):
+        if not prefix or prefix.startswith("/"):
             raise ValueError(f"invalid storage prefix {prefix!r}")
+        if head:
+            validate_key(head)
         folder = self.root / head
         deleted = 0
         for entry in folder.glob(glob.escape(name) + "*") if folder.is_dir() else []:
