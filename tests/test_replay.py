@@ -19,7 +19,7 @@ HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"
 def test_histories_are_committed() -> None:
     assert {path.stem for path in HISTORIES} >= {
         "generation_succeeded", "generation_failed", "generation_cancelled", "generation_with_image_input",
-        "indexed_template_job_succeeded", "indexed_generation_cancelled",
+        "indexed_template_job_succeeded", "indexed_generation_cancelled", "webhook_job_succeeded",
     }
 
 
