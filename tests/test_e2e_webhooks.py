@@ -9,6 +9,7 @@ import json
 import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
+from temporalio.client import Client
 
 from tests.harness import DONE, Gateway, assert_eventually, free_port, serve_locally, wait_for_job
 
@@ -102,3 +103,28 @@ async def test_a_dead_receiver_never_changes_the_job(gateway: Gateway) -> None:
     assert after["status"] == "succeeded" and after["outputs"] == job["outputs"]
     refused = [e for e in (await gateway.api.get(f"/jobs/{job_id}/logs")).json()["events"] if e["kind"] == "webhook"]
     assert refused[0]["data"]["error"].startswith("ConnectError")
+
+
+@WEBHOOKS
+async def test_cancelled_jobs_send_job_cancelled_whoever_cancelled_them(gateway: Gateway, temporal_client: Client) -> None:
+    receiver = FlakyReceiver(failures=0)
+    async with serve_locally(receiver.app()) as url:
+        by_api, by_temporal = [
+            await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(20), "callbackUrl": f"{url}/hook"})
+            for _ in range(2)
+        ]
+        for job_id in (by_api, by_temporal):
+            await wait_for_job(gateway.api, job_id, until={"running", "queued"})
+        await gateway.api.post(f"/jobs/{by_api}/cancel", json={"reason": "changed my mind"})
+        await temporal_client.get_workflow_handle(by_temporal).cancel()  # the Web UI's or the CLI's cancel
+
+        async def both_sent() -> set[str]:
+            sent = {json.loads(body)["jobId"] for _, body in receiver.final}
+            assert sent == {by_api, by_temporal}
+            return sent
+
+        await assert_eventually(both_sent, timeout=30, what="a job.cancelled webhook for each job")
+    for _, body in receiver.final:
+        payload = json.loads(body)
+        assert payload["event"] == "job.cancelled" and payload["status"] == "cancelled"
+        assert payload["error"]["code"] == "JOB_CANCELLED" and payload["result"] == {"outputs": []}
