@@ -20,7 +20,6 @@ from sqlalchemy.engine import Engine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
-from api.job_views import webhook_body
 from app.db import session_scope
 from app.errors import ErrorCode
 from app.jobstore import add_events, record_webhook_attempt
@@ -36,7 +35,7 @@ from app.models import (
 from app.safe_http import RefusedTarget, TargetUnavailable, describe_url, send_pinned
 from app.settings import Settings
 from app.storage import OutputStorage
-from app.webhooks.payload import compact_json
+from app.webhooks.payload import compact_json, webhook_body
 from app.webhooks.signing import WebhookSigner
 from app.webhooks.targets import resolve_callback
 

@@ -16,10 +16,10 @@ from contextlib import suppress
 from datetime import datetime, timezone
 
 from activities.delivery import WebhookPoster
-from api.job_views import webhook_body
 from app.models import JobState, JobStatus, PromptProgress, ProgressWebhook
 from app.storage import OutputStorage
-from app.webhooks.payload import PROGRESS_EVENT, compact_json
+from app.webhooks.events import PROGRESS_EVENT
+from app.webhooks.payload import compact_json, webhook_body
 
 log = logging.getLogger(__name__)
 

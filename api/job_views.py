@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote
 
 from pydantic import Field
 
 from app.jobstore import JobSnapshot
-from app.models import CamelModel, JobError, JobState, JobStatus, JobWarning, OutputRef, WebhookStatus
+from app.models import CamelModel, JobError, JobStatus, JobWarning, OutputRef, WebhookStatus
+from app.output_routes import output_route
 from app.storage import OutputStorage
 
 
@@ -54,17 +54,10 @@ class Job(CamelModel):
                           "before its first attempt. Never changes the job's status")
 
 
-def output_route(job_id: str, output: OutputRef) -> str:
-    """The API's own route for an output: it serves the file, or redirects to a fresh URL of the store's."""
-    return f"/outputs/{job_id}/{quote(output.filename, safe='')}"
-
-
-def output_file(job_id: str, output: OutputRef, storage: OutputStorage, url: str | None = None) -> OutputFile:
-    """The public shape of an output; `url` in place of the store's download URL (webhooks give the API's
-    route, made absolute: it keeps working after any presigned URL would have expired)."""
+def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> OutputFile:
     return OutputFile(
         filename=output.filename, storage_path=storage.location(output.storage_key),
-        url=url or storage.download_url(output.storage_key, output_route(job_id, output)),
+        url=storage.download_url(output.storage_key, output_route(job_id, output.filename)),
         size=output.size, sha256=output.sha256, content_type=output.content_type, node_id=output.node_id,
         animated=output.animated,
     )
@@ -94,30 +87,3 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
         webhook=snapshot.webhook,
     )
 
-
-def webhook_body(
-    event: str, state: JobState, storage: OutputStorage, base_url: str, progress: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """A webhook's body: the job as its event saw it. Output URLs are the API's own routes made absolute with
-    PUBLIC_BASE_URL, so that they keep working for as long as the receiver retries and after. No inputs."""
-    outputs = [
-        output_file(state.job_id, output, storage, url=base_url + output_route(state.job_id, output))
-        for output in state.outputs
-    ]
-    timing = JobTiming(
-        created_at=state.created_at, started_at=state.started_at, completed_at=state.completed_at,
-        execution_time_ms=state.execution_time_ms,
-    )
-    body: dict[str, Any] = {
-        "event": event,
-        "jobId": state.job_id,
-        "status": state.status.value,
-        "workflowId": state.template_id,
-        "result": {"outputs": [output.model_dump(mode="json") for output in outputs]},
-        "error": state.error.model_dump(mode="json") if state.error else None,
-        "metadata": state.metadata,
-        "timing": timing.model_dump(mode="json"),
-    }
-    if progress is not None:
-        body["progress"] = progress
-    return body

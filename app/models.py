@@ -19,7 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode
-from app.webhooks.payload import TERMINAL_EVENTS
+from app.webhooks.events import TERMINAL_EVENTS
 
 
 class CamelModel(BaseModel):

@@ -20,10 +20,13 @@ from httpx import ASGITransport
 from standardwebhooks import Webhook
 
 from api.deps import get_temporal
+from api.job_views import Job, JobTiming, OutputFile
 from api.main import create_app
+from app.models import JobError, JobState, JobStatus, OutputRef
 from app.safe_http import RefusedTarget, refusal_reason
 from app.settings import Settings
-from app.webhooks.payload import compact_json
+from app.storage import LocalStorage
+from app.webhooks.payload import compact_json, webhook_body
 from app.webhooks.signing import WebhookSigner
 from app.webhooks.targets import check_callback_url, resolve_callback
 from tests.harness import error_of, free_port, migrate_database
@@ -53,6 +56,25 @@ def test_the_body_is_compact_and_reserialises_to_the_same_bytes() -> None:
     assert '"ratio":1,' in body and '"half":0.5' in body and '"big":10000000000000000' in body
     for receiver, again in receivers_reserialise(body).items():
         assert again == body, receiver
+
+
+def test_the_body_shows_the_job_as_the_api_does(tmp_path: Path) -> None:
+    now = datetime.now(timezone.utc)
+    state = JobState(
+        job_id="j", status=JobStatus.failed, template_id="t", created_at=now, completed_at=now, metadata={"a": 1},
+        error=JobError(code="COMFYUI_OOM", message="out of memory"),
+        outputs=[OutputRef(filename="x.png", storage_key="j/0/x.png", size=1, sha256="0", content_type="image/png",
+                           node_id="9")],
+    )
+    body = webhook_body("job.failed", state, LocalStorage(tmp_path), "https://gw.example")
+    assert set(body) == {"event", "jobId", "status", "workflowId", "result", "error", "metadata", "timing"}
+    [output] = body["result"]["outputs"]
+    assert set(output) == {field.alias for field in OutputFile.model_fields.values()}
+    assert output["url"] == "https://gw.example/outputs/j/x.png"
+    assert set(body["timing"]) == {field.alias for field in JobTiming.model_fields.values()}
+    assert body["timing"]["createdAt"] == JobTiming(created_at=now).model_dump(mode="json")["createdAt"]
+    assert body["error"] == {"code": "COMFYUI_OOM", "message": "out of memory", "details": {}}
+    assert {"error", "metadata", "workflowId"} <= {field.alias for field in Job.model_fields.values()}
 
 
 @pytest.mark.parametrize("secret", [STANDARD_SECRET, "a plain secret, used as it is"])

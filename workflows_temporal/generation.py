@@ -42,7 +42,7 @@ with workflow.unsafe.imports_passed_through():
         prompt_id_for,
     )
     from app.search_attributes import JOB_STATUS, TEMPLATE_ID
-    from app.webhooks.payload import PROGRESS_EVENT
+    from app.webhooks.events import PROGRESS_EVENT
     from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
 
 # Jobs started before the workflow wrote search attributes replay without them.

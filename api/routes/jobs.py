@@ -33,7 +33,7 @@ from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
 from app.templates.rendering import ApiFormatGraph
 from app.templates.store import get_template
-from app.webhooks.payload import TERMINAL_EVENTS
+from app.webhooks.events import TERMINAL_EVENTS
 from app.webhooks.targets import check_callback_url
 from workflows_temporal.generation import GenerationWorkflow
 
