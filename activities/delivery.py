@@ -80,10 +80,6 @@ class WebhookPoster:
         self._signer = signer
         self._allowed = list(allowed_domains)
 
-    @property
-    def can_sign(self) -> bool:
-        return self._signer is not None
-
     async def post(self, callback_url: str, webhook_id: str, body: str, *, timeout: float = ATTEMPT_SECONDS) -> Attempt:
         if self._signer is None:
             raise ApplicationError(

@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import get_args
 
 import httpx
 import pytest
@@ -22,10 +23,12 @@ from standardwebhooks import Webhook
 from api.deps import get_temporal
 from api.job_views import Job, JobTiming, OutputFile
 from api.main import create_app
+from api.routes.jobs import WebhookEvent
 from app.models import JobError, JobState, JobStatus, OutputRef
 from app.safe_http import RefusedTarget, refusal_reason
 from app.settings import Settings
 from app.storage import LocalStorage
+from app.webhooks.events import EVENTS
 from app.webhooks.payload import compact_json, webhook_body
 from app.webhooks.signing import WebhookSigner
 from app.webhooks.targets import check_callback_url, resolve_callback
@@ -56,6 +59,10 @@ def test_the_body_is_compact_and_reserialises_to_the_same_bytes() -> None:
     assert '"ratio":1,' in body and '"half":0.5' in body and '"big":10000000000000000' in body
     for receiver, again in receivers_reserialise(body).items():
         assert again == body, receiver
+
+
+def test_the_api_takes_every_event_there_is() -> None:
+    assert get_args(WebhookEvent) == EVENTS
 
 
 def test_the_body_shows_the_job_as_the_api_does(tmp_path: Path) -> None:
