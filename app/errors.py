@@ -43,6 +43,9 @@ class ErrorCode(str, Enum):
     PROMPT_LOST = "PROMPT_LOST"
     IMAGE_FETCH_FAILED = "IMAGE_FETCH_FAILED"
     STORAGE_ERROR = "STORAGE_ERROR"
+    WEBHOOK_NOT_CONFIGURED = "WEBHOOK_NOT_CONFIGURED"
+    WEBHOOK_DELIVERY_FAILED = "WEBHOOK_DELIVERY_FAILED"
+    WEBHOOK_TARGET_REFUSED = "WEBHOOK_TARGET_REFUSED"
     TEMPORAL_UNAVAILABLE = "TEMPORAL_UNAVAILABLE"
     CONFIGURATION_ERROR = "CONFIGURATION_ERROR"
     INTERNAL_ERROR = "INTERNAL_ERROR"
@@ -61,6 +64,8 @@ class ErrorClass:
 
 
 _REQUEST, _JOB, _BOTH = "request", "job", "request, job"
+# A webhook's delivery attempts are in the job's log (`GET /jobs/{id}/logs`); they never change the job.
+_JOB_LOG = "job log"
 
 ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.VALIDATION_ERROR: ErrorClass(
@@ -117,6 +122,17 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.IMAGE_FETCH_FAILED: ErrorClass(
         502, True, False, _JOB, "an image input's URL timed out or answered 5xx, 408 or 429 (up to 5 tries)"),
     ErrorCode.STORAGE_ERROR: ErrorClass(500, True, False, _JOB, "storing an output failed"),
+    ErrorCode.WEBHOOK_NOT_CONFIGURED: ErrorClass(
+        400, False, False, _REQUEST,
+        "a `callbackUrl` was given but the gateway has no `WEBHOOK_SECRET`: it never sends unsigned webhooks"),
+    ErrorCode.WEBHOOK_DELIVERY_FAILED: ErrorClass(
+        502, True, False, _JOB_LOG,
+        "a webhook attempt got no 2xx (another status, a redirect, a timeout, a refused connection); tried again "
+        "with backoff for `WEBHOOK_RETRY_FOR_S`"),
+    ErrorCode.WEBHOOK_TARGET_REFUSED: ErrorClass(
+        400, False, False, _JOB_LOG,
+        "a webhook is not tried again: the receiver answered 410 Gone, or its host resolves to an address the "
+        "gateway may not reach (or to none)"),
     ErrorCode.TEMPORAL_UNAVAILABLE: ErrorClass(
         503, False, False, _REQUEST, "Temporal is not reachable; nothing was created or changed"),
     ErrorCode.CONFIGURATION_ERROR: ErrorClass(

@@ -3,7 +3,8 @@
 The jobs table is each job's workflow's projection. The workflow writes a job's state (status, attempts,
 outputs, error, timing) at every status change, through `record_job`. The prompt activity keeps the live
 columns (progress, current node, queue position, warning) current, throttled, and only while the job is
-live on the attempt it runs. The one other writer is the worker's reconciler, for a workflow terminated in
+live on the attempt it runs. The webhook delivery activity keeps the `webhook` column (how the job's webhook
+has fared) and nothing else. The one other writer is the worker's reconciler, for a workflow terminated in
 Temporal, which can no longer write its own end.
 """
 
@@ -18,7 +19,7 @@ from sqlmodel import Session, col, select
 
 from app.db import as_utc
 from app.models import LIVE_STATUSES, JobError, JobEventInput, JobState, JobStatus, JobWarning, LiveProgress, OutputRef
-from app.models import RecordJobInput
+from app.models import RecordJobInput, WebhookStatus
 from app.tables import JobEventRow, JobRow
 
 
@@ -28,6 +29,7 @@ class JobSnapshot:
 
     state: JobState
     live: LiveProgress
+    webhook: WebhookStatus | None = None
 
 
 def record_job(session: Session, record: RecordJobInput) -> None:
@@ -83,6 +85,16 @@ def write_live_progress(session: Session, job_id: str, attempt: int, live: LiveP
     )
     session.commit()
     return result.rowcount > 0
+
+
+def record_webhook_attempt(session: Session, job_id: str, status: WebhookStatus, event: JobEventInput) -> None:
+    """One delivery attempt of the job's webhook: its row's `webhook` and the attempt in its log (keyed per
+    attempt, so a write that is repeated is stored once). Never the job's status."""
+    session.execute(
+        update(JobRow).where(col(JobRow.job_id) == job_id).values(webhook=status.model_dump(by_alias=True))
+    )
+    _insert_events(session, job_id, [event])
+    session.commit()
 
 
 def close_ended_job(session: Session, job_id: str, error: JobError, completed_at: datetime, event: JobEventInput) -> bool:
@@ -144,7 +156,8 @@ def job_snapshot(row: JobRow) -> JobSnapshot:
         percent=row.progress, node=row.current_node, queue_position=row.queue_position,
         warning=JobWarning.model_validate(row.warning) if row.warning else None,
     )
-    return JobSnapshot(state, live)
+    webhook = WebhookStatus.model_validate(row.webhook) if row.webhook else None
+    return JobSnapshot(state, live, webhook)
 
 
 def get_job(session: Session, job_id: str) -> JobRow | None:

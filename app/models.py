@@ -19,6 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode
+from app.webhooks.events import TERMINAL_EVENTS
 
 
 class CamelModel(BaseModel):
@@ -156,6 +157,12 @@ class GenerationInput(BaseModel):
     backend_task_queue: str
     created_at: datetime
     privacy_mode: bool = False
+    # Where the job's webhooks go (checked at submit, resolved and checked again at each delivery), and which.
+    callback_url: str | None = None
+    webhook_events: list[str] = Field(default_factory=lambda: list(TERMINAL_EVENTS))
+
+    def wants_webhook(self, event: str) -> bool:
+        return self.callback_url is not None and event in self.webhook_events
 
 
 # By name: the activity that sends it cannot import the workflow, which imports the activity.
@@ -203,12 +210,22 @@ class StageImagesResult(BaseModel):
     prompt: dict[str, Any]
 
 
+class ProgressWebhook(BaseModel):
+    """What the prompt activity needs to send a job's opt-in `job.progress` webhooks."""
+
+    callback_url: str
+    template_id: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+
+
 class RunPromptInput(BaseModel):
     job_id: str
     backend: str
     attempt: int
     prompt: dict[str, Any]
     timeout_seconds: float
+    progress_webhook: ProgressWebhook | None = None
 
 
 class RunPromptResult(BaseModel):
@@ -254,6 +271,58 @@ class RecordJobInput(BaseModel):
     prompt_id: str | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
     events: list[JobEventInput] = Field(default_factory=list)
+
+
+class WebhookStatus(CamelModel):
+    """How a job's webhook (its terminal event's) has fared: kept on the job's row by the delivery activity."""
+
+    delivered: bool = False
+    attempts: int = 0
+    # The receiver's last HTTP status; None when the last attempt got no answer (timeout, refused connection).
+    last_status: int | None = None
+
+
+class WebhookDeliveryInput(BaseModel):
+    """WebhookDeliveryWorkflow's input: one event of one job, its state as the event saw it."""
+
+    event: str
+    callback_url: str
+    job: JobState
+
+
+class BuildWebhookInput(BaseModel):
+    event: str
+    job: JobState
+
+
+class BuiltWebhook(BaseModel):
+    """An event's body, the exact bytes sent on every attempt, and how long to keep trying (the worker's
+    settings when it was built: in history, so a replay does the same)."""
+
+    body: str
+    first_retry_seconds: float
+    max_retry_interval_seconds: float
+    retry_for_seconds: float
+
+
+class DeliverWebhookInput(BaseModel):
+    job_id: str
+    event: str
+    webhook_id: str
+    callback_url: str
+    body: str
+
+
+class DeliverWebhookResult(BaseModel):
+    status_code: int
+    attempts: int
+
+
+class WebhookGivenUpInput(BaseModel):
+    job_id: str
+    event: str
+    webhook_id: str
+    reason: str
 
 
 def accepted_state(job: GenerationInput) -> JobState:

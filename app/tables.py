@@ -40,6 +40,8 @@ class JobRow(SQLModel, table=True):
     started_at: datetime | None = _utc_column()
     completed_at: datetime | None = _utc_column()
     execution_time_ms: int | None = None
+    # {delivered, attempts, lastStatus} of the job's webhook, written by its delivery activity; None without one.
+    webhook: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     updated_at: datetime = _utc_column(nullable=False)
 
 

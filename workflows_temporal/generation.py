@@ -10,8 +10,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError, is_cancelled_exception
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 
 with workflow.unsafe.imports_passed_through():
@@ -30,19 +30,25 @@ with workflow.unsafe.imports_passed_through():
         JobState,
         JobStatus,
         PROMPT_STARTED_SIGNAL,
+        ProgressWebhook,
         PromptStarted,
         RecordJobInput,
         RenderPromptInput,
         RunPromptInput,
         RunPromptResult,
         StageImagesInput,
+        WebhookDeliveryInput,
         accepted_state,
         prompt_id_for,
     )
     from app.search_attributes import JOB_STATUS, TEMPLATE_ID
+    from app.webhooks.events import PROGRESS_EVENT
+    from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
 
 # Jobs started before the workflow wrote search attributes replay without them.
 SEARCH_ATTRIBUTES_PATCH = "job-search-attributes"
+# A job with a callbackUrl starts a WebhookDeliveryWorkflow as it ends (jobs before never had one).
+WEBHOOKS_PATCH = "webhooks"
 
 # A prompt ComfyUI lost (it restarted) is resubmitted this many times before the job fails.
 MAX_LOST_PROMPT_RESUBMITS = 3
@@ -111,6 +117,7 @@ class GenerationWorkflow:
         self._record_lock = asyncio.Lock()
         self._indexed = False
         self._indexed_status: JobStatus | None = None
+        self._webhook_started = False
 
     @workflow.run
     async def run(self, job: GenerationInput) -> JobState:
@@ -128,6 +135,7 @@ class GenerationWorkflow:
             if self._state.status.is_terminal:
                 # The job had ended, its outputs stored, when a cancel from Temporal cut its last record short.
                 await self._record()
+                await self._start_webhook()
                 return self._state
             # A cancelled activity surfaces as an ActivityError caused by CancelledError.
             if self._cancel is not None or is_cancelled_exception(failure):
@@ -233,6 +241,7 @@ class GenerationWorkflow:
                         attempt=attempt,
                         prompt=prompt,
                         timeout_seconds=job.timeout_seconds,
+                        progress_webhook=self._progress_webhook(job),
                     ),
                     task_queue=job.backend_task_queue,
                     start_to_close_timeout=timedelta(seconds=job.timeout_seconds + 60),
@@ -283,6 +292,38 @@ class GenerationWorkflow:
             data["error"] = error.model_dump(mode="json")
         self._event("status", f"job {status.value}" + (f": {error.message}" if error else ""), data)
         await self._record()
+        await self._start_webhook()
+
+    # --- webhooks --------------------------------------------------------------------------------
+
+    async def _start_webhook(self) -> None:
+        """Hand the job's end to its own delivery workflow and go on: the job ends now, whatever the receiver
+        does. Abandoned when this workflow closes; its id is the event's, so a re-run of this job (a reset)
+        finds it started and sends no second webhook."""
+        assert self._job is not None and self._state is not None
+        event = f"job.{self._state.status.value}"
+        if self._webhook_started or not self._job.wants_webhook(event) or not workflow.patched(WEBHOOKS_PATCH):
+            return
+        assert self._job.callback_url is not None
+        try:
+            await workflow.start_child_workflow(
+                WebhookDeliveryWorkflow.run,
+                WebhookDeliveryInput(event=event, callback_url=self._job.callback_url, job=self._state.model_copy()),
+                id=webhook_workflow_id(self._job.job_id, event),
+                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                cancellation_type=workflow.ChildWorkflowCancellationType.ABANDON,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            )
+        except WorkflowAlreadyStartedError:
+            pass  # started before, by this job's run that was reset: one webhook per event
+        self._webhook_started = True
+
+    def _progress_webhook(self, job: GenerationInput) -> ProgressWebhook | None:
+        if job.callback_url is None or not job.wants_webhook(PROGRESS_EVENT):
+            return None
+        return ProgressWebhook(
+            callback_url=job.callback_url, template_id=job.template_id, metadata=job.metadata, created_at=job.created_at
+        )
 
     # --- the jobs table and the event log --------------------------------------------------------
 

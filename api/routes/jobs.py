@@ -7,10 +7,10 @@ import json
 import uuid
 from contextlib import suppress
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query, Request
-from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
@@ -27,11 +27,15 @@ from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
 from app.jobstore import JobFilter, JobSnapshot, estimate_wait_seconds, list_events, list_jobs
 from app.models import CamelModel, CancelRequest, GenerationInput, JobStatus, RetrySpec
 from app.retention import link_job_inputs
+from app.safe_http import RefusedTarget
+from app.settings import Settings
 from app.submission import ImageIntake, prepare_job
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
 from app.templates.rendering import ApiFormatGraph
 from app.templates.store import get_template
+from app.webhooks.events import TERMINAL_EVENTS
+from app.webhooks.targets import check_callback_url
 from workflows_temporal.generation import GenerationWorkflow
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute)
@@ -42,6 +46,9 @@ _MAX_METADATA_BYTES = 16_000
 _MAX_TIMEOUT_SECONDS = 24 * 3600
 # How long `POST /jobs/{id}/cancel` waits for the workflow to finish cancelling before it answers.
 _CANCEL_WAIT_SECONDS = 10.0
+_MAX_CALLBACK_URL_LENGTH = 2048
+
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.progress"]
 
 
 def _json_number(value: Any) -> Any:
@@ -100,8 +107,13 @@ class CreateJobRequest(CamelModel):
     workflow_json: ApiFormatGraph | None = Field(None, description="an inline ComfyUI graph in API format")
     inputs: dict[str, Any] = Field(default_factory=dict, description="values for the template's {{placeholders}}")
     params: dict[str, Any] = Field(default_factory=dict, description="generation parameters; `inputs` win on a clash")
-    callback_url: Annotated[str | None, WithJsonSchema({
-        "type": "null", "description": "webhooks are not supported yet: a URL is refused with UNSUPPORTED_FIELD"})] = None
+    callback_url: str | None = Field(
+        None, max_length=_MAX_CALLBACK_URL_LENGTH,
+        description="where the job's signed webhooks are posted (http or https, a host WEBHOOK_ALLOWED_DOMAINS allows)")
+    webhook_events: list[WebhookEvent] | None = Field(
+        None, min_length=1, max_length=4,
+        description="which events are sent to callbackUrl; default the final ones (job.succeeded, job.failed, "
+                    "job.cancelled); job.progress is opt-in")
     metadata: dict[str, Any] = Field(default_factory=dict, description="echoed back with the job")
     retry: RetryRequest = Field(default_factory=RetryRequest)
     timeout_seconds: float | None = Field(None, gt=0, le=_MAX_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")
@@ -156,7 +168,7 @@ def _json_size(value: Any) -> int:
 
 
 @router.post("", status_code=202, response_model=CreateJobResponse)
-@answers_with(ErrorCode.UNSUPPORTED_FIELD, ErrorCode.WORKFLOW_NOT_FOUND)
+@answers_with(ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND)
 async def create_job(
     body: CreateJobRequest,
     request: Request,
@@ -165,11 +177,7 @@ async def create_job(
     temporal: TemporalDep,
     storage: StorageDep,
 ) -> CreateJobResponse:
-    if body.callback_url is not None:
-        raise ApiError(
-            ErrorCode.UNSUPPORTED_FIELD, "callbackUrl: webhook delivery is not available in this version",
-            {"fields": [{"field": "callbackUrl", "message": "webhooks are not supported yet"}]},
-        )
+    _check_webhook(body, settings)
     if _json_size(body.metadata) > _MAX_METADATA_BYTES:
         raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
 
@@ -208,6 +216,8 @@ async def create_job(
         backend_task_queue=backend_task_queue(settings, backend.id),
         created_at=datetime.now(timezone.utc),
         privacy_mode=settings.privacy_mode,
+        callback_url=body.callback_url,
+        webhook_events=list(dict.fromkeys(body.webhook_events or TERMINAL_EVENTS)),
     )
     if len(job.model_dump_json()) > _MAX_JOB_BYTES:
         field = "workflowJson" if body.workflow_json is not None else "inputs"
@@ -224,6 +234,25 @@ async def create_job(
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal refused the job; nothing was created") from error
     eta = await db.run(estimate_wait_seconds, body.workflow_id, settings.max_concurrency)
     return CreateJobResponse(job_id=job_id, status=JobStatus.queued, eta_seconds=eta, poll_url=f"/jobs/{job_id}")
+
+
+def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:
+    """A callback URL the job's webhooks may go to, before any job exists; the addresses its host resolves to
+    are checked at each delivery."""
+    if body.callback_url is None:
+        if body.webhook_events is not None:
+            raise validation_error([{"field": "webhookEvents", "message": "needs a callbackUrl to send them to"}])
+        return
+    if not settings.webhook_secret:
+        raise ApiError(
+            ErrorCode.WEBHOOK_NOT_CONFIGURED,
+            "callbackUrl: this gateway has no WEBHOOK_SECRET and never sends unsigned webhooks",
+            {"field": "callbackUrl"},
+        )
+    try:
+        check_callback_url(body.callback_url, settings.webhook_allowed_domains)
+    except RefusedTarget as refused:
+        raise validation_error([{"field": "callbackUrl", "message": str(refused)}]) from None
 
 
 @router.get("", response_model=JobList)

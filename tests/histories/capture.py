@@ -16,8 +16,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
+from aiohttp import web
 from sqlalchemy import update
-
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
@@ -33,6 +33,7 @@ from tests.harness import (
     gateway_settings,
     migrate_database,
     recorded_workflow,
+    serve_locally,
     wait_for_job,
 )
 from worker.main import running_worker
@@ -54,10 +55,19 @@ async def capture() -> None:
         env = await WorkflowEnvironment.start_local(
             dev_server_existing_path=temporal_cli(), data_converter=pydantic_data_converter
         )
-        settings = gateway_settings(env.client, simulator.url, root / "gateway", "capture")
+        settings = gateway_settings(
+            env.client, simulator.url, root / "gateway", "capture",
+            webhook_secret="capture", webhook_allowed_domains="127.0.0.1",
+        )
         migrate_database(settings)
+        receiver = web.Application()
+        receiver.router.add_post("/hook", lambda _: web.Response(status=204))
         try:
-            async with running_worker(env.client, settings), api_client(settings, env.client) as api:
+            async with (
+                serve_locally(receiver) as receiver_url,
+                running_worker(env.client, settings),
+                api_client(settings, env.client) as api,
+            ):
                 jobs = {
                     "generation_succeeded": {"workflowJson": recorded_workflow("batch.json")},
                     "generation_with_image_input": {"workflowId": "invert_image", "inputs": {"image": RED_PIXEL}},
@@ -66,6 +76,11 @@ async def capture() -> None:
                     # Since the job-search-attributes patch: the workflow upserts JobStatus and TemplateId.
                     "indexed_template_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
                     "indexed_generation_cancelled": {"workflowJson": simulator.slow_prompt(10)},
+                    # Since the webhooks patch: the job's end starts its WebhookDeliveryWorkflow (a child).
+                    "webhook_job_succeeded": {
+                        "workflowId": "solid_color", "inputs": {"width": 8}, "callbackUrl": f"{receiver_url}/hook",
+                        "webhookEvents": ["job.succeeded", "job.progress"],
+                    },
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():

@@ -1,7 +1,7 @@
 """The staged input images each job uses, for retention.
 
 Revision ID: 0005
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-01
 
 - job_inputs (job_id, storage_key, created_at): inline images are stored once per content and shared by the
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
