@@ -85,6 +85,13 @@ class Settings(BaseSettings):
         "comfyui-gateway", description="the main task queue (each ComfyUI gets <queue>.<backend>)")
     temporal_ui_port: int = Field(8233, ge=1, le=65535, description="the dev server's Web UI (comfyui-gateway dev)")
 
+    # Result cache
+    cache_enabled: bool = Field(
+        False, description="answer a job identical to an earlier success (explicit seed, no image URLs) with that "
+                            "job's outputs, at once, instead of running it again")
+    cache_ttl_seconds: int = Field(
+        86_400, ge=1, description="how long a succeeded job's outputs answer identical jobs (with CACHE_ENABLED)")
+
     # Features that later releases fill in. They are declared so that setting one is a clear
     # start-up error rather than a silently ignored option.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="API keys (soon)")
@@ -92,8 +99,6 @@ class Settings(BaseSettings):
     webhook_secret: str | None = Field(None, description="webhook signing secret (soon)")
     webhook_allowed_domains: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="domains webhooks may go to (soon)")
-    cache_enabled: bool = Field(False, description="result cache (soon)")
-    cache_ttl_seconds: int | None = Field(None, description="result cache lifetime (soon)")
     rate_limit_max: int | None = Field(None, description="requests per window (soon)")
     rate_limit_window_ms: int | None = Field(None, description="rate limit window (soon)")
 
@@ -133,8 +138,6 @@ class Settings(BaseSettings):
             "JWT_SECRET": bool(self.jwt_secret),
             "WEBHOOK_SECRET": bool(self.webhook_secret),
             "WEBHOOK_ALLOWED_DOMAINS": bool(self.webhook_allowed_domains),
-            "CACHE_ENABLED": self.cache_enabled,
-            "CACHE_TTL_SECONDS": self.cache_ttl_seconds is not None,
             "RATE_LIMIT_MAX": self.rate_limit_max is not None,
             "RATE_LIMIT_WINDOW_MS": self.rate_limit_window_ms is not None,
         }

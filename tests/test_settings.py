@@ -14,7 +14,7 @@ def test_defaults_match_what_users_know() -> None:
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("API_KEYS", "k1,k2"), ("STORAGE_PROVIDER", "s3"), ("WEBHOOK_SECRET", "x"), ("CACHE_ENABLED", "true"),
+    [("API_KEYS", "k1,k2"), ("STORAGE_PROVIDER", "s3"), ("WEBHOOK_SECRET", "x"),
      ("RATE_LIMIT_MAX", "10"), ("JWT_SECRET", "s")],
 )
 def test_features_not_built_yet_are_a_startup_error(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
@@ -37,3 +37,8 @@ def test_lists_and_postgres_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(_env_file=None)
     assert settings.cors_origins == ["https://a.test", "https://b.test"]
     assert settings.resolved_database_url == "postgresql+psycopg://u@h/db"
+
+
+def test_the_result_cache_is_off_by_default_and_keeps_results_a_day() -> None:
+    settings = Settings(_env_file=None)
+    assert settings.cache_enabled is False and settings.cache_ttl_seconds == 86_400
