@@ -49,6 +49,7 @@ class Job(CamelModel):
     warning: JobWarning | None = Field(None, description="why a live job is waiting; cleared when it runs again")
     timing: JobTiming
     metadata: dict[str, Any] = Field(default_factory=dict)
+    cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job; nothing ran")
 
 
 def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> OutputFile:
@@ -82,4 +83,5 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
             execution_time_ms=state.execution_time_ms,
         ),
         metadata=state.metadata,
+        cache_hit=state.cache_hit,
     )
