@@ -43,7 +43,7 @@ async def capture() -> None:
         env = await WorkflowEnvironment.start_local(
             dev_server_existing_path=temporal_cli(), data_converter=pydantic_data_converter
         )
-        settings = gateway_settings(env.client, simulator.url, root / "gateway", "capture")
+        settings = gateway_settings(env.client, simulator.url, root / "gateway", "capture", cache_enabled=True)
         migrate_database(settings)
         try:
             async with running_worker(env.client, settings), api_client(settings, env.client) as api:
@@ -55,10 +55,15 @@ async def capture() -> None:
                     # Since the job-search-attributes patch: the workflow upserts JobStatus and TemplateId.
                     "indexed_template_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
                     "indexed_generation_cancelled": {"workflowJson": simulator.slow_prompt(10)},
+                    # A result cache hit (the job below is run once before): no activity, the source's outputs.
+                    "cache_hit_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8, "color": 1}},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
                         continue  # committed histories stay as captured: they stand for jobs of older releases
+                    if name.startswith("cache_hit"):
+                        source = (await api.post("/jobs", json=body)).json()["jobId"]
+                        await wait_for_job(api, source, until=DONE)
                     job_id = (await api.post("/jobs", json=body)).json()["jobId"]
                     if name.endswith("cancelled"):
                         await wait_for_job(api, job_id, until={"running"})
