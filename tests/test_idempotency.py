@@ -75,6 +75,9 @@ async def test_metadata_request_id_is_the_key_when_there_is_no_header(gateway: G
 
     refused = await post(gateway.api, {**SOLID, "metadata": {"requestId": 7}})
     assert refused.status_code == 400 and error_of(refused)["details"]["fields"][0]["field"] == "metadata.requestId"
+    for bad_key in ("", "k" * 256):
+        refused = await post(gateway.api, SOLID, bad_key)
+        assert refused.status_code == 400 and error_of(refused)["details"]["fields"][0]["field"] == "Idempotency-Key"
 
 
 async def test_keys_are_scoped_to_the_caller(gateway: Gateway, temporal_client: Client) -> None:
