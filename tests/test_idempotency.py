@@ -8,10 +8,14 @@ import json
 from typing import Any
 
 import httpx
+from sqlalchemy import delete
+from sqlmodel import col
 from temporalio.client import Client
 
 from api.deps import get_caller
+from app.db import make_engine
 from app.idempotency import idempotent_job_id
+from app.tables import JobRow
 from tests.harness import DONE, Gateway, api_client, assert_eventually, comfy_history_for_job, error_of, wait_for_job
 
 SOLID = {"workflowId": "solid_color", "inputs": {"width": 8, "height": 8}}
@@ -42,6 +46,16 @@ async def test_twenty_concurrent_duplicates_make_one_job_one_workflow_and_one_pr
     # After the job finished, the key still names it: the answer is the job as it is, nothing runs again.
     late = await post(gateway.api, SOLID, "order-20")
     assert late.status_code == 202 and late.json()["jobId"] == job_id and late.json()["status"] == "succeeded"
+    assert await workflow_runs(temporal_client, job_id) == 1
+    assert len(await comfy_history_for_job(gateway.comfyui.url, job_id)) == 1
+
+    # Its row gone (deleted by hand here), the closed workflow still holds the key: Temporal refuses a new run.
+    engine = make_engine(gateway.settings.resolved_database_url)
+    with engine.begin() as connection:
+        connection.execute(delete(JobRow).where(col(JobRow.job_id) == job_id))
+    engine.dispose()
+    rowless = await post(gateway.api, SOLID, "order-20")
+    assert rowless.status_code == 202 and rowless.json()["jobId"] == job_id and rowless.json()["status"] == "succeeded"
     assert await workflow_runs(temporal_client, job_id) == 1
     assert len(await comfy_history_for_job(gateway.comfyui.url, job_id)) == 1
 

@@ -287,8 +287,10 @@ async def create_job(
         with suppress(TimeoutError, WorkflowFailureError, RPCError):
             async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
                 await handle.result()
-    # A job this request alone started is queued; any other is as its workflow (or row) says now.
-    state = accepted_state(job) if key is None and cached is None else (await reader.read(job_id)).state
+    # A job this request alone started is queued; any other is as its workflow (or row) says now, not as a
+    # read a moment ago saw it.
+    state = accepted_state(job) if key is None and cached is None else (
+        await reader.read(job_id, reuse_live=False)).state
     return await _accepted(db, settings, state, body.workflow_id)
 
 
