@@ -29,7 +29,7 @@ from api.deps import (
 )
 from api.errors import ApiError, invalid_input, validation_error
 from api.database import Database
-from api.job_reader import started_input
+from api.job_reader import JobReader, started_input
 from api.job_views import Job, public_job
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
@@ -41,14 +41,25 @@ from app.jobstore import (
     JobFilter,
     JobSnapshot,
     estimate_wait_seconds,
+    get_job_snapshot,
     list_events,
     list_jobs,
     request_fingerprint_of,
 )
 from app.metrics import CACHE_HITS, CACHE_MISSES
-from app.models import CamelModel, CancelRequest, GenerationInput, JobState, JobStatus, RetrySpec, accepted_state
+from app.models import (
+    CachedResult,
+    CamelModel,
+    CancelRequest,
+    GenerationInput,
+    JobState,
+    JobStatus,
+    RetrySpec,
+    accepted_state,
+)
 from app.result_cache import cache_key, find_cached_result
 from app.settings import Settings
+from app.storage import OutputStorage
 from app.submission import ImageIntake, prepare_job
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
@@ -244,11 +255,6 @@ async def create_job(
         template_id=body.workflow_id, template_version=template_version, workflow_json=prepared.workflow_json,
         inputs=prepared.inputs,
     ) if prepared.reproducible else None
-    cached = None
-    if settings.cache_enabled and result_key is not None:
-        since = datetime.now(timezone.utc) - timedelta(seconds=settings.cache_ttl_seconds)
-        cached = await db.run(find_cached_result, storage, result_key, since)
-        (CACHE_HITS if cached is not None else CACHE_MISSES).inc()
 
     backend = configured_backends(settings)[0]
     job = GenerationInput(
@@ -266,32 +272,41 @@ async def create_job(
         created_at=datetime.now(timezone.utc),
         privacy_mode=settings.privacy_mode,
         cache_key=result_key,
-        cached_result=cached,
+        cached_result=await _cached_result(db, storage, settings, result_key),
         request_fingerprint=fingerprint,
     )
     if len(job.model_dump_json()) > _MAX_JOB_BYTES:
         field = "workflowJson" if body.workflow_json is not None else "inputs"
         raise validation_error([{"field": field, "message": f"the job is larger than {_MAX_JOB_BYTES} bytes"}])
     client = temporal.require()
-    handle = await _start(client, job, settings.temporal_task_queue)
+    handle, closed = await _start(client, job, settings.temporal_task_queue)
     if key is not None:
         # This request's workflow, or one a repeat of the key started first: that one is the job.
         try:
-            started = await started_input(client, handle)
+            job = await started_input(client, handle)
         except RPCError as error:
             raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal could not say what the job is") from error
-        _check_same_request(job_id, started.request_fingerprint, fingerprint)
-        cached = started.cached_result
-    if cached is not None:
+        _check_same_request(job_id, job.request_fingerprint, fingerprint)
+    elif job.cached_result is None:
+        return await _accepted(db, settings, accepted_state(job), body.workflow_id)
+    if job.cached_result is not None:
         # It only records the result: answered in moments, so the answer can truthfully be `succeeded`.
         with suppress(TimeoutError, WorkflowFailureError, RPCError):
             async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
                 await handle.result()
-    # A job this request alone started is queued; any other is as its workflow (or row) says now, not as a
-    # read a moment ago saw it.
-    state = accepted_state(job) if key is None and cached is None else (
-        await reader.read(job_id, reuse_live=False)).state
-    return await _accepted(db, settings, state, body.workflow_id)
+    return await _accepted(db, settings, await _state_now(db, reader, job, closed), body.workflow_id)
+
+
+async def _cached_result(
+    db: Database, storage: OutputStorage, settings: Settings, key: str | None
+) -> CachedResult | None:
+    """The result cache's answer for a cacheable job (a key), counted as a hit or a miss."""
+    if not settings.cache_enabled or key is None:
+        return None
+    since = datetime.now(timezone.utc) - timedelta(seconds=settings.cache_ttl_seconds)
+    cached = await db.run(find_cached_result, storage, key, since)
+    (CACHE_HITS if cached is not None else CACHE_MISSES).inc()
+    return cached
 
 
 def _request_id(metadata: dict[str, Any]) -> str | None:
@@ -316,11 +331,12 @@ def _check_same_request(job_id: str, recorded: str | None, fingerprint: str | No
         )
 
 
-async def _start(client: Client, job: GenerationInput, task_queue: str) -> WorkflowHandle[Any, JobState]:
+async def _start(client: Client, job: GenerationInput, task_queue: str) -> tuple[WorkflowHandle[Any, JobState], bool]:
     """Start the job's workflow, or find the one its id names: a repeat of an idempotency key, concurrent
-    (USE_EXISTING) or after the job ended (REJECT_DUPLICATE: a job id never runs twice)."""
+    (USE_EXISTING) or after the job ended (REJECT_DUPLICATE: a job id never runs twice). Also says whether
+    the workflow found had closed."""
     try:
-        return await client.start_workflow(
+        handle = await client.start_workflow(
             GenerationWorkflow.run,
             job,
             id=job.job_id,
@@ -329,9 +345,21 @@ async def _start(client: Client, job: GenerationInput, task_queue: str) -> Workf
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         )
     except WorkflowAlreadyStartedError:
-        return client.get_workflow_handle_for(GenerationWorkflow.run, job.job_id)
+        return client.get_workflow_handle_for(GenerationWorkflow.run, job.job_id), True
     except RPCError as error:
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal refused the job; nothing was created") from error
+    return handle, False
+
+
+async def _state_now(db: Database, reader: JobReader, job: GenerationInput, closed: bool) -> JobState:
+    """The job as its row says (written at each status change), else as it was accepted; never a query of a
+    live workflow, which would wait for a worker. Only a closed workflow whose row is gone is asked."""
+    recorded = await db.run(get_job_snapshot, job.job_id)
+    if recorded is not None:
+        return recorded.state
+    if closed:
+        return (await reader.read(job.job_id, reuse_live=False)).state
+    return accepted_state(job)
 
 
 async def _accepted(db: Database, settings: Settings, state: JobState, template_id: str | None) -> CreateJobResponse:
