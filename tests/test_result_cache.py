@@ -131,8 +131,8 @@ async def test_an_identical_job_with_an_explicit_seed_takes_the_stored_result_at
     assert [(o["storagePath"], o["sha256"], o["size"]) for o in hit["outputs"]] == \
         [(o["storagePath"], o["sha256"], o["size"]) for o in ran["outputs"]]
     assert await comfy_history_for_job(gateway.comfyui.url, hit["jobId"]) == []
-    downloaded = await gateway.api.get(hit["outputs"][0]["url"])
-    assert downloaded.status_code == 200 and downloaded.content == (await gateway.api.get(ran["outputs"][0]["url"])).content
+    downloaded, original = [await gateway.api.get(job["outputs"][0]["url"]) for job in (hit, ran)]
+    assert downloaded.status_code == 200 and downloaded.content == original.content
     events = (await gateway.api.get(f"/jobs/{hit['jobId']}/logs")).json()["events"]
     assert any(event["kind"] == "cache" and event["data"] == {"cachedFrom": ran["jobId"]} for event in events)
     assert (lookups("hit"), lookups("miss")) == (hits + 1, misses)

@@ -364,7 +364,9 @@ async def _state_now(db: Database, reader: JobReader, job: GenerationInput, clos
 
 async def _accepted(db: Database, settings: Settings, state: JobState, template_id: str | None) -> CreateJobResponse:
     job_id = state.job_id
-    eta = None if state.status.is_terminal else await db.run(estimate_wait_seconds, template_id, settings.max_concurrency)
+    eta = None
+    if not state.status.is_terminal:
+        eta = await db.run(estimate_wait_seconds, template_id, settings.max_concurrency)
     return CreateJobResponse(job_id=job_id, status=state.status, eta_seconds=eta, poll_url=f"/jobs/{job_id}",
                              cache_hit=state.cache_hit)
 
