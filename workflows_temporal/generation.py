@@ -118,10 +118,11 @@ class GenerationWorkflow:
         self._job = job
         self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
         self._state = accepted_state(job)
-        self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
         if job.cached_result is not None:
+            self._event("status", "job accepted; an identical earlier job's result answers it", {"status": "queued"})
             self._work = asyncio.create_task(self._reuse(job.cached_result))
         else:
+            self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
             self._work = asyncio.create_task(self._generate(job))
         if self._cancel is not None:
             self._work.cancel()
