@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
+from temporalio.client import Client, WorkflowExecutionStatus
 
 from app.jobstore import record_job
 from app.models import JobState, JobStatus, OutputRef, RecordJobInput
@@ -116,7 +117,9 @@ async def register_seeded_template(gateway: Gateway) -> None:
 
 
 @pytest.mark.settings(cache_enabled=True)
-async def test_an_identical_job_with_an_explicit_seed_takes_the_stored_result_at_once(gateway: Gateway) -> None:
+async def test_an_identical_job_with_an_explicit_seed_takes_the_stored_result_at_once(
+    gateway: Gateway, temporal_client: Client
+) -> None:
     await register_seeded_template(gateway)
     ran = await gateway.run(seeded(7))
     assert ran["status"] == "succeeded" and ran["cacheHit"] is False
@@ -131,6 +134,9 @@ async def test_an_identical_job_with_an_explicit_seed_takes_the_stored_result_at
     assert [(o["storagePath"], o["sha256"], o["size"]) for o in hit["outputs"]] == \
         [(o["storagePath"], o["sha256"], o["size"]) for o in ran["outputs"]]
     assert await comfy_history_for_job(gateway.comfyui.url, hit["jobId"]) == []
+    # A job of its own in Temporal too, which ended succeeded before the 202 was sent.
+    described = await temporal_client.get_workflow_handle(hit["jobId"]).describe()
+    assert described.status is WorkflowExecutionStatus.COMPLETED
     downloaded, original = [await gateway.api.get(job["outputs"][0]["url"]) for job in (hit, ran)]
     assert downloaded.status_code == 200 and downloaded.content == original.content
     events = (await gateway.api.get(f"/jobs/{hit['jobId']}/logs")).json()["events"]
