@@ -53,7 +53,10 @@ async def test_only_a_job_its_request_determines_is_cacheable(tmp_path: Path) ->
                                         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}},
                          input_schema={"type": "object", "fields": {"image": {"type": "image"}}})
     async with httpx.AsyncClient() as http:
-        intake = ImageIntake(LocalStorage(tmp_path), http, max_bytes=10**6, allow_private_urls=False)
+        async def note_use(keys: list[str]) -> None:
+            pass  # which job uses a stored image matters to retention, not to the cache
+
+        intake = ImageIntake(LocalStorage(tmp_path), note_use, http, max_bytes=10**6, allow_private_urls=False)
 
         async def prepared(row: TemplateRow, inputs: dict[str, Any]) -> bool:
             job = await prepare_job(template=row, workflow_json=None, given=inputs, limits=Limits.of_settings(2048, 4),
