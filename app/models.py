@@ -226,6 +226,8 @@ class RunPromptInput(BaseModel):
     prompt: dict[str, Any]
     timeout_seconds: float
     progress_webhook: ProgressWebhook | None = None
+    # PRIVACY_MODE: the job's free texts (app.redaction), kept out of the failure and log this activity writes.
+    redacted_texts: list[str] = Field(default_factory=list)
 
 
 class RunPromptResult(BaseModel):
