@@ -128,7 +128,10 @@ class ComfyActivities:
             if error.code is ErrorCode.COMFYUI_UNREACHABLE:
                 log.add(f"a{request.attempt}:gave-up", "warning", f"{error.message}; the job's time limit has passed",
                         {"code": error.code.value})
-            raise to_application_error(error, redactor) from error
+            if redactor:
+                # The cause would travel too (as the failure's cause, into tracebacks), with ComfyUI's words unredacted.
+                raise to_application_error(error, redactor) from None
+            raise to_application_error(error) from error
         except asyncio.CancelledError:
             cancellation = activity.cancellation_details()
             # A cancel the workflow asked for stops the prompt, and so does a workflow that is gone (terminated
