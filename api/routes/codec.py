@@ -15,11 +15,12 @@ from temporalio.api.common.v1 import Payload
 
 from api.deps import AdminDep, Principal
 from api.errors import validation_error
+from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
 from app.codec import EncryptionCodec, PayloadDecryptionError
 from app.errors import ErrorCode
 
-router = APIRouter(prefix="/codec", tags=["codec"])
+router = APIRouter(prefix="/codec", tags=["codec"], route_class=JsonBodyRoute)
 
 log = logging.getLogger(__name__)
 
