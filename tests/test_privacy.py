@@ -3,6 +3,7 @@ inputs, the /codec endpoints of the Temporal Web UI, and the proof on the dev se
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from httpx import ASGITransport
 from pydantic import ValidationError
 from sqlalchemy import text
@@ -34,7 +36,9 @@ from app.models import GenerationInput
 from app.redaction import REDACTED, Redactor, free_texts
 from app.settings import Settings
 from app.temporal_client import gateway_data_converter
-from tests.harness import ComfyUITarget, Gateway, api_client, gateway_settings, migrate_database
+from tests.harness import (
+    ComfyUITarget, Gateway, api_client, assert_eventually, free_port, gateway_settings, migrate_database,
+)
 from tests.test_replay import HISTORIES
 from worker.main import running_worker
 from workflows_temporal.generation import GenerationWorkflow
@@ -359,3 +363,31 @@ async def test_without_encryption_the_raw_history_shows_the_inputs(gateway: Gate
     job = await gateway.run({"workflowJson": flaky_graph(marker, 0)})
     assert job["status"] == "succeeded"
     assert [found for found in history_texts(raw_history(temporal_client, job["jobId"])) if marker in found]
+
+
+async def test_temporal_cli_reads_an_encrypted_history_through_the_codec_endpoint(
+    temporal_client: Client, comfyui: ComfyUITarget, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What an admin does (`--codec-endpoint <gateway>/codec`), with the real CLI against the API on a port."""
+    caplog.set_level(logging.INFO, logger="api.routes.codec")
+    marker = f"marker-{uuid.uuid4().hex}"
+    async with encrypted_gateway(
+        temporal_client, comfyui, tmp_path, privacy_mode=True, encryption_keys=new_key("A")
+    ) as (gateway, client):
+        job = await gateway.run({"workflowJson": flaky_graph(marker, 0)})
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(
+            create_app(gateway.settings, client), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+        serving = asyncio.create_task(server.serve())
+        try:
+            await assert_eventually(lambda: server.started, what="the API serving")
+            shown = await asyncio.to_thread(subprocess.run, [
+                temporal_cli(), "workflow", "show", "--workflow-id", job["jobId"], "-o", "json",
+                "--address", client.service_client.config.target_host, "--namespace", client.namespace,
+                "--codec-endpoint", f"http://127.0.0.1:{port}/codec",
+            ], capture_output=True, text=True, timeout=30, check=True)
+        finally:
+            server.should_exit = True
+            await serving
+    assert [found for found in history_texts(json.loads(shown.stdout)) if marker in found]
+    assert "decoded" in caplog.text and "anonymous" in caplog.text  # audit_codec_decode's line
