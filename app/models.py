@@ -202,6 +202,8 @@ class StageImagesInput(BaseModel):
     images: dict[str, str]
     # How long an unreachable ComfyUI is waited for (the job's limit); None, from older releases: no bound.
     timeout_seconds: float | None = None
+    # PRIVACY_MODE: the job's free texts (app.redaction), kept out of the failure this activity raises.
+    redacted_texts: list[str] = Field(default_factory=list)
 
 
 class StageImagesResult(BaseModel):

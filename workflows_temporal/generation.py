@@ -199,7 +199,7 @@ class GenerationWorkflow:
                 InputActivities.stage_images,
                 StageImagesInput(
                     job_id=job.job_id, backend=job.backend, prompt=prompt, images=rendered.image_sources,
-                    timeout_seconds=job.timeout_seconds,
+                    timeout_seconds=job.timeout_seconds, redacted_texts=self._free_texts(),
                 ),
                 start_to_close_timeout=timedelta(minutes=5),
                 heartbeat_timeout=timedelta(seconds=90),

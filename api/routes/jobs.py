@@ -26,6 +26,7 @@ from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
 from app.jobstore import JobFilter, JobSnapshot, estimate_wait_seconds, list_events, list_jobs
 from app.models import CamelModel, CancelRequest, GenerationInput, JobStatus, RetrySpec
+from app.redaction import free_texts
 from app.retention import link_job_inputs
 from app.safe_http import RefusedTarget
 from app.settings import Settings
@@ -219,7 +220,9 @@ async def create_job(
         callback_url=body.callback_url,
         webhook_events=list(dict.fromkeys(body.webhook_events or TERMINAL_EVENTS)),
     )
-    if len(job.model_dump_json()) > _MAX_JOB_BYTES:
+    # Under PRIVACY_MODE the prompt's activity also carries the job's free texts, to redact them (app.redaction).
+    redacted = free_texts(job.inputs, job.workflow_json) if job.privacy_mode else []
+    if len(job.model_dump_json()) + _json_size(redacted) > _MAX_JOB_BYTES:
         field = "workflowJson" if body.workflow_json is not None else "inputs"
         raise validation_error([{"field": field, "message": f"the job is larger than {_MAX_JOB_BYTES} bytes"}])
     try:
