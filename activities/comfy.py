@@ -26,6 +26,7 @@ from activities.waiting import while_unreachable
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
 from app.errors import ErrorCode
+from app.redaction import Redactor
 from app.models import (
     CancelPromptInput,
     CollectOutputsInput,
@@ -42,15 +43,17 @@ from app.models import (
 from app.storage import OutputStorage
 
 
-def to_application_error(error: ComfyError) -> ApplicationError:
+def to_application_error(error: ComfyError, redactor: Redactor | None = None) -> ApplicationError:
     """A ComfyUI failure → an activity failure typed by its classification (app.errors). A failure that is
     the job's outcome (a node error, OOM, a refused prompt) is benign to the worker: the job's log reports
     it, and the SDK logs it at DEBUG rather than as a WARNING with a traceback. So is an unreachable ComfyUI
     that reaches here: the activities wait it out (activities.waiting) and let it through only to give up,
-    once the job's time is spent, and the outage itself is logged once, by the backend's BackendHealth."""
+    once the job's time is spent, and the outage itself is logged once, by the backend's BackendHealth.
+    Under PRIVACY_MODE `redactor` takes the job's free texts out of ComfyUI's words before any log has them."""
+    redactor = redactor or Redactor([])
     return ApplicationError(
-        error.message,
-        error.details,
+        redactor.text(error.message),
+        redactor.value(error.details),
         type=error.code.value,
         non_retryable=not error.retryable,
         category=ApplicationErrorCategory.UNSPECIFIED if error.retryable else ApplicationErrorCategory.BENIGN,
@@ -104,7 +107,8 @@ class ComfyActivities:
             if details
             else PromptProgress(prompt_id=prompt_id_for(request.job_id, request.attempt))
         )
-        log = JobLog(self._engine, request.job_id)
+        redactor = Redactor(request.redacted_texts)
+        log = JobLog(self._engine, request.job_id, redactor)
         run = PromptRun(self._client(request.backend), request, progress, log)
         live_row = LiveRow(self._engine, request.job_id, request.attempt)
         webhooks = (
@@ -124,6 +128,9 @@ class ComfyActivities:
             if error.code is ErrorCode.COMFYUI_UNREACHABLE:
                 log.add(f"a{request.attempt}:gave-up", "warning", f"{error.message}; the job's time limit has passed",
                         {"code": error.code.value})
+            if redactor:
+                # The cause would travel too (as the failure's cause, into tracebacks), with ComfyUI's words unredacted.
+                raise to_application_error(error, redactor) from None
             raise to_application_error(error) from error
         except asyncio.CancelledError:
             cancellation = activity.cancellation_details()

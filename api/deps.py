@@ -5,12 +5,14 @@ owner check goes in one place too)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from fastapi import Depends, Request
 from sqlmodel import Session
 
 from api.database import Database
+from api.errors import ApiError
 from api.job_reader import JobReader
 from api.openapi import answers_with
 from api.temporal_connection import TemporalConnection
@@ -78,3 +80,28 @@ async def load_job(job_id: str, reader: JobReaderDep) -> JobSnapshot:
 
 
 JobDep = Annotated[JobSnapshot, Depends(load_job)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who calls. Without authentication configured the gateway runs open: every caller is an admin."""
+
+    id: str
+    role: Literal["admin", "user"]
+
+
+async def get_principal() -> Principal:
+    return Principal("anonymous", "admin")
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+@answers_with(ErrorCode.FORBIDDEN)
+async def require_admin(principal: PrincipalDep) -> Principal:
+    if principal.role != "admin":
+        raise ApiError(ErrorCode.FORBIDDEN, "this route is for admins")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(require_admin)]

@@ -15,6 +15,7 @@ from fastapi_offline import FastAPIOffline
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.client import Client
 
+from api.codec_cors import CodecCors
 from api.errors import install_error_handlers
 from api.job_reader import live_views
 from api.openapi import install_openapi
@@ -22,7 +23,8 @@ from api.plain_json import BodySizeLimit
 from api.probes import Probes
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
-from api.routes import health, jobs, outputs, workflows
+from api.routes import codec, health, jobs, outputs, workflows
+from app.codec import EncryptionCodec
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import make_engine
 from app.settings import Settings, get_settings
@@ -51,6 +53,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
+        keys = settings.encryption_key_ring
+        app.state.payload_codec = EncryptionCodec(keys) if keys else None  # for /codec, as the Temporal client's
         app.state.engine = make_engine(settings.resolved_database_url)
         prepare_database(app.state.engine)
         app.state.storage = build_storage(settings)
@@ -98,8 +102,10 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(BodySizeLimit)
+    # Outermost: a preflight for /codec is answered for the Web UI's origin before anything else sees it.
+    app.add_middleware(CodecCors, origins=settings.resolved_codec_cors_origins)
     install_error_handlers(app)
-    routers = [jobs.router, outputs.router, workflows.router, health.router]
+    routers = [jobs.router, outputs.router, workflows.router, health.router, codec.router]
     for router in routers:
         app.include_router(router)
     install_openapi(app, routers)

@@ -22,6 +22,7 @@ class ErrorCode(str, Enum):
     UNSUPPORTED_FIELD = "UNSUPPORTED_FIELD"
     REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
     NOT_FOUND = "NOT_FOUND"
+    FORBIDDEN = "FORBIDDEN"
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
     SERVER_BUSY = "SERVER_BUSY"
@@ -76,6 +77,7 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.UNSUPPORTED_FIELD: ErrorClass(400, False, False, _REQUEST, "a field this version does not support yet"),
     ErrorCode.REQUEST_TOO_LARGE: ErrorClass(413, False, False, _REQUEST, "the request body is over 64 MB"),
     ErrorCode.NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "no such route"),
+    ErrorCode.FORBIDDEN: ErrorClass(403, False, False, _REQUEST, "the route is for admins (e.g. `/codec/decode`)"),
     ErrorCode.METHOD_NOT_ALLOWED: ErrorClass(
         405, False, False, _REQUEST, "the route does not take this method (the `Allow` header says which it takes)"),
     ErrorCode.REQUEST_TIMEOUT: ErrorClass(

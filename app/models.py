@@ -219,6 +219,8 @@ class StageImagesInput(BaseModel):
     images: dict[str, str]
     # How long an unreachable ComfyUI is waited for (the job's limit); None, from older releases: no bound.
     timeout_seconds: float | None = None
+    # PRIVACY_MODE: the job's free texts (app.redaction), kept out of the failure this activity raises.
+    redacted_texts: list[str] = Field(default_factory=list)
 
 
 class StageImagesResult(BaseModel):
@@ -243,6 +245,8 @@ class RunPromptInput(BaseModel):
     prompt: dict[str, Any]
     timeout_seconds: float
     progress_webhook: ProgressWebhook | None = None
+    # PRIVACY_MODE: the job's free texts (app.redaction), kept out of the failure and log this activity writes.
+    redacted_texts: list[str] = Field(default_factory=list)
 
 
 class RunPromptResult(BaseModel):

@@ -6,9 +6,11 @@ from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
+
+from app.codec import EncryptionKey, parse_encryption_keys
 
 
 class StorageProvider(str, Enum):
@@ -30,7 +32,8 @@ def _split_csv(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    # hide_input_in_errors: a refused value may be a secret (ENCRYPTION_KEYS, WEBHOOK_SECRET); errors name the setting.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True)
 
     # HTTP API
     port: int = Field(3000, ge=1, le=65535, description="where the API listens")
@@ -38,7 +41,16 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed to call the API from a browser")
     log_level: LogLevel = Field(LogLevel.info, description="DEBUG, INFO, WARNING or ERROR")
-    privacy_mode: bool = Field(False, description="keep job inputs out of the database and the logs")
+    privacy_mode: bool = Field(
+        False, description="keep job inputs (prompts and other text) out of the database, the job log and the logs; "
+                           "needs ENCRYPTION_KEYS, which keeps them out of Temporal's history")
+    encryption_keys: SecretStr | None = Field(
+        None, description="encrypt every Temporal payload (AES-GCM): id:base64key,... with 16, 24 or 32-byte keys; "
+                          "the first encrypts, all decrypt (rotate by putting a new key first)")
+    codec_cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated browser origins (a Temporal Web UI) allowed to call /codec/encode and "
+                    "/codec/decode; default the dev server's UI, http://localhost:TEMPORAL_UI_PORT")
     # Against clients that are slow or many (`comfyui-gateway api` and `dev`).
     api_header_timeout_s: float = Field(
         10.0, gt=0, description="how long a client may take to send a request's line and headers; then it is cut off")
@@ -124,7 +136,8 @@ class Settings(BaseSettings):
     rate_limit_max: int | None = Field(None, description="requests per window (soon)")
     rate_limit_window_ms: int | None = Field(None, description="rate limit window (soon)")
 
-    _split_lists = field_validator("cors_origins", "api_keys", "webhook_allowed_domains", mode="before")(
+    _split_lists = field_validator(
+        "cors_origins", "codec_cors_origins", "api_keys", "webhook_allowed_domains", mode="before")(
         _split_csv
     )
 
@@ -140,6 +153,23 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/") if value else value
+
+    @field_validator("encryption_keys")
+    @classmethod
+    def _valid_encryption_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_encryption_keys(value.get_secret_value())  # its errors never quote key material
+        return value
+
+    @model_validator(mode="after")
+    def _privacy_needs_encryption(self) -> "Settings":
+        if self.privacy_mode and self.encryption_keys is None:
+            raise ValueError(
+                "PRIVACY_MODE=true needs ENCRYPTION_KEYS: without them the job inputs stay readable in Temporal's "
+                "history (generate a key with: python -c \"import os,base64;print('k1:'+base64.b64encode("
+                "os.urandom(32)).decode())\")"
+            )
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -193,6 +223,16 @@ class Settings(BaseSettings):
     @property
     def resolved_public_base_url(self) -> str:
         return self.public_base_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def encryption_key_ring(self) -> list[EncryptionKey]:
+        """The keys of ENCRYPTION_KEYS, the encrypting one first; empty when encryption is off."""
+        return parse_encryption_keys(self.encryption_keys.get_secret_value()) if self.encryption_keys else []
+
+    @property
+    def resolved_codec_cors_origins(self) -> list[str]:
+        return self.codec_cors_origins or [f"http://localhost:{self.temporal_ui_port}",
+                                           f"http://127.0.0.1:{self.temporal_ui_port}"]
 
     @property
     def job_timeout_seconds(self) -> float:

@@ -3,12 +3,16 @@ search attributes the workflow writes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.service import RPCError
 
+from app.codec import EncryptionCodec
 from app.search_attributes import JOB_SEARCH_ATTRIBUTES
 from app.settings import Settings
 
@@ -17,9 +21,24 @@ class SearchAttributesMissing(RuntimeError):
     """The namespace lacks the gateway's search attributes and would not take them."""
 
 
+def gateway_data_converter(settings: Settings) -> DataConverter:
+    """Pydantic payloads; with ENCRYPTION_KEYS every payload encrypted, and failures too: their message and
+    stack trace move into an encrypted payload (what Temporal shows is "Encoded failure"), since an error
+    may quote an input. The API and the worker must use the same one. Search attributes stay readable: they
+    hold only a job's status and template id."""
+    keys = settings.encryption_key_ring
+    if not keys:
+        return pydantic_data_converter
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=EncryptionCodec(keys),
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
+
+
 async def connect_temporal(settings: Settings) -> Client:
     return await Client.connect(
-        settings.temporal_address, namespace=settings.temporal_namespace, data_converter=pydantic_data_converter
+        settings.temporal_address, namespace=settings.temporal_namespace, data_converter=gateway_data_converter(settings)
     )
 
 

@@ -86,7 +86,8 @@ async def test_inputs_are_stored_with_the_job(gateway: Gateway) -> None:
                                                            "filename_prefix": "gateway"}
 
 
-@pytest.mark.settings(privacy_mode=True)
+# PRIVACY_MODE needs keys; this fixture's Temporal client has no codec (tests/test_privacy.py runs with one).
+@pytest.mark.settings(privacy_mode=True, encryption_keys="test:" + "A" * 43 + "=")
 async def test_privacy_mode_keeps_inputs_out_of_stored_records(gateway: Gateway) -> None:
     job = await gateway.run({"workflowId": "solid_color", "inputs": {"width": 32, "height": 32, "color": 7}})
     assert job["status"] == "succeeded"

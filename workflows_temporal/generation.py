@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         accepted_state,
         prompt_id_for,
     )
+    from app.redaction import Redactor, free_texts
     from app.search_attributes import JOB_STATUS, TEMPLATE_ID
     from app.webhooks.events import PROGRESS_EVENT
     from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
@@ -119,10 +120,13 @@ class GenerationWorkflow:
         self._indexed = False
         self._indexed_status: JobStatus | None = None
         self._webhook_started = False
+        self._redactor = Redactor([])
 
     @workflow.run
     async def run(self, job: GenerationInput) -> JobState:
         self._job = job
+        # PRIVACY_MODE: what the job records (row, log, webhooks, failure) never quotes its free-text inputs.
+        self._redactor = Redactor(self._free_texts())
         self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
         self._state = accepted_state(job)
         if job.cached_result is not None:
@@ -149,7 +153,7 @@ class GenerationWorkflow:
                 if not signalled:
                     raise  # cancelled through Temporal itself (Web UI, CLI): the workflow ends as Canceled
                 return self._state
-            error = job_error_from(failure)
+            error = self._redacted(job_error_from(failure))
             await self._finish(JobStatus.failed, error=error)
             raise ApplicationError(error.message, error.model_dump(mode="json"), type=error.code.value, non_retryable=True)
         return self._state
@@ -200,7 +204,7 @@ class GenerationWorkflow:
                 InputActivities.stage_images,
                 StageImagesInput(
                     job_id=job.job_id, backend=job.backend, prompt=prompt, images=rendered.image_sources,
-                    timeout_seconds=job.timeout_seconds,
+                    timeout_seconds=job.timeout_seconds, redacted_texts=self._free_texts(),
                 ),
                 start_to_close_timeout=timedelta(minutes=5),
                 heartbeat_timeout=timedelta(seconds=90),
@@ -256,6 +260,7 @@ class GenerationWorkflow:
                         prompt=prompt,
                         timeout_seconds=job.timeout_seconds,
                         progress_webhook=self._progress_webhook(job),
+                        redacted_texts=self._free_texts(),
                     ),
                     task_queue=job.backend_task_queue,
                     start_to_close_timeout=timedelta(seconds=job.timeout_seconds + 60),
@@ -299,6 +304,7 @@ class GenerationWorkflow:
     async def _finish(self, status: JobStatus, error: JobError | None = None) -> None:
         assert self._state is not None
         self._state.status = status
+        error = self._redacted(error) if error is not None else None
         self._state.error = error
         self._state.completed_at = workflow.now()
         data: dict[str, Any] = {"status": status.value}
@@ -341,11 +347,22 @@ class GenerationWorkflow:
 
     # --- the jobs table and the event log --------------------------------------------------------
 
+    def _free_texts(self) -> list[str]:
+        assert self._job is not None
+        return free_texts(self._job.inputs, self._job.workflow_json) if self._job.privacy_mode else []
+
+    def _redacted(self, error: JobError) -> JobError:
+        if not self._redactor:
+            return error
+        return JobError(code=error.code, message=self._redactor.text(error.message),
+                        details=self._redactor.value(error.details))
+
     def _event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         self._event_seq += 1
-        self._pending_events.append(
-            JobEventInput(key=f"wf:{self._event_seq}", at=workflow.now(), kind=kind, message=message, data=data or {})
-        )
+        self._pending_events.append(JobEventInput(
+            key=f"wf:{self._event_seq}", at=workflow.now(), kind=kind,
+            message=self._redactor.text(message), data=self._redactor.value(data or {}),
+        ))
 
     def _index(self) -> None:
         """Keep the job's search attributes in step with its status, for operators searching the Web UI."""

@@ -57,6 +57,7 @@ from app.models import (
     RetrySpec,
     accepted_state,
 )
+from app.redaction import free_texts
 from app.retention import link_job_inputs
 from app.result_cache import cache_key, find_cached_result
 from app.safe_http import RefusedTarget
@@ -286,7 +287,9 @@ async def create_job(
         cached_result=await _cached_result(db, storage, settings, result_key),
         request_fingerprint=fingerprint,
     )
-    if len(job.model_dump_json()) > _MAX_JOB_BYTES:
+    # Under PRIVACY_MODE the prompt's activity also carries the job's free texts, to redact them (app.redaction).
+    redacted = free_texts(job.inputs, job.workflow_json) if job.privacy_mode else []
+    if len(job.model_dump_json()) + _json_size(redacted) > _MAX_JOB_BYTES:
         field = "workflowJson" if body.workflow_json is not None else "inputs"
         raise validation_error([{"field": field, "message": f"the job is larger than {_MAX_JOB_BYTES} bytes"}])
     client = temporal.require()
