@@ -23,6 +23,7 @@ from tests.harness import (
     ComfyUITarget,
     ExternalComfyUI,
     Gateway,
+    MotoServerProcess,
     SimulatorProcess,
     api_client,
     gateway_settings,
@@ -76,6 +77,15 @@ def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyUITarget]
     process.start()
     yield process
     process.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServerProcess]:
+    """One real S3 HTTP endpoint (moto's server) for the session; each test makes a bucket of its own."""
+    server = MotoServerProcess(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
 from typing import BinaryIO
 
-from app.storage.base import validate_key
+from app.storage.base import validate_key, validate_prefix
 
 
 class LocalStorage:
     provider = "local"
+    signs_urls = False
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -46,3 +48,25 @@ class LocalStorage:
 
     def download_url(self, key: str, api_route: str) -> str:
         return api_route  # the API streams local files itself
+
+    def delete_prefix(self, prefix: str) -> int:
+        validate_prefix(prefix)
+        # Only the folder the prefix ends in can hold matching keys: walk that, not the whole store.
+        folder = self.root / prefix.rpartition("/")[0]
+        if not folder.is_dir():
+            return 0
+        deleted = 0
+        for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders that hold them
+            key = path.relative_to(self.root).as_posix()
+            if not key.startswith(prefix):
+                continue
+            if path.is_dir():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+                deleted += not path.name.endswith(".part")  # a put's staging file is not an object
+        if folder != self.root and f"{folder.relative_to(self.root).as_posix()}/".startswith(prefix):
+            with contextlib.suppress(OSError):  # left in place when something else is in it
+                folder.rmdir()
+        return deleted
