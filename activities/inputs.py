@@ -23,7 +23,7 @@ from app.images.decoding import ImageInputError
 from app.images.load_image import comfy_upload_name, replace_load_image_sources
 from app.images.loading import load_image_source
 from app.models import JobWarning, StageImagesInput, StageImagesResult, StepHeartbeat
-from app.storage import OutputStorage
+from app.storage import OutputStorage, StorageError
 
 
 def _image_input_failure(error: ImageInputError) -> ApplicationError:
@@ -101,3 +101,5 @@ class InputActivities:
             raise _image_input_failure(error) from error
         except ComfyError as error:
             raise to_application_error(error) from error
+        except StorageError as error:  # a stored inline image could not be read back (the bucket is down)
+            raise ApplicationError(f"{key}: {error}", type=ErrorCode.STORAGE_ERROR.value) from error

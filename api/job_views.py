@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 from pydantic import Field
+from starlette.concurrency import run_in_threadpool
 
 from app.jobstore import JobSnapshot
 from app.models import CamelModel, JobError, JobStatus, JobWarning, OutputRef
@@ -17,8 +18,10 @@ from app.storage import OutputStorage
 
 class OutputFile(CamelModel):
     filename: str
-    storage_path: str = Field(description="where the file is stored: its key under STORAGE_LOCAL_PATH")
-    url: str = Field(description="where to download it")
+    storage_path: str = Field(
+        description="where the file is stored: its key under STORAGE_LOCAL_PATH, or s3://bucket/key")
+    url: str = Field(description="where to download it: the gateway's /outputs route, or (S3) a presigned URL made "
+                                 "when the job was read, valid for S3_PRESIGN_EXPIRY_S")
     size: int
     sha256: str
     content_type: str
@@ -51,11 +54,15 @@ class Job(CamelModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+def output_route(job_id: str, output: OutputRef) -> str:
+    """The gateway's own route for the file."""
+    return f"/outputs/{job_id}/{quote(output.filename, safe='')}"
+
+
 def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> OutputFile:
-    route = f"/outputs/{job_id}/{quote(output.filename, safe='')}"
     return OutputFile(
         filename=output.filename, storage_path=storage.location(output.storage_key),
-        url=storage.download_url(output.storage_key, route),
+        url=storage.download_url(output.storage_key, output_route(job_id, output)),
         size=output.size, sha256=output.sha256, content_type=output.content_type, node_id=output.node_id,
         animated=output.animated,
     )
@@ -83,3 +90,10 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
         ),
         metadata=state.metadata,
     )
+
+
+async def public_job_off_loop(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
+    """public_job, on a thread when the store signs its URLs with its SDK (boto3 is not for the event loop)."""
+    if storage.signs_urls:
+        return await run_in_threadpool(public_job, snapshot, storage)
+    return public_job(snapshot, storage)

@@ -42,6 +42,17 @@ class JobStatus(str, Enum):
 LIVE_STATUSES = (JobStatus.queued, JobStatus.running)
 
 
+class OutputFormat(str, Enum):
+    """What a job's still images are stored as (`outputFormat`); animated images and videos stay as they are."""
+
+    png = "png"
+    jpg = "jpg"
+    webp = "webp"
+
+
+DEFAULT_OUTPUT_QUALITY = 90
+
+
 class JobError(CamelModel):
     code: ErrorCode
     message: str
@@ -156,6 +167,9 @@ class GenerationInput(BaseModel):
     backend_task_queue: str
     created_at: datetime
     privacy_mode: bool = False
+    # None (jobs from before output formats): outputs are stored as ComfyUI wrote them.
+    output_format: OutputFormat | None = None
+    output_quality: int = DEFAULT_OUTPUT_QUALITY
 
 
 # By name: the activity that sends it cannot import the workflow, which imports the activity.
@@ -231,6 +245,9 @@ class CollectOutputsInput(BaseModel):
     outputs: dict[str, dict[str, Any]]
     # How long an unreachable ComfyUI is waited for (the job's limit); None, from older releases: no bound.
     timeout_seconds: float | None = None
+    # What still images are converted to; None, from older releases: stored as ComfyUI wrote them.
+    output_format: OutputFormat | None = None
+    output_quality: int = DEFAULT_OUTPUT_QUALITY
 
 
 class CollectOutputsResult(BaseModel):

@@ -18,14 +18,23 @@ from temporalio.service import RPCError
 
 from api.deps import DatabaseDep, JobDep, JobReaderDep, SessionDep, SettingsDep, StorageDep, TemporalDep
 from api.errors import ApiError, invalid_input, validation_error
-from api.job_views import Job, public_job
+from api.job_views import Job, public_job, public_job_off_loop
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
 from app.jobstore import JobFilter, JobSnapshot, estimate_wait_seconds, list_events, list_jobs
-from app.models import CamelModel, CancelRequest, GenerationInput, JobStatus, RetrySpec
+from app.models import (
+    DEFAULT_OUTPUT_QUALITY,
+    CamelModel,
+    CancelRequest,
+    GenerationInput,
+    JobStatus,
+    OutputFormat,
+    RetrySpec,
+)
+from app.storage import StorageError
 from app.submission import ImageIntake, prepare_job
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
@@ -104,8 +113,12 @@ class CreateJobRequest(CamelModel):
     metadata: dict[str, Any] = Field(default_factory=dict, description="echoed back with the job")
     retry: RetryRequest = Field(default_factory=RetryRequest)
     timeout_seconds: float | None = Field(None, gt=0, le=_MAX_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")
+    output_format: OutputFormat = Field(
+        OutputFormat.png, description="what still images are stored as; animated images and videos stay as they are")
+    quality: int = Field(
+        DEFAULT_OUTPUT_QUALITY, ge=1, le=100, description="jpg and webp encoding quality; png is lossless and ignores it")
 
-    _numbers = field_validator("timeout_seconds", mode="before")(_json_number)
+    _numbers = field_validator("timeout_seconds", "quality", mode="before")(_json_number)
 
     @model_validator(mode="after")
     def _one_workflow(self) -> "CreateJobRequest":
@@ -155,7 +168,7 @@ def _json_size(value: Any) -> int:
 
 
 @router.post("", status_code=202, response_model=CreateJobResponse)
-@answers_with(ErrorCode.UNSUPPORTED_FIELD, ErrorCode.WORKFLOW_NOT_FOUND)
+@answers_with(ErrorCode.UNSUPPORTED_FIELD, ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.STORAGE_ERROR)
 async def create_job(
     body: CreateJobRequest,
     request: Request,
@@ -189,6 +202,8 @@ async def create_job(
         )
     except InvalidInput as error:
         raise invalid_input(error) from error
+    except StorageError as error:
+        raise ApiError(ErrorCode.STORAGE_ERROR, f"an inline image could not be stored: {error}") from error
 
     backend = configured_backends(settings)[0]
     job_id = str(uuid.uuid4())
@@ -206,6 +221,8 @@ async def create_job(
         backend_task_queue=backend_task_queue(settings, backend.id),
         created_at=datetime.now(timezone.utc),
         privacy_mode=settings.privacy_mode,
+        output_format=body.output_format,
+        output_quality=body.quality,
     )
     if len(job.model_dump_json()) > _MAX_JOB_BYTES:
         field = "workflowJson" if body.workflow_json is not None else "inputs"
@@ -244,7 +261,7 @@ def get_jobs(
 
 @router.get("/{job_id}", response_model=Job)
 async def get_job(job: JobDep, storage: StorageDep) -> Job:
-    return public_job(job, storage)
+    return await public_job_off_loop(job, storage)
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
