@@ -164,9 +164,9 @@ class MotoServerProcess:
         return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="test",
                             aws_secret_access_key="test")
 
-    def create_bucket(self) -> str:
-        """A new empty bucket, named for the caller alone."""
-        bucket = f"test-{uuid.uuid4().hex[:16]}"
+    def create_bucket(self, bucket: str | None = None) -> str:
+        """A new empty bucket, by default named for the caller alone."""
+        bucket = bucket or f"test-{uuid.uuid4().hex[:16]}"
         self.client().create_bucket(Bucket=bucket)
         return bucket
 
