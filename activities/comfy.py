@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from activities.heartbeats import heartbeating
 from activities.job_log import JobLog
 from activities.live_row import LiveRow
+from activities.progress_webhooks import ProgressWebhooks
 from activities.prompt_run import PromptRun, stop_prompt
 from activities.waiting import while_unreachable
 from app.comfy.client import ComfyClient
@@ -31,6 +32,7 @@ from app.models import (
     CollectOutputsResult,
     JobWarning,
     OutputRef,
+    ProgressWebhook,
     PromptProgress,
     RunPromptInput,
     RunPromptResult,
@@ -66,11 +68,17 @@ def unknown_backend(backend: str) -> ApplicationError:
     )
 
 
+# A job's progress webhooks for one prompt run: (job id, what the job asked for) → its sender.
+ProgressWebhooksFactory = Callable[[str, ProgressWebhook], ProgressWebhooks]
+
+
 class ComfyActivities:
     def __init__(
-        self, clients: Mapping[str, ComfyClient], storage: OutputStorage, engine: Engine, scratch_dir: Path
+        self, clients: Mapping[str, ComfyClient], storage: OutputStorage, engine: Engine, scratch_dir: Path,
+        progress_webhooks: ProgressWebhooksFactory | None = None,
     ) -> None:
         self._clients = clients
+        self._progress_webhooks = progress_webhooks
         self._storage = storage
         self._engine = engine
         self._scratch_dir = scratch_dir
@@ -100,8 +108,18 @@ class ComfyActivities:
         log = JobLog(self._engine, request.job_id)
         run = PromptRun(self._client(request.backend), request, progress, log)
         live_row = LiveRow(self._engine, request.job_id, request.attempt)
+        webhooks = (
+            self._progress_webhooks(request.job_id, request.progress_webhook)
+            if request.progress_webhook is not None and self._progress_webhooks is not None else None
+        )
+
+        def after_heartbeat() -> None:
+            live_row.offer(progress.live())
+            if webhooks is not None:
+                webhooks.offer(progress)
+
         try:
-            async with heartbeating(lambda: run.tick().model_dump(by_alias=True), lambda: live_row.offer(progress.live())):
+            async with heartbeating(lambda: run.tick().model_dump(by_alias=True), after_heartbeat):
                 return await while_unreachable(run.run, on_wait=run.waiting, give_up=run.past_time_limit)
         except ComfyError as error:
             if error.code is ErrorCode.COMFYUI_UNREACHABLE:
@@ -118,6 +136,8 @@ class ComfyActivities:
             raise
         finally:
             await live_row.close()
+            if webhooks is not None:
+                await webhooks.close()
             await log.flush(force=True)
 
     # --- cancel_prompt ---------------------------------------------------------------------------

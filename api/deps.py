@@ -47,7 +47,18 @@ async def get_storage(request: Request) -> OutputStorage:
     return request.app.state.storage
 
 
+# Every caller, until authentication exists.
+ANONYMOUS = "anonymous"
+
+
+async def get_caller() -> str:
+    """Who is calling: what scopes an idempotency key, so two callers' keys never name the same job. There is
+    no authentication yet, so everyone is ANONYMOUS; API keys and JWT replace this dependency."""
+    return ANONYMOUS
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+CallerDep = Annotated[str, Depends(get_caller)]
 SessionDep = Annotated[Session, Depends(get_session)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 TemporalDep = Annotated[TemporalConnection, Depends(get_temporal)]

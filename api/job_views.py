@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote
 
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from app.jobstore import JobSnapshot
-from app.models import CamelModel, JobError, JobStatus, JobWarning, OutputRef
+from app.models import CamelModel, JobError, JobStatus, JobWarning, OutputRef, WebhookStatus
+from app.output_routes import output_route
 from app.storage import OutputStorage
 
 
@@ -52,17 +52,16 @@ class Job(CamelModel):
     warning: JobWarning | None = Field(None, description="why a live job is waiting; cleared when it runs again")
     timing: JobTiming
     metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-def output_route(job_id: str, output: OutputRef) -> str:
-    """The gateway's own route for the file."""
-    return f"/outputs/{job_id}/{quote(output.filename, safe='')}"
+    webhook: WebhookStatus | None = Field(
+        None, description="how the job's webhook (its final event's) has fared; null without a callbackUrl or "
+                          "before its first attempt. Never changes the job's status")
+    cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job; nothing ran")
 
 
 def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> OutputFile:
     return OutputFile(
         filename=output.filename, storage_path=storage.location(output.storage_key),
-        url=storage.download_url(output.storage_key, output_route(job_id, output)),
+        url=storage.download_url(output.storage_key, output_route(job_id, output.filename)),
         size=output.size, sha256=output.sha256, content_type=output.content_type, node_id=output.node_id,
         animated=output.animated,
     )
@@ -89,6 +88,8 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
             execution_time_ms=state.execution_time_ms,
         ),
         metadata=state.metadata,
+        webhook=snapshot.webhook,
+        cache_hit=state.cache_hit,
     )
 
 

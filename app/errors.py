@@ -30,6 +30,7 @@ class ErrorCode(str, Enum):
     WORKFLOW_CONFLICT = "WORKFLOW_CONFLICT"
     JOB_NOT_FOUND = "JOB_NOT_FOUND"
     JOB_ALREADY_FINISHED = "JOB_ALREADY_FINISHED"
+    IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
     OUTPUT_NOT_FOUND = "OUTPUT_NOT_FOUND"
     OUTPUT_FILE_MISSING = "OUTPUT_FILE_MISSING"
     JOB_CANCELLED = "JOB_CANCELLED"
@@ -43,6 +44,9 @@ class ErrorCode(str, Enum):
     PROMPT_LOST = "PROMPT_LOST"
     IMAGE_FETCH_FAILED = "IMAGE_FETCH_FAILED"
     STORAGE_ERROR = "STORAGE_ERROR"
+    WEBHOOK_NOT_CONFIGURED = "WEBHOOK_NOT_CONFIGURED"
+    WEBHOOK_DELIVERY_FAILED = "WEBHOOK_DELIVERY_FAILED"
+    WEBHOOK_TARGET_REFUSED = "WEBHOOK_TARGET_REFUSED"
     TEMPORAL_UNAVAILABLE = "TEMPORAL_UNAVAILABLE"
     CONFIGURATION_ERROR = "CONFIGURATION_ERROR"
     INTERNAL_ERROR = "INTERNAL_ERROR"
@@ -61,6 +65,8 @@ class ErrorClass:
 
 
 _REQUEST, _JOB, _BOTH = "request", "job", "request, job"
+# A webhook's delivery attempts are in the job's log (`GET /jobs/{id}/logs`); they never change the job.
+_JOB_LOG = "job log"
 
 ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.VALIDATION_ERROR: ErrorClass(
@@ -85,6 +91,10 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
         409, False, False, _REQUEST, "a concurrent update took the same template version first"),
     ErrorCode.JOB_NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "no such job"),
     ErrorCode.JOB_ALREADY_FINISHED: ErrorClass(409, False, False, _REQUEST, "the job has finished; it cannot be cancelled"),
+    ErrorCode.IDEMPOTENCY_CONFLICT: ErrorClass(
+        409, False, False, _REQUEST,
+        "a job with this idempotency key (`Idempotency-Key` or `metadata.requestId`) was submitted with a different "
+        "body (`details.jobId` names it)"),
     ErrorCode.OUTPUT_NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "the job has no output of this name"),
     ErrorCode.OUTPUT_FILE_MISSING: ErrorClass(
         404, False, False, _REQUEST, "the job has this output, but its file is gone from storage"),
@@ -121,6 +131,17 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
         "storing or reading an output or an image input failed (a full disk, a bucket down or refusing); a job "
         "retries it and fails with it when it lasts; at `POST /jobs`, an inline image was not stored and no job "
         "was created"),
+    ErrorCode.WEBHOOK_NOT_CONFIGURED: ErrorClass(
+        400, False, False, _REQUEST,
+        "a `callbackUrl` was given but the gateway has no `WEBHOOK_SECRET`: it never sends unsigned webhooks"),
+    ErrorCode.WEBHOOK_DELIVERY_FAILED: ErrorClass(
+        502, True, False, _JOB_LOG,
+        "a webhook attempt got no 2xx (another status, a redirect, a timeout, a refused connection); tried again "
+        "with backoff for `WEBHOOK_RETRY_FOR_S`"),
+    ErrorCode.WEBHOOK_TARGET_REFUSED: ErrorClass(
+        400, False, False, _JOB_LOG,
+        "a webhook is not tried again: the receiver answered 410 Gone, or its host resolves to an address the "
+        "gateway may not reach (or to none)"),
     ErrorCode.TEMPORAL_UNAVAILABLE: ErrorClass(
         503, False, False, _REQUEST, "Temporal is not reachable; nothing was created or changed"),
     ErrorCode.CONFIGURATION_ERROR: ErrorClass(

@@ -3,7 +3,8 @@
 The jobs table is each job's workflow's projection. The workflow writes a job's state (status, attempts,
 outputs, error, timing) at every status change, through `record_job`. The prompt activity keeps the live
 columns (progress, current node, queue position, warning) current, throttled, and only while the job is
-live on the attempt it runs. The one other writer is the worker's reconciler, for a workflow terminated in
+live on the attempt it runs. The webhook delivery activity keeps the `webhook` column (how the job's webhook
+has fared) and nothing else. The one other writer is the worker's reconciler, for a workflow terminated in
 Temporal, which can no longer write its own end.
 """
 
@@ -18,7 +19,7 @@ from sqlmodel import Session, col, select
 
 from app.db import as_utc
 from app.models import LIVE_STATUSES, JobError, JobEventInput, JobState, JobStatus, JobWarning, LiveProgress, OutputRef
-from app.models import RecordJobInput
+from app.models import RecordJobInput, WebhookStatus
 from app.tables import JobEventRow, JobRow
 
 
@@ -28,6 +29,7 @@ class JobSnapshot:
 
     state: JobState
     live: LiveProgress
+    webhook: WebhookStatus | None = None
 
 
 def record_job(session: Session, record: RecordJobInput) -> None:
@@ -57,6 +59,10 @@ def record_job(session: Session, record: RecordJobInput) -> None:
     row.started_at = job.started_at
     row.completed_at = job.completed_at
     row.execution_time_ms = job.execution_time_ms
+    row.cache_key = record.cache_key
+    row.cache_hit = job.cache_hit
+    row.cached_from = job.cached_from
+    row.request_fingerprint = record.request_fingerprint
     row.updated_at = datetime.now(timezone.utc)
     session.add(row)
     _insert_events(session, job.job_id, record.events)
@@ -83,6 +89,16 @@ def write_live_progress(session: Session, job_id: str, attempt: int, live: LiveP
     )
     session.commit()
     return result.rowcount > 0
+
+
+def record_webhook_attempt(session: Session, job_id: str, status: WebhookStatus, event: JobEventInput) -> None:
+    """One delivery attempt of the job's webhook: its row's `webhook` and the attempt in its log (keyed per
+    attempt, so a write that is repeated is stored once). Never the job's status."""
+    session.execute(
+        update(JobRow).where(col(JobRow.job_id) == job_id).values(webhook=status.model_dump(by_alias=True))
+    )
+    _insert_events(session, job_id, [event])
+    session.commit()
 
 
 def close_ended_job(session: Session, job_id: str, error: JobError, completed_at: datetime, event: JobEventInput) -> bool:
@@ -139,12 +155,15 @@ def job_snapshot(row: JobRow) -> JobSnapshot:
         completed_at=as_utc(row.completed_at),
         execution_time_ms=row.execution_time_ms,
         metadata=row.job_metadata,
+        cache_hit=row.cache_hit,
+        cached_from=row.cached_from,
     )
     live = LiveProgress(
         percent=row.progress, node=row.current_node, queue_position=row.queue_position,
         warning=JobWarning.model_validate(row.warning) if row.warning else None,
     )
-    return JobSnapshot(state, live)
+    webhook = WebhookStatus.model_validate(row.webhook) if row.webhook else None
+    return JobSnapshot(state, live, webhook)
 
 
 def get_job(session: Session, job_id: str) -> JobRow | None:
@@ -154,6 +173,29 @@ def get_job(session: Session, job_id: str) -> JobRow | None:
 def get_job_snapshot(session: Session, job_id: str) -> JobSnapshot | None:
     row = get_job(session, job_id)
     return job_snapshot(row) if row is not None else None
+
+
+def request_fingerprint_of(session: Session, job_id: str) -> tuple[JobSnapshot, str | None] | None:
+    """The job with this id and the fingerprint of the request that made it, if it has a row."""
+    row = get_job(session, job_id)
+    return (job_snapshot(row), row.request_fingerprint) if row is not None else None
+
+
+def cached_results(session: Session, cache_key: str, completed_after: datetime, limit: int = 3) -> list[JobSnapshot]:
+    """The latest succeeded jobs with this cache key that ran (not hits themselves) and completed after
+    `completed_after`, newest first: a hit reuses a result for the TTL after it was made, not after its last hit."""
+    rows = session.exec(
+        select(JobRow)
+        .where(
+            col(JobRow.cache_key) == cache_key,
+            col(JobRow.status) == JobStatus.succeeded.value,
+            col(JobRow.cached_from).is_(None),
+            col(JobRow.completed_at) > completed_after,
+        )
+        .order_by(col(JobRow.completed_at).desc())
+        .limit(limit)
+    ).all()
+    return [job_snapshot(row) for row in rows]
 
 
 @dataclass(frozen=True)

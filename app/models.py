@@ -19,6 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode
+from app.webhooks.events import TERMINAL_EVENTS
 
 
 class CamelModel(BaseModel):
@@ -99,6 +100,9 @@ class JobState(CamelModel):
     completed_at: datetime | None = None
     execution_time_ms: int | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # A result cache hit: the outputs are those of job `cached_from` (the same storage keys); nothing ran.
+    cache_hit: bool = False
+    cached_from: str | None = None
 
 
 class LiveProgress(CamelModel):
@@ -153,6 +157,13 @@ class StepHeartbeat(CamelModel):
 # --- workflow, signal and activity inputs and results ---------------------------------------------
 
 
+class CachedResult(BaseModel):
+    """An earlier job's result that a new job takes as its own (a result cache hit): its outputs' storage keys."""
+
+    source_job_id: str
+    outputs: list[OutputRef]
+
+
 class GenerationInput(BaseModel):
     job_id: str
     template_id: str | None = None
@@ -170,6 +181,19 @@ class GenerationInput(BaseModel):
     # None (jobs from before output formats): outputs are stored as ComfyUI wrote them.
     output_format: OutputFormat | None = None
     output_quality: int = DEFAULT_OUTPUT_QUALITY
+    # Where the job's webhooks go (checked at submit, resolved and checked again at each delivery), and which.
+    callback_url: str | None = None
+    webhook_events: list[str] = Field(default_factory=lambda: list(TERMINAL_EVENTS))
+
+    # SHA-256 of the result cache key (app.result_cache); None when the job's result is not cacheable.
+    cache_key: str | None = None
+    # Given: the job finishes at once with this result, and never reaches ComfyUI.
+    cached_result: CachedResult | None = None
+    # SHA-256 of the request, for a job submitted with an idempotency key (app.idempotency).
+    request_fingerprint: str | None = None
+
+    def wants_webhook(self, event: str) -> bool:
+        return self.callback_url is not None and event in self.webhook_events
 
 
 # By name: the activity that sends it cannot import the workflow, which imports the activity.
@@ -217,12 +241,22 @@ class StageImagesResult(BaseModel):
     prompt: dict[str, Any]
 
 
+class ProgressWebhook(BaseModel):
+    """What the prompt activity needs to send a job's opt-in `job.progress` webhooks."""
+
+    callback_url: str
+    template_id: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+
+
 class RunPromptInput(BaseModel):
     job_id: str
     backend: str
     attempt: int
     prompt: dict[str, Any]
     timeout_seconds: float
+    progress_webhook: ProgressWebhook | None = None
 
 
 class RunPromptResult(BaseModel):
@@ -270,7 +304,61 @@ class RecordJobInput(BaseModel):
     backend: str
     prompt_id: str | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
+    cache_key: str | None = None
+    request_fingerprint: str | None = None
     events: list[JobEventInput] = Field(default_factory=list)
+
+
+class WebhookStatus(CamelModel):
+    """How a job's webhook (its terminal event's) has fared: kept on the job's row by the delivery activity."""
+
+    delivered: bool = False
+    attempts: int = 0
+    # The receiver's last HTTP status; None when the last attempt got no answer (timeout, refused connection).
+    last_status: int | None = None
+
+
+class WebhookDeliveryInput(BaseModel):
+    """WebhookDeliveryWorkflow's input: one event of one job, its state as the event saw it."""
+
+    event: str
+    callback_url: str
+    job: JobState
+
+
+class BuildWebhookInput(BaseModel):
+    event: str
+    job: JobState
+
+
+class BuiltWebhook(BaseModel):
+    """An event's body, the exact bytes sent on every attempt, and how long to keep trying (the worker's
+    settings when it was built: in history, so a replay does the same)."""
+
+    body: str
+    first_retry_seconds: float
+    max_retry_interval_seconds: float
+    retry_for_seconds: float
+
+
+class DeliverWebhookInput(BaseModel):
+    job_id: str
+    event: str
+    webhook_id: str
+    callback_url: str
+    body: str
+
+
+class DeliverWebhookResult(BaseModel):
+    status_code: int
+    attempts: int
+
+
+class WebhookGivenUpInput(BaseModel):
+    job_id: str
+    event: str
+    webhook_id: str
+    reason: str
 
 
 def accepted_state(job: GenerationInput) -> JobState:
@@ -284,9 +372,64 @@ def accepted_state(job: GenerationInput) -> JobState:
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         created_at=job.created_at,
         metadata=job.metadata,
+        cache_hit=job.cached_result is not None,
+        cached_from=job.cached_result.source_job_id if job.cached_result is not None else None,
     )
 
 
 def prompt_id_for(job_id: str, attempt: int) -> str:
     """The ComfyUI prompt id of a job's n-th run: deterministic, so a retried submit finds its own prompt."""
     return str(uuid.uuid5(uuid.UUID(job_id), f"attempt-{attempt}"))
+
+
+# --- retention -------------------------------------------------------------------------------------
+
+
+class RetentionInput(BaseModel):
+    """What the retention schedule starts RetentionWorkflow with."""
+
+    retention_days: int = Field(ge=1)
+    batch_size: int = Field(500, ge=1, le=5000)
+
+
+class FindExpiredJobsInput(BaseModel):
+    cutoff: datetime
+    # Job ids are walked in order: the next batch starts after the last one looked at, so jobs that are
+    # passed over (their workflow is still open) are not looked at again in the same run.
+    after: str = ""
+    limit: int
+
+
+class ExpiredJob(BaseModel):
+    job_id: str
+    # Its workflow's run, closed; None when Temporal no longer has it (its own retention removed it).
+    run_id: str | None = None
+
+
+class FindExpiredJobsResult(BaseModel):
+    jobs: list[ExpiredJob]
+    # Jobs of this batch whose workflow is still open in Temporal: left alone.
+    in_flight: int = 0
+    # Where the next batch starts; None when this batch was the last.
+    next_after: str | None = None
+
+
+class DeleteJobsInput(BaseModel):
+    jobs: list[ExpiredJob]
+
+
+class DeleteJobsResult(BaseModel):
+    jobs: int = 0
+    output_files: int = 0
+    input_files: int = 0
+    # Closed workflows whose deletion Temporal accepted (it deletes them in the background).
+    workflows: int = 0
+
+
+class RetentionResult(BaseModel):
+    cutoff: datetime
+    jobs: int = 0
+    output_files: int = 0
+    input_files: int = 0
+    workflows: int = 0
+    in_flight: int = 0

@@ -66,18 +66,28 @@ def literal_address(host: str) -> Address | None:
         return None
 
 
+# Cloud instance-metadata services: named first, so that a refusal says what was aimed at.
+_METADATA = frozenset(ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254"))
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# NAT64 prefixes translate to any IPv4 address, private ones included, on a network that runs NAT64.
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
 def refusal_reason(address: Address) -> str | None:
     """Why the gateway must not connect to `address` on a user's behalf, or None for a public address."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1, though ipaddress does not say so here
     checks = (
+        ("cloud metadata", address in _METADATA),
+        ("carrier-grade NAT", isinstance(address, ipaddress.IPv4Address) and address in _CGNAT),
+        ("NAT64", isinstance(address, ipaddress.IPv6Address) and any(address in net for net in _NAT64)),
         ("unspecified", address.is_unspecified),
         ("loopback", address.is_loopback),
         ("link-local", address.is_link_local),
         ("multicast", address.is_multicast),
         ("private", address.is_private),
         ("reserved", address.is_reserved),
-        ("non-public", not address.is_global),  # e.g. 100.64.0.0/10, carrier-grade NAT
+        ("non-public", not address.is_global),
     )
     return next((reason for reason, refused in checks if refused), None)
 

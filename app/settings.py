@@ -87,6 +87,31 @@ class Settings(BaseSettings):
     s3_presign_expiry_s: int = Field(
         3600, ge=1, le=7 * 24 * 3600, description="how long an output's presigned download URL works, from when the "
                                                    "job is read")
+    retention_days: int | None = Field(
+        None, ge=1, le=36_500,
+        description="delete jobs (rows, log, outputs, staged inputs) that finished longer ago than this; "
+                    "off when unset. The worker runs it hourly as a Temporal Schedule")
+
+    # Webhooks (a job's callbackUrl)
+    webhook_secret: str | None = Field(
+        None, description="signs every webhook (X-Signature and Standard Webhooks headers): whsec_<base64> as "
+                          "Standard Webhooks defines it, any other string is the raw key; without it a callbackUrl "
+                          "is refused")
+    webhook_allowed_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"],
+        description="comma-separated hosts webhooks may go to: an entry matches that host and its subdomains; * is "
+                    "any public host; a private or loopback address is reached only when its exact host is listed")
+    public_base_url: str | None = Field(
+        None, description="the gateway's URL as webhook receivers reach it, for the output URLs in webhook bodies; "
+                          "default http://HOST:PORT")
+    webhook_retry_first_interval_s: float = Field(
+        2.0, gt=0, le=60, description="wait before a webhook's first retry; each retry then waits twice as long")
+    webhook_retry_max_interval_s: float = Field(
+        600.0, gt=0, description="longest wait between two tries of a webhook")
+    webhook_retry_for_s: float = Field(
+        86_400.0, gt=0, description="how long a webhook is tried, in all, before it is given up")
+    webhook_progress_interval_s: float = Field(
+        2.0, gt=0, description="at most one job.progress webhook per this many seconds per job")
 
     # Temporal
     temporal_address: str = Field("127.0.0.1:7233", description="the Temporal frontend")
@@ -95,21 +120,36 @@ class Settings(BaseSettings):
         "comfyui-gateway", description="the main task queue (each ComfyUI gets <queue>.<backend>)")
     temporal_ui_port: int = Field(8233, ge=1, le=65535, description="the dev server's Web UI (comfyui-gateway dev)")
 
+    # Result cache
+    cache_enabled: bool = Field(
+        False, description="answer a job identical to an earlier success (explicit seed, no image URLs) with that "
+                            "job's outputs, at once, instead of running it again")
+    cache_ttl_seconds: int = Field(
+        86_400, ge=1, description="how long a succeeded job's outputs answer identical jobs (with CACHE_ENABLED)")
+
     # Features that later releases fill in. They are declared so that setting one is a clear
     # start-up error rather than a silently ignored option.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="API keys (soon)")
     jwt_secret: str | None = Field(None, description="JWT secret (soon)")
-    webhook_secret: str | None = Field(None, description="webhook signing secret (soon)")
-    webhook_allowed_domains: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="domains webhooks may go to (soon)")
-    cache_enabled: bool = Field(False, description="result cache (soon)")
-    cache_ttl_seconds: int | None = Field(None, description="result cache lifetime (soon)")
     rate_limit_max: int | None = Field(None, description="requests per window (soon)")
     rate_limit_window_ms: int | None = Field(None, description="rate limit window (soon)")
 
     _split_lists = field_validator("cors_origins", "api_keys", "webhook_allowed_domains", mode="before")(
         _split_csv
     )
+
+    @field_validator("webhook_allowed_domains")
+    @classmethod
+    def _domain_names(cls, entries: list[str]) -> list[str]:
+        # Host names compare lower-case and without a trailing dot, as URLs' hosts do.
+        return [entry.lower().rstrip(".") for entry in entries]
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value else value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -140,10 +180,6 @@ class Settings(BaseSettings):
         unsupported = {
             "API_KEYS": bool(self.api_keys),
             "JWT_SECRET": bool(self.jwt_secret),
-            "WEBHOOK_SECRET": bool(self.webhook_secret),
-            "WEBHOOK_ALLOWED_DOMAINS": bool(self.webhook_allowed_domains),
-            "CACHE_ENABLED": self.cache_enabled,
-            "CACHE_TTL_SECONDS": self.cache_ttl_seconds is not None,
             "RATE_LIMIT_MAX": self.rate_limit_max is not None,
             "RATE_LIMIT_WINDOW_MS": self.rate_limit_window_ms is not None,
         }
@@ -168,6 +204,10 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_path(self) -> Path:
         return (self.storage_local_path or self.data_dir / "outputs").resolve()
+
+    @property
+    def resolved_public_base_url(self) -> str:
+        return self.public_base_url or f"http://{self.host}:{self.port}"
 
     @property
     def job_timeout_seconds(self) -> float:

@@ -40,7 +40,17 @@ class JobRow(SQLModel, table=True):
     started_at: datetime | None = _utc_column()
     completed_at: datetime | None = _utc_column()
     execution_time_ms: int | None = None
+    # {delivered, attempts, lastStatus} of the job's webhook, written by its delivery activity; None without one.
+    webhook: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     updated_at: datetime = _utc_column(nullable=False)
+    # The result cache (app.result_cache): the job's cache key (None: not cacheable), and on a cache hit, the
+    # job whose outputs (the same storage keys) it took. Deleting a job's files must spare those of a source
+    # that a hit still names in cached_from.
+    cache_key: str | None = Field(default=None, index=True, max_length=64)
+    cache_hit: bool = False
+    cached_from: str | None = Field(default=None, index=True, max_length=64)
+    # SHA-256 of the request of a job submitted with an idempotency key: a repeat with another body is refused.
+    request_fingerprint: str | None = Field(default=None, max_length=64)
 
 
 class JobEventRow(SQLModel, table=True):
@@ -74,3 +84,15 @@ class TemplateRow(SQLModel, table=True):
     created_at: datetime = _utc_column(nullable=False)
     # Deleting a template hides it; the rows stay so that jobs submitted before still render their version.
     deleted_at: datetime | None = _utc_column()
+
+
+class JobInputRow(SQLModel, table=True):
+    """A staged input image a job uses. Inline images are stored by content (`inputs/<sha256>.<ext>`), so jobs
+    that sent the same image share one object: retention deletes it only when no job left refers to it.
+    Written by the API before it stores the image, so no stored input is ever without a row naming it."""
+
+    __tablename__ = "job_inputs"
+
+    job_id: str = Field(primary_key=True, max_length=64)
+    storage_key: str = Field(primary_key=True, index=True, max_length=255)
+    created_at: datetime = _utc_column(nullable=False)

@@ -82,7 +82,7 @@ async def test_the_docs_load_nothing_from_another_host(api: httpx.AsyncClient, p
 
 # What each operation answers besides its success, by code; the statuses are the error table's.
 ERROR_CODES = {
-    "POST /jobs": {"VALIDATION_ERROR", "UNSUPPORTED_FIELD", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND",
+    "POST /jobs": {"VALIDATION_ERROR", "WEBHOOK_NOT_CONFIGURED", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND", "IDEMPOTENCY_CONFLICT",
                    "STORAGE_ERROR", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
     "GET /jobs": {"VALIDATION_ERROR", "INTERNAL_ERROR"},
     "GET /jobs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},

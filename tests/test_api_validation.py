@@ -107,11 +107,12 @@ async def test_malformed_json_is_a_validation_error(api: httpx.AsyncClient) -> N
     assert response.status_code == 400 and error_of(response)["code"] == "VALIDATION_ERROR"
 
 
-async def test_unknown_template_and_unsupported_callback(api: httpx.AsyncClient) -> None:
+async def test_unknown_template_and_a_callback_without_a_secret(api: httpx.AsyncClient) -> None:
     missing = await api.post("/jobs", json={"workflowId": "no_such_template"})
     assert missing.status_code == 404 and error_of(missing)["code"] == "WORKFLOW_NOT_FOUND"
+    # No WEBHOOK_SECRET: a webhook would go unsigned, so none is accepted.
     callback = await api.post("/jobs", json={"workflowId": "solid_color", "callbackUrl": "https://x.test/h"})
-    assert callback.status_code == 400 and error_of(callback)["code"] == "UNSUPPORTED_FIELD"
+    assert callback.status_code == 400 and error_of(callback)["code"] == "WEBHOOK_NOT_CONFIGURED"
 
 
 @pytest.mark.parametrize("path", ["/jobs/not-a-uuid", "/jobs/not-a-uuid/logs", "/outputs/not-a-uuid",

@@ -33,11 +33,14 @@ from app.models import (
     RetrySpec,
     RunPromptInput,
     RunPromptResult,
+    WebhookDeliveryInput,
+    accepted_state,
     prompt_id_for,
 )
 from app.temporal_client import register_search_attributes
 from tests.conftest import time_skipping_server
 from workflows_temporal.generation import GenerationWorkflow
+from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
 
 PROMPT = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8}}}
 
@@ -235,3 +238,29 @@ async def test_storage_that_keeps_failing_fails_the_job_once_its_tries_are_spent
     assert isinstance(raised.value.cause, ApplicationError) and raised.value.cause.type == "STORAGE_ERROR"
     final = fake.records[-1].job
     assert final.status is JobStatus.failed and final.error is not None and final.error.message == "disk full"
+
+
+async def test_the_end_hands_its_webhook_to_one_delivery_workflow_and_does_not_wait(
+    temporal_client: Client, task_queue: str
+) -> None:
+    """No worker runs the delivery here: the job completes all the same. A delivery already started for the
+    event (as after a reset of the job's workflow) is left as it is, and no second one starts."""
+    fake = FakeGateway()
+    job = job_input(task_queue).model_copy(update={"callback_url": "https://hooks.example/x"})
+    webhook_id = webhook_workflow_id(job.job_id, "job.succeeded")
+    earlier = await temporal_client.start_workflow(
+        WebhookDeliveryWorkflow.run, WebhookDeliveryInput(
+            event="job.succeeded", callback_url="https://hooks.example/x", job=accepted_state(job)),
+        id=webhook_id, task_queue=f"{task_queue}.nobody",
+    )
+    async with running(temporal_client, task_queue, fake):
+        view = await temporal_client.execute_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        assert view.status is JobStatus.succeeded
+        second = job_input(task_queue).model_copy(update={"callback_url": "https://hooks.example/x"})
+        await temporal_client.execute_workflow(GenerationWorkflow.run, second, id=second.job_id, task_queue=task_queue)
+    assert (await earlier.describe()).run_id == earlier.result_run_id  # the one started first, still alone
+    started = temporal_client.get_workflow_handle(webhook_workflow_id(second.job_id, "job.succeeded"))
+    described = await started.describe()
+    assert described.workflow_type == "WebhookDeliveryWorkflow" and described.task_queue == task_queue
+    await earlier.terminate("test over")
+    await started.terminate("test over")

@@ -255,10 +255,10 @@ async def test_loopback_url_is_refused_before_any_connection(server: ImageServer
     ("url", "reason"),
     [
         ("http://10.1.2.3/x.png", "private"),
-        ("http://169.254.169.254/latest/meta-data", "link-local"),  # cloud metadata endpoints
+        ("http://169.254.169.254/latest/meta-data", "cloud metadata"),
         ("http://[::ffff:127.0.0.1]/x.png", "loopback"),
         ("http://0.0.0.0/x.png", "unspecified"),
-        ("http://100.64.0.1/x.png", "non-public"),
+        ("http://100.64.0.1/x.png", "carrier-grade NAT"),
     ],
 )
 async def test_non_public_addresses_are_refused(url: str, reason: str, http: httpx.AsyncClient) -> None:

@@ -14,8 +14,7 @@ def test_defaults_match_what_users_know() -> None:
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("API_KEYS", "k1,k2"), ("WEBHOOK_SECRET", "x"), ("CACHE_ENABLED", "true"),
-     ("RATE_LIMIT_MAX", "10"), ("JWT_SECRET", "s")],
+    [("API_KEYS", "k1,k2"), ("RATE_LIMIT_MAX", "10"), ("JWT_SECRET", "s")],
 )
 def test_features_not_built_yet_are_a_startup_error(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
@@ -46,3 +45,18 @@ def test_lists_and_postgres_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(_env_file=None)
     assert settings.cors_origins == ["https://a.test", "https://b.test"]
     assert settings.resolved_database_url == "postgresql+psycopg://u@h/db"
+
+
+def test_webhook_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    monkeypatch.setenv("WEBHOOK_ALLOWED_DOMAINS", "Hooks.Example.com., 127.0.0.1")
+    settings = Settings(_env_file=None)
+    assert settings.webhook_allowed_domains == ["hooks.example.com", "127.0.0.1"]
+    assert Settings(_env_file=None, webhook_allowed_domains="").webhook_allowed_domains == []
+    assert Settings(_env_file=None, port=8080).resolved_public_base_url == "http://127.0.0.1:8080"
+    assert Settings(_env_file=None, public_base_url="https://gw.example/").resolved_public_base_url == "https://gw.example"
+
+
+def test_the_result_cache_is_off_by_default_and_keeps_results_a_day() -> None:
+    settings = Settings(_env_file=None)
+    assert settings.cache_enabled is False and settings.cache_ttl_seconds == 86_400

@@ -1,7 +1,9 @@
-"""The Temporal worker: GenerationWorkflow and its activities, with one slot-limited queue per ComfyUI, and
-the reconciler that closes the rows of jobs Temporal itself ended.
+"""The Temporal worker: GenerationWorkflow and its activities, with one slot-limited queue per ComfyUI, the
+reconciler that closes the rows of jobs Temporal itself ended, and RetentionWorkflow with the schedule that
+starts it (RETENTION_DAYS).
 
-The main task queue runs workflows and the short activities (render, record, collect, cancel). Each
+The main task queue runs workflows (jobs, and the delivery of their webhooks) and the short activities (render,
+record, collect, cancel, webhook attempts). Each
 ComfyUI backend has its own queue for `run_prompt`, limited to MAX_CONCURRENCY at a time, so jobs beyond
 that wait durably in Temporal. The limit holds per worker process: run one worker per backend queue.
 """
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from functools import partial
 
 import httpx
 from sqlalchemy.engine import Engine
@@ -21,9 +24,12 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.comfy import ComfyActivities
+from activities.delivery import WebhookDelivery, WebhookPoster
 from activities.inputs import InputActivities
+from activities.progress_webhooks import ProgressWebhooks
 from activities.records import RecordActivities
 from activities.render import RenderActivities
+from activities.retention import RetentionActivities
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.comfy.client import ComfyClient
 from app.comfy.health import BackendHealth
@@ -32,8 +38,12 @@ from app.settings import Settings
 from app.storage import build_storage
 from app.templates.store import prepare_database
 from app.temporal_client import register_search_attributes
+from app.webhooks.signing import WebhookSigner
 from worker.reconciler import JobReconciler
+from worker.retention_schedule import ensure_retention_schedule
 from workflows_temporal.generation import GenerationWorkflow
+from workflows_temporal.retention import RetentionWorkflow
+from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +59,31 @@ def build_workers(
     backends = configured_backends(settings)
     clients = {backend.id: ComfyClient(backend.url, http, BackendHealth(backend.id, backend.url)) for backend in backends}
     storage = build_storage(settings)
-    comfy = ComfyActivities(clients=clients, storage=storage, engine=engine, scratch_dir=settings.data_dir / "tmp")
+    # Webhooks go to users' URLs: the SSRF-safe client of image inputs (no proxy, pinned addresses).
+    signer = WebhookSigner(settings.webhook_secret) if settings.webhook_secret else None
+    poster = WebhookPoster(image_http, signer, settings.webhook_allowed_domains)
+    comfy = ComfyActivities(
+        clients=clients, storage=storage, engine=engine, scratch_dir=settings.data_dir / "tmp",
+        progress_webhooks=partial(
+            ProgressWebhooks, poster, storage, settings.resolved_public_base_url, settings.webhook_progress_interval_s
+        ),
+    )
+    delivery = WebhookDelivery(poster, engine, storage, settings)
     inputs = InputActivities(
         clients, image_http, storage,
         max_bytes=settings.input_image_max_bytes, allow_private_urls=settings.input_image_allow_private_urls,
     )
     render = RenderActivities(engine)
     records = RecordActivities(engine)
+    retention = RetentionActivities(engine, storage, client)
     main = Worker(
         client,
         task_queue=settings.temporal_task_queue,
-        workflows=[GenerationWorkflow],
+        workflows=[GenerationWorkflow, RetentionWorkflow, WebhookDeliveryWorkflow],
         activities=[
             render.render_prompt, records.record_job, comfy.collect_outputs, comfy.cancel_prompt, inputs.stage_images,
+            retention.find_expired_jobs, retention.delete_jobs,
+            delivery.build_webhook, delivery.deliver_webhook, delivery.webhook_given_up,
         ],
         activity_executor=ThreadPoolExecutor(max_workers=16, thread_name_prefix="activity"),
         graceful_shutdown_timeout=_GRACEFUL_SHUTDOWN,
@@ -88,6 +110,7 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
     engine = engine or make_engine(settings.resolved_database_url)
     prepare_database(engine)
     await register_search_attributes(client)
+    await ensure_retention_schedule(client, settings)
     # Image inputs are fetched from the internet with a client of their own: no cookies shared with the
     # ComfyUI client, and no proxy from the environment, which would defeat the address pinning.
     async with (

@@ -10,8 +10,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError, is_cancelled_exception
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 
 with workflow.unsafe.imports_passed_through():
@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.render import RenderActivities
     from app.errors import NON_RETRYABLE_TYPES, ErrorCode
     from app.models import (
+        CachedResult,
         CancelPromptInput,
         CancelRequest,
         CollectOutputsInput,
@@ -30,19 +31,25 @@ with workflow.unsafe.imports_passed_through():
         JobState,
         JobStatus,
         PROMPT_STARTED_SIGNAL,
+        ProgressWebhook,
         PromptStarted,
         RecordJobInput,
         RenderPromptInput,
         RunPromptInput,
         RunPromptResult,
         StageImagesInput,
+        WebhookDeliveryInput,
         accepted_state,
         prompt_id_for,
     )
     from app.search_attributes import JOB_STATUS, TEMPLATE_ID
+    from app.webhooks.events import PROGRESS_EVENT
+    from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
 
 # Jobs started before the workflow wrote search attributes replay without them.
 SEARCH_ATTRIBUTES_PATCH = "job-search-attributes"
+# A job with a callbackUrl starts a WebhookDeliveryWorkflow as it ends (jobs before never had one).
+WEBHOOKS_PATCH = "webhooks"
 
 # A prompt ComfyUI lost (it restarted) is resubmitted this many times before the job fails.
 MAX_LOST_PROMPT_RESUBMITS = 3
@@ -111,14 +118,19 @@ class GenerationWorkflow:
         self._record_lock = asyncio.Lock()
         self._indexed = False
         self._indexed_status: JobStatus | None = None
+        self._webhook_started = False
 
     @workflow.run
     async def run(self, job: GenerationInput) -> JobState:
         self._job = job
         self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
         self._state = accepted_state(job)
-        self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
-        self._work = asyncio.create_task(self._generate(job))
+        if job.cached_result is not None:
+            self._event("status", "job accepted; an identical earlier job's result answers it", {"status": "queued"})
+            self._work = asyncio.create_task(self._reuse(job.cached_result))
+        else:
+            self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
+            self._work = asyncio.create_task(self._generate(job))
         if self._cancel is not None:
             self._work.cancel()
         try:
@@ -128,6 +140,7 @@ class GenerationWorkflow:
             if self._state.status.is_terminal:
                 # The job had ended, its outputs stored, when a cancel from Temporal cut its last record short.
                 await self._record()
+                await self._start_webhook()
                 return self._state
             # A cancelled activity surfaces as an ActivityError caused by CancelledError.
             if self._cancel is not None or is_cancelled_exception(failure):
@@ -214,6 +227,15 @@ class GenerationWorkflow:
         self._state.execution_time_ms = result.execution_time_ms
         await self._finish(JobStatus.succeeded)
 
+    async def _reuse(self, cached: CachedResult) -> None:
+        """A result cache hit: the job takes an earlier job's stored outputs as its own, and ComfyUI is not asked."""
+        assert self._state is not None
+        self._state.started_at = workflow.now()
+        self._state.outputs = cached.outputs
+        self._event("cache", f"result cache hit: the outputs of job {cached.source_job_id}, which ran the same "
+                    "request; nothing ran on ComfyUI", {"cachedFrom": cached.source_job_id})
+        await self._finish(JobStatus.succeeded)
+
     async def _run_until_done(self, job: GenerationInput, prompt: dict[str, Any]) -> RunPromptResult:
         """Run the prompt on ComfyUI; resubmit when ComfyUI lost it, and when the client's retry asks."""
         assert self._state is not None
@@ -234,6 +256,7 @@ class GenerationWorkflow:
                         attempt=attempt,
                         prompt=prompt,
                         timeout_seconds=job.timeout_seconds,
+                        progress_webhook=self._progress_webhook(job),
                     ),
                     task_queue=job.backend_task_queue,
                     start_to_close_timeout=timedelta(seconds=job.timeout_seconds + 60),
@@ -284,6 +307,38 @@ class GenerationWorkflow:
             data["error"] = error.model_dump(mode="json")
         self._event("status", f"job {status.value}" + (f": {error.message}" if error else ""), data)
         await self._record()
+        await self._start_webhook()
+
+    # --- webhooks --------------------------------------------------------------------------------
+
+    async def _start_webhook(self) -> None:
+        """Hand the job's end to its own delivery workflow and go on: the job ends now, whatever the receiver
+        does. Abandoned when this workflow closes; its id is the event's, so a re-run of this job (a reset)
+        finds it started and sends no second webhook."""
+        assert self._job is not None and self._state is not None
+        event = f"job.{self._state.status.value}"
+        if self._webhook_started or not self._job.wants_webhook(event) or not workflow.patched(WEBHOOKS_PATCH):
+            return
+        assert self._job.callback_url is not None
+        try:
+            await workflow.start_child_workflow(
+                WebhookDeliveryWorkflow.run,
+                WebhookDeliveryInput(event=event, callback_url=self._job.callback_url, job=self._state.model_copy()),
+                id=webhook_workflow_id(self._job.job_id, event),
+                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                cancellation_type=workflow.ChildWorkflowCancellationType.ABANDON,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            )
+        except WorkflowAlreadyStartedError:
+            pass  # started before, by this job's run that was reset: one webhook per event
+        self._webhook_started = True
+
+    def _progress_webhook(self, job: GenerationInput) -> ProgressWebhook | None:
+        if job.callback_url is None or not job.wants_webhook(PROGRESS_EVENT):
+            return None
+        return ProgressWebhook(
+            callback_url=job.callback_url, template_id=job.template_id, metadata=job.metadata, created_at=job.created_at
+        )
 
     # --- the jobs table and the event log --------------------------------------------------------
 
@@ -316,6 +371,8 @@ class GenerationWorkflow:
                     backend=self._job.backend,
                     prompt_id=self._prompt_id,
                     inputs={} if self._job.privacy_mode else self._job.inputs,
+                    cache_key=self._job.cache_key,
+                    request_fingerprint=self._job.request_fingerprint,
                     events=events,
                 ),
                 start_to_close_timeout=timedelta(seconds=30),

@@ -15,10 +15,11 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import JobDep, StorageDep
 from api.errors import ApiError
-from api.job_views import OutputFile, output_file, output_route
+from api.job_views import OutputFile, output_file
 from api.openapi import answers_with
 from app.errors import ErrorCode
 from app.models import CamelModel, OutputRef
+from app.output_routes import output_route
 from app.storage import OutputStorage, StorageError
 
 router = APIRouter(prefix="/outputs", tags=["outputs"])
@@ -115,5 +116,5 @@ async def get_output(
         return FileResponse(local, media_type=output.content_type, filename=output.filename)
     # A bucket serves the file itself: the client follows the redirect to a URL signed now. Not checked first
     # (that would be one more request to the store per download): a file gone from the bucket is its 404.
-    url = await run_in_threadpool(storage.download_url, output.storage_key, output_route(job_id, output))
+    url = await run_in_threadpool(storage.download_url, output.storage_key, output_route(job_id, output.filename))
     return RedirectResponse(url, status_code=307)

@@ -37,7 +37,7 @@ class OutputStorage(Protocol):
         """Where a client downloads the object: `api_route` (the gateway serves it) or a URL of the store's."""
 
     def delete_prefix(self, prefix: str) -> int:
-        """Delete every object whose key starts with `prefix`; return how many."""
+        """Delete every object whose key starts with prefix; return how many. None left is not an error."""
 
 
 def validate_key(key: str) -> str:

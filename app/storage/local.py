@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 from pathlib import Path
 from typing import BinaryIO
 
-from app.storage.base import validate_key, validate_prefix
+from app.storage.base import validate_key
 
 
 class LocalStorage:
@@ -50,23 +51,23 @@ class LocalStorage:
         return api_route  # the API streams local files itself
 
     def delete_prefix(self, prefix: str) -> int:
-        validate_prefix(prefix)
-        # Only the folder the prefix ends in can hold matching keys: walk that, not the whole store.
-        folder = self.root / prefix.rpartition("/")[0]
-        if not folder.is_dir():
-            return 0
+        # Keys are paths, so what starts with `prefix` is in the folder before its last "/": the entries there
+        # whose names start with the rest (a whole folder of them when the prefix ends with "/").
+        head, _, name = prefix.rpartition("/")
+        if not prefix or prefix.startswith("/"):
+            raise ValueError(f"invalid storage prefix {prefix!r}")
+        if head:
+            validate_key(head)
+        folder = self.root / head
         deleted = 0
-        for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders that hold them
-            key = path.relative_to(self.root).as_posix()
-            if not key.startswith(prefix):
-                continue
-            if path.is_dir():
-                if not any(path.iterdir()):
-                    path.rmdir()
+        for entry in folder.glob(glob.escape(name) + "*") if folder.is_dir() else []:
+            if entry.is_dir():
+                deleted += sum(1 for path in entry.rglob("*") if path.is_file())
+                shutil.rmtree(entry, ignore_errors=True)
             else:
-                path.unlink(missing_ok=True)
-                deleted += not path.name.endswith(".part")  # a put's staging file is not an object
-        if folder != self.root and f"{folder.relative_to(self.root).as_posix()}/".startswith(prefix):
-            with contextlib.suppress(OSError):  # left in place when something else is in it
+                entry.unlink(missing_ok=True)
+                deleted += 1
+        if head and not name:
+            with contextlib.suppress(OSError):  # gone already, or something was written to it meanwhile
                 folder.rmdir()
         return deleted

@@ -1,4 +1,5 @@
-"""Capture GenerationWorkflow histories for the replay test: `python -m tests.histories.capture`.
+"""Capture GenerationWorkflow and RetentionWorkflow histories for the replay test:
+`python -m tests.histories.capture`.
 
 Runs real jobs through the whole stack (Temporal dev server, worker, API, ComfyUI simulator) and writes each
 workflow's history as JSON next to this file. Re-capture only on purpose: the committed histories are what
@@ -10,12 +11,21 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import httpx
+from aiohttp import web
+from sqlalchemy import update
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from app.db import make_engine, session_scope
 from app.devserver import temporal_cli
+from app.models import RetentionInput
+from app.settings import Settings
+from app.tables import JobRow
 from tests.harness import (
     DONE,
     SimulatorProcess,
@@ -23,9 +33,11 @@ from tests.harness import (
     gateway_settings,
     migrate_database,
     recorded_workflow,
+    serve_locally,
     wait_for_job,
 )
 from worker.main import running_worker
+from workflows_temporal.retention import RetentionWorkflow
 
 HERE = Path(__file__).resolve().parent
 # A 1x1 red PNG, inline: the job stages it on ComfyUI before running.
@@ -43,10 +55,19 @@ async def capture() -> None:
         env = await WorkflowEnvironment.start_local(
             dev_server_existing_path=temporal_cli(), data_converter=pydantic_data_converter
         )
-        settings = gateway_settings(env.client, simulator.url, root / "gateway", "capture")
+        settings = gateway_settings(
+            env.client, simulator.url, root / "gateway", "capture",
+            webhook_secret="capture", webhook_allowed_domains="127.0.0.1", cache_enabled=True,
+        )
         migrate_database(settings)
+        receiver = web.Application()
+        receiver.router.add_post("/hook", lambda _: web.Response(status=204))
         try:
-            async with running_worker(env.client, settings), api_client(settings, env.client) as api:
+            async with (
+                serve_locally(receiver) as receiver_url,
+                running_worker(env.client, settings),
+                api_client(settings, env.client) as api,
+            ):
                 jobs = {
                     "generation_succeeded": {"workflowJson": recorded_workflow("batch.json")},
                     "generation_with_image_input": {"workflowId": "invert_image", "inputs": {"image": RED_PIXEL}},
@@ -55,10 +76,20 @@ async def capture() -> None:
                     # Since the job-search-attributes patch: the workflow upserts JobStatus and TemplateId.
                     "indexed_template_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
                     "indexed_generation_cancelled": {"workflowJson": simulator.slow_prompt(10)},
+                    # Since the webhooks patch: the job's end starts its WebhookDeliveryWorkflow (a child).
+                    "webhook_job_succeeded": {
+                        "workflowId": "solid_color", "inputs": {"width": 8}, "callbackUrl": f"{receiver_url}/hook",
+                        "webhookEvents": ["job.succeeded", "job.progress"],
+                    },
+                    # A result cache hit (the job below is run once before): no activity, the source's outputs.
+                    "cache_hit_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8, "color": 1}},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
                         continue  # committed histories stay as captured: they stand for jobs of older releases
+                    if name.startswith("cache_hit"):
+                        source = (await api.post("/jobs", json=body)).json()["jobId"]
+                        await wait_for_job(api, source, until=DONE)
                     job_id = (await api.post("/jobs", json=body)).json()["jobId"]
                     if name.endswith("cancelled"):
                         await wait_for_job(api, job_id, until={"running"})
@@ -67,9 +98,33 @@ async def capture() -> None:
                     history = await env.client.get_workflow_handle(job_id).fetch_history()
                     (HERE / f"{name}.json").write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
                     print(f"wrote {name}.json")
+                if not (HERE / "retention_deleted_jobs.json").exists():
+                    await capture_retention(env.client, settings, api)
         finally:
             await env.shutdown()
             simulator.kill()
+
+
+async def capture_retention(client, settings: Settings, api: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]
+    """Three jobs aged past retention, deleted in batches of two: find, delete, find, delete."""
+    job_ids = [(await api.post("/jobs", json={"workflowId": "solid_color", "inputs": {"width": 8}})).json()["jobId"]
+               for _ in range(3)]
+    for job_id in job_ids:
+        await wait_for_job(api, job_id, until=DONE)
+    engine = make_engine(settings.resolved_database_url)
+    with session_scope(engine) as session:
+        aged = datetime.now(timezone.utc) - timedelta(days=40)
+        session.execute(update(JobRow).where(JobRow.job_id.in_(job_ids)).values(completed_at=aged))
+        session.commit()
+    engine.dispose()
+    handle = await client.start_workflow(
+        RetentionWorkflow.run, RetentionInput(retention_days=30, batch_size=2), id=f"retention-{uuid.uuid4()}",
+        task_queue=settings.temporal_task_queue,
+    )
+    await handle.result()
+    history = await handle.fetch_history()
+    (HERE / "retention_deleted_jobs.json").write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
+    print("wrote retention_deleted_jobs.json")
 
 
 if __name__ == "__main__":

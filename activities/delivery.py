@@ -1,0 +1,199 @@
+"""Webhook delivery: build an event's body once, then post it, signed, one attempt per activity try.
+
+The retry policy is the workflow's (workflows_temporal/webhook_delivery.py); here each attempt is classified:
+2xx is delivered; 410 Gone, or a host that resolves to an address the gateway may not reach, stops; anything
+else (another status, a redirect, which is never followed, a timeout, a refused connection) is tried again, 429
+and 503 after their Retry-After. Every attempt is written to the job's row and log. None changes the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
+
+import httpx
+from sqlalchemy.engine import Engine
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+
+from app.db import session_scope
+from app.errors import ErrorCode
+from app.jobstore import add_events, record_webhook_attempt
+from app.models import (
+    BuildWebhookInput,
+    BuiltWebhook,
+    DeliverWebhookInput,
+    DeliverWebhookResult,
+    JobEventInput,
+    WebhookGivenUpInput,
+    WebhookStatus,
+)
+from app.safe_http import RefusedTarget, TargetUnavailable, describe_url, send_pinned
+from app.settings import Settings
+from app.storage import OutputStorage
+from app.webhooks.payload import compact_json, webhook_body
+from app.webhooks.signing import WebhookSigner
+from app.webhooks.targets import resolve_callback
+
+# A receiver's time to answer one attempt, resolving its host included.
+ATTEMPT_SECONDS = 10.0
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one post of a webhook came to."""
+
+    status_code: int | None
+    latency_ms: int
+    retry_after_seconds: float | None = None
+    error: str | None = None
+    refused: bool = False  # the target may not be reached at all: trying again cannot help
+
+    @property
+    def delivered(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+def retry_after_seconds(value: str | None, now: datetime) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - now).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+class WebhookPoster:
+    """Posts signed bodies to callback URLs, each attempt's addresses resolved, checked and pinned."""
+
+    def __init__(self, http: httpx.AsyncClient, signer: WebhookSigner | None, allowed_domains: Sequence[str]) -> None:
+        self._http = http
+        self._signer = signer
+        self._allowed = list(allowed_domains)
+
+    async def post(self, callback_url: str, webhook_id: str, body: str, *, timeout: float = ATTEMPT_SECONDS) -> Attempt:
+        if self._signer is None:
+            raise ApplicationError(
+                "the worker has no WEBHOOK_SECRET; webhooks are never sent unsigned",
+                type=ErrorCode.WEBHOOK_NOT_CONFIGURED.value, non_retryable=True,
+            )
+        url = httpx.URL(callback_url)
+        now = datetime.now(timezone.utc)
+        headers = {
+            **self._signer.headers(webhook_id, body, now),
+            "Content-Type": "application/json",
+            "User-Agent": "comfyui-gateway-webhooks",
+        }
+        started = time.monotonic()
+
+        def took() -> int:
+            return round((time.monotonic() - started) * 1000)
+
+        try:
+            async with asyncio.timeout(timeout):
+                addresses = await resolve_callback(url, self._allowed)
+                response = await send_pinned(
+                    self._http, "POST", url, addresses, headers=headers, content=body.encode(),
+                    timeout=httpx.Timeout(timeout),
+                )
+                await response.aclose()  # the answer's body is not read: only its status counts
+        except RefusedTarget as refused:
+            return Attempt(None, took(), error=str(refused), refused=True)
+        except TargetUnavailable as unavailable:
+            return Attempt(None, took(), error=str(unavailable))
+        except TimeoutError:
+            return Attempt(None, took(), error=f"no answer within {timeout:g} s")
+        except httpx.TransportError as error:
+            return Attempt(None, took(), error=f"{type(error).__name__} {error}".rstrip())
+        status = response.status_code
+        if status == 410:
+            return Attempt(status, took(), error="the receiver answered 410 Gone", refused=True)
+        wait = retry_after_seconds(response.headers.get("retry-after"), now) if status in _RETRY_AFTER_STATUSES else None
+        error = None
+        if 300 <= status < 400:
+            error = f"HTTP {status}: redirects are not followed"
+        elif not 200 <= status < 300:
+            error = f"HTTP {status}"
+        return Attempt(status, took(), retry_after_seconds=wait, error=error)
+
+
+class WebhookDelivery:
+    """The activities of WebhookDeliveryWorkflow."""
+
+    def __init__(self, poster: WebhookPoster, engine: Engine, storage: OutputStorage, settings: Settings) -> None:
+        self._poster = poster
+        self._engine = engine
+        self._storage = storage
+        self._settings = settings
+
+    @activity.defn(name="build_webhook")
+    async def build_webhook(self, request: BuildWebhookInput) -> BuiltWebhook:
+        """The event's body, once: its result in history is what every attempt sends."""
+        body = webhook_body(request.event, request.job, self._storage, self._settings.resolved_public_base_url)
+        return BuiltWebhook(
+            body=compact_json(body),
+            first_retry_seconds=self._settings.webhook_retry_first_interval_s,
+            max_retry_interval_seconds=self._settings.webhook_retry_max_interval_s,
+            retry_for_seconds=self._settings.webhook_retry_for_s,
+        )
+
+    @activity.defn(name="deliver_webhook")
+    async def deliver_webhook(self, request: DeliverWebhookInput) -> DeliverWebhookResult:
+        number = activity.info().attempt
+        attempt = await self._poster.post(request.callback_url, request.webhook_id, request.body)
+        await asyncio.to_thread(self._record, request, number, attempt)
+        if attempt.delivered:
+            assert attempt.status_code is not None
+            return DeliverWebhookResult(status_code=attempt.status_code, attempts=number)
+        if attempt.refused:
+            raise ApplicationError(
+                attempt.error or "refused", type=ErrorCode.WEBHOOK_TARGET_REFUSED.value, non_retryable=True,
+                category=ApplicationErrorCategory.BENIGN,
+            )
+        delay = None
+        if attempt.retry_after_seconds is not None:
+            # Honoured, within the policy's longest wait: a receiver cannot park a webhook past its 24 hours.
+            delay = timedelta(seconds=min(attempt.retry_after_seconds, self._settings.webhook_retry_max_interval_s))
+        raise ApplicationError(
+            attempt.error or "not delivered", type=ErrorCode.WEBHOOK_DELIVERY_FAILED.value, next_retry_delay=delay,
+            category=ApplicationErrorCategory.BENIGN,  # the receiver's trouble, in the job's log; not the worker's
+        )
+
+    @activity.defn(name="webhook_given_up")
+    async def webhook_given_up(self, request: WebhookGivenUpInput) -> None:
+        event = JobEventInput(
+            key=f"webhook:{request.event}:given-up", at=datetime.now(timezone.utc), kind="webhook",
+            message=f"webhook {request.event} given up: {request.reason}",
+            data={"event": request.event, "webhookId": request.webhook_id, "delivered": False},
+        )
+
+        def write() -> None:
+            with session_scope(self._engine) as session:
+                add_events(session, request.job_id, [event])
+
+        await asyncio.to_thread(write)
+
+    def _record(self, request: DeliverWebhookInput, number: int, attempt: Attempt) -> None:
+        outcome = "delivered" if attempt.delivered else f"not delivered ({attempt.error})"
+        answer = f"HTTP {attempt.status_code}" if attempt.status_code is not None else "no answer"
+        event = JobEventInput(
+            key=f"webhook:{request.event}:{number}", at=datetime.now(timezone.utc), kind="webhook",
+            message=f"webhook {request.event} attempt {number}: {answer} in {attempt.latency_ms} ms, {outcome}",
+            data={
+                "event": request.event, "webhookId": request.webhook_id, "attempt": number,
+                "url": describe_url(httpx.URL(request.callback_url)), "statusCode": attempt.status_code,
+                "latencyMs": attempt.latency_ms, "delivered": attempt.delivered, "error": attempt.error,
+            },
+        )
+        status = WebhookStatus(delivered=attempt.delivered, attempts=number, last_status=attempt.status_code)
+        with session_scope(self._engine) as session:
+            record_webhook_attempt(session, request.job_id, status, event)

@@ -1,0 +1,182 @@
+"""Webhook bodies, signatures and targets, without Temporal: what a receiver verifies, and where a webhook may go.
+The submit-time refusals run on the API alone (no worker; any use of Temporal fails the test)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import get_args
+
+import httpx
+import pytest
+from httpx import ASGITransport
+from standardwebhooks import Webhook
+
+from api.deps import get_temporal
+from api.job_views import Job, JobTiming, OutputFile
+from api.main import create_app
+from api.routes.jobs import WebhookEvent
+from app.models import JobError, JobState, JobStatus, OutputRef
+from app.safe_http import RefusedTarget, refusal_reason
+from app.settings import Settings
+from app.storage import LocalStorage
+from app.webhooks.events import EVENTS
+from app.webhooks.payload import compact_json, webhook_body
+from app.webhooks.signing import WebhookSigner
+from app.webhooks.targets import check_callback_url, resolve_callback
+from tests.harness import error_of, free_port, migrate_database
+from tests.test_api_validation import UnusableTemporal
+
+STANDARD_SECRET = "whsec_" + base64.b64encode(b"a key of thirty-two bytes, exact").decode()
+BODY_VALUES = {
+    "event": "job.succeeded", "jobId": "j", "metadata": {"name": "Zoë ✓ 画像", "ratio": 1.0, "half": 0.5, "n": 3,
+                                                          "big": 1e16, "nested": [2.0, {"x": -0.0}]},
+}
+
+
+def receivers_reserialise(body: str) -> dict[str, str]:
+    """The body as n8n-like receivers write it again after parsing it: Python's json, and JavaScript's."""
+    again = {"python": json.dumps(json.loads(body), separators=(",", ":"), ensure_ascii=False)}
+    if node := shutil.which("node"):
+        again["javascript"] = subprocess.run(
+            [node, "-e", "process.stdout.write(JSON.stringify(JSON.parse(require('fs').readFileSync(0, 'utf8'))))"],
+            input=body.encode(), capture_output=True, check=True,
+        ).stdout.decode()
+    return again
+
+
+def test_the_body_is_compact_and_reserialises_to_the_same_bytes() -> None:
+    body = compact_json(BODY_VALUES)
+    assert " " not in body.replace("Zoë ✓ 画像", "") and "Zoë ✓ 画像" in body  # no spaces, UTF-8 as it is
+    assert '"ratio":1,' in body and '"half":0.5' in body and '"big":10000000000000000' in body
+    for receiver, again in receivers_reserialise(body).items():
+        assert again == body, receiver
+
+
+def test_the_api_takes_every_event_there_is() -> None:
+    assert get_args(WebhookEvent) == EVENTS
+
+
+def test_the_body_shows_the_job_as_the_api_does(tmp_path: Path) -> None:
+    now = datetime.now(timezone.utc)
+    state = JobState(
+        job_id="j", status=JobStatus.failed, template_id="t", created_at=now, completed_at=now, metadata={"a": 1},
+        error=JobError(code="COMFYUI_OOM", message="out of memory"),
+        outputs=[OutputRef(filename="x.png", storage_key="j/0/x.png", size=1, sha256="0", content_type="image/png",
+                           node_id="9")],
+    )
+    body = webhook_body("job.failed", state, LocalStorage(tmp_path), "https://gw.example")
+    assert set(body) == {"event", "jobId", "status", "workflowId", "result", "error", "metadata", "timing"}
+    [output] = body["result"]["outputs"]
+    assert set(output) == {field.alias for field in OutputFile.model_fields.values()}
+    assert output["url"] == "https://gw.example/outputs/j/x.png"
+    assert set(body["timing"]) == {field.alias for field in JobTiming.model_fields.values()}
+    assert body["timing"]["createdAt"] == JobTiming(created_at=now).model_dump(mode="json")["createdAt"]
+    assert body["error"] == {"code": "COMFYUI_OOM", "message": "out of memory", "details": {}}
+    assert {"error", "metadata", "workflowId"} <= {field.alias for field in Job.model_fields.values()}
+
+
+@pytest.mark.parametrize("secret", [STANDARD_SECRET, "a plain secret, used as it is"])
+def test_both_signatures_verify_over_the_bytes_sent(secret: str) -> None:
+    body = compact_json(BODY_VALUES)
+    headers = WebhookSigner(secret).headers("job-1:webhook:job.succeeded", body, datetime.now(timezone.utc))
+    # Standard Webhooks, with the package, given the secret as the receiver has it.
+    key: str | bytes = secret if secret.startswith("whsec_") else secret.encode()
+    assert Webhook(key).verify(body.encode(), headers) == json.loads(body)
+    # A plain HMAC receiver: the same key (whsec_: its base64-decoded bytes; else the string itself).
+    raw_key = base64.b64decode(secret.removeprefix("whsec_")) if secret.startswith("whsec_") else secret.encode()
+    expected = "sha256=" + hmac.new(raw_key, body.encode(), hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["X-Signature"], expected)
+    # n8n's way: the parsed body serialised again is what was signed.
+    again = receivers_reserialise(body)["python"].encode()
+    assert "sha256=" + hmac.new(raw_key, again, hashlib.sha256).hexdigest() == headers["X-Signature"]
+    assert secret not in repr(WebhookSigner(secret))
+
+
+def test_a_whsec_secret_that_is_not_base64_is_refused() -> None:
+    with pytest.raises(ValueError, match="not base64"):
+        WebhookSigner("whsec_not base64!")
+
+
+@pytest.mark.parametrize(("address", "reason"), [
+    ("100.64.0.1", "carrier-grade NAT"), ("64:ff9b::a00:1", "NAT64"), ("169.254.169.254", "cloud metadata"),
+    ("fd00:ec2::254", "cloud metadata"), ("10.0.0.1", "private"), ("::ffff:127.0.0.1", "loopback"),
+    ("fe80::1", "link-local"), ("8.8.8.8", None),
+])
+def test_address_ranges_the_gateway_refuses(address: str, reason: str | None) -> None:
+    assert refusal_reason(ipaddress.ip_address(address)) == reason
+
+
+@pytest.mark.parametrize(("url", "allowed", "refused"), [
+    ("https://hooks.example.com/x", ["example.com"], None),  # a subdomain of a listed domain
+    ("https://example.com/x", ["example.com"], None),
+    ("https://badexample.com/x", ["example.com"], "not in WEBHOOK_ALLOWED_DOMAINS"),
+    ("https://example.org/x", ["example.com"], "not in WEBHOOK_ALLOWED_DOMAINS"),
+    ("ftp://example.com/x", ["*"], "only http and https"),
+    ("http://10.0.0.5/x", ["*"], "private address"),
+    ("http://127.0.0.1:9/x", ["*"], "loopback address"),
+    ("http://2130706433/x", ["*"], "loopback address"),  # 127.0.0.1 in another spelling
+    ("http://[::1]/x", ["*"], "loopback address"),
+    ("http://169.254.169.254/latest", ["*"], "cloud metadata"),
+    ("http://127.0.0.1:9/x", ["127.0.0.1"], None),  # listed exactly: the operator means it
+    ("https://user:pw@example.com/x", ["*"], "credentials"),
+    ("https://example.com/x", [], "switched off"),
+])
+def test_where_a_callback_url_may_go(url: str, allowed: list[str], refused: str | None) -> None:
+    if refused is None:
+        check_callback_url(url, allowed)
+    else:
+        with pytest.raises(RefusedTarget, match=refused):
+            check_callback_url(url, allowed)
+
+
+async def test_a_host_that_resolves_to_loopback_is_reached_only_when_listed_exactly() -> None:
+    url = httpx.URL("http://localhost:9/hook")
+    check_callback_url(str(url), ["*"])  # nothing to tell at submit: the name is resolved at each delivery
+    with pytest.raises(RefusedTarget, match="resolves to .*loopback"):
+        await resolve_callback(url, ["*"])
+    assert await resolve_callback(url, ["localhost"])
+
+
+# --- at submit -----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+async def webhook_api(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(
+        _env_file=None, data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+        comfyui_url=f"http://127.0.0.1:{free_port()}", temporal_address=f"127.0.0.1:{free_port()}",
+        webhook_secret=STANDARD_SECRET, webhook_allowed_domains="example.com,127.0.0.1",
+    )
+    migrate_database(settings)
+    app = create_app(settings)
+    temporal = UnusableTemporal()
+    app.dependency_overrides[get_temporal] = lambda: temporal
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=ASGITransport(app=app), base_url="http://gateway") as client:
+            yield client
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"callbackUrl": "http://10.1.2.3/hook"}, "not in WEBHOOK_ALLOWED_DOMAINS"),
+    ({"callbackUrl": "https://evil.test/hook"}, "not in WEBHOOK_ALLOWED_DOMAINS"),
+    ({"callbackUrl": "file:///etc/passwd"}, "only http and https"),
+    ({"callbackUrl": "javascript:alert(1)"}, "only http and https"),
+    ({"callbackUrl": "https://example.com/h", "webhookEvents": ["job.started"]}, "job.succeeded"),
+    ({"webhookEvents": ["job.progress"]}, "needs a callbackUrl"),
+])
+async def test_a_refused_callback_is_a_400_naming_it(webhook_api: httpx.AsyncClient, fields: dict, message: str) -> None:
+    response = await webhook_api.post("/jobs", json={"workflowId": "solid_color", **fields})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "VALIDATION_ERROR"
+    [issue] = error["details"]["fields"]
+    assert issue["field"].startswith(("callbackUrl", "webhookEvents")) and message in issue["message"], issue
+    assert (await webhook_api.get("/jobs")).json()["count"] == 0
