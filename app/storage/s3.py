@@ -8,6 +8,8 @@ read (signing is local work: no request to the store), so they never expire insi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -118,17 +120,11 @@ class S3Storage:
         return deleted
 
 
-class _storage_errors:
-    """boto3's failures (connection refused, timeouts, access denied, a failed multipart upload) as
-    StorageError; FileNotFoundError and StorageError pass as they are."""
-
-    def __init__(self, doing: str) -> None:
-        self._doing = doing
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> bool:
-        if isinstance(error, (BotoCoreError, ClientError, S3UploadFailedError)):
-            raise StorageError(f"{self._doing} failed: {error}") from error
-        return False
+@contextmanager
+def _storage_errors(doing: str) -> Iterator[None]:
+    """boto3's failures (connection refused, timeouts, access denied, a failed multipart upload) as StorageError;
+    anything else (FileNotFoundError for a missing key) passes as it is."""
+    try:
+        yield
+    except (BotoCoreError, ClientError, S3UploadFailedError) as error:
+        raise StorageError(f"{doing} failed: {error}") from error
