@@ -201,3 +201,17 @@ async def test_a_bucket_down_during_collect_is_retried_until_it_returns(
             assert {f"{job_id}/{index}/{output['filename']}" for index, output in enumerate(job["outputs"])} == keys
     finally:
         store.kill()
+
+
+async def test_an_inline_image_the_bucket_cannot_take_is_a_storage_error_and_no_job(
+    temporal_client: Client, task_queue: str, tmp_path: Path
+) -> None:
+    down = MotoServerProcess(tmp_path, port=free_port())  # never started
+    settings = gateway_settings(temporal_client, f"http://127.0.0.1:{free_port()}", tmp_path, task_queue,
+                                **down.storage_settings("outputs"))
+    migrate_database(settings)
+    async with api_client(settings, temporal_client) as api:
+        response = await api.post("/jobs", json={"workflowJson": still_and_animated_graph(png_data_uri((1, 2, 3)))})
+        assert response.status_code == 500, response.text
+        assert response.json()["error"]["code"] == "STORAGE_ERROR"
+        assert (await api.get("/jobs")).json()["count"] == 0
