@@ -24,7 +24,7 @@ from app.images.load_image import comfy_upload_name, replace_load_image_sources
 from app.images.loading import load_image_source
 from app.models import JobWarning, StageImagesInput, StageImagesResult, StepHeartbeat
 from app.redaction import Redactor
-from app.storage import OutputStorage
+from app.storage import OutputStorage, StorageError
 
 
 def _image_input_failure(error: ImageInputError, redactor: Redactor) -> ApplicationError:
@@ -104,3 +104,5 @@ class InputActivities:
             raise _image_input_failure(error, redactor) from (None if redactor else error)
         except ComfyError as error:
             raise to_application_error(error, redactor) from (None if redactor else error)
+        except StorageError as error:  # a stored inline image could not be read back (the bucket is down)
+            raise ApplicationError(f"{key}: {error}", type=ErrorCode.STORAGE_ERROR.value) from error

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import Field
+from starlette.concurrency import run_in_threadpool
 
 from app.jobstore import JobSnapshot
 from app.models import CamelModel, JobError, JobStatus, JobWarning, OutputRef, WebhookStatus
@@ -17,8 +18,10 @@ from app.storage import OutputStorage
 
 class OutputFile(CamelModel):
     filename: str
-    storage_path: str = Field(description="where the file is stored: its key under STORAGE_LOCAL_PATH")
-    url: str = Field(description="where to download it")
+    storage_path: str = Field(
+        description="where the file is stored: its key under STORAGE_LOCAL_PATH, or s3://bucket/key")
+    url: str = Field(description="where to download it: the gateway's /outputs route, or (S3) a presigned URL made "
+                                 "when the job was read, valid for S3_PRESIGN_EXPIRY_S")
     size: int
     sha256: str
     content_type: str
@@ -89,3 +92,9 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
         cache_hit=state.cache_hit,
     )
 
+
+async def public_job_off_loop(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
+    """public_job, on a thread when the store signs its URLs with its SDK (boto3 is not for the event loop)."""
+    if storage.signs_urls:
+        return await run_in_threadpool(public_job, snapshot, storage)
+    return public_job(snapshot, storage)

@@ -128,7 +128,11 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
         "ComfyUI restarted and forgot the prompt; the workflow resubmits it as a new attempt, up to 3 times"),
     ErrorCode.IMAGE_FETCH_FAILED: ErrorClass(
         502, True, False, _JOB, "an image input's URL timed out or answered 5xx, 408 or 429 (up to 5 tries)"),
-    ErrorCode.STORAGE_ERROR: ErrorClass(500, True, False, _JOB, "storing an output failed"),
+    ErrorCode.STORAGE_ERROR: ErrorClass(
+        500, True, False, _BOTH,
+        "storing or reading an output or an image input failed (a full disk, a bucket down or refusing); a job "
+        "retries it and fails with it when it lasts; at `POST /jobs`, an inline image was not stored and no job "
+        "was created"),
     ErrorCode.WEBHOOK_NOT_CONFIGURED: ErrorClass(
         400, False, False, _REQUEST,
         "a `callbackUrl` was given but the gateway has no `WEBHOOK_SECRET`: it never sends unsigned webhooks"),

@@ -43,6 +43,17 @@ class JobStatus(str, Enum):
 LIVE_STATUSES = (JobStatus.queued, JobStatus.running)
 
 
+class OutputFormat(str, Enum):
+    """What a job's still images are stored as (`outputFormat`); animated images and videos stay as they are."""
+
+    png = "png"
+    jpg = "jpg"
+    webp = "webp"
+
+
+DEFAULT_OUTPUT_QUALITY = 90
+
+
 class JobError(CamelModel):
     code: ErrorCode
     message: str
@@ -167,6 +178,9 @@ class GenerationInput(BaseModel):
     backend_task_queue: str
     created_at: datetime
     privacy_mode: bool = False
+    # None (jobs from before output formats): outputs are stored as ComfyUI wrote them.
+    output_format: OutputFormat | None = None
+    output_quality: int = DEFAULT_OUTPUT_QUALITY
     # Where the job's webhooks go (checked at submit, resolved and checked again at each delivery), and which.
     callback_url: str | None = None
     webhook_events: list[str] = Field(default_factory=lambda: list(TERMINAL_EVENTS))
@@ -269,6 +283,9 @@ class CollectOutputsInput(BaseModel):
     outputs: dict[str, dict[str, Any]]
     # How long an unreachable ComfyUI is waited for (the job's limit); None, from older releases: no bound.
     timeout_seconds: float | None = None
+    # What still images are converted to; None, from older releases: stored as ComfyUI wrote them.
+    output_format: OutputFormat | None = None
+    output_quality: int = DEFAULT_OUTPUT_QUALITY
 
 
 class CollectOutputsResult(BaseModel):

@@ -17,7 +17,7 @@ from sqlmodel import Session
 from app.canonical_json import canonical_sha256
 from app.jobstore import cached_results
 from app.models import CachedResult, OutputRef
-from app.storage import OutputStorage
+from app.storage import OutputStorage, StorageError
 
 # Part of every key: a change to what goes into the key changes it, so old results are not taken for new ones.
 _KEY_VERSION = 1
@@ -52,5 +52,7 @@ def _stored(storage: OutputStorage, output: OutputRef) -> bool:
     try:
         storage.open(output.storage_key).close()
     except FileNotFoundError:
+        return False
+    except StorageError:  # a store that does not answer now: no hit, and the job runs
         return False
     return True

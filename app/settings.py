@@ -82,13 +82,23 @@ class Settings(BaseSettings):
     # Persistence
     data_dir: Path = Field(Path("./data"), description="SQLite database, Temporal's dev database, outputs, scratch files")
     database_url: str | None = Field(None, description="default: a SQLite file in DATA_DIR; or postgresql://user@host/db")
-    storage_provider: StorageProvider = Field(StorageProvider.local, description="where outputs are stored: local (s3 soon)")
+    storage_provider: StorageProvider = Field(
+        StorageProvider.local, description="where outputs and image inputs are stored: local (STORAGE_LOCAL_PATH) or s3")
     storage_local_path: Path | None = Field(None, description="default: DATA_DIR/outputs")
-    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint (with STORAGE_PROVIDER=s3; soon)")
-    s3_bucket: str | None = Field(None, description="S3 bucket (soon)")
-    s3_access_key: str | None = Field(None, description="S3 access key (soon)")
-    s3_secret_key: str | None = Field(None, description="S3 secret key (soon)")
-    s3_region: str | None = Field(None, description="S3 region (soon)")
+    s3_endpoint: str | None = Field(
+        None, description="with STORAGE_PROVIDER=s3: the endpoint of an S3-compatible store (MinIO, R2, ...); "
+                          "default: AWS S3")
+    s3_bucket: str | None = Field(None, description="with STORAGE_PROVIDER=s3: the bucket (required; it must exist)")
+    s3_access_key: str | None = Field(None, description="S3 access key id; default: boto3's own lookup (AWS_* variables, "
+                                                        "~/.aws, an instance role)")
+    s3_secret_key: str | None = Field(None, description="S3 secret access key")
+    s3_region: str | None = Field(None, description="S3 region (R2: auto); default: boto3's own lookup")
+    s3_prefix: str = Field("", description="a folder in the bucket that every key goes under, to share a bucket")
+    s3_force_path_style: bool = Field(
+        False, description="path-style URLs (endpoint/bucket/key), for MinIO and stores without bucket subdomains")
+    s3_presign_expiry_s: int = Field(
+        3600, ge=1, le=7 * 24 * 3600, description="how long an output's presigned download URL works, from when the "
+                                                   "job is read")
     retention_days: int | None = Field(
         None, ge=1, le=36_500,
         description="delete jobs (rows, log, outputs, staged inputs) that finished longer ago than this; "
@@ -198,7 +208,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _refuse_unsupported_features(self) -> "Settings":
         unsupported = {
-            "STORAGE_PROVIDER=s3": self.storage_provider is StorageProvider.s3,
             "API_KEYS": bool(self.api_keys),
             "JWT_SECRET": bool(self.jwt_secret),
             "RATE_LIMIT_MAX": self.rate_limit_max is not None,
@@ -210,6 +219,12 @@ class Settings(BaseSettings):
                 "not supported by this version of the gateway (remove them from the environment): "
                 + ", ".join(named)
             )
+        return self
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> "Settings":
+        if self.storage_provider is StorageProvider.s3 and not self.s3_bucket:
+            raise ValueError("STORAGE_PROVIDER=s3 needs S3_BUCKET")
         return self
 
     @property

@@ -64,6 +64,7 @@ async def test_health_capabilities_and_docs(gateway: Gateway) -> None:
     capabilities = (await gateway.api.get("/capabilities")).json()
     assert "solid_color" in capabilities["workflows"]
     assert capabilities["maxSize"] == 2048 and capabilities["maxBatch"] == 4 and capabilities["storageProvider"] == "local"
+    assert capabilities["outputFormats"] == ["png", "jpg", "webp"]
     assert (await gateway.api.get("/docs")).status_code == 200
     assert "/jobs" in (await gateway.api.get("/openapi.json")).json()["paths"]
 

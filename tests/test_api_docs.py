@@ -83,7 +83,7 @@ async def test_the_docs_load_nothing_from_another_host(api: httpx.AsyncClient, p
 # What each operation answers besides its success, by code; the statuses are the error table's.
 ERROR_CODES = {
     "POST /jobs": {"VALIDATION_ERROR", "WEBHOOK_NOT_CONFIGURED", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND", "IDEMPOTENCY_CONFLICT",
-                   "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
+                   "STORAGE_ERROR", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
     "GET /jobs": {"VALIDATION_ERROR", "INTERNAL_ERROR"},
     "GET /jobs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
     "POST /jobs/{job_id}/cancel": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "JOB_NOT_FOUND", "JOB_ALREADY_FINISHED",
@@ -91,7 +91,8 @@ ERROR_CODES = {
     "GET /jobs/{job_id}/logs": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
     "GET /outputs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
     "GET /outputs/{job_id}/{filename}": {"VALIDATION_ERROR", "JOB_NOT_FOUND", "OUTPUT_NOT_FOUND",
-                                         "OUTPUT_FILE_MISSING", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
+                                         "OUTPUT_FILE_MISSING", "STORAGE_ERROR", "TEMPORAL_UNAVAILABLE",
+                                         "INTERNAL_ERROR"},
     "GET /workflows": {"INTERNAL_ERROR"},
     "POST /workflows": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WORKFLOW_EXISTS", "INTERNAL_ERROR"},
     "GET /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "INTERNAL_ERROR"},
@@ -125,7 +126,8 @@ async def test_each_operation_documents_the_errors_it_answers_with(api: httpx.As
         for status, codes in errors.items():
             assert {http_status(ErrorCode(code)) for code in codes} == {int(status)}, (name, status)
         assert set(operation["responses"]) - set(errors) == {min(operation["responses"])} | (
-            {"503"} if name in ("GET /health", "GET /ready") else set()), name  # the success, and no 422
+            {"503"} if name in ("GET /health", "GET /ready") else set()) | (
+            {"307"} if name == "GET /outputs/{job_id}/{filename}" else set()), name  # the success, and no 422
         query = [parameter["name"] for parameter in operation.get("parameters", []) if parameter["in"] == "query"]
         assert all("_" not in parameter for parameter in query), (name, query)  # camelCase, as on the wire
     assert [p["name"] for p in operations["GET /jobs"]["parameters"]] == [

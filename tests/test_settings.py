@@ -14,8 +14,7 @@ def test_defaults_match_what_users_know() -> None:
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("API_KEYS", "k1,k2"), ("STORAGE_PROVIDER", "s3"),
-     ("RATE_LIMIT_MAX", "10"), ("JWT_SECRET", "s")],
+    [("API_KEYS", "k1,k2"), ("RATE_LIMIT_MAX", "10"), ("JWT_SECRET", "s")],
 )
 def test_features_not_built_yet_are_a_startup_error(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
@@ -29,6 +28,15 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch, variable: s
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValidationError):
         Settings(_env_file=None)
+
+
+def test_s3_storage_needs_a_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STORAGE_PROVIDER", "s3")
+    with pytest.raises(ValidationError, match="S3_BUCKET"):
+        Settings(_env_file=None)
+    monkeypatch.setenv("S3_BUCKET", "outputs")
+    settings = Settings(_env_file=None)
+    assert settings.s3_bucket == "outputs" and settings.s3_presign_expiry_s == 3600
 
 
 def test_lists_and_postgres_urls(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -220,7 +220,8 @@ class GenerationWorkflow:
         collected = await workflow.execute_activity_method(
             ComfyActivities.collect_outputs,
             CollectOutputsInput(
-                job_id=job.job_id, backend=job.backend, outputs=result.outputs, timeout_seconds=job.timeout_seconds
+                job_id=job.job_id, backend=job.backend, outputs=result.outputs, timeout_seconds=job.timeout_seconds,
+                output_format=job.output_format, output_quality=job.output_quality,
             ),
             start_to_close_timeout=timedelta(seconds=max(job.timeout_seconds, 300)),
             heartbeat_timeout=timedelta(seconds=120),

@@ -18,7 +18,7 @@ from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
 from app.comfy.models import installed_models
 from app.errors import ErrorCode
-from app.models import CamelModel
+from app.models import CamelModel, OutputFormat
 from app.templates.store import list_latest_templates
 
 router = APIRouter(tags=["health"])
@@ -64,6 +64,7 @@ class Capabilities(CamelModel):
     max_size: int
     max_batch: int
     formats: list[str]
+    output_formats: list[OutputFormat] = Field(description="what a job's `outputFormat` may be")
     storage_provider: str
 
 
@@ -104,6 +105,7 @@ def capabilities(session: SessionDep, settings: SettingsDep) -> Capabilities:
         max_size=settings.max_image_size,
         max_batch=settings.max_batch_size,
         formats=["binary", "base64"],
+        output_formats=list(OutputFormat),
         storage_provider=settings.storage_provider.value,
     )
 

@@ -30,7 +30,7 @@ from api.deps import (
 from api.errors import ApiError, invalid_input, validation_error
 from api.database import Database
 from api.job_reader import JobReader, started_input
-from api.job_views import Job, public_job
+from api.job_views import Job, public_job, public_job_off_loop
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
 from app.comfy.backends import backend_task_queue, configured_backends
@@ -48,12 +48,14 @@ from app.jobstore import (
 )
 from app.metrics import CACHE_HITS, CACHE_MISSES
 from app.models import (
+    DEFAULT_OUTPUT_QUALITY,
     CachedResult,
     CamelModel,
     CancelRequest,
     GenerationInput,
     JobState,
     JobStatus,
+    OutputFormat,
     RetrySpec,
     accepted_state,
 )
@@ -62,7 +64,7 @@ from app.retention import link_job_inputs
 from app.result_cache import cache_key, find_cached_result
 from app.safe_http import RefusedTarget
 from app.settings import Settings
-from app.storage import OutputStorage
+from app.storage import OutputStorage, StorageError
 from app.submission import ImageIntake, prepare_job
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
@@ -156,8 +158,12 @@ class CreateJobRequest(CamelModel):
     metadata: dict[str, Any] = Field(default_factory=dict, description="echoed back with the job")
     retry: RetryRequest = Field(default_factory=RetryRequest)
     timeout_seconds: float | None = Field(None, gt=0, le=_MAX_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")
+    output_format: OutputFormat = Field(
+        OutputFormat.png, description="what still images are stored as; animated images and videos stay as they are")
+    quality: int = Field(
+        DEFAULT_OUTPUT_QUALITY, ge=1, le=100, description="jpg and webp encoding quality; png is lossless and ignores it")
 
-    _numbers = field_validator("timeout_seconds", mode="before")(_json_number)
+    _numbers = field_validator("timeout_seconds", "quality", mode="before")(_json_number)
 
     @model_validator(mode="after")
     def _one_workflow(self) -> "CreateJobRequest":
@@ -209,7 +215,9 @@ def _json_size(value: Any) -> int:
 
 
 @router.post("", status_code=202, response_model=CreateJobResponse)
-@answers_with(ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.IDEMPOTENCY_CONFLICT)
+@answers_with(
+    ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.IDEMPOTENCY_CONFLICT, ErrorCode.STORAGE_ERROR
+)
 async def create_job(
     body: CreateJobRequest,
     request: Request,
@@ -259,11 +267,14 @@ async def create_job(
         )
     except InvalidInput as error:
         raise invalid_input(error) from error
+    except StorageError as error:
+        raise ApiError(ErrorCode.STORAGE_ERROR, f"an inline image could not be stored: {error}") from error
 
     template_version = template.version if template is not None else None
     result_key = cache_key(
         template_id=body.workflow_id, template_version=template_version, workflow_json=prepared.workflow_json,
-        inputs=prepared.inputs,
+        inputs=prepared.inputs, output_format=body.output_format.value,
+        quality=None if body.output_format is OutputFormat.png else body.quality,  # png ignores quality
     ) if prepared.reproducible else None
 
     backend = configured_backends(settings)[0]
@@ -286,6 +297,8 @@ async def create_job(
         cache_key=result_key,
         cached_result=await _cached_result(db, storage, settings, result_key),
         request_fingerprint=fingerprint,
+        output_format=body.output_format,
+        output_quality=body.quality,
     )
     # Under PRIVACY_MODE the prompt's activity also carries the job's free texts, to redact them (app.redaction).
     redacted = free_texts(job.inputs, job.workflow_json) if job.privacy_mode else []
@@ -424,7 +437,7 @@ def get_jobs(
 
 @router.get("/{job_id}", response_model=Job)
 async def get_job(job: JobDep, storage: StorageDep) -> Job:
-    return public_job(job, storage)
+    return await public_job_off_loop(job, storage)
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
