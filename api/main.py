@@ -22,7 +22,8 @@ from api.plain_json import BodySizeLimit
 from api.probes import Probes
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
-from api.routes import health, jobs, outputs, workflows
+from api.auth import warn_if_open
+from api.routes import audit, health, jobs, outputs, workflows
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import make_engine
 from app.settings import Settings, get_settings
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        warn_if_open(settings)
         app.state.settings = settings
         app.state.engine = make_engine(settings.resolved_database_url)
         prepare_database(app.state.engine)
@@ -99,7 +101,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         )
     app.add_middleware(BodySizeLimit)
     install_error_handlers(app)
-    routers = [jobs.router, outputs.router, workflows.router, health.router]
+    # Each router but health's (/health and /ready are public) requires a caller (api.deps.get_principal).
+    routers = [jobs.router, outputs.router, workflows.router, audit.router, health.router]
     for router in routers:
         app.include_router(router)
     install_openapi(app, routers)

@@ -89,6 +89,8 @@ class JobState(CamelModel):
     completed_at: datetime | None = None
     execution_time_ms: int | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # The principal that created the job (app.auth); None for jobs from before authentication existed.
+    owner: str | None = None
 
 
 class LiveProgress(CamelModel):
@@ -160,6 +162,8 @@ class GenerationInput(BaseModel):
     # Where the job's webhooks go (checked at submit, resolved and checked again at each delivery), and which.
     callback_url: str | None = None
     webhook_events: list[str] = Field(default_factory=lambda: list(TERMINAL_EVENTS))
+    # The principal id of the caller that created the job (never a key): the row's owner and the Owner attribute.
+    owner: str | None = None
 
     def wants_webhook(self, event: str) -> bool:
         return self.callback_url is not None and event in self.webhook_events
@@ -336,6 +340,7 @@ def accepted_state(job: GenerationInput) -> JobState:
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         created_at=job.created_at,
         metadata=job.metadata,
+        owner=job.owner,
     )
 
 

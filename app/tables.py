@@ -21,6 +21,8 @@ class JobRow(SQLModel, table=True):
     status: str = Field(index=True, max_length=16)
     template_id: str | None = Field(default=None, index=True, max_length=128)
     template_version: int | None = None
+    # The principal that created the job (app.auth); None for jobs from before authentication existed.
+    owner: str | None = Field(default=None, index=True, max_length=128)
     # Seeds reach 2**48: past PostgreSQL's INTEGER.
     seed: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     backend: str = Field(max_length=64)
@@ -88,3 +90,17 @@ class JobInputRow(SQLModel, table=True):
     job_id: str = Field(primary_key=True, max_length=64)
     storage_key: str = Field(primary_key=True, index=True, max_length=255)
     created_at: datetime = _utc_column(nullable=False)
+
+
+class AuditRow(SQLModel, table=True):
+    """One admin action (app.audit): who did what to what, when. Written once, never changed."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    actor: str = Field(index=True, max_length=128)
+    role: str = Field(max_length=16)
+    action: str = Field(index=True, max_length=64)
+    target: str = Field(index=True, max_length=256)
+    at: datetime = _utc_column(index=True, nullable=False)
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

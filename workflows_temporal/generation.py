@@ -41,12 +41,14 @@ with workflow.unsafe.imports_passed_through():
         accepted_state,
         prompt_id_for,
     )
-    from app.search_attributes import JOB_STATUS, TEMPLATE_ID
+    from app.search_attributes import JOB_STATUS, OWNER, TEMPLATE_ID
     from app.webhooks.events import PROGRESS_EVENT
     from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
 
 # Jobs started before the workflow wrote search attributes replay without them.
 SEARCH_ATTRIBUTES_PATCH = "job-search-attributes"
+# Jobs started before the workflow indexed its owner replay without the Owner attribute.
+OWNER_PATCH = "job-owner"
 # A job with a callbackUrl starts a WebhookDeliveryWorkflow as it ends (jobs before never had one).
 WEBHOOKS_PATCH = "webhooks"
 
@@ -116,6 +118,7 @@ class GenerationWorkflow:
         # Records are written one at a time, each with the latest snapshot, so the row never goes back.
         self._record_lock = asyncio.Lock()
         self._indexed = False
+        self._owner_indexed = False
         self._indexed_status: JobStatus | None = None
         self._webhook_started = False
 
@@ -123,6 +126,7 @@ class GenerationWorkflow:
     async def run(self, job: GenerationInput) -> JobState:
         self._job = job
         self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
+        self._owner_indexed = job.owner is not None and workflow.patched(OWNER_PATCH)
         self._state = accepted_state(job)
         self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
         self._work = asyncio.create_task(self._generate(job))
@@ -341,6 +345,8 @@ class GenerationWorkflow:
         updates = [JOB_STATUS.value_set(self._state.status.value)]
         if self._indexed_status is None and self._job.template_id is not None:
             updates.append(TEMPLATE_ID.value_set(self._job.template_id))
+        if self._indexed_status is None and self._owner_indexed:
+            updates.append(OWNER.value_set(self._job.owner))
         workflow.upsert_search_attributes(updates)
         self._indexed_status = self._state.status
 

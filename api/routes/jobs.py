@@ -9,18 +9,21 @@ from contextlib import suppress
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError
 
-from api.deps import DatabaseDep, JobDep, JobReaderDep, SessionDep, SettingsDep, StorageDep, TemporalDep
+from api.deps import DatabaseDep, JobDep, JobReaderDep, PrincipalDep, SessionDep, SettingsDep, StorageDep, TemporalDep
+from api.deps import get_principal
 from api.errors import ApiError, invalid_input, validation_error
 from api.job_views import Job, public_job
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
+from app.audit import JOB_CANCEL, record_audit
+from app.auth import Principal
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
@@ -38,7 +41,7 @@ from app.webhooks.events import TERMINAL_EVENTS
 from app.webhooks.targets import check_callback_url
 from workflows_temporal.generation import GenerationWorkflow
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute)
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute, dependencies=[Depends(get_principal)])
 
 # Temporal refuses payloads over 2 MB; a job near that belongs in a template, its images in URLs or storage.
 _MAX_JOB_BYTES = 1_000_000
@@ -168,7 +171,7 @@ def _json_size(value: Any) -> int:
 
 
 @router.post("", status_code=202, response_model=CreateJobResponse)
-@answers_with(ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND)
+@answers_with(ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.WORKFLOW_JSON_NOT_ALLOWED)
 async def create_job(
     body: CreateJobRequest,
     request: Request,
@@ -176,7 +179,9 @@ async def create_job(
     settings: SettingsDep,
     temporal: TemporalDep,
     storage: StorageDep,
+    principal: PrincipalDep,
 ) -> CreateJobResponse:
+    _check_raw_graph(body, settings, principal)
     _check_webhook(body, settings)
     if _json_size(body.metadata) > _MAX_METADATA_BYTES:
         raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
@@ -218,6 +223,7 @@ async def create_job(
         privacy_mode=settings.privacy_mode,
         callback_url=body.callback_url,
         webhook_events=list(dict.fromkeys(body.webhook_events or TERMINAL_EVENTS)),
+        owner=principal.id,
     )
     if len(job.model_dump_json()) > _MAX_JOB_BYTES:
         field = "workflowJson" if body.workflow_json is not None else "inputs"
@@ -234,6 +240,16 @@ async def create_job(
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal refused the job; nothing was created") from error
     eta = await db.run(estimate_wait_seconds, body.workflow_id, settings.max_concurrency)
     return CreateJobResponse(job_id=job_id, status=JobStatus.queued, eta_seconds=eta, poll_url=f"/jobs/{job_id}")
+
+
+def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Principal) -> None:
+    """Operators of shared GPUs let only some roles send arbitrary graphs (RAW_WORKFLOW_ROLES)."""
+    if body.workflow_json is not None and principal.role not in settings.raw_workflow_roles:
+        raise ApiError(
+            ErrorCode.WORKFLOW_JSON_NOT_ALLOWED,
+            f"workflowJson: the role {principal.role.value} may not submit a raw graph here; run a template by "
+            "workflowId", {"field": "workflowJson", "role": principal.role.value},
+        )
 
 
 def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:
@@ -259,6 +275,7 @@ def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:
 def get_jobs(
     session: SessionDep,
     storage: StorageDep,
+    principal: PrincipalDep,
     status: JobStatus | None = None,
     workflow_id: Annotated[str | None, Query(alias="workflowId")] = None,
     after: Instant | None = Query(None, description="created after this instant (ISO 8601)"),
@@ -266,9 +283,12 @@ def get_jobs(
     limit: int = Query(50, ge=1, le=200),
     offset: int = Query(0, ge=0, le=1_000_000_000),
 ) -> JobList:
+    """Every job for an admin; a user's own jobs for a user."""
+    owner = None if principal.is_admin else principal.id
     jobs, count = list_jobs(
         session,
-        JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, limit=limit, offset=offset),
+        JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, owner=owner,
+                  limit=limit, offset=offset),
     )
     return JobList(jobs=[public_job(job, storage) for job in jobs], count=count)
 
@@ -284,19 +304,24 @@ async def cancel_job(
     job: JobDep,
     reader: JobReaderDep,
     temporal: TemporalDep,
+    db: DatabaseDep,
+    principal: PrincipalDep,
     body: Annotated[CancelJobBody | None, Body()] = None,
 ) -> CancelJobResponse:
     job_id = job.state.job_id
     if job.state.status.is_terminal:
         raise _already_finished(job)
+    reason = body.reason if body else ""
     handle = temporal.require().get_workflow_handle(job_id)
     try:
-        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=body.reason if body else "", actor="api"))
+        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=reason, actor=principal.id))
     except RPCError as error:
         job = await reader.read(job_id, reuse_live=False)
         if job.state.status.is_terminal:
             raise _already_finished(job) from error
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal did not take the cancel; try again") from error
+    if job.state.owner != principal.id:  # only an admin reaches another's job (JobDep)
+        await db.run(record_audit, principal, JOB_CANCEL, job_id, {"owner": job.state.owner, "reason": reason})
     # The workflow's end, awaited (long-polled by Temporal) rather than polled for.
     with suppress(TimeoutError, WorkflowFailureError, RPCError):
         async with asyncio.timeout(_CANCEL_WAIT_SECONDS):

@@ -7,11 +7,11 @@ import json
 from collections.abc import Iterator
 from typing import BinaryIO, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import Field
 
-from api.deps import JobDep, StorageDep
+from api.deps import JobDep, StorageDep, get_principal
 from api.errors import ApiError
 from api.job_views import OutputFile, output_file
 from api.openapi import answers_with
@@ -19,7 +19,7 @@ from app.errors import ErrorCode
 from app.models import CamelModel, OutputRef
 from app.storage import OutputStorage
 
-router = APIRouter(prefix="/outputs", tags=["outputs"])
+router = APIRouter(prefix="/outputs", tags=["outputs"], dependencies=[Depends(get_principal)])
 
 # A multiple of 3 so that each chunk encodes to base64 without padding in the middle of the stream.
 _BASE64_CHUNK = 3 * 64 * 1024
