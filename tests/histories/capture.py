@@ -81,6 +81,8 @@ async def capture() -> None:
                         "workflowId": "solid_color", "inputs": {"width": 8}, "callbackUrl": f"{receiver_url}/hook",
                         "webhookEvents": ["job.succeeded", "job.progress"],
                     },
+                    # Since the job-owner patch: the first upsert has Owner too (here the open mode's "anonymous").
+                    "owned_template_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
