@@ -265,9 +265,10 @@ async def test_a_user_lists_only_its_own_jobs_and_an_admin_every_job(
 ) -> None:
     api, jobs = owned
     mine = (await api.get("/jobs", headers=ALICE)).json()
-    assert [job["jobId"] for job in mine["jobs"]] == [jobs["alice"]] and mine["count"] == 1
+    assert [(job["jobId"], job["owner"]) for job in mine["jobs"]] == [(jobs["alice"], "alice")] and mine["count"] == 1
     assert (await api.get("/jobs", headers=token(claims(sub="dave")))).json() == {"jobs": [], "count": 0}
-    assert (await api.get("/jobs", headers=ADMIN)).json()["count"] == 3
+    every = (await api.get("/jobs", headers=ADMIN)).json()
+    assert every["count"] == 3 and {job["owner"] for job in every["jobs"]} == {"alice", "bob", None}
 
 
 async def test_a_user_may_not_manage_templates_or_read_the_audit_log(api: httpx.AsyncClient) -> None:
