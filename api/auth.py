@@ -15,7 +15,7 @@ import logging
 import jwt
 
 from api.errors import ApiError
-from app.auth import OPEN_MODE_PRINCIPAL, Principal, Role
+from app.auth import MAX_PRINCIPAL_ID_LENGTH, OPEN_MODE_PRINCIPAL, Principal, Role
 from app.errors import ErrorCode
 from app.metrics import AUTH_FAILURES
 from app.settings import Settings
@@ -82,6 +82,6 @@ def _by_jwt(settings: Settings, token: str) -> Principal:
     except jwt.PyJWTError:
         raise auth_failed(settings, "invalid_token") from None
     subject, role = claims["sub"], claims["role"]
-    if not isinstance(subject, str) or not subject or role not in _ROLE_NAMES:
+    if not isinstance(subject, str) or not 0 < len(subject) <= MAX_PRINCIPAL_ID_LENGTH or role not in _ROLE_NAMES:
         raise auth_failed(settings, "invalid_claims")
     return Principal(subject, Role(role))

@@ -29,6 +29,9 @@ class Principal:
         return self.role is Role.admin
 
 
+# The longest principal id (a key's name, a JWT's `sub`): what the jobs row, the audit log and Owner hold.
+MAX_PRINCIPAL_ID_LENGTH = 128
+
 # With neither API_KEYS nor JWT_SECRET set the gateway is open: every caller is this one.
 OPEN_MODE_PRINCIPAL = Principal("anonymous", Role.admin)
 
@@ -64,4 +67,6 @@ def parse_api_key(entry: str) -> ApiKey:
         raise ValueError(f"an API_KEYS entry has the role {role_name!r}; roles are admin and user") from None
     if rest.count(":") > 1 or (rest.count(":") == 1 and not name):
         raise ValueError("an API_KEYS entry is key, key:role or key:role:name (a name without ':')")
+    if len(name) > MAX_PRINCIPAL_ID_LENGTH:
+        raise ValueError(f"an API_KEYS entry has a name longer than {MAX_PRINCIPAL_ID_LENGTH} characters")
     return ApiKey(key, Principal(name or key_fingerprint(key), role))

@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, DateTime, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from app.auth import MAX_PRINCIPAL_ID_LENGTH
+
 
 def _utc_column(index: bool = False, nullable: bool = True) -> Any:
     return Field(default=None, sa_column=Column(DateTime(timezone=True), index=index, nullable=nullable))
@@ -22,7 +24,7 @@ class JobRow(SQLModel, table=True):
     template_id: str | None = Field(default=None, index=True, max_length=128)
     template_version: int | None = None
     # The principal that created the job (app.auth); None for jobs from before authentication existed.
-    owner: str | None = Field(default=None, index=True, max_length=128)
+    owner: str | None = Field(default=None, index=True, max_length=MAX_PRINCIPAL_ID_LENGTH)
     # Seeds reach 2**48: past PostgreSQL's INTEGER.
     seed: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     backend: str = Field(max_length=64)
@@ -98,7 +100,7 @@ class AuditRow(SQLModel, table=True):
     __tablename__ = "audit_log"
 
     id: int | None = Field(default=None, primary_key=True)
-    actor: str = Field(index=True, max_length=128)
+    actor: str = Field(index=True, max_length=MAX_PRINCIPAL_ID_LENGTH)
     role: str = Field(max_length=16)
     action: str = Field(index=True, max_length=64)
     target: str = Field(index=True, max_length=256)

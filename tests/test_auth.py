@@ -103,6 +103,7 @@ REFUSED_CREDENTIALS = {
     "no role": token({"sub": "carol", "exp": int(time.time()) + 300}),
     "unknown role": token(claims(role="root")),
     "a role that is not a string": token(claims(role=["admin"])),
+    "a sub longer than an owner can be": token(claims(sub="x" * 129)),
     "malformed token": {"Authorization": "Bearer not.a.jwt"},
     "not a bearer": {"Authorization": f"Basic {base64.b64encode(b'ops:x').decode()}"},
 }
@@ -169,6 +170,7 @@ def test_api_keys_name_their_principal_never_by_the_key() -> None:
 
 
 @pytest.mark.parametrize("entry", ["secret-value:root", "secret-value:admin:a:b", "secret-value:admin:",
+                                   "secret-value:user:" + "n" * 129,
                                    ":admin", "secret-value,secret-value"])
 def test_a_bad_api_keys_entry_is_refused_without_showing_the_key(entry: str) -> None:
     with pytest.raises(ValidationError) as refused:
