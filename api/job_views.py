@@ -55,6 +55,7 @@ class Job(CamelModel):
     webhook: WebhookStatus | None = Field(
         None, description="how the job's webhook (its final event's) has fared; null without a callbackUrl or "
                           "before its first attempt. Never changes the job's status")
+    cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job; nothing ran")
 
 
 def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> OutputFile:
@@ -89,5 +90,6 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
         metadata=state.metadata,
         owner=state.owner,
         webhook=snapshot.webhook,
+        cache_hit=state.cache_hit,
     )
 

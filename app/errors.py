@@ -33,6 +33,7 @@ class ErrorCode(str, Enum):
     WORKFLOW_CONFLICT = "WORKFLOW_CONFLICT"
     JOB_NOT_FOUND = "JOB_NOT_FOUND"
     JOB_ALREADY_FINISHED = "JOB_ALREADY_FINISHED"
+    IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
     OUTPUT_NOT_FOUND = "OUTPUT_NOT_FOUND"
     OUTPUT_FILE_MISSING = "OUTPUT_FILE_MISSING"
     JOB_CANCELLED = "JOB_CANCELLED"
@@ -102,6 +103,10 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
         409, False, False, _REQUEST, "a concurrent update took the same template version first"),
     ErrorCode.JOB_NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "no such job"),
     ErrorCode.JOB_ALREADY_FINISHED: ErrorClass(409, False, False, _REQUEST, "the job has finished; it cannot be cancelled"),
+    ErrorCode.IDEMPOTENCY_CONFLICT: ErrorClass(
+        409, False, False, _REQUEST,
+        "a job with this idempotency key (`Idempotency-Key` or `metadata.requestId`) was submitted with a different "
+        "body (`details.jobId` names it)"),
     ErrorCode.OUTPUT_NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "the job has no output of this name"),
     ErrorCode.OUTPUT_FILE_MISSING: ErrorClass(
         404, False, False, _REQUEST, "the job has this output, but its file is gone from storage"),

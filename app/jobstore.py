@@ -60,6 +60,10 @@ def record_job(session: Session, record: RecordJobInput) -> None:
     row.started_at = job.started_at
     row.completed_at = job.completed_at
     row.execution_time_ms = job.execution_time_ms
+    row.cache_key = record.cache_key
+    row.cache_hit = job.cache_hit
+    row.cached_from = job.cached_from
+    row.request_fingerprint = record.request_fingerprint
     row.updated_at = datetime.now(timezone.utc)
     session.add(row)
     _insert_events(session, job.job_id, record.events)
@@ -152,6 +156,8 @@ def job_snapshot(row: JobRow) -> JobSnapshot:
         completed_at=as_utc(row.completed_at),
         execution_time_ms=row.execution_time_ms,
         metadata=row.job_metadata,
+        cache_hit=row.cache_hit,
+        cached_from=row.cached_from,
         owner=row.owner,
     )
     live = LiveProgress(
@@ -169,6 +175,29 @@ def get_job(session: Session, job_id: str) -> JobRow | None:
 def get_job_snapshot(session: Session, job_id: str) -> JobSnapshot | None:
     row = get_job(session, job_id)
     return job_snapshot(row) if row is not None else None
+
+
+def request_fingerprint_of(session: Session, job_id: str) -> tuple[JobSnapshot, str | None] | None:
+    """The job with this id and the fingerprint of the request that made it, if it has a row."""
+    row = get_job(session, job_id)
+    return (job_snapshot(row), row.request_fingerprint) if row is not None else None
+
+
+def cached_results(session: Session, cache_key: str, completed_after: datetime, limit: int = 3) -> list[JobSnapshot]:
+    """The latest succeeded jobs with this cache key that ran (not hits themselves) and completed after
+    `completed_after`, newest first: a hit reuses a result for the TTL after it was made, not after its last hit."""
+    rows = session.exec(
+        select(JobRow)
+        .where(
+            col(JobRow.cache_key) == cache_key,
+            col(JobRow.status) == JobStatus.succeeded.value,
+            col(JobRow.cached_from).is_(None),
+            col(JobRow.completed_at) > completed_after,
+        )
+        .order_by(col(JobRow.completed_at).desc())
+        .limit(limit)
+    ).all()
+    return [job_snapshot(row) for row in rows]
 
 
 @dataclass(frozen=True)

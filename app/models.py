@@ -89,6 +89,9 @@ class JobState(CamelModel):
     completed_at: datetime | None = None
     execution_time_ms: int | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # A result cache hit: the outputs are those of job `cached_from` (the same storage keys); nothing ran.
+    cache_hit: bool = False
+    cached_from: str | None = None
     # The principal that created the job (app.auth); None for jobs from before authentication existed.
     owner: str | None = None
 
@@ -145,6 +148,13 @@ class StepHeartbeat(CamelModel):
 # --- workflow, signal and activity inputs and results ---------------------------------------------
 
 
+class CachedResult(BaseModel):
+    """An earlier job's result that a new job takes as its own (a result cache hit): its outputs' storage keys."""
+
+    source_job_id: str
+    outputs: list[OutputRef]
+
+
 class GenerationInput(BaseModel):
     job_id: str
     template_id: str | None = None
@@ -164,6 +174,13 @@ class GenerationInput(BaseModel):
     webhook_events: list[str] = Field(default_factory=lambda: list(TERMINAL_EVENTS))
     # The principal id of the caller that created the job (never a key): the row's owner and the Owner attribute.
     owner: str | None = None
+
+    # SHA-256 of the result cache key (app.result_cache); None when the job's result is not cacheable.
+    cache_key: str | None = None
+    # Given: the job finishes at once with this result, and never reaches ComfyUI.
+    cached_result: CachedResult | None = None
+    # SHA-256 of the request, for a job submitted with an idempotency key (app.idempotency).
+    request_fingerprint: str | None = None
 
     def wants_webhook(self, event: str) -> bool:
         return self.callback_url is not None and event in self.webhook_events
@@ -274,6 +291,8 @@ class RecordJobInput(BaseModel):
     backend: str
     prompt_id: str | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
+    cache_key: str | None = None
+    request_fingerprint: str | None = None
     events: list[JobEventInput] = Field(default_factory=list)
 
 
@@ -340,6 +359,8 @@ def accepted_state(job: GenerationInput) -> JobState:
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         created_at=job.created_at,
         metadata=job.metadata,
+        cache_hit=job.cached_result is not None,
+        cached_from=job.cached_result.source_job_id if job.cached_result is not None else None,
         owner=job.owner,
     )
 

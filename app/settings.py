@@ -138,10 +138,15 @@ class Settings(BaseSettings):
         "comfyui-gateway", description="the main task queue (each ComfyUI gets <queue>.<backend>)")
     temporal_ui_port: int = Field(8233, ge=1, le=65535, description="the dev server's Web UI (comfyui-gateway dev)")
 
+    # Result cache
+    cache_enabled: bool = Field(
+        False, description="answer a job identical to an earlier success (explicit seed, no image URLs) with that "
+                            "job's outputs, at once, instead of running it again")
+    cache_ttl_seconds: int = Field(
+        86_400, ge=1, description="how long a succeeded job's outputs answer identical jobs (with CACHE_ENABLED)")
+
     # Features that later releases fill in. They are declared so that setting one is a clear
     # start-up error rather than a silently ignored option.
-    cache_enabled: bool = Field(False, description="result cache (soon)")
-    cache_ttl_seconds: int | None = Field(None, description="result cache lifetime (soon)")
     rate_limit_max: int | None = Field(None, description="requests per window (soon)")
     rate_limit_window_ms: int | None = Field(None, description="rate limit window (soon)")
 
@@ -202,8 +207,6 @@ class Settings(BaseSettings):
     def _refuse_unsupported_features(self) -> "Settings":
         unsupported = {
             "STORAGE_PROVIDER=s3": self.storage_provider is StorageProvider.s3,
-            "CACHE_ENABLED": self.cache_enabled,
-            "CACHE_TTL_SECONDS": self.cache_ttl_seconds is not None,
             "RATE_LIMIT_MAX": self.rate_limit_max is not None,
             "RATE_LIMIT_WINDOW_MS": self.rate_limit_window_ms is not None,
         }

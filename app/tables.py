@@ -47,6 +47,14 @@ class JobRow(SQLModel, table=True):
     # {delivered, attempts, lastStatus} of the job's webhook, written by its delivery activity; None without one.
     webhook: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     updated_at: datetime = _utc_column(nullable=False)
+    # The result cache (app.result_cache): the job's cache key (None: not cacheable), and on a cache hit, the
+    # job whose outputs (the same storage keys) it took. Deleting a job's files must spare those of a source
+    # that a hit still names in cached_from.
+    cache_key: str | None = Field(default=None, index=True, max_length=64)
+    cache_hit: bool = False
+    cached_from: str | None = Field(default=None, index=True, max_length=64)
+    # SHA-256 of the request of a job submitted with an idempotency key: a repeat with another body is refused.
+    request_fingerprint: str | None = Field(default=None, max_length=64)
 
 
 class JobEventRow(SQLModel, table=True):

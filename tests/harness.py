@@ -248,8 +248,12 @@ async def serve_locally(app: web.Application) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def api_client(settings: Settings, temporal: Client) -> AsyncIterator[httpx.AsyncClient]:
+async def api_client(
+    settings: Settings, temporal: Client, overrides: dict[Callable[..., Any], Callable[..., Any]] | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in-process; `overrides` replace FastAPI dependencies (e.g. who the caller is)."""
     app = create_app(settings, temporal)
+    app.dependency_overrides.update(overrides or {})
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=ASGITransport(app=app), base_url="http://gateway") as client:
             yield client

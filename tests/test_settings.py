@@ -14,7 +14,7 @@ def test_defaults_match_what_users_know() -> None:
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("STORAGE_PROVIDER", "s3"), ("CACHE_ENABLED", "true"), ("RATE_LIMIT_MAX", "10")],
+    [("STORAGE_PROVIDER", "s3"), ("RATE_LIMIT_MAX", "10")],
 )
 def test_features_not_built_yet_are_a_startup_error(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
@@ -46,3 +46,8 @@ def test_webhook_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings(_env_file=None, webhook_allowed_domains="").webhook_allowed_domains == []
     assert Settings(_env_file=None, port=8080).resolved_public_base_url == "http://127.0.0.1:8080"
     assert Settings(_env_file=None, public_base_url="https://gw.example/").resolved_public_base_url == "https://gw.example"
+
+
+def test_the_result_cache_is_off_by_default_and_keeps_results_a_day() -> None:
+    settings = Settings(_env_file=None)
+    assert settings.cache_enabled is False and settings.cache_ttl_seconds == 86_400

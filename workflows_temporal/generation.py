@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.render import RenderActivities
     from app.errors import NON_RETRYABLE_TYPES, ErrorCode
     from app.models import (
+        CachedResult,
         CancelPromptInput,
         CancelRequest,
         CollectOutputsInput,
@@ -128,8 +129,12 @@ class GenerationWorkflow:
         self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
         self._owner_indexed = job.owner is not None and workflow.patched(OWNER_PATCH)
         self._state = accepted_state(job)
-        self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
-        self._work = asyncio.create_task(self._generate(job))
+        if job.cached_result is not None:
+            self._event("status", "job accepted; an identical earlier job's result answers it", {"status": "queued"})
+            self._work = asyncio.create_task(self._reuse(job.cached_result))
+        else:
+            self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
+            self._work = asyncio.create_task(self._generate(job))
         if self._cancel is not None:
             self._work.cancel()
         try:
@@ -223,6 +228,15 @@ class GenerationWorkflow:
         )
         self._state.outputs = collected.files
         self._state.execution_time_ms = result.execution_time_ms
+        await self._finish(JobStatus.succeeded)
+
+    async def _reuse(self, cached: CachedResult) -> None:
+        """A result cache hit: the job takes an earlier job's stored outputs as its own, and ComfyUI is not asked."""
+        assert self._state is not None
+        self._state.started_at = workflow.now()
+        self._state.outputs = cached.outputs
+        self._event("cache", f"result cache hit: the outputs of job {cached.source_job_id}, which ran the same "
+                    "request; nothing ran on ComfyUI", {"cachedFrom": cached.source_job_id})
         await self._finish(JobStatus.succeeded)
 
     async def _run_until_done(self, job: GenerationInput, prompt: dict[str, Any]) -> RunPromptResult:
@@ -362,6 +376,8 @@ class GenerationWorkflow:
                     backend=self._job.backend,
                     prompt_id=self._prompt_id,
                     inputs={} if self._job.privacy_mode else self._job.inputs,
+                    cache_key=self._job.cache_key,
+                    request_fingerprint=self._job.request_fingerprint,
                     events=events,
                 ),
                 start_to_close_timeout=timedelta(seconds=30),
