@@ -52,6 +52,9 @@ class Job(CamelModel):
     warning: JobWarning | None = Field(None, description="why a live job is waiting; cleared when it runs again")
     timing: JobTiming
     metadata: dict[str, Any] = Field(default_factory=dict)
+    owner: str | None = Field(
+        None, description="the principal that submitted the job (`anonymous` in open mode); null for jobs from "
+                          "before authentication")
     webhook: WebhookStatus | None = Field(
         None, description="how the job's webhook (its final event's) has fared; null without a callbackUrl or "
                           "before its first attempt. Never changes the job's status")
@@ -88,6 +91,7 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
             execution_time_ms=state.execution_time_ms,
         ),
         metadata=state.metadata,
+        owner=state.owner,
         webhook=snapshot.webhook,
         cache_hit=state.cache_hit,
     )

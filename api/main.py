@@ -23,7 +23,8 @@ from api.plain_json import BodySizeLimit
 from api.probes import Probes
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
-from api.routes import codec, health, jobs, outputs, workflows
+from api.auth import warn_if_open
+from api.routes import audit, codec, health, jobs, outputs, workflows
 from app.codec import EncryptionCodec
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import make_engine
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        warn_if_open(settings)
         app.state.settings = settings
         keys = settings.encryption_key_ring
         app.state.payload_codec = EncryptionCodec(keys) if keys else None  # for /codec, as the Temporal client's
@@ -105,7 +107,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
     # Outermost: a preflight for /codec is answered for the Web UI's origin before anything else sees it.
     app.add_middleware(CodecCors, origins=settings.resolved_codec_cors_origins)
     install_error_handlers(app)
-    routers = [jobs.router, outputs.router, workflows.router, health.router, codec.router]
+    # Each router but health's (/health and /ready are public) requires a caller (api.deps.get_principal).
+    routers = [jobs.router, outputs.router, workflows.router, audit.router, health.router, codec.router]
     for router in routers:
         app.include_router(router)
     install_openapi(app, routers)

@@ -22,10 +22,12 @@ class ErrorCode(str, Enum):
     UNSUPPORTED_FIELD = "UNSUPPORTED_FIELD"
     REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
     NOT_FOUND = "NOT_FOUND"
-    FORBIDDEN = "FORBIDDEN"
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
     SERVER_BUSY = "SERVER_BUSY"
+    AUTH_FAILED = "AUTH_FAILED"
+    FORBIDDEN = "FORBIDDEN"
+    WORKFLOW_JSON_NOT_ALLOWED = "WORKFLOW_JSON_NOT_ALLOWED"
     WORKFLOW_NOT_FOUND = "WORKFLOW_NOT_FOUND"
     WORKFLOW_EXISTS = "WORKFLOW_EXISTS"
     WORKFLOW_CONFLICT = "WORKFLOW_CONFLICT"
@@ -77,7 +79,6 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.UNSUPPORTED_FIELD: ErrorClass(400, False, False, _REQUEST, "a field this version does not support yet"),
     ErrorCode.REQUEST_TOO_LARGE: ErrorClass(413, False, False, _REQUEST, "the request body is over 64 MB"),
     ErrorCode.NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "no such route"),
-    ErrorCode.FORBIDDEN: ErrorClass(403, False, False, _REQUEST, "the route is for admins (e.g. `/codec/decode`)"),
     ErrorCode.METHOD_NOT_ALLOWED: ErrorClass(
         405, False, False, _REQUEST, "the route does not take this method (the `Allow` header says which it takes)"),
     ErrorCode.REQUEST_TIMEOUT: ErrorClass(
@@ -86,6 +87,15 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.SERVER_BUSY: ErrorClass(
         503, False, False, _REQUEST,
         "the API is handling `API_MAX_CONCURRENT_REQUESTS` requests already; try again after `Retry-After` seconds"),
+    ErrorCode.AUTH_FAILED: ErrorClass(
+        401, False, False, _REQUEST,
+        "no credentials, or an API key or JWT that is not valid (unknown, badly signed, expired, malformed); the "
+        "answer never says which"),
+    ErrorCode.FORBIDDEN: ErrorClass(
+        403, False, False, _REQUEST, "the caller's role may not do this (template changes, the audit log and the codec are admin's)"),
+    ErrorCode.WORKFLOW_JSON_NOT_ALLOWED: ErrorClass(
+        403, False, False, _REQUEST, "the caller's role may not submit a raw `workflowJson` (`RAW_WORKFLOW_ROLES`); "
+                                     "run a template by `workflowId`"),
     ErrorCode.WORKFLOW_NOT_FOUND: ErrorClass(
         404, False, False, _BOTH, "no such workflow template (as a job's error: its version was removed)"),
     ErrorCode.WORKFLOW_EXISTS: ErrorClass(409, False, False, _REQUEST, "a template with this id exists"),

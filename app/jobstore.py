@@ -47,6 +47,7 @@ def record_job(session: Session, record: RecordJobInput) -> None:
     row.status = job.status.value
     row.template_id = job.template_id
     row.template_version = job.template_version
+    row.owner = job.owner
     row.seed = job.seed
     row.backend = record.backend
     row.prompt_id = record.prompt_id
@@ -157,6 +158,7 @@ def job_snapshot(row: JobRow) -> JobSnapshot:
         metadata=row.job_metadata,
         cache_hit=row.cache_hit,
         cached_from=row.cached_from,
+        owner=row.owner,
     )
     live = LiveProgress(
         percent=row.progress, node=row.current_node, queue_position=row.queue_position,
@@ -204,6 +206,7 @@ class JobFilter:
     template_id: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    owner: str | None = None
     limit: int = 50
     offset: int = 0
 
@@ -214,6 +217,8 @@ def list_jobs(session: Session, job_filter: JobFilter) -> tuple[list[JobSnapshot
         conditions.append(col(JobRow.status) == job_filter.status.value)
     if job_filter.template_id:
         conditions.append(col(JobRow.template_id) == job_filter.template_id)
+    if job_filter.owner:
+        conditions.append(col(JobRow.owner) == job_filter.owner)
     if job_filter.created_after:
         conditions.append(col(JobRow.created_at) > job_filter.created_after)
     if job_filter.created_before:

@@ -10,3 +10,6 @@ CACHE_LOOKUPS = Counter(
 )
 CACHE_HITS = CACHE_LOOKUPS.labels(result="hit")
 CACHE_MISSES = CACHE_LOOKUPS.labels(result="miss")
+
+# Requests refused for their credentials, by what was wrong: the answer never says, the operator may see it.
+AUTH_FAILURES = Counter("gateway_auth_failures", "requests refused with 401 AUTH_FAILED", ["reason"])

@@ -103,6 +103,8 @@ class JobState(CamelModel):
     # A result cache hit: the outputs are those of job `cached_from` (the same storage keys); nothing ran.
     cache_hit: bool = False
     cached_from: str | None = None
+    # The principal that created the job (app.auth); None for jobs from before authentication existed.
+    owner: str | None = None
 
 
 class LiveProgress(CamelModel):
@@ -184,6 +186,8 @@ class GenerationInput(BaseModel):
     # Where the job's webhooks go (checked at submit, resolved and checked again at each delivery), and which.
     callback_url: str | None = None
     webhook_events: list[str] = Field(default_factory=lambda: list(TERMINAL_EVENTS))
+    # The principal id of the caller that created the job (never a key): the row's owner and the Owner attribute.
+    owner: str | None = None
 
     # SHA-256 of the result cache key (app.result_cache); None when the job's result is not cacheable.
     cache_key: str | None = None
@@ -378,6 +382,7 @@ def accepted_state(job: GenerationInput) -> JobState:
         metadata=job.metadata,
         cache_hit=job.cached_result is not None,
         cached_from=job.cached_result.source_job_id if job.cached_result is not None else None,
+        owner=job.owner,
     )
 
 

@@ -11,11 +11,21 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 from app.codec import EncryptionKey, parse_encryption_keys
+from app.auth import ApiKey, Role, parse_api_key
 
 
 class StorageProvider(str, Enum):
     local = "local"
     s3 = "s3"
+
+
+class Environment(str, Enum):
+    development = "development"
+    production = "production"
+
+
+# The shortest JWT_SECRET production accepts: HS256's key should be as long as its 256-bit hash.
+MIN_PRODUCTION_JWT_SECRET_BYTES = 32
 
 
 class LogLevel(str, Enum):
@@ -32,8 +42,24 @@ def _split_csv(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    # hide_input_in_errors: a refused value may be a secret (ENCRYPTION_KEYS, WEBHOOK_SECRET); errors name the setting.
+    # A refused setting may be a secret: errors name the setting and the reason, never the value.
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True)
+
+    env: Environment = Field(
+        Environment.development,
+        description="development or production; production refuses to start without authentication "
+                    "(API_KEYS or JWT_SECRET) or with a JWT_SECRET shorter than 32 bytes")
+
+    # Authentication and roles. With neither API_KEYS nor JWT_SECRET every caller is an admin (open mode).
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated API keys for the X-API-Key header: key, key:role or key:role:name; roles "
+                    "admin and user (default user); a key's principal is its name, else key-<8 hex of its sha256>")
+    jwt_secret: SecretStr | None = Field(
+        None, description="accept Authorization: Bearer JWTs signed with this HS256 secret, with sub, role and exp")
+    raw_workflow_roles: Annotated[list[Role], NoDecode] = Field(
+        default_factory=lambda: [Role.admin, Role.user],
+        description="comma-separated roles that may submit a raw workflowJson graph (others run templates only)")
 
     # HTTP API
     port: int = Field(3000, ge=1, le=65535, description="where the API listens")
@@ -141,15 +167,25 @@ class Settings(BaseSettings):
 
     # Features that later releases fill in. They are declared so that setting one is a clear
     # start-up error rather than a silently ignored option.
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="API keys (soon)")
-    jwt_secret: str | None = Field(None, description="JWT secret (soon)")
     rate_limit_max: int | None = Field(None, description="requests per window (soon)")
     rate_limit_window_ms: int | None = Field(None, description="rate limit window (soon)")
 
     _split_lists = field_validator(
-        "cors_origins", "codec_cors_origins", "api_keys", "webhook_allowed_domains", mode="before")(
-        _split_csv
-    )
+        "cors_origins", "codec_cors_origins", "api_keys", "webhook_allowed_domains", "raw_workflow_roles",
+        mode="before")(_split_csv)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_key_entries(cls, entries: list[SecretStr]) -> list[SecretStr]:
+        parsed = [parse_api_key(entry.get_secret_value()) for entry in entries]
+        if len({key.key for key in parsed}) < len(parsed):
+            raise ValueError("a key is listed twice")
+        return entries
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _lower_env(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("webhook_allowed_domains")
     @classmethod
@@ -208,8 +244,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _refuse_unsupported_features(self) -> "Settings":
         unsupported = {
-            "API_KEYS": bool(self.api_keys),
-            "JWT_SECRET": bool(self.jwt_secret),
             "RATE_LIMIT_MAX": self.rate_limit_max is not None,
             "RATE_LIMIT_WINDOW_MS": self.rate_limit_window_ms is not None,
         }
@@ -226,6 +260,25 @@ class Settings(BaseSettings):
         if self.storage_provider is StorageProvider.s3 and not self.s3_bucket:
             raise ValueError("STORAGE_PROVIDER=s3 needs S3_BUCKET")
         return self
+
+    @model_validator(mode="after")
+    def _production_is_authenticated(self) -> "Settings":
+        if self.env is not Environment.production:
+            return self
+        if self.open_mode:
+            raise ValueError("ENV=production refuses to run open (every caller an admin): set API_KEYS or JWT_SECRET")
+        if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value().encode()) < MIN_PRODUCTION_JWT_SECRET_BYTES:
+            raise ValueError(f"ENV=production refuses a JWT_SECRET shorter than {MIN_PRODUCTION_JWT_SECRET_BYTES} bytes")
+        return self
+
+    @property
+    def open_mode(self) -> bool:
+        """No authentication configured: every caller is an admin."""
+        return not self.api_keys and not self.jwt_secret
+
+    @property
+    def parsed_api_keys(self) -> list[ApiKey]:
+        return [parse_api_key(entry.get_secret_value()) for entry in self.api_keys]
 
     @property
     def resolved_database_url(self) -> str:

@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, DateTime, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from app.auth import MAX_PRINCIPAL_ID_LENGTH
+
 
 def _utc_column(index: bool = False, nullable: bool = True) -> Any:
     return Field(default=None, sa_column=Column(DateTime(timezone=True), index=index, nullable=nullable))
@@ -21,6 +23,8 @@ class JobRow(SQLModel, table=True):
     status: str = Field(index=True, max_length=16)
     template_id: str | None = Field(default=None, index=True, max_length=128)
     template_version: int | None = None
+    # The principal that created the job (app.auth); None for jobs from before authentication existed.
+    owner: str | None = Field(default=None, index=True, max_length=MAX_PRINCIPAL_ID_LENGTH)
     # Seeds reach 2**48: past PostgreSQL's INTEGER.
     seed: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     backend: str = Field(max_length=64)
@@ -96,3 +100,17 @@ class JobInputRow(SQLModel, table=True):
     job_id: str = Field(primary_key=True, max_length=64)
     storage_key: str = Field(primary_key=True, index=True, max_length=255)
     created_at: datetime = _utc_column(nullable=False)
+
+
+class AuditRow(SQLModel, table=True):
+    """One admin action (app.audit): who did what to what, when. Written once, never changed."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    actor: str = Field(index=True, max_length=MAX_PRINCIPAL_ID_LENGTH)
+    role: str = Field(max_length=16)
+    action: str = Field(index=True, max_length=64)
+    target: str = Field(index=True, max_length=256)
+    at: datetime = _utc_column(index=True, nullable=False)
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

@@ -81,30 +81,34 @@ async def test_the_docs_load_nothing_from_another_host(api: httpx.AsyncClient, p
 # --- the document --------------------------------------------------------------------------------------------
 
 # What each operation answers besides its success, by code; the statuses are the error table's.
+_AUTH = {"AUTH_FAILED"}  # every operation but /health and /ready needs a caller
+_ADMIN = {"AUTH_FAILED", "FORBIDDEN"}
 ERROR_CODES = {
-    "POST /jobs": {"VALIDATION_ERROR", "WEBHOOK_NOT_CONFIGURED", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND", "IDEMPOTENCY_CONFLICT",
-                   "STORAGE_ERROR", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
-    "GET /jobs": {"VALIDATION_ERROR", "INTERNAL_ERROR"},
-    "GET /jobs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
+    "POST /jobs": {"VALIDATION_ERROR", "WEBHOOK_NOT_CONFIGURED", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND",
+                   "IDEMPOTENCY_CONFLICT", "WORKFLOW_JSON_NOT_ALLOWED", "STORAGE_ERROR", "TEMPORAL_UNAVAILABLE",
+                   "INTERNAL_ERROR"} | _AUTH,
+    "GET /jobs": {"VALIDATION_ERROR", "INTERNAL_ERROR"} | _AUTH,
+    "GET /jobs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "POST /jobs/{job_id}/cancel": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "JOB_NOT_FOUND", "JOB_ALREADY_FINISHED",
-                                   "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
-    "GET /jobs/{job_id}/logs": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
-    "GET /outputs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
+                                   "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /jobs/{job_id}/logs": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /outputs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /outputs/{job_id}/{filename}": {"VALIDATION_ERROR", "JOB_NOT_FOUND", "OUTPUT_NOT_FOUND",
                                          "OUTPUT_FILE_MISSING", "STORAGE_ERROR", "TEMPORAL_UNAVAILABLE",
-                                         "INTERNAL_ERROR"},
-    "GET /workflows": {"INTERNAL_ERROR"},
-    "POST /workflows": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WORKFLOW_EXISTS", "INTERNAL_ERROR"},
-    "GET /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "INTERNAL_ERROR"},
+                                         "INTERNAL_ERROR"} | _AUTH,
+    "GET /workflows": {"INTERNAL_ERROR"} | _AUTH,
+    "POST /workflows": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WORKFLOW_EXISTS", "INTERNAL_ERROR"} | _ADMIN,
+    "GET /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "INTERNAL_ERROR"} | _AUTH,
     "PUT /workflows/{template_id}": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND",
-                                     "WORKFLOW_CONFLICT", "INTERNAL_ERROR"},
-    "DELETE /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "INTERNAL_ERROR"},
+                                     "WORKFLOW_CONFLICT", "INTERNAL_ERROR"} | _ADMIN,
+    "DELETE /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "INTERNAL_ERROR"} | _ADMIN,
+    "GET /audit": {"VALIDATION_ERROR", "INTERNAL_ERROR"} | _ADMIN,
     "GET /health": {"INTERNAL_ERROR"},
     "GET /ready": {"INTERNAL_ERROR"},
-    "GET /capabilities": {"INTERNAL_ERROR"},
-    "GET /models": {"COMFYUI_UNREACHABLE", "COMFYUI_PROTOCOL_ERROR", "INTERNAL_ERROR"},
-    "POST /codec/encode": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "FORBIDDEN", "INTERNAL_ERROR"},
-    "POST /codec/decode": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "FORBIDDEN", "INTERNAL_ERROR"},
+    "GET /capabilities": {"INTERNAL_ERROR"} | _AUTH,
+    "GET /models": {"COMFYUI_UNREACHABLE", "COMFYUI_PROTOCOL_ERROR", "INTERNAL_ERROR"} | _AUTH,
+    "POST /codec/encode": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "INTERNAL_ERROR"} | _ADMIN,
+    "POST /codec/decode": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "INTERNAL_ERROR"} | _ADMIN,
 }
 
 

@@ -12,7 +12,8 @@ from sqlalchemy import delete
 from sqlmodel import col
 from temporalio.client import Client
 
-from api.deps import get_caller
+from api.deps import get_principal
+from app.auth import Principal, Role
 from app.db import make_engine
 from app.idempotency import idempotent_job_id
 from app.tables import JobRow
@@ -96,8 +97,8 @@ async def test_metadata_request_id_is_the_key_when_there_is_no_header(gateway: G
 
 async def test_keys_are_scoped_to_the_caller(gateway: Gateway, temporal_client: Client) -> None:
     async with (
-        api_client(gateway.settings, temporal_client, {get_caller: lambda: "alice"}) as alice,
-        api_client(gateway.settings, temporal_client, {get_caller: lambda: "bob"}) as bob,
+        api_client(gateway.settings, temporal_client, {get_principal: lambda: Principal("alice", Role.user)}) as alice,
+        api_client(gateway.settings, temporal_client, {get_principal: lambda: Principal("bob", Role.user)}) as bob,
     ):
         ids = [(await post(api, SOLID, "same-key")).json()["jobId"] for api in (alice, bob, gateway.api)]
     assert len(set(ids)) == 3

@@ -27,7 +27,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DefaultFailureConverterWithEncodedAttributes
 from temporalio.worker import Replayer
 
-from api.deps import Principal, get_principal
+from api.deps import get_principal
+from app.auth import Principal, Role
 from api.main import create_app
 from app.codec import KEY_ID_METADATA, EncryptionCodec, PayloadDecryptionError, parse_encryption_keys
 from app.db import make_engine
@@ -206,7 +207,11 @@ async def test_codec_endpoints_round_trip_for_the_web_ui(temporal_client: Client
         assert unknown.status_code == 400 and "key id 'zz'" in unknown.json()["error"]["details"]["fields"][0]["message"]
         garbage = await api.post("/codec/decode", json={"payloads": [{"data": "***"}]})
         assert garbage.status_code == 400
-    async with codec_api(settings, temporal_client, Principal("alice", "user")) as api:
+        # Each decode that showed payloads in the clear is in the audit log, with who and how many.
+        audit = (await api.get("/audit", params={"action": "codec.decode"})).json()["entries"]
+        assert [(entry["actor"], entry["target"], entry["details"]) for entry in audit] == [
+            ("anonymous", "default", {"payloads": 1})] * 2
+    async with codec_api(settings, temporal_client, Principal("alice", Role.user)) as api:
         for route in ("/codec/encode", "/codec/decode"):
             refused = await api.post(route, json={"payloads": [as_json(plain)]})
             assert refused.status_code == 403 and refused.json()["error"]["code"] == "FORBIDDEN"

@@ -21,7 +21,8 @@ HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"
 def test_histories_are_committed() -> None:
     assert {path.stem for path in HISTORIES} >= {
         "generation_succeeded", "generation_failed", "generation_cancelled", "generation_with_image_input",
-        "indexed_template_job_succeeded", "indexed_generation_cancelled", "retention_deleted_jobs", "webhook_job_succeeded", "cache_hit_succeeded",
+        "indexed_template_job_succeeded", "indexed_generation_cancelled", "retention_deleted_jobs", "webhook_job_succeeded",
+        "cache_hit_succeeded", "owned_template_job_succeeded",
     }
 
 

@@ -43,12 +43,14 @@ with workflow.unsafe.imports_passed_through():
         prompt_id_for,
     )
     from app.redaction import Redactor, free_texts
-    from app.search_attributes import JOB_STATUS, TEMPLATE_ID
+    from app.search_attributes import JOB_STATUS, OWNER, TEMPLATE_ID
     from app.webhooks.events import PROGRESS_EVENT
     from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
 
 # Jobs started before the workflow wrote search attributes replay without them.
 SEARCH_ATTRIBUTES_PATCH = "job-search-attributes"
+# Jobs started before the workflow indexed its owner replay without the Owner attribute.
+OWNER_PATCH = "job-owner"
 # A job with a callbackUrl starts a WebhookDeliveryWorkflow as it ends (jobs before never had one).
 WEBHOOKS_PATCH = "webhooks"
 
@@ -118,6 +120,7 @@ class GenerationWorkflow:
         # Records are written one at a time, each with the latest snapshot, so the row never goes back.
         self._record_lock = asyncio.Lock()
         self._indexed = False
+        self._owner_indexed = False
         self._indexed_status: JobStatus | None = None
         self._webhook_started = False
         self._redactor = Redactor([])
@@ -128,6 +131,7 @@ class GenerationWorkflow:
         # PRIVACY_MODE: what the job records (row, log, webhooks, failure) never quotes its free-text inputs.
         self._redactor = Redactor(self._free_texts())
         self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
+        self._owner_indexed = job.owner is not None and workflow.patched(OWNER_PATCH)
         self._state = accepted_state(job)
         if job.cached_result is not None:
             self._event("status", "job accepted; an identical earlier job's result answers it", {"status": "queued"})
@@ -373,6 +377,8 @@ class GenerationWorkflow:
         updates = [JOB_STATUS.value_set(self._state.status.value)]
         if self._indexed_status is None and self._job.template_id is not None:
             updates.append(TEMPLATE_ID.value_set(self._job.template_id))
+        if self._indexed_status is None and self._owner_indexed:
+            updates.append(OWNER.value_set(self._job.owner))
         workflow.upsert_search_attributes(updates)
         self._indexed_status = self._state.status
 

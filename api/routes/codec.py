@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from temporalio.api.common.v1 import Payload
 
-from api.deps import AdminDep, Principal
+from api.deps import AdminDep, DatabaseDep, SettingsDep
 from api.errors import validation_error
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
+from app.audit import CODEC_DECODE, record_audit
 from app.codec import EncryptionCodec, PayloadDecryptionError
 from app.errors import ErrorCode
 
 router = APIRouter(prefix="/codec", tags=["codec"], route_class=JsonBodyRoute)
-
-log = logging.getLogger(__name__)
-
 
 class CodecPayload(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict, description="metadata values, base64")
@@ -32,11 +29,6 @@ class CodecPayload(BaseModel):
 
 class CodecPayloads(BaseModel):
     payloads: list[CodecPayload] = Field(default_factory=list)
-
-
-def audit_codec_decode(principal: Principal, count: int) -> None:
-    """A decode shows job inputs in the clear: who decoded how many payloads goes to the audit log."""
-    log.info("audit: %s (%s) decoded %d payload(s) through /codec/decode", principal.id, principal.role, count)
 
 
 def _bytes(value: str) -> bytes:
@@ -75,12 +67,16 @@ async def encode(body: CodecPayloads, request: Request, principal: AdminDep) -> 
 
 @router.post("/decode", response_model=CodecPayloads)
 @answers_with(ErrorCode.VALIDATION_ERROR)
-async def decode(body: CodecPayloads, request: Request, principal: AdminDep) -> CodecPayloads:
+async def decode(
+    body: CodecPayloads, request: Request, principal: AdminDep, db: DatabaseDep, settings: SettingsDep
+) -> CodecPayloads:
     payloads = _payloads(body)
     codec = _codec(request)
     try:
         decoded = await codec.decode(payloads) if codec else payloads
     except PayloadDecryptionError as error:
         raise validation_error([{"field": "payloads", "message": str(error)}]) from None
-    audit_codec_decode(principal, len(payloads))
+    # A decode shows job inputs in the clear: who decoded how many payloads, of which namespace, is audited.
+    namespace = request.headers.get("X-Namespace") or settings.temporal_namespace
+    await db.run(record_audit, principal, CODEC_DECODE, namespace[:200], {"payloads": len(payloads)})
     return _answer(decoded)

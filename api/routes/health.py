@@ -6,11 +6,11 @@ import time
 from datetime import datetime
 from importlib.metadata import version
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionDep, SettingsDep, get_principal
 from api.errors import ApiError
 from api.openapi import answers_with
 from app.comfy.backends import configured_backends
@@ -98,7 +98,8 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(report.model_dump(mode="json"), status_code=200 if report.ready else 503)
 
 
-@router.get("/capabilities", response_model=Capabilities)
+# /health and /ready are public (load balancers, orchestrators); what follows needs a caller.
+@router.get("/capabilities", response_model=Capabilities, dependencies=[Depends(get_principal)])
 def capabilities(session: SessionDep, settings: SettingsDep) -> Capabilities:
     return Capabilities(
         workflows=[template.template_id for template in list_latest_templates(session)],
@@ -118,7 +119,7 @@ class Models(CamelModel):
     upscale_models: list[str]
 
 
-@router.get("/models", response_model=Models)
+@router.get("/models", response_model=Models, dependencies=[Depends(get_principal)])
 @answers_with(ErrorCode.COMFYUI_UNREACHABLE, ErrorCode.COMFYUI_PROTOCOL_ERROR)
 async def models(request: Request, settings: SettingsDep) -> Models:
     """The models ComfyUI can load, so clients can pick valid values for a template's fields."""

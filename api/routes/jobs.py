@@ -9,7 +9,7 @@ from contextlib import suppress
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
@@ -18,14 +18,15 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from api.deps import (
-    CallerDep,
     DatabaseDep,
     JobDep,
     JobReaderDep,
+    PrincipalDep,
     SessionDep,
     SettingsDep,
     StorageDep,
     TemporalDep,
+    get_principal,
 )
 from api.errors import ApiError, invalid_input, validation_error
 from api.database import Database
@@ -33,6 +34,8 @@ from api.job_reader import JobReader, started_input
 from api.job_views import Job, public_job, public_job_off_loop
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
+from app.audit import JOB_CANCEL, record_audit
+from app.auth import Principal
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
@@ -74,7 +77,7 @@ from app.webhooks.events import TERMINAL_EVENTS
 from app.webhooks.targets import check_callback_url
 from workflows_temporal.generation import GenerationWorkflow
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute)
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute, dependencies=[Depends(get_principal)])
 
 # Temporal refuses payloads over 2 MB; a job near that belongs in a template, its images in URLs or storage.
 _MAX_JOB_BYTES = 1_000_000
@@ -216,7 +219,8 @@ def _json_size(value: Any) -> int:
 
 @router.post("", status_code=202, response_model=CreateJobResponse)
 @answers_with(
-    ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.IDEMPOTENCY_CONFLICT, ErrorCode.STORAGE_ERROR
+    ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.IDEMPOTENCY_CONFLICT, ErrorCode.STORAGE_ERROR,
+    ErrorCode.WORKFLOW_JSON_NOT_ALLOWED,
 )
 async def create_job(
     body: CreateJobRequest,
@@ -226,19 +230,21 @@ async def create_job(
     temporal: TemporalDep,
     storage: StorageDep,
     reader: JobReaderDep,
-    caller: CallerDep,
+    principal: PrincipalDep,
     idempotency_key: Annotated[str | None, Header(
         alias="Idempotency-Key", min_length=1, max_length=MAX_KEY_LENGTH,
         description="the same key (per caller) always names the same job: a repeat never runs it twice",
     )] = None,
 ) -> CreateJobResponse:
+    _check_raw_graph(body, settings, principal)
     _check_webhook(body, settings)
     if _json_size(body.metadata) > _MAX_METADATA_BYTES:
         raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
     key = idempotency_key if idempotency_key is not None else _request_id(body.metadata)
     fingerprint = None
     if key is not None:
-        job_id = idempotent_job_id(caller, key)
+        # Scoped by the principal: two callers' keys never name the same job.
+        job_id = idempotent_job_id(principal.id, key)
         fingerprint = request_fingerprint(body.model_dump(mode="json"))
         # A job recorded already answers without a template read or a render, even when Temporal no longer
         # holds its workflow (its namespace's retention has passed).
@@ -299,6 +305,7 @@ async def create_job(
         request_fingerprint=fingerprint,
         output_format=body.output_format,
         output_quality=body.quality,
+        owner=principal.id,
     )
     # Under PRIVACY_MODE the prompt's activity also carries the job's free texts, to redact them (app.redaction).
     redacted = free_texts(job.inputs, job.workflow_json) if job.privacy_mode else []
@@ -398,6 +405,16 @@ async def _accepted(db: Database, settings: Settings, state: JobState, template_
                              cache_hit=state.cache_hit)
 
 
+def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Principal) -> None:
+    """Operators of shared GPUs let only some roles send arbitrary graphs (RAW_WORKFLOW_ROLES)."""
+    if body.workflow_json is not None and principal.role not in settings.raw_workflow_roles:
+        raise ApiError(
+            ErrorCode.WORKFLOW_JSON_NOT_ALLOWED,
+            f"workflowJson: the role {principal.role.value} may not submit a raw graph here; run a template by "
+            "workflowId", {"field": "workflowJson", "role": principal.role.value},
+        )
+
+
 def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:
     """A callback URL the job's webhooks may go to, before any job exists; the addresses its host resolves to
     are checked at each delivery."""
@@ -421,6 +438,7 @@ def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:
 def get_jobs(
     session: SessionDep,
     storage: StorageDep,
+    principal: PrincipalDep,
     status: JobStatus | None = None,
     workflow_id: Annotated[str | None, Query(alias="workflowId")] = None,
     after: Instant | None = Query(None, description="created after this instant (ISO 8601)"),
@@ -428,9 +446,12 @@ def get_jobs(
     limit: int = Query(50, ge=1, le=200),
     offset: int = Query(0, ge=0, le=1_000_000_000),
 ) -> JobList:
+    """Every job for an admin; a user's own jobs for a user."""
+    owner = None if principal.is_admin else principal.id
     jobs, count = list_jobs(
         session,
-        JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, limit=limit, offset=offset),
+        JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, owner=owner,
+                  limit=limit, offset=offset),
     )
     return JobList(jobs=[public_job(job, storage) for job in jobs], count=count)
 
@@ -446,19 +467,24 @@ async def cancel_job(
     job: JobDep,
     reader: JobReaderDep,
     temporal: TemporalDep,
+    db: DatabaseDep,
+    principal: PrincipalDep,
     body: Annotated[CancelJobBody | None, Body()] = None,
 ) -> CancelJobResponse:
     job_id = job.state.job_id
     if job.state.status.is_terminal:
         raise _already_finished(job)
+    reason = body.reason if body else ""
     handle = temporal.require().get_workflow_handle(job_id)
     try:
-        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=body.reason if body else "", actor="api"))
+        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=reason, actor=principal.id))
     except RPCError as error:
         job = await reader.read(job_id, reuse_live=False)
         if job.state.status.is_terminal:
             raise _already_finished(job) from error
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal did not take the cancel; try again") from error
+    if job.state.owner != principal.id:  # only an admin reaches another's job (JobDep)
+        await db.run(record_audit, principal, JOB_CANCEL, job_id, {"owner": job.state.owner, "reason": reason})
     # The workflow's end, awaited (long-polled by Temporal) rather than polled for.
     with suppress(TimeoutError, WorkflowFailureError, RPCError):
         async with asyncio.timeout(_CANCEL_WAIT_SECONDS):

@@ -8,12 +8,12 @@ import json
 from collections.abc import Iterator
 from typing import BinaryIO, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import JobDep, StorageDep
+from api.deps import JobDep, StorageDep, get_principal
 from api.errors import ApiError
 from api.job_views import OutputFile, output_file
 from api.openapi import answers_with
@@ -22,7 +22,7 @@ from app.models import CamelModel, OutputRef
 from app.output_routes import output_route
 from app.storage import OutputStorage, StorageError
 
-router = APIRouter(prefix="/outputs", tags=["outputs"])
+router = APIRouter(prefix="/outputs", tags=["outputs"], dependencies=[Depends(get_principal)])
 
 # A multiple of 3 so that each chunk encodes to base64 without padding in the middle of the stream.
 _BASE64_CHUNK = 3 * 64 * 1024

@@ -83,6 +83,8 @@ async def capture() -> None:
                     },
                     # A result cache hit (the job below is run once before): no activity, the source's outputs.
                     "cache_hit_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8, "color": 1}},
+                    # Since the job-owner patch: the first upsert has Owner too (here the open mode's "anonymous").
+                    "owned_template_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
