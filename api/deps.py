@@ -5,7 +5,8 @@ owner check goes in one place too)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from fastapi import Depends, Request
 from sqlmodel import Session
@@ -47,6 +48,23 @@ async def get_storage(request: Request) -> OutputStorage:
     return request.app.state.storage
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who makes a request: rate limits and job caps count per principal."""
+
+    id: str
+    role: Literal["admin", "user"]
+
+
+# Until authentication exists every caller is one open-mode admin.
+OPEN_MODE_PRINCIPAL = Principal("anonymous", "admin")
+
+
+async def get_principal() -> Principal:
+    return OPEN_MODE_PRINCIPAL
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 DatabaseDep = Annotated[Database, Depends(get_database)]

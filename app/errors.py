@@ -25,6 +25,8 @@ class ErrorCode(str, Enum):
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
     SERVER_BUSY = "SERVER_BUSY"
+    RATE_LIMITED = "RATE_LIMITED"
+    TOO_MANY_ACTIVE_JOBS = "TOO_MANY_ACTIVE_JOBS"
     WORKFLOW_NOT_FOUND = "WORKFLOW_NOT_FOUND"
     WORKFLOW_EXISTS = "WORKFLOW_EXISTS"
     WORKFLOW_CONFLICT = "WORKFLOW_CONFLICT"
@@ -83,6 +85,14 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.SERVER_BUSY: ErrorClass(
         503, False, False, _REQUEST,
         "the API is handling `API_MAX_CONCURRENT_REQUESTS` requests already; try again after `Retry-After` seconds"),
+    ErrorCode.RATE_LIMITED: ErrorClass(
+        429, False, False, _REQUEST,
+        "the principal, or the client address, made `RATE_LIMIT_MAX` requests within `RATE_LIMIT_WINDOW_MS`; "
+        "try again after `Retry-After` seconds"),
+    ErrorCode.TOO_MANY_ACTIVE_JOBS: ErrorClass(
+        429, False, False, _REQUEST,
+        "the principal has `MAX_ACTIVE_JOBS_PER_PRINCIPAL` jobs queued or running; submit again when one has "
+        "finished"),
     ErrorCode.WORKFLOW_NOT_FOUND: ErrorClass(
         404, False, False, _BOTH, "no such workflow template (as a job's error: its version was removed)"),
     ErrorCode.WORKFLOW_EXISTS: ErrorClass(409, False, False, _REQUEST, "a template with this id exists"),

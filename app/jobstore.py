@@ -200,6 +200,13 @@ def list_jobs(session: Session, job_filter: JobFilter) -> tuple[list[JobSnapshot
     return [job_snapshot(row) for row in rows], count
 
 
+def count_unfinished_jobs(session: Session, owner: str) -> int:
+    """How many of `owner`'s jobs are queued or running. Jobs have no owner yet: the open mode's one principal
+    ("anonymous") owns them all, so every unfinished job is counted."""
+    live = [status.value for status in LIVE_STATUSES]
+    return session.exec(select(func.count()).select_from(JobRow).where(col(JobRow.status).in_(live))).one()
+
+
 def list_events(session: Session, job_id: str) -> list[JobEventRow]:
     return list(
         session.exec(

@@ -15,7 +15,7 @@ def test_defaults_match_what_users_know() -> None:
 @pytest.mark.parametrize(
     ("variable", "value"),
     [("API_KEYS", "k1,k2"), ("STORAGE_PROVIDER", "s3"), ("CACHE_ENABLED", "true"),
-     ("RATE_LIMIT_MAX", "10"), ("JWT_SECRET", "s")],
+     ("JWT_SECRET", "s")],
 )
 def test_features_not_built_yet_are_a_startup_error(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
@@ -47,3 +47,19 @@ def test_webhook_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings(_env_file=None, webhook_allowed_domains="").webhook_allowed_domains == []
     assert Settings(_env_file=None, port=8080).resolved_public_base_url == "http://127.0.0.1:8080"
     assert Settings(_env_file=None, public_base_url="https://gw.example/").resolved_public_base_url == "https://gw.example"
+
+
+def test_rate_limit_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for one_of_them in ({"rate_limit_max": 10}, {"rate_limit_window_ms": 60_000}):
+        with pytest.raises(ValidationError, match="set both or neither"):
+            Settings(_env_file=None, **one_of_them)
+    monkeypatch.setenv("RATE_LIMIT_MAX", "10")
+    monkeypatch.setenv("RATE_LIMIT_WINDOW_MS", "60000")
+    monkeypatch.setenv("TRUSTED_PROXIES", "10.0.0.1, 192.168.0.0/16")
+    settings = Settings(_env_file=None)
+    assert settings.rate_limited and settings.rate_limit_storage_uri == "memory://"
+    assert settings.trusted_proxies == ["10.0.0.1", "192.168.0.0/16"]
+    assert not Settings(_env_file=None, rate_limit_max=None, rate_limit_window_ms=None).rate_limited
+    for refused in ({"trusted_proxies": "proxy.example"}, {"rate_limit_storage_uri": "memcached://x"}):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, **refused)

@@ -16,7 +16,10 @@ from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError
 
-from api.deps import DatabaseDep, JobDep, JobReaderDep, SessionDep, SettingsDep, StorageDep, TemporalDep
+from api.deps import (
+    DatabaseDep, JobDep, JobReaderDep, Principal, PrincipalDep, SessionDep, SettingsDep, StorageDep, TemporalDep,
+)
+from api.database import Database
 from api.errors import ApiError, invalid_input, validation_error
 from api.job_views import Job, public_job
 from api.json_body import JsonBodyRoute
@@ -24,7 +27,7 @@ from api.openapi import answers_with
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
-from app.jobstore import JobFilter, JobSnapshot, estimate_wait_seconds, list_events, list_jobs
+from app.jobstore import JobFilter, JobSnapshot, count_unfinished_jobs, estimate_wait_seconds, list_events, list_jobs
 from app.models import CamelModel, CancelRequest, GenerationInput, JobStatus, RetrySpec
 from app.retention import link_job_inputs
 from app.safe_http import RefusedTarget
@@ -168,7 +171,7 @@ def _json_size(value: Any) -> int:
 
 
 @router.post("", status_code=202, response_model=CreateJobResponse)
-@answers_with(ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND)
+@answers_with(ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.TOO_MANY_ACTIVE_JOBS)
 async def create_job(
     body: CreateJobRequest,
     request: Request,
@@ -176,8 +179,10 @@ async def create_job(
     settings: SettingsDep,
     temporal: TemporalDep,
     storage: StorageDep,
+    principal: PrincipalDep,
 ) -> CreateJobResponse:
     _check_webhook(body, settings)
+    await _check_active_jobs(principal, db, settings)
     if _json_size(body.metadata) > _MAX_METADATA_BYTES:
         raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
 
@@ -234,6 +239,19 @@ async def create_job(
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal refused the job; nothing was created") from error
     eta = await db.run(estimate_wait_seconds, body.workflow_id, settings.max_concurrency)
     return CreateJobResponse(job_id=job_id, status=JobStatus.queued, eta_seconds=eta, poll_url=f"/jobs/{job_id}")
+
+
+async def _check_active_jobs(principal: Principal, db: Database, settings: Settings) -> None:
+    """MAX_ACTIVE_JOBS_PER_PRINCIPAL. A job's row is written by its workflow a moment after it starts, so
+    submissions that come together may pass this check before any of their rows exists: a burst can
+    overshoot the cap by about as many requests as arrive in that moment."""
+    cap = settings.max_active_jobs_per_principal
+    if cap is None:
+        return
+    if (active := await db.run(count_unfinished_jobs, principal.id)) >= cap:
+        raise ApiError(ErrorCode.TOO_MANY_ACTIVE_JOBS,
+                       f"{active} of your jobs are queued or running, the most allowed at once ({cap}); "
+                       "submit again when one has finished", {"active": active, "limit": cap})
 
 
 def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:
