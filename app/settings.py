@@ -224,6 +224,11 @@ class Settings(BaseSettings):
         return self.public_base_url or f"http://{self.host}:{self.port}"
 
     @property
+    def input_image_max_pixels(self) -> int:
+        """An input image may have twice the largest output's width and height: enough to downscale from."""
+        return 4 * self.max_image_size**2
+
+    @property
     def rate_limited(self) -> bool:
         return self.rate_limit_max is not None
 

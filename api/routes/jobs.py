@@ -196,6 +196,7 @@ async def create_job(
     images = ImageIntake(
         storage=storage, note_use=lambda keys: db.run(link_job_inputs, job_id, keys, datetime.now(timezone.utc)),
         http=request.app.state.http, max_bytes=settings.input_image_max_bytes,
+        max_pixels=settings.input_image_max_pixels,
         allow_private_urls=settings.input_image_allow_private_urls,
     )
     try:
