@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
 import httpx
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from temporalio.api.enums.v1 import TaskQueueType
@@ -21,7 +21,7 @@ from api.job_reader import live_views
 from api.openapi import install_openapi
 from api.plain_json import BodySizeLimit
 from api.probes import Probes
-from api.rate_limits import RateLimitMiddleware, RateLimits, limit_principal
+from api.rate_limits import RateLimitMiddleware, RateLimits
 from api.security_headers import SecurityHeaders
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
@@ -126,11 +126,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
             allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS, max_age=600,
         )
     install_error_handlers(app)
-    # The principal's rate limit applies where a principal is needed; /health and /ready are public, and
-    # the other routes beside them are counted by client address only.
-    for router in [jobs.router, outputs.router, workflows.router]:
-        app.include_router(router, dependencies=[Depends(limit_principal)])
-    app.include_router(health.router)
     routers = [jobs.router, outputs.router, workflows.router, health.router]
+    for router in routers:
+        app.include_router(router)
     install_openapi(app, routers)
     return app

@@ -30,14 +30,22 @@ DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
 DOCS_ASSETS = "/static-offline-docs/"
 
 
+def _variants(headers: list[tuple[bytes, bytes]]) -> dict[bool, list[tuple[bytes, bytes]]]:
+    return {False: headers, True: [*headers, _HSTS]}
+
+
+# Made once: the middleware runs on every request, polling included.
+_API = _variants([*_COMMON, _API_POLICY, _NO_STORE])
+_DOCS_PAGES = _variants([*_COMMON, _DOCS_POLICY, _NO_STORE])
+_DOCS_ASSETS = _variants([*_COMMON, _DOCS_POLICY])
+
+
 def _headers_for(path: str, https: bool) -> list[tuple[bytes, bytes]]:
     if path in DOCS_PATHS:
-        headers = [*_COMMON, _DOCS_POLICY, _NO_STORE]
-    elif path.startswith(DOCS_ASSETS):
-        headers = [*_COMMON, _DOCS_POLICY]
-    else:
-        headers = [*_COMMON, _API_POLICY, _NO_STORE]
-    return [*headers, _HSTS] if https else headers
+        return _DOCS_PAGES[https]
+    if path.startswith(DOCS_ASSETS):
+        return _DOCS_ASSETS[https]
+    return _API[https]
 
 
 class SecurityHeaders:

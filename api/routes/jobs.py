@@ -9,7 +9,7 @@ from contextlib import suppress
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import WorkflowFailureError
@@ -24,6 +24,7 @@ from api.errors import ApiError, invalid_input, validation_error
 from api.job_views import Job, public_job
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
+from api.rate_limits import limit_principal
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
@@ -41,7 +42,8 @@ from app.webhooks.events import TERMINAL_EVENTS
 from app.webhooks.targets import check_callback_url
 from workflows_temporal.generation import GenerationWorkflow
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute)
+router = APIRouter(
+    prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute, dependencies=[Depends(limit_principal)])
 
 # Temporal refuses payloads over 2 MB; a job near that belongs in a template, its images in URLs or storage.
 _MAX_JOB_BYTES = 1_000_000

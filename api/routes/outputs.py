@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 from typing import BinaryIO, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import Field
 
@@ -15,11 +15,12 @@ from api.deps import JobDep, StorageDep
 from api.errors import ApiError
 from api.job_views import OutputFile, output_file
 from api.openapi import answers_with
+from api.rate_limits import limit_principal
 from app.errors import ErrorCode
 from app.models import CamelModel, OutputRef
 from app.storage import OutputStorage
 
-router = APIRouter(prefix="/outputs", tags=["outputs"])
+router = APIRouter(prefix="/outputs", tags=["outputs"], dependencies=[Depends(limit_principal)])
 
 # A multiple of 3 so that each chunk encodes to base64 without padding in the middle of the stream.
 _BASE64_CHUNK = 3 * 64 * 1024

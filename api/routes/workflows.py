@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
@@ -16,6 +16,7 @@ from api.deps import DatabaseDep, SessionDep, SettingsDep
 from api.errors import ApiError, invalid_input
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
+from api.rate_limits import limit_principal
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
 from app.db import as_utc
@@ -29,7 +30,8 @@ from app.templates.schema import parse_schema, to_json_schema
 from app.templates.store import TemplateExists, create_template, delete_template, get_template, list_latest_templates
 from app.templates.store import TemplateVersionTaken, update_template, updated_spec
 
-router = APIRouter(prefix="/workflows", tags=["workflows"], route_class=JsonBodyRoute)
+router = APIRouter(
+    prefix="/workflows", tags=["workflows"], route_class=JsonBodyRoute, dependencies=[Depends(limit_principal)])
 
 # A template's `limits`, documented as check_template reads them; the body keeps the raw object, which is stored.
 LimitsJson = Annotated[dict[str, Any], WithJsonSchema(TemplateLimits.model_json_schema(by_alias=True))]
