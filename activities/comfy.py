@@ -26,6 +26,7 @@ from activities.waiting import while_unreachable
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
 from app.errors import ErrorCode
+from app.redaction import Redactor
 from app.models import (
     CancelPromptInput,
     CollectOutputsInput,
@@ -39,18 +40,21 @@ from app.models import (
     StepHeartbeat,
     prompt_id_for,
 )
+from app.output_formats import ScratchFile, in_output_format
 from app.storage import OutputStorage
 
 
-def to_application_error(error: ComfyError) -> ApplicationError:
+def to_application_error(error: ComfyError, redactor: Redactor | None = None) -> ApplicationError:
     """A ComfyUI failure → an activity failure typed by its classification (app.errors). A failure that is
     the job's outcome (a node error, OOM, a refused prompt) is benign to the worker: the job's log reports
     it, and the SDK logs it at DEBUG rather than as a WARNING with a traceback. So is an unreachable ComfyUI
     that reaches here: the activities wait it out (activities.waiting) and let it through only to give up,
-    once the job's time is spent, and the outage itself is logged once, by the backend's BackendHealth."""
+    once the job's time is spent, and the outage itself is logged once, by the backend's BackendHealth.
+    Under PRIVACY_MODE `redactor` takes the job's free texts out of ComfyUI's words before any log has them."""
+    redactor = redactor or Redactor([])
     return ApplicationError(
-        error.message,
-        error.details,
+        redactor.text(error.message),
+        redactor.value(error.details),
         type=error.code.value,
         non_retryable=not error.retryable,
         category=ApplicationErrorCategory.UNSPECIFIED if error.retryable else ApplicationErrorCategory.BENIGN,
@@ -104,7 +108,8 @@ class ComfyActivities:
             if details
             else PromptProgress(prompt_id=prompt_id_for(request.job_id, request.attempt))
         )
-        log = JobLog(self._engine, request.job_id)
+        redactor = Redactor(request.redacted_texts)
+        log = JobLog(self._engine, request.job_id, redactor)
         run = PromptRun(self._client(request.backend), request, progress, log)
         live_row = LiveRow(self._engine, request.job_id, request.attempt)
         webhooks = (
@@ -124,6 +129,9 @@ class ComfyActivities:
             if error.code is ErrorCode.COMFYUI_UNREACHABLE:
                 log.add(f"a{request.attempt}:gave-up", "warning", f"{error.message}; the job's time limit has passed",
                         {"code": error.code.value})
+            if redactor:
+                # The cause would travel too (as the failure's cause, into tracebacks), with ComfyUI's words unredacted.
+                raise to_application_error(error, redactor) from None
             raise to_application_error(error) from error
         except asyncio.CancelledError:
             cancellation = activity.cancellation_details()
@@ -164,10 +172,8 @@ class ComfyActivities:
             async with heartbeating(lambda: beat.model_dump(by_alias=True)):
                 for node_id, entry in _output_files(request.outputs):
                     index = len(files)
-                    name = entry["filename"] if entry["filename"] not in taken else f"{index}_{entry['filename']}"
-                    taken.add(name)
                     files.append(await while_unreachable(
-                        lambda: self._store_output(client, request.job_id, index, name, node_id, entry),
+                        lambda: self._store_output(client, request, index, node_id, entry, taken),
                         on_wait=waiting, max_wait=request.timeout_seconds,
                     ))
                     beat.done = len(files)
@@ -176,25 +182,42 @@ class ComfyActivities:
         return CollectOutputsResult(files=files)
 
     async def _store_output(
-        self, client: ComfyClient, job_id: str, index: int, name: str, node_id: str, entry: dict[str, Any]
+        self, client: ComfyClient, request: CollectOutputsInput, index: int, node_id: str, entry: dict[str, Any],
+        taken: set[str],
     ) -> OutputRef:
-        """One output file from ComfyUI's /view to storage under `job id / index / name`: stored again by a
-        retry, it replaces itself."""
-        key = f"{job_id}/{index}/{name}"
-        scratch = self._scratch_dir / f"{uuid.uuid4().hex}.download"
+        """One output file from ComfyUI's /view, in the job's output format, to storage under `job id / index /
+        name`: stored again by a retry, it replaces itself. Streamed to a scratch file and from there to the
+        store, so that no file is ever held whole in memory (but for a still image being re-encoded)."""
+        download = self._scratch_dir / f"{uuid.uuid4().hex}.download"
+        converted = download.with_suffix(".converted")
         try:
             downloaded = await client.download(
                 filename=entry["filename"], subfolder=entry.get("subfolder", ""),
-                folder_type=entry.get("type", "output"), destination=scratch,
+                folder_type=entry.get("type", "output"), destination=download,
             )
-            await asyncio.to_thread(self._storage.put_file, key, scratch, downloaded.content_type)
-        except OSError as exc:
-            raise ApplicationError(f"storing {name} failed: {exc}", type=ErrorCode.STORAGE_ERROR.value) from exc
+            file = ScratchFile(path=download, filename=entry["filename"], content_type=downloaded.content_type,
+                               size=downloaded.size, sha256=downloaded.sha256)
+            if request.output_format is not None and not entry["animated"] and file.content_type.startswith("image/"):
+                file = await asyncio.to_thread(
+                    in_output_format, file, converted, request.output_format, request.output_quality
+                )
+            name = file.filename if file.filename not in taken else f"{index}_{file.filename}"
+            taken.add(name)
+            key = f"{request.job_id}/{index}/{name}"
+            # The store's SDK (boto3) blocks, so it runs on a thread; it stays inside this async activity, not a
+            # sync activity of its own, because the file it uploads is on this worker's disk: another activity
+            # could run on another worker. Heartbeats go on meanwhile, from the event loop.
+            await asyncio.to_thread(self._storage.put_file, key, file.path, file.content_type)
+        except OSError as exc:  # the scratch disk, a file Pillow cannot decode, or the store (StorageError)
+            raise ApplicationError(
+                f"storing {entry['filename']} failed: {exc}", type=ErrorCode.STORAGE_ERROR.value
+            ) from exc
         finally:
-            scratch.unlink(missing_ok=True)
+            download.unlink(missing_ok=True)
+            converted.unlink(missing_ok=True)
         return OutputRef(
-            filename=name, storage_key=key, size=downloaded.size, sha256=downloaded.sha256,
-            content_type=downloaded.content_type, node_id=node_id, animated=entry["animated"],
+            filename=name, storage_key=key, size=file.size, sha256=file.sha256, content_type=file.content_type,
+            node_id=node_id, animated=entry["animated"],
         )
 
 

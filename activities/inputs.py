@@ -23,16 +23,18 @@ from app.images.decoding import ImageInputError
 from app.images.load_image import comfy_upload_name, replace_load_image_sources
 from app.images.loading import load_image_source
 from app.models import JobWarning, StageImagesInput, StageImagesResult, StepHeartbeat
-from app.storage import OutputStorage
+from app.redaction import Redactor
+from app.storage import OutputStorage, StorageError
 
 
-def _image_input_failure(error: ImageInputError) -> ApplicationError:
+def _image_input_failure(error: ImageInputError, redactor: Redactor) -> ApplicationError:
     """Bad input fails the job at once, naming the field (benign to the worker: it is the client's
-    mistake, not the gateway's); trouble fetching is retried by Temporal."""
+    mistake, not the gateway's); trouble fetching is retried by Temporal. Under PRIVACY_MODE an image's URL
+    is one of the job's free texts: out of the message before the SDK logs it."""
     bad_input = error.code is ErrorCode.VALIDATION_ERROR
     return ApplicationError(
-        str(error),
-        {"fields": [{"field": error.field, "message": error.message}]},
+        redactor.text(str(error)),
+        {"fields": [{"field": error.field, "message": redactor.text(error.message)}]},
         type=error.code.value,
         non_retryable=bad_input,
         category=ApplicationErrorCategory.BENIGN if bad_input else ApplicationErrorCategory.UNSPECIFIED,
@@ -74,7 +76,8 @@ class InputActivities:
 
         async with heartbeating(lambda: beat.model_dump(by_alias=True)):
             for key, source in request.images.items():
-                names[key] = await self._stage(client, key, source, waiting, request.timeout_seconds)
+                names[key] = await self._stage(
+                    client, key, source, waiting, request.timeout_seconds, Redactor(request.redacted_texts))
                 activity.logger.info("job %s: image input %s staged on ComfyUI as %s", request.job_id, key, names[key])
                 beat.done = len(names)
         return StageImagesResult(names=names, prompt=replace_load_image_sources(request.prompt, names))
@@ -85,7 +88,7 @@ class InputActivities:
 
     async def _stage(
         self, client: ComfyClient, key: str, source: str, waiting: Callable[[JobWarning | None], None],
-        max_wait: float | None,
+        max_wait: float | None, redactor: Redactor,
     ) -> str:
         try:
             image = await load_image_source(
@@ -101,6 +104,8 @@ class InputActivities:
                 on_wait=waiting, max_wait=max_wait,
             )
         except ImageInputError as error:
-            raise _image_input_failure(error) from error
+            raise _image_input_failure(error, redactor) from (None if redactor else error)
         except ComfyError as error:
-            raise to_application_error(error) from error
+            raise to_application_error(error, redactor) from (None if redactor else error)
+        except StorageError as error:  # a stored inline image could not be read back (the bucket is down)
+            raise ApplicationError(f"{key}: {error}", type=ErrorCode.STORAGE_ERROR.value) from error

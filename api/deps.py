@@ -1,20 +1,23 @@
-"""FastAPI dependencies: settings, database (a session for sync routes, `Database` for async ones), Temporal
-connection, output storage, and the job a route's `job_id` names (one place loads it for every route, so the
-owner check goes in one place too)."""
+"""FastAPI dependencies: the caller (`PrincipalDep`, `AdminDep`), settings, database (a session for sync routes,
+`Database` for async ones), Temporal connection, output storage, and the job a route's `job_id` names (one place
+loads it for every route, so the owner check is in one place too)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
+from api.auth import authenticate
 from api.database import Database
-from api.job_reader import JobReader
+from api.errors import ApiError
+from api.job_reader import JobReader, job_not_found
 from api.openapi import answers_with
 from api.temporal_connection import TemporalConnection
+from app.auth import Principal, Role
 from app.errors import ErrorCode
 from app.jobstore import JobSnapshot
 from app.settings import Settings
@@ -48,24 +51,35 @@ async def get_storage(request: Request) -> OutputStorage:
     return request.app.state.storage
 
 
-@dataclass(frozen=True)
-class Principal:
-    """Who makes a request: rate limits and job caps count per principal."""
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 
-    id: str
-    role: Literal["admin", "user"]
-
-
-# Until authentication exists every caller is one open-mode admin.
-OPEN_MODE_PRINCIPAL = Principal("anonymous", "admin")
+# Both optional here (auto_error=False): the refusal is authenticate's one 401, whatever is missing. They also
+# put the two schemes in the OpenAPI document, so Swagger UI's "Authorize" takes a key or a token.
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="a key from API_KEYS")
+_bearer = HTTPBearer(auto_error=False, bearerFormat="JWT", description="an HS256 JWT with sub, role and exp")
 
 
-async def get_principal() -> Principal:
-    return OPEN_MODE_PRINCIPAL
+@answers_with(ErrorCode.AUTH_FAILED)
+async def get_principal(
+    settings: SettingsDep,
+    api_key: Annotated[str | None, Depends(_api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """Who makes the request. FastAPI resolves it once per request, however many dependencies ask for it."""
+    return authenticate(settings, api_key, bearer.credentials if bearer is not None else None)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+@answers_with(ErrorCode.FORBIDDEN)
+async def require_admin(principal: PrincipalDep) -> Principal:
+    if principal.role is not Role.admin:
+        raise ApiError(ErrorCode.FORBIDDEN, "this needs the admin role", {"role": principal.role.value})
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(require_admin)]
 SessionDep = Annotated[Session, Depends(get_session)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 TemporalDep = Annotated[TemporalConnection, Depends(get_temporal)]
@@ -79,9 +93,18 @@ async def get_job_reader(request: Request, db: DatabaseDep, temporal: TemporalDe
 JobReaderDep = Annotated[JobReader, Depends(get_job_reader)]
 
 
+def may_see(principal: Principal, owner: str | None) -> bool:
+    """An admin sees every job; a user only the jobs it created (not those made before auth, with no owner)."""
+    return principal.is_admin or (owner is not None and owner == principal.id)
+
+
 @answers_with(ErrorCode.JOB_NOT_FOUND, ErrorCode.TEMPORAL_UNAVAILABLE)
-async def load_job(job_id: str, reader: JobReaderDep) -> JobSnapshot:
-    return await reader.read(job_id)
+async def load_job(job_id: str, reader: JobReaderDep, principal: PrincipalDep) -> JobSnapshot:
+    """The job, if the caller may see it; another's job is the same 404 as no job, so ids cannot be probed."""
+    job = await reader.read(job_id)
+    if not may_see(principal, job.state.owner):
+        raise job_not_found(job_id)
+    return job
 
 
 JobDep = Annotated[JobSnapshot, Depends(load_job)]

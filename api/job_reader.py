@@ -153,11 +153,16 @@ class JobReader:
 
 async def _accepted(client: Client, handle: WorkflowHandle) -> JobState:
     """The job as its workflow was started with it, from the first event of its history."""
+    return accepted_state(await started_input(client, handle))
+
+
+async def started_input(client: Client, handle: WorkflowHandle) -> GenerationInput:
+    """What the job's workflow was started with: the first event of its history."""
     async for event in handle.fetch_history_events(page_size=1):
         [job] = await client.data_converter.decode(
             event.workflow_execution_started_event_attributes.input.payloads, [GenerationInput]
         )
-        return accepted_state(job)
+        return job
     raise RPCError("the workflow has no history", RPCStatusCode.NOT_FOUND, b"")
 
 

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import Field
+from starlette.concurrency import run_in_threadpool
 
 from app.jobstore import JobSnapshot
 from app.models import CamelModel, JobError, JobStatus, JobWarning, OutputRef, WebhookStatus
@@ -17,8 +18,10 @@ from app.storage import OutputStorage
 
 class OutputFile(CamelModel):
     filename: str
-    storage_path: str = Field(description="where the file is stored: its key under STORAGE_LOCAL_PATH")
-    url: str = Field(description="where to download it")
+    storage_path: str = Field(
+        description="where the file is stored: its key under STORAGE_LOCAL_PATH, or s3://bucket/key")
+    url: str = Field(description="where to download it: the gateway's /outputs route, or (S3) a presigned URL made "
+                                 "when the job was read, valid for S3_PRESIGN_EXPIRY_S")
     size: int
     sha256: str
     content_type: str
@@ -49,9 +52,13 @@ class Job(CamelModel):
     warning: JobWarning | None = Field(None, description="why a live job is waiting; cleared when it runs again")
     timing: JobTiming
     metadata: dict[str, Any] = Field(default_factory=dict)
+    owner: str | None = Field(
+        None, description="the principal that submitted the job (`anonymous` in open mode); null for jobs from "
+                          "before authentication")
     webhook: WebhookStatus | None = Field(
         None, description="how the job's webhook (its final event's) has fared; null without a callbackUrl or "
                           "before its first attempt. Never changes the job's status")
+    cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job; nothing ran")
 
 
 def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> OutputFile:
@@ -84,6 +91,14 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
             execution_time_ms=state.execution_time_ms,
         ),
         metadata=state.metadata,
+        owner=state.owner,
         webhook=snapshot.webhook,
+        cache_hit=state.cache_hit,
     )
 
+
+async def public_job_off_loop(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
+    """public_job, on a thread when the store signs its URLs with its SDK (boto3 is not for the event loop)."""
+    if storage.signs_urls:
+        return await run_in_threadpool(public_job, snapshot, storage)
+    return public_job(snapshot, storage)

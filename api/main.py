@@ -16,6 +16,7 @@ from temporalio.api.enums.v1 import TaskQueueType
 from starlette.types import ASGIApp
 from temporalio.client import Client
 
+from api.codec_cors import CodecCors
 from api.errors import install_error_handlers
 from api.job_reader import live_views
 from api.openapi import install_openapi
@@ -25,7 +26,9 @@ from api.rate_limits import RateLimitMiddleware, RateLimits
 from api.security_headers import SecurityHeaders
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
-from api.routes import health, jobs, outputs, workflows
+from api.auth import warn_if_open
+from api.routes import audit, codec, health, jobs, outputs, workflows
+from app.codec import EncryptionCodec
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import make_engine
 from app.settings import Settings, get_settings
@@ -70,7 +73,10 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        warn_if_open(settings)
         app.state.settings = settings
+        keys = settings.encryption_key_ring
+        app.state.payload_codec = EncryptionCodec(keys) if keys else None  # for /codec, as the Temporal client's
         app.state.engine = make_engine(settings.resolved_database_url)
         prepare_database(app.state.engine)
         app.state.storage = build_storage(settings)
@@ -114,7 +120,7 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         redirect_slashes=False,  # a 307 with an empty body is no answer for an API client: /jobs/ is a 404
     )
     _with_security_headers(app)
-    # Added innermost first: a request passes CORS, then the address limit, then the body's size limit.
+    # Added innermost first: a request passes /codec's CORS, CORS, then the address limit, then the body's size limit.
     app.add_middleware(BodySizeLimit)
     if settings.rate_limited:
         app.add_middleware(RateLimitMiddleware, limits=RateLimits(settings))
@@ -125,8 +131,11 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=CORS_METHODS,
             allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS, max_age=600,
         )
+    # Outermost: a preflight for /codec is answered for the Web UI's origin before anything else sees it.
+    app.add_middleware(CodecCors, origins=settings.resolved_codec_cors_origins)
     install_error_handlers(app)
-    routers = [jobs.router, outputs.router, workflows.router, health.router]
+    # Each router but health's (/health and /ready are public) requires a caller (api.deps.get_principal).
+    routers = [jobs.router, outputs.router, workflows.router, audit.router, health.router, codec.router]
     for router in routers:
         app.include_router(router)
     install_openapi(app, routers)

@@ -1,13 +1,14 @@
 """Rate limits: at most RATE_LIMIT_MAX requests per RATE_LIMIT_WINDOW_MS from each client address and from each
-principal (except the open mode's one principal, who is everyone), in a moving window kept by the `limits` library (in this process's memory, or in Redis, which
-every API process then shares).
+principal (except the open mode's one principal, who is everyone), in a moving window kept by the `limits`
+library (in this process's memory, or in Redis, which every API process then shares).
 
 The address limit is counted by `RateLimitMiddleware`, before the request's body is read or its credentials
 are checked, so a flood (of bad credentials too) costs a count and an answer. The principal's is counted by
-the `limit_principal` dependency, once the principal is known. Every answer counted carries the tighter of the
-two in `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` (seconds until a request counts
-again); a refusal is 429 RATE_LIMITED with `Retry-After` (seconds). /health and /ready are not counted: probes
-of load balancers and orchestrators must never be turned away.
+the `limit_principal` dependency of every router that needs a caller, once the principal is known. Every
+answer counted carries the tighter of the two in `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
+`X-RateLimit-Reset` (seconds until a request counts again); a refusal is 429 RATE_LIMITED with `Retry-After`
+(seconds). /health and /ready are not counted: probes of load balancers and orchestrators must never be
+turned away.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import OPEN_MODE_PRINCIPAL, PrincipalDep
+from api.deps import PrincipalDep
 from api.errors import ApiError, error_response
 from api.openapi import answers_with
+from app.auth import OPEN_MODE_PRINCIPAL
 from app.errors import ErrorCode
 from app.settings import Settings
 
@@ -81,7 +83,8 @@ class RateLimits:
             # An unreachable store must not take the API down with it: requests go uncounted meanwhile.
             if time.monotonic() - self._warned_at > _STORE_WARNING_SECONDS:
                 self._warned_at = time.monotonic()
-                log.warning("rate limit store unreachable; requests are not limited meanwhile (%s)", type(error).__name__)
+                log.warning("rate limit store unreachable; requests are not limited meanwhile (%s)",
+                            type(error).__name__)
             return WindowState(True, self.item.amount, time.time() + self.item.get_expiry())
         return WindowState(allowed, stats.remaining, stats.reset_time)
 

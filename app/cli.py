@@ -98,6 +98,7 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
     """Temporal dev server, worker and API as one process tree. The worker and the API are processes of
     their own, as in production, so that API traffic never delays the worker picking up tasks."""
     from app.child_processes import RestartingPart
+    from api.auth import warn_if_open
     from app.db import make_engine, migrate
     from app.devserver import TemporalUnavailable, start_temporal_dev_server
     from app.templates.store import prepare_database
@@ -121,6 +122,7 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
         for part in parts:
             part.start()
         log.info("API on http://%s:%d (docs at /docs); Ctrl-C stops everything", settings.host, settings.port)
+        warn_if_open(settings)  # the API says so too, but among its own lines
         _supervise(temporal, parts)
     except TemporalUnavailable as failure:
         log.error("%s", failure)

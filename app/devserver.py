@@ -96,6 +96,14 @@ def refuse_taken_ports(settings: Settings) -> None:
             ) from None
 
 
+def ui_codec_arguments(settings: Settings) -> list[str]:
+    """With ENCRYPTION_KEYS the dev server's Web UI decodes payloads through the gateway's /codec (admins only),
+    from the browser: the API's address as the browser reaches it."""
+    if not settings.encryption_keys:
+        return []
+    return ["--ui-codec-endpoint", f"{settings.resolved_public_base_url}/codec"]
+
+
 def start_temporal_dev_server(settings: Settings) -> TemporalDevServer:
     refuse_taken_ports(settings)
     host, port = settings.temporal_address.rsplit(":", 1)
@@ -118,6 +126,7 @@ def start_temporal_dev_server(settings: Settings) -> TemporalDevServer:
                 "--namespace", settings.temporal_namespace,
                 "--log-level", "warn",
                 *LOW_LATENCY_DYNAMIC_CONFIG,
+                *ui_codec_arguments(settings),
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,

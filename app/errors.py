@@ -25,6 +25,9 @@ class ErrorCode(str, Enum):
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
     SERVER_BUSY = "SERVER_BUSY"
+    AUTH_FAILED = "AUTH_FAILED"
+    FORBIDDEN = "FORBIDDEN"
+    WORKFLOW_JSON_NOT_ALLOWED = "WORKFLOW_JSON_NOT_ALLOWED"
     RATE_LIMITED = "RATE_LIMITED"
     TOO_MANY_ACTIVE_JOBS = "TOO_MANY_ACTIVE_JOBS"
     WORKFLOW_NOT_FOUND = "WORKFLOW_NOT_FOUND"
@@ -32,6 +35,7 @@ class ErrorCode(str, Enum):
     WORKFLOW_CONFLICT = "WORKFLOW_CONFLICT"
     JOB_NOT_FOUND = "JOB_NOT_FOUND"
     JOB_ALREADY_FINISHED = "JOB_ALREADY_FINISHED"
+    IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
     OUTPUT_NOT_FOUND = "OUTPUT_NOT_FOUND"
     OUTPUT_FILE_MISSING = "OUTPUT_FILE_MISSING"
     JOB_CANCELLED = "JOB_CANCELLED"
@@ -85,6 +89,15 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.SERVER_BUSY: ErrorClass(
         503, False, False, _REQUEST,
         "the API is handling `API_MAX_CONCURRENT_REQUESTS` requests already; try again after `Retry-After` seconds"),
+    ErrorCode.AUTH_FAILED: ErrorClass(
+        401, False, False, _REQUEST,
+        "no credentials, or an API key or JWT that is not valid (unknown, badly signed, expired, malformed); the "
+        "answer never says which"),
+    ErrorCode.FORBIDDEN: ErrorClass(
+        403, False, False, _REQUEST, "the caller's role may not do this (template changes, the audit log and the codec are admin's)"),
+    ErrorCode.WORKFLOW_JSON_NOT_ALLOWED: ErrorClass(
+        403, False, False, _REQUEST, "the caller's role may not submit a raw `workflowJson` (`RAW_WORKFLOW_ROLES`); "
+                                     "run a template by `workflowId`"),
     ErrorCode.RATE_LIMITED: ErrorClass(
         429, False, False, _REQUEST,
         "the principal, or the client address, made `RATE_LIMIT_MAX` requests within `RATE_LIMIT_WINDOW_MS`; "
@@ -100,6 +113,10 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
         409, False, False, _REQUEST, "a concurrent update took the same template version first"),
     ErrorCode.JOB_NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "no such job"),
     ErrorCode.JOB_ALREADY_FINISHED: ErrorClass(409, False, False, _REQUEST, "the job has finished; it cannot be cancelled"),
+    ErrorCode.IDEMPOTENCY_CONFLICT: ErrorClass(
+        409, False, False, _REQUEST,
+        "a job with this idempotency key (`Idempotency-Key` or `metadata.requestId`) was submitted with a different "
+        "body (`details.jobId` names it)"),
     ErrorCode.OUTPUT_NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "the job has no output of this name"),
     ErrorCode.OUTPUT_FILE_MISSING: ErrorClass(
         404, False, False, _REQUEST, "the job has this output, but its file is gone from storage"),
@@ -131,7 +148,11 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
         "ComfyUI restarted and forgot the prompt; the workflow resubmits it as a new attempt, up to 3 times"),
     ErrorCode.IMAGE_FETCH_FAILED: ErrorClass(
         502, True, False, _JOB, "an image input's URL timed out or answered 5xx, 408 or 429 (up to 5 tries)"),
-    ErrorCode.STORAGE_ERROR: ErrorClass(500, True, False, _JOB, "storing an output failed"),
+    ErrorCode.STORAGE_ERROR: ErrorClass(
+        500, True, False, _BOTH,
+        "storing or reading an output or an image input failed (a full disk, a bucket down or refusing); a job "
+        "retries it and fails with it when it lasts; at `POST /jobs`, an inline image was not stored and no job "
+        "was created"),
     ErrorCode.WEBHOOK_NOT_CONFIGURED: ErrorClass(
         400, False, False, _REQUEST,
         "a `callbackUrl` was given but the gateway has no `WEBHOOK_SECRET`: it never sends unsigned webhooks"),

@@ -47,6 +47,7 @@ def record_job(session: Session, record: RecordJobInput) -> None:
     row.status = job.status.value
     row.template_id = job.template_id
     row.template_version = job.template_version
+    row.owner = job.owner
     row.seed = job.seed
     row.backend = record.backend
     row.prompt_id = record.prompt_id
@@ -59,6 +60,10 @@ def record_job(session: Session, record: RecordJobInput) -> None:
     row.started_at = job.started_at
     row.completed_at = job.completed_at
     row.execution_time_ms = job.execution_time_ms
+    row.cache_key = record.cache_key
+    row.cache_hit = job.cache_hit
+    row.cached_from = job.cached_from
+    row.request_fingerprint = record.request_fingerprint
     row.updated_at = datetime.now(timezone.utc)
     session.add(row)
     _insert_events(session, job.job_id, record.events)
@@ -151,6 +156,9 @@ def job_snapshot(row: JobRow) -> JobSnapshot:
         completed_at=as_utc(row.completed_at),
         execution_time_ms=row.execution_time_ms,
         metadata=row.job_metadata,
+        cache_hit=row.cache_hit,
+        cached_from=row.cached_from,
+        owner=row.owner,
     )
     live = LiveProgress(
         percent=row.progress, node=row.current_node, queue_position=row.queue_position,
@@ -169,12 +177,36 @@ def get_job_snapshot(session: Session, job_id: str) -> JobSnapshot | None:
     return job_snapshot(row) if row is not None else None
 
 
+def request_fingerprint_of(session: Session, job_id: str) -> tuple[JobSnapshot, str | None] | None:
+    """The job with this id and the fingerprint of the request that made it, if it has a row."""
+    row = get_job(session, job_id)
+    return (job_snapshot(row), row.request_fingerprint) if row is not None else None
+
+
+def cached_results(session: Session, cache_key: str, completed_after: datetime, limit: int = 3) -> list[JobSnapshot]:
+    """The latest succeeded jobs with this cache key that ran (not hits themselves) and completed after
+    `completed_after`, newest first: a hit reuses a result for the TTL after it was made, not after its last hit."""
+    rows = session.exec(
+        select(JobRow)
+        .where(
+            col(JobRow.cache_key) == cache_key,
+            col(JobRow.status) == JobStatus.succeeded.value,
+            col(JobRow.cached_from).is_(None),
+            col(JobRow.completed_at) > completed_after,
+        )
+        .order_by(col(JobRow.completed_at).desc())
+        .limit(limit)
+    ).all()
+    return [job_snapshot(row) for row in rows]
+
+
 @dataclass(frozen=True)
 class JobFilter:
     status: JobStatus | None = None
     template_id: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    owner: str | None = None
     limit: int = 50
     offset: int = 0
 
@@ -185,6 +217,8 @@ def list_jobs(session: Session, job_filter: JobFilter) -> tuple[list[JobSnapshot
         conditions.append(col(JobRow.status) == job_filter.status.value)
     if job_filter.template_id:
         conditions.append(col(JobRow.template_id) == job_filter.template_id)
+    if job_filter.owner:
+        conditions.append(col(JobRow.owner) == job_filter.owner)
     if job_filter.created_after:
         conditions.append(col(JobRow.created_at) > job_filter.created_after)
     if job_filter.created_before:
@@ -201,10 +235,10 @@ def list_jobs(session: Session, job_filter: JobFilter) -> tuple[list[JobSnapshot
 
 
 def count_unfinished_jobs(session: Session, owner: str) -> int:
-    """How many of `owner`'s jobs are queued or running. Jobs have no owner yet: the open mode's one principal
-    ("anonymous") owns them all, so every unfinished job is counted."""
+    """How many of `owner`'s jobs are queued or running (jobs from before owners were recorded count for no one)."""
     live = [status.value for status in LIVE_STATUSES]
-    return session.exec(select(func.count()).select_from(JobRow).where(col(JobRow.status).in_(live))).one()
+    query = select(func.count()).select_from(JobRow).where(col(JobRow.owner) == owner, col(JobRow.status).in_(live))
+    return session.exec(query).one()
 
 
 def list_events(session: Session, job_id: str) -> list[JobEventRow]:

@@ -43,6 +43,17 @@ class JobStatus(str, Enum):
 LIVE_STATUSES = (JobStatus.queued, JobStatus.running)
 
 
+class OutputFormat(str, Enum):
+    """What a job's still images are stored as (`outputFormat`); animated images and videos stay as they are."""
+
+    png = "png"
+    jpg = "jpg"
+    webp = "webp"
+
+
+DEFAULT_OUTPUT_QUALITY = 90
+
+
 class JobError(CamelModel):
     code: ErrorCode
     message: str
@@ -89,6 +100,11 @@ class JobState(CamelModel):
     completed_at: datetime | None = None
     execution_time_ms: int | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # A result cache hit: the outputs are those of job `cached_from` (the same storage keys); nothing ran.
+    cache_hit: bool = False
+    cached_from: str | None = None
+    # The principal that created the job (app.auth); None for jobs from before authentication existed.
+    owner: str | None = None
 
 
 class LiveProgress(CamelModel):
@@ -143,6 +159,13 @@ class StepHeartbeat(CamelModel):
 # --- workflow, signal and activity inputs and results ---------------------------------------------
 
 
+class CachedResult(BaseModel):
+    """An earlier job's result that a new job takes as its own (a result cache hit): its outputs' storage keys."""
+
+    source_job_id: str
+    outputs: list[OutputRef]
+
+
 class GenerationInput(BaseModel):
     job_id: str
     template_id: str | None = None
@@ -157,9 +180,21 @@ class GenerationInput(BaseModel):
     backend_task_queue: str
     created_at: datetime
     privacy_mode: bool = False
+    # None (jobs from before output formats): outputs are stored as ComfyUI wrote them.
+    output_format: OutputFormat | None = None
+    output_quality: int = DEFAULT_OUTPUT_QUALITY
     # Where the job's webhooks go (checked at submit, resolved and checked again at each delivery), and which.
     callback_url: str | None = None
     webhook_events: list[str] = Field(default_factory=lambda: list(TERMINAL_EVENTS))
+    # The principal id of the caller that created the job (never a key): the row's owner and the Owner attribute.
+    owner: str | None = None
+
+    # SHA-256 of the result cache key (app.result_cache); None when the job's result is not cacheable.
+    cache_key: str | None = None
+    # Given: the job finishes at once with this result, and never reaches ComfyUI.
+    cached_result: CachedResult | None = None
+    # SHA-256 of the request, for a job submitted with an idempotency key (app.idempotency).
+    request_fingerprint: str | None = None
 
     def wants_webhook(self, event: str) -> bool:
         return self.callback_url is not None and event in self.webhook_events
@@ -202,6 +237,8 @@ class StageImagesInput(BaseModel):
     images: dict[str, str]
     # How long an unreachable ComfyUI is waited for (the job's limit); None, from older releases: no bound.
     timeout_seconds: float | None = None
+    # PRIVACY_MODE: the job's free texts (app.redaction), kept out of the failure this activity raises.
+    redacted_texts: list[str] = Field(default_factory=list)
 
 
 class StageImagesResult(BaseModel):
@@ -226,6 +263,8 @@ class RunPromptInput(BaseModel):
     prompt: dict[str, Any]
     timeout_seconds: float
     progress_webhook: ProgressWebhook | None = None
+    # PRIVACY_MODE: the job's free texts (app.redaction), kept out of the failure and log this activity writes.
+    redacted_texts: list[str] = Field(default_factory=list)
 
 
 class RunPromptResult(BaseModel):
@@ -248,6 +287,9 @@ class CollectOutputsInput(BaseModel):
     outputs: dict[str, dict[str, Any]]
     # How long an unreachable ComfyUI is waited for (the job's limit); None, from older releases: no bound.
     timeout_seconds: float | None = None
+    # What still images are converted to; None, from older releases: stored as ComfyUI wrote them.
+    output_format: OutputFormat | None = None
+    output_quality: int = DEFAULT_OUTPUT_QUALITY
 
 
 class CollectOutputsResult(BaseModel):
@@ -270,6 +312,8 @@ class RecordJobInput(BaseModel):
     backend: str
     prompt_id: str | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
+    cache_key: str | None = None
+    request_fingerprint: str | None = None
     events: list[JobEventInput] = Field(default_factory=list)
 
 
@@ -336,6 +380,9 @@ def accepted_state(job: GenerationInput) -> JobState:
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         created_at=job.created_at,
         metadata=job.metadata,
+        cache_hit=job.cached_result is not None,
+        cached_from=job.cached_result.source_job_id if job.cached_result is not None else None,
+        owner=job.owner,
     )
 
 

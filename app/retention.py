@@ -33,14 +33,15 @@ def link_job_inputs(session: Session, job_id: str, storage_keys: list[str], at: 
 
 def expired_job_ids(session: Session, cutoff: datetime, after: str, limit: int) -> list[str]:
     """Up to `limit` expired job ids greater than `after`, in order."""
+    hit = aliased(JobRow)
     ended = (
         select(JobRow.job_id)
         .where(
             col(JobRow.status).in_(_ENDED),
             col(JobRow.completed_at) < cutoff,
             col(JobRow.job_id) > after,
-            # Once jobs have `cached_from` (a cache hit shows its source's outputs), this one line keeps a
-            # source while a hit refers to it: ~exists().where(aliased(JobRow).cached_from == JobRow.job_id)
+            # A cache hit shows its source's outputs: the source stays while a hit refers to it.
+            ~exists().where(hit.cached_from == JobRow.job_id),
         )
         .order_by(col(JobRow.job_id))
         .limit(limit)

@@ -1,5 +1,5 @@
 """The custom search attributes by which operators find jobs in the Temporal Web UI and CLI, e.g.
-`JobStatus="failed" AND TemplateId="sdxl_realism_v1"`.
+`JobStatus="failed" AND TemplateId="sdxl_realism_v1"` or `Owner="key-1a2b3c4d"`.
 
 Keys only, no I/O: the workflow imports this module. `app.temporal_client` registers them.
 """
@@ -14,4 +14,7 @@ JOB_STATUS = SearchAttributeKey.for_keyword("JobStatus")
 # The template a job runs; absent for jobs that send a raw workflowJson graph.
 TEMPLATE_ID = SearchAttributeKey.for_keyword("TemplateId")
 
-JOB_SEARCH_ATTRIBUTES = (JOB_STATUS, TEMPLATE_ID)
+# The principal that created the job (its id, never a key); absent for jobs from before authentication.
+OWNER = SearchAttributeKey.for_keyword("Owner")
+
+JOB_SEARCH_ATTRIBUTES = (JOB_STATUS, TEMPLATE_ID, OWNER)

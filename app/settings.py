@@ -7,14 +7,26 @@ from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
+
+from app.codec import EncryptionKey, parse_encryption_keys
+from app.auth import ApiKey, Role, parse_api_key
 
 
 class StorageProvider(str, Enum):
     local = "local"
     s3 = "s3"
+
+
+class Environment(str, Enum):
+    development = "development"
+    production = "production"
+
+
+# The shortest JWT_SECRET production accepts: HS256's key should be as long as its 256-bit hash.
+MIN_PRODUCTION_JWT_SECRET_BYTES = 32
 
 
 class LogLevel(str, Enum):
@@ -31,7 +43,24 @@ def _split_csv(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    # A refused setting may be a secret: errors name the setting and the reason, never the value.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True)
+
+    env: Environment = Field(
+        Environment.development,
+        description="development or production; production refuses to start without authentication "
+                    "(API_KEYS or JWT_SECRET) or with a JWT_SECRET shorter than 32 bytes")
+
+    # Authentication and roles. With neither API_KEYS nor JWT_SECRET every caller is an admin (open mode).
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated API keys for the X-API-Key header: key, key:role or key:role:name; roles "
+                    "admin and user (default user); a key's principal is its name, else key-<8 hex of its sha256>")
+    jwt_secret: SecretStr | None = Field(
+        None, description="accept Authorization: Bearer JWTs signed with this HS256 secret, with sub, role and exp")
+    raw_workflow_roles: Annotated[list[Role], NoDecode] = Field(
+        default_factory=lambda: [Role.admin, Role.user],
+        description="comma-separated roles that may submit a raw workflowJson graph (others run templates only)")
 
     # HTTP API
     port: int = Field(3000, ge=1, le=65535, description="where the API listens")
@@ -39,7 +68,16 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed to call the API from a browser")
     log_level: LogLevel = Field(LogLevel.info, description="DEBUG, INFO, WARNING or ERROR")
-    privacy_mode: bool = Field(False, description="keep job inputs out of the database and the logs")
+    privacy_mode: bool = Field(
+        False, description="keep job inputs (prompts and other text) out of the database, the job log and the logs; "
+                           "needs ENCRYPTION_KEYS, which keeps them out of Temporal's history")
+    encryption_keys: SecretStr | None = Field(
+        None, description="encrypt every Temporal payload (AES-GCM): id:base64key,... with 16, 24 or 32-byte keys; "
+                          "the first encrypts, all decrypt (rotate by putting a new key first)")
+    codec_cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated browser origins (a Temporal Web UI) allowed to call /codec/encode and "
+                    "/codec/decode; default the dev server's UI, http://localhost:TEMPORAL_UI_PORT")
     # Against clients that are slow or many (`comfyui-gateway api` and `dev`).
     api_header_timeout_s: float = Field(
         10.0, gt=0, description="how long a client may take to send a request's line and headers; then it is cut off")
@@ -87,13 +125,23 @@ class Settings(BaseSettings):
     # Persistence
     data_dir: Path = Field(Path("./data"), description="SQLite database, Temporal's dev database, outputs, scratch files")
     database_url: str | None = Field(None, description="default: a SQLite file in DATA_DIR; or postgresql://user@host/db")
-    storage_provider: StorageProvider = Field(StorageProvider.local, description="where outputs are stored: local (s3 soon)")
+    storage_provider: StorageProvider = Field(
+        StorageProvider.local, description="where outputs and image inputs are stored: local (STORAGE_LOCAL_PATH) or s3")
     storage_local_path: Path | None = Field(None, description="default: DATA_DIR/outputs")
-    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint (with STORAGE_PROVIDER=s3; soon)")
-    s3_bucket: str | None = Field(None, description="S3 bucket (soon)")
-    s3_access_key: str | None = Field(None, description="S3 access key (soon)")
-    s3_secret_key: str | None = Field(None, description="S3 secret key (soon)")
-    s3_region: str | None = Field(None, description="S3 region (soon)")
+    s3_endpoint: str | None = Field(
+        None, description="with STORAGE_PROVIDER=s3: the endpoint of an S3-compatible store (MinIO, R2, ...); "
+                          "default: AWS S3")
+    s3_bucket: str | None = Field(None, description="with STORAGE_PROVIDER=s3: the bucket (required; it must exist)")
+    s3_access_key: str | None = Field(None, description="S3 access key id; default: boto3's own lookup (AWS_* variables, "
+                                                        "~/.aws, an instance role)")
+    s3_secret_key: str | None = Field(None, description="S3 secret access key")
+    s3_region: str | None = Field(None, description="S3 region (R2: auto); default: boto3's own lookup")
+    s3_prefix: str = Field("", description="a folder in the bucket that every key goes under, to share a bucket")
+    s3_force_path_style: bool = Field(
+        False, description="path-style URLs (endpoint/bucket/key), for MinIO and stores without bucket subdomains")
+    s3_presign_expiry_s: int = Field(
+        3600, ge=1, le=7 * 24 * 3600, description="how long an output's presigned download URL works, from when the "
+                                                   "job is read")
     retention_days: int | None = Field(
         None, ge=1, le=36_500,
         description="delete jobs (rows, log, outputs, staged inputs) that finished longer ago than this; "
@@ -127,15 +175,29 @@ class Settings(BaseSettings):
         "comfyui-gateway", description="the main task queue (each ComfyUI gets <queue>.<backend>)")
     temporal_ui_port: int = Field(8233, ge=1, le=65535, description="the dev server's Web UI (comfyui-gateway dev)")
 
-    # Features that later releases fill in. They are declared so that setting one is a clear
-    # start-up error rather than a silently ignored option.
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="API keys (soon)")
-    jwt_secret: str | None = Field(None, description="JWT secret (soon)")
-    cache_enabled: bool = Field(False, description="result cache (soon)")
-    cache_ttl_seconds: int | None = Field(None, description="result cache lifetime (soon)")
+    # Result cache
+    cache_enabled: bool = Field(
+        False, description="answer a job identical to an earlier success (explicit seed, no image URLs) with that "
+                            "job's outputs, at once, instead of running it again")
+    cache_ttl_seconds: int = Field(
+        86_400, ge=1, description="how long a succeeded job's outputs answer identical jobs (with CACHE_ENABLED)")
 
     _split_lists = field_validator(
-        "cors_origins", "api_keys", "webhook_allowed_domains", "trusted_proxies", mode="before")(_split_csv)
+        "cors_origins", "codec_cors_origins", "api_keys", "webhook_allowed_domains", "raw_workflow_roles",
+        "trusted_proxies", mode="before")(_split_csv)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_key_entries(cls, entries: list[SecretStr]) -> list[SecretStr]:
+        parsed = [parse_api_key(entry.get_secret_value()) for entry in entries]
+        if len({key.key for key in parsed}) < len(parsed):
+            raise ValueError("a key is listed twice")
+        return entries
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _lower_env(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -170,6 +232,23 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/") if value else value
 
+    @field_validator("encryption_keys")
+    @classmethod
+    def _valid_encryption_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_encryption_keys(value.get_secret_value())  # its errors never quote key material
+        return value
+
+    @model_validator(mode="after")
+    def _privacy_needs_encryption(self) -> "Settings":
+        if self.privacy_mode and self.encryption_keys is None:
+            raise ValueError(
+                "PRIVACY_MODE=true needs ENCRYPTION_KEYS: without them the job inputs stay readable in Temporal's "
+                "history (generate a key with: python -c \"import os,base64;print('k1:'+base64.b64encode("
+                "os.urandom(32)).decode())\")"
+            )
+        return self
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
@@ -195,21 +274,29 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _refuse_unsupported_features(self) -> "Settings":
-        unsupported = {
-            "STORAGE_PROVIDER=s3": self.storage_provider is StorageProvider.s3,
-            "API_KEYS": bool(self.api_keys),
-            "JWT_SECRET": bool(self.jwt_secret),
-            "CACHE_ENABLED": self.cache_enabled,
-            "CACHE_TTL_SECONDS": self.cache_ttl_seconds is not None,
-        }
-        named = [name for name, is_set in unsupported.items() if is_set]
-        if named:
-            raise ValueError(
-                "not supported by this version of the gateway (remove them from the environment): "
-                + ", ".join(named)
-            )
+    def _s3_needs_a_bucket(self) -> "Settings":
+        if self.storage_provider is StorageProvider.s3 and not self.s3_bucket:
+            raise ValueError("STORAGE_PROVIDER=s3 needs S3_BUCKET")
         return self
+
+    @model_validator(mode="after")
+    def _production_is_authenticated(self) -> "Settings":
+        if self.env is not Environment.production:
+            return self
+        if self.open_mode:
+            raise ValueError("ENV=production refuses to run open (every caller an admin): set API_KEYS or JWT_SECRET")
+        if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value().encode()) < MIN_PRODUCTION_JWT_SECRET_BYTES:
+            raise ValueError(f"ENV=production refuses a JWT_SECRET shorter than {MIN_PRODUCTION_JWT_SECRET_BYTES} bytes")
+        return self
+
+    @property
+    def open_mode(self) -> bool:
+        """No authentication configured: every caller is an admin."""
+        return not self.api_keys and not self.jwt_secret
+
+    @property
+    def parsed_api_keys(self) -> list[ApiKey]:
+        return [parse_api_key(entry.get_secret_value()) for entry in self.api_keys]
 
     @property
     def resolved_database_url(self) -> str:
@@ -231,6 +318,16 @@ class Settings(BaseSettings):
     @property
     def rate_limited(self) -> bool:
         return self.rate_limit_max is not None
+
+    @property
+    def encryption_key_ring(self) -> list[EncryptionKey]:
+        """The keys of ENCRYPTION_KEYS, the encrypting one first; empty when encryption is off."""
+        return parse_encryption_keys(self.encryption_keys.get_secret_value()) if self.encryption_keys else []
+
+    @property
+    def resolved_codec_cors_origins(self) -> list[str]:
+        return self.codec_cors_origins or [f"http://localhost:{self.temporal_ui_port}",
+                                           f"http://127.0.0.1:{self.temporal_ui_port}"]
 
     @property
     def job_timeout_seconds(self) -> float:

@@ -33,7 +33,7 @@ from app.storage import OutputStorage
 from app.tables import TemplateRow
 from app.templates.limits import Limits, check_limits
 from app.templates.rendering import check_links, render_prompt, whole_placeholder
-from app.templates.schema import image_fields, parse_schema, validate_inputs
+from app.templates.schema import draws_seed, image_fields, parse_schema, validate_inputs
 
 _NOT_AN_IMAGE = "must be an image: an http(s) URL, a data URI or base64"
 
@@ -57,6 +57,15 @@ class PreparedJob:
     inputs: dict[str, Any]
     # A raw graph with its own inline images replaced by references; None for a template job.
     workflow_json: dict[str, Any] | None
+    # The gateway drew the seed (the client gave none, or -1): the request does not determine the result.
+    seed_drawn: bool = False
+    # An image input is a URL, fetched when the job runs: what it serves may change.
+    fetches_urls: bool = False
+
+    @property
+    def reproducible(self) -> bool:
+        """Whether the same request always makes the same job: what the result cache may answer."""
+        return not self.seed_drawn and not self.fetches_urls
 
 
 @dataclass(frozen=True)
@@ -92,26 +101,31 @@ async def prepare_job(
         graph = template.workflow_json
         schema = parse_schema(template.input_schema)
         values = validate_inputs(schema, template.default_params, given)
+        seed_drawn = draws_seed(schema, template.default_params, given)
         limits = limits.for_template(template.limits)
-    else:
-        graph, schema, values = workflow_json or {}, None, dict(given)
+    else:  # the gateway draws no seed for a raw graph: what it runs is the graph as given
+        graph, schema, values, seed_drawn = workflow_json or {}, None, dict(given), False
     prompt = render_prompt(graph, values)
     if template is None:
         check_links(prompt)  # a registered template's links were checked when it was registered
     check_limits(prompt, limits, field_of=lambda node_id, name: _place(graph, node_id, name).field)
 
     sources = {_place(graph, node_of(key), "image"): source for key, source in find_load_image_sources(prompt).items()}
+    # The template's own images included: a URL in it may serve something else tomorrow.
+    fetches_urls = any(classify_image_source(source) == "url" for source in sources.values())
     if schema is not None:
         # A template's own images are its registrar's, staged from the template when the job runs.
         sources = {place: source for place, source in sources.items() if place.input_name is not None}
         sources |= {_Place(name): values[name] for name in image_fields(schema) if values.get(name) is not None}
+    fetches_urls = fetches_urls or any(classify_image_source(source) == "url" for source in sources.values())
     stored = await _store_inline_images(sources, images)
 
     values |= {place.input_name: reference for place, reference in stored.items() if place.input_name is not None}
     if template is not None:
-        return PreparedJob(inputs=values, workflow_json=None)
+        return PreparedJob(inputs=values, workflow_json=None, seed_drawn=seed_drawn, fetches_urls=fetches_urls)
     in_graph = {load_image_key(place.node_id): reference for place, reference in stored.items() if place.node_id}
-    return PreparedJob(inputs=values, workflow_json=replace_load_image_sources(graph, in_graph))
+    return PreparedJob(inputs=values, workflow_json=replace_load_image_sources(graph, in_graph),
+                       seed_drawn=seed_drawn, fetches_urls=fetches_urls)
 
 
 async def _store_inline_images(sources: dict[_Place, str], intake: ImageIntake) -> dict[_Place, str]:

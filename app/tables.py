@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, DateTime, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from app.auth import MAX_PRINCIPAL_ID_LENGTH
+
 
 def _utc_column(index: bool = False, nullable: bool = True) -> Any:
     return Field(default=None, sa_column=Column(DateTime(timezone=True), index=index, nullable=nullable))
@@ -21,6 +23,8 @@ class JobRow(SQLModel, table=True):
     status: str = Field(index=True, max_length=16)
     template_id: str | None = Field(default=None, index=True, max_length=128)
     template_version: int | None = None
+    # The principal that created the job (app.auth); None for jobs from before authentication existed.
+    owner: str | None = Field(default=None, index=True, max_length=MAX_PRINCIPAL_ID_LENGTH)
     # Seeds reach 2**48: past PostgreSQL's INTEGER.
     seed: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     backend: str = Field(max_length=64)
@@ -43,6 +47,14 @@ class JobRow(SQLModel, table=True):
     # {delivered, attempts, lastStatus} of the job's webhook, written by its delivery activity; None without one.
     webhook: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     updated_at: datetime = _utc_column(nullable=False)
+    # The result cache (app.result_cache): the job's cache key (None: not cacheable), and on a cache hit, the
+    # job whose outputs (the same storage keys) it took. Deleting a job's files must spare those of a source
+    # that a hit still names in cached_from.
+    cache_key: str | None = Field(default=None, index=True, max_length=64)
+    cache_hit: bool = False
+    cached_from: str | None = Field(default=None, index=True, max_length=64)
+    # SHA-256 of the request of a job submitted with an idempotency key: a repeat with another body is refused.
+    request_fingerprint: str | None = Field(default=None, max_length=64)
 
 
 class JobEventRow(SQLModel, table=True):
@@ -88,3 +100,17 @@ class JobInputRow(SQLModel, table=True):
     job_id: str = Field(primary_key=True, max_length=64)
     storage_key: str = Field(primary_key=True, index=True, max_length=255)
     created_at: datetime = _utc_column(nullable=False)
+
+
+class AuditRow(SQLModel, table=True):
+    """One admin action (app.audit): who did what to what, when. Written once, never changed."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    actor: str = Field(index=True, max_length=MAX_PRINCIPAL_ID_LENGTH)
+    role: str = Field(max_length=16)
+    action: str = Field(index=True, max_length=64)
+    target: str = Field(index=True, max_length=256)
+    at: datetime = _utc_column(index=True, nullable=False)
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

@@ -3,12 +3,16 @@ search attributes the workflow writes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.service import RPCError
 
+from app.codec import EncryptionCodec
 from app.search_attributes import JOB_SEARCH_ATTRIBUTES
 from app.settings import Settings
 
@@ -17,9 +21,24 @@ class SearchAttributesMissing(RuntimeError):
     """The namespace lacks the gateway's search attributes and would not take them."""
 
 
+def gateway_data_converter(settings: Settings) -> DataConverter:
+    """Pydantic payloads; with ENCRYPTION_KEYS every payload encrypted, and failures too: their message and
+    stack trace move into an encrypted payload (what Temporal shows is "Encoded failure"), since an error
+    may quote an input. The API and the worker must use the same one. Search attributes stay readable: they
+    hold only a job's status and template id."""
+    keys = settings.encryption_key_ring
+    if not keys:
+        return pydantic_data_converter
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=EncryptionCodec(keys),
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
+
+
 async def connect_temporal(settings: Settings) -> Client:
     return await Client.connect(
-        settings.temporal_address, namespace=settings.temporal_namespace, data_converter=pydantic_data_converter
+        settings.temporal_address, namespace=settings.temporal_namespace, data_converter=gateway_data_converter(settings)
     )
 
 
@@ -30,26 +49,38 @@ async def register_search_attributes(client: Client) -> None:
     before polling and refuses to start when it fails (e.g. Temporal Cloud, where the operator API is
     closed and the attributes are created with `tcld`)."""
     wanted = {key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for key in JOB_SEARCH_ATTRIBUTES}
+    existing = await _custom_search_attributes(client)
+    # Only the missing ones are asked for: a namespace of an older release has JobStatus and TemplateId, and a
+    # request that names an existing attribute may be refused as a whole.
+    missing = {name: kind for name, kind in wanted.items() if existing is None or name not in existing}
+    if not missing:
+        return
     try:
         await client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(namespace=client.namespace, search_attributes=wanted)
+            AddSearchAttributesRequest(namespace=client.namespace, search_attributes=missing)
         )
         return
     except RPCError as refused:
         failure = refused
+    existing = await _custom_search_attributes(client)
+    if existing is not None and set(wanted) <= existing:
+        return  # another worker added them meanwhile
+    commands = "; ".join(
+        f"temporal operator search-attribute create --namespace {client.namespace} --name {name} --type Keyword"
+        for name in missing
+    )
+    raise SearchAttributesMissing(
+        f"namespace {client.namespace!r} lacks the search attributes {', '.join(missing)} and refused to add them "
+        f"({failure.message}); create them once: {commands}"
+    )
+
+
+async def _custom_search_attributes(client: Client) -> set[str] | None:
+    """The namespace's custom search attributes; None when the server will not say."""
     try:
         listed = await client.operator_service.list_search_attributes(
             ListSearchAttributesRequest(namespace=client.namespace)
         )
     except RPCError:
-        listed = None
-    if listed is not None and set(wanted) <= set(listed.custom_attributes):
-        return
-    commands = "; ".join(
-        f"temporal operator search-attribute create --namespace {client.namespace} --name {name} --type Keyword"
-        for name in wanted
-    )
-    raise SearchAttributesMissing(
-        f"namespace {client.namespace!r} lacks the search attributes {', '.join(wanted)} and refused to add them "
-        f"({failure.message}); create them once: {commands}"
-    )
+        return None
+    return set(listed.custom_attributes)

@@ -8,6 +8,7 @@ import sysconfig
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import make_url, text
@@ -23,6 +24,7 @@ from tests.harness import (
     ComfyUITarget,
     ExternalComfyUI,
     Gateway,
+    MotoServerProcess,
     SimulatorProcess,
     api_client,
     gateway_settings,
@@ -78,14 +80,30 @@ def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyUITarget]
     process.kill()
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServerProcess]:
+    """One real S3 HTTP endpoint (moto's server) for the session; each test makes a bucket of its own."""
+    server = MotoServerProcess(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def gateway_overrides() -> dict[str, Any]:
+    """Settings for every `gateway` of a test module that overrides this fixture (e.g. a bucket of the test's own)."""
+    return {}
+
+
 @pytest.fixture
 async def gateway(
-    request: pytest.FixtureRequest, temporal_client: Client, task_queue: str, comfyui: ComfyUITarget, tmp_path: Path
+    request: pytest.FixtureRequest, temporal_client: Client, task_queue: str, comfyui: ComfyUITarget, tmp_path: Path,
+    gateway_overrides: dict[str, Any],
 ) -> AsyncIterator[Gateway]:
     """Worker and API of the gateway, on a task queue of the test's own, against the session's ComfyUI.
     `@pytest.mark.settings(NAME=value)` overrides settings for one test."""
     marker = request.node.get_closest_marker("settings")
-    overrides = marker.kwargs if marker else {}
+    overrides = {**gateway_overrides, **(marker.kwargs if marker else {})}
     settings = gateway_settings(temporal_client, comfyui.url, tmp_path, task_queue, **overrides)
     migrate_database(settings)
     async with running_worker(temporal_client, settings), api_client(settings, temporal_client) as api:

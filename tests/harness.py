@@ -11,12 +11,14 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import boto3
 import httpx
 from aiohttp import web
 from httpx import ASGITransport
@@ -127,6 +129,57 @@ class SimulatorProcess(ComfyUITarget):
     def restart(self) -> None:
         self.kill()
         self.start()
+
+
+class MotoServerProcess:
+    """moto's S3 server (`python -m moto.server`) in a child process: a real S3 HTTP endpoint, in memory. Killing
+    it loses every bucket, like a store that is gone. Its memory is its own, not the test process's."""
+
+    def __init__(self, log_dir: Path, port: int | None = None) -> None:
+        self.log_dir = log_dir
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log_dir / "moto.log", "ab") as log:  # the child keeps its own handle
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.url}/moto-api/", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise RuntimeError("the moto S3 server did not start")
+
+    def client(self) -> Any:
+        """A plain boto3 client of this server, to look at buckets as a user of the store would."""
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="test",
+                            aws_secret_access_key="test")
+
+    def create_bucket(self, bucket: str | None = None) -> str:
+        """A new empty bucket, by default named for the caller alone."""
+        bucket = bucket or f"test-{uuid.uuid4().hex[:16]}"
+        self.client().create_bucket(Bucket=bucket)
+        return bucket
+
+    def storage_settings(self, bucket: str) -> dict[str, Any]:
+        """gateway_settings(...) overrides for STORAGE_PROVIDER=s3 on this server."""
+        return {"storage_provider": "s3", "s3_endpoint": self.url, "s3_bucket": bucket, "s3_access_key": "test",
+                "s3_secret_key": "test", "s3_region": "us-east-1"}
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
 
 
 def gateway_settings(temporal: Client, simulator_url: str, data_dir: Path, task_queue: str, **overrides: Any) -> Settings:
@@ -251,8 +304,12 @@ async def serve_locally(app: web.Application) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def api_client(settings: Settings, temporal: Client) -> AsyncIterator[httpx.AsyncClient]:
+async def api_client(
+    settings: Settings, temporal: Client, overrides: dict[Callable[..., Any], Callable[..., Any]] | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in-process; `overrides` replace FastAPI dependencies (e.g. who the caller is)."""
     app = create_app(settings, temporal)
+    app.dependency_overrides.update(overrides or {})
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=ASGITransport(app=app), base_url="http://gateway") as client:
             yield client

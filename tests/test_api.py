@@ -23,7 +23,7 @@ async def test_submit_answers_at_once_and_lists_filter(gateway: Gateway) -> None
     assert response.status_code == 202
     accepted = response.json()
     assert accepted["status"] == "queued" and accepted["pollUrl"] == f"/jobs/{accepted['jobId']}"
-    assert set(accepted) == {"jobId", "status", "etaSeconds", "pollUrl"}
+    assert set(accepted) == {"jobId", "status", "etaSeconds", "pollUrl", "cacheHit"}
     template_job = await wait_for_job(gateway.api, accepted["jobId"], until=DONE)
     inline_job = await gateway.run({"workflowJson": recorded_workflow("fail.json")})
 
@@ -64,6 +64,7 @@ async def test_health_capabilities_and_docs(gateway: Gateway) -> None:
     capabilities = (await gateway.api.get("/capabilities")).json()
     assert "solid_color" in capabilities["workflows"]
     assert capabilities["maxSize"] == 2048 and capabilities["maxBatch"] == 4 and capabilities["storageProvider"] == "local"
+    assert capabilities["outputFormats"] == ["png", "jpg", "webp"]
     assert (await gateway.api.get("/docs")).status_code == 200
     assert "/jobs" in (await gateway.api.get("/openapi.json")).json()["paths"]
 
@@ -86,7 +87,8 @@ async def test_inputs_are_stored_with_the_job(gateway: Gateway) -> None:
                                                            "filename_prefix": "gateway"}
 
 
-@pytest.mark.settings(privacy_mode=True)
+# PRIVACY_MODE needs keys; this fixture's Temporal client has no codec (tests/test_privacy.py runs with one).
+@pytest.mark.settings(privacy_mode=True, encryption_keys="test:" + "A" * 43 + "=")
 async def test_privacy_mode_keeps_inputs_out_of_stored_records(gateway: Gateway) -> None:
     job = await gateway.run({"workflowId": "solid_color", "inputs": {"width": 32, "height": 32, "color": 7}})
     assert job["status"] == "succeeded"

@@ -81,27 +81,35 @@ async def test_the_docs_load_nothing_from_another_host(api: httpx.AsyncClient, p
 # --- the document --------------------------------------------------------------------------------------------
 
 # What each operation answers besides its success, by code; the statuses are the error table's.
+# Every operation but /health and /ready needs a caller, who is rate limited.
+_AUTH = {"AUTH_FAILED", "RATE_LIMITED"}
+_ADMIN = {"AUTH_FAILED", "FORBIDDEN", "RATE_LIMITED"}
 ERROR_CODES = {
-    "POST /jobs": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WEBHOOK_NOT_CONFIGURED", "WORKFLOW_NOT_FOUND",
-                   "RATE_LIMITED", "TOO_MANY_ACTIVE_JOBS", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
-    "GET /jobs": {"VALIDATION_ERROR", "RATE_LIMITED", "INTERNAL_ERROR"},
-    "GET /jobs/{job_id}": {"JOB_NOT_FOUND", "RATE_LIMITED", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
+    "POST /jobs": {"VALIDATION_ERROR", "WEBHOOK_NOT_CONFIGURED", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND",
+                   "IDEMPOTENCY_CONFLICT", "WORKFLOW_JSON_NOT_ALLOWED", "STORAGE_ERROR", "TOO_MANY_ACTIVE_JOBS",
+                   "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /jobs": {"VALIDATION_ERROR", "INTERNAL_ERROR"} | _AUTH,
+    "GET /jobs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "POST /jobs/{job_id}/cancel": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "JOB_NOT_FOUND", "JOB_ALREADY_FINISHED",
-                                   "RATE_LIMITED", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
-    "GET /jobs/{job_id}/logs": {"JOB_NOT_FOUND", "RATE_LIMITED", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
-    "GET /outputs/{job_id}": {"JOB_NOT_FOUND", "RATE_LIMITED", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
-    "GET /outputs/{job_id}/{filename}": {"VALIDATION_ERROR", "JOB_NOT_FOUND", "OUTPUT_NOT_FOUND", "OUTPUT_FILE_MISSING",
-                                         "RATE_LIMITED", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"},
-    "GET /workflows": {"RATE_LIMITED", "INTERNAL_ERROR"},
-    "POST /workflows": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WORKFLOW_EXISTS", "RATE_LIMITED", "INTERNAL_ERROR"},
-    "GET /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "RATE_LIMITED", "INTERNAL_ERROR"},
-    "PUT /workflows/{template_id}": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND", "WORKFLOW_CONFLICT",
-                                     "RATE_LIMITED", "INTERNAL_ERROR"},
-    "DELETE /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "RATE_LIMITED", "INTERNAL_ERROR"},
+                                   "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /jobs/{job_id}/logs": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /outputs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /outputs/{job_id}/{filename}": {"VALIDATION_ERROR", "JOB_NOT_FOUND", "OUTPUT_NOT_FOUND",
+                                         "OUTPUT_FILE_MISSING", "STORAGE_ERROR", "TEMPORAL_UNAVAILABLE",
+                                         "INTERNAL_ERROR"} | _AUTH,
+    "GET /workflows": {"INTERNAL_ERROR"} | _AUTH,
+    "POST /workflows": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WORKFLOW_EXISTS", "INTERNAL_ERROR"} | _ADMIN,
+    "GET /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "INTERNAL_ERROR"} | _AUTH,
+    "PUT /workflows/{template_id}": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND",
+                                     "WORKFLOW_CONFLICT", "INTERNAL_ERROR"} | _ADMIN,
+    "DELETE /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "INTERNAL_ERROR"} | _ADMIN,
+    "GET /audit": {"VALIDATION_ERROR", "INTERNAL_ERROR"} | _ADMIN,
     "GET /health": {"INTERNAL_ERROR"},
     "GET /ready": {"INTERNAL_ERROR"},
-    "GET /capabilities": {"INTERNAL_ERROR"},
-    "GET /models": {"COMFYUI_UNREACHABLE", "COMFYUI_PROTOCOL_ERROR", "INTERNAL_ERROR"},
+    "GET /capabilities": {"INTERNAL_ERROR"} | _AUTH,
+    "GET /models": {"COMFYUI_UNREACHABLE", "COMFYUI_PROTOCOL_ERROR", "INTERNAL_ERROR"} | _AUTH,
+    "POST /codec/encode": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "INTERNAL_ERROR"} | _ADMIN,
+    "POST /codec/decode": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "INTERNAL_ERROR"} | _ADMIN,
 }
 
 
@@ -123,7 +131,8 @@ async def test_each_operation_documents_the_errors_it_answers_with(api: httpx.As
         for status, codes in errors.items():
             assert {http_status(ErrorCode(code)) for code in codes} == {int(status)}, (name, status)
         assert set(operation["responses"]) - set(errors) == {min(operation["responses"])} | (
-            {"503"} if name in ("GET /health", "GET /ready") else set()), name  # the success, and no 422
+            {"503"} if name in ("GET /health", "GET /ready") else set()) | (
+            {"307"} if name == "GET /outputs/{job_id}/{filename}" else set()), name  # the success, and no 422
         query = [parameter["name"] for parameter in operation.get("parameters", []) if parameter["in"] == "query"]
         assert all("_" not in parameter for parameter in query), (name, query)  # camelCase, as on the wire
     assert [p["name"] for p in operations["GET /jobs"]["parameters"]] == [

@@ -20,8 +20,9 @@ from fastapi import FastAPI, Request
 from httpx import ASGITransport
 from sqlmodel import Session
 
-from api.deps import Principal, get_principal, get_storage, get_temporal
+from api.deps import get_principal, get_storage, get_temporal
 from api.main import create_app
+from app.auth import Principal, Role
 from app.db import make_engine
 from app.jobstore import count_unfinished_jobs
 from app.settings import Settings
@@ -98,7 +99,7 @@ async def test_a_window_frees_its_requests_as_they_age(tmp_path: Path) -> None:
 
 async def test_each_principal_is_limited_whatever_its_address(tmp_path: Path) -> None:
     async def principal_named_by_header(request: Request) -> Principal:
-        return Principal(request.headers["x-test-principal"], "user")
+        return Principal(request.headers["x-test-principal"], Role.user)
 
     def configure(app: FastAPI) -> None:
         app.dependency_overrides[get_principal] = principal_named_by_header
@@ -143,7 +144,8 @@ def _redis_listens() -> bool:
 @pytest.mark.skipif(not _redis_listens(), reason="no Redis on 127.0.0.1:6379")
 async def test_api_processes_sharing_redis_share_their_counts(tmp_path: Path) -> None:
     address = f"192.0.2.{uuid.uuid4().int % 250}-{uuid.uuid4().hex}"  # a key no earlier run has used
-    shared = {"rate_limit_max": 2, "rate_limit_window_ms": WINDOW_MS, "rate_limit_storage_uri": "redis://127.0.0.1:6379/0"}
+    shared = {"rate_limit_max": 2, "rate_limit_window_ms": WINDOW_MS,
+              "rate_limit_storage_uri": "redis://127.0.0.1:6379/0"}
     async with (running_app(api_settings(tmp_path / "a", **shared)) as one,
                 running_app(api_settings(tmp_path / "b", **shared)) as other):
         async with client(one, address) as first, client(other, address) as second:
@@ -162,21 +164,28 @@ async def test_an_unreachable_rate_limit_store_lets_requests_through(tmp_path: P
 # --- unfinished jobs per principal ---------------------------------------------------------------------
 
 
-def _add_jobs(settings: Settings, *statuses: str) -> None:
+def _add_jobs(settings: Settings, owner: str | None, *statuses: str) -> None:
     engine = make_engine(settings.resolved_database_url)
     now = datetime.now(timezone.utc)
     with Session(engine) as session:
         for status in statuses:
-            session.add(JobRow(job_id=str(uuid.uuid4()), status=status, backend="default", created_at=now, updated_at=now))
+            session.add(JobRow(job_id=str(uuid.uuid4()), status=status, backend="default", owner=owner,
+                               created_at=now, updated_at=now))
         session.commit()
-        assert count_unfinished_jobs(session, "anonymous") == sum(s in ("queued", "running") for s in statuses)
     engine.dispose()
 
 
 async def test_a_principal_with_max_active_jobs_unfinished_cannot_submit_more(tmp_path: Path) -> None:
     settings = api_settings(tmp_path, max_active_jobs_per_principal=2)
     migrate_database(settings)
-    _add_jobs(settings, "queued", "running", "succeeded", "failed")
+    _add_jobs(settings, "anonymous", "queued", "running", "succeeded", "failed")
+    _add_jobs(settings, "someone-else", "queued", "running")
+    _add_jobs(settings, None, "queued")  # from before jobs had owners
+    engine = make_engine(settings.resolved_database_url)
+    with Session(engine) as session:
+        counts = [count_unfinished_jobs(session, owner) for owner in ("anonymous", "someone-else", "nobody")]
+    engine.dispose()
+    assert counts == [2, 2, 0]
     async with running_app(settings) as app, client(app) as api:
         refused = await api.post("/jobs", json={"workflowId": "solid_color"})  # refused before Temporal is used
         assert refused.status_code == 429
@@ -193,7 +202,8 @@ def _preflight(origin: str) -> dict[str, str]:
 
 
 async def test_cors_lets_listed_origins_call_and_read_the_rate_limit_headers(tmp_path: Path) -> None:
-    settings = api_settings(tmp_path, cors_origins="https://ui.example", rate_limit_max=5, rate_limit_window_ms=WINDOW_MS)
+    settings = api_settings(tmp_path, cors_origins="https://ui.example", rate_limit_max=5,
+                            rate_limit_window_ms=WINDOW_MS)
     async with running_app(settings) as app, client(app) as api:
         allowed = await api.options("/jobs", headers=_preflight("https://ui.example"))
         assert allowed.status_code == 200

@@ -51,4 +51,4 @@ async def test_registering_the_search_attributes_again_changes_nothing(temporal_
     described = await temporal_client.operator_service.list_search_attributes(
         ListSearchAttributesRequest(namespace=temporal_client.namespace)
     )
-    assert {"JobStatus", "TemplateId"} <= set(described.custom_attributes)
+    assert {"JobStatus", "TemplateId", "Owner"} <= set(described.custom_attributes)

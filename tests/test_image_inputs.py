@@ -141,7 +141,8 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def load(value: str, http: httpx.AsyncClient, *, allow_private: bool = True) -> LoadedImage:
-    return await load_image_source(value, http=http, max_bytes=LIMIT, max_pixels=PIXELS, allow_private_urls=allow_private)
+    return await load_image_source(
+        value, http=http, max_bytes=LIMIT, max_pixels=PIXELS, allow_private_urls=allow_private)
 
 
 async def load_error(value: str, http: httpx.AsyncClient, *, allow_private: bool = True) -> ImageInputError:
@@ -397,7 +398,8 @@ def png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize(

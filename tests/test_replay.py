@@ -22,6 +22,7 @@ def test_histories_are_committed() -> None:
     assert {path.stem for path in HISTORIES} >= {
         "generation_succeeded", "generation_failed", "generation_cancelled", "generation_with_image_input",
         "indexed_template_job_succeeded", "indexed_generation_cancelled", "retention_deleted_jobs", "webhook_job_succeeded",
+        "cache_hit_succeeded", "owned_template_job_succeeded",
     }
 
 
@@ -47,7 +48,7 @@ async def test_activities_scheduled_by_older_releases_read_their_inputs_today(pa
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     scheduled = [event.activity_task_scheduled_event_attributes for event in history.events
                  if event.HasField("activity_task_scheduled_event_attributes")]
-    assert scheduled
+    assert scheduled or path.stem.startswith("cache_hit")  # a cache hit only records (local activities)
     for attributes in scheduled:
         model = ACTIVITY_INPUTS[attributes.activity_type.name]
         [decoded] = await pydantic_data_converter.decode(attributes.input.payloads, [model])

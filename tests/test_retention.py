@@ -94,6 +94,19 @@ def test_jobs_expire_once_ended_before_the_cutoff_and_live_ones_never(engine: En
         assert first + rest == sorted(expired) and len(first) == 3
 
 
+def test_a_cache_hit_keeps_the_job_whose_outputs_it_shows(engine: Engine) -> None:
+    cutoff = NOW - timedelta(days=30)
+    source = add_job(engine, JobStatus.succeeded, ended=OLD)
+    hit = add_job(engine, JobStatus.succeeded, ended=LAST_WEEK)
+    with session_scope(engine) as session:
+        session.execute(update(JobRow).where(JobRow.job_id == hit).values(cache_hit=True, cached_from=source))
+        session.commit()
+        assert source not in expired_job_ids(session, cutoff, "", 100)
+        session.execute(update(JobRow).where(JobRow.job_id == hit).values(cached_from=None))
+        session.commit()
+        assert source in expired_job_ids(session, cutoff, "", 100)
+
+
 def test_a_staged_input_is_left_unused_only_when_every_job_using_it_goes(engine: Engine) -> None:
     old_a = add_job(engine, JobStatus.succeeded, ended=OLD, inputs=("inputs/shared.png", "inputs/own.png"))
     old_b = add_job(engine, JobStatus.failed, ended=OLD, inputs=("inputs/shared.png",))

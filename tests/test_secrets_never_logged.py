@@ -7,6 +7,8 @@ start-up, so each secret setting a later version adds (or stops refusing) is cov
 
 from __future__ import annotations
 
+import base64
+import secrets as secrets_module
 import uuid
 from pathlib import Path
 
@@ -25,28 +27,30 @@ from tests.harness import (
 _SECRET_WORDS = ("key", "secret", "token", "password")
 
 
-def accepted_secrets() -> dict[str, str]:
-    """Setting name (upper case) → a marker value, for every secret setting this version accepts. A list
-    setting in `key:role` form (API_KEYS) gets its marker with a role."""
-    secrets: dict[str, str] = {}
+def accepted_secrets() -> dict[str, tuple[str, str]]:
+    """Setting name (upper case) → (its value, the secret in it to search the logs for), for every secret
+    setting this version accepts. The value is a marker, in the first of a few shapes the setting takes: as it
+    is, as a `key:role` entry (API_KEYS), or as an `id:base64key` entry (ENCRYPTION_KEYS)."""
+    secrets: dict[str, tuple[str, str]] = {}
     for name in Settings.model_fields:
         if not any(word in name for word in _SECRET_WORDS):
             continue
         marker = f"MARKER{uuid.uuid4().hex}{name.upper()}"
-        for value in (marker, f"{marker}:admin"):
+        key = base64.b64encode(secrets_module.token_bytes(32)).decode()
+        for value, secret in ((marker, marker), (f"{marker}:admin", marker), (f"k1:{key}", key)):
             try:
                 Settings(_env_file=None, **{name: value})
             except ValidationError:
                 continue
-            secrets[name.upper()] = value
+            secrets[name.upper()] = value, secret
             break
     return secrets
 
 
 def test_the_secret_settings_are_found() -> None:
     names = {name for name in Settings.model_fields if any(word in name for word in _SECRET_WORDS)}
-    assert {"webhook_secret", "s3_secret_key", "s3_access_key", "api_keys", "jwt_secret"} <= names
-    assert "WEBHOOK_SECRET" in accepted_secrets()
+    assert {"webhook_secret", "s3_secret_key", "s3_access_key", "api_keys", "jwt_secret", "encryption_keys"} <= names
+    assert {"WEBHOOK_SECRET", "API_KEYS", "JWT_SECRET", "ENCRYPTION_KEYS"} <= accepted_secrets().keys()
 
 
 async def test_no_secret_reaches_a_log_line(
@@ -55,7 +59,8 @@ async def test_no_secret_reaches_a_log_line(
     secrets = accepted_secrets()
     settings = gateway_settings(temporal_client, comfyui.url, tmp_path, task_queue)
     migrate_database(settings)
-    variables = {**secrets, "LOG_LEVEL": "DEBUG", "WEBHOOK_ALLOWED_DOMAINS": "127.0.0.1"}
+    variables = {name: value for name, (value, _) in secrets.items()}
+    variables |= {"LOG_LEVEL": "DEBUG", "WEBHOOK_ALLOWED_DOMAINS": "127.0.0.1"}
     deliveries: list[web.Request] = []
 
     async def receive(request: web.Request) -> web.Response:
@@ -69,8 +74,7 @@ async def test_no_secret_reaches_a_log_line(
     try:
         await api.start()
         # The right credentials where this version checks them; wrong ones as an attacker would send.
-        key = secrets.get("API_KEYS", "").partition(":")[0]
-        good = {"X-API-Key": key} if key else {}
+        good = {"X-API-Key": secrets["API_KEYS"][1]} if "API_KEYS" in secrets else {}
         forged = jwt.encode({"sub": "mallory", "role": "admin", "exp": 4102444800}, "not-the-secret" * 4)
         async with serve_locally(receiver) as hook_url, httpx.AsyncClient(
             base_url=api.url, timeout=30, headers=good
@@ -98,5 +102,5 @@ async def test_no_secret_reaches_a_log_line(
     assert job_id in logs["worker.log"] and "POST /jobs" in logs["api.log"]  # both logged what they did
     for log_name, text in logs.items():
         for line_number, line in enumerate(text.splitlines(), 1):
-            leaked = [name for name, value in secrets.items() if value.partition(":")[0] in line]
+            leaked = [name for name, (_, secret) in secrets.items() if secret in line]
             assert not leaked, f"{log_name}:{line_number} holds {leaked}: {line[:300]}"

@@ -12,23 +12,21 @@ def test_defaults_match_what_users_know() -> None:
     assert settings.resolved_database_url.startswith("sqlite:///") and settings.temporal_address == "127.0.0.1:7233"
 
 
-@pytest.mark.parametrize(
-    ("variable", "value"),
-    [("API_KEYS", "k1,k2"), ("STORAGE_PROVIDER", "s3"), ("CACHE_ENABLED", "true"),
-     ("JWT_SECRET", "s")],
-)
-def test_features_not_built_yet_are_a_startup_error(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
-    monkeypatch.setenv(variable, value)
-    with pytest.raises(ValidationError, match=variable.split("_")[0]):
-        Settings(_env_file=None)
-
-
 @pytest.mark.parametrize(("variable", "value"), [("STORAGE_PROVIDER", "ftp"), ("COMFYUI_URL", "localhost:8188"),
                                                  ("DATABASE_URL", "mysql://x"), ("LOG_LEVEL", "loud")])
 def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValidationError):
         Settings(_env_file=None)
+
+
+def test_s3_storage_needs_a_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STORAGE_PROVIDER", "s3")
+    with pytest.raises(ValidationError, match="S3_BUCKET"):
+        Settings(_env_file=None)
+    monkeypatch.setenv("S3_BUCKET", "outputs")
+    settings = Settings(_env_file=None)
+    assert settings.s3_bucket == "outputs" and settings.s3_presign_expiry_s == 3600
 
 
 def test_lists_and_postgres_urls(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,6 +45,11 @@ def test_webhook_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings(_env_file=None, webhook_allowed_domains="").webhook_allowed_domains == []
     assert Settings(_env_file=None, port=8080).resolved_public_base_url == "http://127.0.0.1:8080"
     assert Settings(_env_file=None, public_base_url="https://gw.example/").resolved_public_base_url == "https://gw.example"
+
+
+def test_the_result_cache_is_off_by_default_and_keeps_results_a_day() -> None:
+    settings = Settings(_env_file=None)
+    assert settings.cache_enabled is False and settings.cache_ttl_seconds == 86_400
 
 
 def test_rate_limit_settings(monkeypatch: pytest.MonkeyPatch) -> None:

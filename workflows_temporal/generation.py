@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.render import RenderActivities
     from app.errors import NON_RETRYABLE_TYPES, ErrorCode
     from app.models import (
+        CachedResult,
         CancelPromptInput,
         CancelRequest,
         CollectOutputsInput,
@@ -41,12 +42,15 @@ with workflow.unsafe.imports_passed_through():
         accepted_state,
         prompt_id_for,
     )
-    from app.search_attributes import JOB_STATUS, TEMPLATE_ID
+    from app.redaction import Redactor, free_texts
+    from app.search_attributes import JOB_STATUS, OWNER, TEMPLATE_ID
     from app.webhooks.events import PROGRESS_EVENT
     from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
 
 # Jobs started before the workflow wrote search attributes replay without them.
 SEARCH_ATTRIBUTES_PATCH = "job-search-attributes"
+# Jobs started before the workflow indexed its owner replay without the Owner attribute.
+OWNER_PATCH = "job-owner"
 # A job with a callbackUrl starts a WebhookDeliveryWorkflow as it ends (jobs before never had one).
 WEBHOOKS_PATCH = "webhooks"
 
@@ -116,16 +120,25 @@ class GenerationWorkflow:
         # Records are written one at a time, each with the latest snapshot, so the row never goes back.
         self._record_lock = asyncio.Lock()
         self._indexed = False
+        self._owner_indexed = False
         self._indexed_status: JobStatus | None = None
         self._webhook_started = False
+        self._redactor = Redactor([])
 
     @workflow.run
     async def run(self, job: GenerationInput) -> JobState:
         self._job = job
+        # PRIVACY_MODE: what the job records (row, log, webhooks, failure) never quotes its free-text inputs.
+        self._redactor = Redactor(self._free_texts())
         self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
+        self._owner_indexed = job.owner is not None and workflow.patched(OWNER_PATCH)
         self._state = accepted_state(job)
-        self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
-        self._work = asyncio.create_task(self._generate(job))
+        if job.cached_result is not None:
+            self._event("status", "job accepted; an identical earlier job's result answers it", {"status": "queued"})
+            self._work = asyncio.create_task(self._reuse(job.cached_result))
+        else:
+            self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
+            self._work = asyncio.create_task(self._generate(job))
         if self._cancel is not None:
             self._work.cancel()
         try:
@@ -144,7 +157,7 @@ class GenerationWorkflow:
                 if not signalled:
                     raise  # cancelled through Temporal itself (Web UI, CLI): the workflow ends as Canceled
                 return self._state
-            error = job_error_from(failure)
+            error = self._redacted(job_error_from(failure))
             await self._finish(JobStatus.failed, error=error)
             raise ApplicationError(error.message, error.model_dump(mode="json"), type=error.code.value, non_retryable=True)
         return self._state
@@ -195,7 +208,7 @@ class GenerationWorkflow:
                 InputActivities.stage_images,
                 StageImagesInput(
                     job_id=job.job_id, backend=job.backend, prompt=prompt, images=rendered.image_sources,
-                    timeout_seconds=job.timeout_seconds,
+                    timeout_seconds=job.timeout_seconds, redacted_texts=self._free_texts(),
                 ),
                 start_to_close_timeout=timedelta(minutes=5),
                 heartbeat_timeout=timedelta(seconds=90),
@@ -211,7 +224,8 @@ class GenerationWorkflow:
         collected = await workflow.execute_activity_method(
             ComfyActivities.collect_outputs,
             CollectOutputsInput(
-                job_id=job.job_id, backend=job.backend, outputs=result.outputs, timeout_seconds=job.timeout_seconds
+                job_id=job.job_id, backend=job.backend, outputs=result.outputs, timeout_seconds=job.timeout_seconds,
+                output_format=job.output_format, output_quality=job.output_quality,
             ),
             start_to_close_timeout=timedelta(seconds=max(job.timeout_seconds, 300)),
             heartbeat_timeout=timedelta(seconds=120),
@@ -219,6 +233,15 @@ class GenerationWorkflow:
         )
         self._state.outputs = collected.files
         self._state.execution_time_ms = result.execution_time_ms
+        await self._finish(JobStatus.succeeded)
+
+    async def _reuse(self, cached: CachedResult) -> None:
+        """A result cache hit: the job takes an earlier job's stored outputs as its own, and ComfyUI is not asked."""
+        assert self._state is not None
+        self._state.started_at = workflow.now()
+        self._state.outputs = cached.outputs
+        self._event("cache", f"result cache hit: the outputs of job {cached.source_job_id}, which ran the same "
+                    "request; nothing ran on ComfyUI", {"cachedFrom": cached.source_job_id})
         await self._finish(JobStatus.succeeded)
 
     async def _run_until_done(self, job: GenerationInput, prompt: dict[str, Any]) -> RunPromptResult:
@@ -242,6 +265,7 @@ class GenerationWorkflow:
                         prompt=prompt,
                         timeout_seconds=job.timeout_seconds,
                         progress_webhook=self._progress_webhook(job),
+                        redacted_texts=self._free_texts(),
                     ),
                     task_queue=job.backend_task_queue,
                     start_to_close_timeout=timedelta(seconds=job.timeout_seconds + 60),
@@ -285,6 +309,7 @@ class GenerationWorkflow:
     async def _finish(self, status: JobStatus, error: JobError | None = None) -> None:
         assert self._state is not None
         self._state.status = status
+        error = self._redacted(error) if error is not None else None
         self._state.error = error
         self._state.completed_at = workflow.now()
         data: dict[str, Any] = {"status": status.value}
@@ -327,11 +352,22 @@ class GenerationWorkflow:
 
     # --- the jobs table and the event log --------------------------------------------------------
 
+    def _free_texts(self) -> list[str]:
+        assert self._job is not None
+        return free_texts(self._job.inputs, self._job.workflow_json) if self._job.privacy_mode else []
+
+    def _redacted(self, error: JobError) -> JobError:
+        if not self._redactor:
+            return error
+        return JobError(code=error.code, message=self._redactor.text(error.message),
+                        details=self._redactor.value(error.details))
+
     def _event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         self._event_seq += 1
-        self._pending_events.append(
-            JobEventInput(key=f"wf:{self._event_seq}", at=workflow.now(), kind=kind, message=message, data=data or {})
-        )
+        self._pending_events.append(JobEventInput(
+            key=f"wf:{self._event_seq}", at=workflow.now(), kind=kind,
+            message=self._redactor.text(message), data=self._redactor.value(data or {}),
+        ))
 
     def _index(self) -> None:
         """Keep the job's search attributes in step with its status, for operators searching the Web UI."""
@@ -341,6 +377,8 @@ class GenerationWorkflow:
         updates = [JOB_STATUS.value_set(self._state.status.value)]
         if self._indexed_status is None and self._job.template_id is not None:
             updates.append(TEMPLATE_ID.value_set(self._job.template_id))
+        if self._indexed_status is None and self._owner_indexed:
+            updates.append(OWNER.value_set(self._job.owner))
         workflow.upsert_search_attributes(updates)
         self._indexed_status = self._state.status
 
@@ -356,6 +394,8 @@ class GenerationWorkflow:
                     backend=self._job.backend,
                     prompt_id=self._prompt_id,
                     inputs={} if self._job.privacy_mode else self._job.inputs,
+                    cache_key=self._job.cache_key,
+                    request_fingerprint=self._job.request_fingerprint,
                     events=events,
                 ),
                 start_to_close_timeout=timedelta(seconds=30),

@@ -6,19 +6,20 @@ import time
 from datetime import datetime
 from importlib.metadata import version
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
 from api.openapi import answers_with
+from api.rate_limits import limit_principal
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
 from app.comfy.models import installed_models
 from app.errors import ErrorCode
-from app.models import CamelModel
+from app.models import CamelModel, OutputFormat
 from app.templates.store import list_latest_templates
 
 router = APIRouter(tags=["health"])
@@ -64,6 +65,7 @@ class Capabilities(CamelModel):
     max_size: int
     max_batch: int
     formats: list[str]
+    output_formats: list[OutputFormat] = Field(description="what a job's `outputFormat` may be")
     storage_provider: str
 
 
@@ -97,13 +99,15 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(report.model_dump(mode="json"), status_code=200 if report.ready else 503)
 
 
-@router.get("/capabilities", response_model=Capabilities)
+# /health and /ready are public (load balancers, orchestrators); what follows needs a caller.
+@router.get("/capabilities", response_model=Capabilities, dependencies=[Depends(limit_principal)])
 def capabilities(session: SessionDep, settings: SettingsDep) -> Capabilities:
     return Capabilities(
         workflows=[template.template_id for template in list_latest_templates(session)],
         max_size=settings.max_image_size,
         max_batch=settings.max_batch_size,
         formats=["binary", "base64"],
+        output_formats=list(OutputFormat),
         storage_provider=settings.storage_provider.value,
     )
 
@@ -116,7 +120,7 @@ class Models(CamelModel):
     upscale_models: list[str]
 
 
-@router.get("/models", response_model=Models)
+@router.get("/models", response_model=Models, dependencies=[Depends(limit_principal)])
 @answers_with(ErrorCode.COMFYUI_UNREACHABLE, ErrorCode.COMFYUI_PROTOCOL_ERROR)
 async def models(request: Request, settings: SettingsDep) -> Models:
     """The models ComfyUI can load, so clients can pick valid values for a template's fields."""

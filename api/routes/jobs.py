@@ -6,33 +6,69 @@ import asyncio
 import json
 import uuid
 from contextlib import suppress
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
-from temporalio.client import WorkflowFailureError
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from api.deps import (
-    DatabaseDep, JobDep, JobReaderDep, Principal, PrincipalDep, SessionDep, SettingsDep, StorageDep, TemporalDep,
+    DatabaseDep,
+    JobDep,
+    JobReaderDep,
+    PrincipalDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    TemporalDep,
 )
-from api.database import Database
 from api.errors import ApiError, invalid_input, validation_error
-from api.job_views import Job, public_job
+from api.database import Database
+from api.job_reader import JobReader, started_input
+from api.job_views import Job, public_job, public_job_off_loop
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
 from api.rate_limits import limit_principal
+from app.audit import JOB_CANCEL, record_audit
+from app.auth import Principal
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
-from app.jobstore import JobFilter, JobSnapshot, count_unfinished_jobs, estimate_wait_seconds, list_events, list_jobs
-from app.models import CamelModel, CancelRequest, GenerationInput, JobStatus, RetrySpec
+from app.idempotency import MAX_KEY_LENGTH, idempotent_job_id, request_fingerprint
+from app.jobstore import (
+    JobFilter,
+    JobSnapshot,
+    count_unfinished_jobs,
+    estimate_wait_seconds,
+    get_job_snapshot,
+    list_events,
+    list_jobs,
+    request_fingerprint_of,
+)
+from app.metrics import CACHE_HITS, CACHE_MISSES
+from app.models import (
+    DEFAULT_OUTPUT_QUALITY,
+    CachedResult,
+    CamelModel,
+    CancelRequest,
+    GenerationInput,
+    JobState,
+    JobStatus,
+    OutputFormat,
+    RetrySpec,
+    accepted_state,
+)
+from app.redaction import free_texts
 from app.retention import link_job_inputs
+from app.result_cache import cache_key, find_cached_result
 from app.safe_http import RefusedTarget
 from app.settings import Settings
+from app.storage import OutputStorage, StorageError
 from app.submission import ImageIntake, prepare_job
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
@@ -54,6 +90,11 @@ _CANCEL_WAIT_SECONDS = 10.0
 _MAX_CALLBACK_URL_LENGTH = 2048
 
 WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.progress"]
+# How long `POST /jobs` waits for a cache hit's workflow to finish (it only records the result) before it
+# answers with the status the job has then.
+_CACHE_HIT_WAIT_SECONDS = 10.0
+# The idempotency key a client may give in its metadata when it cannot set a header.
+_REQUEST_ID = "requestId"
 
 
 def _json_number(value: Any) -> Any:
@@ -122,8 +163,12 @@ class CreateJobRequest(CamelModel):
     metadata: dict[str, Any] = Field(default_factory=dict, description="echoed back with the job")
     retry: RetryRequest = Field(default_factory=RetryRequest)
     timeout_seconds: float | None = Field(None, gt=0, le=_MAX_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")
+    output_format: OutputFormat = Field(
+        OutputFormat.png, description="what still images are stored as; animated images and videos stay as they are")
+    quality: int = Field(
+        DEFAULT_OUTPUT_QUALITY, ge=1, le=100, description="jpg and webp encoding quality; png is lossless and ignores it")
 
-    _numbers = field_validator("timeout_seconds", mode="before")(_json_number)
+    _numbers = field_validator("timeout_seconds", "quality", mode="before")(_json_number)
 
     @model_validator(mode="after")
     def _one_workflow(self) -> "CreateJobRequest":
@@ -134,9 +179,11 @@ class CreateJobRequest(CamelModel):
 
 class CreateJobResponse(CamelModel):
     job_id: str
-    status: JobStatus
+    status: JobStatus = Field(description="`succeeded` at once for a result cache hit; a repeat of an idempotency "
+                                          "key answers with its job's status now")
     eta_seconds: float | None
     poll_url: str
+    cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job")
 
 
 class JobList(CamelModel):
@@ -173,7 +220,10 @@ def _json_size(value: Any) -> int:
 
 
 @router.post("", status_code=202, response_model=CreateJobResponse)
-@answers_with(ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.TOO_MANY_ACTIVE_JOBS)
+@answers_with(
+    ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.IDEMPOTENCY_CONFLICT, ErrorCode.STORAGE_ERROR,
+    ErrorCode.WORKFLOW_JSON_NOT_ALLOWED, ErrorCode.TOO_MANY_ACTIVE_JOBS,
+)
 async def create_job(
     body: CreateJobRequest,
     request: Request,
@@ -181,12 +231,32 @@ async def create_job(
     settings: SettingsDep,
     temporal: TemporalDep,
     storage: StorageDep,
+    reader: JobReaderDep,
     principal: PrincipalDep,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", min_length=1, max_length=MAX_KEY_LENGTH,
+        description="the same key (per caller) always names the same job: a repeat never runs it twice",
+    )] = None,
 ) -> CreateJobResponse:
+    _check_raw_graph(body, settings, principal)
     _check_webhook(body, settings)
-    await _check_active_jobs(principal, db, settings)
     if _json_size(body.metadata) > _MAX_METADATA_BYTES:
         raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
+    key = idempotency_key if idempotency_key is not None else _request_id(body.metadata)
+    fingerprint = None
+    if key is not None:
+        # Scoped by the principal: two callers' keys never name the same job.
+        job_id = idempotent_job_id(principal.id, key)
+        fingerprint = request_fingerprint(body.model_dump(mode="json"))
+        # A job recorded already answers without a template read or a render, even when Temporal no longer
+        # holds its workflow (its namespace's retention has passed).
+        if (recorded := await db.run(request_fingerprint_of, job_id)) is not None:
+            snapshot, recorded_fingerprint = recorded
+            _check_same_request(job_id, recorded_fingerprint, fingerprint)
+            return await _accepted(db, settings, snapshot.state, body.workflow_id)
+    else:
+        job_id = str(uuid.uuid4())
+    await _check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
 
     template = None
     if body.workflow_id is not None:
@@ -194,7 +264,6 @@ async def create_job(
         if template is None:
             raise ApiError(ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {body.workflow_id}",
                            {"workflowId": body.workflow_id})
-    job_id = str(uuid.uuid4())
     images = ImageIntake(
         storage=storage, note_use=lambda keys: db.run(link_job_inputs, job_id, keys, datetime.now(timezone.utc)),
         http=request.app.state.http, max_bytes=settings.input_image_max_bytes,
@@ -208,12 +277,21 @@ async def create_job(
         )
     except InvalidInput as error:
         raise invalid_input(error) from error
+    except StorageError as error:
+        raise ApiError(ErrorCode.STORAGE_ERROR, f"an inline image could not be stored: {error}") from error
+
+    template_version = template.version if template is not None else None
+    result_key = cache_key(
+        template_id=body.workflow_id, template_version=template_version, workflow_json=prepared.workflow_json,
+        inputs=prepared.inputs, output_format=body.output_format.value,
+        quality=None if body.output_format is OutputFormat.png else body.quality,  # png ignores quality
+    ) if prepared.reproducible else None
 
     backend = configured_backends(settings)[0]
     job = GenerationInput(
         job_id=job_id,
         template_id=body.workflow_id,
-        template_version=template.version if template is not None else None,
+        template_version=template_version,
         workflow_json=prepared.workflow_json,
         inputs=prepared.inputs,
         metadata=body.metadata,
@@ -226,22 +304,119 @@ async def create_job(
         privacy_mode=settings.privacy_mode,
         callback_url=body.callback_url,
         webhook_events=list(dict.fromkeys(body.webhook_events or TERMINAL_EVENTS)),
+        cache_key=result_key,
+        cached_result=await _cached_result(db, storage, settings, result_key),
+        request_fingerprint=fingerprint,
+        output_format=body.output_format,
+        output_quality=body.quality,
+        owner=principal.id,
     )
-    if len(job.model_dump_json()) > _MAX_JOB_BYTES:
+    # Under PRIVACY_MODE the prompt's activity also carries the job's free texts, to redact them (app.redaction).
+    redacted = free_texts(job.inputs, job.workflow_json) if job.privacy_mode else []
+    if len(job.model_dump_json()) + _json_size(redacted) > _MAX_JOB_BYTES:
         field = "workflowJson" if body.workflow_json is not None else "inputs"
         raise validation_error([{"field": field, "message": f"the job is larger than {_MAX_JOB_BYTES} bytes"}])
+    client = temporal.require()
+    handle, closed = await _start(client, job, settings.temporal_task_queue)
+    if key is not None:
+        # This request's workflow, or one a repeat of the key started first: that one is the job.
+        try:
+            job = await started_input(client, handle)
+        except RPCError as error:
+            raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal could not say what the job is") from error
+        _check_same_request(job_id, job.request_fingerprint, fingerprint)
+    elif job.cached_result is None:
+        return await _accepted(db, settings, accepted_state(job), body.workflow_id)
+    if job.cached_result is not None:
+        # It only records the result: answered in moments, so the answer can truthfully be `succeeded`.
+        with suppress(TimeoutError, WorkflowFailureError, RPCError):
+            async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
+                await handle.result()
+    return await _accepted(db, settings, await _state_now(db, reader, job, closed), body.workflow_id)
+
+
+async def _cached_result(
+    db: Database, storage: OutputStorage, settings: Settings, key: str | None
+) -> CachedResult | None:
+    """The result cache's answer for a cacheable job (a key), counted as a hit or a miss."""
+    if not settings.cache_enabled or key is None:
+        return None
+    since = datetime.now(timezone.utc) - timedelta(seconds=settings.cache_ttl_seconds)
+    cached = await db.run(find_cached_result, storage, key, since)
+    (CACHE_HITS if cached is not None else CACHE_MISSES).inc()
+    return cached
+
+
+def _request_id(metadata: dict[str, Any]) -> str | None:
+    """`metadata.requestId`, the idempotency key of a client that cannot set the header."""
+    value = metadata.get(_REQUEST_ID)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_KEY_LENGTH:
+        raise validation_error([{
+            "field": f"metadata.{_REQUEST_ID}",
+            "message": f"an idempotency key: a string of 1 to {MAX_KEY_LENGTH} characters",
+        }])
+    return value
+
+
+def _check_same_request(job_id: str, recorded: str | None, fingerprint: str | None) -> None:
+    if recorded != fingerprint:
+        raise ApiError(
+            ErrorCode.IDEMPOTENCY_CONFLICT,
+            "this idempotency key was used for a different request; use a new key for a new job",
+            {"jobId": job_id},
+        )
+
+
+async def _start(client: Client, job: GenerationInput, task_queue: str) -> tuple[WorkflowHandle[Any, JobState], bool]:
+    """Start the job's workflow, or find the one its id names: a repeat of an idempotency key, concurrent
+    (USE_EXISTING) or after the job ended (REJECT_DUPLICATE: a job id never runs twice). Also says whether
+    the workflow found had closed."""
     try:
-        await temporal.require().start_workflow(
+        handle = await client.start_workflow(
             GenerationWorkflow.run,
             job,
-            id=job_id,
-            task_queue=settings.temporal_task_queue,
+            id=job.job_id,
+            task_queue=task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         )
+    except WorkflowAlreadyStartedError:
+        return client.get_workflow_handle_for(GenerationWorkflow.run, job.job_id), True
     except RPCError as error:
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal refused the job; nothing was created") from error
-    eta = await db.run(estimate_wait_seconds, body.workflow_id, settings.max_concurrency)
-    return CreateJobResponse(job_id=job_id, status=JobStatus.queued, eta_seconds=eta, poll_url=f"/jobs/{job_id}")
+    return handle, False
+
+
+async def _state_now(db: Database, reader: JobReader, job: GenerationInput, closed: bool) -> JobState:
+    """The job as its row says (written at each status change), else as it was accepted; never a query of a
+    live workflow, which would wait for a worker. Only a closed workflow whose row is gone is asked."""
+    recorded = await db.run(get_job_snapshot, job.job_id)
+    if recorded is not None:
+        return recorded.state
+    if closed:
+        return (await reader.read(job.job_id, reuse_live=False)).state
+    return accepted_state(job)
+
+
+async def _accepted(db: Database, settings: Settings, state: JobState, template_id: str | None) -> CreateJobResponse:
+    job_id = state.job_id
+    eta = None
+    if not state.status.is_terminal:
+        eta = await db.run(estimate_wait_seconds, template_id, settings.max_concurrency)
+    return CreateJobResponse(job_id=job_id, status=state.status, eta_seconds=eta, poll_url=f"/jobs/{job_id}",
+                             cache_hit=state.cache_hit)
+
+
+def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Principal) -> None:
+    """Operators of shared GPUs let only some roles send arbitrary graphs (RAW_WORKFLOW_ROLES)."""
+    if body.workflow_json is not None and principal.role not in settings.raw_workflow_roles:
+        raise ApiError(
+            ErrorCode.WORKFLOW_JSON_NOT_ALLOWED,
+            f"workflowJson: the role {principal.role.value} may not submit a raw graph here; run a template by "
+            "workflowId", {"field": "workflowJson", "role": principal.role.value},
+        )
 
 
 async def _check_active_jobs(principal: Principal, db: Database, settings: Settings) -> None:
@@ -280,6 +455,7 @@ def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:
 def get_jobs(
     session: SessionDep,
     storage: StorageDep,
+    principal: PrincipalDep,
     status: JobStatus | None = None,
     workflow_id: Annotated[str | None, Query(alias="workflowId")] = None,
     after: Instant | None = Query(None, description="created after this instant (ISO 8601)"),
@@ -287,16 +463,19 @@ def get_jobs(
     limit: int = Query(50, ge=1, le=200),
     offset: int = Query(0, ge=0, le=1_000_000_000),
 ) -> JobList:
+    """Every job for an admin; a user's own jobs for a user."""
+    owner = None if principal.is_admin else principal.id
     jobs, count = list_jobs(
         session,
-        JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, limit=limit, offset=offset),
+        JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, owner=owner,
+                  limit=limit, offset=offset),
     )
     return JobList(jobs=[public_job(job, storage) for job in jobs], count=count)
 
 
 @router.get("/{job_id}", response_model=Job)
 async def get_job(job: JobDep, storage: StorageDep) -> Job:
-    return public_job(job, storage)
+    return await public_job_off_loop(job, storage)
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
@@ -305,19 +484,24 @@ async def cancel_job(
     job: JobDep,
     reader: JobReaderDep,
     temporal: TemporalDep,
+    db: DatabaseDep,
+    principal: PrincipalDep,
     body: Annotated[CancelJobBody | None, Body()] = None,
 ) -> CancelJobResponse:
     job_id = job.state.job_id
     if job.state.status.is_terminal:
         raise _already_finished(job)
+    reason = body.reason if body else ""
     handle = temporal.require().get_workflow_handle(job_id)
     try:
-        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=body.reason if body else "", actor="api"))
+        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=reason, actor=principal.id))
     except RPCError as error:
         job = await reader.read(job_id, reuse_live=False)
         if job.state.status.is_terminal:
             raise _already_finished(job) from error
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal did not take the cancel; try again") from error
+    if job.state.owner != principal.id:  # only an admin reaches another's job (JobDep)
+        await db.run(record_audit, principal, JOB_CANCEL, job_id, {"owner": job.state.owner, "reason": reason})
     # The workflow's end, awaited (long-polled by Temporal) rather than polled for.
     with suppress(TimeoutError, WorkflowFailureError, RPCError):
         async with asyncio.timeout(_CANCEL_WAIT_SECONDS):

@@ -1,4 +1,5 @@
-"""A job's output files: the list, each file streamed with its content type, or as base64 JSON."""
+"""A job's output files: the list, each file streamed with its content type (from a bucket: a redirect to a
+presigned URL of it), or as base64 JSON. Calls of a bucket's SDK (boto3) run on threads, off the event loop."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from collections.abc import Iterator
 from typing import BinaryIO, Literal
 
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from pydantic import Field
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import JobDep, StorageDep
 from api.errors import ApiError
@@ -18,7 +20,8 @@ from api.openapi import answers_with
 from api.rate_limits import limit_principal
 from app.errors import ErrorCode
 from app.models import CamelModel, OutputRef
-from app.storage import OutputStorage
+from app.output_routes import output_route
+from app.storage import OutputStorage, StorageError
 
 router = APIRouter(prefix="/outputs", tags=["outputs"], dependencies=[Depends(limit_principal)])
 
@@ -43,7 +46,11 @@ class Base64Output(CamelModel):
 @router.get("/{job_id}", response_model=OutputList)
 async def list_outputs(job: JobDep, storage: StorageDep) -> OutputList:
     job_id = job.state.job_id
-    return OutputList(job_id=job_id, files=[output_file(job_id, output, storage) for output in job.state.outputs])
+
+    def listed() -> OutputList:
+        return OutputList(job_id=job_id, files=[output_file(job_id, output, storage) for output in job.state.outputs])
+
+    return await run_in_threadpool(listed) if storage.signs_urls else listed()
 
 
 def _base64_json(output: OutputRef, source: BinaryIO) -> Iterator[bytes]:
@@ -69,31 +76,46 @@ def _open(job_id: str, output: OutputRef, storage: OutputStorage) -> BinaryIO:
         return storage.open(output.storage_key)
     except FileNotFoundError:
         raise _file_missing(job_id, output, storage) from None
+    except StorageError as error:
+        raise ApiError(ErrorCode.STORAGE_ERROR, f"the file of output {output.filename} could not be read: {error}",
+                       {"jobId": job_id, "filename": output.filename}) from error
 
 
-@router.get("/{job_id}/{filename}", response_model=None, responses={200: {
-    "description": "the file with its own content type (the output's `contentType`); with `?format=base64`, JSON",
-    "model": Base64Output,
-    "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
-}})
-@answers_with(ErrorCode.OUTPUT_NOT_FOUND, ErrorCode.OUTPUT_FILE_MISSING)
+@router.get("/{job_id}/{filename}", response_model=None, responses={
+    200: {
+        "description": "the file with its own content type (the output's `contentType`); with `?format=base64`, JSON",
+        "model": Base64Output,
+        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    307: {
+        "description": "with STORAGE_PROVIDER=s3 (not `?format=base64`): a redirect to a presigned URL of the file "
+                       "in its bucket, made now and valid for S3_PRESIGN_EXPIRY_S",
+        "headers": {"Location": {"description": "the presigned URL", "schema": {"type": "string", "format": "uri"}}},
+    },
+})
+@answers_with(ErrorCode.OUTPUT_NOT_FOUND, ErrorCode.OUTPUT_FILE_MISSING, ErrorCode.STORAGE_ERROR)
 async def get_output(
     job: JobDep,
     filename: str,
     storage: StorageDep,
     format: Literal["binary", "base64"] = Query("binary", description="`base64` returns JSON with the data inline"),
-) -> FileResponse | StreamingResponse:
+) -> FileResponse | StreamingResponse | RedirectResponse:
     job_id = job.state.job_id
     output = next((item for item in job.state.outputs if item.filename == filename), None)
     if output is None:
         raise ApiError(ErrorCode.OUTPUT_NOT_FOUND, f"job {job_id} has no output {filename}",
                        {"jobId": job_id, "filename": filename})
-    if format == "base64":
-        return StreamingResponse(_base64_json(output, _open(job_id, output, storage)), media_type="application/json")
     local = storage.local_path(output.storage_key)
+    if format == "base64":
+        opened = _open(job_id, output, storage) if local is not None else await run_in_threadpool(
+            _open, job_id, output, storage)
+        # Starlette iterates a plain iterator on a thread: a bucket's body is read off the event loop.
+        return StreamingResponse(_base64_json(output, opened), media_type="application/json")
     if local is not None:
         if not local.is_file():
             raise _file_missing(job_id, output, storage)
         return FileResponse(local, media_type=output.content_type, filename=output.filename)
-    return StreamingResponse(_open(job_id, output, storage), media_type=output.content_type,
-                             headers={"Content-Disposition": f'attachment; filename="{output.filename}"'})
+    # A bucket serves the file itself: the client follows the redirect to a URL signed now. Not checked first
+    # (that would be one more request to the store per download): a file gone from the bucket is its 404.
+    url = await run_in_threadpool(storage.download_url, output.storage_key, output_route(job_id, output.filename))
+    return RedirectResponse(url, status_code=307)

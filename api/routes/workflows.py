@@ -1,6 +1,6 @@
 """The workflow template registry: list, register, read, update (a new version), delete.
 
-Every caller may manage templates until API keys and roles arrive; then these become admin-only.
+Every caller may read templates; registering, updating and deleting them is an admin's, and audited.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from api.deps import DatabaseDep, SessionDep, SettingsDep
+from api.deps import AdminDep, DatabaseDep, SessionDep, SettingsDep
 from api.errors import ApiError, invalid_input
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
 from api.rate_limits import limit_principal
+from app.audit import TEMPLATE_CREATE, TEMPLATE_DELETE, TEMPLATE_UPDATE, record_audit
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
 from app.db import as_utc
@@ -147,7 +148,7 @@ def list_workflows(session: SessionDep) -> WorkflowList:
 @router.post("", status_code=201, response_model=WorkflowResponse)
 @answers_with(ErrorCode.WORKFLOW_EXISTS)
 async def register_workflow(
-    body: CreateWorkflowRequest, request: Request, db: DatabaseDep, settings: SettingsDep
+    body: CreateWorkflowRequest, request: Request, db: DatabaseDep, settings: SettingsDep, admin: AdminDep
 ) -> WorkflowResponse:
     spec = TemplateSpec(template_id=body.id, name=body.name, description=body.description,
                         workflow_json=body.workflow_json, input_schema=body.input_schema,
@@ -161,6 +162,7 @@ async def register_workflow(
     except TemplateExists as error:
         raise ApiError(ErrorCode.WORKFLOW_EXISTS, f"a workflow template with id {body.id} exists",
                        {"workflowId": body.id}) from error
+    await db.run(record_audit, admin, TEMPLATE_CREATE, row.template_id, {"version": row.version})
     return WorkflowResponse(workflow=_workflow(row), warnings=warnings)
 
 
@@ -176,7 +178,8 @@ def read_workflow(template_id: str, session: SessionDep) -> WorkflowResponse:
 @router.put("/{template_id}", response_model=WorkflowResponse)
 @answers_with(ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.WORKFLOW_CONFLICT)
 async def change_workflow(
-    template_id: str, body: UpdateWorkflowRequest, request: Request, db: DatabaseDep, settings: SettingsDep
+    template_id: str, body: UpdateWorkflowRequest, request: Request, db: DatabaseDep, settings: SettingsDep,
+    admin: AdminDep,
 ) -> WorkflowResponse:
     """A partial update: the fields given replace the current ones in a new version, checked as a registration
     is. A body that changes nothing (`{}`, or the current values) writes no version: the answer is the
@@ -196,12 +199,16 @@ async def change_workflow(
         raise ApiError(ErrorCode.WORKFLOW_CONFLICT,
                        f"another update of {template_id} landed at the same moment; read it and try again",
                        {"workflowId": template_id, "version": error.version}) from error
+    if row.version != current.version:  # a body that changed nothing wrote no version, and did nothing
+        await db.run(record_audit, admin, TEMPLATE_UPDATE, template_id,
+                     {"version": row.version, "fields": sorted(changes)})
     return WorkflowResponse(workflow=_workflow(row), warnings=warnings)
 
 
 @router.delete("/{template_id}", status_code=204, response_class=Response)
 @answers_with(ErrorCode.WORKFLOW_NOT_FOUND)
-def remove_workflow(template_id: str, session: SessionDep) -> Response:
+def remove_workflow(template_id: str, session: SessionDep, admin: AdminDep) -> Response:
     if not delete_template(session, template_id):
         raise _not_found(template_id)
+    record_audit(session, admin, TEMPLATE_DELETE, template_id)
     return Response(status_code=204)

@@ -14,6 +14,7 @@ from app.storage.base import validate_key
 
 class LocalStorage:
     provider = "local"
+    signs_urls = False
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -167,10 +167,8 @@ def validate_inputs(schema: InputSchema, default_params: dict[str, Any], inputs:
     the template has one and the client gave none (or -1), so the stored inputs reproduce the result. Sizes
     and batches are checked later, on the rendered graph (app.templates.limits)."""
     issues = _given_issues(schema, default_params, inputs)
-    known = schema.fields.keys() | default_params.keys()
-    values = {**default_params, **{name: spec.default for name, spec in schema.fields.items() if spec.default is not None}}
-    values.update({name: value for name, value in inputs.items() if name in known and value is not None})
-    if SEED_FIELD in known and values.get(SEED_FIELD) in (None, -1):
+    values = _filled_in(schema, default_params, inputs)
+    if draws_seed(schema, default_params, inputs):
         values[SEED_FIELD] = _random_seed(schema.fields.get(SEED_FIELD))
     for name, spec in schema.fields.items():
         if values.get(name) is None:
@@ -183,6 +181,20 @@ def validate_inputs(schema: InputSchema, default_params: dict[str, Any], inputs:
     if issues:
         raise InvalidInput(issues)
     return values
+
+
+def _filled_in(schema: InputSchema, default_params: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    known = schema.fields.keys() | default_params.keys()
+    values = {**default_params, **{name: spec.default for name, spec in schema.fields.items() if spec.default is not None}}
+    values.update({name: value for name, value in inputs.items() if name in known and value is not None})
+    return values
+
+
+def draws_seed(schema: InputSchema, default_params: dict[str, Any], inputs: dict[str, Any]) -> bool:
+    """Whether validate_inputs draws the job's seed: the template has one, and neither the client nor the
+    template's defaults give one (or they give -1). Such a job's request does not determine its result."""
+    known = schema.fields.keys() | default_params.keys()
+    return SEED_FIELD in known and _filled_in(schema, default_params, inputs).get(SEED_FIELD) in (None, -1)
 
 
 def _given_issues(schema: InputSchema, default_params: dict[str, Any], inputs: dict[str, Any]) -> list[FieldIssue]:

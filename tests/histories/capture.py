@@ -57,7 +57,7 @@ async def capture() -> None:
         )
         settings = gateway_settings(
             env.client, simulator.url, root / "gateway", "capture",
-            webhook_secret="capture", webhook_allowed_domains="127.0.0.1",
+            webhook_secret="capture", webhook_allowed_domains="127.0.0.1", cache_enabled=True,
         )
         migrate_database(settings)
         receiver = web.Application()
@@ -81,10 +81,17 @@ async def capture() -> None:
                         "workflowId": "solid_color", "inputs": {"width": 8}, "callbackUrl": f"{receiver_url}/hook",
                         "webhookEvents": ["job.succeeded", "job.progress"],
                     },
+                    # A result cache hit (the job below is run once before): no activity, the source's outputs.
+                    "cache_hit_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8, "color": 1}},
+                    # Since the job-owner patch: the first upsert has Owner too (here the open mode's "anonymous").
+                    "owned_template_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
                         continue  # committed histories stay as captured: they stand for jobs of older releases
+                    if name.startswith("cache_hit"):
+                        source = (await api.post("/jobs", json=body)).json()["jobId"]
+                        await wait_for_job(api, source, until=DONE)
                     job_id = (await api.post("/jobs", json=body)).json()["jobId"]
                     if name.endswith("cancelled"):
                         await wait_for_job(api, job_id, until={"running"})
