@@ -49,12 +49,14 @@ class InputActivities:
         storage: OutputStorage,
         *,
         max_bytes: int,
+        max_pixels: int,
         allow_private_urls: bool,
     ) -> None:
         self._clients = clients
         self._http = http
         self._storage = storage
         self._max_bytes = max_bytes
+        self._max_pixels = max_pixels
         self._allow_private_urls = allow_private_urls
 
     def _client(self, backend: str) -> ComfyClient:
@@ -90,7 +92,8 @@ class InputActivities:
     ) -> str:
         try:
             image = await load_image_source(
-                source, http=self._http, max_bytes=self._max_bytes, allow_private_urls=self._allow_private_urls,
+                source, http=self._http, max_bytes=self._max_bytes, max_pixels=self._max_pixels,
+                allow_private_urls=self._allow_private_urls,
                 field=key, read_stored=self._read_stored,
             )
             # Never overwrite: a different file under this name (not ours) makes ComfyUI pick a new name.

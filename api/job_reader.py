@@ -62,11 +62,12 @@ def _temporal_unavailable() -> ApiError:
 
 
 def _is_job_id(job_id: str) -> bool:
+    """A job id is a UUID as the gateway writes one: lower-case, with hyphens. uuid.UUID also reads braces,
+    `urn:uuid:` and upper case, which name no job; such an id is a 404 like any other unknown one."""
     try:
-        uuid.UUID(job_id)
+        return str(uuid.UUID(job_id)) == job_id
     except ValueError:
         return False
-    return True
 
 
 @dataclass(frozen=True)

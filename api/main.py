@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from temporalio.api.enums.v1 import TaskQueueType
+from starlette.types import ASGIApp
 from temporalio.client import Client
 
 from api.codec_cors import CodecCors
@@ -21,6 +22,8 @@ from api.job_reader import live_views
 from api.openapi import install_openapi
 from api.plain_json import BodySizeLimit
 from api.probes import Probes
+from api.rate_limits import RateLimitMiddleware, RateLimits
+from api.security_headers import SecurityHeaders
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
 from api.auth import warn_if_open
@@ -37,6 +40,12 @@ log = logging.getLogger(__name__)
 
 _COMFYUI_ANSWERS_SECONDS = 10.0
 
+# What a browser page on an allowed origin may send and read (CORS_ORIGINS).
+CORS_METHODS = ["GET", "POST", "PUT", "DELETE"]
+CORS_REQUEST_HEADERS = ["Content-Type", "Authorization", "X-API-Key", "Idempotency-Key"]
+CORS_EXPOSED_HEADERS = ["Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                        "Content-Disposition", "Location"]
+
 
 async def _keep_connecting(settings: Settings, connection: TemporalConnection) -> None:
     while connection.client is None:
@@ -46,6 +55,17 @@ async def _keep_connecting(settings: Settings, connection: TemporalConnection) -
         except Exception as error:  # connection errors vary by transport; all mean "try again"
             log.warning("Temporal at %s not reachable yet (%s); retrying", settings.temporal_address, error)
             await asyncio.sleep(2)
+
+
+def _with_security_headers(app: FastAPI) -> None:
+    """SecurityHeaders outside Starlette's own outermost middleware, which answers a fault with a 500 of its
+    own; `add_middleware` would put it inside. (FastAPIOffline makes a FastAPI; it is no class to extend.)"""
+    build_stack = app.build_middleware_stack
+
+    def build_middleware_stack() -> ASGIApp:
+        return SecurityHeaders(build_stack())
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None, temporal_client: Client | None = None) -> FastAPI:
@@ -99,11 +119,18 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         lifespan=lifespan,
         redirect_slashes=False,  # a 307 with an empty body is no answer for an API client: /jobs/ is a 404
     )
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
-        )
+    _with_security_headers(app)
+    # Added innermost first: a request passes /codec's CORS, CORS, then the address limit, then the body's size limit.
     app.add_middleware(BodySizeLimit)
+    if settings.rate_limited:
+        app.add_middleware(RateLimitMiddleware, limits=RateLimits(settings))
+    if settings.cors_origins:
+        # Credentials are API keys and tokens in headers, never cookies: no `allow_credentials`, so that `*`
+        # stays "any page, without the user's cookies".
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=CORS_METHODS,
+            allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS, max_age=600,
+        )
     # Outermost: a preflight for /codec is answered for the Web UI's origin before anything else sees it.
     app.add_middleware(CodecCors, origins=settings.resolved_codec_cors_origins)
     install_error_handlers(app)

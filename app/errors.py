@@ -28,6 +28,8 @@ class ErrorCode(str, Enum):
     AUTH_FAILED = "AUTH_FAILED"
     FORBIDDEN = "FORBIDDEN"
     WORKFLOW_JSON_NOT_ALLOWED = "WORKFLOW_JSON_NOT_ALLOWED"
+    RATE_LIMITED = "RATE_LIMITED"
+    TOO_MANY_ACTIVE_JOBS = "TOO_MANY_ACTIVE_JOBS"
     WORKFLOW_NOT_FOUND = "WORKFLOW_NOT_FOUND"
     WORKFLOW_EXISTS = "WORKFLOW_EXISTS"
     WORKFLOW_CONFLICT = "WORKFLOW_CONFLICT"
@@ -96,6 +98,14 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.WORKFLOW_JSON_NOT_ALLOWED: ErrorClass(
         403, False, False, _REQUEST, "the caller's role may not submit a raw `workflowJson` (`RAW_WORKFLOW_ROLES`); "
                                      "run a template by `workflowId`"),
+    ErrorCode.RATE_LIMITED: ErrorClass(
+        429, False, False, _REQUEST,
+        "the principal, or the client address, made `RATE_LIMIT_MAX` requests within `RATE_LIMIT_WINDOW_MS`; "
+        "try again after `Retry-After` seconds"),
+    ErrorCode.TOO_MANY_ACTIVE_JOBS: ErrorClass(
+        429, False, False, _REQUEST,
+        "the principal has `MAX_ACTIVE_JOBS_PER_PRINCIPAL` jobs queued or running; submit again when one has "
+        "finished"),
     ErrorCode.WORKFLOW_NOT_FOUND: ErrorClass(
         404, False, False, _BOTH, "no such workflow template (as a job's error: its version was removed)"),
     ErrorCode.WORKFLOW_EXISTS: ErrorClass(409, False, False, _REQUEST, "a template with this id exists"),

@@ -234,6 +234,13 @@ def list_jobs(session: Session, job_filter: JobFilter) -> tuple[list[JobSnapshot
     return [job_snapshot(row) for row in rows], count
 
 
+def count_unfinished_jobs(session: Session, owner: str) -> int:
+    """How many of `owner`'s jobs are queued or running (jobs from before owners were recorded count for no one)."""
+    live = [status.value for status in LIVE_STATUSES]
+    query = select(func.count()).select_from(JobRow).where(col(JobRow.owner) == owner, col(JobRow.status).in_(live))
+    return session.exec(query).one()
+
+
 def list_events(session: Session, job_id: str) -> list[JobEventRow]:
     return list(
         session.exec(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
@@ -87,6 +88,22 @@ class Settings(BaseSettings):
     api_concurrent_reads: int = Field(
         2, ge=1, description="GET requests the API works on at once; more wait their turn, so that clients "
                              "polling hard cannot crowd out submissions")
+    # Rate limits: RATE_LIMIT_MAX requests per RATE_LIMIT_WINDOW_MS, per principal and per client address.
+    rate_limit_max: int | None = Field(
+        None, ge=1, description="requests a principal, and a client address, may make per window (with "
+                                "RATE_LIMIT_WINDOW_MS; off when unset); more are refused with 429 RATE_LIMITED")
+    rate_limit_window_ms: int | None = Field(
+        None, ge=1000, description="the rate limit's moving window, in milliseconds (with RATE_LIMIT_MAX)")
+    rate_limit_storage_uri: str = Field(
+        "memory://", description="where rate limit counts are kept: memory:// (each API process its own) or "
+                                 "redis://host:port/db (shared by every API process)")
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated proxy addresses or networks (CIDR) whose X-Forwarded-For names the client; "
+                    "from any other peer the header is ignored")
+    max_active_jobs_per_principal: int | None = Field(
+        None, ge=1, description="unfinished (queued or running) jobs a principal may have at once; more are "
+                                "refused with 429 TOO_MANY_ACTIVE_JOBS; off when unset")
 
     # ComfyUI
     comfyui_url: str = Field("http://127.0.0.1:8188", description="the ComfyUI server")
@@ -165,14 +182,9 @@ class Settings(BaseSettings):
     cache_ttl_seconds: int = Field(
         86_400, ge=1, description="how long a succeeded job's outputs answer identical jobs (with CACHE_ENABLED)")
 
-    # Features that later releases fill in. They are declared so that setting one is a clear
-    # start-up error rather than a silently ignored option.
-    rate_limit_max: int | None = Field(None, description="requests per window (soon)")
-    rate_limit_window_ms: int | None = Field(None, description="rate limit window (soon)")
-
     _split_lists = field_validator(
         "cors_origins", "codec_cors_origins", "api_keys", "webhook_allowed_domains", "raw_workflow_roles",
-        mode="before")(_split_csv)
+        "trusted_proxies", mode="before")(_split_csv)
 
     @field_validator("api_keys")
     @classmethod
@@ -186,6 +198,26 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_env(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            ipaddress.ip_network(entry, strict=False)  # a ValueError names the entry
+        return entries
+
+    @field_validator("rate_limit_storage_uri")
+    @classmethod
+    def _rate_limit_storage(cls, value: str) -> str:
+        if not value.startswith(("memory://", "redis://", "rediss://")):
+            raise ValueError("must be memory:// or a redis:// (rediss://) URI")
+        return value
+
+    @model_validator(mode="after")
+    def _rate_limit_both_or_neither(self) -> "Settings":
+        if (self.rate_limit_max is None) != (self.rate_limit_window_ms is None):
+            raise ValueError("RATE_LIMIT_MAX and RATE_LIMIT_WINDOW_MS go together: set both or neither")
+        return self
 
     @field_validator("webhook_allowed_domains")
     @classmethod
@@ -242,20 +274,6 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _refuse_unsupported_features(self) -> "Settings":
-        unsupported = {
-            "RATE_LIMIT_MAX": self.rate_limit_max is not None,
-            "RATE_LIMIT_WINDOW_MS": self.rate_limit_window_ms is not None,
-        }
-        named = [name for name, is_set in unsupported.items() if is_set]
-        if named:
-            raise ValueError(
-                "not supported by this version of the gateway (remove them from the environment): "
-                + ", ".join(named)
-            )
-        return self
-
-    @model_validator(mode="after")
     def _s3_needs_a_bucket(self) -> "Settings":
         if self.storage_provider is StorageProvider.s3 and not self.s3_bucket:
             raise ValueError("STORAGE_PROVIDER=s3 needs S3_BUCKET")
@@ -291,6 +309,15 @@ class Settings(BaseSettings):
     @property
     def resolved_public_base_url(self) -> str:
         return self.public_base_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def input_image_max_pixels(self) -> int:
+        """An input image may have twice the largest output's width and height: enough to downscale from."""
+        return 4 * self.max_image_size**2
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.rate_limit_max is not None
 
     @property
     def encryption_key_ring(self) -> list[EncryptionKey]:

@@ -47,6 +47,7 @@ class ImageIntake:
     note_use: Callable[[list[str]], Awaitable[None]]
     http: httpx.AsyncClient
     max_bytes: int
+    max_pixels: int
     allow_private_urls: bool
 
 
@@ -142,7 +143,8 @@ async def _store_inline_images(sources: dict[_Place, str], intake: ImageIntake) 
                 issues.append(FieldIssue(place.field, _NOT_AN_IMAGE))
                 continue
             images[place] = await load_image_source(
-                source, http=intake.http, max_bytes=intake.max_bytes, allow_private_urls=False, field=place.field
+                source, http=intake.http, max_bytes=intake.max_bytes, max_pixels=intake.max_pixels,
+                allow_private_urls=False, field=place.field
             )
         except ImageInputError as error:
             issues.append(FieldIssue(error.field, error.message))

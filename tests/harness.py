@@ -223,15 +223,18 @@ def settings_environment(settings: Settings) -> dict[str, str]:
 
 
 class WorkerProcess:
-    def __init__(self, settings: Settings) -> None:
+    """`comfyui-gateway worker` in a child process; `variables` are settings on top of `settings`."""
+
+    def __init__(self, settings: Settings, **variables: str) -> None:
         self.settings = settings
+        self.variables = variables
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.settings.data_dir / "worker.log", "ab") as log:  # the child keeps its own handle
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "worker"], cwd=REPO_ROOT, env=settings_environment(self.settings),
-                stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "app.cli", "worker"], cwd=REPO_ROOT,
+                env={**settings_environment(self.settings), **self.variables}, stdout=log, stderr=subprocess.STDOUT,
             )
 
     def kill(self) -> None:

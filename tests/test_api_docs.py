@@ -81,12 +81,13 @@ async def test_the_docs_load_nothing_from_another_host(api: httpx.AsyncClient, p
 # --- the document --------------------------------------------------------------------------------------------
 
 # What each operation answers besides its success, by code; the statuses are the error table's.
-_AUTH = {"AUTH_FAILED"}  # every operation but /health and /ready needs a caller
-_ADMIN = {"AUTH_FAILED", "FORBIDDEN"}
+# Every operation but /health and /ready needs a caller, who is rate limited.
+_AUTH = {"AUTH_FAILED", "RATE_LIMITED"}
+_ADMIN = {"AUTH_FAILED", "FORBIDDEN", "RATE_LIMITED"}
 ERROR_CODES = {
     "POST /jobs": {"VALIDATION_ERROR", "WEBHOOK_NOT_CONFIGURED", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND",
-                   "IDEMPOTENCY_CONFLICT", "WORKFLOW_JSON_NOT_ALLOWED", "STORAGE_ERROR", "TEMPORAL_UNAVAILABLE",
-                   "INTERNAL_ERROR"} | _AUTH,
+                   "IDEMPOTENCY_CONFLICT", "WORKFLOW_JSON_NOT_ALLOWED", "STORAGE_ERROR", "TOO_MANY_ACTIVE_JOBS",
+                   "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /jobs": {"VALIDATION_ERROR", "INTERNAL_ERROR"} | _AUTH,
     "GET /jobs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "POST /jobs/{job_id}/cancel": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "JOB_NOT_FOUND", "JOB_ALREADY_FINISHED",

@@ -9,6 +9,8 @@ import gzip
 import io
 import socket
 import ssl
+import struct
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -31,13 +33,14 @@ from tests.harness import free_port
 VALIDATION_ERROR, IMAGE_FETCH_FAILED = ErrorCode.VALIDATION_ERROR, ErrorCode.IMAGE_FETCH_FAILED
 
 LIMIT = 4096
+PIXELS = 64 * 64
 SLOW_SECONDS = 0.5
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def encode(color: tuple[int, int, int], image_format: str = "PNG") -> bytes:
+def encode(color: tuple[int, int, int], image_format: str = "PNG", size: tuple[int, int] = (4, 4)) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (4, 4), color).save(buffer, format=image_format)
+    Image.new("RGB", size, color).save(buffer, format=image_format)
     return buffer.getvalue()
 
 
@@ -138,7 +141,8 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def load(value: str, http: httpx.AsyncClient, *, allow_private: bool = True) -> LoadedImage:
-    return await load_image_source(value, http=http, max_bytes=LIMIT, allow_private_urls=allow_private)
+    return await load_image_source(
+        value, http=http, max_bytes=LIMIT, max_pixels=PIXELS, allow_private_urls=allow_private)
 
 
 async def load_error(value: str, http: httpx.AsyncClient, *, allow_private: bool = True) -> ImageInputError:
@@ -387,6 +391,31 @@ async def test_bad_inline_images_are_refused_without_echoing_them(
     assert error.code == VALIDATION_ERROR and says in error.message
     payload = value.partition(",")[2]
     assert not payload or payload[:32] not in str(error)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims `width`×`height` and holds no pixels: what a decompression bomb's header says."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("image", "says"),
+    [
+        (encode((0, 0, 0), size=(65, 64)), "is 65×64 pixels, over the limit of 4096 pixels"),
+        (png_header_only(60_000, 60_000), "has too many pixels to be an input image (at most 4096)"),
+        (png_header_only(5000, 5000), "is 5000×5000 pixels, over the limit"),
+    ],
+)
+async def test_images_with_too_many_pixels_are_refused_from_their_header(
+    image: bytes, says: str, http: httpx.AsyncClient
+) -> None:
+    error = await load_error(base64.b64encode(image).decode(), http)
+    assert error.code == VALIDATION_ERROR and says in error.message
+    assert (await load(base64.b64encode(encode((0, 0, 0), size=(64, 64))).decode(), http)).content_type == "image/png"
 
 
 # --- names and graphs ------------------------------------------------------------------------------

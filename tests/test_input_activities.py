@@ -69,7 +69,7 @@ async def image_host() -> AsyncIterator[tuple[str, dict[str, bytes]]]:
 
 def input_activities(comfy_url: str, http: httpx.AsyncClient, storage: LocalStorage | None = None) -> InputActivities:
     return InputActivities({BACKEND: ComfyClient(comfy_url, http)}, http, storage or LocalStorage(Path(tempfile.mkdtemp())),
-                           max_bytes=1 << 20, allow_private_urls=True)
+                           max_bytes=1 << 20, max_pixels=1 << 24, allow_private_urls=True)
 
 
 async def stage(
@@ -129,7 +129,8 @@ async def test_the_name_comfyui_returns_wins_over_the_one_asked_for(
     comfyui: ComfyUITarget, http: httpx.AsyncClient
 ) -> None:
     png = unique_png()
-    loaded = await load_image_source(data_uri(png), http=http, max_bytes=1 << 20, allow_private_urls=False)
+    loaded = await load_image_source(
+        data_uri(png), http=http, max_bytes=1 << 20, max_pixels=1 << 24, allow_private_urls=False)
     asked_for = comfy_upload_name(loaded)
     # Someone else's file already has that name: ComfyUI keeps it and renames our upload.
     await ComfyClient(comfyui.url, http).upload_image(

@@ -12,16 +12,6 @@ def test_defaults_match_what_users_know() -> None:
     assert settings.resolved_database_url.startswith("sqlite:///") and settings.temporal_address == "127.0.0.1:7233"
 
 
-@pytest.mark.parametrize(
-    ("variable", "value"),
-    [("RATE_LIMIT_MAX", "10")],
-)
-def test_features_not_built_yet_are_a_startup_error(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
-    monkeypatch.setenv(variable, value)
-    with pytest.raises(ValidationError, match=variable.split("_")[0]):
-        Settings(_env_file=None)
-
-
 @pytest.mark.parametrize(("variable", "value"), [("STORAGE_PROVIDER", "ftp"), ("COMFYUI_URL", "localhost:8188"),
                                                  ("DATABASE_URL", "mysql://x"), ("LOG_LEVEL", "loud")])
 def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
@@ -60,3 +50,19 @@ def test_webhook_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_result_cache_is_off_by_default_and_keeps_results_a_day() -> None:
     settings = Settings(_env_file=None)
     assert settings.cache_enabled is False and settings.cache_ttl_seconds == 86_400
+
+
+def test_rate_limit_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for one_of_them in ({"rate_limit_max": 10}, {"rate_limit_window_ms": 60_000}):
+        with pytest.raises(ValidationError, match="set both or neither"):
+            Settings(_env_file=None, **one_of_them)
+    monkeypatch.setenv("RATE_LIMIT_MAX", "10")
+    monkeypatch.setenv("RATE_LIMIT_WINDOW_MS", "60000")
+    monkeypatch.setenv("TRUSTED_PROXIES", "10.0.0.1, 192.168.0.0/16")
+    settings = Settings(_env_file=None)
+    assert settings.rate_limited and settings.rate_limit_storage_uri == "memory://"
+    assert settings.trusted_proxies == ["10.0.0.1", "192.168.0.0/16"]
+    assert not Settings(_env_file=None, rate_limit_max=None, rate_limit_window_ms=None).rate_limited
+    for refused in ({"trusted_proxies": "proxy.example"}, {"rate_limit_storage_uri": "memcached://x"}):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, **refused)

@@ -71,7 +71,8 @@ def build_workers(
     delivery = WebhookDelivery(poster, engine, storage, settings)
     inputs = InputActivities(
         clients, image_http, storage,
-        max_bytes=settings.input_image_max_bytes, allow_private_urls=settings.input_image_allow_private_urls,
+        max_bytes=settings.input_image_max_bytes, max_pixels=settings.input_image_max_pixels,
+        allow_private_urls=settings.input_image_allow_private_urls,
     )
     render = RenderActivities(engine)
     records = RecordActivities(engine)

@@ -9,12 +9,13 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import Field
 
 from api.deps import SessionDep, require_admin
+from api.rate_limits import limit_principal
 from api.routes.jobs import Instant
 from app.audit import AuditFilter, list_audit
 from app.db import as_utc
 from app.models import CamelModel
 
-router = APIRouter(prefix="/audit", tags=["audit"], dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/audit", tags=["audit"], dependencies=[Depends(require_admin), Depends(limit_principal)])
 
 
 class AuditEntry(CamelModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from temporalio.api.common.v1 import Payload
 
@@ -16,11 +16,13 @@ from api.deps import AdminDep, DatabaseDep, SettingsDep
 from api.errors import validation_error
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
+from api.rate_limits import limit_principal
 from app.audit import CODEC_DECODE, record_audit
 from app.codec import EncryptionCodec, PayloadDecryptionError
 from app.errors import ErrorCode
 
-router = APIRouter(prefix="/codec", tags=["codec"], route_class=JsonBodyRoute)
+router = APIRouter(
+    prefix="/codec", tags=["codec"], route_class=JsonBodyRoute, dependencies=[Depends(limit_principal)])
 
 class CodecPayload(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict, description="metadata values, base64")

@@ -10,9 +10,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from api.deps import SessionDep, SettingsDep, get_principal
+from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
 from api.openapi import answers_with
+from api.rate_limits import limit_principal
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
@@ -99,7 +100,7 @@ async def ready(request: Request) -> JSONResponse:
 
 
 # /health and /ready are public (load balancers, orchestrators); what follows needs a caller.
-@router.get("/capabilities", response_model=Capabilities, dependencies=[Depends(get_principal)])
+@router.get("/capabilities", response_model=Capabilities, dependencies=[Depends(limit_principal)])
 def capabilities(session: SessionDep, settings: SettingsDep) -> Capabilities:
     return Capabilities(
         workflows=[template.template_id for template in list_latest_templates(session)],
@@ -119,7 +120,7 @@ class Models(CamelModel):
     upscale_models: list[str]
 
 
-@router.get("/models", response_model=Models, dependencies=[Depends(get_principal)])
+@router.get("/models", response_model=Models, dependencies=[Depends(limit_principal)])
 @answers_with(ErrorCode.COMFYUI_UNREACHABLE, ErrorCode.COMFYUI_PROTOCOL_ERROR)
 async def models(request: Request, settings: SettingsDep) -> Models:
     """The models ComfyUI can load, so clients can pick valid values for a template's fields."""

@@ -26,7 +26,6 @@ from api.deps import (
     SettingsDep,
     StorageDep,
     TemporalDep,
-    get_principal,
 )
 from api.errors import ApiError, invalid_input, validation_error
 from api.database import Database
@@ -34,6 +33,7 @@ from api.job_reader import JobReader, started_input
 from api.job_views import Job, public_job, public_job_off_loop
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
+from api.rate_limits import limit_principal
 from app.audit import JOB_CANCEL, record_audit
 from app.auth import Principal
 from app.comfy.backends import backend_task_queue, configured_backends
@@ -43,6 +43,7 @@ from app.idempotency import MAX_KEY_LENGTH, idempotent_job_id, request_fingerpri
 from app.jobstore import (
     JobFilter,
     JobSnapshot,
+    count_unfinished_jobs,
     estimate_wait_seconds,
     get_job_snapshot,
     list_events,
@@ -77,7 +78,8 @@ from app.webhooks.events import TERMINAL_EVENTS
 from app.webhooks.targets import check_callback_url
 from workflows_temporal.generation import GenerationWorkflow
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute, dependencies=[Depends(get_principal)])
+router = APIRouter(
+    prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute, dependencies=[Depends(limit_principal)])
 
 # Temporal refuses payloads over 2 MB; a job near that belongs in a template, its images in URLs or storage.
 _MAX_JOB_BYTES = 1_000_000
@@ -220,7 +222,7 @@ def _json_size(value: Any) -> int:
 @router.post("", status_code=202, response_model=CreateJobResponse)
 @answers_with(
     ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.IDEMPOTENCY_CONFLICT, ErrorCode.STORAGE_ERROR,
-    ErrorCode.WORKFLOW_JSON_NOT_ALLOWED,
+    ErrorCode.WORKFLOW_JSON_NOT_ALLOWED, ErrorCode.TOO_MANY_ACTIVE_JOBS,
 )
 async def create_job(
     body: CreateJobRequest,
@@ -254,6 +256,7 @@ async def create_job(
             return await _accepted(db, settings, snapshot.state, body.workflow_id)
     else:
         job_id = str(uuid.uuid4())
+    await _check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
 
     template = None
     if body.workflow_id is not None:
@@ -264,6 +267,7 @@ async def create_job(
     images = ImageIntake(
         storage=storage, note_use=lambda keys: db.run(link_job_inputs, job_id, keys, datetime.now(timezone.utc)),
         http=request.app.state.http, max_bytes=settings.input_image_max_bytes,
+        max_pixels=settings.input_image_max_pixels,
         allow_private_urls=settings.input_image_allow_private_urls,
     )
     try:
@@ -413,6 +417,19 @@ def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Prin
             f"workflowJson: the role {principal.role.value} may not submit a raw graph here; run a template by "
             "workflowId", {"field": "workflowJson", "role": principal.role.value},
         )
+
+
+async def _check_active_jobs(principal: Principal, db: Database, settings: Settings) -> None:
+    """MAX_ACTIVE_JOBS_PER_PRINCIPAL. A job's row is written by its workflow a moment after it starts, so
+    submissions that come together may pass this check before any of their rows exists: a burst can
+    overshoot the cap by about as many requests as arrive in that moment."""
+    cap = settings.max_active_jobs_per_principal
+    if cap is None:
+        return
+    if (active := await db.run(count_unfinished_jobs, principal.id)) >= cap:
+        raise ApiError(ErrorCode.TOO_MANY_ACTIVE_JOBS,
+                       f"{active} of your jobs are queued or running, the most allowed at once ({cap}); "
+                       "submit again when one has finished", {"active": active, "limit": cap})
 
 
 def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:

@@ -13,16 +13,17 @@ from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import JobDep, StorageDep, get_principal
+from api.deps import JobDep, StorageDep
 from api.errors import ApiError
 from api.job_views import OutputFile, output_file
 from api.openapi import answers_with
+from api.rate_limits import limit_principal
 from app.errors import ErrorCode
 from app.models import CamelModel, OutputRef
 from app.output_routes import output_route
 from app.storage import OutputStorage, StorageError
 
-router = APIRouter(prefix="/outputs", tags=["outputs"], dependencies=[Depends(get_principal)])
+router = APIRouter(prefix="/outputs", tags=["outputs"], dependencies=[Depends(limit_principal)])
 
 # A multiple of 3 so that each chunk encodes to base64 without padding in the middle of the stream.
 _BASE64_CHUNK = 3 * 64 * 1024

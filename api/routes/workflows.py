@@ -12,10 +12,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from api.deps import AdminDep, DatabaseDep, SessionDep, SettingsDep, get_principal
+from api.deps import AdminDep, DatabaseDep, SessionDep, SettingsDep
 from api.errors import ApiError, invalid_input
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
+from api.rate_limits import limit_principal
 from app.audit import TEMPLATE_CREATE, TEMPLATE_DELETE, TEMPLATE_UPDATE, record_audit
 from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
@@ -31,7 +32,7 @@ from app.templates.store import TemplateExists, create_template, delete_template
 from app.templates.store import TemplateVersionTaken, update_template, updated_spec
 
 router = APIRouter(
-    prefix="/workflows", tags=["workflows"], route_class=JsonBodyRoute, dependencies=[Depends(get_principal)])
+    prefix="/workflows", tags=["workflows"], route_class=JsonBodyRoute, dependencies=[Depends(limit_principal)])
 
 # A template's `limits`, documented as check_template reads them; the body keeps the raw object, which is stored.
 LimitsJson = Annotated[dict[str, Any], WithJsonSchema(TemplateLimits.model_json_schema(by_alias=True))]

@@ -51,21 +51,27 @@ class LoadedImage:
         return f"inputs/{self.sha256}.{self.extension}"
 
 
-def checked_image(data: bytes, *, field: str, declared_type: str | None = None) -> LoadedImage:
-    content_type, extension = _identify_image(data, field)
+def checked_image(data: bytes, *, field: str, max_pixels: int, declared_type: str | None = None) -> LoadedImage:
+    content_type, extension = _identify_image(data, field, max_pixels)
     if declared_type is not None and declared_type not in UNTYPED_CONTENT_TYPES and declared_type != content_type:
         raise ImageInputError(field, f"is declared as {declared_type} but the data is {content_type}")
     return LoadedImage(data=data, content_type=content_type, extension=extension, sha256=hashlib.sha256(data).hexdigest())
 
 
-def _identify_image(data: bytes, field: str) -> tuple[str, str]:
-    """verify() walks the file's structure, so a truncated or forged file is refused here, not in ComfyUI."""
+def _identify_image(data: bytes, field: str, max_pixels: int) -> tuple[str, str]:
+    """verify() walks the file's structure, so a truncated or forged file is refused here, not in ComfyUI.
+    The dimensions are read from the header, before any pixel is decoded: a small file that would decode to
+    gigabytes (a decompression bomb) is refused by them."""
     try:
         with Image.open(io.BytesIO(data), formats=list(_IMAGE_FORMATS)) as image:
             image_format = image.format
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageInputError(
+                    field, f"is {width}×{height} pixels, over the limit of {max_pixels} pixels (4 × MAX_IMAGE_SIZE²)")
             image.verify()
-    except Image.DecompressionBombError as error:
-        raise ImageInputError(field, f"has too many pixels to be an input image: {error}") from None
+    except Image.DecompressionBombError:
+        raise ImageInputError(field, f"has too many pixels to be an input image (at most {max_pixels})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise ImageInputError(field, f"is not a {', '.join(_IMAGE_FORMATS)} image ({len(data)} bytes)") from None
     return _IMAGE_FORMATS[image_format]

@@ -17,6 +17,7 @@ async def load_image_source(
     *,
     http: httpx.AsyncClient,
     max_bytes: int,
+    max_pixels: int,
     allow_private_urls: bool,
     field: str = "image",
     read_stored: Callable[[str], bytes] | None = None,
@@ -40,4 +41,4 @@ async def load_image_source(
         data = decode_base64(value, field=field, max_bytes=max_bytes)
     else:  # also a stored reference from outside the gateway
         raise ImageInputError(field, f"is not an http(s) URL, a data URI or base64 image data ({len(value)} characters)")
-    return await asyncio.to_thread(checked_image, data, field=field, declared_type=declared_type)
+    return await asyncio.to_thread(checked_image, data, field=field, max_pixels=max_pixels, declared_type=declared_type)

@@ -42,7 +42,9 @@ class OutputStorage(Protocol):
 
 def validate_key(key: str) -> str:
     parts = key.split("/")
-    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+    # Backslashes separate folders on Windows, and a NUL byte ends a path in C: neither belongs in a key.
+    unsafe = "\\" in key or "\x00" in key
+    if not key or key.startswith("/") or unsafe or any(part in ("", ".", "..") for part in parts):
         raise ValueError(f"invalid storage key {key!r}")
     return key
 
