@@ -56,7 +56,8 @@ async def test_only_a_job_its_request_determines_is_cacheable(tmp_path: Path) ->
         async def note_use(keys: list[str]) -> None:
             pass  # which job uses a stored image matters to retention, not to the cache
 
-        intake = ImageIntake(LocalStorage(tmp_path), note_use, http, max_bytes=10**6, allow_private_urls=False)
+        intake = ImageIntake(LocalStorage(tmp_path), note_use, http, max_bytes=10**6, max_pixels=2048 * 2048,
+                             allow_private_urls=False)
 
         async def prepared(row: TemplateRow, inputs: dict[str, Any]) -> bool:
             job = await prepare_job(template=row, workflow_json=None, given=inputs, limits=Limits.of_settings(2048, 4),
