@@ -54,6 +54,17 @@ def test_every_offending_field_is_reported_at_once() -> None:
     }
 
 
+def test_bounds_are_told_exactly_never_rounded() -> None:
+    schema = parse_schema({"fields": {"seed": {"type": "integer", "min": 0, "max": 16777215},
+                                      "cfg": {"type": "number", "min": 0.1, "max": 12.345678}}})
+    with pytest.raises(InvalidInput) as raised:
+        validate_inputs(schema, {}, {"seed": 16777216, "cfg": 0.05})
+    assert fields_of(raised.value) == {"inputs.seed": "must be at most 16777215", "inputs.cfg": "must be at least 0.1"}
+    with pytest.raises(InvalidInput) as raised:
+        validate_inputs(schema, {}, {"cfg": 12.3457})
+    assert fields_of(raised.value) == {"inputs.cfg": "must be at most 12.345678"}
+
+
 def test_required_and_whole_numbers() -> None:
     with pytest.raises(InvalidInput) as raised:
         check({"steps": 2.5})

@@ -140,9 +140,9 @@ def _problem(field: InputField, value: Any) -> str | None:
         if kind is FieldType.integer and not (isinstance(value, int) or float(value).is_integer()):
             return "must be a whole number"
         if field.min is not None and value < field.min:
-            return f"must be at least {field.min:g}"
+            return f"must be at least {_exactly(field.min)}"
         if field.max is not None and value > field.max:
-            return f"must be at most {field.max:g}"
+            return f"must be at most {_exactly(field.max)}"
         return None
     if kind is FieldType.enum:
         return None if _is_choice(value, field.enum or []) else f"must be one of {field.enum}"
@@ -155,6 +155,11 @@ def _problem(field: InputField, value: Any) -> str | None:
     if field.enum and not _is_choice(value, field.enum):
         return f"must be one of {field.enum}"
     return None
+
+
+def _exactly(bound: float) -> str:
+    """A bound as it is compared, never rounded: a whole one as an int (16777215, not 1.67772e+07), else its repr."""
+    return str(int(bound)) if bound.is_integer() and abs(bound) < 2**53 else repr(bound)
 
 
 def _is_choice(value: Any, choices: list[Any]) -> bool:
