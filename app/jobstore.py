@@ -183,13 +183,18 @@ def request_fingerprint_of(session: Session, job_id: str) -> tuple[JobSnapshot, 
     return (job_snapshot(row), row.request_fingerprint) if row is not None else None
 
 
-def cached_results(session: Session, cache_key: str, completed_after: datetime, limit: int = 3) -> list[JobSnapshot]:
-    """The latest succeeded jobs with this cache key that ran (not hits themselves) and completed after
-    `completed_after`, newest first: a hit reuses a result for the TTL after it was made, not after its last hit."""
+def cached_results(
+    session: Session, cache_key: str, owner: str, completed_after: datetime, limit: int = 3
+) -> list[JobSnapshot]:
+    """The latest succeeded jobs of `owner` with this cache key that ran (not hits themselves) and completed after
+    `completed_after`, newest first: a hit reuses a result for the TTL after it was made, not after its last hit.
+    Only the owner's own: a hit names its source (its log, its outputs' storage keys), and another's job must
+    stay unprobeable (jobs from before owners were recorded are no one's)."""
     rows = session.exec(
         select(JobRow)
         .where(
             col(JobRow.cache_key) == cache_key,
+            col(JobRow.owner) == owner,
             col(JobRow.status) == JobStatus.succeeded.value,
             col(JobRow.cached_from).is_(None),
             col(JobRow.completed_at) > completed_after,

@@ -3,8 +3,9 @@ matches an earlier succeeded job takes that job's stored outputs instead of runn
 
 The key is the SHA-256 of what decides the result: the template and its version (or the raw graph), the
 job's inputs as it runs with them (validated, defaults filled in, `params` merged in, inline images replaced
-by their content-addressed references), and the output format. A hit is the latest job with the key that ran
-and succeeded within the TTL, whose files are all still in storage.
+by their content-addressed references), and the output format. A hit is the latest job of the same owner with the
+key that ran and succeeded within the TTL, whose files are all still in storage. The owner scopes it because a hit
+shows its source (the job id in its log and in its outputs' storage keys), and another's job is never shown.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ def cache_key(
 
 
 def find_cached_result(
-    session: Session, storage: OutputStorage, key: str, completed_after: datetime
+    session: Session, storage: OutputStorage, key: str, owner: str, completed_after: datetime
 ) -> CachedResult | None:
-    """The result a new job with this key may take, or None. Blocking: storage is asked for each file."""
-    for source in cached_results(session, key, completed_after):
+    """The result a new job of `owner` with this key may take, or None. Blocking: storage is asked for each file."""
+    for source in cached_results(session, key, owner, completed_after):
         if all(_stored(storage, output) for output in source.state.outputs):
             return CachedResult(source_job_id=source.state.job_id, outputs=source.state.outputs)
     return None

@@ -70,9 +70,9 @@ async def test_only_a_job_its_request_determines_is_cacheable(tmp_path: Path) ->
         assert not await prepared(images, {"image": "https://example.com/a.png"})  # what a URL serves may change
 
 
-def source(job_id: str, completed: datetime, output: OutputRef, **changes: Any) -> RecordJobInput:
+def source(job_id: str, completed: datetime, output: OutputRef, owner: str = "alice", **changes: Any) -> RecordJobInput:
     state = JobState(job_id=job_id, status=JobStatus.succeeded, created_at=completed, completed_at=completed,
-                     outputs=[output], **changes)
+                     outputs=[output], owner=owner, **changes)
     return RecordJobInput(job=state, backend="comfyui-1", cache_key=KEY)
 
 
@@ -97,17 +97,30 @@ def test_a_hit_is_the_latest_job_that_ran_within_the_ttl_with_its_files_still_st
         failed.job.status = JobStatus.failed
         record_job(session, failed)
 
-        found = find_cached_result(session, storage, KEY, T0 - timedelta(seconds=1))
+        found = find_cached_result(session, storage, KEY, "alice", T0 - timedelta(seconds=1))
         assert found is not None and found.source_job_id == newer
         assert [output.storage_key for output in found.outputs] == [f"{newer}/0/a.png"]
         # Past the TTL of the newer one: nothing.
-        assert find_cached_result(session, storage, KEY, T0 + timedelta(minutes=1)) is None
-        assert find_cached_result(session, storage, "ef" * 32, T0 - timedelta(seconds=1)) is None
+        assert find_cached_result(session, storage, KEY, "alice", T0 + timedelta(minutes=1)) is None
+        assert find_cached_result(session, storage, "ef" * 32, "alice", T0 - timedelta(seconds=1)) is None
 
         # A source whose file is gone is no hit; an older one whose files are all there is.
         (tmp_path / newer / "0" / "a.png").unlink()
-        found = find_cached_result(session, storage, KEY, T0 - timedelta(seconds=1))
+        found = find_cached_result(session, storage, KEY, "alice", T0 - timedelta(seconds=1))
         assert found is not None and found.source_job_id == older
+
+
+def test_a_hit_is_only_ever_a_job_of_the_same_owner(engine: Engine, tmp_path: Path) -> None:
+    """A hit shows its source's id (its log, its outputs' storage keys): another's job must stay unprobeable."""
+    storage = LocalStorage(tmp_path)
+    alices, bobs = str(uuid.uuid4()), str(uuid.uuid4())
+    with Session(engine) as session:
+        record_job(session, source(alices, T0, stored_output(storage, alices), owner="alice"))
+        record_job(session, source(bobs, T0 - timedelta(minutes=1), stored_output(storage, bobs), owner="bob"))
+        since = T0 - timedelta(hours=1)
+        assert find_cached_result(session, storage, KEY, "alice", since).source_job_id == alices
+        assert find_cached_result(session, storage, KEY, "bob", since).source_job_id == bobs  # not alice's newer one
+        assert find_cached_result(session, storage, KEY, "carol", since) is None
 
 
 def seeded(seed: int | None = None) -> dict[str, Any]:

@@ -305,7 +305,7 @@ async def create_job(
         callback_url=body.callback_url,
         webhook_events=list(dict.fromkeys(body.webhook_events or TERMINAL_EVENTS)),
         cache_key=result_key,
-        cached_result=await _cached_result(db, storage, settings, result_key),
+        cached_result=await _cached_result(db, storage, settings, result_key, principal.id),
         request_fingerprint=fingerprint,
         output_format=body.output_format,
         output_quality=body.quality,
@@ -336,13 +336,13 @@ async def create_job(
 
 
 async def _cached_result(
-    db: Database, storage: OutputStorage, settings: Settings, key: str | None
+    db: Database, storage: OutputStorage, settings: Settings, key: str | None, owner: str
 ) -> CachedResult | None:
-    """The result cache's answer for a cacheable job (a key), counted as a hit or a miss."""
+    """The result cache's answer for a cacheable job (a key) of `owner`, counted as a hit or a miss."""
     if not settings.cache_enabled or key is None:
         return None
     since = datetime.now(timezone.utc) - timedelta(seconds=settings.cache_ttl_seconds)
-    cached = await db.run(find_cached_result, storage, key, since)
+    cached = await db.run(find_cached_result, storage, key, owner, since)
     (CACHE_HITS if cached is not None else CACHE_MISSES).inc()
     return cached
 
