@@ -2,9 +2,10 @@
 JWT_SECRET (HS256 only, with `sub`, `role` and `exp`). With neither configured the gateway is open and every
 caller is an admin.
 
-A refusal is the same 401 AUTH_FAILED whatever was wrong, so a caller learns nothing about which key or which
-part of a token failed; the reason is counted (app.metrics) for the operator. Keys are compared in constant time
-against every configured key, and never logged.
+Every credential a request carries must verify: a valid key beside an expired or forged token is refused, and
+so are a key and a token that name two different callers. A refusal is the same 401 AUTH_FAILED whatever was
+wrong, so a caller learns nothing about which key or which part of a token failed; the reason is counted
+(app.metrics) for the operator. Keys are compared in constant time against every configured key, and never logged.
 """
 
 from __future__ import annotations
@@ -50,11 +51,18 @@ def authenticate(settings: Settings, api_key: str | None, bearer_token: str | No
     """The principal the credentials name; ApiError AUTH_FAILED if there are none or they are not valid."""
     if settings.open_mode:
         return OPEN_MODE_PRINCIPAL
+    # Every credential sent must verify, not just one of them: a good key does not excuse a forged or expired
+    # token beside it.
+    principals: set[Principal] = set()
     if api_key is not None:
-        return _by_api_key(settings, api_key)
+        principals.add(_by_api_key(settings, api_key))
     if bearer_token is not None:
-        return _by_jwt(settings, bearer_token)
-    raise auth_failed(settings, "missing")
+        principals.add(_by_jwt(settings, bearer_token))
+    if not principals:
+        raise auth_failed(settings, "missing")
+    if len(principals) > 1:
+        raise auth_failed(settings, "conflicting_credentials")  # a key and a token naming two callers
+    return principals.pop()
 
 
 def _by_api_key(settings: Settings, given: str) -> Principal:

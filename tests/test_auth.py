@@ -140,11 +140,31 @@ async def test_a_valid_key_or_token_is_let_in(api: httpx.AsyncClient, headers: d
     assert (await api.get("/workflows", headers=headers)).status_code == 200  # templates are read by everyone
 
 
+BAD_TOKENS = {name: REFUSED_CREDENTIALS[name]
+              for name in ("expired token", "wrong signature", "alg none", "no role", "malformed token")}
+
+
+@pytest.mark.parametrize("bad_token", BAD_TOKENS.values(), ids=BAD_TOKENS.keys())
+async def test_a_bad_token_is_refused_even_beside_a_good_key(api: httpx.AsyncClient, bad_token: dict) -> None:
+    response = await api.get("/jobs", headers={**ALICE, **bad_token})
+    assert response.status_code == 401 and error_of(response)["code"] == "AUTH_FAILED", response.text
+    assert error_of(response) == error_of(await api.get("/jobs", headers=bad_token))  # the same identical 401
+
+
+async def test_a_key_and_a_token_must_both_verify_and_name_one_caller(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/jobs", headers={**ALICE, **token(claims(sub="alice"))})).status_code == 200
+    for headers in ({"X-API-Key": "not-a-key", **token(claims(sub="alice"))},  # a bad key beside a good token
+                    {**ALICE, **token(claims(sub="bob"))}, {**ALICE, **token(claims(sub="alice", role="admin"))}):
+        response = await api.get("/jobs", headers=headers)
+        assert response.status_code == 401 and error_of(response)["code"] == "AUTH_FAILED", (headers, response.text)
+
+
 async def test_a_jwt_is_refused_when_only_keys_are_configured(tmp_path: Path) -> None:
     async for client in _client(settings_for(tmp_path, api_keys=API_KEYS)):
         response = await client.get("/jobs", headers=token(claims(role="admin")))
         assert response.status_code == 401 and response.headers["WWW-Authenticate"] == 'ApiKey realm="comfyui-gateway"'
         assert (await client.get("/jobs", headers=ALICE)).status_code == 200
+        assert (await client.get("/jobs", headers={**ALICE, **token(claims(sub="alice"))})).status_code == 401
 
 
 async def test_every_configured_key_is_compared_in_constant_time(
