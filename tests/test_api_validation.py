@@ -141,6 +141,16 @@ async def test_list_filters_take_iso_8601_instants_not_unix_times(api: httpx.Asy
     assert (await api.get("/jobs", params=instants)).status_code == 200
 
 
+@pytest.mark.parametrize("value", ["2026-12-01T00:00:00", "2026-12-01T00:00", "2026-12-01"])
+async def test_list_filters_refuse_a_time_without_a_time_zone(api: httpx.AsyncClient, value: str) -> None:
+    for path in ("/jobs", "/audit"):
+        for name in ("after", "before"):
+            response = await api.get(path, params={name: value})
+            assert response.status_code == 400 and error_of(response)["code"] == "VALIDATION_ERROR", response.text
+            [issue] = error_of(response)["details"]["fields"]
+            assert issue["field"] == name and "time zone" in issue["message"], issue
+
+
 async def test_template_jobs_validate_inputs(api: httpx.AsyncClient) -> None:
     await register(api, registration("seeded"))
     bad = await api.post("/jobs", json={"workflowId": "seeded", "inputs": {"width": 2, "nope": 1}})

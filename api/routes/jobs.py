@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
-from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -113,7 +113,16 @@ def _iso_8601(value: Any) -> Any:
     raise ValueError("must be an ISO 8601 instant such as 2024-05-01T12:00:00Z, not a Unix time")
 
 
-Instant = Annotated[datetime, BeforeValidator(_iso_8601)]
+def _with_time_zone(value: datetime) -> datetime:
+    # A time without an offset names no instant (the client's local time? the server's?): guessing UTC would
+    # shift a filter by the client's offset without a word.
+    if value.utcoffset() is None:
+        raise ValueError("must be an ISO 8601 instant with a time zone, such as 2024-05-01T12:00:00Z or "
+                         "2024-05-01T14:00:00+02:00")
+    return value
+
+
+Instant = Annotated[datetime, BeforeValidator(_iso_8601), AfterValidator(_with_time_zone)]
 
 
 class RetryRequest(RetrySpec):
