@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from activities.job_log import JobLog
 from app.comfy.client import ComfyClient, WsEvent, parse_ws_message
-from app.comfy.errors import ComfyError, classify_execution_error, classify_interrupted
+from app.comfy.errors import STARTED_AT_MS_DETAIL, ComfyError, classify_execution_error, classify_interrupted
 from app.comfy.tracker import PromptTracker
 from app.errors import ErrorCode
 from app.models import PROMPT_STARTED_SIGNAL, JobWarning, PromptProgress, PromptStarted, RunPromptInput, RunPromptResult
@@ -204,10 +204,12 @@ class PromptRun:
                 execution_time_ms=int(end - start) if start is not None and end is not None else None,
             )
         for name, data in reversed(messages):
-            if name == "execution_error":
-                raise classify_execution_error(data)
-            if name == "execution_interrupted":
-                raise classify_interrupted(data)
+            if name in ("execution_error", "execution_interrupted"):
+                error = classify_execution_error(data) if name == "execution_error" else classify_interrupted(data)
+                if stamps.get("execution_start") is not None:
+                    # It ran, maybe for less time than it takes to signal `running`: the job says when it started.
+                    error.details[STARTED_AT_MS_DETAIL] = stamps["execution_start"]
+                raise error
         raise ComfyError(
             ErrorCode.COMFYUI_PROTOCOL_ERROR, "ComfyUI finished the prompt without a result or an error", {"status": status}
         )

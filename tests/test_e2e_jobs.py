@@ -101,6 +101,8 @@ async def test_execution_errors_are_classified(
     job = await gateway.run({"workflowJson": recorded_workflow(workflow)})
     assert job["status"] == "failed"
     assert job["error"]["code"] == code and job["error"]["details"]["nodeType"] == node_type
+    assert "startedAtMs" not in job["error"]["details"]
+    assert job["timing"]["startedAt"] is not None  # ComfyUI ran node 1 first, however soon it failed
     assert job["outputs"] == []
     # The job's failure is its outcome, reported in its log; the worker's log stays free of tracebacks.
     assert not activity_failure_warnings(caplog)

@@ -17,6 +17,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from app.comfy.errors import STARTED_AT_MS_DETAIL
 from app.errors import ErrorCode
 from app.models import (
     CancelPromptInput,
@@ -155,6 +156,23 @@ async def test_node_error_fails_the_job_unless_the_client_opted_in(temporal_clie
     final = fake.records[-1].job
     assert final.status is JobStatus.failed and final.error is not None
     assert final.error.code is ErrorCode.COMFYUI_NODE_ERROR and final.error.details == {"nodeId": "2"}
+
+
+async def test_a_failed_prompt_comfyui_had_started_gives_the_job_its_start(
+    temporal_client: Client, task_queue: str
+) -> None:
+    """It failed before `running` was signalled; its history's execution_start says when it started."""
+    started = datetime(2026, 5, 1, 12, 0, 0, 250000, tzinfo=timezone.utc)
+    oom = ApplicationError("out of memory", {"nodeId": "2", STARTED_AT_MS_DETAIL: int(started.timestamp() * 1000)},
+                           type=ErrorCode.COMFYUI_OOM.value, non_retryable=True)
+    fake = FakeGateway(run_outcomes=[oom])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        with pytest.raises(WorkflowFailureError):
+            await temporal_client.execute_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+    final = fake.records[-1].job
+    assert final.started_at == started
+    assert final.error is not None and final.error.details == {"nodeId": "2"}  # the stamp is no public detail
 
 
 async def test_retry_on_reruns_node_errors_up_to_max_attempts(temporal_client: Client, task_queue: str) -> None:

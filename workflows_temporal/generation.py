@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.inputs import InputActivities
     from activities.records import RecordActivities
     from activities.render import RenderActivities
+    from app.comfy.errors import STARTED_AT_MS_DETAIL
     from app.errors import NON_RETRYABLE_TYPES, ErrorCode
     from app.models import (
         CachedResult,
@@ -94,11 +95,24 @@ _TIMED_OUT = {
 }
 
 
+def _failure_details(cause: ApplicationError) -> dict[str, Any]:
+    return cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
+
+
+def attempt_started_at(failure: ActivityError) -> datetime | None:
+    """When ComfyUI started the prompt of an attempt that failed, if it got that far and said so."""
+    cause = failure.cause
+    started_ms = _failure_details(cause).get(STARTED_AT_MS_DETAIL) if isinstance(cause, ApplicationError) else None
+    if isinstance(started_ms, bool) or not isinstance(started_ms, int | float):
+        return None
+    return datetime.fromtimestamp(started_ms / 1000, tz=timezone.utc)
+
+
 def job_error_from(failure: BaseException) -> JobError:
     """An activity failure → the job's public error, keeping the activity's classification."""
     cause = failure.cause if isinstance(failure, ActivityError) else failure
     if isinstance(cause, ApplicationError) and cause.type in ErrorCode.__members__:
-        details = cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
+        details = {key: value for key, value in _failure_details(cause).items() if key != STARTED_AT_MS_DETAIL}
         return JobError(code=ErrorCode(cause.type), message=cause.message, details=details)
     if isinstance(cause, TemporalTimeoutError):
         step = failure.activity_type if isinstance(failure, ActivityError) else ""
@@ -275,6 +289,8 @@ class GenerationWorkflow:
             except ActivityError as failure:
                 if is_cancelled_exception(failure):
                     raise
+                # A prompt that failed within moments never signalled `running`; ComfyUI says when it started.
+                self._state.started_at = self._state.started_at or attempt_started_at(failure)
                 error = job_error_from(failure)
                 if error.code is ErrorCode.PROMPT_LOST and lost < MAX_LOST_PROMPT_RESUBMITS:
                     lost += 1

@@ -13,6 +13,11 @@ MAX_MESSAGE_CHARS = 2000
 MAX_DETAIL_STRING_CHARS = 1000
 
 
+# The failure detail that carries when ComfyUI started the failed prompt (ms since the epoch, from its history):
+# the workflow takes it for the job's startedAt and keeps it out of the job's public error.
+STARTED_AT_MS_DETAIL = "startedAtMs"
+
+
 class ComfyError(Exception):
     def __init__(self, code: ErrorCode, message: str, details: dict[str, Any] | None = None) -> None:
         message = _shortened(message, MAX_MESSAGE_CHARS)
