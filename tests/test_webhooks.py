@@ -40,6 +40,9 @@ BODY_VALUES = {
     "event": "job.succeeded", "jobId": "j", "metadata": {"name": "Zoë ✓ 画像", "ratio": 1.0, "half": 0.5, "n": 3,
                                                           "big": 1e16, "nested": [2.0, {"x": -0.0}]},
 }
+# Numbers Python's json writes otherwise than JavaScript does: exponents, large and small.
+JAVASCRIPT_NUMBERS = {"a": 1e-7, "b": 1e21, "h": 1.5e300, "i": 2.5e-5, "j": 1e-5, "k": 123456789012345680000.0,
+                      "m": -1.5e-300, "p": 0.1, "q": 5e-324}
 
 
 def receivers_reserialise(body: str) -> dict[str, str]:
@@ -59,6 +62,18 @@ def test_the_body_is_compact_and_reserialises_to_the_same_bytes() -> None:
     assert '"ratio":1,' in body and '"half":0.5' in body and '"big":10000000000000000' in body
     for receiver, again in receivers_reserialise(body).items():
         assert again == body, receiver
+
+
+def test_numbers_are_written_as_javascript_writes_them() -> None:
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")  # the check is JavaScript's own serialiser
+    body = compact_json({"metadata": JAVASCRIPT_NUMBERS})
+    assert body == ('{"metadata":{"a":1e-7,"b":1e+21,"h":1.5e+300,"i":0.000025,"j":0.00001,'
+                    '"k":123456789012345680000,"m":-1.5e-300,"p":0.1,"q":5e-324}}')
+    again = receivers_reserialise(body)
+    assert again["javascript"] == body
+    # What the README says of Python: the same bytes but for numbers below 1e-4 in size.
+    assert again["python"] == body.replace("1e-7", "1e-07").replace("0.000025", "2.5e-05").replace("0.00001", "1e-05")
 
 
 def test_the_api_takes_every_event_there_is() -> None:
@@ -110,6 +125,9 @@ def test_a_whsec_secret_that_is_not_base64_is_refused() -> None:
     ("100.64.0.1", "carrier-grade NAT"), ("64:ff9b::a00:1", "NAT64"), ("169.254.169.254", "cloud metadata"),
     ("fd00:ec2::254", "cloud metadata"), ("10.0.0.1", "private"), ("::ffff:127.0.0.1", "loopback"),
     ("fe80::1", "link-local"), ("8.8.8.8", None),
+    # Counted global by Python's ipaddress, yet not public.
+    ("2002:7f00:1::", "6to4 of a non-public"), ("2002:a00:1::1", "6to4 of a non-public"), ("2002:808:808::", None),
+    ("192.0.0.8", "IETF protocol assignment"), ("192.0.0.9", "IETF protocol assignment"),
 ])
 def test_address_ranges_the_gateway_refuses(address: str, reason: str | None) -> None:
     assert refusal_reason(ipaddress.ip_address(address)) == reason
@@ -129,6 +147,15 @@ def test_address_ranges_the_gateway_refuses(address: str, reason: str | None) ->
     ("http://127.0.0.1:9/x", ["127.0.0.1"], None),  # listed exactly: the operator means it
     ("https://user:pw@example.com/x", ["*"], "credentials"),
     ("https://example.com/x", [], "switched off"),
+    ("http://127.0.0.1:99999/x", ["127.0.0.1"], "port"),
+    ("http://127.0.0.1:65536/x", ["127.0.0.1"], "port"),
+    ("http://127.0.0.1:0/x", ["127.0.0.1"], "port"),
+    ("http://127.0.0.1:-1/x", ["127.0.0.1"], "port"),
+    ("http://example.com:/x", ["*"], "port"),
+    ("http://127.0.0.1.:9/x", ["*"], "loopback address"),  # the DNS root's dot: still 127.0.0.1
+    ("http://127.0.0.1.:9/x", ["127.0.0.1"], None),
+    ("http://[2002:7f00:1::]/x", ["*"], "6to4"),
+    ("http://192.0.0.8/x", ["*"], "IETF protocol assignment"),
 ])
 def test_where_a_callback_url_may_go(url: str, allowed: list[str], refused: str | None) -> None:
     if refused is None:
@@ -136,6 +163,11 @@ def test_where_a_callback_url_may_go(url: str, allowed: list[str], refused: str 
     else:
         with pytest.raises(RefusedTarget, match=refused):
             check_callback_url(url, allowed)
+
+
+def test_a_trailing_dot_is_dropped_from_the_host_checked_and_reached() -> None:
+    url = check_callback_url("https://Hooks.Example.com.:8443/h?x=1", ["example.com"])
+    assert url.host == "hooks.example.com" and url.port == 8443 and str(url) == "https://hooks.example.com:8443/h?x=1"
 
 
 async def test_a_host_that_resolves_to_loopback_is_reached_only_when_listed_exactly() -> None:
@@ -171,6 +203,12 @@ async def webhook_api(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     ({"callbackUrl": "javascript:alert(1)"}, "only http and https"),
     ({"callbackUrl": "https://example.com/h", "webhookEvents": ["job.started"]}, "job.succeeded"),
     ({"webhookEvents": ["job.progress"]}, "needs a callbackUrl"),
+    ({"callbackUrl": "http://127.0.0.1:99999/x"}, "port"),
+    ({"callbackUrl": "http://127.0.0.1:0/x"}, "port"),
+    ({"callbackUrl": "http://example.com:/x"}, "port"),
+    # JavaScript parses 2^53 as 2^53 but 2^53 + 1 as 2^53 too: the signature check of the re-serialised body fails.
+    ({"callbackUrl": "https://example.com/h", "metadata": {"ok": 2**53 - 1, "big": 2**53 + 1}}, "JavaScript"),
+    ({"callbackUrl": "https://example.com/h", "metadata": {"list": [1, {"n": -(2**63)}]}}, "JavaScript"),
 ])
 async def test_a_refused_callback_is_a_400_naming_it(webhook_api: httpx.AsyncClient, fields: dict, message: str) -> None:
     response = await webhook_api.post("/jobs", json={"workflowId": "solid_color", **fields})
@@ -178,5 +216,14 @@ async def test_a_refused_callback_is_a_400_naming_it(webhook_api: httpx.AsyncCli
     error = error_of(response)
     assert error["code"] == "VALIDATION_ERROR"
     [issue] = error["details"]["fields"]
-    assert issue["field"].startswith(("callbackUrl", "webhookEvents")) and message in issue["message"], issue
+    assert issue["field"].startswith(("callbackUrl", "webhookEvents", "metadata")) and message in issue["message"], issue
+    if "metadata" in fields:
+        assert issue["field"] in ("metadata.big", "metadata.list[1].n")
     assert (await webhook_api.get("/jobs")).json()["count"] == 0
+
+
+async def test_big_integers_are_taken_in_the_metadata_of_a_job_without_webhooks(
+    webhook_api: httpx.AsyncClient,
+) -> None:
+    response = await webhook_api.post("/jobs", json={"workflowId": "nope", "metadata": {"big": 2**60}})
+    assert error_of(response)["code"] == "WORKFLOW_NOT_FOUND"  # past the metadata checks
