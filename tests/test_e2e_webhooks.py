@@ -78,6 +78,8 @@ async def test_a_flaky_receiver_is_retried_until_it_takes_the_signed_webhook(gat
     # Progress came while the prompt ran: best effort, throttled, each with its own id, never the final one.
     assert receiver.progress, "no job.progress webhook arrived"
     assert all(p["status"] in ("queued", "running") and "percent" in p["progress"] for p in receiver.progress)
+    executing = [p for p in receiver.progress if p["progress"]["percent"] > 0 or p["progress"]["node"]]
+    assert all(p["status"] == "running" for p in executing) and all(p["progress"]["at"].endswith("Z") for p in receiver.progress)
 
     logs = (await gateway.api.get(f"/jobs/{job_id}/logs")).json()["events"]
     attempts = [event["data"] for event in logs if event["kind"] == "webhook"]

@@ -3,6 +3,7 @@ The submit-time refusals run on the API alone (no worker; any use of Temporal fa
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -11,6 +12,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import get_args
@@ -19,12 +21,15 @@ import httpx
 import pytest
 from httpx import ASGITransport
 from standardwebhooks import Webhook
+from temporalio.testing import ActivityEnvironment
 
+from activities.delivery import Attempt
+from activities.progress_webhooks import ProgressWebhooks
 from api.deps import get_temporal
 from api.job_views import Job, JobTiming, OutputFile
 from api.main import create_app
 from api.routes.jobs import WebhookEvent
-from app.models import JobError, JobState, JobStatus, OutputRef
+from app.models import JobError, JobState, JobStatus, OutputRef, ProgressWebhook, PromptProgress
 from app.safe_http import RefusedTarget, refusal_reason
 from app.settings import Settings
 from app.storage import LocalStorage
@@ -227,3 +232,45 @@ async def test_big_integers_are_taken_in_the_metadata_of_a_job_without_webhooks(
 ) -> None:
     response = await webhook_api.post("/jobs", json={"workflowId": "nope", "metadata": {"big": 2**60}})
     assert error_of(response)["code"] == "WORKFLOW_NOT_FOUND"  # past the metadata checks
+
+
+# --- progress webhooks ---------------------------------------------------------------------------------------
+
+class RecordingPoster:
+    """Takes every post at once, keeping its body."""
+
+    def __init__(self) -> None:
+        self.bodies: asyncio.Queue[dict] = asyncio.Queue()
+
+    async def post(self, callback_url: str, webhook_id: str, body: str, *, timeout: float) -> Attempt:
+        self.bodies.put_nowait(json.loads(body))
+        return Attempt(status_code=200, latency_ms=1)
+
+
+async def test_progress_says_running_once_comfyui_executes_and_stops_at_a_cancel(tmp_path: Path) -> None:
+    poster = RecordingPoster()
+    environment = ActivityEnvironment()
+    webhook = ProgressWebhook(callback_url="https://example.com/h", created_at=datetime.now(timezone.utc))
+
+    async def follow_prompt() -> list[dict]:
+        hooks = ProgressWebhooks(poster, LocalStorage(tmp_path), "https://gw.example", 0.0, "j", webhook)  # type: ignore[arg-type]
+        sent = []
+        for progress in (PromptProgress(prompt_id="p", submitted=True, queue_position=2),
+                         PromptProgress(prompt_id="p", submitted=True, queue_position=0, percent=33, node="5")):
+            hooks.offer(progress)
+            sent.append(await asyncio.wait_for(poster.bodies.get(), 5))
+        environment.cancel()  # what the heartbeat brings back when the job's cancel was asked for
+        with suppress(asyncio.CancelledError):
+            await asyncio.sleep(5)
+        hooks.offer(PromptProgress(prompt_id="p", submitted=True, percent=66, node="6"))
+        await asyncio.sleep(0)
+        await hooks.close()
+        return sent
+
+    queued, running = await environment.run(follow_prompt)
+    assert poster.bodies.empty(), "a progress webhook went out after the cancel"
+    assert (queued["status"], queued["progress"]["queuePosition"]) == ("queued", 2)
+    assert (running["status"], running["progress"]["percent"], running["progress"]["node"]) == ("running", 33, "5")
+    at = running["progress"]["at"]
+    assert at.endswith("Z") and datetime.fromisoformat(at.replace("Z", "+00:00")).tzinfo is not None
+    assert running["timing"]["createdAt"].endswith("Z")
