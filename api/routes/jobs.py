@@ -31,7 +31,7 @@ from api.deps import (
 )
 from api.errors import ApiError, invalid_input, validation_error
 from api.database import Database
-from api.job_reader import JobReader, started_input
+from api.job_reader import JobReader
 from api.job_views import Job, public_job, public_job_off_loop
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
@@ -72,6 +72,7 @@ from app.safe_http import RefusedTarget
 from app.settings import Settings
 from app.storage import OutputStorage, StorageError
 from app.submission import ImageIntake, prepare_job
+from app.temporal_endings import started_input
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
 from app.templates.rendering import ApiFormatGraph
