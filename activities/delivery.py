@@ -1,9 +1,9 @@
 """Webhook delivery: build an event's body once, then post it, signed, one attempt per activity try.
 
 The retry policy is the workflow's (workflows_temporal/webhook_delivery.py); here each attempt is classified:
-2xx is delivered; 410 Gone, or a host that resolves to an address the gateway may not reach, stops; anything
-else (another status, a redirect, which is never followed, a timeout, a refused connection) is tried again, 429
-and 503 after their Retry-After. Every attempt is written to the job's row and log. None changes the job.
+2xx is delivered; 410 Gone, a host that resolves to an address the gateway may not reach, or a URL that cannot
+be posted to at all (a port out of range), stops; anything else (another status, a redirect, which is never
+followed, a timeout, a refused connection) is tried again, 429 and 503 after their Retry-After. Every attempt is written to the job's row and log. None changes the job.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from app.models import (
     WebhookGivenUpInput,
     WebhookStatus,
 )
-from app.safe_http import RefusedTarget, TargetUnavailable, describe_url, send_pinned
+from app.safe_http import RefusedTarget, TargetUnavailable, describe_url, parse_http_url, send_pinned
 from app.settings import Settings
 from app.storage import OutputStorage
 from app.webhooks.payload import compact_json, webhook_body
@@ -86,7 +86,6 @@ class WebhookPoster:
                 "the worker has no WEBHOOK_SECRET; webhooks are never sent unsigned",
                 type=ErrorCode.WEBHOOK_NOT_CONFIGURED.value, non_retryable=True,
             )
-        url = httpx.URL(callback_url)
         now = datetime.now(timezone.utc)
         headers = {
             **self._signer.headers(webhook_id, body, now),
@@ -100,6 +99,7 @@ class WebhookPoster:
 
         try:
             async with asyncio.timeout(timeout):
+                url = parse_http_url(callback_url)  # as checked at submit: a trailing dot dropped
                 addresses = await resolve_callback(url, self._allowed)
                 response = await send_pinned(
                     self._http, "POST", url, addresses, headers=headers, content=body.encode(),
@@ -114,6 +114,10 @@ class WebhookPoster:
             return Attempt(None, took(), error=f"no answer within {timeout:g} s")
         except httpx.TransportError as error:
             return Attempt(None, took(), error=f"{type(error).__name__} {error}".rstrip())
+        except (ValueError, OverflowError, httpx.InvalidURL) as error:
+            # A URL that no submit check foresaw (a job from before one) can never be posted to: said once.
+            return Attempt(None, took(), error=f"the callback URL cannot be used: {type(error).__name__} {error}",
+                           refused=True)
         status = response.status_code
         if status == 410:
             return Attempt(status, took(), error="the receiver answered 410 Gone", refused=True)
@@ -124,6 +128,13 @@ class WebhookPoster:
         elif not 200 <= status < 300:
             error = f"HTTP {status}"
         return Attempt(status, took(), retry_after_seconds=wait, error=error)
+
+
+def _shown(callback_url: str) -> str:
+    try:
+        return describe_url(httpx.URL(callback_url))
+    except httpx.InvalidURL:
+        return "(not a valid URL)"
 
 
 class WebhookDelivery:
@@ -190,7 +201,7 @@ class WebhookDelivery:
             message=f"webhook {request.event} attempt {number}: {answer} in {attempt.latency_ms} ms, {outcome}",
             data={
                 "event": request.event, "webhookId": request.webhook_id, "attempt": number,
-                "url": describe_url(httpx.URL(request.callback_url)), "statusCode": attempt.status_code,
+                "url": _shown(request.callback_url), "statusCode": attempt.status_code,
                 "latencyMs": attempt.latency_ms, "delivered": attempt.delivered, "error": attempt.error,
             },
         )

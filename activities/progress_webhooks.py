@@ -4,6 +4,8 @@ attempt, never retried, one in flight at a time), and never in the job's way: a 
 refused only costs that webhook, logged by the worker at DEBUG.
 
 Signed like every webhook; each has a webhook-id of its own. Not in the job's log: the job's final event is.
+Its status is `running` as soon as ComfyUI executes the prompt; none is sent once the job's cancel has reached
+the activity (its heartbeat's cancellation).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import uuid
 from contextlib import suppress
 from datetime import datetime, timezone
 
+from temporalio import activity
+
 from activities.delivery import WebhookPoster
 from app.models import JobState, JobStatus, PromptProgress, ProgressWebhook
 from app.storage import OutputStorage
 from app.webhooks.events import PROGRESS_EVENT
-from app.webhooks.payload import compact_json, webhook_body
+from app.webhooks.payload import compact_json, instant, webhook_body
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ class ProgressWebhooks:
         busy = self._sender is not None and not self._sender.done()
         if not progress.submitted or current == self._sent or busy or now - self._sent_at < self._interval:
             return
+        if activity.is_cancelled():
+            return  # the job is being cancelled: its next webhook is job.cancelled, not a progress
         self._sent, self._sent_at = current, now
         self._sender = asyncio.create_task(self._send(progress.model_copy()))
 
@@ -62,15 +68,17 @@ class ProgressWebhooks:
 
     async def _send(self, progress: PromptProgress) -> None:
         state = JobState(
-            job_id=self._job_id, status=JobStatus.running if progress.started_signalled else JobStatus.queued,
+            job_id=self._job_id, status=JobStatus.running if _executing(progress) else JobStatus.queued,
             template_id=self._webhook.template_id, created_at=self._webhook.created_at,
             metadata=self._webhook.metadata,
         )
         body = webhook_body(PROGRESS_EVENT, state, self._storage, self._base_url, progress={
             "percent": progress.percent, "node": progress.node, "queuePosition": progress.queue_position,
-            "at": datetime.now(timezone.utc).isoformat(),
+            "at": instant(datetime.now(timezone.utc)),
         })
         webhook_id = f"{self._job_id}:webhook:{PROGRESS_EVENT}:{uuid.uuid4().hex[:12]}"
+        if activity.is_cancelled():
+            return
         try:
             attempt = await self._poster.post(
                 self._webhook.callback_url, webhook_id, compact_json(body), timeout=_PROGRESS_TIMEOUT_SECONDS
@@ -80,3 +88,9 @@ class ProgressWebhooks:
             return
         if not attempt.delivered:
             log.debug("job %s: progress webhook not delivered: %s", self._job_id, attempt.error)
+
+
+def _executing(progress: PromptProgress) -> bool:
+    """ComfyUI executes the prompt: the job is running, though its workflow may not have been told yet (it is
+    told once the prompt has run for a moment)."""
+    return progress.started_signalled or progress.percent > 0 or progress.node is not None

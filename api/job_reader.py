@@ -35,8 +35,8 @@ from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
 from app.errors import ErrorCode
 from app.jobstore import JobSnapshot, get_job_snapshot
-from app.models import GenerationInput, JobState, JobStatus, LiveProgress, PromptProgress, StepHeartbeat, accepted_state
-from app.temporal_endings import ended_by_temporal, terminated_error, termination_reason
+from app.models import JobState, JobStatus, LiveProgress, PromptProgress, StepHeartbeat, accepted_state
+from app.temporal_endings import ended_by_temporal, started_input, terminated_error, termination_reason
 from workflows_temporal.generation import GenerationWorkflow
 
 LIVE_VIEW_SECONDS = 0.25
@@ -154,16 +154,6 @@ class JobReader:
 async def _accepted(client: Client, handle: WorkflowHandle) -> JobState:
     """The job as its workflow was started with it, from the first event of its history."""
     return accepted_state(await started_input(client, handle))
-
-
-async def started_input(client: Client, handle: WorkflowHandle) -> GenerationInput:
-    """What the job's workflow was started with: the first event of its history."""
-    async for event in handle.fetch_history_events(page_size=1):
-        [job] = await client.data_converter.decode(
-            event.workflow_execution_started_event_attributes.input.payloads, [GenerationInput]
-        )
-        return job
-    raise RPCError("the workflow has no history", RPCStatusCode.NOT_FOUND, b"")
 
 
 async def _live_progress(

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -36,12 +37,22 @@ def describe_url(url: httpx.URL) -> str:
 
 
 def parse_http_url(value: str) -> httpx.URL:
+    """The URL, if it is an http(s) URL with a host and a usable port; a host's trailing dot (the DNS root,
+    `example.com.`) is dropped, so that the host is checked and reached as the name or address it spells."""
     try:
         url = httpx.URL(value)
     except httpx.InvalidURL:
         raise RefusedTarget("is not a valid URL") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise RefusedTarget(f"only http and https URLs with a host are accepted (got a {url.scheme}: URL)")
+    # httpx takes any integer as a port (99999, 0, -1) and drops an empty one ("h:/x"): none can be connected to.
+    if (url.port is not None and not 1 <= url.port <= 65535) or urlsplit(value).netloc.endswith(":"):
+        raise RefusedTarget("has a port that is not a number from 1 to 65535")
+    if url.host.endswith("."):
+        host = url.host.rstrip(".")
+        if not host:
+            raise RefusedTarget("is not a valid URL")
+        url = url.copy_with(host=host)
     return url
 
 
@@ -69,6 +80,8 @@ def literal_address(host: str) -> Address | None:
 # Cloud instance-metadata services: named first, so that a refusal says what was aimed at.
 _METADATA = frozenset(ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254"))
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# IETF protocol assignments (RFC 6890): some of it is counted global by Python's ipaddress (192.0.0.8, ...).
+_IETF_PROTOCOL = ipaddress.ip_network("192.0.0.0/24")
 # NAT64 prefixes translate to any IPv4 address, private ones included, on a network that runs NAT64.
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 
@@ -80,6 +93,10 @@ def refusal_reason(address: Address) -> str | None:
     checks = (
         ("cloud metadata", address in _METADATA),
         ("carrier-grade NAT", isinstance(address, ipaddress.IPv4Address) and address in _CGNAT),
+        ("IETF protocol assignment", isinstance(address, ipaddress.IPv4Address) and address in _IETF_PROTOCOL),
+        # 2002::/16 (6to4) carries an IPv4 address, reached through a relay: it is as public as that address.
+        ("6to4 of a non-public", isinstance(address, ipaddress.IPv6Address) and address.sixtofour is not None
+         and refusal_reason(address.sixtofour) is not None),
         ("NAT64", isinstance(address, ipaddress.IPv6Address) and any(address in net for net in _NAT64)),
         ("unspecified", address.is_unspecified),
         ("loopback", address.is_loopback),

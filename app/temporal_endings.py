@@ -3,10 +3,11 @@ wrote its own end, so its job ends as `cancelled` with JOB_TERMINATED and the op
 
 from __future__ import annotations
 
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistoryEventFilterType
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowHistoryEventFilterType
+from temporalio.service import RPCError, RPCStatusCode
 
 from app.errors import ErrorCode
-from app.models import JobError
+from app.models import GenerationInput, JobError
 
 _ENDED_BY_TEMPORAL = {
     WorkflowExecutionStatus.TERMINATED: "terminated",
@@ -30,3 +31,13 @@ async def termination_reason(client: Client, workflow_id: str, run_id: str | Non
         if event.HasField("workflow_execution_terminated_event_attributes"):
             return event.workflow_execution_terminated_event_attributes.reason
     return ""
+
+
+async def started_input(client: Client, handle: WorkflowHandle) -> GenerationInput:
+    """What the job's workflow was started with: the first event of its history (a terminated workflow's too)."""
+    async for event in handle.fetch_history_events(page_size=1):
+        [job] = await client.data_converter.decode(
+            event.workflow_execution_started_event_attributes.input.payloads, [GenerationInput]
+        )
+        return job
+    raise RPCError("the workflow has no history", RPCStatusCode.NOT_FOUND, b"")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -12,6 +13,7 @@ from standardwebhooks import Webhook
 from temporalio.client import Client
 
 from tests.harness import DONE, Gateway, assert_eventually, free_port, serve_locally, wait_for_job
+from worker.reconciler import RECONCILE_EVERY_SECONDS
 
 SECRET = "a raw secret of the operator's"
 WEBHOOKS = pytest.mark.settings(
@@ -78,6 +80,8 @@ async def test_a_flaky_receiver_is_retried_until_it_takes_the_signed_webhook(gat
     # Progress came while the prompt ran: best effort, throttled, each with its own id, never the final one.
     assert receiver.progress, "no job.progress webhook arrived"
     assert all(p["status"] in ("queued", "running") and "percent" in p["progress"] for p in receiver.progress)
+    executing = [p for p in receiver.progress if p["progress"]["percent"] > 0 or p["progress"]["node"]]
+    assert all(p["status"] == "running" for p in executing) and all(p["progress"]["at"].endswith("Z") for p in receiver.progress)
 
     logs = (await gateway.api.get(f"/jobs/{job_id}/logs")).json()["events"]
     attempts = [event["data"] for event in logs if event["kind"] == "webhook"]
@@ -109,22 +113,33 @@ async def test_a_dead_receiver_never_changes_the_job(gateway: Gateway) -> None:
 async def test_cancelled_jobs_send_job_cancelled_whoever_cancelled_them(gateway: Gateway, temporal_client: Client) -> None:
     receiver = FlakyReceiver(failures=0)
     async with serve_locally(receiver.app()) as url:
-        by_api, by_temporal = [
+        by_api, by_temporal, terminated = [
             await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(20), "callbackUrl": f"{url}/hook"})
-            for _ in range(2)
+            for _ in range(3)
         ]
-        for job_id in (by_api, by_temporal):
+        for job_id in (by_api, by_temporal, terminated):
             await wait_for_job(gateway.api, job_id, until={"running", "queued"})
         await gateway.api.post(f"/jobs/{by_api}/cancel", json={"reason": "changed my mind"})
         await temporal_client.get_workflow_handle(by_temporal).cancel()  # the Web UI's or the CLI's cancel
+        # Terminated: the job's workflow never runs again; the worker's reconciler closes its row and sends it.
+        await temporal_client.get_workflow_handle(terminated).terminate(reason="stuck")
 
-        async def both_sent() -> set[str]:
+        async def all_sent() -> set[str]:
             sent = {json.loads(body)["jobId"] for _, body in receiver.final}
-            assert sent == {by_api, by_temporal}
+            assert sent == {by_api, by_temporal, terminated}
             return sent
 
-        await assert_eventually(both_sent, timeout=30, what="a job.cancelled webhook for each job")
-    for _, body in receiver.final:
+        await assert_eventually(all_sent, timeout=30, what="a job.cancelled webhook for each job")
+        await asyncio.sleep(1.5 * RECONCILE_EVERY_SECONDS)  # a later scan finds the terminated job again: no second webhook
+    assert len(receiver.final) == 3
+    codes = {}
+    for headers, body in receiver.final:
         payload = json.loads(body)
         assert payload["event"] == "job.cancelled" and payload["status"] == "cancelled"
-        assert payload["error"]["code"] == "JOB_CANCELLED" and payload["result"] == {"outputs": []}
+        assert payload["result"] == {"outputs": []} and headers["webhook-id"] == f"{payload['jobId']}:webhook:job.cancelled"
+        codes[payload["jobId"]] = payload["error"]["code"]
+    assert codes == {by_api: "JOB_CANCELLED", by_temporal: "JOB_CANCELLED", terminated: "JOB_TERMINATED"}
+    [ended] = [json.loads(body) for _, body in receiver.final if json.loads(body)["jobId"] == terminated]
+    job = (await gateway.api.get(f"/jobs/{terminated}")).json()
+    assert "stuck" in ended["error"]["message"] and ended["timing"]["completedAt"] and job["status"] == "cancelled"
+    assert job["webhook"] == {"delivered": True, "attempts": 1, "lastStatus": 200}

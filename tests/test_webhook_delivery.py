@@ -215,3 +215,32 @@ async def test_a_host_resolving_to_loopback_is_reached_only_when_listed_exactly(
     if not delivered:
         [refused, given_up] = delivery.logged_attempts()
         assert "loopback" in refused["error"] and refused["statusCode"] is None and given_up["delivered"] is False
+
+
+async def test_a_trailing_dot_host_is_reached_as_the_host_it_names(skipping: WorkflowEnvironment, tmp_path: Path) -> None:
+    receiver = Receiver([status(200)])
+    async with serve_locally(receiver.app()) as url, delivering(skipping, tmp_path) as delivery:
+        outcome = await delivery.run(url.replace("127.0.0.1", "127.0.0.1.") + "/hook")
+    assert outcome == WebhookStatus(delivered=True, attempts=1, last_status=200)
+    assert receiver.received[0][0]["Host"].startswith("127.0.0.1:")
+
+
+async def test_a_port_out_of_range_is_refused_once_and_logged(skipping: WorkflowEnvironment, tmp_path: Path) -> None:
+    """A job submitted before the port check: its delivery stops at the first attempt, never retried for 24 h."""
+    async with delivering(skipping, tmp_path) as delivery:
+        outcome = await delivery.run("http://127.0.0.1:99999/hook")
+    assert outcome.delivered is False and delivery.took < timedelta(minutes=1)
+    [refused, given_up] = delivery.logged_attempts()
+    assert refused["attempt"] == 1 and refused["statusCode"] is None and "port" in refused["error"]
+    assert given_up["delivered"] is False
+    assert delivery.row_webhook() == WebhookStatus(delivered=False, attempts=1, last_status=None)
+
+
+async def test_an_unusable_url_no_check_foresaw_is_a_refused_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def overflowing(url: httpx.URL, allowed: list[str]) -> list[str]:
+        raise OverflowError("getsockaddrarg: port must be 0-65535.")
+
+    monkeypatch.setattr("activities.delivery.resolve_callback", overflowing)
+    async with httpx.AsyncClient(trust_env=False) as http:
+        attempt = await WebhookPoster(http, WebhookSigner(SECRET), ["*"]).post("https://example.com/h", "id", "{}")
+    assert attempt.refused and attempt.status_code is None and "OverflowError" in (attempt.error or "")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Iterator
 from contextlib import suppress
 from datetime import datetime, timedelta, timezone
+from itertools import islice
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
@@ -29,7 +31,7 @@ from api.deps import (
 )
 from api.errors import ApiError, invalid_input, validation_error
 from api.database import Database
-from api.job_reader import JobReader, started_input
+from api.job_reader import JobReader
 from api.job_views import Job, public_job, public_job_off_loop
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
@@ -70,6 +72,7 @@ from app.safe_http import RefusedTarget
 from app.settings import Settings
 from app.storage import OutputStorage, StorageError
 from app.submission import ImageIntake, prepare_job
+from app.temporal_endings import started_input
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
 from app.templates.rendering import ApiFormatGraph
@@ -458,6 +461,27 @@ def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:
         check_callback_url(body.callback_url, settings.webhook_allowed_domains)
     except RefusedTarget as refused:
         raise validation_error([{"field": "callbackUrl", "message": str(refused)}]) from None
+    if unsafe := list(islice(_unsafe_integers(body.metadata, "metadata"), 10)):
+        raise validation_error([
+            {"field": path, "message": f"integers beyond ±{_MAX_SAFE_INTEGER} do not survive a JavaScript receiver's "
+                                       "parse of the webhook (its signature check would fail): send it as a string"}
+            for path in unsafe
+        ])
+
+
+# Number.MAX_SAFE_INTEGER: the largest integer every JavaScript receiver (n8n) parses exactly.
+_MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def _unsafe_integers(value: Any, path: str) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _unsafe_integers(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _unsafe_integers(item, f"{path}[{index}]")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_SAFE_INTEGER:
+        yield path
 
 
 @router.get("", response_model=JobList)

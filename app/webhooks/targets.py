@@ -44,5 +44,5 @@ def check_callback_url(value: str, allowed: Sequence[str]) -> httpx.URL:
 
 async def resolve_callback(url: httpx.URL, allowed: Sequence[str]) -> list[str]:
     """The checked addresses to connect to, resolved now (every attempt: DNS answers change)."""
-    check_callback_url(str(url), allowed)  # the list may have changed since the job was submitted
+    url = check_callback_url(str(url), allowed)  # the list may have changed since the job was submitted
     return await resolve(url, allow_private=listed_exactly(url, allowed))
