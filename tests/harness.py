@@ -16,14 +16,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import boto3
 import httpx
 from aiohttp import web
+from fastapi import FastAPI
 from httpx import ASGITransport
 from temporalio.client import Client
 
+from api.deps import get_temporal
 from api.main import create_app
 from app.db import make_engine, migrate
 from app.settings import Settings
@@ -288,6 +290,44 @@ class ApiProcess:
             except subprocess.TimeoutExpired:  # uvicorn waits for requests still running; a test may leave some
                 self.process.kill()
                 self.process.wait()
+
+
+# --- the API alone: no worker, no Temporal, no ComfyUI -------------------------------------------------------
+
+
+class UnusableTemporal:
+    """Temporal for an app whose requests must all be refused before a job is started or read. Routes still
+    receive the connection (FastAPI resolves a route's dependencies before the route makes its own checks);
+    using it fails the test."""
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise AssertionError(f"the request reached Temporal ({name})")
+
+
+def api_alone_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """An API's settings with a SQLite database of its own and nothing listening where Temporal and ComfyUI are."""
+    return Settings(
+        _env_file=None, data_dir=data_dir, database_url=f"sqlite:///{data_dir / 'gateway.db'}",
+        comfyui_url=f"http://127.0.0.1:{free_port()}", temporal_address=f"127.0.0.1:{free_port()}", **overrides,
+    )
+
+
+@asynccontextmanager
+async def api_alone(settings: Settings, configure: Callable[[FastAPI], None] = lambda app: None) -> AsyncIterator[FastAPI]:
+    """The API app, started, whose routes get `UnusableTemporal`; `configure` may override more dependencies."""
+    migrate_database(settings)
+    app = create_app(settings)  # no Temporal at temporal_address: the API keeps trying, and routes get the stand-in
+    temporal = UnusableTemporal()
+    app.dependency_overrides[get_temporal] = lambda: temporal  # what every route gets, however get_temporal works
+    configure(app)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+def asgi_client(app: FastAPI, address: str = "127.0.0.1", base_url: str = "http://gateway") -> httpx.AsyncClient:
+    """A client of the app in process, calling from `address`; an exception in the app is its 500 answer."""
+    transport = ASGITransport(app=app, client=(address, 40000), raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url=base_url)
 
 
 @asynccontextmanager

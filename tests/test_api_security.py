@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,45 +15,18 @@ from urllib.parse import unquote
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from httpx import ASGITransport
 from sqlmodel import Session
 
-from api.deps import get_principal, get_storage, get_temporal
-from api.main import create_app
+from api.deps import get_principal, get_storage
 from app.auth import Principal, Role
 from app.db import make_engine
 from app.jobstore import count_unfinished_jobs
 from app.settings import Settings
 from app.storage.base import validate_key
 from app.tables import JobRow
-from tests.harness import error_of, free_port, migrate_database
-from tests.test_api_validation import UnusableTemporal
+from tests.harness import api_alone, api_alone_settings, asgi_client, error_of, free_port, migrate_database
 
 WINDOW_MS = 60_000
-
-
-def api_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    return Settings(
-        _env_file=None, data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
-        comfyui_url=f"http://127.0.0.1:{free_port()}", temporal_address=f"127.0.0.1:{free_port()}", **overrides,
-    )
-
-
-@asynccontextmanager
-async def running_app(settings: Settings, configure: Callable[[FastAPI], None] = lambda app: None
-                      ) -> AsyncIterator[FastAPI]:
-    migrate_database(settings)
-    app = create_app(settings)
-    temporal = UnusableTemporal()
-    app.dependency_overrides[get_temporal] = lambda: temporal
-    configure(app)
-    async with app.router.lifespan_context(app):
-        yield app
-
-
-def client(app: FastAPI, address: str = "127.0.0.1", base_url: str = "http://gateway") -> httpx.AsyncClient:
-    transport = ASGITransport(app=app, client=(address, 40000), raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url=base_url)
 
 
 def limit_headers(response: httpx.Response) -> tuple[str, str, int]:
@@ -67,8 +38,8 @@ def limit_headers(response: httpx.Response) -> tuple[str, str, int]:
 
 
 async def test_each_address_gets_rate_limit_max_requests_per_window_with_headers(tmp_path: Path) -> None:
-    settings = api_settings(tmp_path, rate_limit_max=3, rate_limit_window_ms=WINDOW_MS)
-    async with running_app(settings) as app, client(app) as api, client(app, "10.0.0.2") as neighbour:
+    settings = api_alone_settings(tmp_path, rate_limit_max=3, rate_limit_window_ms=WINDOW_MS)
+    async with api_alone(settings) as app, asgi_client(app) as api, asgi_client(app, "10.0.0.2") as neighbour:
         answers = [await api.get("/jobs") for _ in range(3)]
         assert [response.status_code for response in answers] == [200, 200, 200]
         assert [limit_headers(response)[:2] for response in answers] == [("3", "2"), ("3", "1"), ("3", "0")]
@@ -88,8 +59,8 @@ async def test_each_address_gets_rate_limit_max_requests_per_window_with_headers
 
 
 async def test_a_window_frees_its_requests_as_they_age(tmp_path: Path) -> None:
-    settings = api_settings(tmp_path, rate_limit_max=1, rate_limit_window_ms=1000)
-    async with running_app(settings) as app, client(app) as api:
+    settings = api_alone_settings(tmp_path, rate_limit_max=1, rate_limit_window_ms=1000)
+    async with api_alone(settings) as app, asgi_client(app) as api:
         assert (await api.get("/jobs")).status_code == 200
         refused = await api.get("/jobs")
         assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
@@ -104,14 +75,14 @@ async def test_each_principal_is_limited_whatever_its_address(tmp_path: Path) ->
     def configure(app: FastAPI) -> None:
         app.dependency_overrides[get_principal] = principal_named_by_header
 
-    settings = api_settings(tmp_path, rate_limit_max=2, rate_limit_window_ms=WINDOW_MS)
-    async with running_app(settings, configure) as app:
+    settings = api_alone_settings(tmp_path, rate_limit_max=2, rate_limit_window_ms=WINDOW_MS)
+    async with api_alone(settings, configure) as app:
         alice = {"X-Test-Principal": "alice"}
-        async with client(app, "10.0.0.1") as first, client(app, "10.0.0.2") as second:
+        async with asgi_client(app, "10.0.0.1") as first, asgi_client(app, "10.0.0.2") as second:
             assert (await first.get("/jobs", headers=alice)).status_code == 200
             last = await second.get("/jobs", headers=alice)
             assert last.status_code == 200 and limit_headers(last)[1] == "0"  # the tighter count: alice's
-            refused = await (client(app, "10.0.0.3")).get("/jobs", headers=alice)
+            refused = await (asgi_client(app, "10.0.0.3")).get("/jobs", headers=alice)
             assert refused.status_code == 429 and error_of(refused)["details"] == {"limitedBy": "principal"}
             assert int(refused.headers["Retry-After"]) > 0
             assert (await second.get("/jobs", headers={"X-Test-Principal": "bob"})).status_code == 200
@@ -119,14 +90,14 @@ async def test_each_principal_is_limited_whatever_its_address(tmp_path: Path) ->
 
 async def test_forwarded_addresses_count_only_from_a_trusted_proxy(tmp_path: Path) -> None:
     spoofed = [{"X-Forwarded-For": f"203.0.113.{n}"} for n in range(3)]
-    untrusting = api_settings(tmp_path / "a", rate_limit_max=1, rate_limit_window_ms=WINDOW_MS)
-    async with running_app(untrusting) as app, client(app) as api:
+    untrusting = api_alone_settings(tmp_path / "a", rate_limit_max=1, rate_limit_window_ms=WINDOW_MS)
+    async with api_alone(untrusting) as app, asgi_client(app) as api:
         answers = [(await api.get("/jobs", headers=headers)).status_code for headers in spoofed]
         assert answers == [200, 429, 429]  # a client cannot escape its count by naming other addresses
 
-    trusting = api_settings(tmp_path / "b", rate_limit_max=1, rate_limit_window_ms=WINDOW_MS,
+    trusting = api_alone_settings(tmp_path / "b", rate_limit_max=1, rate_limit_window_ms=WINDOW_MS,
                             trusted_proxies="127.0.0.1,10.1.0.0/16")
-    async with running_app(trusting) as app, client(app) as proxy:
+    async with api_alone(trusting) as app, asgi_client(app) as proxy:
         answers = [(await proxy.get("/jobs", headers=headers)).status_code for headers in spoofed]
         assert answers == [200, 200, 200]  # three clients behind the proxy
         # What the client itself wrote in front of the proxies' entries does not count: the proxy saw .9.
@@ -146,18 +117,18 @@ async def test_api_processes_sharing_redis_share_their_counts(tmp_path: Path) ->
     address = f"192.0.2.{uuid.uuid4().int % 250}-{uuid.uuid4().hex}"  # a key no earlier run has used
     shared = {"rate_limit_max": 2, "rate_limit_window_ms": WINDOW_MS,
               "rate_limit_storage_uri": "redis://127.0.0.1:6379/0"}
-    async with (running_app(api_settings(tmp_path / "a", **shared)) as one,
-                running_app(api_settings(tmp_path / "b", **shared)) as other):
-        async with client(one, address) as first, client(other, address) as second:
+    async with (api_alone(api_alone_settings(tmp_path / "a", **shared)) as one,
+                api_alone(api_alone_settings(tmp_path / "b", **shared)) as other):
+        async with asgi_client(one, address) as first, asgi_client(other, address) as second:
             assert (await first.get("/jobs")).status_code == 200
             assert (await second.get("/jobs")).status_code == 200
             assert (await first.get("/jobs")).status_code == 429
 
 
 async def test_an_unreachable_rate_limit_store_lets_requests_through(tmp_path: Path) -> None:
-    settings = api_settings(tmp_path, rate_limit_max=1, rate_limit_window_ms=WINDOW_MS,
+    settings = api_alone_settings(tmp_path, rate_limit_max=1, rate_limit_window_ms=WINDOW_MS,
                             rate_limit_storage_uri=f"redis://127.0.0.1:{free_port()}/0")
-    async with running_app(settings) as app, client(app) as api:
+    async with api_alone(settings) as app, asgi_client(app) as api:
         assert [(await api.get("/jobs")).status_code for _ in range(3)] == [200, 200, 200]
 
 
@@ -176,7 +147,7 @@ def _add_jobs(settings: Settings, owner: str | None, *statuses: str) -> None:
 
 
 async def test_a_principal_with_max_active_jobs_unfinished_cannot_submit_more(tmp_path: Path) -> None:
-    settings = api_settings(tmp_path, max_active_jobs_per_principal=2)
+    settings = api_alone_settings(tmp_path, max_active_jobs_per_principal=2)
     migrate_database(settings)
     _add_jobs(settings, "anonymous", "queued", "running", "succeeded", "failed")
     _add_jobs(settings, "someone-else", "queued", "running")
@@ -186,7 +157,7 @@ async def test_a_principal_with_max_active_jobs_unfinished_cannot_submit_more(tm
         counts = [count_unfinished_jobs(session, owner) for owner in ("anonymous", "someone-else", "nobody")]
     engine.dispose()
     assert counts == [2, 2, 0]
-    async with running_app(settings) as app, client(app) as api:
+    async with api_alone(settings) as app, asgi_client(app) as api:
         refused = await api.post("/jobs", json={"workflowId": "solid_color"})  # refused before Temporal is used
         assert refused.status_code == 429
         error = error_of(refused)
@@ -202,9 +173,9 @@ def _preflight(origin: str) -> dict[str, str]:
 
 
 async def test_cors_lets_listed_origins_call_and_read_the_rate_limit_headers(tmp_path: Path) -> None:
-    settings = api_settings(tmp_path, cors_origins="https://ui.example", rate_limit_max=5,
+    settings = api_alone_settings(tmp_path, cors_origins="https://ui.example", rate_limit_max=5,
                             rate_limit_window_ms=WINDOW_MS)
-    async with running_app(settings) as app, client(app) as api:
+    async with api_alone(settings) as app, asgi_client(app) as api:
         allowed = await api.options("/jobs", headers=_preflight("https://ui.example"))
         assert allowed.status_code == 200
         assert allowed.headers["Access-Control-Allow-Origin"] == "https://ui.example"
@@ -226,13 +197,13 @@ async def test_cors_lets_listed_origins_call_and_read_the_rate_limit_headers(tmp
 
 
 async def test_cors_any_origin_never_sends_credentials_and_is_off_by_default(tmp_path: Path) -> None:
-    async with running_app(api_settings(tmp_path / "a", cors_origins="*")) as app, client(app) as api:
+    async with api_alone(api_alone_settings(tmp_path / "a", cors_origins="*")) as app, asgi_client(app) as api:
         preflight = await api.options("/jobs", headers=_preflight("https://anyone.example"))
         assert preflight.headers["Access-Control-Allow-Origin"] == "*"
         assert "Access-Control-Allow-Credentials" not in preflight.headers
         simple = await api.get("/jobs", headers={"Origin": "https://anyone.example"})
         assert simple.headers["Access-Control-Allow-Origin"] == "*"
-    async with running_app(api_settings(tmp_path / "b")) as app, client(app) as api:
+    async with api_alone(api_alone_settings(tmp_path / "b")) as app, asgi_client(app) as api:
         simple = await api.get("/jobs", headers={"Origin": "https://anyone.example"})
         assert "Access-Control-Allow-Origin" not in simple.headers
 
@@ -255,7 +226,7 @@ async def test_every_answer_has_security_headers_and_a_fault_shows_no_stack_trac
     def configure(app: FastAPI) -> None:
         app.dependency_overrides[get_storage] = broken_storage
 
-    async with running_app(api_settings(tmp_path), configure) as app, client(app) as api:
+    async with api_alone(api_alone_settings(tmp_path), configure) as app, asgi_client(app) as api:
         fault = await api.get("/jobs")
         assert fault.status_code == 500
         assert error_of(fault) == {"code": "INTERNAL_ERROR", "message": "internal error; see the gateway's log",
@@ -273,7 +244,7 @@ async def test_every_answer_has_security_headers_and_a_fault_shows_no_stack_trac
             assert_security_headers(docs, "default-src 'self'; script-src 'self' 'unsafe-inline'")
         asset = await api.get("/static-offline-docs/redoc.standalone.js")
         assert asset.status_code == 200 and "Cache-Control" not in asset.headers
-        async with client(app, base_url="https://gateway") as over_tls:
+        async with asgi_client(app, base_url="https://gateway") as over_tls:
             assert "max-age=" in (await over_tls.get("/workflows")).headers["Strict-Transport-Security"]
 
 
@@ -347,10 +318,10 @@ TRAVERSALS = [
 
 @pytest.mark.parametrize("form", ["", "?format=base64"])
 async def test_an_output_path_only_ever_names_a_file_of_the_jobs_own_outputs(tmp_path: Path, form: str) -> None:
-    settings = api_settings(tmp_path)
+    settings = api_alone_settings(tmp_path)
     migrate_database(settings)
     _finished_job_with_output(settings)
-    async with running_app(settings) as app:
+    async with api_alone(settings) as app:
         status, body = await raw_get(app, f"/outputs/{JOB_ID}/out.png{form}")
         assert status == 200 and (OUTPUT in body or b'"data"' in body)
         for name in TRAVERSALS:
@@ -379,10 +350,10 @@ MALFORMED_JOB_IDS = [
 
 async def test_a_malformed_job_id_is_an_unknown_job(tmp_path: Path) -> None:
     """Temporal is never asked about it (the stand-in would fail the request with a 500)."""
-    settings = api_settings(tmp_path)
+    settings = api_alone_settings(tmp_path)
     migrate_database(settings)
     _finished_job_with_output(settings)
-    async with running_app(settings) as app:
+    async with api_alone(settings) as app:
         for job_id in MALFORMED_JOB_IDS:
             for route in ("/jobs/{}", "/jobs/{}/logs", "/outputs/{}", "/outputs/{}/out.png"):
                 status, body = await raw_get(app, route.format(job_id))

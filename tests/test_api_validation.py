@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 import pytest
@@ -15,42 +15,22 @@ from fastapi.routing import APIRoute
 from httpx import ASGITransport
 
 from api import plain_json as plain_json_module
-from api.deps import get_temporal
 from api.errors import ApiError, install_error_handlers
 from api.json_body import JsonBodyRoute
 from api.main import create_app
 from api.plain_json import MAX_BODY_BYTES, MAX_VALUES, BodySizeLimit, plain_json
 from api.routes import health, jobs, outputs, workflows
-from app.settings import Settings
 from app.templates.store import BUNDLED_TEMPLATES_DIR
-from tests.harness import error_of, free_port, migrate_database, recorded_workflow
+from tests.harness import api_alone, api_alone_settings, asgi_client, error_of, migrate_database, recorded_workflow
 from tests.template_bodies import SCHEMA, registration, with_field
 
 BUNDLED = {path.stem for path in BUNDLED_TEMPLATES_DIR.glob("*.json")}
 
 
-class UnusableTemporal:
-    """Temporal for an app whose requests must all be refused before a job is started or read. Routes still
-    receive the connection (FastAPI resolves a route's dependencies before the route makes its own checks);
-    using it fails the test."""
-
-    def __getattr__(self, name: str) -> NoReturn:
-        raise AssertionError(f"the request reached Temporal ({name})")
-
-
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(
-        _env_file=None, data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
-        comfyui_url=f"http://127.0.0.1:{free_port()}", temporal_address=f"127.0.0.1:{free_port()}",
-    )
-    migrate_database(settings)
-    temporal = UnusableTemporal()
-    app = create_app(settings)  # no Temporal at temporal_address: the API keeps trying, and routes get the stand-in
-    app.dependency_overrides[get_temporal] = lambda: temporal  # what every route gets, however get_temporal works
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=ASGITransport(app=app), base_url="http://gateway") as client:
-            yield client
+    async with api_alone(api_alone_settings(tmp_path)) as app, asgi_client(app) as client:
+        yield client
 
 
 async def register(api: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
@@ -415,10 +395,7 @@ async def test_a_refused_update_names_the_field_and_writes_no_version(
 
 
 async def test_while_temporal_is_down_a_bad_request_is_still_refused_for_what_it_says(tmp_path: Path) -> None:
-    settings = Settings(
-        _env_file=None, data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
-        comfyui_url=f"http://127.0.0.1:{free_port()}", temporal_address=f"127.0.0.1:{free_port()}",
-    )
+    settings = api_alone_settings(tmp_path)
     migrate_database(settings)
     app = create_app(settings)  # keeps trying to reach a Temporal that is not there
     async with app.router.lifespan_context(app):

@@ -17,12 +17,9 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from httpx import ASGITransport
 from pydantic import ValidationError
 from sqlmodel import Session
 
-from api.deps import get_temporal
-from api.main import create_app
 from app.auth import Principal, Role, key_fingerprint, parse_api_key
 from app.db import make_engine
 from app.jobstore import record_job
@@ -30,9 +27,8 @@ from app.metrics import AUTH_FAILURES
 from app.models import JobEventInput, JobState, JobStatus, OutputRef, RecordJobInput
 from app.settings import Settings
 from app.storage import build_storage
-from tests.harness import error_of, free_port, migrate_database
+from tests.harness import api_alone, api_alone_settings, asgi_client, error_of
 from tests.template_bodies import registration
-from tests.test_api_validation import UnusableTemporal
 
 ADMIN_KEY = "admin-key-7f3a9c2e51d04b8a"
 ALICE_KEY = "alice-key-0c1d2e3f4a5b6c7d"
@@ -47,20 +43,12 @@ BOB = {"X-API-Key": BOB_KEY}
 
 
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
-    return Settings(
-        _env_file=None, data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
-        comfyui_url=f"http://127.0.0.1:{free_port()}", temporal_address=f"127.0.0.1:{free_port()}", **overrides,
-    )
+    return api_alone_settings(tmp_path, **overrides)
 
 
 async def _client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    migrate_database(settings)
-    app = create_app(settings)
-    temporal = UnusableTemporal()
-    app.dependency_overrides[get_temporal] = lambda: temporal
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=ASGITransport(app=app), base_url="http://gateway") as client:
-            yield client
+    async with api_alone(settings) as app, asgi_client(app) as client:
+        yield client
 
 
 @pytest.fixture

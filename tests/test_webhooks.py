@@ -19,26 +19,21 @@ from typing import get_args
 
 import httpx
 import pytest
-from httpx import ASGITransport
 from standardwebhooks import Webhook
 from temporalio.testing import ActivityEnvironment
 
 from activities.delivery import Attempt
 from activities.progress_webhooks import ProgressWebhooks
-from api.deps import get_temporal
 from api.job_views import Job, JobTiming, OutputFile
-from api.main import create_app
 from api.routes.jobs import WebhookEvent
 from app.models import JobError, JobState, JobStatus, OutputRef, ProgressWebhook, PromptProgress
 from app.safe_http import RefusedTarget, refusal_reason
-from app.settings import Settings
 from app.storage import LocalStorage
 from app.webhooks.events import EVENTS
 from app.webhooks.payload import compact_json, webhook_body
 from app.webhooks.signing import WebhookSigner
 from app.webhooks.targets import check_callback_url, resolve_callback
-from tests.harness import error_of, free_port, migrate_database
-from tests.test_api_validation import UnusableTemporal
+from tests.harness import api_alone, api_alone_settings, asgi_client, error_of
 
 STANDARD_SECRET = "whsec_" + base64.b64encode(b"a key of thirty-two bytes, exact").decode()
 BODY_VALUES = {
@@ -187,18 +182,10 @@ async def test_a_host_that_resolves_to_loopback_is_reached_only_when_listed_exac
 
 @pytest.fixture
 async def webhook_api(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(
-        _env_file=None, data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
-        comfyui_url=f"http://127.0.0.1:{free_port()}", temporal_address=f"127.0.0.1:{free_port()}",
-        webhook_secret=STANDARD_SECRET, webhook_allowed_domains="example.com,127.0.0.1",
-    )
-    migrate_database(settings)
-    app = create_app(settings)
-    temporal = UnusableTemporal()
-    app.dependency_overrides[get_temporal] = lambda: temporal
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=ASGITransport(app=app), base_url="http://gateway") as client:
-            yield client
+    settings = api_alone_settings(
+        tmp_path, webhook_secret=STANDARD_SECRET, webhook_allowed_domains="example.com,127.0.0.1")
+    async with api_alone(settings) as app, asgi_client(app) as client:
+        yield client
 
 
 @pytest.mark.parametrize(("fields", "message"), [
