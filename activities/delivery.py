@@ -9,6 +9,7 @@ followed, a timeout, a refused connection) is tried again, 429 and 503 after the
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
@@ -38,6 +40,8 @@ from app.storage import OutputStorage
 from app.webhooks.payload import compact_json, webhook_body
 from app.webhooks.signing import WebhookSigner
 from app.webhooks.targets import resolve_callback
+
+log = logging.getLogger(__name__)
 
 # A receiver's time to answer one attempt, resolving its host included.
 ATTEMPT_SECONDS = 10.0
@@ -161,7 +165,14 @@ class WebhookDelivery:
     async def deliver_webhook(self, request: DeliverWebhookInput) -> DeliverWebhookResult:
         number = activity.info().attempt
         attempt = await self._poster.post(request.callback_url, request.webhook_id, request.body)
-        await asyncio.to_thread(self._record, request, number, attempt)
+        try:
+            await asyncio.to_thread(self._record, request, number, attempt)
+        except SQLAlchemyError:
+            if not attempt.delivered:
+                raise  # retried with the post: the attempt is written next time
+            # Delivered: a retry would post the event again. The job's log misses this attempt instead.
+            log.warning("webhook %s delivered, but its attempt could not be written", request.webhook_id,
+                        exc_info=True)
         if attempt.delivered:
             assert attempt.status_code is not None
             return DeliverWebhookResult(status_code=attempt.status_code, attempts=number)

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from aiohttp import web
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from standardwebhooks import Webhook
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
@@ -185,6 +186,19 @@ async def test_410_stops_at_once(skipping: WorkflowEnvironment, tmp_path: Path) 
         assert (await delivery.run(f"{url}/hook")).delivered is False
     assert len(receiver.received) == 1
     assert delivery.row_webhook() == WebhookStatus(delivered=False, attempts=1, last_status=410)
+
+
+async def test_a_delivered_webhook_whose_attempt_cannot_be_written_is_not_posted_again(
+    skipping: WorkflowEnvironment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def database_down(*_: object) -> None:
+        raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(WebhookDelivery, "_record", database_down)
+    receiver = Receiver([status(200)])
+    async with serve_locally(receiver.app()) as url, delivering(skipping, tmp_path) as delivery:
+        assert (await delivery.run(f"{url}/hook")).delivered is True
+    assert len(receiver.received) == 1  # a retry of the activity would have posted it again
 
 
 async def test_retry_after_is_honoured(skipping: WorkflowEnvironment, tmp_path: Path) -> None:
