@@ -55,8 +55,10 @@ class Redactor:
         return bool(self._forms)
 
     def text(self, text: str) -> str:
+        # What is redacted already stays as it is: a text found inside "[redacted]" must not split it, so a
+        # message redacted twice (the job's error, then its log event) reads as once.
         for form in self._forms:
-            text = _without(text, form)
+            text = REDACTED.join(_without(piece, form) for piece in text.split(REDACTED))
         return text
 
     def value(self, value: Any) -> Any:

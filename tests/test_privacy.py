@@ -145,6 +145,10 @@ def test_redactor_finds_free_texts_as_written_escaped_and_shortened() -> None:
     assert redactor.value({"m": ["moonlit pier!"], "n": 5}) == {"m": [f"{REDACTED}!"], "n": 5}
     assert not Redactor([]) and Redactor([]).text(prompt) == prompt
     assert Redactor(["ab"]).text("ab abc") == "ab abc"  # too short to look for
+    # Redacted twice (the job's error, then the log event quoting it), it reads as once.
+    twice = Redactor(["act", "moonlit pier"])
+    once = twice.text("a moonlit pier, act two")
+    assert once == f"a {REDACTED}, {REDACTED} two" and twice.text(once) == once
 
 
 # --- the committed histories through the codec ------------------------------------------------------------
