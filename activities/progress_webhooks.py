@@ -67,23 +67,23 @@ class ProgressWebhooks:
                 await self._sender
 
     async def _send(self, progress: PromptProgress) -> None:
-        state = JobState(
-            job_id=self._job_id, status=JobStatus.running if _executing(progress) else JobStatus.queued,
-            template_id=self._webhook.template_id, created_at=self._webhook.created_at,
-            metadata=self._webhook.metadata,
-        )
-        body = webhook_body(PROGRESS_EVENT, state, self._storage, self._base_url, progress={
-            "percent": progress.percent, "node": progress.node, "queuePosition": progress.queue_position,
-            "at": instant(datetime.now(timezone.utc)),
-        })
-        webhook_id = f"{self._job_id}:webhook:{PROGRESS_EVENT}:{uuid.uuid4().hex[:12]}"
-        if activity.is_cancelled():
-            return
-        try:
+        try:  # best effort: nothing about a progress webhook may fail the job, its body included
+            state = JobState(
+                job_id=self._job_id, status=JobStatus.running if _executing(progress) else JobStatus.queued,
+                template_id=self._webhook.template_id, created_at=self._webhook.created_at,
+                metadata=self._webhook.metadata,
+            )
+            body = webhook_body(PROGRESS_EVENT, state, self._storage, self._base_url, progress={
+                "percent": progress.percent, "node": progress.node, "queuePosition": progress.queue_position,
+                "at": instant(datetime.now(timezone.utc)),
+            })
+            webhook_id = f"{self._job_id}:webhook:{PROGRESS_EVENT}:{uuid.uuid4().hex[:12]}"
+            if activity.is_cancelled():
+                return
             attempt = await self._poster.post(
                 self._webhook.callback_url, webhook_id, compact_json(body), timeout=_PROGRESS_TIMEOUT_SECONDS
             )
-        except Exception as error:  # best effort: nothing about a progress webhook may fail the job
+        except Exception as error:
             log.debug("job %s: progress webhook not sent: %s", self._job_id, error)
             return
         if not attempt.delivered:

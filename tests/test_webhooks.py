@@ -234,6 +234,26 @@ class RecordingPoster:
         return Attempt(status_code=200, latency_ms=1)
 
 
+async def test_a_progress_webhook_that_cannot_be_built_is_dropped_without_failing_the_prompt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_body(*_: object, **__: object) -> dict:
+        raise ValueError("a body that cannot be made")
+
+    monkeypatch.setattr("activities.progress_webhooks.webhook_body", broken_body)
+    poster = RecordingPoster()
+    webhook = ProgressWebhook(callback_url="https://example.com/h", created_at=datetime.now(timezone.utc))
+
+    async def follow_prompt() -> None:
+        hooks = ProgressWebhooks(poster, LocalStorage(tmp_path), "https://gw.example", 0.0, "j", webhook)  # type: ignore[arg-type]
+        hooks.offer(PromptProgress(prompt_id="p", submitted=True, percent=10, node="5"))
+        await asyncio.sleep(0.05)
+        await hooks.close()  # raised the body's error into run_prompt before
+
+    await ActivityEnvironment().run(follow_prompt)
+    assert poster.bodies.empty()
+
+
 async def test_progress_says_running_once_comfyui_executes_and_stops_at_a_cancel(tmp_path: Path) -> None:
     poster = RecordingPoster()
     environment = ActivityEnvironment()
