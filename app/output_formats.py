@@ -56,6 +56,10 @@ def in_output_format(file: ScratchFile, target: Path, output_format: OutputForma
     with image:
         if getattr(image, "n_frames", 1) > 1 or image.format == encoding.pillow_format:
             return file
+        try:
+            image.load()
+        except OSError:
+            return file  # truncated or corrupt: decoding it again on a retry cannot help; stored as it came
         _encode(image, target, encoding, quality)
     return ScratchFile(
         path=target, filename=str(PurePosixPath(file.filename).with_suffix(f".{encoding.extension}")),

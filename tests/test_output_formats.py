@@ -86,6 +86,12 @@ def test_animated_images_and_other_files_pass_through(tmp_path: Path) -> None:
     assert in_output_format(other, tmp_path / "out", OutputFormat.webp, 90) is other
 
 
+def test_a_corrupt_still_is_stored_as_it_came_not_retried(tmp_path: Path) -> None:
+    whole = scratch(tmp_path, noisy(), "PNG", "a.png")
+    whole.path.write_bytes(whole.path.read_bytes()[: whole.size // 2])  # cut short: the header reads, pixels don't
+    assert in_output_format(whole, tmp_path / "out", OutputFormat.jpg, 80) is whole
+
+
 class FakeView:
     """ComfyUI's /view, serving one PNG whatever is asked."""
 
