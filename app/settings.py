@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from enum import Enum
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -294,8 +294,9 @@ class Settings(BaseSettings):
         """No authentication configured: every caller is an admin."""
         return not self.api_keys and not self.jwt_secret
 
-    @property
+    @cached_property
     def parsed_api_keys(self) -> list[ApiKey]:
+        # Parsed (and hashed) once, not on every authenticated request.
         return [parse_api_key(entry.get_secret_value()) for entry in self.api_keys]
 
     @property
