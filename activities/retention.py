@@ -22,7 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from app.db import session_scope
 from app.models import DeleteJobsInput, DeleteJobsResult, ExpiredJob, FindExpiredJobsInput, FindExpiredJobsResult
-from app.retention import delete_job_records, expired_job_ids, inputs_left_unused
+from app.retention import delete_job_records, expired_job_ids, input_used_elsewhere, inputs_left_unused
 from app.storage import OutputStorage
 
 # Calls to Temporal at once while a batch is checked or deleted.
@@ -86,8 +86,14 @@ class RetentionActivities:
             with session_scope(self._engine) as session:
                 return inputs_left_unused(session, job_ids)
 
+        def used_elsewhere(key: str) -> bool:
+            with session_scope(self._engine) as session:
+                return input_used_elsewhere(session, key, job_ids)
+
         for key in await asyncio.to_thread(unused_inputs):
-            result.input_files += await asyncio.to_thread(self._storage.delete_prefix, key)
+            # Unused when the batch was checked; a job sent since with the same image may be storing it now.
+            if not await asyncio.to_thread(used_elsewhere, key):
+                result.input_files += await asyncio.to_thread(self._storage.delete_prefix, key)
             activity.heartbeat()
         result.workflows = sum(await _each([job for job in request.jobs if job.run_id], self._delete_workflow))
 
