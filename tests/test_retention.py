@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from temporalio.client import Client, ScheduleActionStartWorkflow, ScheduleOverlapPolicy
+from temporalio.client import Client, ScheduleActionStartWorkflow, ScheduleOverlapPolicy, WorkflowExecutionStatus
 from temporalio.service import RPCError
 from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
@@ -41,6 +41,7 @@ from tests.harness import Gateway, assert_eventually, gateway_settings, migrate_
 from worker.main import running_worker
 from worker.retention_schedule import RETENTION_INTERVAL, ensure_retention_schedule, retention_schedule_id
 from workflows_temporal.retention import RetentionWorkflow
+from workflows_temporal.webhook_delivery import webhook_workflow_id
 
 NOW = datetime.now(timezone.utc)
 OLD = NOW - timedelta(days=40)
@@ -241,6 +242,31 @@ async def test_retention_deletes_expired_jobs_and_leaves_live_recent_and_open_on
                                         for n in (0, 1)}
     finally:
         await temporal_client.get_workflow_handle(still_open).terminate("test over")
+
+
+async def test_retention_deletes_a_jobs_closed_webhook_deliveries_and_waits_for_running_ones(
+    temporal_client: Client, task_queue: str, sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    storage = LocalStorage(tmp_path / "outputs")
+    delivered = add_job(sqlite_engine, JobStatus.succeeded, ended=OLD)
+    retrying = add_job(sqlite_engine, JobStatus.failed, ended=OLD)
+    # Stand-ins for WebhookDeliveryWorkflow with its ids (no worker polls their queue): one closed, one running.
+    nobody = f"{task_queue}.nobody"
+    closed = await temporal_client.start_workflow("WebhookDeliveryWorkflow", id=webhook_workflow_id(
+        delivered, "job.succeeded"), task_queue=nobody)
+    await closed.terminate("delivered")
+    running = await temporal_client.start_workflow("WebhookDeliveryWorkflow", id=webhook_workflow_id(
+        retrying, "job.failed"), task_queue=nobody)
+    try:
+        result = await run_retention(temporal_client, task_queue, sqlite_engine, storage, days=30)
+        # The one workflow whose deletion Temporal accepted is the closed delivery (neither job ran a workflow of
+        # its own). Temporal removes it in the background, half a minute later on the dev server: not waited for.
+        assert (result.jobs, result.workflows, result.in_flight) == (1, 1, 1)
+        with session_scope(sqlite_engine) as session:
+            assert get_job(session, delivered) is None and get_job(session, retrying) is not None
+        assert (await running.describe()).status is WorkflowExecutionStatus.RUNNING
+    finally:
+        await running.terminate("test over")
 
 
 # --- the worker's schedule ------------------------------------------------------------------------------
