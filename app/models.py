@@ -413,11 +413,13 @@ class ExpiredJob(BaseModel):
     job_id: str
     # Its workflow's run, closed; None when Temporal no longer has it (its own retention removed it).
     run_id: str | None = None
+    # Its webhook deliveries' closed runs that Temporal still has: workflow id (`<jobId>:webhook:<event>`) → run id.
+    webhook_runs: dict[str, str] = Field(default_factory=dict)
 
 
 class FindExpiredJobsResult(BaseModel):
     jobs: list[ExpiredJob]
-    # Jobs of this batch whose workflow is still open in Temporal: left alone.
+    # Jobs of this batch whose workflow, or a webhook delivery of theirs, is still open in Temporal: left alone.
     in_flight: int = 0
     # Where the next batch starts; None when this batch was the last.
     next_after: str | None = None
@@ -431,7 +433,8 @@ class DeleteJobsResult(BaseModel):
     jobs: int = 0
     output_files: int = 0
     input_files: int = 0
-    # Closed workflows whose deletion Temporal accepted (it deletes them in the background).
+    # Closed workflows whose deletion Temporal accepted (it deletes them in the background): the jobs' own and
+    # their webhook deliveries'.
     workflows: int = 0
 
 

@@ -42,7 +42,7 @@ def cache_key(
 def find_cached_result(
     session: Session, storage: OutputStorage, key: str, owner: str, completed_after: datetime
 ) -> CachedResult | None:
-    """The result a new job of `owner` with this key may take, or None. Blocking: storage is asked for each file."""
+    """The result a new job of `owner` with this key may take, or None. Blocking: storage is asked whether each file exists."""
     for source in cached_results(session, key, owner, completed_after):
         if all(_stored(storage, output) for output in source.state.outputs):
             return CachedResult(source_job_id=source.state.job_id, outputs=source.state.outputs)
@@ -50,10 +50,8 @@ def find_cached_result(
 
 
 def _stored(storage: OutputStorage, output: OutputRef) -> bool:
+    # Asked without reading the file: on S3 a HEAD per output, not a GET, on the request's path.
     try:
-        storage.open(output.storage_key).close()
-    except FileNotFoundError:
-        return False
+        return storage.exists(output.storage_key)
     except StorageError:  # a store that does not answer now: no hit, and the job runs
         return False
-    return True

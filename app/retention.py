@@ -79,6 +79,16 @@ def inputs_left_unused(session: Session, job_ids: list[str]) -> list[str]:
     return list(session.execute(statement).scalars())
 
 
+def input_used_elsewhere(session: Session, storage_key: str, job_ids: list[str]) -> bool:
+    """Whether a job other than these uses the staged input now. Asked again right before each input's deletion:
+    a new job may have noted its use since inputs_left_unused, and then stores the file that deletion would
+    remove under it."""
+    statement = select(JobInputRow.job_id).where(
+        col(JobInputRow.storage_key) == storage_key, col(JobInputRow.job_id).not_in(job_ids)
+    ).limit(1)
+    return session.execute(statement).first() is not None
+
+
 def delete_job_records(session: Session, job_ids: list[str]) -> int:
     """Delete the jobs' rows, log events and input links in one transaction; returns how many job rows went."""
     if not job_ids:

@@ -18,6 +18,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from app.jobstore import record_job
 from app.models import JobState, JobStatus, OutputRef, RecordJobInput
 from app.result_cache import cache_key, find_cached_result
+from app.storage.base import StorageError
 from app.storage.local import LocalStorage
 from app.submission import ImageIntake, prepare_job
 from app.tables import TemplateRow
@@ -108,6 +109,36 @@ def test_a_hit_is_the_latest_job_that_ran_within_the_ttl_with_its_files_still_st
         (tmp_path / newer / "0" / "a.png").unlink()
         found = find_cached_result(session, storage, KEY, "alice", T0 - timedelta(seconds=1))
         assert found is not None and found.source_job_id == older
+
+
+class UnreadableStorage(LocalStorage):
+    """A store whose files the cache may look up but must not read (a GET per output on S3)."""
+
+    def __init__(self, root: Path, answers: bool = True) -> None:
+        super().__init__(root)
+        self.answers = answers
+        self.looked_up: list[str] = []
+
+    def open(self, key: str):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"the cache read {key}")
+
+    def exists(self, key: str) -> bool:
+        if not self.answers:
+            raise StorageError("the store does not answer")
+        self.looked_up.append(key)
+        return super().exists(key)
+
+
+def test_the_cache_asks_whether_outputs_exist_without_reading_them(engine: Engine, tmp_path: Path) -> None:
+    storage = UnreadableStorage(tmp_path)
+    job_id = str(uuid.uuid4())
+    with Session(engine) as session:
+        record_job(session, source(job_id, T0, stored_output(storage, job_id)))
+        since = T0 - timedelta(seconds=1)
+        assert find_cached_result(session, storage, KEY, "alice", since).source_job_id == job_id
+        assert storage.looked_up == [f"{job_id}/0/a.png"]
+        storage.answers = False  # a store that does not answer now: no hit, and the job runs
+        assert find_cached_result(session, storage, KEY, "alice", since) is None
 
 
 def test_a_hit_is_only_ever_a_job_of_the_same_owner(engine: Engine, tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from app.storage import LocalStorage, S3Storage
-from tests.harness import MotoServerProcess
+from app.storage.base import StorageError
+from tests.harness import MotoServerProcess, free_port
 
 
 def s3_storage(server: MotoServerProcess, bucket: str, **options: object) -> S3Storage:
@@ -41,6 +42,28 @@ def test_put_open_and_replace(s3_server: MotoServerProcess, bucket: str, tmp_pat
 def test_a_missing_object_is_file_not_found(s3_server: MotoServerProcess, bucket: str) -> None:
     with pytest.raises(FileNotFoundError, match=f"s3://{bucket}/job/0/gone.png"):
         s3_storage(s3_server, bucket).open("job/0/gone.png")
+
+
+def test_exists_asks_the_store_without_reading_the_object(s3_server: MotoServerProcess, bucket: str) -> None:
+    storage = s3_storage(s3_server, bucket, prefix="gateway")
+    storage.put_bytes("job/0/a.png", b"png", "image/png")
+    assert storage.exists("job/0/a.png")
+    assert not storage.exists("job/0/gone.png")
+    assert not s3_storage(s3_server, bucket).exists("job/0/a.png")  # under the prefix only
+
+
+def test_exists_on_a_store_that_does_not_answer_is_a_storage_error() -> None:
+    down = S3Storage(bucket="b", endpoint_url=f"http://127.0.0.1:{free_port()}", access_key="test",
+                     secret_key="test", region="us-east-1")
+    with pytest.raises(StorageError, match="looking up job/0/a.png"):
+        down.exists("job/0/a.png")
+
+
+def test_local_exists_is_a_stored_file(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.put_bytes("job/0/a.png", b"png", "image/png")
+    assert storage.exists("job/0/a.png")
+    assert not storage.exists("job/0/gone.png") and not storage.exists("job/0")  # a folder is no object
 
 
 def test_download_url_is_a_presigned_get(s3_server: MotoServerProcess, bucket: str) -> None:

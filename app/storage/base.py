@@ -27,6 +27,9 @@ class OutputStorage(Protocol):
     def open(self, key: str) -> BinaryIO:
         """Open the stored object for reading, streamed; FileNotFoundError when there is none."""
 
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored under `key`, asked without reading it (on S3 a HEAD, not a GET)."""
+
     def local_path(self, key: str) -> Path | None:
         """The object's path on this machine when the store is a local disk, else None."""
 

@@ -41,6 +41,9 @@ class LocalStorage:
     def open(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")
 
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
 

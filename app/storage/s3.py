@@ -94,6 +94,17 @@ class S3Storage:
                     raise FileNotFoundError(f"no object {self.location(key)}") from None
                 raise
 
+    def exists(self, key: str) -> bool:
+        with _storage_errors(f"looking up {key}"):
+            try:
+                self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as error:
+                # A HEAD answer has no body: a missing object is only its status, which botocore gives as "404".
+                if error.response.get("Error", {}).get("Code") in _MISSING:
+                    return False
+                raise
+        return True
+
     def local_path(self, key: str) -> Path | None:
         return None
 
