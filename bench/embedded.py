@@ -1,17 +1,21 @@
-"""What the benchmarks share: `comfyui-gateway dev` started as a user starts it, a zero-length ComfyUI job,
-percentiles."""
+"""What the benchmarks share: the simulator and `comfyui-gateway dev` started as a user starts them, a
+zero-length ComfyUI job, percentiles."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from tests.harness import REPO_ROOT, free_port
+from tests.harness import REPO_ROOT, SimulatorProcess, free_port
 
 ZERO_LENGTH_PROMPT = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
@@ -25,7 +29,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def start_gateway(root: Path, comfyui_url: str) -> tuple[subprocess.Popen[bytes], str]:
+def _start_gateway(root: Path, comfyui_url: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
@@ -51,3 +55,20 @@ def start_gateway(root: Path, comfyui_url: str) -> tuple[subprocess.Popen[bytes]
         time.sleep(0.2)
     process.kill()
     raise SystemExit(f"the gateway did not become healthy; see {root / 'gateway.log'}")
+
+
+@contextmanager
+def simulated_gateway() -> Iterator[str]:
+    """The simulator and `comfyui-gateway dev` on a scratch DATA_DIR, for the block; yields the API's URL."""
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        (root / "comfyui").mkdir()
+        simulator = SimulatorProcess(root / "comfyui")
+        simulator.start()
+        gateway, base_url = _start_gateway(root, simulator.url)
+        try:
+            yield base_url
+        finally:
+            gateway.send_signal(signal.SIGTERM)
+            gateway.wait(timeout=30)
+            simulator.kill()

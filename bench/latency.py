@@ -13,10 +13,8 @@ back to back (each job submitted the moment the previous one finished).
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -26,8 +24,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, percentile, start_gateway  # noqa: E402
-from tests.harness import SimulatorProcess  # noqa: E402
+from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, percentile, simulated_gateway  # noqa: E402
 
 
 def measure(base_url: str, jobs: int, poll_seconds: float, gap_seconds: float) -> tuple[list[float], list[float]]:
@@ -59,18 +56,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--poll-ms", type=float, default=20, help="how often the client asks GET /jobs/{id}")
     arguments = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        root = Path(scratch)
-        (root / "comfyui").mkdir()
-        simulator = SimulatorProcess(root / "comfyui")
-        simulator.start()
-        gateway, base_url = start_gateway(root, simulator.url)
-        try:
-            results = {gap: measure(base_url, arguments.jobs, arguments.poll_ms / 1000, gap) for gap in (0.3, 0.0)}
-        finally:
-            gateway.send_signal(signal.SIGTERM)
-            gateway.wait(timeout=30)
-            simulator.kill()
+    with simulated_gateway() as base_url:
+        results = {gap: measure(base_url, arguments.jobs, arguments.poll_ms / 1000, gap) for gap in (0.3, 0.0)}
     print(f"{arguments.jobs} zero-length ComfyUI jobs, one at a time, on `comfyui-gateway dev` + the simulator;"
           f" clients poll every {arguments.poll_ms:g} ms")
     for gap, (added, observed) in results.items():

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import signal
 import sys
-import tempfile
 import time
 from multiprocessing.queues import Queue
 from multiprocessing.sharedctypes import Synchronized
@@ -29,8 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, percentile, start_gateway  # noqa: E402
-from tests.harness import SimulatorProcess  # noqa: E402
+from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, percentile, simulated_gateway  # noqa: E402
 
 
 async def submit(api: httpx.AsyncClient, jobs: int, gap: float, newest: Synchronized) -> list[float]:
@@ -109,21 +106,11 @@ def main() -> None:
     parser.add_argument("--gap-ms", type=float, default=250,
                         help="time between two submissions (the default keeps ComfyUI's queue short)")
     arguments = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        root = Path(scratch)
-        (root / "comfyui").mkdir()
-        simulator = SimulatorProcess(root / "comfyui")
-        simulator.start()
-        gateway, base_url = start_gateway(root, simulator.url)
-        try:
-            quiet, _ = asyncio.run(measure(base_url, arguments.jobs, 0, 0, arguments.gap_ms / 1000))
-            busy, reads = asyncio.run(
-                measure(base_url, arguments.jobs, arguments.clients, arguments.poll_ms / 1000, arguments.gap_ms / 1000)
-            )
-        finally:
-            gateway.send_signal(signal.SIGTERM)
-            gateway.wait(timeout=30)
-            simulator.kill()
+    with simulated_gateway() as base_url:
+        quiet, _ = asyncio.run(measure(base_url, arguments.jobs, 0, 0, arguments.gap_ms / 1000))
+        busy, reads = asyncio.run(
+            measure(base_url, arguments.jobs, arguments.clients, arguments.poll_ms / 1000, arguments.gap_ms / 1000)
+        )
     print(f"{arguments.jobs} zero-length jobs, one every {arguments.gap_ms:g} ms, on `comfyui-gateway dev` + the simulator")
     print(f"POST /jobs accepted, nobody polling          : {summary(quiet)}")
     print(f"POST /jobs accepted, {arguments.clients} clients polling every {arguments.poll_ms:g} ms: {summary(busy)}")
