@@ -356,11 +356,13 @@ async def api_client(
 
 
 async def wait_for_job(api: httpx.AsyncClient, job_id: str, *, until: set[str], timeout: float = 30) -> dict[str, Any]:
-    async def job_in_status() -> dict[str, Any] | None:
+    async def job_in_status() -> dict[str, Any]:
         response = await api.get(f"/jobs/{job_id}")
         assert response.status_code == 200, response.text
         job = response.json()
-        return job if job["status"] in until else None
+        # The job as last read is the failure's message: what it was doing, or how it ended instead.
+        assert job["status"] in until, job
+        return job
 
     return await assert_eventually(job_in_status, timeout=timeout, what=f"job {job_id} reaching {sorted(until)}")
 

@@ -92,7 +92,11 @@ async def test_no_secret_reaches_a_log_line(
                 await client.get(f"/jobs/{uuid.uuid4()}"),
             ]
             assert all(response.status_code != 500 for response in refused)
-            assert (await wait_for_job(client, job_id, until={"succeeded"}))["status"] == "succeeded"
+            try:
+                await wait_for_job(client, job_id, until={"succeeded"}, timeout=60)
+            except AssertionError as failure:
+                worker_log = (tmp_path / "worker.log").read_text(errors="replace")[-4000:]
+                raise AssertionError(f"{failure}\nthe worker's log ends:\n{worker_log}") from None
             await assert_eventually(lambda: deliveries, what="the job's webhook")
     finally:
         api.stop()
