@@ -7,14 +7,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
 from api.auth import authenticate
 from api.database import Database
-from api.errors import ApiError
+from api.errors import ApiError, validation_error
 from api.job_reader import JobReader, job_not_found
+from api.job_waits import JobWaits
 from api.openapi import answers_with
 from api.temporal_connection import TemporalConnection
 from app.auth import Principal, Role
@@ -108,3 +109,28 @@ async def load_job(job_id: str, reader: JobReaderDep, principal: PrincipalDep) -
 
 
 JobDep = Annotated[JobSnapshot, Depends(load_job)]
+
+
+@answers_with(ErrorCode.TOO_MANY_WAITS)
+async def get_job_waits(request: Request) -> JobWaits:
+    return request.app.state.job_waits
+
+
+JobWaitsDep = Annotated[JobWaits, Depends(get_job_waits)]
+
+
+async def wait_seconds(
+    settings: SettingsDep,
+    wait: Annotated[float | None, Query(
+        ge=0, allow_inf_nan=False,
+        description="seconds (0 to MAX_WAIT_SECONDS, 60 by default) to wait for the job to end (succeeded, failed "
+                    "or cancelled) before answering; the answer comes as soon as it has ended")] = None,
+) -> float | None:
+    """`?wait=`, in seconds, within MAX_WAIT_SECONDS; None when not given."""
+    if wait is not None and wait > settings.max_wait_seconds:
+        raise validation_error([{"field": "wait", "message": f"at most MAX_WAIT_SECONDS, "
+                                                             f"{settings.max_wait_seconds:g} seconds"}])
+    return wait
+
+
+WaitDep = Annotated[float | None, Depends(wait_seconds)]

@@ -6,13 +6,17 @@ bounds a request's head (16 KB), but sets no deadline for the head to arrive, no
 arriving; `HeaderTimeoutProtocol` and `BodyReadTimeout` add them. `ConcurrencyLimit` refuses requests beyond
 a number at once, with the API's JSON error: uvicorn's own limit answers in plain text, and counts the
 connections that have not sent a request yet, so a crowd of slow clients would turn every request away.
-`ReadsInTurn` lets reads take turns, so that polling cannot crowd out submissions.
+`ReadsInTurn` lets reads take turns, so that polling cannot crowd out submissions. A request that waits for
+a job to end (`wait=`, api.job_waits) steps aside from both once it starts waiting (`step_aside`): it costs
+nothing while it waits, and a crowd of waiters must neither turn other requests away nor hold the read
+turns; `API_MAX_CONCURRENT_WAITS` bounds the waiters instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -27,6 +31,31 @@ from app.errors import ErrorCode, http_status
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+# The scope's list of what gives back the request's places in the limits below, for `step_aside`.
+_STEP_ASIDE = "gateway.step_aside"
+
+
+def step_aside(scope: Scope) -> None:
+    """The request gives back its place in the concurrency limit and its read turn for the rest of its life:
+    it is about to wait long for something that costs the server nothing meanwhile."""
+    for give_back in scope.pop(_STEP_ASIDE, []):
+        give_back()
+
+
+def _on_step_aside(scope: Scope, give_back: Callable[[], None]) -> Callable[[], None]:
+    """`give_back`, to be called once: by `step_aside`, or when the request ends."""
+    given = False
+
+    def once() -> None:
+        nonlocal given
+        if not given:
+            given = True
+            give_back()
+
+    scope.setdefault(_STEP_ASIDE, []).append(once)
+    return once
 
 
 def server_config(app: ASGIApp, settings: Settings) -> ServerConfig:
@@ -145,10 +174,14 @@ class ConcurrencyLimit:
             await busy(scope, receive, send)
             return
         self.in_flight += 1
+        leave = _on_step_aside(scope, self._leave)
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            leave()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
 
 
 class ReadsInTurn:
@@ -165,5 +198,9 @@ class ReadsInTurn:
         if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
-        async with self.turns:
+        await self.turns.acquire()
+        end_turn = _on_step_aside(scope, self.turns.release)
+        try:
             await self.app(scope, receive, send)
+        finally:
+            end_turn()

@@ -19,6 +19,7 @@ from temporalio.client import Client
 from api.codec_cors import CodecCors
 from api.errors import install_error_handlers
 from api.job_reader import live_views
+from api.job_waits import JobWaits
 from api.openapi import install_openapi
 from api.plain_json import BodySizeLimit
 from api.probes import Probes
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         prepare_database(app.state.engine)
         app.state.storage = build_storage(settings)
         app.state.live_views = live_views()
+        app.state.job_waits = JobWaits(settings.api_max_concurrent_waits)
         # What ComfyUI has (node types, models) changes rarely: a burst of requests asks it once.
         app.state.comfyui_answers = SharedAnswers(reuse_seconds=_COMFYUI_ANSWERS_SECONDS)
         app.state.started_at = time.monotonic()

@@ -25,6 +25,7 @@ class ErrorCode(str, Enum):
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
     SERVER_BUSY = "SERVER_BUSY"
+    TOO_MANY_WAITS = "TOO_MANY_WAITS"
     AUTH_FAILED = "AUTH_FAILED"
     FORBIDDEN = "FORBIDDEN"
     WORKFLOW_JSON_NOT_ALLOWED = "WORKFLOW_JSON_NOT_ALLOWED"
@@ -89,6 +90,10 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.SERVER_BUSY: ErrorClass(
         503, False, False, _REQUEST,
         "the API is handling `API_MAX_CONCURRENT_REQUESTS` requests already; try again after `Retry-After` seconds"),
+    ErrorCode.TOO_MANY_WAITS: ErrorClass(
+        503, False, False, _REQUEST,
+        "`API_MAX_CONCURRENT_WAITS` requests are waiting (`wait=`) for jobs already; try again after `Retry-After` "
+        "seconds, or without `wait`. At `POST /jobs` nothing was created"),
     ErrorCode.AUTH_FAILED: ErrorClass(
         401, False, False, _REQUEST,
         "no credentials, or an API key or JWT that is not valid (unknown, badly signed, expired, malformed); the "

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     api_concurrent_reads: int = Field(
         2, ge=1, description="GET requests the API works on at once; more wait their turn, so that clients "
                              "polling hard cannot crowd out submissions")
+    # `?wait=` on POST /jobs and GET /jobs/{id}: a request that waits holds no place among the two above.
+    max_wait_seconds: float = Field(
+        60.0, ge=0, le=3600, description="the longest `wait` a request may give POST /jobs and GET /jobs/{id}")
+    api_max_concurrent_waits: int = Field(
+        1000, ge=1, description="requests that may wait (`wait=`) for a job at once; more are refused with 503 "
+                                "TOO_MANY_WAITS")
     # Rate limits: RATE_LIMIT_MAX requests per RATE_LIMIT_WINDOW_MS, per principal and per client address.
     rate_limit_max: int | None = Field(
         None, ge=1, description="requests a principal, and a client address, may make per window (with "

@@ -12,6 +12,7 @@ from itertools import islice
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
@@ -23,15 +24,20 @@ from api.deps import (
     DatabaseDep,
     JobDep,
     JobReaderDep,
+    JobWaitsDep,
     PrincipalDep,
     SessionDep,
     SettingsDep,
     StorageDep,
     TemporalDep,
+    WaitDep,
 )
 from api.errors import ApiError, invalid_input, validation_error
+from api.http_server import step_aside
 from api.database import Database
 from api.job_reader import JobReader
+from api.job_waits import JobWaits
+from api.temporal_connection import TemporalConnection
 from api.job_views import Job, public_job, public_job_off_loop
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
@@ -231,7 +237,15 @@ def _json_size(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":")))
 
 
-@router.post("", status_code=202, response_model=CreateJobResponse)
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=MAX_KEY_LENGTH,
+    description="the same key (per caller) always names the same job: a repeat never runs it twice",
+)]
+
+
+@router.post("", status_code=202, response_model=CreateJobResponse, responses={200: {
+    "model": Job, "description": "with `wait`: the job has ended (succeeded, failed or cancelled), as "
+                                 "`GET /jobs/{jobId}` shows it"}})
 @answers_with(
     ErrorCode.WEBHOOK_NOT_CONFIGURED, ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.IDEMPOTENCY_CONFLICT, ErrorCode.STORAGE_ERROR,
     ErrorCode.WORKFLOW_JSON_NOT_ALLOWED, ErrorCode.TOO_MANY_ACTIVE_JOBS,
@@ -245,11 +259,59 @@ async def create_job(
     storage: StorageDep,
     reader: JobReaderDep,
     principal: PrincipalDep,
-    idempotency_key: Annotated[str | None, Header(
-        alias="Idempotency-Key", min_length=1, max_length=MAX_KEY_LENGTH,
-        description="the same key (per caller) always names the same job: a repeat never runs it twice",
-    )] = None,
+    waits: JobWaitsDep,
+    wait: WaitDep,
+    idempotency_key: IdempotencyKey = None,
+) -> CreateJobResponse | JSONResponse:
+    """With `wait`, `200` and the job as `GET /jobs/{jobId}` shows it once it has ended, or the `202` when
+    the wait runs out first (its `status` then is the job's now)."""
+    if wait is None:
+        return await _submit(body, request, db, settings, temporal, storage, reader, principal, idempotency_key)
+    with waits.place():  # taken before the job is created: a refusal creates nothing
+        accepted = await _submit(body, request, db, settings, temporal, storage, reader, principal, idempotency_key)
+        job_id = accepted.job_id
+        ended = accepted.status.is_terminal  # a cache hit, or a repeat of a key whose job has ended
+        if not ended and wait:
+            ended = await _wait_for_end(request, waits, temporal.require(), job_id, wait)
+        # A job that has not ended is read from its row, never by a query of its live workflow, which would
+        # wait for a worker (as `_state_now`).
+        snapshot = await (reader.read(job_id, reuse_live=False) if ended else db.run(get_job_snapshot, job_id))
+        if snapshot is None:
+            return accepted
+        if snapshot.state.status.is_terminal:
+            return JSONResponse((await public_job_off_loop(snapshot, storage)).model_dump(mode="json", by_alias=True))
+        return await _accepted(db, settings, snapshot.state, body.workflow_id)
+
+
+async def _wait_for_end(request: Request, waits: JobWaits, client: Client, job_id: str, seconds: float) -> bool:
+    """Whether the job ended within `seconds`. While it waits, the request holds no place in the server's
+    concurrency limit nor a read turn (api.http_server), and it stops waiting when its client goes away."""
+    step_aside(request.scope)
+    gone = asyncio.create_task(_disconnected(request))
+    try:
+        return await waits.until_closed(client, job_id, seconds, gone)
+    finally:
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone: once the body is read, the next message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _submit(
+    body: CreateJobRequest,
+    request: Request,
+    db: Database,
+    settings: Settings,
+    temporal: TemporalConnection,
+    storage: OutputStorage,
+    reader: JobReader,
+    principal: Principal,
+    idempotency_key: str | None,
 ) -> CreateJobResponse:
+    """The job created, or found by its idempotency key: the `202`'s body."""
     _check_raw_graph(body, settings, principal)
     _check_webhook(body, settings)
     if _json_size(body.metadata) > _MAX_METADATA_BYTES:
@@ -507,7 +569,17 @@ def get_jobs(
 
 
 @router.get("/{job_id}", response_model=Job)
-async def get_job(job: JobDep, storage: StorageDep) -> Job:
+async def get_job(
+    job: JobDep, storage: StorageDep, request: Request, reader: JobReaderDep, temporal: TemporalDep,
+    waits: JobWaitsDep, wait: WaitDep,
+) -> Job:
+    """With `wait`, the job once it has ended, or as it is when the wait runs out: 200 both ways, and its
+    `status` says which (`succeeded`, `failed`, `cancelled`: ended; `queued`, `running`: not yet)."""
+    if wait and not job.state.status.is_terminal:
+        client = temporal.require()
+        with waits.place():
+            ended = await _wait_for_end(request, waits, client, job.state.job_id, wait)
+            job = await reader.read(job.state.job_id, reuse_live=not ended)
     return await public_job_off_loop(job, storage)
 
 
