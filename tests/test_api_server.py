@@ -8,13 +8,13 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from api.http_server import ReadsInTurn
+from api.http_server import ConcurrencyLimit, ReadsInTurn, step_aside
 from api.plain_json import MAX_VALUES
 from tests.harness import ApiProcess, assert_eventually, error_of, free_port, gateway_settings, migrate_database
 
@@ -22,6 +22,7 @@ from tests.harness import ApiProcess, assert_eventually, error_of, free_port, ga
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.0
 MAX_CONCURRENT_REQUESTS = 4
+MAX_CONCURRENT_WAITS = 6
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,8 @@ async def api_server(temporal_env: WorkflowEnvironment, tmp_path_factory: pytest
                                 f"test-{uuid.uuid4()}")
     migrate_database(settings)
     server = ApiProcess(settings, API_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S), API_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
-                        API_MAX_CONCURRENT_REQUESTS=str(MAX_CONCURRENT_REQUESTS))
+                        API_MAX_CONCURRENT_REQUESTS=str(MAX_CONCURRENT_REQUESTS),
+                        API_MAX_CONCURRENT_WAITS=str(MAX_CONCURRENT_WAITS))
     await server.start()
     yield server.url
     server.stop()
@@ -174,6 +176,7 @@ async def test_requests_beyond_the_concurrency_limit_get_503_until_others_end(ap
 
         async def refused() -> httpx.Response | None:  # once the server has read the held requests' heads
             response = await client.get("/workflows")
+            print("probe", response.status_code, response.text[:200], [t.done() for t in waiting])
             return response if response.status_code == 503 else None
 
         busy = await assert_eventually(refused, timeout=BODY_TIMEOUT_S * 0.8, interval=0.02, what="a 503")
@@ -207,3 +210,74 @@ async def test_reads_take_turns_while_other_requests_go_straight_in() -> None:
     leave.set()
     await asyncio.gather(first, second, submission)
     assert inside == ["GET /jobs/1", "POST /jobs", "GET /jobs/2"]
+
+
+async def served(request: Callable[[], Awaitable[httpx.Response]], patience: float = 10) -> httpx.Response:
+    """The request's answer, sent again for `patience` seconds as a client does while the server is busy
+    (503 SERVER_BUSY)."""
+    deadline = time.monotonic() + patience
+    while (answer := await request()).status_code == 503 and error_of(answer)["code"] == "SERVER_BUSY":
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return answer
+
+
+async def test_waiting_requests_hold_no_place_in_the_limits_and_end_when_their_client_goes(api_server: str) -> None:
+    """With no worker, jobs never end: requests that wait on them wait until their clients go away. More of them
+    than MAX_CONCURRENT_REQUESTS wait while other requests are served."""
+    async with httpx.AsyncClient(base_url=api_server, timeout=60) as client:
+        waiting = [asyncio.create_task(served(lambda: client.post("/jobs", params={"wait": 60},
+                                                                   json={"workflowId": "solid_color"})))
+                   for _ in range(MAX_CONCURRENT_WAITS)]
+
+        async def refused_wait() -> httpx.Response | None:  # every place taken: the waiters are in
+            response = await served(lambda: client.post("/jobs", params={"wait": 0.01}, json={"workflowId": "x"}))
+            return response if response.status_code == 503 else None
+
+        refused = await assert_eventually(refused_wait, timeout=20, what="the waits' places all taken")
+        assert error_of(refused)["code"] == "TOO_MANY_WAITS" and refused.headers["retry-after"] == "1"
+
+        async def others_served() -> bool:
+            answers = await asyncio.gather(*(client.get("/workflows") for _ in range(MAX_CONCURRENT_REQUESTS)))
+            return all(answer.status_code == 200 for answer in answers)
+
+        await assert_eventually(others_served, timeout=10, what="other requests served beside the waiting ones")
+        assert not any(request.done() for request in waiting)
+        for request in waiting:
+            request.cancel()  # the client goes away: its connection is closed
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+        async def place_free() -> bool:
+            response = await served(lambda: client.post("/jobs", params={"wait": 0.01}, json={"workflowId": "x"}))
+            return response.status_code == 404  # past the waits' limit, to the unknown template
+        await assert_eventually(place_free, timeout=10, what="the gone clients' places given back")
+
+
+async def test_a_request_that_steps_aside_holds_no_place_in_the_limit_nor_a_read_turn() -> None:
+    inside: list[str] = []
+    answered: list[int] = []
+    leave = asyncio.Event()
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        inside.append(scope["path"])
+        if scope["path"].startswith("/waits"):
+            step_aside(scope)
+            await leave.wait()
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            answered.append(message["status"])
+
+    server = ConcurrencyLimit(ReadsInTurn(app, slots=1), limit=1)
+
+    def request(path: str) -> asyncio.Task[None]:
+        return asyncio.create_task(server({"type": "http", "method": "GET", "path": path}, None, send))
+
+    waits = [request(f"/waits/{index}") for index in range(3)]
+    await assert_eventually(lambda: len(inside) == 3, timeout=5, what="three waits in")
+    await request("/workflows")  # neither refused nor held behind the waits
+    assert inside[-1] == "/workflows" and answered == [] and server.in_flight == 0
+    leave.set()
+    await asyncio.gather(*waits)
+    assert server.in_flight == 0 and not server.app.turns.locked()
