@@ -176,7 +176,6 @@ async def test_requests_beyond_the_concurrency_limit_get_503_until_others_end(ap
 
         async def refused() -> httpx.Response | None:  # once the server has read the held requests' heads
             response = await client.get("/workflows")
-            print("probe", response.status_code, response.text[:200], [t.done() for t in waiting])
             return response if response.status_code == 503 else None
 
         busy = await assert_eventually(refused, timeout=BODY_TIMEOUT_S * 0.8, interval=0.02, what="a 503")
