@@ -87,9 +87,10 @@ _ADMIN = {"AUTH_FAILED", "FORBIDDEN", "RATE_LIMITED"}
 ERROR_CODES = {
     "POST /jobs": {"VALIDATION_ERROR", "WEBHOOK_NOT_CONFIGURED", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND",
                    "IDEMPOTENCY_CONFLICT", "WORKFLOW_JSON_NOT_ALLOWED", "STORAGE_ERROR", "TOO_MANY_ACTIVE_JOBS",
-                   "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+                   "TEMPORAL_UNAVAILABLE", "TOO_MANY_WAITS", "INTERNAL_ERROR"} | _AUTH,
     "GET /jobs": {"VALIDATION_ERROR", "INTERNAL_ERROR"} | _AUTH,
-    "GET /jobs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /jobs/{job_id}": {"VALIDATION_ERROR", "JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "TOO_MANY_WAITS",
+                           "INTERNAL_ERROR"} | _AUTH,
     "POST /jobs/{job_id}/cancel": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "JOB_NOT_FOUND", "JOB_ALREADY_FINISHED",
                                    "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /jobs/{job_id}/logs": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
@@ -132,11 +133,17 @@ async def test_each_operation_documents_the_errors_it_answers_with(api: httpx.As
             assert {http_status(ErrorCode(code)) for code in codes} == {int(status)}, (name, status)
         assert set(operation["responses"]) - set(errors) == {min(operation["responses"])} | (
             {"503"} if name in ("GET /health", "GET /ready") else set()) | (
-            {"307"} if name == "GET /outputs/{job_id}/{filename}" else set()), name  # the success, and no 422
+            {"307"} if name == "GET /outputs/{job_id}/{filename}" else set()) | (
+            {"202"} if name == "POST /jobs" else set()), name  # the success, and no 422
         query = [parameter["name"] for parameter in operation.get("parameters", []) if parameter["in"] == "query"]
         assert all("_" not in parameter for parameter in query), (name, query)  # camelCase, as on the wire
     assert [p["name"] for p in operations["GET /jobs"]["parameters"]] == [
         "status", "workflowId", "after", "before", "limit", "offset"]
+    for name in ("POST /jobs", "GET /jobs/{job_id}"):
+        [wait] = [p for p in operations[name]["parameters"] if p["name"] == "wait"]
+        assert wait["in"] == "query" and not wait["required"] and "MAX_WAIT_SECONDS" in wait["description"], name
+    assert operations["POST /jobs"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Job"}
 
 
 async def test_an_answer_of_the_health_routes_is_documented_whatever_its_status(api: httpx.AsyncClient) -> None:
@@ -173,9 +180,15 @@ async def test_the_answers_about_real_jobs_are_as_documented(gateway: Gateway) -
     finished = await answer("POST", "/jobs/{job_id}/cancel", f"/jobs/{job_id}/cancel")
     assert finished.status_code == 409
 
+    ended = await answer("POST", "/jobs", "/jobs", params={"wait": 30},
+                         json={"workflowId": "solid_color", "inputs": {"width": 8, "height": 8}})
+    assert ended.status_code == 200 and ended.json()["status"] == "succeeded"
+    await answer("GET", "/jobs/{job_id}", f"/jobs/{ended.json()['jobId']}", params={"wait": 30})
+
     running = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
     await wait_for_job(gateway.api, running, until={"running"})
     await answer("GET", "/jobs/{job_id}", f"/jobs/{running}")
+    await answer("GET", "/jobs/{job_id}", f"/jobs/{running}", params={"wait": 0.1})
     cancelled = await answer("POST", "/jobs/{job_id}/cancel", f"/jobs/{running}/cancel", json={"reason": "docs"})
     assert cancelled.json()["status"] == "cancelled"
     await answer("GET", "/jobs/{job_id}", f"/jobs/{running}")
@@ -206,7 +219,9 @@ def live_api(temporal_client: Client, task_queue: str, tmp_path: Path) -> Iterat
     """The API served by uvicorn on a free port, as `comfyui-gateway api` serves it: a migrated SQLite database,
     the session's Temporal (which it connects to itself) with no worker on its queue, and a ComfyUI where
     nothing listens. Its own thread runs its own event loop, while schemathesis calls it from the test's thread."""
-    settings = gateway_settings(temporal_client, f"http://127.0.0.1:{free_port()}", tmp_path, task_queue)
+    # No job ends here: a request with `wait` waits as long as it says, at most MAX_WAIT_SECONDS.
+    settings = gateway_settings(temporal_client, f"http://127.0.0.1:{free_port()}", tmp_path, task_queue,
+                                max_wait_seconds=1)
     migrate_database(settings)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
