@@ -4,7 +4,8 @@ Nothing is polled: a job's end is its workflow's close, and Temporal itself hold
 history long poll of `WorkflowHandle.result`, which returns when the close event is written). One long poll
 per job and API process, however many requests wait on that job: each request waits on the shared poll with
 its own deadline, and when the last one leaves (its wait ran out, its client went away) the poll is
-cancelled, so nothing is left running for a job nobody waits on. What the job then is, is read through the
+cancelled, so nothing is left running for a job nobody waits on (unlike api.shared_answers, whose shared
+call runs on when its callers leave: a read ends soon, a long poll does not). What the job then is, is read through the
 JobReader, as `GET /jobs/{id}` reads it: the close only says when to read.
 
 `API_MAX_CONCURRENT_WAITS` bounds the requests waiting at once: each holds a place, taken before anything
