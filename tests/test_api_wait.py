@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.harness import DONE, Gateway, assert_eventually, error_of, recorded_workflow, wait_for_job
+from tests.test_auth import ADMIN, ALICE_KEY, API_KEYS, BOB
 
 
 def metric(name: str) -> float:
@@ -154,3 +155,17 @@ async def test_waits_beyond_the_limit_are_refused_before_anything_is_created(gat
     assert (await gateway.api.get(f"/jobs/{job_id}")).status_code == 200  # without wait, as ever
     await gateway.api.post(f"/jobs/{job_id}/cancel")
     assert {(await request).json()["status"] for request in waiting} == {"cancelled"}
+
+
+@pytest.mark.settings(api_keys=API_KEYS)
+async def test_only_who_may_read_a_job_may_wait_on_it(gateway: Gateway) -> None:
+    api = gateway.api
+    api.headers["X-API-Key"] = ALICE_KEY  # every request is alice's unless it says otherwise
+    job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(1.5)})
+    polls = long_polls()
+    refused = await api.get(f"/jobs/{job_id}", params={"wait": 30}, headers=BOB)
+    assert refused.status_code == 404 and error_of(refused)["code"] == "JOB_NOT_FOUND"
+    assert long_polls() == polls  # refused before any wait
+    answers = await asyncio.gather(api.get(f"/jobs/{job_id}", params={"wait": 30}),
+                                   api.get(f"/jobs/{job_id}", params={"wait": 30}, headers=ADMIN))
+    assert [(answer.status_code, answer.json()["status"]) for answer in answers] == [(200, "succeeded")] * 2
