@@ -224,11 +224,14 @@ async def served(request: Callable[[], Awaitable[httpx.Response]], patience: flo
 
 async def test_waiting_requests_hold_no_place_in_the_limits_and_end_when_their_client_goes(api_server: str) -> None:
     """With no worker, jobs never end: requests that wait on them wait until their clients go away. More of them
-    than MAX_CONCURRENT_REQUESTS wait while other requests are served."""
+    than MAX_CONCURRENT_REQUESTS, reads and submissions, wait while other requests are served."""
     async with httpx.AsyncClient(base_url=api_server, timeout=60) as client:
-        waiting = [asyncio.create_task(served(lambda: client.post("/jobs", params={"wait": 60},
-                                                                   json={"workflowId": "solid_color"})))
-                   for _ in range(MAX_CONCURRENT_WAITS)]
+        job_id = (await client.post("/jobs", json={"workflowId": "solid_color"})).json()["jobId"]
+        waiting = [asyncio.create_task(served(lambda: client.get(f"/jobs/{job_id}", params={"wait": 60})))
+                   for _ in range(MAX_CONCURRENT_WAITS // 2)]
+        waiting += [asyncio.create_task(served(lambda: client.post("/jobs", params={"wait": 60},
+                                                                    json={"workflowId": "solid_color"})))
+                    for _ in range(MAX_CONCURRENT_WAITS - len(waiting))]
 
         async def refused_wait() -> httpx.Response | None:  # every place taken: the waiters are in
             response = await served(lambda: client.post("/jobs", params={"wait": 0.01}, json={"workflowId": "x"}))
