@@ -1,5 +1,5 @@
-"""What the benchmarks share: the simulator and `comfyui-gateway dev` started as a user starts them, a
-zero-length ComfyUI job, percentiles."""
+"""What the benchmarks share: the simulator (one or several) and `comfyui-gateway dev` started as a user starts
+them, a zero-length ComfyUI job and one that runs for a set time, percentiles."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,21 +25,31 @@ ZERO_LENGTH_PROMPT = {
 WARM_UP_JOBS = 3
 
 
+def timed_prompt(seconds: float) -> dict:
+    """A job ComfyUI runs for about SECONDS: TestSleepProgress is never cached, so it and the SaveImage after it
+    run every time, where ZERO_LENGTH_PROMPT's nodes come from ComfyUI's cache after its first run."""
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "TestSleepProgress", "inputs": {"image": ["1", 0], "seconds": seconds, "steps": 1}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "bench"}},
+    }
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def _start_gateway(root: Path, comfyui_url: str) -> tuple[subprocess.Popen[bytes], str]:
+def _start_gateway(root: Path, comfyui_env: Mapping[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
         "DATA_DIR": str(root / "gateway"),
         "PORT": str(port),
-        "COMFYUI_URL": comfyui_url,
         "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
         "TEMPORAL_UI_PORT": str(free_port()),
         "LOG_LEVEL": "WARNING",
+        **comfyui_env,
     }
     with open(root / "gateway.log", "wb") as log:  # the child keeps its own handle
         process = subprocess.Popen(
@@ -57,18 +68,47 @@ def _start_gateway(root: Path, comfyui_url: str) -> tuple[subprocess.Popen[bytes
     raise SystemExit(f"the gateway did not become healthy; see {root / 'gateway.log'}")
 
 
+@dataclass(frozen=True)
+class Stack:
+    api_url: str
+    simulators: list[SimulatorProcess]
+
+
+@contextmanager
+def simulated_stack(
+    simulators: int = 1, backend_list: bool = False, gateway_env: Mapping[str, str] | None = None,
+) -> Iterator[Stack]:
+    """SIMULATORS simulator processes and `comfyui-gateway dev` on a scratch DATA_DIR, for the block.
+
+    The gateway reaches them through COMFYUI_URL (the first) or, with BACKEND_LIST, through COMFYUI_URLS as
+    `sim1=URL,sim2=URL,...`; COMFYUI_URL then still names the first, for a gateway that reads only it.
+    GATEWAY_ENV is added to the gateway's environment last (e.g. MAX_CONCURRENCY)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        processes: list[SimulatorProcess] = []
+        gateway: subprocess.Popen[bytes] | None = None
+        try:
+            for number in range(1, simulators + 1):
+                data_dir = root / f"sim{number}" / "comfyui"  # each its own log: the directory's parent
+                data_dir.mkdir(parents=True)
+                processes.append(SimulatorProcess(data_dir))
+                processes[-1].start()
+            comfyui_env = {"COMFYUI_URL": processes[0].url}
+            if backend_list:
+                comfyui_env["COMFYUI_URLS"] = ",".join(
+                    f"sim{number}={process.url}" for number, process in enumerate(processes, 1))
+            gateway, base_url = _start_gateway(root, {**comfyui_env, **(gateway_env or {})})
+            yield Stack(base_url, processes)
+        finally:
+            if gateway is not None:
+                gateway.send_signal(signal.SIGTERM)
+                gateway.wait(timeout=30)
+            for process in processes:
+                process.kill()
+
+
 @contextmanager
 def simulated_gateway() -> Iterator[str]:
     """The simulator and `comfyui-gateway dev` on a scratch DATA_DIR, for the block; yields the API's URL."""
-    with tempfile.TemporaryDirectory() as scratch:
-        root = Path(scratch)
-        (root / "comfyui").mkdir()
-        simulator = SimulatorProcess(root / "comfyui")
-        simulator.start()
-        gateway, base_url = _start_gateway(root, simulator.url)
-        try:
-            yield base_url
-        finally:
-            gateway.send_signal(signal.SIGTERM)
-            gateway.wait(timeout=30)
-            simulator.kill()
+    with simulated_stack() as stack:
+        yield stack.api_url
