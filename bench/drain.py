@@ -22,6 +22,8 @@ class Drain:
     ended: dict[str, float] = field(default_factory=dict)  # id -> wall-clock end, for the jobs that succeeded
     execution_ms: list[float] = field(default_factory=list)  # ComfyUI's own run time of each
     outcomes: dict[str, str] = field(default_factory=dict)  # id -> final status, "missing" or the last one seen
+    refused: dict[str, int] = field(default_factory=dict)  # submissions that got no id: count by HTTP status or error
+    submitted: float = 0.0  # when the last submission was answered (time.time())
     seen_done: float = 0.0  # when the client saw the last one finished (time.time())
 
     @property
@@ -66,11 +68,20 @@ async def gateway_batch(
 
     async def client(share: list[dict]) -> None:
         for body in share:
-            answer, elapsed = await timed_post(api, "/jobs", body)
-            drain.accept_ms.append(elapsed)
-            job_ids.append(answer["jobId"])
+            try:
+                answer, elapsed = await timed_post(api, "/jobs", body)
+            except httpx.HTTPStatusError as error:
+                reason = str(error.response.status_code)
+            except httpx.TransportError as error:
+                reason = type(error).__name__
+            else:
+                drain.accept_ms.append(elapsed)
+                job_ids.append(answer["jobId"])
+                continue
+            drain.refused[reason] = drain.refused.get(reason, 0) + 1
 
     await asyncio.gather(*(client(share) for share in bodies))
+    drain.submitted = time.time()
 
     async def finished(job_id: str) -> bool:
         response = await api.get(f"/jobs/{job_id}")
@@ -90,6 +101,9 @@ async def gateway_batch(
 
     await _wait_in_order(job_ids, finished, poll_seconds, time.monotonic() + timeout)
     drain.seen_done = time.time()
+    for job_id in job_ids:  # after a timeout, where the ones not waited for yet stand
+        if drain.outcomes.get(job_id) not in TERMINAL:
+            await finished(job_id)
     return drain
 
 
@@ -100,6 +114,7 @@ async def comfyui_batch(
     drain = Drain(started=time.time())
     answers = await asyncio.gather(
         *(timed_post(comfyui, "/prompt", {"prompt": prompt, "client_id": "bench"}) for prompt in prompts))
+    drain.submitted = time.time()
     prompt_ids = []
     for answer, elapsed in answers:
         drain.accept_ms.append(elapsed)

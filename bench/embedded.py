@@ -65,7 +65,10 @@ def _start_gateway(root: Path, comfyui_env: Mapping[str, str]) -> tuple[subproce
             pass
         time.sleep(0.2)
     process.kill()
-    raise SystemExit(f"the gateway did not become healthy; see {root / 'gateway.log'}")
+    process.wait()
+    # The log goes with the scratch directory: show its end (a refused setting is named there).
+    tail = (root / "gateway.log").read_text(errors="replace").splitlines()[-15:]
+    raise SystemExit("the gateway did not become healthy; the end of its log:\n" + "\n".join(tail))
 
 
 @dataclass(frozen=True)
