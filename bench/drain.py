@@ -60,25 +60,31 @@ async def _wait_in_order(ids: list[str], finished, poll_seconds: float, deadline
 
 async def gateway_batch(
     api: httpx.AsyncClient, bodies: list[list[dict]], poll_seconds: float = 0.02, timeout: float = 600,
+    pause_seconds: float = 0.0,
 ) -> Drain:
-    """Each inner list of BODIES is one client posting its jobs one after the other; the clients post at once.
-    Then waits until every job has ended (or TIMEOUT passed) and returns the batch's figures."""
+    """Each inner list of BODIES is one client posting its jobs one after the other (PAUSE_SECONDS apart); the
+    clients post at once. Then waits until every job has ended (or TIMEOUT passed) and returns the figures."""
     drain = Drain(started=time.time())
     job_ids: list[str] = []
 
+    async def submit(body: dict) -> None:
+        try:
+            answer, elapsed = await timed_post(api, "/jobs", body)
+        except httpx.HTTPStatusError as error:
+            reason = str(error.response.status_code)
+        except httpx.TransportError as error:
+            reason = type(error).__name__
+        else:
+            drain.accept_ms.append(elapsed)
+            job_ids.append(answer["jobId"])
+            return
+        drain.refused[reason] = drain.refused.get(reason, 0) + 1
+
     async def client(share: list[dict]) -> None:
-        for body in share:
-            try:
-                answer, elapsed = await timed_post(api, "/jobs", body)
-            except httpx.HTTPStatusError as error:
-                reason = str(error.response.status_code)
-            except httpx.TransportError as error:
-                reason = type(error).__name__
-            else:
-                drain.accept_ms.append(elapsed)
-                job_ids.append(answer["jobId"])
-                continue
-            drain.refused[reason] = drain.refused.get(reason, 0) + 1
+        for index, body in enumerate(share):
+            if index and pause_seconds:
+                await asyncio.sleep(pause_seconds)
+            await submit(body)
 
     await asyncio.gather(*(client(share) for share in bodies))
     drain.submitted = time.time()

@@ -8,7 +8,7 @@ succeeded, failed, or never ended (none may be lost), the drain time (first subm
 completedAt) and jobs per second. The jobs are zero-length by default (ComfyUI answers them from its cache),
 so the gateway is what is measured. Target: accept p99 <= 100 ms, every job succeeded.
 
-    python3 -m bench.load [--jobs 1000] [--clients 50] [--comfyui-ms 0] [--max-concurrency 1]
+    python3 -m bench.load [--jobs 1000] [--clients 50] [--think-ms 0] [--comfyui-ms 0] [--max-concurrency 1]
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from bench.drain import Drain, gateway_batch  # noqa: E402
 from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, percentile, simulated_stack, timed_prompt  # noqa: E402
 
 
-async def run(api_url: str, jobs: int, clients: int, prompt: dict, timeout: float) -> Drain:
+async def run(api_url: str, jobs: int, clients: int, prompt: dict, timeout: float, pause: float) -> Drain:
     body = {"workflowJson": prompt}
     async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=httpx.Limits(max_connections=clients + 10)) as api:
         warm_up = await gateway_batch(api, [[body]] * WARM_UP_JOBS)
         if len(warm_up.ended) != WARM_UP_JOBS:
             raise SystemExit(f"the warm-up jobs did not succeed: {warm_up.outcomes}")
         shares = [[body] * (jobs // clients + (index < jobs % clients)) for index in range(clients)]
-        return await gateway_batch(api, shares, poll_seconds=0.05, timeout=timeout)
+        return await gateway_batch(api, shares, poll_seconds=0.05, timeout=timeout, pause_seconds=pause)
 
 
 def main() -> None:
@@ -43,24 +43,28 @@ def main() -> None:
     parser.add_argument("--comfyui-ms", type=float, default=0,
                         help="how long ComfyUI runs each job (0: a zero-length job from its cache)")
     parser.add_argument("--max-concurrency", type=int, default=1, help="the gateway's MAX_CONCURRENCY")
+    parser.add_argument("--think-ms", type=float, default=0,
+                        help="how long each client waits after a 202 before its next POST /jobs (0: at once)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the jobs to end")
     arguments = parser.parse_args()
     prompt = timed_prompt(arguments.comfyui_ms / 1000) if arguments.comfyui_ms else ZERO_LENGTH_PROMPT
     with simulated_stack(gateway_env={"MAX_CONCURRENCY": str(arguments.max_concurrency)}) as stack:
-        drain = asyncio.run(run(stack.api_url, arguments.jobs, arguments.clients, prompt, arguments.timeout))
+        drain = asyncio.run(run(stack.api_url, arguments.jobs, arguments.clients, prompt, arguments.timeout,
+                                arguments.think_ms / 1000))
 
     accepted = drain.accept_ms
     succeeded = len(drain.ended)
     failures = drain.failures
     refused = sum(drain.refused.values())
+    submitting = drain.submitted - drain.started
     job_kind = f"{arguments.comfyui_ms:g} ms on ComfyUI" if arguments.comfyui_ms else "zero-length"
     print(f"{arguments.jobs} {job_kind} jobs from {arguments.clients} clients, each posting its share one after the "
-          f"other; one simulator; `comfyui-gateway dev` with MAX_CONCURRENCY={arguments.max_concurrency}")
+          f"other{f' {arguments.think_ms:g} ms apart' if arguments.think_ms else ''}; one simulator; `comfyui-gateway dev` with MAX_CONCURRENCY={arguments.max_concurrency}")
     print("| accept p50 | p95 | p99 | max | all submitted after | succeeded | not succeeded | drain | jobs/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {percentile(accepted, 0.5):.0f} ms | {percentile(accepted, 0.95):.0f} ms "
           f"| {percentile(accepted, 0.99):.0f} ms | {max(accepted):.0f} ms "
-          f"| {drain.submitted - drain.started:.1f} s | {succeeded} / {arguments.jobs} "
+          f"| {submitting:.1f} s ({len(accepted) / submitting:.0f}/s) | {succeeded} / {arguments.jobs} "
           f"| {', '.join(f'{count} {outcome}' for outcome, count in failures.items()) or 'none'}"
           f"{''.join(f', {count} refused ({reason})' for reason, count in drain.refused.items())} "
           f"| {drain.drain_seconds:.1f} s | {succeeded / drain.drain_seconds:.1f} |")
