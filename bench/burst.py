@@ -7,7 +7,8 @@ twice against the same simulator process: straight to ComfyUI (every `POST /prom
 `GET /jobs/{id}` until all have ended). The rounds alternate which goes first. A batch's drain time runs from
 its first submission to the end of its last job as recorded by whoever ran it: ComfyUI's execution_success
 timestamp straight, the job's completedAt (outputs stored) through the gateway. Target: the gateway drains
-within 1.2x of ComfyUI alone.
+within 1.2x of ComfyUI alone. Also prints the CPU time each process spent per job (from /proc), since on a
+small machine the gateway's own work competes with ComfyUI's for the same cores.
 
     python3 -m bench.burst [--jobs 50] [--rounds 3] [--max-concurrency 1] [--prefetch N]
 """
@@ -18,6 +19,9 @@ import argparse
 import asyncio
 import statistics
 import sys
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -25,7 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.drain import Drain, comfyui_batch, gateway_batch  # noqa: E402
-from bench.embedded import WARM_UP_JOBS, percentile, simulated_stack, timed_prompt  # noqa: E402
+from bench.embedded import WARM_UP_JOBS, Stack, percentile, simulated_stack, timed_prompt  # noqa: E402
 
 COMFYUI_SECONDS = 0.02
 
@@ -36,8 +40,23 @@ def checked(drain: Drain, jobs: int, where: str) -> Drain:
     return drain
 
 
-async def one_round(api: httpx.AsyncClient, comfyui: httpx.AsyncClient, jobs: int, gateway_first: bool,
-                    poll_seconds: float) -> tuple[Drain, Drain]:
+@dataclass
+class Batch:
+    drain: Drain
+    cpu: dict[str, float]  # CPU seconds each part of the stack spent on the batch; `client`: this process
+
+
+async def timed_batch(stack: Stack, batch: Awaitable[Drain]) -> Batch:
+    before, client_before = stack.cpu_seconds(), time.process_time()
+    drain = await batch
+    after = stack.cpu_seconds()
+    cpu = {part: seconds - before.get(part, 0.0) for part, seconds in after.items()}
+    cpu["client"] = time.process_time() - client_before
+    return Batch(drain, cpu)
+
+
+async def one_round(stack: Stack, api: httpx.AsyncClient, comfyui: httpx.AsyncClient, jobs: int,
+                    gateway_first: bool, poll_seconds: float) -> tuple[Batch, Batch]:
     prompt = timed_prompt(COMFYUI_SECONDS)
 
     async def direct() -> Drain:
@@ -49,18 +68,25 @@ async def one_round(api: httpx.AsyncClient, comfyui: httpx.AsyncClient, jobs: in
         return checked(await gateway_batch(api, bodies, poll_seconds), jobs, "through the gateway")
 
     if gateway_first:
-        through = await gateway()
-        return await direct(), through
-    straight = await direct()
-    return straight, await gateway()
+        through = await timed_batch(stack, gateway())
+        return await timed_batch(stack, direct()), through
+    straight = await timed_batch(stack, direct())
+    return straight, await timed_batch(stack, gateway())
 
 
-async def run(api_url: str, comfyui_url: str, jobs: int, rounds: int, poll_seconds: float) -> list[tuple[Drain, Drain]]:
+async def run(stack: Stack, jobs: int, rounds: int, poll_seconds: float) -> list[tuple[Batch, Batch]]:
     limits = httpx.Limits(max_connections=jobs + 10)
-    async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=limits) as api, \
-            httpx.AsyncClient(base_url=comfyui_url, timeout=60, limits=limits) as comfyui:
-        await one_round(api, comfyui, WARM_UP_JOBS, False, poll_seconds)
-        return [await one_round(api, comfyui, jobs, index % 2 == 1, poll_seconds) for index in range(rounds)]
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, limits=limits) as api, \
+            httpx.AsyncClient(base_url=stack.simulators[0].url, timeout=60, limits=limits) as comfyui:
+        await one_round(stack, api, comfyui, WARM_UP_JOBS, False, poll_seconds)
+        return [await one_round(stack, api, comfyui, jobs, index % 2 == 1, poll_seconds) for index in range(rounds)]
+
+
+def cpu_per_job(batches: list[Batch], jobs: int) -> str:
+    parts = sorted({part for batch in batches for part in batch.cpu})
+    mean = {part: statistics.fmean(batch.cpu.get(part, 0.0) for batch in batches) * 1000 / jobs for part in parts}
+    return ", ".join(f"{part} {ms:.1f}" for part, ms in sorted(mean.items(), key=lambda item: -item[1]) if ms >= 0.05) + (
+        f" (all {sum(mean.values()):.1f} ms)")
 
 
 def main() -> None:
@@ -77,8 +103,7 @@ def main() -> None:
     if arguments.prefetch is not None:
         gateway_env["COMFYUI_PREFETCH"] = str(arguments.prefetch)
     with simulated_stack(gateway_env=gateway_env) as stack:
-        results = asyncio.run(run(stack.api_url, stack.simulators[0].url, arguments.jobs, arguments.rounds,
-                                  arguments.poll_ms / 1000))
+        results = asyncio.run(run(stack, arguments.jobs, arguments.rounds, arguments.poll_ms / 1000))
 
     settings = f"MAX_CONCURRENCY={arguments.max_concurrency}" + (
         f", COMFYUI_PREFETCH={arguments.prefetch}" if arguments.prefetch is not None else "")
@@ -86,20 +111,23 @@ def main() -> None:
           f"`comfyui-gateway dev` with {settings}")
     print("| round | first | straight to ComfyUI | through the gateway | ratio | gateway accept p50 / p99 |")
     print("|---|---|---|---|---|---|")
-    for index, (straight, through) in enumerate(results, 1):
+    for index, (straight_batch, through_batch) in enumerate(results, 1):
+        straight, through = straight_batch.drain, through_batch.drain
         print(f"| {index} | {'gateway' if index % 2 == 0 else 'ComfyUI'} | {straight.drain_seconds:.2f} s "
               f"| {through.drain_seconds:.2f} s | {through.drain_seconds / straight.drain_seconds:.2f} "
               f"| {percentile(through.accept_ms, 0.5):.0f} / {percentile(through.accept_ms, 0.99):.0f} ms |")
-    straight_drain = statistics.median(straight.drain_seconds for straight, _ in results)
-    through_drain = statistics.median(through.drain_seconds for _, through in results)
+    straight_drain = statistics.median(straight.drain.drain_seconds for straight, _ in results)
+    through_drain = statistics.median(through.drain.drain_seconds for _, through in results)
     print(f"median drain: straight {straight_drain:.2f} s, through the gateway {through_drain:.2f} s, "
           f"ratio {through_drain / straight_drain:.2f} (target <= 1.2)")
     jobs = arguments.jobs
-    straight_run = statistics.fmean(ms for straight, _ in results for ms in straight.execution_ms)
-    through_run = statistics.fmean(ms for _, through in results for ms in through.execution_ms)
+    straight_run = statistics.fmean(ms for straight, _ in results for ms in straight.drain.execution_ms)
+    through_run = statistics.fmean(ms for _, through in results for ms in through.drain.execution_ms)
     print(f"per job: straight {straight_drain / jobs * 1000:.1f} ms (ComfyUI's run time {straight_run:.1f} ms), "
           f"through the gateway {through_drain / jobs * 1000:.1f} ms (executionTimeMs {through_run:.1f} ms), "
           f"gateway's extra {(through_drain - straight_drain) / jobs * 1000:.1f} ms")
+    print(f"CPU per job, ms, straight: {cpu_per_job([straight for straight, _ in results], jobs)}")
+    print(f"CPU per job, ms, through the gateway: {cpu_per_job([through for _, through in results], jobs)}")
 
 
 if __name__ == "__main__":

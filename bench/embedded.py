@@ -35,6 +35,41 @@ def timed_prompt(seconds: float) -> dict:
     }
 
 
+def cpu_seconds(root_pids: list[int]) -> dict[str, float]:
+    """CPU time (user + system) spent so far by each process under ROOT_PIDS and their descendants, summed by
+    part: `dev`, `worker`, `api` (the gateway's `app.cli` commands), `simulator`, or the program's name (the
+    Temporal dev server is `temporal`). Linux only: read from /proc."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        pid = int(stat.parent.name)
+        parents[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+    tree, frontier = set(), [pid for pid in root_pids if pid in ticks]
+    while frontier:
+        pid = frontier.pop()
+        tree.add(pid)
+        frontier.extend(child for child, parent in parents.items() if parent == pid and child not in tree)
+    by_part: dict[str, float] = {}
+    for pid in tree:
+        try:
+            argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [word.decode(errors="replace") for word in argv if word]
+        if "app.cli" in words and words.index("app.cli") + 1 < len(words):
+            part = words[words.index("app.cli") + 1]
+        elif "app.simulator" in words:
+            part = "simulator"
+        else:
+            part = Path(words[0]).name if words else "?"
+        by_part[part] = by_part.get(part, 0.0) + ticks[pid] / os.sysconf("SC_CLK_TCK")
+    return by_part
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
@@ -75,6 +110,12 @@ def _start_gateway(root: Path, comfyui_env: Mapping[str, str]) -> tuple[subproce
 class Stack:
     api_url: str
     simulators: list[SimulatorProcess]
+    gateway_pid: int  # `comfyui-gateway dev`, parent of the Temporal dev server, the worker and the API
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time each part of the stack has spent so far (see `cpu_seconds`)."""
+        return cpu_seconds([self.gateway_pid, *(simulator.process.pid for simulator in self.simulators
+                                                  if simulator.process is not None)])
 
 
 @contextmanager
@@ -101,7 +142,7 @@ def simulated_stack(
                 comfyui_env["COMFYUI_URLS"] = ",".join(
                     f"sim{number}={process.url}" for number, process in enumerate(processes, 1))
             gateway, base_url = _start_gateway(root, {**comfyui_env, **(gateway_env or {})})
-            yield Stack(base_url, processes)
+            yield Stack(base_url, processes, gateway.pid)
         finally:
             if gateway is not None:
                 gateway.send_signal(signal.SIGTERM)

@@ -23,17 +23,22 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.drain import Drain, gateway_batch  # noqa: E402
-from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, percentile, simulated_stack, timed_prompt  # noqa: E402
+from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, Stack, percentile, simulated_stack, timed_prompt  # noqa: E402
 
 
-async def run(api_url: str, jobs: int, clients: int, prompt: dict, timeout: float, pause: float) -> Drain:
+async def run(stack: Stack, jobs: int, clients: int, prompt: dict, timeout: float, pause: float
+              ) -> tuple[Drain, dict[str, float]]:
+    """The batch, and the CPU seconds each part of the stack spent on it."""
     body = {"workflowJson": prompt}
-    async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=httpx.Limits(max_connections=clients + 10)) as api:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, limits=httpx.Limits(max_connections=clients + 10)) as api:
         warm_up = await gateway_batch(api, [[body]] * WARM_UP_JOBS)
         if len(warm_up.ended) != WARM_UP_JOBS:
             raise SystemExit(f"the warm-up jobs did not succeed: {warm_up.outcomes}")
         shares = [[body] * (jobs // clients + (index < jobs % clients)) for index in range(clients)]
-        return await gateway_batch(api, shares, poll_seconds=0.05, timeout=timeout, pause_seconds=pause)
+        before = stack.cpu_seconds()
+        drain = await gateway_batch(api, shares, poll_seconds=0.05, timeout=timeout, pause_seconds=pause)
+        after = stack.cpu_seconds()
+        return drain, {part: seconds - before.get(part, 0.0) for part, seconds in after.items()}
 
 
 def main() -> None:
@@ -49,7 +54,7 @@ def main() -> None:
     arguments = parser.parse_args()
     prompt = timed_prompt(arguments.comfyui_ms / 1000) if arguments.comfyui_ms else ZERO_LENGTH_PROMPT
     with simulated_stack(gateway_env={"MAX_CONCURRENCY": str(arguments.max_concurrency)}) as stack:
-        drain = asyncio.run(run(stack.api_url, arguments.jobs, arguments.clients, prompt, arguments.timeout,
+        drain, cpu = asyncio.run(run(stack, arguments.jobs, arguments.clients, prompt, arguments.timeout,
                                 arguments.think_ms / 1000))
 
     accepted = drain.accept_ms
@@ -68,6 +73,8 @@ def main() -> None:
           f"| {', '.join(f'{count} {outcome}' for outcome, count in failures.items()) or 'none'}"
           f"{''.join(f', {count} refused ({reason})' for reason, count in drain.refused.items())} "
           f"| {drain.drain_seconds:.1f} s | {succeeded / drain.drain_seconds:.1f} |")
+    print("CPU per job, ms: " + ", ".join(
+        f"{part} {seconds * 1000 / arguments.jobs:.1f}" for part, seconds in sorted(cpu.items(), key=lambda item: -item[1]) if seconds >= 0.01))
     if refused:
         print(f"{refused} submissions got no jobId; their accept times are not in the percentiles")
     print(f"target: accept p99 <= 100 ms ({'met' if percentile(accepted, 0.99) <= 100 else 'missed'}); "
