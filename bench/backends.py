@@ -20,12 +20,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.drain import Drain, gateway_batch  # noqa: E402
+from bench.drain import Drain, connection_limits, gateway_batch  # noqa: E402
 from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, simulated_stack, timed_prompt  # noqa: E402
 
 
 async def run(api_url: str, simulator_urls: list[str], jobs: int, prompt: dict) -> tuple[Drain, list[int]]:
-    async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=httpx.Limits(max_connections=jobs + 10)) as api:
+    async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=connection_limits(jobs + 10)) as api:
         warm_up = await gateway_batch(api, [[{"workflowJson": ZERO_LENGTH_PROMPT}]] * WARM_UP_JOBS)
         if len(warm_up.ended) != WARM_UP_JOBS:
             raise SystemExit(f"the warm-up jobs did not succeed: {warm_up.outcomes}")

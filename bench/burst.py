@@ -28,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.drain import Drain, comfyui_batch, gateway_batch  # noqa: E402
+from bench.drain import Drain, comfyui_batch, connection_limits, gateway_batch  # noqa: E402
 from bench.embedded import WARM_UP_JOBS, Stack, percentile, simulated_stack, timed_prompt  # noqa: E402
 
 COMFYUI_SECONDS = 0.02
@@ -36,7 +36,8 @@ COMFYUI_SECONDS = 0.02
 
 def checked(drain: Drain, jobs: int, where: str) -> Drain:
     if len(drain.ended) != jobs:
-        raise SystemExit(f"{where}: {jobs - len(drain.ended)} of {jobs} jobs did not succeed: {drain.failures}")
+        raise SystemExit(f"{where}: {jobs - len(drain.ended)} of {jobs} jobs did not succeed: ended "
+                         f"{drain.failures}, submissions refused {drain.refused}")
     return drain
 
 
@@ -75,7 +76,7 @@ async def one_round(stack: Stack, api: httpx.AsyncClient, comfyui: httpx.AsyncCl
 
 
 async def run(stack: Stack, jobs: int, rounds: int, poll_seconds: float) -> list[tuple[Batch, Batch]]:
-    limits = httpx.Limits(max_connections=jobs + 10)
+    limits = connection_limits(jobs + 10)
     async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, limits=limits) as api, \
             httpx.AsyncClient(base_url=stack.simulators[0].url, timeout=60, limits=limits) as comfyui:
         await one_round(stack, api, comfyui, WARM_UP_JOBS, False, poll_seconds)

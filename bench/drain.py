@@ -14,6 +14,12 @@ import httpx
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
+def connection_limits(connections: int) -> httpx.Limits:
+    """CONNECTIONS at once, none reused after 4 s idle: uvicorn closes a kept-alive connection idle 5 s, and a
+    request sent on one at that instant fails with ReadError (seen between a burst's rounds)."""
+    return httpx.Limits(max_connections=connections, keepalive_expiry=4.0)
+
+
 @dataclass
 class Drain:
     """One batch: wall-clock start (time.time()), accept times, and per job its end as recorded by whoever ran it."""
@@ -71,7 +77,7 @@ async def gateway_batch(
         try:
             answer, elapsed = await timed_post(api, "/jobs", body)
         except httpx.HTTPStatusError as error:
-            reason = str(error.response.status_code)
+            reason = f"{error.response.status_code} {error.response.text[:200]}"
         except httpx.TransportError as error:
             reason = type(error).__name__
         else:

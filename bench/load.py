@@ -22,7 +22,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.drain import Drain, gateway_batch  # noqa: E402
+from bench.drain import Drain, connection_limits, gateway_batch  # noqa: E402
 from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, Stack, percentile, simulated_stack, timed_prompt  # noqa: E402
 
 
@@ -30,7 +30,7 @@ async def run(stack: Stack, jobs: int, clients: int, prompt: dict, timeout: floa
               ) -> tuple[Drain, dict[str, float]]:
     """The batch, and the CPU seconds each part of the stack spent on it."""
     body = {"workflowJson": prompt}
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, limits=httpx.Limits(max_connections=clients + 10)) as api:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, limits=connection_limits(clients + 10)) as api:
         warm_up = await gateway_batch(api, [[body]] * WARM_UP_JOBS)
         if len(warm_up.ended) != WARM_UP_JOBS:
             raise SystemExit(f"the warm-up jobs did not succeed: {warm_up.outcomes}")
