@@ -29,7 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.drain import Drain, comfyui_batch, connection_limits, gateway_batch  # noqa: E402
-from bench.embedded import WARM_UP_JOBS, Stack, percentile, simulated_stack, timed_prompt  # noqa: E402
+from bench.embedded import WARM_UP_JOBS, Stack, cpu_per_job, percentile, simulated_stack, timed_prompt  # noqa: E402
 
 COMFYUI_SECONDS = 0.02
 
@@ -83,11 +83,9 @@ async def run(stack: Stack, jobs: int, rounds: int, poll_seconds: float) -> list
         return [await one_round(stack, api, comfyui, jobs, index % 2 == 1, poll_seconds) for index in range(rounds)]
 
 
-def cpu_per_job(batches: list[Batch], jobs: int) -> str:
-    parts = sorted({part for batch in batches for part in batch.cpu})
-    mean = {part: statistics.fmean(batch.cpu.get(part, 0.0) for batch in batches) * 1000 / jobs for part in parts}
-    return ", ".join(f"{part} {ms:.1f}" for part, ms in sorted(mean.items(), key=lambda item: -item[1]) if ms >= 0.05) + (
-        f" (all {sum(mean.values()):.1f} ms)")
+def mean_cpu(batches: list[Batch]) -> dict[str, float]:
+    parts = {part for batch in batches for part in batch.cpu}
+    return {part: statistics.fmean(batch.cpu.get(part, 0.0) for batch in batches) for part in parts}
 
 
 def main() -> None:
@@ -98,7 +96,8 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=None,
                         help="the gateway's COMFYUI_PREFETCH (prompts waiting in ComfyUI's queue per slot); "
                              "default: the gateway's own")
-    parser.add_argument("--poll-ms", type=float, default=20, help="how often the client asks whether the next job is done")
+    parser.add_argument("--poll-ms", type=float, default=20,
+                        help="how often the client asks whether the next job is done")
     arguments = parser.parse_args()
     gateway_env = {"MAX_CONCURRENCY": str(arguments.max_concurrency)}
     if arguments.prefetch is not None:
@@ -127,8 +126,8 @@ def main() -> None:
     print(f"per job: straight {straight_drain / jobs * 1000:.1f} ms (ComfyUI's run time {straight_run:.1f} ms), "
           f"through the gateway {through_drain / jobs * 1000:.1f} ms (executionTimeMs {through_run:.1f} ms), "
           f"gateway's extra {(through_drain - straight_drain) / jobs * 1000:.1f} ms")
-    print(f"CPU per job, ms, straight: {cpu_per_job([straight for straight, _ in results], jobs)}")
-    print(f"CPU per job, ms, through the gateway: {cpu_per_job([through for _, through in results], jobs)}")
+    print(f"CPU per job, ms, straight: {cpu_per_job(mean_cpu([straight for straight, _ in results]), jobs)}")
+    print(f"CPU per job, ms, through the gateway: {cpu_per_job(mean_cpu([through for _, through in results]), jobs)}")
 
 
 if __name__ == "__main__":

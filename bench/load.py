@@ -23,14 +23,17 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.drain import Drain, connection_limits, gateway_batch  # noqa: E402
-from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, Stack, percentile, simulated_stack, timed_prompt  # noqa: E402
+from bench.embedded import (  # noqa: E402
+    WARM_UP_JOBS, ZERO_LENGTH_PROMPT, Stack, cpu_per_job, percentile, simulated_stack, timed_prompt,
+)
 
 
 async def run(stack: Stack, jobs: int, clients: int, prompt: dict, timeout: float, pause: float
               ) -> tuple[Drain, dict[str, float]]:
     """The batch, and the CPU seconds each part of the stack spent on it."""
     body = {"workflowJson": prompt}
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, limits=connection_limits(clients + 10)) as api:
+    limits = connection_limits(clients + 10)
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, limits=limits) as api:
         warm_up = await gateway_batch(api, [[body]] * WARM_UP_JOBS)
         if len(warm_up.ended) != WARM_UP_JOBS:
             raise SystemExit(f"the warm-up jobs did not succeed: {warm_up.outcomes}")
@@ -55,7 +58,7 @@ def main() -> None:
     prompt = timed_prompt(arguments.comfyui_ms / 1000) if arguments.comfyui_ms else ZERO_LENGTH_PROMPT
     with simulated_stack(gateway_env={"MAX_CONCURRENCY": str(arguments.max_concurrency)}) as stack:
         drain, cpu = asyncio.run(run(stack, arguments.jobs, arguments.clients, prompt, arguments.timeout,
-                                arguments.think_ms / 1000))
+                                     arguments.think_ms / 1000))
 
     accepted = drain.accept_ms
     succeeded = len(drain.ended)
@@ -63,8 +66,9 @@ def main() -> None:
     refused = sum(drain.refused.values())
     submitting = drain.submitted - drain.started
     job_kind = f"{arguments.comfyui_ms:g} ms on ComfyUI" if arguments.comfyui_ms else "zero-length"
+    apart = f" {arguments.think_ms:g} ms apart" if arguments.think_ms else ""
     print(f"{arguments.jobs} {job_kind} jobs from {arguments.clients} clients, each posting its share one after the "
-          f"other{f' {arguments.think_ms:g} ms apart' if arguments.think_ms else ''}; one simulator; `comfyui-gateway dev` with MAX_CONCURRENCY={arguments.max_concurrency}")
+          f"other{apart}; one simulator; `comfyui-gateway dev` with MAX_CONCURRENCY={arguments.max_concurrency}")
     print("| accept p50 | p95 | p99 | max | all submitted after | succeeded | not succeeded | drain | jobs/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {percentile(accepted, 0.5):.0f} ms | {percentile(accepted, 0.95):.0f} ms "
@@ -73,8 +77,7 @@ def main() -> None:
           f"| {', '.join(f'{count} {outcome}' for outcome, count in failures.items()) or 'none'}"
           f"{''.join(f', {count} refused ({reason})' for reason, count in drain.refused.items())} "
           f"| {drain.drain_seconds:.1f} s | {succeeded / drain.drain_seconds:.1f} |")
-    print("CPU per job, ms: " + ", ".join(
-        f"{part} {seconds * 1000 / arguments.jobs:.1f}" for part, seconds in sorted(cpu.items(), key=lambda item: -item[1]) if seconds * 1000 / arguments.jobs >= 0.05))
+    print(f"CPU per job, ms: {cpu_per_job(cpu, arguments.jobs)}")
     if refused:
         print(f"{refused} submissions got no jobId; their accept times are not in the percentiles")
     print(f"target: accept p99 <= 100 ms ({'met' if percentile(accepted, 0.99) <= 100 else 'missed'}); "
