@@ -21,7 +21,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.drain import Drain, connection_limits, gateway_batch  # noqa: E402
-from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, simulated_stack, timed_prompt  # noqa: E402
+from bench.embedded import (  # noqa: E402
+    WARM_UP_JOBS, ZERO_LENGTH_PROMPT, gateway_reads_backend_list, simulated_stack, timed_prompt,
+)
 
 
 async def run(api_url: str, simulator_urls: list[str], jobs: int, prompt: dict) -> tuple[Drain, list[int]]:
@@ -56,7 +58,7 @@ def main() -> None:
                 run(stack.api_url, [simulator.url for simulator in stack.simulators], arguments.jobs, prompt))
 
     print(f"{arguments.jobs} jobs of {arguments.comfyui_ms:g} ms on ComfyUI, sent at once; `comfyui-gateway dev` "
-          f"with COMFYUI_URLS=sim1=...[,sim2=...], MAX_CONCURRENCY={arguments.max_concurrency}")
+          f"with COMFYUI_URLS=sim1=URL[,sim2=URL], MAX_CONCURRENCY={arguments.max_concurrency}")
     print("| backends | succeeded | drain | jobs/s | at most (the GPUs alone) | prompts run per simulator |")
     print("|---|---|---|---|---|---|")
     throughput = {}
@@ -66,8 +68,10 @@ def main() -> None:
         print(f"| {backends} | {len(drain.ended)} / {arguments.jobs} | {drain.drain_seconds:.1f} s "
               f"| {throughput[backends]:.2f} | {ceiling:.1f} | {' + '.join(map(str, per_simulator))} |")
     print(f"two backends against one: {throughput[2] / throughput[1]:.2f}x (target about 2x)")
-    if 0 in results[2][1]:
-        print("one simulator ran none of the jobs: this gateway does not spread jobs over COMFYUI_URLS")
+    if not gateway_reads_backend_list():
+        print("this gateway has no COMFYUI_URLS: it was given COMFYUI_URL, the first simulator only")
+    elif 0 in results[2][1]:
+        print("one simulator ran none of the jobs")
 
 
 if __name__ == "__main__":

@@ -113,6 +113,13 @@ def _start_gateway(root: Path, comfyui_env: Mapping[str, str]) -> tuple[subproce
     raise SystemExit("the gateway did not become healthy; the end of its log:\n" + "\n".join(tail))
 
 
+def gateway_reads_backend_list() -> bool:
+    """Whether the gateway these benchmarks start (this checkout's) knows COMFYUI_URLS."""
+    from app.settings import Settings
+
+    return "comfyui_urls" in Settings.model_fields
+
+
 @dataclass(frozen=True)
 class Stack:
     api_url: str
@@ -132,8 +139,8 @@ def simulated_stack(
     """SIMULATORS simulator processes and `comfyui-gateway dev` on a scratch DATA_DIR, for the block.
 
     The gateway reaches them through COMFYUI_URL (the first) or, with BACKEND_LIST, through COMFYUI_URLS as
-    `sim1=URL,sim2=URL,...`; COMFYUI_URL then still names the first, for a gateway that reads only it.
-    GATEWAY_ENV is added to the gateway's environment last (e.g. MAX_CONCURRENCY)."""
+    `sim1=URL,sim2=URL,...`; a release from before COMFYUI_URLS (benchmarked for comparison) gets COMFYUI_URL
+    and so only the first. GATEWAY_ENV is added to the gateway's environment last (e.g. MAX_CONCURRENCY)."""
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         processes: list[SimulatorProcess] = []
@@ -144,10 +151,11 @@ def simulated_stack(
                 data_dir.mkdir(parents=True)
                 processes.append(SimulatorProcess(data_dir))
                 processes[-1].start()
-            comfyui_env = {"COMFYUI_URL": processes[0].url}
-            if backend_list:
-                comfyui_env["COMFYUI_URLS"] = ",".join(
-                    f"sim{number}={process.url}" for number, process in enumerate(processes, 1))
+            if backend_list and gateway_reads_backend_list():
+                comfyui_env = {"COMFYUI_URLS": ",".join(
+                    f"sim{number}={process.url}" for number, process in enumerate(processes, 1))}
+            else:
+                comfyui_env = {"COMFYUI_URL": processes[0].url}
             gateway, base_url = _start_gateway(root, {**comfyui_env, **(gateway_env or {})})
             yield Stack(base_url, processes, gateway.pid)
         finally:
