@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -30,7 +31,6 @@ class Drain:
     outcomes: dict[str, str] = field(default_factory=dict)  # id -> final status, "missing" or the last one seen
     refused: dict[str, int] = field(default_factory=dict)  # submissions that got no id: count by HTTP status or error
     submitted: float = 0.0  # when the last submission was answered (time.time())
-    seen_done: float = 0.0  # when the client saw the last one finished (time.time())
 
     @property
     def drain_seconds(self) -> float:
@@ -54,7 +54,9 @@ async def timed_post(client: httpx.AsyncClient, path: str, body: dict) -> tuple[
     return response.json(), elapsed
 
 
-async def _wait_in_order(ids: list[str], finished, poll_seconds: float, deadline: float) -> None:
+async def _wait_in_order(
+    ids: list[str], finished: Callable[[str], Awaitable[bool]], poll_seconds: float, deadline: float,
+) -> None:
     """Asks about the first unfinished id until it is done, then the next: the work runs roughly in submission
     order, so this costs about one request per poll, however many ids there are."""
     for item in ids:
@@ -112,7 +114,6 @@ async def gateway_batch(
         return True
 
     await _wait_in_order(job_ids, finished, poll_seconds, time.monotonic() + timeout)
-    drain.seen_done = time.time()
     for job_id in job_ids:  # after a timeout, where the ones not waited for yet stand
         if drain.outcomes.get(job_id) not in TERMINAL:
             await finished(job_id)
@@ -148,5 +149,4 @@ async def comfyui_batch(
         return True
 
     await _wait_in_order(prompt_ids, finished, poll_seconds, time.monotonic() + timeout)
-    drain.seen_done = time.time()
     return drain
