@@ -29,14 +29,14 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def _start_gateway(root: Path, comfyui_url: str) -> tuple[subprocess.Popen[bytes], str]:
+def _start_gateway(root: Path, comfyui_url: str, temporal_address: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
         "DATA_DIR": str(root / "gateway"),
         "PORT": str(port),
         "COMFYUI_URL": comfyui_url,
-        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "TEMPORAL_ADDRESS": temporal_address,
         "TEMPORAL_UI_PORT": str(free_port()),
         "LOG_LEVEL": "WARNING",
     }
@@ -58,14 +58,15 @@ def _start_gateway(root: Path, comfyui_url: str) -> tuple[subprocess.Popen[bytes
 
 
 @contextmanager
-def simulated_gateway() -> Iterator[str]:
-    """The simulator and `comfyui-gateway dev` on a scratch DATA_DIR, for the block; yields the API's URL."""
+def simulated_gateway(temporal_address: str | None = None) -> Iterator[str]:
+    """The simulator and `comfyui-gateway dev` on a scratch DATA_DIR, for the block; yields the API's URL.
+    Its Temporal listens at `temporal_address` (host:port) when given, for a benchmark that reads histories."""
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         (root / "comfyui").mkdir()
         simulator = SimulatorProcess(root / "comfyui")
         simulator.start()
-        gateway, base_url = _start_gateway(root, simulator.url)
+        gateway, base_url = _start_gateway(root, simulator.url, temporal_address or f"127.0.0.1:{free_port()}")
         try:
             yield base_url
         finally:
