@@ -29,7 +29,9 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def _start_gateway(root: Path, comfyui_url: str, temporal_address: str) -> tuple[subprocess.Popen[bytes], str]:
+def _start_gateway(
+    root: Path, comfyui_url: str, temporal_address: str, repo_root: Path
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
@@ -39,10 +41,11 @@ def _start_gateway(root: Path, comfyui_url: str, temporal_address: str) -> tuple
         "TEMPORAL_ADDRESS": temporal_address,
         "TEMPORAL_UI_PORT": str(free_port()),
         "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(repo_root),  # that checkout's code, whatever is installed
     }
     with open(root / "gateway.log", "wb") as log:  # the child keeps its own handle
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "dev"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
+            [sys.executable, "-m", "app.cli", "dev"], cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=log,
         )
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -58,15 +61,18 @@ def _start_gateway(root: Path, comfyui_url: str, temporal_address: str) -> tuple
 
 
 @contextmanager
-def simulated_gateway(temporal_address: str | None = None) -> Iterator[str]:
+def simulated_gateway(temporal_address: str | None = None, repo_root: Path = REPO_ROOT) -> Iterator[str]:
     """The simulator and `comfyui-gateway dev` on a scratch DATA_DIR, for the block; yields the API's URL.
-    Its Temporal listens at `temporal_address` (host:port) when given, for a benchmark that reads histories."""
+    Its Temporal listens at `temporal_address` (host:port) when given, for a benchmark that reads histories;
+    the gateway is the code of `repo_root` (another checkout, for a benchmark that compares two versions)."""
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         (root / "comfyui").mkdir()
         simulator = SimulatorProcess(root / "comfyui")
         simulator.start()
-        gateway, base_url = _start_gateway(root, simulator.url, temporal_address or f"127.0.0.1:{free_port()}")
+        gateway, base_url = _start_gateway(
+            root, simulator.url, temporal_address or f"127.0.0.1:{free_port()}", repo_root
+        )
         try:
             yield base_url
         finally:
