@@ -13,7 +13,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from app.models import CancelPromptInput, CollectOutputsInput, DeleteJobsInput, FindExpiredJobsInput, GenerationInput
-from app.models import RecordJobInput, RetentionInput, RunPromptInput, StageImagesInput
+from app.models import RetentionInput, RunPromptInput, StageImagesInput
 from workflows_temporal.generation import GenerationWorkflow
 from workflows_temporal.retention import RetentionWorkflow
 
@@ -25,7 +25,6 @@ def test_histories_are_committed() -> None:
         "generation_succeeded", "generation_failed", "generation_cancelled", "generation_with_image_input",
         "indexed_template_job_succeeded", "indexed_generation_cancelled", "retention_deleted_jobs", "webhook_job_succeeded",
         "cache_hit_succeeded", "owned_template_job_succeeded", "api_rendered_image_job_succeeded",
-        "queued_record_beside_job_succeeded", "queued_record_beside_job_cancelled",
     }
 
 
@@ -54,7 +53,7 @@ async def test_a_job_that_carries_the_apis_prompt_but_rendered_on_a_worker_from_
 # Each activity the workflow schedules, by the name in history, with the input model today's code reads.
 ACTIVITY_INPUTS = {
     "stage_images": StageImagesInput, "run_prompt": RunPromptInput, "collect_outputs": CollectOutputsInput,
-    "cancel_prompt": CancelPromptInput, "record_job": RecordJobInput, "find_expired_jobs": FindExpiredJobsInput, "delete_jobs": DeleteJobsInput,
+    "cancel_prompt": CancelPromptInput, "find_expired_jobs": FindExpiredJobsInput, "delete_jobs": DeleteJobsInput,
 }
 WORKFLOW_INPUTS = {"GenerationWorkflow": GenerationInput, "RetentionWorkflow": RetentionInput}
 

@@ -57,12 +57,6 @@ WEBHOOKS_PATCH = "webhooks"
 # A job that carries the prompt the API rendered runs it without the render_prompt local activity. Behind a
 # patch: a job that carries one but whose first task ran on a worker from before rendered it, and replays so.
 API_RENDERED_PROMPT_PATCH = "api-rendered-prompt"
-# The queued row is written by an activity that runs beside the job's first step. As a local activity (jobs
-# before) it held the first workflow task, and with it the scheduling of the prompt, until the row was written.
-QUEUED_RECORD_PATCH = "queued-record-beside"
-
-_RECORD_TIMEOUT = timedelta(seconds=30)
-_RECORD_RETRY = RetryPolicy(maximum_interval=timedelta(seconds=10))
 
 # A prompt ComfyUI lost (it restarted) is resubmitted this many times before the job fails.
 MAX_LOST_PROMPT_RESUBMITS = 3
@@ -165,8 +159,7 @@ class GenerationWorkflow:
         if self._cancel is not None:
             self._work.cancel()
         try:
-            # The queued row is written while the job's first step starts; a cache hit's one task writes it.
-            await self._record(beside=job.cached_result is None and workflow.patched(QUEUED_RECORD_PATCH))
+            await self._record()  # the queued row is written while the prompt renders
             await self._work
         except (asyncio.CancelledError, ActivityError, ApplicationError) as failure:
             if self._state.status.is_terminal:
@@ -410,31 +403,23 @@ class GenerationWorkflow:
         workflow.upsert_search_attributes(updates)
         self._indexed_status = self._state.status
 
-    async def _record(self, beside: bool = False) -> None:
-        """Write the job's row and its new events. A local activity, so that the workflow task that records a
-        change also makes it (the end is written before the workflow completes), unless `beside`: then an
-        activity of its own, so that the task completes, and what it scheduled starts, without waiting for it."""
+    async def _record(self) -> None:
         assert self._job is not None and self._state is not None
         self._index()
         async with self._record_lock:
             events = list(self._pending_events)
-            record = RecordJobInput(
-                job=self._state,
-                backend=self._job.backend,
-                prompt_id=self._prompt_id,
-                inputs={} if self._job.privacy_mode else self._job.inputs,
-                cache_key=self._job.cache_key,
-                request_fingerprint=self._job.request_fingerprint,
-                events=events,
+            await workflow.execute_local_activity_method(
+                RecordActivities.record_job,
+                RecordJobInput(
+                    job=self._state,
+                    backend=self._job.backend,
+                    prompt_id=self._prompt_id,
+                    inputs={} if self._job.privacy_mode else self._job.inputs,
+                    cache_key=self._job.cache_key,
+                    request_fingerprint=self._job.request_fingerprint,
+                    events=events,
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
             )
-            if beside:
-                await workflow.execute_activity_method(
-                    RecordActivities.record_job, record, start_to_close_timeout=_RECORD_TIMEOUT,
-                    retry_policy=_RECORD_RETRY,
-                )
-            else:
-                await workflow.execute_local_activity_method(
-                    RecordActivities.record_job, record, start_to_close_timeout=_RECORD_TIMEOUT,
-                    retry_policy=_RECORD_RETRY,
-                )
             del self._pending_events[: len(events)]  # kept until written: a cut-short record loses none

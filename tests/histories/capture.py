@@ -88,10 +88,6 @@ async def capture() -> None:
                     # Since the api-rendered-prompt patch: the job carries the prompt the API rendered (its inline
                     # image already a stored reference), and no render_prompt runs.
                     "api_rendered_image_job_succeeded": {"workflowId": "invert_image", "inputs": {"image": RED_PIXEL}},
-                    # Since the queued-record-beside patch: the queued row is an activity the first task schedules
-                    # beside the prompt; cancelled while it runs, the cancel's records follow it.
-                    "queued_record_beside_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
-                    "queued_record_beside_job_cancelled": {"workflowJson": simulator.slow_prompt(10)},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
