@@ -3,9 +3,8 @@
 Starts the ComfyUI simulator and `comfyui-gateway dev` (Temporal dev server + worker + API) as their own
 processes, exactly as a user runs them, then acts as an outside client: submits N jobs that keep ComfyUI
 busy 20 ms (EmptyImage 64² → TestSleepProgress → SaveImage; `--comfyui-ms 0` drops the sleep) one at a time
-and prints, at p50 and p95, the time from `POST /jobs` until the
-outputs are stored (the job's completedAt) minus ComfyUI's own execution time (executionTimeMs), and what a
-client polling `GET /jobs/{id}` sees. Twice: with the jobs 300 ms apart (the gateway's own cost per job), and
+and prints, at p50 and p95, the time from `POST /jobs` until the outputs are stored (the job's completedAt)
+minus ComfyUI's own execution time (executionTimeMs), and what a client polling `GET /jobs/{id}` sees. Twice: with the jobs 300 ms apart (the gateway's own cost per job), and
 back to back (each job submitted the moment the previous one finished).
 
 Then, for each scenario, where that time goes, from each job's Temporal workflow history (event timestamps,
@@ -48,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, percentile, simulated_gateway  # noqa: E402
-from tests.harness import REPO_ROOT, free_port  # noqa: E402
+from tests.harness import free_port  # noqa: E402
 
 
 def prompt_running_for(milliseconds: float) -> dict:
@@ -63,7 +62,9 @@ def prompt_running_for(milliseconds: float) -> dict:
     }
 
 
-PHASES = ["accept", "to prompt", "prompt wait", "prompt", "comfyui", "to collect", "collect", "finish", "seen", "total"]
+PHASES = [
+    "accept", "to prompt", "prompt wait", "prompt", "comfyui", "to collect", "collect", "finish", "seen", "total",
+]
 
 
 @dataclass
