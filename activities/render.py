@@ -1,7 +1,9 @@
 """The activity that turns a job's template (by id and version) or inline graph into a ComfyUI prompt.
 
-The job's inputs and the rendered graph were checked when the job was accepted (app.submission); rendering
-again here gives the same prompt, from the template version the job named.
+The job's inputs and the rendered graph were checked when the job was accepted (app.submission), and a job
+normally carries the prompt the API rendered then (GenerationInput.rendered), which the workflow runs as it
+is. This renders the prompt for the rest: jobs started before the API passed it, and jobs too large to carry
+it within the job size limit. Rendering again gives the same prompt, from the template version the job named.
 """
 
 from __future__ import annotations

@@ -166,6 +166,19 @@ class CachedResult(BaseModel):
     outputs: list[OutputRef]
 
 
+class RenderPromptInput(BaseModel):
+    template_id: str | None = None
+    template_version: int | None = None
+    workflow_json: dict[str, Any] | None = None
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class RenderPromptResult(BaseModel):
+    prompt: dict[str, Any]
+    # "<node id>.image" → the image source (URL or stored reference) of each LoadImage still to be staged.
+    image_sources: dict[str, str] = Field(default_factory=dict)
+
+
 class GenerationInput(BaseModel):
     job_id: str
     template_id: str | None = None
@@ -195,6 +208,9 @@ class GenerationInput(BaseModel):
     cached_result: CachedResult | None = None
     # SHA-256 of the request, for a job submitted with an idempotency key (app.idempotency).
     request_fingerprint: str | None = None
+    # The prompt as the API rendered it to check it, from the same template version and inputs: the workflow
+    # runs it instead of rendering again. None (jobs from before, or too large to carry twice): it renders.
+    rendered: RenderPromptResult | None = None
 
     def wants_webhook(self, event: str) -> bool:
         return self.callback_url is not None and event in self.webhook_events
@@ -214,19 +230,6 @@ class PromptStarted(BaseModel):
 class CancelRequest(BaseModel):
     reason: str = ""
     actor: str = "api"
-
-
-class RenderPromptInput(BaseModel):
-    template_id: str | None = None
-    template_version: int | None = None
-    workflow_json: dict[str, Any] | None = None
-    inputs: dict[str, Any] = Field(default_factory=dict)
-
-
-class RenderPromptResult(BaseModel):
-    prompt: dict[str, Any]
-    # "<node id>.image" → the image source (URL or stored reference) of each LoadImage still to be staged.
-    image_sources: dict[str, str] = Field(default_factory=dict)
 
 
 class StageImagesInput(BaseModel):

@@ -57,6 +57,8 @@ class PreparedJob:
     inputs: dict[str, Any]
     # A raw graph with its own inline images replaced by references; None for a template job.
     workflow_json: dict[str, Any] | None
+    # The prompt the job runs: the graph rendered with `inputs`, as the worker's render_prompt would render it.
+    prompt: dict[str, Any]
     # The gateway drew the seed (the client gave none, or -1): the request does not determine the result.
     seed_drawn: bool = False
     # An image input is a URL, fetched when the job runs: what it serves may change.
@@ -121,10 +123,12 @@ async def prepare_job(
     stored = await _store_inline_images(sources, images)
 
     values |= {place.input_name: reference for place, reference in stored.items() if place.input_name is not None}
-    if template is not None:
-        return PreparedJob(inputs=values, workflow_json=None, seed_drawn=seed_drawn, fetches_urls=fetches_urls)
-    in_graph = {load_image_key(place.node_id): reference for place, reference in stored.items() if place.node_id}
-    return PreparedJob(inputs=values, workflow_json=replace_load_image_sources(graph, in_graph),
+    if template is None:
+        in_graph = {load_image_key(place.node_id): reference for place, reference in stored.items() if place.node_id}
+        graph = replace_load_image_sources(graph, in_graph)
+    if stored:  # the references in place of the inline images
+        prompt = render_prompt(graph, values)
+    return PreparedJob(inputs=values, workflow_json=None if template is not None else graph, prompt=prompt,
                        seed_drawn=seed_drawn, fetches_urls=fetches_urls)
 
 

@@ -82,20 +82,23 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def _start_gateway(root: Path, comfyui_env: Mapping[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+def _start_gateway(
+    root: Path, comfyui_env: Mapping[str, str], temporal_address: str, repo_root: Path
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
         "DATA_DIR": str(root / "gateway"),
         "PORT": str(port),
-        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "TEMPORAL_ADDRESS": temporal_address,
         "TEMPORAL_UI_PORT": str(free_port()),
         "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(repo_root),  # that checkout's code, whatever is installed
         **comfyui_env,
     }
     with open(root / "gateway.log", "wb") as log:  # the child keeps its own handle
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "dev"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
+            [sys.executable, "-m", "app.cli", "dev"], cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=log,
         )
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -135,12 +138,15 @@ class Stack:
 @contextmanager
 def simulated_stack(
     simulators: int = 1, backend_list: bool = False, gateway_env: Mapping[str, str] | None = None,
+    temporal_address: str | None = None, repo_root: Path = REPO_ROOT,
 ) -> Iterator[Stack]:
     """SIMULATORS simulator processes and `comfyui-gateway dev` on a scratch DATA_DIR, for the block.
 
     The gateway reaches them through COMFYUI_URL (the first) or, with BACKEND_LIST, through COMFYUI_URLS as
     `sim1=URL,sim2=URL,...`; a release from before COMFYUI_URLS (benchmarked for comparison) gets COMFYUI_URL
-    and so only the first. GATEWAY_ENV is added to the gateway's environment last (e.g. MAX_CONCURRENCY)."""
+    and so only the first. GATEWAY_ENV is added to the gateway's environment last (e.g. MAX_CONCURRENCY). Its
+    Temporal listens at TEMPORAL_ADDRESS (host:port) when given, for a benchmark that reads histories; the
+    gateway is the code of REPO_ROOT (another checkout, for a benchmark that compares two versions)."""
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         processes: list[SimulatorProcess] = []
@@ -156,7 +162,9 @@ def simulated_stack(
                     f"sim{number}={process.url}" for number, process in enumerate(processes, 1))}
             else:
                 comfyui_env = {"COMFYUI_URL": processes[0].url}
-            gateway, base_url = _start_gateway(root, {**comfyui_env, **(gateway_env or {})})
+            gateway, base_url = _start_gateway(
+                root, {**comfyui_env, **(gateway_env or {})}, temporal_address or f"127.0.0.1:{free_port()}", repo_root
+            )
             yield Stack(base_url, processes, gateway.pid)
         finally:
             if gateway is not None:
@@ -167,7 +175,8 @@ def simulated_stack(
 
 
 @contextmanager
-def simulated_gateway() -> Iterator[str]:
-    """The simulator and `comfyui-gateway dev` on a scratch DATA_DIR, for the block; yields the API's URL."""
-    with simulated_stack() as stack:
+def simulated_gateway(temporal_address: str | None = None, repo_root: Path = REPO_ROOT) -> Iterator[str]:
+    """The simulator and `comfyui-gateway dev` on a scratch DATA_DIR, for the block; yields the API's URL
+    (for TEMPORAL_ADDRESS and REPO_ROOT see `simulated_stack`)."""
+    with simulated_stack(temporal_address=temporal_address, repo_root=repo_root) as stack:
         yield stack.api_url

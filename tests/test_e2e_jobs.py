@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 from typing import Any
 
 import httpx
 import pytest
+from temporalio.client import Client, WorkflowHistory
+
+from app.temporal_endings import started_input
 
 from tests.harness import (
     DONE,
@@ -51,6 +55,42 @@ async def test_image_job_stores_outputs_with_verified_checksums(gateway: Gateway
                          "data": base64.b64encode(original).decode()}
     listed = (await gateway.api.get(f"/outputs/{job_id}")).json()
     assert listed["files"] == job["outputs"]
+
+
+def local_activities(history: WorkflowHistory) -> list[str]:
+    """The activity type of each local activity in a history, from its marker."""
+    return [json.loads(event.marker_recorded_event_attributes.details["data"].payloads[0].data)["activity_type"]
+            for event in history.events if event.marker_recorded_event_attributes.marker_name == "core_local_activity"]
+
+
+async def test_the_api_renders_the_prompt_once_and_the_workflow_runs_it(
+    gateway: Gateway, temporal_client: Client
+) -> None:
+    red_pixel = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAA"
+                 "AAAElFTkSuQmCC")
+    job = await gateway.run({"workflowId": "invert_image", "inputs": {"image": red_pixel}})
+    assert job["status"] == "succeeded", job
+    handle = temporal_client.get_workflow_handle(job["jobId"])
+    started = await started_input(temporal_client, handle)
+    assert started.rendered is not None
+    # The inline image went to storage before the prompt was rendered: the prompt names it, never its bytes.
+    [(key, source)] = started.rendered.image_sources.items()
+    assert source == started.inputs["image"] and source.startswith("stored-input://")
+    assert started.rendered.prompt[key.split(".")[0]]["inputs"]["image"] == source
+    assert set(local_activities(await handle.fetch_history())) == {"record_job"}
+
+
+async def test_a_job_too_large_to_carry_its_prompt_twice_is_rendered_by_the_worker(
+    gateway: Gateway, temporal_client: Client
+) -> None:
+    graph = recorded_workflow("image.json")
+    [empty_image] = [node for node in graph.values() if node["class_type"] == "EmptyImage"]
+    empty_image["inputs"]["note"] = "{{note}}"  # an input the node does not declare: ComfyUI ignores it
+    job = await gateway.run({"workflowJson": graph, "inputs": {"note": "x" * 600_000}})
+    assert job["status"] == "succeeded", job
+    handle = temporal_client.get_workflow_handle(job["jobId"])
+    assert (await started_input(temporal_client, handle)).rendered is None
+    assert "render_prompt" in local_activities(await handle.fetch_history())
 
 
 async def test_template_job_by_workflow_id(gateway: Gateway) -> None:

@@ -53,6 +53,7 @@ class FakeGateway:
     run_outcomes: list[object] = field(default_factory=list)
     records: list[RecordJobInput] = field(default_factory=list)
     runs: list[RunPromptInput] = field(default_factory=list)
+    renders: list[RenderPromptInput] = field(default_factory=list)
     cancelled_prompts: list[str] = field(default_factory=list)
     run_started: asyncio.Event = field(default_factory=asyncio.Event)
     # The first record of a succeeded job waits until it is cancelled.
@@ -61,6 +62,7 @@ class FakeGateway:
 
     @activity.defn(name="render_prompt")
     async def render_prompt(self, request: RenderPromptInput) -> RenderPromptResult:
+        self.renders.append(request)
         return RenderPromptResult(prompt=request.workflow_json or PROMPT)
 
     @activity.defn(name="record_job")
@@ -129,6 +131,24 @@ async def test_success_records_queued_then_succeeded(temporal_client: Client, ta
     assert view.execution_time_ms == 12 and view.completed_at is not None
     assert [r.job.status for r in fake.records] == [JobStatus.queued, JobStatus.succeeded]
     assert fake.runs[0].prompt == PROMPT
+    assert len(fake.renders) == 1  # a job without the API's rendered prompt renders it in the worker
+
+
+async def test_a_prompt_the_api_rendered_runs_as_given_without_rendering_again(
+    temporal_client: Client, task_queue: str
+) -> None:
+    api_rendered = {"1": {"class_type": "EmptyImage", "inputs": {"width": 16}}}
+    fake = FakeGateway()
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue).model_copy(update={"rendered": RenderPromptResult(prompt=api_rendered)})
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        view = await handle.result()
+    assert view.status is JobStatus.succeeded
+    assert fake.renders == [] and fake.runs[0].prompt == api_rendered
+    markers = [event.marker_recorded_event_attributes for event in (await handle.fetch_history()).events
+               if event.HasField("marker_recorded_event_attributes")]
+    # The patch, and local activities for the two records only (queued, succeeded).
+    assert [marker.marker_name for marker in markers].count("core_local_activity") == 2
 
 
 async def test_lost_prompt_is_resubmitted_with_a_new_prompt_id(temporal_client: Client, task_queue: str) -> None:

@@ -3,6 +3,8 @@ RetentionWorkflow: a change that would break the workflows already running (non-
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ def test_histories_are_committed() -> None:
     assert {path.stem for path in HISTORIES} >= {
         "generation_succeeded", "generation_failed", "generation_cancelled", "generation_with_image_input",
         "indexed_template_job_succeeded", "indexed_generation_cancelled", "retention_deleted_jobs", "webhook_job_succeeded",
-        "cache_hit_succeeded", "owned_template_job_succeeded",
+        "cache_hit_succeeded", "owned_template_job_succeeded", "api_rendered_image_job_succeeded",
     }
 
 
@@ -30,6 +32,21 @@ def test_histories_are_committed() -> None:
 async def test_history_replays(path: Path) -> None:
     replayer = Replayer(workflows=[GenerationWorkflow, RetentionWorkflow], data_converter=pydantic_data_converter)
     result = await replayer.replay_workflow(WorkflowHistory.from_json(path.stem, path.read_text()))
+    assert result.replay_failure is None
+
+
+async def test_a_job_that_carries_the_apis_prompt_but_rendered_on_a_worker_from_before_replays() -> None:
+    """In a rolling upgrade a new API's job (its prompt rendered) may run its first task on an old worker,
+    which renders the prompt itself; the new worker must replay that history as it was made."""
+    path = HISTORIES[0].parent / "generation_with_image_input.json"
+    history = json.loads(path.read_text())
+    [payload] = history["events"][0]["workflowExecutionStartedEventAttributes"]["input"]["payloads"]
+    job = json.loads(base64.b64decode(payload["data"]))
+    assert "rendered" not in job
+    job["rendered"] = {"prompt": {"1": {"class_type": "EmptyImage", "inputs": {"width": 8}}}}
+    payload["data"] = base64.b64encode(json.dumps(job).encode()).decode()
+    replayer = Replayer(workflows=[GenerationWorkflow], data_converter=pydantic_data_converter)
+    result = await replayer.replay_workflow(WorkflowHistory.from_json(path.stem, json.dumps(history)))
     assert result.replay_failure is None
 
 

@@ -54,6 +54,9 @@ SEARCH_ATTRIBUTES_PATCH = "job-search-attributes"
 OWNER_PATCH = "job-owner"
 # A job with a callbackUrl starts a WebhookDeliveryWorkflow as it ends (jobs before never had one).
 WEBHOOKS_PATCH = "webhooks"
+# A job that carries the prompt the API rendered runs it without the render_prompt local activity. Behind a
+# patch: a job that carries one but whose first task ran on a worker from before rendered it, and replays so.
+API_RENDERED_PROMPT_PATCH = "api-rendered-prompt"
 
 # A prompt ComfyUI lost (it restarted) is resubmitted this many times before the job fails.
 MAX_LOST_PROMPT_RESUBMITS = 3
@@ -203,18 +206,20 @@ class GenerationWorkflow:
     # --- the job's steps -------------------------------------------------------------------------
 
     async def _generate(self, job: GenerationInput) -> None:
-        rendered = await workflow.execute_local_activity_method(
-            RenderActivities.render_prompt,
-            RenderPromptInput(
-                template_id=job.template_id,
-                template_version=job.template_version,
-                workflow_json=job.workflow_json,
-                inputs=job.inputs,
-            ),
-            start_to_close_timeout=timedelta(seconds=30),
-            schedule_to_close_timeout=timedelta(minutes=5),
-            retry_policy=_TRANSIENT_RETRY,
-        )
+        rendered = job.rendered
+        if rendered is None or not workflow.patched(API_RENDERED_PROMPT_PATCH):
+            rendered = await workflow.execute_local_activity_method(
+                RenderActivities.render_prompt,
+                RenderPromptInput(
+                    template_id=job.template_id,
+                    template_version=job.template_version,
+                    workflow_json=job.workflow_json,
+                    inputs=job.inputs,
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=timedelta(minutes=5),
+                retry_policy=_TRANSIENT_RETRY,
+            )
         prompt = rendered.prompt
         if rendered.image_sources:
             # On the main queue: downloads and uploads must not hold one of the ComfyUI's slots.

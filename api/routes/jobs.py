@@ -48,6 +48,7 @@ from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
 from app.idempotency import MAX_KEY_LENGTH, idempotent_job_id, request_fingerprint
+from app.images.load_image import find_load_image_sources
 from app.jobstore import (
     JobFilter,
     JobSnapshot,
@@ -68,6 +69,7 @@ from app.models import (
     JobState,
     JobStatus,
     OutputFormat,
+    RenderPromptResult,
     RetrySpec,
     accepted_state,
 )
@@ -390,6 +392,12 @@ async def _submit(
     if len(job.model_dump_json()) + _json_size(redacted) > _MAX_JOB_BYTES:
         field = "workflowJson" if body.workflow_json is not None else "inputs"
         raise validation_error([{"field": field, "message": f"the job is larger than {_MAX_JOB_BYTES} bytes"}])
+    if job.cached_result is None:
+        # The prompt just rendered and checked goes with the job, so the workflow need not render it again; a
+        # job too large to carry its prompt as well still runs, rendered by the worker as before.
+        rendered = RenderPromptResult(prompt=prepared.prompt, image_sources=find_load_image_sources(prepared.prompt))
+        if len(job.model_dump_json()) + _json_size(redacted) + len(rendered.model_dump_json()) <= _MAX_JOB_BYTES:
+            job.rendered = rendered
     client = temporal.require()
     handle, closed = await _start(client, job, settings.temporal_task_queue)
     if key is not None:

@@ -85,6 +85,9 @@ async def capture() -> None:
                     "cache_hit_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8, "color": 1}},
                     # Since the job-owner patch: the first upsert has Owner too (here the open mode's "anonymous").
                     "owned_template_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
+                    # Since the api-rendered-prompt patch: the job carries the prompt the API rendered (its inline
+                    # image already a stored reference), and no render_prompt runs.
+                    "api_rendered_image_job_succeeded": {"workflowId": "invert_image", "inputs": {"image": RED_PIXEL}},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
