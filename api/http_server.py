@@ -65,6 +65,7 @@ def server_config(app: ASGIApp, settings: Settings) -> ServerConfig:
             settings.api_max_concurrent_requests,
         ),
         header_timeout=settings.api_header_timeout_s,
+        timeout_keep_alive=settings.api_keep_alive_s,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.value.lower(),

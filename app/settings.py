@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # Against clients that are slow or many (`comfyui-gateway api` and `dev`).
     api_header_timeout_s: float = Field(
         10.0, gt=0, description="how long a client may take to send a request's line and headers; then it is cut off")
+    # Longer than the idle time of clients' connection pools (httpx, Node: 4-5 s), so that a client reusing
+    # a connection does not send its request just as the server closes it (uvicorn's own default is 5 s).
+    api_keep_alive_s: float = Field(
+        75.0, gt=0, description="how long an idle kept-alive connection stays open for the client's next request")
     api_body_timeout_s: float = Field(
         30.0, gt=0, description="how long a request's body may stop arriving before the request is refused with 408")
     api_max_concurrent_requests: int = Field(
