@@ -114,3 +114,16 @@ class AuditRow(SQLModel, table=True):
     target: str = Field(index=True, max_length=256)
     at: datetime = _utc_column(index=True, nullable=False)
     details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class BackendSlotRow(SQLModel, table=True):
+    """A slot of a ComfyUI backend that a worker process holds for a prompt (app.comfy.slots), until it releases
+    it or stops renewing it and it expires."""
+
+    __tablename__ = "backend_slots"
+
+    backend: str = Field(primary_key=True, max_length=32)
+    slot: int = Field(primary_key=True)
+    holder: str = Field(max_length=128)
+    prompt_id: str | None = Field(default=None, max_length=64)
+    expires_at: datetime = _utc_column(nullable=False)

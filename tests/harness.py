@@ -213,8 +213,9 @@ def cli_environment(data_dir: Path, **variables: str) -> dict[str, str]:
 def settings_environment(settings: Settings) -> dict[str, str]:
     """The same settings as environment variables, for a gateway process of its own."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("COMFYUI_", "TEMPORAL_"))}
+    env.update({"COMFYUI_URLS": settings.comfyui_urls} if settings.comfyui_urls else {"COMFYUI_URL": settings.comfyui_url})
     env.update({
-        "COMFYUI_URL": settings.comfyui_url,
+        "COMFYUI_PREFETCH": str(settings.comfyui_prefetch),
         "DATA_DIR": str(settings.data_dir),
         "TEMPORAL_ADDRESS": settings.temporal_address,
         "TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,

@@ -179,6 +179,9 @@ class CreateJobRequest(CamelModel):
         OutputFormat.png, description="what still images are stored as; animated images and videos stay as they are")
     quality: int = Field(
         DEFAULT_OUTPUT_QUALITY, ge=1, le=100, description="jpg and webp encoding quality; png is lossless and ignores it")
+    backend_tag: str | None = Field(
+        None, max_length=32, description="run only on a ComfyUI backend with this tag (COMFYUI_URLS); one tag per "
+                                         "job; default any backend")
 
     _numbers = field_validator("timeout_seconds", "quality", mode="before")(_json_number)
 
@@ -252,6 +255,7 @@ async def create_job(
 ) -> CreateJobResponse:
     _check_raw_graph(body, settings, principal)
     _check_webhook(body, settings)
+    _check_backend_tag(body, settings)
     if _json_size(body.metadata) > _MAX_METADATA_BYTES:
         raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
     key = idempotency_key if idempotency_key is not None else _request_id(body.metadata)
@@ -299,7 +303,7 @@ async def create_job(
         quality=None if body.output_format is OutputFormat.png else body.quality,  # png ignores quality
     ) if prepared.reproducible else None
 
-    backend = configured_backends(settings)[0]
+    backend = configured_backends(settings)[0]  # what a worker from before the fleet runs the job on
     job = GenerationInput(
         job_id=job_id,
         template_id=body.workflow_id,
@@ -312,6 +316,7 @@ async def create_job(
         heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
         backend=backend.id,
         backend_task_queue=backend_task_queue(settings, backend.id),
+        backend_tag=body.backend_tag,
         created_at=datetime.now(timezone.utc),
         privacy_mode=settings.privacy_mode,
         callback_url=body.callback_url,
@@ -442,6 +447,14 @@ async def _check_active_jobs(principal: Principal, db: Database, settings: Setti
         raise ApiError(ErrorCode.TOO_MANY_ACTIVE_JOBS,
                        f"{active} of your jobs are queued or running, the most allowed at once ({cap}); "
                        "submit again when one has finished", {"active": active, "limit": cap})
+
+
+def _check_backend_tag(body: CreateJobRequest, settings: Settings) -> None:
+    tags = {tag for backend in configured_backends(settings) for tag in backend.tags}
+    if body.backend_tag is not None and body.backend_tag not in tags:
+        known = ", ".join(sorted(tags)) or "none"
+        raise validation_error([{"field": "backendTag",
+                                 "message": f"no ComfyUI backend has this tag (tags: {known})"}])
 
 
 def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:
