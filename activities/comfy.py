@@ -158,10 +158,10 @@ class ComfyActivities:
         lease: Lease | None = None
         try:
             async with heartbeating(lambda: run.tick().model_dump(by_alias=True), after_heartbeat):
-                if request.backend is None:
+                if self._placement is not None:
                     lease = await self._lease(progress, request)
-                    if request.image_sources:
-                        run.request = request = await self._staged(client, request, run, redactor)
+                if request.image_sources:
+                    run.request = request = await self._staged(client, request, run, redactor)
                 result = await while_unreachable(
                     run.run, on_wait=run.waiting, give_up=lambda: run.past_time_limit() or self._lost(request))
                 return result.model_copy(update={"backend": backend}) if request.backend is None else result
@@ -236,8 +236,10 @@ class ComfyActivities:
 
     @activity.defn(name="cancel_prompt")
     async def cancel_prompt(self, request: CancelPromptInput) -> None:
+        clients = [self._client(request.backend)] if request.backend is not None else list(self._clients.values())
         try:
-            await stop_prompt(self._client(request.backend), request.prompt_id)
+            # Deleting or interrupting a prompt a ComfyUI does not have changes nothing there.
+            await asyncio.gather(*(stop_prompt(client, request.prompt_id) for client in clients))
         except ComfyError as error:
             raise to_application_error(error) from error
 

@@ -68,6 +68,8 @@ class Probes:
     temporal: TemporalConnection
     http: httpx.AsyncClient  # its own, with the probe's timeout: a probe is never cut short from outside
     latest: ProbeResult | None = field(default=None)
+    # backend id → why its last failed probe failed (kept after it answers again, for GET /backends).
+    last_errors: dict[str, str] = field(default_factory=dict)
 
     async def refresh(self) -> ProbeResult:
         comfyui, temporal, workers = await asyncio.gather(
@@ -91,7 +93,9 @@ class Probes:
     async def _comfyui_answers(self, backend: Backend) -> bool:
         try:
             await ComfyClient(backend.url, self.http).system_stats()
-        except ComfyError:
+        except ComfyError as error:
+            # ComfyClient's messages name the URL: without its credentials here.
+            self.last_errors[backend.id] = error.message.replace(backend.url, backend.public_url)
             return False
         return True
 

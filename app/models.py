@@ -293,7 +293,8 @@ class RunPromptResult(BaseModel):
 
 
 class CancelPromptInput(BaseModel):
-    backend: str
+    # None: the prompt was placed but the workflow has not heard where; it is stopped on every backend.
+    backend: str | None
     prompt_id: str
 
 

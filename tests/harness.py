@@ -185,8 +185,9 @@ class MotoServerProcess:
 
 
 def gateway_settings(temporal: Client, simulator_url: str, data_dir: Path, task_queue: str, **overrides: Any) -> Settings:
+    # COMFYUI_URLS in `overrides` names the backends instead (the two do not go together).
     values: dict[str, Any] = {
-        "comfyui_url": simulator_url,
+        **({} if "comfyui_urls" in overrides else {"comfyui_url": simulator_url}),
         "data_dir": data_dir,
         "temporal_address": temporal.service_client.config.target_host,
         "temporal_task_queue": task_queue,

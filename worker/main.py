@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
+from temporalio.service import ServiceClient
 from temporalio.worker import FixedSizeSlotSupplier, PollerBehaviorSimpleMaximum, Worker, WorkerTuner
 
 from activities.comfy import ComfyActivities, Placement
@@ -34,7 +35,7 @@ from activities.progress_webhooks import ProgressWebhooks
 from activities.records import RecordActivities
 from activities.render import RenderActivities
 from activities.retention import RetentionActivities
-from app.comfy.backends import configured_backends, served_queues
+from app.comfy.backends import backend_task_queue, configured_backends, served_queues
 from app.comfy.client import ComfyClient
 from app.comfy.health import BackendHealth
 from app.comfy.prober import probe_backend
@@ -63,13 +64,22 @@ _PROBE_TIMEOUT_S = 2.0
 @dataclass
 class GatewayWorkers:
     workers: list[Worker]
+    fleet: Fleet
     # What runs beside them: each backend's prober, and the renewal and count of slot leases.
     background: list[Coroutine[Any, Any, None]]
 
 
+async def connection_of_its_own(client: Client) -> Client:
+    """A client like `client` on a connection of its own. The SDK lets one connection run only one worker per
+    task queue, and every backend runs one on the shared queue."""
+    config = client.config()
+    del config["service_client"]
+    return Client(await ServiceClient.connect(client.service_client.config), **config)
+
+
 def build_workers(
     client: Client, settings: Settings, engine: Engine, http: httpx.AsyncClient, image_http: httpx.AsyncClient,
-    probe_http: httpx.AsyncClient,
+    probe_http: httpx.AsyncClient, backend_clients: dict[str, Client],
 ) -> GatewayWorkers:
     backends = configured_backends(settings)
     healths = {backend.id: BackendHealth(backend.id, backend.public_url) for backend in backends}
@@ -113,7 +123,7 @@ def build_workers(
     for backend in backends:
         slots = BackendSlots(
             backend=backend, capacity=backend.capacity(settings.comfyui_prefetch), health=healths[backend.id],
-            fleet=fleet, sole_queues=frozenset(queue for queue in queues[backend.id] if servers[queue] == 1),
+            fleet=fleet, own_queue=backend_task_queue(settings, backend.id), sole_queues=frozenset(queue for queue in queues[backend.id] if servers[queue] == 1),
         )
         fleet.add(slots, queues[backend.id])
         placed = ComfyActivities(
@@ -129,7 +139,7 @@ def build_workers(
         )
         per_backend += [
             Worker(
-                client,
+                backend_clients.get(backend.id, client),
                 task_queue=queue,
                 activities=[placed.run_prompt],
                 tuner=tuner,
@@ -144,7 +154,7 @@ def build_workers(
         ]
     probes = [probe_backend(ComfyClient(backend.url, probe_http, healths[backend.id]), fleet.changed)
               for backend in backends]
-    return GatewayWorkers([main, *per_backend], [fleet.keep_leases(), *probes])
+    return GatewayWorkers([main, *per_backend], fleet, [fleet.keep_leases(), *probes])
 
 
 @asynccontextmanager
@@ -161,8 +171,12 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
         httpx.AsyncClient(trust_env=False) as image_http,
         httpx.AsyncClient(timeout=httpx.Timeout(_PROBE_TIMEOUT_S)) as probe_http,
     ):
-        built = build_workers(client, settings, engine, http, image_http, probe_http)
+        # The first backend's workers share the main worker's connection; each other backend has its own.
+        backend_clients = {backend.id: await connection_of_its_own(client)
+                           for backend in configured_backends(settings)[1:]}
+        built = build_workers(client, settings, engine, http, image_http, probe_http, backend_clients)
         workers = built.workers
+        await built.fleet.count_others()
         tasks = [asyncio.create_task(worker.run()) for worker in workers]
         background = [asyncio.create_task(job) for job in built.background]
         reconciler = asyncio.create_task(JobReconciler(client, engine, settings.temporal_task_queue).run())

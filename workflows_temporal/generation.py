@@ -355,10 +355,10 @@ class GenerationWorkflow:
     async def _finish_cancelled(self) -> None:
         request = self._cancel or CancelRequest(reason="cancelled through Temporal", actor="temporal")
         assert self._job is not None
-        # On the fleet's path a prompt not known to be on a backend yet (placed, maybe waiting in ComfyUI's queue)
-        # is stopped by its own activity, which the cancel reaches through its heartbeat.
+        # On the fleet's path a prompt may be placed (waiting in ComfyUI's queue) before the workflow hears where:
+        # then it is stopped on every backend (backend None).
         backend = self._prompt_backend if self._fleet else self._job.backend
-        if self._prompt_id is not None and backend is not None:
+        if self._prompt_id is not None:
             try:
                 await workflow.execute_activity_method(
                     ComfyActivities.cancel_prompt,

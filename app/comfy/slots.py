@@ -134,7 +134,8 @@ def live_leases(engine: Engine) -> dict[str, list[str | None]]:
 
 
 class _Permit(SlotPermit):
-    def __init__(self) -> None:
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
         self.used = False
 
 
@@ -146,11 +147,17 @@ class BackendSlots(CustomSlotSupplier):
     capacity: int
     health: BackendHealth
     fleet: "Fleet"
+    # The backend's own queue: a prompt sent back to it (it may be on ComfyUI already, under its crashed
+    # holder's lease) or a job from before the fleet. Always let through: the prompt's activity takes a lease
+    # before it posts anything new, so ComfyUI is not over-filled, and a re-attach is not kept waiting.
+    own_queue: str = ""
     # Queues this backend serves that no other backend does: a job there has nowhere else to go, so it is let
     # through while the backend is down and waits for it inside its activity, saying why.
     sole_queues: frozenset[str] = frozenset()
     running: int = 0  # this process's prompts on it (activity tasks started and not yet done)
     by_others: int = 0  # live leases of other processes
+    # Polls let through and not yet answered with a task, per queue: a queue's own polls never overcommit.
+    polling: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -166,7 +173,9 @@ class BackendSlots(CustomSlotSupplier):
         return self.in_flight < self.capacity
 
     def may_poll(self, queue: str) -> bool:
-        if not self.has_free_slot:
+        if queue == self.own_queue:
+            return True
+        if self.in_flight + self.polling.get(queue, 0) >= self.capacity:
             return False
         if not self.health.reachable:
             return queue in self.sole_queues
@@ -177,7 +186,9 @@ class BackendSlots(CustomSlotSupplier):
         while True:
             changed = self.fleet.next_change()
             if self.may_poll(ctx.task_queue):
-                return _Permit()
+                with self._lock:
+                    self.polling[ctx.task_queue] = self.polling.get(ctx.task_queue, 0) + 1
+                return _Permit(ctx.task_queue)
             await self.fleet.wait(changed)
 
     def try_reserve_slot(self, ctx: SlotReserveContext) -> SlotPermit | None:
@@ -187,14 +198,19 @@ class BackendSlots(CustomSlotSupplier):
         assert isinstance(ctx.permit, _Permit)
         ctx.permit.used = True
         with self._lock:
+            self.polling[ctx.permit.queue] -= 1
             self.running += 1
         self.fleet.changed()
 
     def release_slot(self, ctx: SlotReleaseContext) -> None:
-        if isinstance(ctx.permit, _Permit) and ctx.permit.used:
-            with self._lock:
+        if not isinstance(ctx.permit, _Permit):
+            return
+        with self._lock:
+            if ctx.permit.used:
                 self.running -= 1
-            self.fleet.changed()
+            else:
+                self.polling[ctx.permit.queue] -= 1
+        self.fleet.changed()
 
 
 class Fleet:
@@ -259,6 +275,17 @@ class Fleet:
         await asyncio.to_thread(self.leases.release, lease)
         self.changed()
 
+    async def count_others(self) -> None:
+        """Count the other processes' leases: before the first poll, so that a starting worker does not take the
+        slots of a crashed one's prompts for free."""
+        held = await asyncio.to_thread(self.leases.held_by_others)
+        moved = False
+        for backend, slots in self.slots.items():
+            moved = moved or slots.by_others != held.get(backend, 0)
+            slots.by_others = held.get(backend, 0)
+        if moved:
+            self._wake()
+
     async def keep_leases(self) -> None:
         """Renew this process's leases, and count the other processes' for placement, until cancelled."""
         renewed_at = 0.0
@@ -268,14 +295,7 @@ class Fleet:
                 if loop.time() - renewed_at >= RENEW_EVERY_SECONDS:
                     await asyncio.to_thread(self.leases.renew)
                     renewed_at = loop.time()
-                held = await asyncio.to_thread(self.leases.held_by_others)
+                await self.count_others()
             except SQLAlchemyError as error:  # the database is away: the counts stand, and the next turn retries
                 log.warning("slot leases could not be renewed or counted: %s", type(error).__name__)
-            else:
-                moved = False
-                for backend, slots in self.slots.items():
-                    moved = moved or slots.by_others != held.get(backend, 0)
-                    slots.by_others = held.get(backend, 0)
-                if moved:
-                    self._wake()
             await asyncio.sleep(RECHECK_SECONDS)
