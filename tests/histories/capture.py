@@ -85,6 +85,11 @@ async def capture() -> None:
                     "cache_hit_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8, "color": 1}},
                     # Since the job-owner patch: the first upsert has Owner too (here the open mode's "anonymous").
                     "owned_template_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
+                    # Since the fleet patch: placed through the shared queue, its image staged inside run_prompt
+                    # on the backend that polled it, collected from the backend the result names.
+                    "fleet_job_with_image_input": {"workflowId": "invert_image", "inputs": {"image": RED_PIXEL}},
+                    # ... and cancelled on the backend its prompt_started signal named.
+                    "fleet_generation_cancelled": {"workflowJson": simulator.slow_prompt(10)},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
