@@ -43,7 +43,8 @@ class ProbeResult:
 
     @property
     def healthy(self) -> bool:
-        return self.temporal and all(self.comfyui.values())
+        """Temporal answers and a ComfyUI does: jobs can run (one backend down of several is reported, not fatal)."""
+        return self.temporal and any(self.comfyui.values())
 
     @property
     def ready(self) -> bool:
@@ -81,6 +82,12 @@ class Probes:
             temporal=temporal, workers=workers, checked_at=datetime.now(timezone.utc),
         )
         return self.latest
+
+    def answering_backend(self) -> Backend:
+        """A backend that answered the last probe (the first listed, when none did): for what any ComfyUI of the
+        fleet can tell (node types, models)."""
+        answers = self.latest.comfyui if self.latest is not None else {}
+        return next((backend for backend in self.backends if answers.get(backend.id)), self.backends[0])
 
     async def run(self) -> None:
         while True:
