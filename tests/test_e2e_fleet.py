@@ -134,10 +134,10 @@ async def test_a_backend_killed_mid_job_loses_it_to_the_other_and_is_used_again_
 
     down = {backend["id"]: backend for backend in (await fleet.api.get("/backends")).json()["backends"]}
     assert down["gpu2"]["healthy"] is False and down["gpu1"]["healthy"] is True
-    fleet.gpu2.start()  # the same port: ComfyUI back, with an empty queue and history
-    # gpu1 is kept busy: the next job can only go to gpu2 once the worker finds it answers again.
+    # gpu1 is kept busy (gpu2 is still down): the next job can only go to gpu2 once the worker finds it answers.
     busy = await fleet.submit({"workflowJson": fleet.gpu1.slow_prompt(3)})
-    await wait_for_job(fleet.api, busy, until={"running"})
+    assert (await wait_for_job(fleet.api, busy, until={"running"}))["backend"] == "gpu1"
+    fleet.gpu2.start()  # the same port: ComfyUI back, with an empty queue and history
     again = await wait_for_job(fleet.api, await fleet.submit({"workflowJson": fleet.gpu1.slow_prompt(0.2)}),
                                until=DONE, timeout=30)
     assert again["status"] == "succeeded" and again["backend"] == "gpu2", again
