@@ -12,10 +12,11 @@ Two parts enforce a backend's capacity (slots × (1 + COMFYUI_PREFETCH)):
   is less loaded. So jobs beyond the fleet's capacity wait durably as Temporal activity tasks, and a job is
   placed when a slot frees up, on the least loaded backend.
 
-The supplier lets a poll through on a free slot rather than holding a permit per waiting poll: a permit held by
-an idle poll of one queue (Temporal reserves it before polling) would otherwise keep the backend's other queues
-from polling for up to a minute. Polls of several queues can therefore return together for the last free slot;
-the prompts past capacity wait for a lease inside their activity, and ComfyUI never has more than its capacity.
+Temporal reserves a permit before each poll. Counting a waiting poll as a prompt would let an idle poll of one
+queue keep the backend's other queues from polling for up to a minute, so the supplier counts a queue's waiting
+polls against that queue only: a queue's own polls never overcommit, but polls of two queues may return together
+for the last free slot. The prompt past capacity then waits for its lease inside its activity, and ComfyUI never
+has more than its capacity. The backend's own queue is always let through (see BackendSlots.own_queue).
 """
 
 from __future__ import annotations
