@@ -85,6 +85,8 @@ class TemplateRow(SQLModel, table=True):
     default_params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     # The template's own limits ({"maxImageSize", "maxBatchSize"}), in place of the operator's.
     limits: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # Its jobs run only on a backend with this tag, unless a job names its own.
+    backend_tag: str | None = Field(default=None, max_length=32)
     created_at: datetime = _utc_column(nullable=False)
     # Deleting a template hides it; the rows stay so that jobs submitted before still render their version.
     deleted_at: datetime | None = _utc_column()

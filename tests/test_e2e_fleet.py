@@ -161,11 +161,16 @@ async def test_a_prefetched_prompt_cancelled_is_deleted_from_comfyuis_queue_and_
     assert await fleet.runs(prefetched) == {"gpu1": [], "gpu2": []}
 
 
-async def test_a_tag_routes_jobs_to_the_backend_that_has_it(fleet: Fleet) -> None:
+async def test_a_tag_of_the_job_or_its_template_routes_it_to_the_backend_that_has_it(fleet: Fleet) -> None:
     job_ids = await asyncio.gather(*(
         fleet.submit({"workflowJson": fleet.gpu1.slow_prompt(0.2), "backendTag": "flux"}) for _ in range(3)))
     jobs = [await wait_for_job(fleet.api, job_id, until=DONE) for job_id in job_ids]
     assert [(job["status"], job["backend"]) for job in jobs] == [("succeeded", "gpu2")] * 3
+    template = {"id": "flux_only", "name": "Runs on flux", "workflowJson": fleet.gpu1.slow_prompt(0.2),
+                "backendTag": "flux"}
+    assert (await fleet.api.post("/workflows", json=template)).status_code == 201
+    from_template = await wait_for_job(fleet.api, await fleet.submit({"workflowId": "flux_only"}), until=DONE)
+    assert (from_template["status"], from_template["backend"]) == ("succeeded", "gpu2")
     refused = await fleet.api.post("/jobs", json={"workflowJson": fleet.gpu1.slow_prompt(0.2), "backendTag": "sd3"})
     assert refused.status_code == 400
     assert refused.json()["error"]["details"]["fields"][0]["field"] == "backendTag"

@@ -255,7 +255,6 @@ async def create_job(
 ) -> CreateJobResponse:
     _check_raw_graph(body, settings, principal)
     _check_webhook(body, settings)
-    _check_backend_tag(body, settings)
     if _json_size(body.metadata) > _MAX_METADATA_BYTES:
         raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
     key = idempotency_key if idempotency_key is not None else _request_id(body.metadata)
@@ -304,6 +303,8 @@ async def create_job(
     ) if prepared.reproducible else None
 
     backend = configured_backends(settings)[0]  # what a worker from before the fleet runs the job on
+    backend_tag = body.backend_tag or (template.backend_tag if template is not None else None)
+    _check_backend_tag(backend_tag, settings)
     job = GenerationInput(
         job_id=job_id,
         template_id=body.workflow_id,
@@ -316,7 +317,7 @@ async def create_job(
         heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
         backend=backend.id,
         backend_task_queue=backend_task_queue(settings, backend.id),
-        backend_tag=body.backend_tag,
+        backend_tag=backend_tag,
         created_at=datetime.now(timezone.utc),
         privacy_mode=settings.privacy_mode,
         callback_url=body.callback_url,
@@ -449,9 +450,10 @@ async def _check_active_jobs(principal: Principal, db: Database, settings: Setti
                        "submit again when one has finished", {"active": active, "limit": cap})
 
 
-def _check_backend_tag(body: CreateJobRequest, settings: Settings) -> None:
+def _check_backend_tag(backend_tag: str | None, settings: Settings) -> None:
+    """The job's tag (its own, else its template's) must be one a backend has: else the job would wait forever."""
     tags = {tag for backend in configured_backends(settings) for tag in backend.tags}
-    if body.backend_tag is not None and body.backend_tag not in tags:
+    if backend_tag is not None and backend_tag not in tags:
         known = ", ".join(sorted(tags)) or "none"
         raise validation_error([{"field": "backendTag",
                                  "message": f"no ComfyUI backend has this tag (tags: {known})"}])

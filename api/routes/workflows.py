@@ -50,6 +50,7 @@ class Workflow(WorkflowSummary):
     json_schema: dict[str, Any] = Field(description="the inputs as standard JSON Schema")
     default_params: dict[str, Any]
     limits: dict[str, Any] = Field(description="the template's own maxImageSize/maxBatchSize, if any")
+    backend_tag: str | None = Field(None, description="its jobs run only on a backend with this tag")
     created_at: datetime
 
 
@@ -83,6 +84,9 @@ class CreateWorkflowRequest(CamelModel):
     default_params: dict[str, Any] = Field(default_factory=dict)
     limits: LimitsJson = Field(
         default_factory=dict, description='{"maxImageSize": N, "maxBatchSize": M}: in place of the operator\'s limits')
+    backend_tag: str | None = Field(
+        None, max_length=32, description="its jobs run only on a backend with this tag (COMFYUI_URLS), unless a "
+                                         "job gives its own backendTag")
 
 
 class UpdateWorkflowRequest(CamelModel):
@@ -95,6 +99,7 @@ class UpdateWorkflowRequest(CamelModel):
     input_schema: dict[str, Any] | SkipJsonSchema[None] = None
     default_params: dict[str, Any] | SkipJsonSchema[None] = None
     limits: LimitsJson | SkipJsonSchema[None] = None
+    backend_tag: str | SkipJsonSchema[None] = Field(None, max_length=32, description='"" takes the tag away')
 
     @field_validator("*", mode="before")
     @classmethod
@@ -116,6 +121,7 @@ def _workflow(row: TemplateRow) -> Workflow:
         json_schema=to_json_schema(parse_schema(row.input_schema), row.default_params),
         default_params=row.default_params,
         limits=row.limits,
+        backend_tag=row.backend_tag,
         created_at=as_utc(row.created_at),
     )
 
@@ -151,7 +157,8 @@ async def register_workflow(
 ) -> WorkflowResponse:
     spec = TemplateSpec(template_id=body.id, name=body.name, description=body.description,
                         workflow_json=body.workflow_json, input_schema=body.input_schema,
-                        default_params=body.default_params, limits=body.limits)
+                        default_params=body.default_params, limits=body.limits,
+                        backend_tag=body.backend_tag)
     try:
         check_template(spec)
         warnings = await _checked_against_comfyui(request, spec)

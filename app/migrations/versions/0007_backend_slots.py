@@ -1,4 +1,4 @@
-"""Slot leases of the ComfyUI backends.
+"""Slot leases of the ComfyUI backends, and a template's backend tag.
 
 Revision ID: 0007
 Revises: 0006
@@ -8,6 +8,7 @@ Create Date: 2026-12-02
   holds for a prompt. Every worker process sharing a backend list claims a backend's slots here, so that together
   they never keep more prompts on it than it has slots; a holder that stops renewing (it crashed) loses them when
   they expire.
+- workflow_templates.backend_tag: the template's jobs run only on a backend with this tag (none before).
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("backend", "slot"),
     )
+    with op.batch_alter_table("workflow_templates") as batch:
+        batch.add_column(sa.Column("backend_tag", sa.String(length=32), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("workflow_templates") as batch:
+        batch.drop_column("backend_tag")
     op.drop_table("backend_slots")
