@@ -1,17 +1,21 @@
-"""Activities that talk to ComfyUI: run a prompt (submit + follow), stop a prompt, collect its outputs.
+"""Activities that talk to ComfyUI: run a prompt (stage its images, submit, follow), stop a prompt, collect
+its outputs.
 
-`run_prompt` is one activity, submit and wait together, so that one slot of the backend's task queue
-covers a prompt from the moment it is queued in ComfyUI until it finishes: jobs beyond MAX_CONCURRENCY
-wait in Temporal, never in ComfyUI's in-memory queue.
+`run_prompt` is one activity, submit and wait together, so that one slot of a backend covers a prompt from the
+moment it is queued in ComfyUI until it finishes: jobs beyond the backends' capacity wait in Temporal, never in
+ComfyUI's in-memory queue. Each backend's workers run it with a ComfyActivities of their own (`placement`): the
+backend that polled the task runs the prompt (app.comfy.slots).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 from temporalio import activity
@@ -25,7 +29,8 @@ from activities.prompt_run import PromptRun, stop_prompt
 from activities.waiting import while_unreachable
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
-from app.errors import ErrorCode
+from app.comfy.slots import Fleet, Lease
+from app.errors import PROMPT_ON_OTHER_BACKEND, ErrorCode
 from app.redaction import Redactor
 from app.models import (
     CancelPromptInput,
@@ -42,6 +47,9 @@ from app.models import (
 )
 from app.output_formats import ScratchFile, in_output_format
 from app.storage import OutputStorage
+
+if TYPE_CHECKING:
+    from activities.inputs import ImageStager
 
 
 def to_application_error(error: ComfyError, redactor: Redactor | None = None) -> ApplicationError:
@@ -75,12 +83,24 @@ def unknown_backend(backend: str) -> ApplicationError:
 ProgressWebhooksFactory = Callable[[str, ProgressWebhook], ProgressWebhooks]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """The backend whose workers run these activities' prompts, and the process's fleet it belongs to."""
+
+    backend: str
+    fleet: Fleet
+    images: "ImageStager"
+    # How long the backend may stop answering with a prompt on it before the prompt is run elsewhere.
+    grace_seconds: float
+
+
 class ComfyActivities:
     def __init__(
         self, clients: Mapping[str, ComfyClient], storage: OutputStorage, engine: Engine, scratch_dir: Path,
-        progress_webhooks: ProgressWebhooksFactory | None = None,
+        progress_webhooks: ProgressWebhooksFactory | None = None, placement: Placement | None = None,
     ) -> None:
         self._clients = clients
+        self._placement = placement
         self._progress_webhooks = progress_webhooks
         self._storage = storage
         self._engine = engine
@@ -106,11 +126,24 @@ class ComfyActivities:
         progress = (
             PromptProgress.model_validate(details[0])
             if details
-            else PromptProgress(prompt_id=prompt_id_for(request.job_id, request.attempt))
+            # Sent back to the backend that has it: the prompt may be there already, so it is looked for first.
+            else PromptProgress(prompt_id=prompt_id_for(request.job_id, request.attempt),
+                                post_attempted=request.reattach)
         )
+        # Jobs from before the fleet name their backend; later ones run on the backend that polled them.
+        backend = request.backend or self._placed().backend
+        if progress.backend is not None and progress.backend != backend:
+            raise ApplicationError(
+                f"prompt {progress.prompt_id} may be on backend {progress.backend}; not posted on {backend}",
+                {"backend": progress.backend}, type=PROMPT_ON_OTHER_BACKEND, non_retryable=True,
+                category=ApplicationErrorCategory.BENIGN,
+            )
+        progress.backend = backend
+        activity.heartbeat(progress.model_dump(by_alias=True))  # before anything reaches ComfyUI
         redactor = Redactor(request.redacted_texts)
         log = JobLog(self._engine, request.job_id, redactor)
-        run = PromptRun(self._client(request.backend), request, progress, log)
+        client = self._client(backend)
+        run = PromptRun(client, request, progress, log)
         live_row = LiveRow(self._engine, request.job_id, request.attempt)
         webhooks = (
             self._progress_webhooks(request.job_id, request.progress_webhook)
@@ -122,10 +155,26 @@ class ComfyActivities:
             if webhooks is not None:
                 webhooks.offer(progress)
 
+        lease: Lease | None = None
         try:
             async with heartbeating(lambda: run.tick().model_dump(by_alias=True), after_heartbeat):
-                return await while_unreachable(run.run, on_wait=run.waiting, give_up=run.past_time_limit)
+                if self._placement is not None:
+                    lease = await self._lease(progress, request)
+                if request.image_sources:
+                    run.request = request = await self._staged(client, request, run, redactor)
+                result = await while_unreachable(
+                    run.run, on_wait=run.waiting, give_up=lambda: run.past_time_limit() or self._lost(request))
+                return result.model_copy(update={"backend": backend}) if request.backend is None else result
         except ComfyError as error:
+            if error.code is ErrorCode.COMFYUI_UNREACHABLE and not run.past_time_limit() and self._lost(request):
+                log.add(f"a{request.attempt}:backend-lost", "warning",
+                        f"backend {backend} has not answered for {self._placed().grace_seconds:g} s; the job is run "
+                        "again on another", {"code": ErrorCode.BACKEND_LOST.value, "backend": backend})
+                raise ApplicationError(
+                    f"backend {backend} stopped answering with prompt {progress.prompt_id} on it",
+                    {"backend": backend, "promptId": progress.prompt_id}, type=ErrorCode.BACKEND_LOST.value,
+                    non_retryable=True, category=ApplicationErrorCategory.BENIGN,
+                ) from None
             if error.code is ErrorCode.COMFYUI_UNREACHABLE:
                 log.add(f"a{request.attempt}:gave-up", "warning", f"{error.message}; the job's time limit has passed",
                         {"code": error.code.value})
@@ -142,17 +191,55 @@ class ComfyActivities:
                 await asyncio.shield(run.stop())
             raise
         finally:
+            if lease is not None:
+                await asyncio.shield(self._placed().fleet.release(lease))
             await live_row.close()
             if webhooks is not None:
                 await webhooks.close()
             await log.flush(force=True)
 
+    def _placed(self) -> Placement:
+        if self._placement is None:
+            raise ApplicationError("run_prompt without a backend reached a worker that places none",
+                                   type=ErrorCode.CONFIGURATION_ERROR.value, non_retryable=True)
+        return self._placement
+
+    async def _lease(self, progress: PromptProgress, request: RunPromptInput) -> Lease | None:
+        """A slot lease on the backend before the prompt is posted. A prompt ComfyUI may have already (a retry,
+        a re-attach) takes a free one but does not wait: the lease it ran under, its crashed holder's, still
+        counts until it expires."""
+        placement = self._placed()
+        if progress.submitted or progress.post_attempted or request.reattach:
+            return await placement.fleet.try_lease(placement.backend, progress.prompt_id)
+        return await placement.fleet.lease(placement.backend, progress.prompt_id)
+
+    async def _staged(self, client: ComfyClient, request: RunPromptInput, run: PromptRun,
+                      redactor: Redactor) -> RunPromptInput:
+        """The request with its image inputs uploaded to this backend (content-named: a retry uploads the same)."""
+        staged = await self._placed().images.stage(
+            client, request.job_id, request.image_sources, request.prompt, on_wait=run.waiting,
+            max_wait=request.timeout_seconds, redactor=redactor)
+        return request.model_copy(update={"prompt": staged.prompt, "image_sources": {}})
+
+    def _lost(self, request: RunPromptInput) -> bool:
+        """The backend has not answered for the grace period, and the job could run on another: one that serves
+        the queue it was placed from (a job sent back to a backend that is gone starts over anywhere)."""
+        if request.backend is not None or self._placement is None:
+            return False
+        placement = self._placement
+        down_since = placement.fleet.slots[placement.backend].health.down_since
+        if down_since is None or time.time() - down_since < placement.grace_seconds:
+            return False
+        return request.reattach or len(placement.fleet.serving(activity.info().task_queue)) > 1
+
     # --- cancel_prompt ---------------------------------------------------------------------------
 
     @activity.defn(name="cancel_prompt")
     async def cancel_prompt(self, request: CancelPromptInput) -> None:
+        clients = [self._client(request.backend)] if request.backend is not None else list(self._clients.values())
         try:
-            await stop_prompt(self._client(request.backend), request.prompt_id)
+            # Deleting or interrupting a prompt a ComfyUI does not have changes nothing there.
+            await asyncio.gather(*(stop_prompt(client, request.prompt_id) for client in clients))
         except ComfyError as error:
             raise to_application_error(error) from error
 

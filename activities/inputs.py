@@ -1,4 +1,4 @@
-"""The activity that stages a job's image inputs on the ComfyUI that will run it.
+"""Staging a job's image inputs on the ComfyUI that will run it.
 
 Each source (URL, or an inline image the API already put in storage) is loaded and checked, then uploaded under
 a name derived from its content, so a retried activity uploads identical bytes under the same name and ComfyUI
@@ -41,46 +41,30 @@ def _image_input_failure(error: ImageInputError, redactor: Redactor) -> Applicat
     )
 
 
-class InputActivities:
+class ImageStager:
+    """Loads a job's image sources and uploads them to one ComfyUI under content-derived names."""
+
     def __init__(
-        self,
-        clients: Mapping[str, ComfyClient],
-        http: httpx.AsyncClient,
-        storage: OutputStorage,
-        *,
-        max_bytes: int,
-        max_pixels: int,
+        self, http: httpx.AsyncClient, storage: OutputStorage, *, max_bytes: int, max_pixels: int,
         allow_private_urls: bool,
     ) -> None:
-        self._clients = clients
         self._http = http
         self._storage = storage
         self._max_bytes = max_bytes
         self._max_pixels = max_pixels
         self._allow_private_urls = allow_private_urls
 
-    def _client(self, backend: str) -> ComfyClient:
-        try:
-            return self._clients[backend]
-        except KeyError:
-            raise unknown_backend(backend) from None
-
-    @activity.defn(name="stage_images")
-    async def stage_images(self, request: StageImagesInput) -> StageImagesResult:
-        client = self._client(request.backend)
+    async def stage(
+        self, client: ComfyClient, job_id: str, images: dict[str, str], prompt: dict, *,
+        on_wait: Callable[[JobWarning | None], None], on_staged: Callable[[int], None] = lambda done: None,
+        max_wait: float | None, redactor: Redactor,
+    ) -> StageImagesResult:
         names: dict[str, str] = {}
-        beat = StepHeartbeat()
-
-        def waiting(warning: JobWarning | None) -> None:
-            beat.warning = warning
-
-        async with heartbeating(lambda: beat.model_dump(by_alias=True)):
-            for key, source in request.images.items():
-                names[key] = await self._stage(
-                    client, key, source, waiting, request.timeout_seconds, Redactor(request.redacted_texts))
-                activity.logger.info("job %s: image input %s staged on ComfyUI as %s", request.job_id, key, names[key])
-                beat.done = len(names)
-        return StageImagesResult(names=names, prompt=replace_load_image_sources(request.prompt, names))
+        for key, source in images.items():
+            names[key] = await self._stage(client, key, source, on_wait, max_wait, redactor)
+            activity.logger.info("job %s: image input %s staged on ComfyUI as %s", job_id, key, names[key])
+            on_staged(len(names))
+        return StageImagesResult(names=names, prompt=replace_load_image_sources(prompt, names))
 
     def _read_stored(self, key: str) -> bytes:
         with self._storage.open(key) as stored:
@@ -109,3 +93,34 @@ class InputActivities:
             raise to_application_error(error, redactor) from (None if redactor else error)
         except StorageError as error:  # a stored inline image could not be read back (the bucket is down)
             raise ApplicationError(f"{key}: {error}", type=ErrorCode.STORAGE_ERROR.value) from error
+
+
+class InputActivities:
+    """Jobs from before the fleet stage their images in an activity of their own, on the main queue; later jobs
+    stage them inside run_prompt, on the backend the prompt was placed on (ImageStager)."""
+
+    def __init__(self, clients: Mapping[str, ComfyClient], stager: ImageStager) -> None:
+        self._clients = clients
+        self._stager = stager
+
+    def _client(self, backend: str) -> ComfyClient:
+        try:
+            return self._clients[backend]
+        except KeyError:
+            raise unknown_backend(backend) from None
+
+    @activity.defn(name="stage_images")
+    async def stage_images(self, request: StageImagesInput) -> StageImagesResult:
+        client = self._client(request.backend)
+        beat = StepHeartbeat()
+
+        def waiting(warning: JobWarning | None) -> None:
+            beat.warning = warning
+
+        def staged(done: int) -> None:
+            beat.done = done
+
+        async with heartbeating(lambda: beat.model_dump(by_alias=True)):
+            return await self._stager.stage(
+                client, request.job_id, request.images, request.prompt, on_wait=waiting, on_staged=staged,
+                max_wait=request.timeout_seconds, redactor=Redactor(request.redacted_texts))

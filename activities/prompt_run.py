@@ -169,7 +169,8 @@ class PromptRun:
             if not progress.started_signalled and (quiet or running_for >= _RUNNING_SIGNAL_AFTER_SECONDS):
                 handle = activity.client().get_workflow_handle(self.request.job_id)
                 await handle.signal(
-                    PROMPT_STARTED_SIGNAL, PromptStarted(attempt=self.request.attempt, prompt_id=self.prompt_id)
+                    PROMPT_STARTED_SIGNAL, PromptStarted(attempt=self.request.attempt, prompt_id=self.prompt_id,
+                                                         backend=self.progress.backend)
                 )
                 progress.started_signalled = True
         activity.heartbeat(self.tick().model_dump(by_alias=True))

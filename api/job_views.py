@@ -59,6 +59,8 @@ class Job(CamelModel):
         None, description="how the job's webhook (its final event's) has fared; null without a callbackUrl or "
                           "before its first attempt. Never changes the job's status")
     cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job; nothing ran")
+    backend: str | None = Field(None, description="the ComfyUI backend its prompt was placed on (COMFYUI_URLS "
+                                                  "names); null until placed")
 
 
 def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> OutputFile:
@@ -94,6 +96,7 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
         owner=state.owner,
         webhook=snapshot.webhook,
         cache_hit=state.cache_hit,
+        backend=state.backend,
     )
 
 

@@ -28,9 +28,9 @@ from api.security_headers import SecurityHeaders
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
 from api.auth import warn_if_open
-from api.routes import audit, codec, health, jobs, outputs, workflows
+from api.routes import audit, backends, codec, health, jobs, outputs, workflows
 from app.codec import EncryptionCodec
-from app.comfy.backends import backend_task_queue, configured_backends
+from app.comfy.backends import configured_backends, served_queues
 from app.db import make_engine
 from app.settings import Settings, get_settings
 from app.storage import build_storage
@@ -97,8 +97,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
                 backends=configured_backends(settings),
                 queues={
                     settings.temporal_task_queue: TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
-                    **{backend_task_queue(settings, backend.id): TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
-                       for backend in configured_backends(settings)},
+                    **{queue: TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+                       for backend in configured_backends(settings) for queue in served_queues(settings, backend)},
                 },
                 temporal=app.state.temporal, http=probe_http,
             )
@@ -137,7 +137,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
     app.add_middleware(CodecCors, origins=settings.resolved_codec_cors_origins)
     install_error_handlers(app)
     # Each router but health's (/health and /ready are public) requires a caller (api.deps.get_principal).
-    routers = [jobs.router, outputs.router, workflows.router, audit.router, health.router, codec.router]
+    routers = [jobs.router, outputs.router, workflows.router, audit.router, health.router, codec.router,
+               backends.router]
     for router in routers:
         app.include_router(router)
     install_openapi(app, routers)

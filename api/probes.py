@@ -43,7 +43,8 @@ class ProbeResult:
 
     @property
     def healthy(self) -> bool:
-        return self.temporal and all(self.comfyui.values())
+        """Temporal answers and a ComfyUI does: jobs can run (one backend down of several is reported, not fatal)."""
+        return self.temporal and any(self.comfyui.values())
 
     @property
     def ready(self) -> bool:
@@ -68,6 +69,8 @@ class Probes:
     temporal: TemporalConnection
     http: httpx.AsyncClient  # its own, with the probe's timeout: a probe is never cut short from outside
     latest: ProbeResult | None = field(default=None)
+    # backend id → why its last failed probe failed (kept after it answers again, for GET /backends).
+    last_errors: dict[str, str] = field(default_factory=dict)
 
     async def refresh(self) -> ProbeResult:
         comfyui, temporal, workers = await asyncio.gather(
@@ -80,6 +83,12 @@ class Probes:
         )
         return self.latest
 
+    def answering_backend(self) -> Backend:
+        """A backend that answered the last probe (the first listed, when none did): for what any ComfyUI of the
+        fleet can tell (node types, models)."""
+        answers = self.latest.comfyui if self.latest is not None else {}
+        return next((backend for backend in self.backends if answers.get(backend.id)), self.backends[0])
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(PROBE_EVERY_SECONDS)
@@ -91,7 +100,9 @@ class Probes:
     async def _comfyui_answers(self, backend: Backend) -> bool:
         try:
             await ComfyClient(backend.url, self.http).system_stats()
-        except ComfyError:
+        except ComfyError as error:
+            # ComfyClient's messages name the URL: without its credentials here.
+            self.last_errors[backend.id] = error.message.replace(backend.url, backend.public_url)
             return False
         return True
 

@@ -199,10 +199,11 @@ async def _health(settings: Settings) -> dict[str, object]:
         for backend in configured_backends(settings):
             try:
                 stats = await ComfyClient(backend.url, http).system_stats()
-                report[backend.id] = {"url": backend.url, "reachable": True,
+                report[backend.id] = {"url": backend.public_url, "reachable": True,
                                       "version": stats.get("system", {}).get("comfyui_version")}
             except ComfyError as error:
-                report[backend.id] = {"url": backend.url, "reachable": False, "error": error.message}
+                report[backend.id] = {"url": backend.public_url, "reachable": False,
+                                      "error": error.message.replace(backend.url, backend.public_url)}
     try:
         client = await asyncio.wait_for(connect_temporal(settings), timeout=5)
         report["temporal"] = {"address": settings.temporal_address, "reachable": await client.service_client.check_health()}

@@ -48,6 +48,7 @@ class ErrorCode(str, Enum):
     COMFYUI_INTERRUPTED = "COMFYUI_INTERRUPTED"
     COMFYUI_PROTOCOL_ERROR = "COMFYUI_PROTOCOL_ERROR"
     PROMPT_LOST = "PROMPT_LOST"
+    BACKEND_LOST = "BACKEND_LOST"
     IMAGE_FETCH_FAILED = "IMAGE_FETCH_FAILED"
     STORAGE_ERROR = "STORAGE_ERROR"
     WEBHOOK_NOT_CONFIGURED = "WEBHOOK_NOT_CONFIGURED"
@@ -151,6 +152,10 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.PROMPT_LOST: ErrorClass(
         502, False, False, _JOB,
         "ComfyUI restarted and forgot the prompt; the workflow resubmits it as a new attempt, up to 3 times"),
+    ErrorCode.BACKEND_LOST: ErrorClass(
+        503, False, False, _JOB,
+        "the job's ComfyUI stopped answering for longer than `COMFYUI_HEARTBEAT_TIMEOUT_S` while other backends "
+        "could run it; the workflow runs it again as a new attempt on a healthy backend, up to 3 times"),
     ErrorCode.IMAGE_FETCH_FAILED: ErrorClass(
         502, True, False, _JOB, "an image input's URL timed out or answered 5xx, 408 or 429 (up to 5 tries)"),
     ErrorCode.STORAGE_ERROR: ErrorClass(
@@ -175,6 +180,11 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
         500, False, False, _JOB, "the gateway's configuration cannot run the job (e.g. an unknown backend)"),
     ErrorCode.INTERNAL_ERROR: ErrorClass(500, False, False, _BOTH, "a fault in the gateway; see its log"),
 }
+
+# Not a job's error: the failure type of a run_prompt retry that a worker of another backend polled, while its
+# prompt may be on the backend its heartbeat names (`details[0]["backend"]`). The workflow sends the attempt
+# back to that backend's own queue; it never posts the prompt a second time elsewhere.
+PROMPT_ON_OTHER_BACKEND = "PROMPT_ON_OTHER_BACKEND"
 
 CLIENT_RETRYABLE_CODES = tuple(code for code, error in ERROR_CLASSES.items() if error.client_retryable)
 # For Temporal retry policies: an activity failing with one of these is never tried again.

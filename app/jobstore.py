@@ -159,6 +159,7 @@ def job_snapshot(row: JobRow) -> JobSnapshot:
         cache_hit=row.cache_hit,
         cached_from=row.cached_from,
         owner=row.owner,
+        backend=row.backend or None,
     )
     live = LiveProgress(
         percent=row.progress, node=row.current_node, queue_position=row.queue_position,

@@ -105,6 +105,8 @@ class JobState(CamelModel):
     cached_from: str | None = None
     # The principal that created the job (app.auth); None for jobs from before authentication existed.
     owner: str | None = None
+    # The ComfyUI backend the job's prompt was placed on (its latest attempt); None until it is placed.
+    backend: str | None = None
 
 
 class LiveProgress(CamelModel):
@@ -143,6 +145,8 @@ class PromptProgress(CamelModel):
     elapsed_seconds: float = 0.0
     started_signalled: bool = False
     warning: JobWarning | None = None
+    # The backend that has (or may have) the prompt: a retry polled by another backend's worker must not post it.
+    backend: str | None = None
 
     def live(self) -> LiveProgress:
         return LiveProgress(percent=self.percent, node=self.node, queue_position=self.queue_position,
@@ -189,8 +193,11 @@ class GenerationInput(BaseModel):
     retry: RetrySpec = Field(default_factory=RetrySpec)
     timeout_seconds: float
     heartbeat_timeout_seconds: float
+    # Jobs before the fleet ran on this backend, through this queue; later jobs are placed when a slot frees up.
     backend: str
     backend_task_queue: str
+    # The job runs only on a backend with this tag (COMFYUI_URLS); None: on any.
+    backend_tag: str | None = None
     created_at: datetime
     privacy_mode: bool = False
     # None (jobs from before output formats): outputs are stored as ComfyUI wrote them.
@@ -225,6 +232,8 @@ class PromptStarted(BaseModel):
 
     attempt: int
     prompt_id: str
+    # Where the prompt is (None from releases before the fleet): a cancel goes there.
+    backend: str | None = None
 
 
 class CancelRequest(BaseModel):
@@ -261,9 +270,14 @@ class ProgressWebhook(BaseModel):
 
 class RunPromptInput(BaseModel):
     job_id: str
-    backend: str
+    # The backend named by jobs before the fleet; None: the backend whose worker polled the task runs it.
+    backend: str | None = None
     attempt: int
     prompt: dict[str, Any]
+    # Sent back to the backend that has the prompt (PROMPT_ON_OTHER_BACKEND): look it up before posting.
+    reattach: bool = False
+    # "<node id>.image" → source of each LoadImage to stage on the placed backend before the prompt is posted.
+    image_sources: dict[str, str] = Field(default_factory=dict)
     timeout_seconds: float
     progress_webhook: ProgressWebhook | None = None
     # PRIVACY_MODE: the job's free texts (app.redaction), kept out of the failure and log this activity writes.
@@ -272,6 +286,8 @@ class RunPromptInput(BaseModel):
 
 class RunPromptResult(BaseModel):
     prompt_id: str
+    # The backend that ran it; None from jobs before the fleet (their job's own backend).
+    backend: str | None = None
     # ComfyUI's history `outputs`: node id -> UI dict ({"images": [{filename, subfolder, type}], ...}).
     outputs: dict[str, dict[str, Any]]
     # ComfyUI's execution_start timestamp (epoch ms): when it began executing the prompt.
@@ -280,7 +296,8 @@ class RunPromptResult(BaseModel):
 
 
 class CancelPromptInput(BaseModel):
-    backend: str
+    # None: the prompt was placed but the workflow has not heard where; it is stopped on every backend.
+    backend: str | None
     prompt_id: str
 
 

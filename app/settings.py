@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 from app.codec import EncryptionKey, parse_encryption_keys
+from app.comfy.backends import parse_backends, valid_url
 from app.auth import ApiKey, Role, parse_api_key
 
 
@@ -116,10 +117,19 @@ class Settings(BaseSettings):
                                 "refused with 429 TOO_MANY_ACTIVE_JOBS; off when unset")
 
     # ComfyUI
-    comfyui_url: str = Field("http://127.0.0.1:8188", description="the ComfyUI server")
+    comfyui_url: str = Field(
+        "http://127.0.0.1:8188", description="the ComfyUI server (one backend, named comfyui-1); or COMFYUI_URLS")
+    comfyui_urls: str | None = Field(
+        None, description="several ComfyUI servers, comma-separated: name=url[;slots=N][;tags=a+b], e.g. "
+                          "gpu1=http://10.0.0.5:8188;slots=1;tags=sdxl+flux,gpu2=http://10.0.0.6:8188 (names 1 to 32 "
+                          "of a-z, 0-9, -); slots defaults to MAX_CONCURRENCY; not with COMFYUI_URL")
+    comfyui_prefetch: int = Field(
+        1, ge=0, le=8, description="prompts per slot that wait in ComfyUI's own queue while one runs, so that the "
+                                   "GPU never waits for the gateway between two")
     comfyui_timeout_ms: int = Field(300_000, gt=0, description="a job's time limit on ComfyUI (per job: timeoutSeconds)")
     max_concurrency: int = Field(
-        1, ge=1, le=64, description="prompts run at once per ComfyUI; further jobs wait durably in Temporal")
+        1, ge=1, le=64, description="prompts run at once per ComfyUI (its slots, unless COMFYUI_URLS says); "
+                                    "further jobs wait durably in Temporal")
     comfyui_heartbeat_timeout_s: float = Field(
         20.0, ge=2.0, description="how long a silent worker keeps a running prompt before another worker re-attaches")
 
@@ -268,10 +278,21 @@ class Settings(BaseSettings):
     @classmethod
     def _one_comfyui_url(cls, value: str) -> str:
         if "," in value:
-            raise ValueError("several ComfyUI servers are not supported yet; give one URL")
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+            raise ValueError("one URL; several ComfyUI servers go in COMFYUI_URLS")
+        return valid_url(value)
+
+    @field_validator("comfyui_urls")
+    @classmethod
+    def _backend_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_backends(value, default_slots=1)  # its errors name the entry, never a URL
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_name_comfyui(self) -> "Settings":
+        if self.comfyui_urls is not None and "comfyui_url" in self.model_fields_set:
+            raise ValueError("COMFYUI_URL and COMFYUI_URLS are both set: give one (COMFYUI_URLS for several servers)")
+        return self
 
     @field_validator("database_url")
     @classmethod

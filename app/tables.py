@@ -85,6 +85,8 @@ class TemplateRow(SQLModel, table=True):
     default_params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     # The template's own limits ({"maxImageSize", "maxBatchSize"}), in place of the operator's.
     limits: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # Its jobs run only on a backend with this tag, unless a job names its own.
+    backend_tag: str | None = Field(default=None, max_length=32)
     created_at: datetime = _utc_column(nullable=False)
     # Deleting a template hides it; the rows stay so that jobs submitted before still render their version.
     deleted_at: datetime | None = _utc_column()
@@ -114,3 +116,16 @@ class AuditRow(SQLModel, table=True):
     target: str = Field(index=True, max_length=256)
     at: datetime = _utc_column(index=True, nullable=False)
     details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class BackendSlotRow(SQLModel, table=True):
+    """A slot of a ComfyUI backend that a worker process holds for a prompt (app.comfy.slots), until it releases
+    it or stops renewing it and it expires."""
+
+    __tablename__ = "backend_slots"
+
+    backend: str = Field(primary_key=True, max_length=32)
+    slot: int = Field(primary_key=True)
+    holder: str = Field(max_length=128)
+    prompt_id: str | None = Field(default=None, max_length=64)
+    expires_at: datetime = _utc_column(nullable=False)

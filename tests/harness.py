@@ -185,8 +185,9 @@ class MotoServerProcess:
 
 
 def gateway_settings(temporal: Client, simulator_url: str, data_dir: Path, task_queue: str, **overrides: Any) -> Settings:
+    # COMFYUI_URLS in `overrides` names the backends instead (the two do not go together).
     values: dict[str, Any] = {
-        "comfyui_url": simulator_url,
+        **({} if "comfyui_urls" in overrides else {"comfyui_url": simulator_url}),
         "data_dir": data_dir,
         "temporal_address": temporal.service_client.config.target_host,
         "temporal_task_queue": task_queue,
@@ -213,8 +214,9 @@ def cli_environment(data_dir: Path, **variables: str) -> dict[str, str]:
 def settings_environment(settings: Settings) -> dict[str, str]:
     """The same settings as environment variables, for a gateway process of its own."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("COMFYUI_", "TEMPORAL_"))}
+    env.update({"COMFYUI_URLS": settings.comfyui_urls} if settings.comfyui_urls else {"COMFYUI_URL": settings.comfyui_url})
     env.update({
-        "COMFYUI_URL": settings.comfyui_url,
+        "COMFYUI_PREFETCH": str(settings.comfyui_prefetch),
         "DATA_DIR": str(settings.data_dir),
         "TEMPORAL_ADDRESS": settings.temporal_address,
         "TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,

@@ -108,6 +108,7 @@ ERROR_CODES = {
     "GET /health": {"INTERNAL_ERROR"},
     "GET /ready": {"INTERNAL_ERROR"},
     "GET /capabilities": {"INTERNAL_ERROR"} | _AUTH,
+    "GET /backends": {"INTERNAL_ERROR"} | _AUTH,
     "GET /models": {"COMFYUI_UNREACHABLE", "COMFYUI_PROTOCOL_ERROR", "INTERNAL_ERROR"} | _AUTH,
     "POST /codec/encode": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "INTERNAL_ERROR"} | _ADMIN,
     "POST /codec/decode": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "INTERNAL_ERROR"} | _ADMIN,

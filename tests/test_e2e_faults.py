@@ -91,7 +91,8 @@ async def test_ready_waits_for_a_worker_polling_the_job_queues(
 
     async with running_worker(temporal_client, no_worker.settings):
         body = await assert_eventually(is_ready, timeout=15)
-    assert body["ready"] is True and set(body["workers"]["queues"]) == {task_queue, f"{task_queue}.comfyui-1"}
+    assert body["ready"] is True and set(body["workers"]["queues"]) == {
+        task_queue, f"{task_queue}.comfyui", f"{task_queue}.comfyui-1"}
 
 
 async def test_with_no_worker_a_job_reads_as_accepted_and_a_terminated_one_as_ended(

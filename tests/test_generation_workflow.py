@@ -55,6 +55,7 @@ class FakeGateway:
     runs: list[RunPromptInput] = field(default_factory=list)
     renders: list[RenderPromptInput] = field(default_factory=list)
     cancelled_prompts: list[str] = field(default_factory=list)
+    cancelled_on: list[str | None] = field(default_factory=list)
     run_started: asyncio.Event = field(default_factory=asyncio.Event)
     # The first record of a succeeded job waits until it is cancelled.
     hold_the_success: bool = False
@@ -86,7 +87,8 @@ class FakeGateway:
         if isinstance(outcome, ApplicationError):
             raise outcome
         return RunPromptResult(prompt_id=prompt_id_for(request.job_id, request.attempt),
-                               outputs={"2": {"images": []}}, execution_time_ms=12)
+                               outputs={"2": {"images": []}}, execution_time_ms=12,
+                               backend="gpu2" if request.reattach else "gpu1")
 
     @activity.defn(name="collect_outputs")
     async def collect_outputs(self, request: CollectOutputsInput) -> CollectOutputsResult:
@@ -97,14 +99,17 @@ class FakeGateway:
     @activity.defn(name="cancel_prompt")
     async def cancel_prompt(self, request: CancelPromptInput) -> None:
         self.cancelled_prompts.append(request.prompt_id)
+        self.cancelled_on.append(request.backend)
 
 
 @asynccontextmanager
 async def running(client: Client, task_queue: str, fake: FakeGateway) -> AsyncIterator[None]:
     main = Worker(client, task_queue=task_queue, workflows=[GenerationWorkflow],
                   activities=[fake.render_prompt, fake.record_job, fake.collect_outputs, fake.cancel_prompt])
-    gpu = Worker(client, task_queue=f"{task_queue}.gpu", activities=[fake.run_prompt])
-    async with main, gpu:
+    # A job is placed through the shared queue; `gpu2`'s own queue takes an attempt sent back to it.
+    gpu = Worker(client, task_queue=f"{task_queue}.comfyui", activities=[fake.run_prompt])
+    gpu2 = Worker(client, task_queue=f"{task_queue}.gpu2", activities=[fake.run_prompt])
+    async with main, gpu, gpu2:
         yield
 
 
@@ -163,6 +168,26 @@ async def test_lost_prompt_is_resubmitted_with_a_new_prompt_id(temporal_client: 
     assert (JobStatus.queued, 2) in [(record.job.status, record.job.attempts) for record in fake.records]
     logged = [event.message for record in fake.records for event in record.events]
     assert any("lost prompt" in message for message in logged)
+
+
+async def test_a_lost_backend_starts_a_new_attempt_placed_anew(temporal_client: Client, task_queue: str) -> None:
+    fake = FakeGateway(run_outcomes=[failure(ErrorCode.BACKEND_LOST), "succeed"])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        view = await temporal_client.execute_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+    assert view.status is JobStatus.succeeded and view.attempts == 2 and view.backend == "gpu1"
+    assert [(run.attempt, run.reattach, run.backend) for run in fake.runs] == [(1, False, None), (2, False, None)]
+
+
+async def test_an_attempt_polled_by_another_backend_goes_back_to_its_own(temporal_client: Client, task_queue: str) -> None:
+    elsewhere = ApplicationError("on gpu2", {"backend": "gpu2"}, type="PROMPT_ON_OTHER_BACKEND", non_retryable=True)
+    fake = FakeGateway(run_outcomes=[elsewhere, "succeed"])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        view = await temporal_client.execute_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+    # The same attempt (the same prompt id), sent to gpu2's own queue, told to look for its prompt first.
+    assert view.status is JobStatus.succeeded and view.attempts == 1 and view.backend == "gpu2"
+    assert [(run.attempt, run.reattach) for run in fake.runs] == [(1, False), (1, True)]
 
 
 async def test_node_error_fails_the_job_unless_the_client_opted_in(temporal_client: Client, task_queue: str) -> None:
@@ -266,7 +291,7 @@ async def test_storage_that_keeps_failing_fails_the_job_once_its_tries_are_spent
         await register_search_attributes(env.client)
         main = Worker(env.client, task_queue=task_queue, workflows=[GenerationWorkflow],
                       activities=[fake.render_prompt, fake.record_job, broken_storage, fake.cancel_prompt])
-        gpu = Worker(env.client, task_queue=f"{task_queue}.gpu", activities=[fake.run_prompt])
+        gpu = Worker(env.client, task_queue=f"{task_queue}.comfyui", activities=[fake.run_prompt])
         async with main, gpu:
             job = job_input(task_queue)
             with pytest.raises(WorkflowFailureError) as raised:

@@ -20,7 +20,7 @@ from PIL import Image
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.inputs import InputActivities
+from activities.inputs import ImageStager, InputActivities
 from app.comfy.client import ComfyClient
 from app.images.load_image import comfy_upload_name
 from app.images.loading import load_image_source
@@ -68,8 +68,9 @@ async def image_host() -> AsyncIterator[tuple[str, dict[str, bytes]]]:
 
 
 def input_activities(comfy_url: str, http: httpx.AsyncClient, storage: LocalStorage | None = None) -> InputActivities:
-    return InputActivities({BACKEND: ComfyClient(comfy_url, http)}, http, storage or LocalStorage(Path(tempfile.mkdtemp())),
-                           max_bytes=1 << 20, max_pixels=1 << 24, allow_private_urls=True)
+    stager = ImageStager(http, storage or LocalStorage(Path(tempfile.mkdtemp())),
+                         max_bytes=1 << 20, max_pixels=1 << 24, allow_private_urls=True)
+    return InputActivities({BACKEND: ComfyClient(comfy_url, http)}, stager)
 
 
 async def stage(

@@ -25,7 +25,7 @@ from app.tables import JobRow
 
 def state(job_id: str, status: JobStatus, created: datetime, **changes: object) -> JobState:
     return JobState(job_id=job_id, status=status, template_id="solid_color", template_version=1, created_at=created,
-                    **changes)
+                    backend="comfyui-1", **changes)
 
 
 def record(job: JobState, *events: JobEventInput) -> RecordJobInput:

@@ -161,7 +161,7 @@ def test_a_database_from_before_migrations_is_adopted_with_its_data(database_url
         assert done is not None and done.state == JobState(
             job_id="job-done", status=JobStatus.succeeded, template_id="old_template", template_version=2, seed=7,
             attempts=1, metadata={"team": "art"}, created_at=at(0), started_at=at(1), completed_at=at(2),
-            execution_time_ms=1500,
+            execution_time_ms=1500, backend="comfyui-1",
             # Outputs were stored with their URL then; they read as storage keys now, the URL made when read.
             outputs=[OutputRef(filename=OUTPUT["filename"], storage_key=OUTPUT["storagePath"], size=70,
                                sha256=OUTPUT["sha256"], content_type="image/png", node_id="2")],

@@ -1,6 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
+from app.comfy.backends import Backend, configured_backends
 from app.settings import Settings
 
 
@@ -66,3 +67,47 @@ def test_rate_limit_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for refused in ({"trusted_proxies": "proxy.example"}, {"rate_limit_storage_uri": "memcached://x"}):
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **refused)
+
+
+def test_comfyui_urls_name_each_backend_its_slots_and_tags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMFYUI_URLS", "gpu1=http://10.0.0.5:8188;slots=2;tags=sdxl+flux, gpu2=https://u:pw@gpu.test/")
+    monkeypatch.setenv("MAX_CONCURRENCY", "3")
+    settings = Settings(_env_file=None)
+    assert configured_backends(settings) == [
+        Backend(id="gpu1", url="http://10.0.0.5:8188", slots=2, tags=("sdxl", "flux")),
+        Backend(id="gpu2", url="https://u:pw@gpu.test", slots=3),  # MAX_CONCURRENCY is the default slot count
+    ]
+    assert configured_backends(settings)[1].public_url == "https://gpu.test"
+    assert configured_backends(settings)[0].capacity(settings.comfyui_prefetch) == 4  # prefetch 1 per slot
+
+
+def test_comfyui_url_alone_is_the_one_backend_comfyui_1() -> None:
+    settings = Settings(_env_file=None, comfyui_url="http://gpu:8188", max_concurrency=2)
+    assert configured_backends(settings) == [Backend(id="comfyui-1", url="http://gpu:8188", slots=2)]
+
+
+@pytest.mark.parametrize(("value", "complaint"), [
+    ("gpu1=http://a:1,gpu1=http://b:1", "gpu1 is listed twice"),
+    ("GPU=http://a:1", "entry 1 must be name=url"),
+    ("gpu1", "entry 1 must be name=url"),
+    ("gpu1=ftp://secret@a:1", "backend gpu1: the URL must start with http"),
+    ("gpu1=http://a:1;slots=0", "unknown option 'slots'"),
+    ("gpu1=http://a:1;gpus=2", "unknown option 'gpus'"),
+    ("gpu1=http://a:1;tags=Big", "tag 'Big'"),
+    ("comfyui=http://a:1", "the shared queue's"),
+    (" , ", "names no backend"),
+])
+def test_a_bad_backend_list_is_refused_naming_the_entry_never_its_url(
+    monkeypatch: pytest.MonkeyPatch, value: str, complaint: str
+) -> None:
+    monkeypatch.setenv("COMFYUI_URLS", value)
+    with pytest.raises(ValidationError, match=complaint) as refused:
+        Settings(_env_file=None)
+    assert "secret" not in str(refused.value)
+
+
+def test_comfyui_url_and_comfyui_urls_do_not_go_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMFYUI_URLS", "gpu1=http://a:1")
+    monkeypatch.setenv("COMFYUI_URL", "http://b:1")
+    with pytest.raises(ValidationError, match="both set"):
+        Settings(_env_file=None)

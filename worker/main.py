@@ -1,38 +1,45 @@
-"""The Temporal worker: GenerationWorkflow and its activities, with one slot-limited queue per ComfyUI, the
-reconciler that closes the rows of jobs Temporal itself ended, and RetentionWorkflow with the schedule that
-starts it (RETENTION_DAYS).
+"""The Temporal worker: GenerationWorkflow and its activities, the workers that place prompts on the ComfyUI
+backends, the reconciler that closes the rows of jobs Temporal itself ended, and RetentionWorkflow with the
+schedule that starts it (RETENTION_DAYS).
 
 The main task queue runs workflows (jobs, and the delivery of their webhooks) and the short activities (render,
-record, collect, cancel, webhook attempts). Each
-ComfyUI backend has its own queue for `run_prompt`, limited to MAX_CONCURRENCY at a time, so jobs beyond
-that wait durably in Temporal. The limit holds per worker process: run one worker per backend queue.
+record, collect, cancel, webhook attempts). Each backend runs one worker per queue it serves (the shared queue,
+one per tag, its own), all under one slot supplier that lets a poll through only while the backend is healthy
+and has a free slot, least loaded first (app.comfy.slots); slot leases in the database keep several worker
+processes sharing a backend list from over-filling a backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
+from typing import Any
 
 import httpx
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.service import ServiceClient
+from temporalio.worker import FixedSizeSlotSupplier, PollerBehaviorSimpleMaximum, Worker, WorkerTuner
 
-from activities.comfy import ComfyActivities
+from activities.comfy import ComfyActivities, Placement
 from activities.delivery import WebhookDelivery, WebhookPoster
-from activities.inputs import InputActivities
+from activities.inputs import ImageStager, InputActivities
 from activities.progress_webhooks import ProgressWebhooks
 from activities.records import RecordActivities
 from activities.render import RenderActivities
 from activities.retention import RetentionActivities
-from app.comfy.backends import backend_task_queue, configured_backends
+from app.comfy.backends import backend_task_queue, configured_backends, served_queues
 from app.comfy.client import ComfyClient
 from app.comfy.health import BackendHealth
+from app.comfy.prober import probe_backend
+from app.comfy.slots import BackendSlots, Fleet, SlotLeases
 from app.db import make_engine
 from app.settings import Settings
 from app.storage import build_storage
@@ -51,29 +58,49 @@ log = logging.getLogger(__name__)
 # (which re-attaches to it) rather than waited for.
 _GRACEFUL_SHUTDOWN = timedelta(seconds=5)
 _HEARTBEAT_THROTTLE = timedelta(seconds=1)
+_PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class GatewayWorkers:
+    workers: list[Worker]
+    fleet: Fleet
+    # What runs beside them: each backend's prober, and the renewal and count of slot leases.
+    background: list[Coroutine[Any, Any, None]]
+
+
+async def connection_of_its_own(client: Client) -> Client:
+    """A client like `client` on a connection of its own. The SDK lets one connection run only one worker per
+    task queue, and every backend runs one on the shared queue."""
+    config = client.config()
+    del config["service_client"]
+    return Client(await ServiceClient.connect(client.service_client.config), **config)
 
 
 def build_workers(
-    client: Client, settings: Settings, engine: Engine, http: httpx.AsyncClient, image_http: httpx.AsyncClient
-) -> list[Worker]:
+    client: Client, settings: Settings, engine: Engine, http: httpx.AsyncClient, image_http: httpx.AsyncClient,
+    probe_http: httpx.AsyncClient, backend_clients: dict[str, Client],
+) -> GatewayWorkers:
     backends = configured_backends(settings)
-    clients = {backend.id: ComfyClient(backend.url, http, BackendHealth(backend.id, backend.url)) for backend in backends}
+    healths = {backend.id: BackendHealth(backend.id, backend.public_url) for backend in backends}
+    clients = {backend.id: ComfyClient(backend.url, http, healths[backend.id]) for backend in backends}
     storage = build_storage(settings)
     # Webhooks go to users' URLs: the SSRF-safe client of image inputs (no proxy, pinned addresses).
     signer = WebhookSigner(settings.webhook_secret) if settings.webhook_secret else None
     poster = WebhookPoster(image_http, signer, settings.webhook_allowed_domains)
+    progress_webhooks = partial(
+        ProgressWebhooks, poster, storage, settings.resolved_public_base_url, settings.webhook_progress_interval_s
+    )
     comfy = ComfyActivities(
         clients=clients, storage=storage, engine=engine, scratch_dir=settings.data_dir / "tmp",
-        progress_webhooks=partial(
-            ProgressWebhooks, poster, storage, settings.resolved_public_base_url, settings.webhook_progress_interval_s
-        ),
+        progress_webhooks=progress_webhooks,
     )
     delivery = WebhookDelivery(poster, engine, storage, settings)
-    inputs = InputActivities(
-        clients, image_http, storage,
-        max_bytes=settings.input_image_max_bytes, max_pixels=settings.input_image_max_pixels,
+    stager = ImageStager(
+        image_http, storage, max_bytes=settings.input_image_max_bytes, max_pixels=settings.input_image_max_pixels,
         allow_private_urls=settings.input_image_allow_private_urls,
     )
+    inputs = InputActivities(clients, stager)
     render = RenderActivities(engine)
     records = RecordActivities(engine)
     retention = RetentionActivities(engine, storage, client)
@@ -89,20 +116,45 @@ def build_workers(
         activity_executor=ThreadPoolExecutor(max_workers=16, thread_name_prefix="activity"),
         graceful_shutdown_timeout=_GRACEFUL_SHUTDOWN,
     )
-    per_backend = [
-        Worker(
-            client,
-            task_queue=backend_task_queue(settings, backend.id),
-            activities=[comfy.run_prompt],
-            max_concurrent_activities=settings.max_concurrency,
-            graceful_shutdown_timeout=_GRACEFUL_SHUTDOWN,
-            # Heartbeats carry the live progress, and their answers carry a cancel or a workflow gone away
-            # (terminated): both must not wait for the SDK's default throttle of up to 80% of the timeout.
-            max_heartbeat_throttle_interval=_HEARTBEAT_THROTTLE,
+    fleet = Fleet(SlotLeases(engine))
+    queues = {backend.id: served_queues(settings, backend) for backend in backends}
+    servers = Counter(queue for served in queues.values() for queue in served)
+    per_backend: list[Worker] = []
+    for backend in backends:
+        slots = BackendSlots(
+            backend=backend, capacity=backend.capacity(settings.comfyui_prefetch), health=healths[backend.id],
+            fleet=fleet, own_queue=backend_task_queue(settings, backend.id), sole_queues=frozenset(queue for queue in queues[backend.id] if servers[queue] == 1),
         )
-        for backend in backends
-    ]
-    return [main, *per_backend]
+        fleet.add(slots, queues[backend.id])
+        placed = ComfyActivities(
+            clients=clients, storage=storage, engine=engine, scratch_dir=settings.data_dir / "tmp",
+            progress_webhooks=progress_webhooks,
+            placement=Placement(backend=backend.id, fleet=fleet, images=stager,
+                                grace_seconds=settings.comfyui_heartbeat_timeout_s),
+        )
+        # One tuner, so one count of the backend's prompts, for all the queues it serves.
+        tuner = WorkerTuner.create_composite(
+            workflow_supplier=FixedSizeSlotSupplier(1), activity_supplier=slots,
+            local_activity_supplier=FixedSizeSlotSupplier(1), nexus_supplier=FixedSizeSlotSupplier(1),
+        )
+        per_backend += [
+            Worker(
+                backend_clients.get(backend.id, client),
+                task_queue=queue,
+                activities=[placed.run_prompt],
+                tuner=tuner,
+                # One poll at a time per queue: each poll is let through on a free slot (app.comfy.slots).
+                activity_task_poller_behavior=PollerBehaviorSimpleMaximum(maximum=1),
+                graceful_shutdown_timeout=_GRACEFUL_SHUTDOWN,
+                # Heartbeats carry the live progress, and their answers carry a cancel or a workflow gone away
+                # (terminated): both must not wait for the SDK's default throttle of up to 80% of the timeout.
+                max_heartbeat_throttle_interval=_HEARTBEAT_THROTTLE,
+            )
+            for queue in queues[backend.id]
+        ]
+    probes = [probe_backend(ComfyClient(backend.url, probe_http, healths[backend.id]), fleet.changed)
+              for backend in backends]
+    return GatewayWorkers([main, *per_backend], fleet, [fleet.keep_leases(), *probes])
 
 
 @asynccontextmanager
@@ -117,9 +169,16 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
     async with (
         httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0)) as http,
         httpx.AsyncClient(trust_env=False) as image_http,
+        httpx.AsyncClient(timeout=httpx.Timeout(_PROBE_TIMEOUT_S)) as probe_http,
     ):
-        workers = build_workers(client, settings, engine, http, image_http)
+        # The first backend's workers share the main worker's connection; each other backend has its own.
+        backend_clients = {backend.id: await connection_of_its_own(client)
+                           for backend in configured_backends(settings)[1:]}
+        built = build_workers(client, settings, engine, http, image_http, probe_http, backend_clients)
+        workers = built.workers
+        await built.fleet.count_others()
         tasks = [asyncio.create_task(worker.run()) for worker in workers]
+        background = [asyncio.create_task(job) for job in built.background]
         reconciler = asyncio.create_task(JobReconciler(client, engine, settings.temporal_task_queue).run())
         log.info("worker polling %s", ", ".join(worker.task_queue for worker in workers))
         try:
@@ -127,4 +186,6 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
         finally:
             reconciler.cancel()
             await asyncio.gather(*(worker.shutdown() for worker in workers), return_exceptions=True)
-            await asyncio.gather(reconciler, *tasks, return_exceptions=True)
+            for job in background:
+                job.cancel()
+            await asyncio.gather(reconciler, *tasks, *background, return_exceptions=True)

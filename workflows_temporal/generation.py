@@ -19,8 +19,9 @@ with workflow.unsafe.imports_passed_through():
     from activities.inputs import InputActivities
     from activities.records import RecordActivities
     from activities.render import RenderActivities
+    from app.comfy.backends import own_task_queue, placement_queue
     from app.comfy.errors import STARTED_AT_MS_DETAIL
-    from app.errors import NON_RETRYABLE_TYPES, ErrorCode
+    from app.errors import NON_RETRYABLE_TYPES, PROMPT_ON_OTHER_BACKEND, ErrorCode
     from app.models import (
         CachedResult,
         CancelPromptInput,
@@ -57,8 +58,12 @@ WEBHOOKS_PATCH = "webhooks"
 # A job that carries the prompt the API rendered runs it without the render_prompt local activity. Behind a
 # patch: a job that carries one but whose first task ran on a worker from before rendered it, and replays so.
 API_RENDERED_PROMPT_PATCH = "api-rendered-prompt"
+# A job's prompt is placed on whichever backend frees a slot first (its shared or tag queue), runs again elsewhere
+# when its backend is lost, and its images are staged there; jobs before name one backend and its queue.
+FLEET_PATCH = "fleet"
 
-# A prompt ComfyUI lost (it restarted) is resubmitted this many times before the job fails.
+# A prompt ComfyUI lost (it restarted), or a backend lost with the prompt on it, is resubmitted this many
+# times (each) before the job fails.
 MAX_LOST_PROMPT_RESUBMITS = 3
 
 # Which failures are retried is the error table's (app.errors); these only say how often and how long.
@@ -132,6 +137,9 @@ class GenerationWorkflow:
         self._cancel: CancelRequest | None = None
         self._work: asyncio.Task[None] | None = None
         self._prompt_id: str | None = None
+        self._fleet = False
+        # The backend that has (or may have) the current attempt's prompt, on the fleet's path.
+        self._prompt_backend: str | None = None
         self._event_seq = 0
         self._pending_events: list[JobEventInput] = []
         # Records are written one at a time, each with the latest snapshot, so the row never goes back.
@@ -148,6 +156,7 @@ class GenerationWorkflow:
         # PRIVACY_MODE: what the job records (row, log, webhooks, failure) never quotes its free-text inputs.
         self._redactor = Redactor(self._free_texts())
         self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
+        self._fleet = job.cached_result is None and workflow.patched(FLEET_PATCH)
         self._owner_indexed = job.owner is not None and workflow.patched(OWNER_PATCH)
         self._state = accepted_state(job)
         if job.cached_result is not None:
@@ -200,6 +209,8 @@ class GenerationWorkflow:
             return
         state.status = JobStatus.running
         state.started_at = state.started_at or workflow.now()
+        if self._fleet and started.backend is not None:
+            self._prompt_backend = state.backend = started.backend
         self._event("status", f"ComfyUI started executing prompt {started.prompt_id}", {"status": "running"})
         await self._record()
 
@@ -221,7 +232,7 @@ class GenerationWorkflow:
                 retry_policy=_TRANSIENT_RETRY,
             )
         prompt = rendered.prompt
-        if rendered.image_sources:
+        if rendered.image_sources and not self._fleet:
             # On the main queue: downloads and uploads must not hold one of the ComfyUI's slots.
             staged = await workflow.execute_activity_method(
                 InputActivities.stage_images,
@@ -234,7 +245,7 @@ class GenerationWorkflow:
                 retry_policy=_IMAGE_RETRY,
             )
             prompt = staged.prompt
-        result = await self._run_until_done(job, prompt)
+        result = await self._run_until_done(job, prompt, rendered.image_sources if self._fleet else {})
         assert self._state is not None
         if self._state.started_at is None and result.started_at_ms is not None:
             # A prompt that finished within moments never signalled `running`; ComfyUI says when it started.
@@ -243,7 +254,7 @@ class GenerationWorkflow:
         collected = await workflow.execute_activity_method(
             ComfyActivities.collect_outputs,
             CollectOutputsInput(
-                job_id=job.job_id, backend=job.backend, outputs=result.outputs, timeout_seconds=job.timeout_seconds,
+                job_id=job.job_id, backend=result.backend or job.backend, outputs=result.outputs, timeout_seconds=job.timeout_seconds,
                 output_format=job.output_format, output_quality=job.output_quality,
             ),
             start_to_close_timeout=timedelta(seconds=max(job.timeout_seconds, 300)),
@@ -263,43 +274,70 @@ class GenerationWorkflow:
                     "request; nothing ran on ComfyUI", {"cachedFrom": cached.source_job_id})
         await self._finish(JobStatus.succeeded)
 
-    async def _run_until_done(self, job: GenerationInput, prompt: dict[str, Any]) -> RunPromptResult:
-        """Run the prompt on ComfyUI; resubmit when ComfyUI lost it, and when the client's retry asks."""
+    async def _run_until_done(
+        self, job: GenerationInput, prompt: dict[str, Any], image_sources: dict[str, str]
+    ) -> RunPromptResult:
+        """Run the prompt on ComfyUI; resubmit when ComfyUI lost it (or, on the fleet's path, its backend was
+        lost), and when the client's retry asks. On the fleet's path an attempt whose retry was polled by
+        another backend goes back, the same attempt, to the backend that may have its prompt."""
         assert self._state is not None
-        lost = 0
+        lost = backends_lost = 0
+        pinned: str | None = None
         while True:
-            self._state.attempts += 1
+            if pinned is None:
+                self._state.attempts += 1
             attempt = self._state.attempts
             self._prompt_id = prompt_id_for(job.job_id, attempt)
-            if attempt > 1:
+            if attempt > 1 and pinned is None:
                 self._state.status = JobStatus.queued  # the new attempt waits for a slot again
                 await self._record()
+            if self._fleet:
+                main_queue = workflow.info().task_queue
+                queue = own_task_queue(main_queue, pinned) if pinned else placement_queue(main_queue, job.backend_tag)
+            else:
+                queue = job.backend_task_queue
             try:
-                return await workflow.execute_activity_method(
+                result = await workflow.execute_activity_method(
                     ComfyActivities.run_prompt,
                     RunPromptInput(
                         job_id=job.job_id,
-                        backend=job.backend,
+                        backend=None if self._fleet else job.backend,
                         attempt=attempt,
                         prompt=prompt,
+                        reattach=pinned is not None,
+                        image_sources=image_sources,
                         timeout_seconds=job.timeout_seconds,
                         progress_webhook=self._progress_webhook(job),
                         redacted_texts=self._free_texts(),
                     ),
-                    task_queue=job.backend_task_queue,
+                    task_queue=queue,
                     start_to_close_timeout=timedelta(seconds=job.timeout_seconds + 60),
                     heartbeat_timeout=timedelta(seconds=job.heartbeat_timeout_seconds),
                     retry_policy=_TRANSIENT_RETRY,
                 )
+                if self._fleet:
+                    self._prompt_backend = self._state.backend = result.backend
+                return result
             except ActivityError as failure:
                 if is_cancelled_exception(failure):
                     raise
+                pinned = self._elsewhere(failure)
+                if pinned is not None:
+                    self._prompt_backend = pinned
+                    self._event("placement", f"attempt {attempt}'s prompt may be on backend {pinned}; following it "
+                                "there", {"attempt": attempt, "backend": pinned})
+                    continue
                 # A prompt that failed within moments never signalled `running`; ComfyUI says when it started.
                 self._state.started_at = self._state.started_at or attempt_started_at(failure)
                 error = job_error_from(failure)
                 if error.code is ErrorCode.PROMPT_LOST and lost < MAX_LOST_PROMPT_RESUBMITS:
                     lost += 1
                     self._event("retry", f"ComfyUI lost prompt {self._prompt_id}; resubmitting", {"attempt": attempt})
+                elif error.code is ErrorCode.BACKEND_LOST and backends_lost < MAX_LOST_PROMPT_RESUBMITS:
+                    backends_lost += 1
+                    self._event("retry", f"backend {error.details.get('backend')} stopped answering with prompt "
+                                f"{self._prompt_id}; attempt {attempt + 1} runs on a healthy backend",
+                                {"attempt": attempt, "error": error.model_dump(mode="json")})
                 elif job.retry.allows(error.code, attempt):
                     self._event(
                         "retry",
@@ -311,14 +349,25 @@ class GenerationWorkflow:
                 else:
                     raise
 
+    def _elsewhere(self, failure: ActivityError) -> str | None:
+        """The backend named by a PROMPT_ON_OTHER_BACKEND failure: where the attempt's prompt may be."""
+        cause = failure.cause
+        if self._fleet and isinstance(cause, ApplicationError) and cause.type == PROMPT_ON_OTHER_BACKEND:
+            backend = _failure_details(cause).get("backend")
+            return backend if isinstance(backend, str) else None
+        return None
+
     async def _finish_cancelled(self) -> None:
         request = self._cancel or CancelRequest(reason="cancelled through Temporal", actor="temporal")
         assert self._job is not None
+        # On the fleet's path a prompt may be placed (waiting in ComfyUI's queue) before the workflow hears where:
+        # then it is stopped on every backend (backend None).
+        backend = self._prompt_backend if self._fleet else self._job.backend
         if self._prompt_id is not None:
             try:
                 await workflow.execute_activity_method(
                     ComfyActivities.cancel_prompt,
-                    CancelPromptInput(backend=self._job.backend, prompt_id=self._prompt_id),
+                    CancelPromptInput(backend=backend, prompt_id=self._prompt_id),
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=_CLEANUP_RETRY,
                 )
@@ -412,7 +461,7 @@ class GenerationWorkflow:
                 RecordActivities.record_job,
                 RecordJobInput(
                     job=self._state,
-                    backend=self._job.backend,
+                    backend=(self._state.backend or "") if self._fleet else self._job.backend,
                     prompt_id=self._prompt_id,
                     inputs={} if self._job.privacy_mode else self._job.inputs,
                     cache_key=self._job.cache_key,

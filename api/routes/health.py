@@ -41,9 +41,11 @@ class TemporalHealth(TemporalReachability):
 
 
 class HealthReport(CamelModel):
-    ok: bool = Field(description="ComfyUI and Temporal both answer")
+    ok: bool = Field(description="Temporal answers and at least one ComfyUI backend does")
     version: str
-    comfyui: ComfyUIReachability
+    comfyui: ComfyUIReachability = Field(
+        description="whether any backend answers; `url` is the first backend's (GET /backends tells each)")
+    backends: dict[str, ComfyUIReachability] = Field(description="backend id → whether it answers, and its URL")
     temporal: TemporalHealth
     uptime: float = Field(description="seconds since the API started")
     checked_at: datetime = Field(description="when the background probe last looked (about once a second)")
@@ -72,12 +74,14 @@ class Capabilities(CamelModel):
 @router.get("/health", response_model=HealthReport, responses={
     503: {"model": HealthReport, "description": "ComfyUI or Temporal does not answer"}})
 async def health(request: Request, settings: SettingsDep) -> JSONResponse:
-    backend = configured_backends(settings)[0]
+    backends = configured_backends(settings)
     probe = request.app.state.probes.latest
     report = HealthReport(
         ok=probe.healthy,
         version=GATEWAY_VERSION,
-        comfyui=ComfyUIReachability(reachable=probe.comfyui[backend.id], url=backend.url),
+        comfyui=ComfyUIReachability(reachable=any(probe.comfyui.values()), url=backends[0].public_url),
+        backends={backend.id: ComfyUIReachability(reachable=probe.comfyui[backend.id], url=backend.public_url)
+                  for backend in backends},
         temporal=TemporalHealth(reachable=probe.temporal, address=settings.temporal_address),
         uptime=round(time.monotonic() - request.app.state.started_at, 3),
         checked_at=probe.checked_at,
@@ -122,9 +126,9 @@ class Models(CamelModel):
 
 @router.get("/models", response_model=Models, dependencies=[Depends(limit_principal)])
 @answers_with(ErrorCode.COMFYUI_UNREACHABLE, ErrorCode.COMFYUI_PROTOCOL_ERROR)
-async def models(request: Request, settings: SettingsDep) -> Models:
+async def models(request: Request) -> Models:
     """The models ComfyUI can load, so clients can pick valid values for a template's fields."""
-    client = ComfyClient(configured_backends(settings)[0].url, request.app.state.http)
+    client = ComfyClient(request.app.state.probes.answering_backend().url, request.app.state.http)
     try:
         return Models(**await request.app.state.comfyui_answers.get("models", lambda: installed_models(client)))
     except ComfyError as error:

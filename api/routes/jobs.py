@@ -187,6 +187,9 @@ class CreateJobRequest(CamelModel):
         OutputFormat.png, description="what still images are stored as; animated images and videos stay as they are")
     quality: int = Field(
         DEFAULT_OUTPUT_QUALITY, ge=1, le=100, description="jpg and webp encoding quality; png is lossless and ignores it")
+    backend_tag: str | None = Field(
+        None, max_length=32, description="run only on a ComfyUI backend with this tag (COMFYUI_URLS); one tag per "
+                                         "job; default any backend")
 
     _numbers = field_validator("timeout_seconds", "quality", mode="before")(_json_number)
 
@@ -363,7 +366,9 @@ async def _submit(
         quality=None if body.output_format is OutputFormat.png else body.quality,  # png ignores quality
     ) if prepared.reproducible else None
 
-    backend = configured_backends(settings)[0]
+    backend = configured_backends(settings)[0]  # what a worker from before the fleet runs the job on
+    backend_tag = body.backend_tag or (template.backend_tag if template is not None else None)
+    _check_backend_tag(backend_tag, settings)
     job = GenerationInput(
         job_id=job_id,
         template_id=body.workflow_id,
@@ -376,6 +381,7 @@ async def _submit(
         heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
         backend=backend.id,
         backend_task_queue=backend_task_queue(settings, backend.id),
+        backend_tag=backend_tag,
         created_at=datetime.now(timezone.utc),
         privacy_mode=settings.privacy_mode,
         callback_url=body.callback_url,
@@ -512,6 +518,15 @@ async def _check_active_jobs(principal: Principal, db: Database, settings: Setti
         raise ApiError(ErrorCode.TOO_MANY_ACTIVE_JOBS,
                        f"{active} of your jobs are queued or running, the most allowed at once ({cap}); "
                        "submit again when one has finished", {"active": active, "limit": cap})
+
+
+def _check_backend_tag(backend_tag: str | None, settings: Settings) -> None:
+    """The job's tag (its own, else its template's) must be one a backend has: else the job would wait forever."""
+    tags = {tag for backend in configured_backends(settings) for tag in backend.tags}
+    if backend_tag is not None and backend_tag not in tags:
+        known = ", ".join(sorted(tags)) or "none"
+        raise validation_error([{"field": "backendTag",
+                                 "message": f"no ComfyUI backend has this tag (tags: {known})"}])
 
 
 def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:

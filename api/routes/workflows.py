@@ -12,13 +12,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from api.deps import AdminDep, DatabaseDep, SessionDep, SettingsDep
+from api.deps import AdminDep, DatabaseDep, SessionDep
 from api.errors import ApiError, invalid_input
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
 from api.rate_limits import limit_principal
 from app.audit import TEMPLATE_CREATE, TEMPLATE_DELETE, TEMPLATE_UPDATE, record_audit
-from app.comfy.backends import configured_backends
 from app.comfy.client import ComfyClient
 from app.db import as_utc
 from app.errors import ErrorCode, InvalidInput
@@ -51,6 +50,7 @@ class Workflow(WorkflowSummary):
     json_schema: dict[str, Any] = Field(description="the inputs as standard JSON Schema")
     default_params: dict[str, Any]
     limits: dict[str, Any] = Field(description="the template's own maxImageSize/maxBatchSize, if any")
+    backend_tag: str | None = Field(None, description="its jobs run only on a backend with this tag")
     created_at: datetime
 
 
@@ -84,6 +84,9 @@ class CreateWorkflowRequest(CamelModel):
     default_params: dict[str, Any] = Field(default_factory=dict)
     limits: LimitsJson = Field(
         default_factory=dict, description='{"maxImageSize": N, "maxBatchSize": M}: in place of the operator\'s limits')
+    backend_tag: str | None = Field(
+        None, max_length=32, description="its jobs run only on a backend with this tag (COMFYUI_URLS), unless a "
+                                         "job gives its own backendTag")
 
 
 class UpdateWorkflowRequest(CamelModel):
@@ -96,6 +99,7 @@ class UpdateWorkflowRequest(CamelModel):
     input_schema: dict[str, Any] | SkipJsonSchema[None] = None
     default_params: dict[str, Any] | SkipJsonSchema[None] = None
     limits: LimitsJson | SkipJsonSchema[None] = None
+    backend_tag: str | SkipJsonSchema[None] = Field(None, max_length=32, description='"" takes the tag away')
 
     @field_validator("*", mode="before")
     @classmethod
@@ -117,6 +121,7 @@ def _workflow(row: TemplateRow) -> Workflow:
         json_schema=to_json_schema(parse_schema(row.input_schema), row.default_params),
         default_params=row.default_params,
         limits=row.limits,
+        backend_tag=row.backend_tag,
         created_at=as_utc(row.created_at),
     )
 
@@ -126,9 +131,9 @@ def _not_found(template_id: str) -> ApiError:
                     {"workflowId": template_id})
 
 
-async def _checked_against_comfyui(request: Request, settings: SettingsDep, spec: TemplateSpec) -> list[str]:
+async def _checked_against_comfyui(request: Request, spec: TemplateSpec) -> list[str]:
     """Warnings about node types; a link to an output the node does not have is a 400 before anything is saved."""
-    client = ComfyClient(configured_backends(settings)[0].url, request.app.state.http)
+    client = ComfyClient(request.app.state.probes.answering_backend().url, request.app.state.http)
     report = await check_node_types(
         spec.workflow_json, lambda: request.app.state.comfyui_answers.get("object_info", client.object_info)
     )
@@ -148,14 +153,15 @@ def list_workflows(session: SessionDep) -> WorkflowList:
 @router.post("", status_code=201, response_model=WorkflowResponse)
 @answers_with(ErrorCode.WORKFLOW_EXISTS)
 async def register_workflow(
-    body: CreateWorkflowRequest, request: Request, db: DatabaseDep, settings: SettingsDep, admin: AdminDep
+    body: CreateWorkflowRequest, request: Request, db: DatabaseDep, admin: AdminDep
 ) -> WorkflowResponse:
     spec = TemplateSpec(template_id=body.id, name=body.name, description=body.description,
                         workflow_json=body.workflow_json, input_schema=body.input_schema,
-                        default_params=body.default_params, limits=body.limits)
+                        default_params=body.default_params, limits=body.limits,
+                        backend_tag=body.backend_tag)
     try:
         check_template(spec)
-        warnings = await _checked_against_comfyui(request, settings, spec)
+        warnings = await _checked_against_comfyui(request, spec)
         row = await db.run(create_template, spec)
     except InvalidInput as error:
         raise invalid_input(error) from error
@@ -178,7 +184,7 @@ def read_workflow(template_id: str, session: SessionDep) -> WorkflowResponse:
 @router.put("/{template_id}", response_model=WorkflowResponse)
 @answers_with(ErrorCode.WORKFLOW_NOT_FOUND, ErrorCode.WORKFLOW_CONFLICT)
 async def change_workflow(
-    template_id: str, body: UpdateWorkflowRequest, request: Request, db: DatabaseDep, settings: SettingsDep,
+    template_id: str, body: UpdateWorkflowRequest, request: Request, db: DatabaseDep,
     admin: AdminDep,
 ) -> WorkflowResponse:
     """A partial update: the fields given replace the current ones in a new version, checked as a registration
@@ -191,7 +197,7 @@ async def change_workflow(
     spec = updated_spec(current, changes)
     try:
         check_template(spec)
-        warnings = await _checked_against_comfyui(request, settings, spec) if "workflow_json" in changes else []
+        warnings = await _checked_against_comfyui(request, spec) if "workflow_json" in changes else []
         row = await db.run(update_template, current, changes)
     except InvalidInput as error:
         raise invalid_input(error) from error

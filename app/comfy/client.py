@@ -101,6 +101,10 @@ class ComfyClient:
         self._http = http
         self._health = health
 
+    @property
+    def health(self) -> BackendHealth | None:
+        return self._health
+
     def _unreachable(self, exc: Exception) -> ComfyError:
         # Whether ComfyUI may have received the request: a post that never connected was surely not queued.
         sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | ConnectionRefusedError)

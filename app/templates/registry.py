@@ -9,6 +9,7 @@ from typing import Any
 
 from app.comfy.errors import ComfyError
 from app.errors import FieldIssue, InvalidInput
+from app.comfy.backends import valid_tag
 from app.templates.limits import parse_template_limits
 from app.templates.rendering import check_graph_shape, check_links, is_link, placeholders
 from app.templates.schema import InputSchema, default_params_issues, parse_schema
@@ -28,6 +29,8 @@ class TemplateSpec:
     default_params: dict[str, Any] = field(default_factory=dict)
     # {"maxImageSize": N, "maxBatchSize": M}: this template's own limits in place of the operator's.
     limits: dict[str, Any] = field(default_factory=dict)
+    # Its jobs run only on a backend with this tag (COMFYUI_URLS), unless a job names its own.
+    backend_tag: str | None = None
 
 
 def check_template(spec: TemplateSpec) -> InputSchema:
@@ -59,6 +62,11 @@ def check_template(spec: TemplateSpec) -> InputSchema:
         parse_template_limits(spec.limits)
     except InvalidInput as error:
         issues += error.issues
+    if spec.backend_tag is not None:
+        try:
+            valid_tag(spec.backend_tag)
+        except ValueError as error:
+            issues.append(FieldIssue("backendTag", str(error)))
     if issues:
         raise InvalidInput(issues)
     assert schema is not None

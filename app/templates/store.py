@@ -73,6 +73,7 @@ def _insert(session: Session, spec: TemplateSpec, version: int) -> TemplateRow:
         input_schema=spec.input_schema,
         default_params=spec.default_params,
         limits=spec.limits,
+        backend_tag=spec.backend_tag,
         created_at=datetime.now(timezone.utc),
     )
     session.add(row)
@@ -106,6 +107,8 @@ def updated_spec(current: TemplateRow, changes: dict[str, Any]) -> TemplateSpec:
         input_schema=changes.get("input_schema", current.input_schema),
         default_params=changes.get("default_params", current.default_params),
         limits=changes.get("limits", current.limits),
+        # "" takes the tag away.
+        backend_tag=changes.get("backend_tag", current.backend_tag) or None,
     )
 
 
@@ -144,6 +147,7 @@ def read_template_file(path: Path) -> TemplateSpec:
         input_schema=spec.get("inputSchema", {}),
         default_params=spec.get("defaultParams", {}),
         limits=spec.get("limits", {}),
+        backend_tag=spec.get("backendTag"),
     )
 
 

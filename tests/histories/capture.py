@@ -88,6 +88,11 @@ async def capture() -> None:
                     # Since the api-rendered-prompt patch: the job carries the prompt the API rendered (its inline
                     # image already a stored reference), and no render_prompt runs.
                     "api_rendered_image_job_succeeded": {"workflowId": "invert_image", "inputs": {"image": RED_PIXEL}},
+                    # Since the fleet patch: placed through the shared queue, its image staged inside run_prompt
+                    # on the backend that polled it, collected from the backend the result names.
+                    "fleet_job_with_image_input": {"workflowId": "invert_image", "inputs": {"image": RED_PIXEL}},
+                    # ... and cancelled on the backend its prompt_started signal named.
+                    "fleet_generation_cancelled": {"workflowJson": simulator.slow_prompt(10)},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
