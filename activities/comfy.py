@@ -43,7 +43,6 @@ from app.models import (
     RunPromptInput,
     RunPromptResult,
     StepHeartbeat,
-    prompt_id_for,
 )
 from app.output_formats import ScratchFile, in_output_format
 from app.storage import OutputStorage
@@ -119,7 +118,7 @@ class ComfyActivities:
     async def run_prompt(self, request: RunPromptInput) -> RunPromptResult:
         if activity.info().attempt > MAX_PROMPT_TRIES:
             raise ApplicationError(
-                f"following prompt {prompt_id_for(request.job_id, request.attempt)} was tried {MAX_PROMPT_TRIES} "
+                f"following prompt {request.the_prompt_id} was tried {MAX_PROMPT_TRIES} "
                 "times without an end (see the worker's log)", type=ErrorCode.INTERNAL_ERROR.value, non_retryable=True,
             )
         details = activity.info().heartbeat_details
@@ -127,7 +126,7 @@ class ComfyActivities:
             PromptProgress.model_validate(details[0])
             if details
             # Sent back to the backend that has it: the prompt may be there already, so it is looked for first.
-            else PromptProgress(prompt_id=prompt_id_for(request.job_id, request.attempt),
+            else PromptProgress(prompt_id=request.the_prompt_id,
                                 post_attempted=request.reattach)
         )
         # Jobs from before the fleet name their backend; later ones run on the backend that polled them.

@@ -273,6 +273,8 @@ class RunPromptInput(BaseModel):
     # The backend named by jobs before the fleet; None: the backend whose worker polled the task runs it.
     backend: str | None = None
     attempt: int
+    # None: prompt_id_for(job_id, attempt); given to a run that a reset started (see prompt_id_for).
+    prompt_id: str | None = None
     prompt: dict[str, Any]
     # Sent back to the backend that has the prompt (PROMPT_ON_OTHER_BACKEND): look it up before posting.
     reattach: bool = False
@@ -282,6 +284,11 @@ class RunPromptInput(BaseModel):
     progress_webhook: ProgressWebhook | None = None
     # PRIVACY_MODE: the job's free texts (app.redaction), kept out of the failure and log this activity writes.
     redacted_texts: list[str] = Field(default_factory=list)
+
+
+    @property
+    def the_prompt_id(self) -> str:
+        return self.prompt_id or prompt_id_for(self.job_id, self.attempt)
 
 
 class RunPromptResult(BaseModel):
@@ -406,9 +413,12 @@ def accepted_state(job: GenerationInput) -> JobState:
     )
 
 
-def prompt_id_for(job_id: str, attempt: int) -> str:
-    """The ComfyUI prompt id of a job's n-th run: deterministic, so a retried submit finds its own prompt."""
-    return str(uuid.uuid5(uuid.UUID(job_id), f"attempt-{attempt}"))
+def prompt_id_for(job_id: str, attempt: int, reset_run: str | None = None) -> str:
+    """The ComfyUI prompt id of a job's n-th run: deterministic, so a retried submit finds its own prompt. A
+    run of the workflow that an operator's reset started (`reset_run`, its run id) has prompts of its own: the
+    run it replaced may still have its prompt in ComfyUI, and stops that one when it finds itself gone."""
+    name = f"attempt-{attempt}" if reset_run is None else f"attempt-{attempt}-run-{reset_run}"
+    return str(uuid.uuid5(uuid.UUID(job_id), name))
 
 
 # --- retention -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client
 
+from app.models import prompt_id_for
 from tests.harness import (
     DONE,
     Gateway,
@@ -128,9 +129,6 @@ async def test_terminate_from_temporal_ends_the_job_and_stops_the_prompt(
     assert run["status"]["messages"][-1][0] == "execution_interrupted"
 
 
-# The reset run's prompt is posted only once the old run's activity has given up its slot (and stopped its prompt,
-# the workflow it ran for being gone): with a slot prefetched they would overlap (see README, fleet).
-@pytest.mark.settings(comfyui_prefetch=0)
 async def test_a_reset_job_goes_on_in_its_new_run_and_its_row_is_not_closed(
     gateway: Gateway, temporal_client: Client
 ) -> None:
@@ -151,3 +149,9 @@ async def test_a_reset_job_goes_on_in_its_new_run_and_its_row_is_not_closed(
     assert job["status"] == "succeeded", job["error"]
     logs = (await gateway.api.get(f"/jobs/{job_id}/logs")).json()["events"]
     assert not [event for event in logs if event["data"].get("status") == "cancelled"], logs
+    # The new run's prompt has an id of its own (with a slot prefetched it is posted while the old run's still
+    # runs); the old run's activity, finding its workflow gone, stopped only its own.
+    runs = {entry["prompt"][1]: entry["status"]["status_str"]
+            for entry in await comfy_history_for_job(gateway.comfyui.url, job_id)}
+    assert list(runs.values()).count("success") == 1, runs
+    assert runs.get(prompt_id_for(job_id, 1)) in (None, "error"), runs

@@ -287,7 +287,7 @@ class GenerationWorkflow:
             if pinned is None:
                 self._state.attempts += 1
             attempt = self._state.attempts
-            self._prompt_id = prompt_id_for(job.job_id, attempt)
+            self._prompt_id = prompt_id_for(job.job_id, attempt, self._reset_run())
             if attempt > 1 and pinned is None:
                 self._state.status = JobStatus.queued  # the new attempt waits for a slot again
                 await self._record()
@@ -303,6 +303,7 @@ class GenerationWorkflow:
                         job_id=job.job_id,
                         backend=None if self._fleet else job.backend,
                         attempt=attempt,
+                        prompt_id=self._prompt_id,
                         prompt=prompt,
                         reattach=pinned is not None,
                         image_sources=image_sources,
@@ -348,6 +349,13 @@ class GenerationWorkflow:
                     await workflow.sleep(job.retry.backoff_seconds)
                 else:
                     raise
+
+    def _reset_run(self) -> str | None:
+        """This run's id when an operator's reset started it (a run other than the job's first), on the fleet's
+        path: its prompts get ids of their own, apart from those the run it replaced may still have in ComfyUI
+        (with a slot prefetched, both can be there at once)."""
+        info = workflow.info()
+        return info.run_id if self._fleet and info.run_id != info.first_execution_run_id else None
 
     def _elsewhere(self, failure: ActivityError) -> str | None:
         """The backend named by a PROMPT_ON_OTHER_BACKEND failure: where the attempt's prompt may be."""
