@@ -46,6 +46,7 @@ from app.storage import build_storage
 from app.templates.store import prepare_database
 from app.temporal_client import register_search_attributes
 from app.webhooks.signing import WebhookSigner
+from worker.bytecode import cache_workflow_bytecode
 from worker.reconciler import JobReconciler
 from worker.retention_schedule import ensure_retention_schedule
 from workflows_temporal.generation import GenerationWorkflow
@@ -162,6 +163,7 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
     """Run the gateway's workers for the duration of the block; shut them down gracefully after."""
     engine = engine or make_engine(settings.resolved_database_url)
     prepare_database(engine)
+    cache_workflow_bytecode()
     await register_search_attributes(client)
     await ensure_retention_schedule(client, settings)
     # Image inputs are fetched from the internet with a client of their own: no cookies shared with the
