@@ -102,7 +102,7 @@ class Probes:
             await ComfyClient(backend.url, self.http).system_stats()
         except ComfyError as error:
             # ComfyClient's messages name the URL: without its credentials here.
-            self.last_errors[backend.id] = error.message.replace(backend.url, backend.public_url)
+            self.last_errors[backend.id] = error.message
             return False
         return True
 

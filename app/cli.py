@@ -203,7 +203,7 @@ async def _health(settings: Settings) -> dict[str, object]:
                                       "version": stats.get("system", {}).get("comfyui_version")}
             except ComfyError as error:
                 report[backend.id] = {"url": backend.public_url, "reachable": False,
-                                      "error": error.message.replace(backend.url, backend.public_url)}
+                                      "error": error.message}
     try:
         client = await asyncio.wait_for(connect_temporal(settings), timeout=5)
         report["temporal"] = {"address": settings.temporal_address, "reachable": await client.service_client.check_health()}

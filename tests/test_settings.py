@@ -1,8 +1,13 @@
+import httpx
 import pytest
 from pydantic import ValidationError
 
 from app.comfy.backends import Backend, configured_backends
+from app.comfy.client import ComfyClient
+from app.comfy.errors import ComfyError
+from app.errors import ErrorCode
 from app.settings import Settings
+from tests.harness import free_port
 
 
 def test_defaults_match_what_users_know() -> None:
@@ -81,6 +86,26 @@ def test_comfyui_urls_name_each_backend_its_slots_and_tags(monkeypatch: pytest.M
     assert configured_backends(settings)[0].capacity(settings.comfyui_prefetch) == 4  # prefetch 1 per slot
 
 
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://u:pw@gpu.test", "https://gpu.test"),
+    ("http://svc:pw@[fd00::5]:8188/comfy", "http://[fd00::5]:8188/comfy"),
+    ("http://10.0.0.5:8188", "http://10.0.0.5:8188"),
+])
+def test_a_backend_is_shown_without_its_credentials(url: str, shown: str) -> None:
+    assert Backend(id="gpu1", url=url, slots=1).public_url == shown
+
+
+async def test_an_unreachable_comfyui_is_named_without_its_credentials() -> None:
+    """The error reaches the job's warning, its log, its error and the worker's log."""
+    async with httpx.AsyncClient() as http:
+        client = ComfyClient(f"http://svc:hunter2@127.0.0.1:{free_port()}", http)
+        with pytest.raises(ComfyError) as unreachable:
+            await client.system_stats()
+    assert unreachable.value.code is ErrorCode.COMFYUI_UNREACHABLE
+    assert "hunter2" not in unreachable.value.message and "hunter2" not in str(unreachable.value.details)
+    assert "127.0.0.1" in unreachable.value.message
+
+
 def test_comfyui_url_alone_is_the_one_backend_comfyui_1() -> None:
     settings = Settings(_env_file=None, comfyui_url="http://gpu:8188", max_concurrency=2)
     assert configured_backends(settings) == [Backend(id="comfyui-1", url="http://gpu:8188", slots=2)]
@@ -91,6 +116,7 @@ def test_comfyui_url_alone_is_the_one_backend_comfyui_1() -> None:
     ("GPU=http://a:1", "entry 1 must be name=url"),
     ("gpu1", "entry 1 must be name=url"),
     ("gpu1=ftp://secret@a:1", "backend gpu1: the URL must start with http"),
+    ("gpu1=http://a:1/?token=secret", "backend gpu1: the URL must not have a query"),
     ("gpu1=http://a:1;slots=0", "unknown option 'slots'"),
     ("gpu1=http://a:1;gpus=2", "unknown option 'gpus'"),
     ("gpu1=http://a:1;tags=Big", "tag 'Big'"),

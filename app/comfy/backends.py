@@ -40,16 +40,25 @@ class Backend:
 
     @property
     def public_url(self) -> str:
-        """The URL without credentials (user:password@), for answers and logs."""
-        parts = urlsplit(self.url)
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        return without_credentials(self.url)
+
+
+def without_credentials(url: str) -> str:
+    """The URL without its user and password (`user:password@`), for answers, job errors and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address keeps its brackets
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def valid_url(url: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        # The gateway appends ComfyUI's paths (/prompt, /ws) to the URL: a query would end up in front of them.
+        raise ValueError("must not have a query or fragment (credentials go in user:password@)")
     return url.rstrip("/")
 
 

@@ -19,6 +19,7 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from app.comfy.backends import without_credentials
 from app.comfy.errors import ComfyError, classify_prompt_rejection
 from app.comfy.health import BackendHealth
 from app.errors import ErrorCode
@@ -98,6 +99,8 @@ class ComfyClient:
 
     def __init__(self, base_url: str, http: httpx.AsyncClient, health: BackendHealth | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        # What errors name: they reach job errors, warnings and logs, and must not carry the URL's credentials.
+        self.display_url = without_credentials(self.base_url)
         self._http = http
         self._health = health
 
@@ -110,8 +113,8 @@ class ComfyClient:
         sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | ConnectionRefusedError)
         return self._down(ComfyError(
             ErrorCode.COMFYUI_UNREACHABLE,
-            f"ComfyUI at {self.base_url} is unreachable: {type(exc).__name__}",
-            {"url": self.base_url, "requestSent": sent},
+            f"ComfyUI at {self.display_url} is unreachable: {type(exc).__name__}",
+            {"url": self.display_url, "requestSent": sent},
         ))
 
     def _down(self, error: ComfyError) -> ComfyError:
@@ -132,7 +135,7 @@ class ComfyClient:
             raise self._down(ComfyError(
                 ErrorCode.COMFYUI_UNREACHABLE,
                 f"ComfyUI answered {method} {path} with HTTP {response.status_code}",
-                {"url": self.base_url, "status": response.status_code},
+                {"url": self.display_url, "status": response.status_code},
             ))
         self._answered()
         return response
@@ -214,7 +217,7 @@ class ComfyClient:
                     raise self._down(ComfyError(
                         ErrorCode.COMFYUI_UNREACHABLE,
                         f"ComfyUI answered GET /view for {subfolder}/{filename} with HTTP {response.status_code}",
-                        {"url": self.base_url, "status": response.status_code},
+                        {"url": self.display_url, "status": response.status_code},
                     ))
                 self._answered()
                 if response.status_code == 404:
