@@ -1,8 +1,8 @@
 """A burst of short jobs through the gateway against the same jobs posted straight to ComfyUI, in one run.
 
 Starts one ComfyUI simulator and `comfyui-gateway dev` in front of it, as a user runs them. Each round sends
-JOBS jobs that ComfyUI runs for about 20 ms (EmptyImage -> TestSleepProgress 20 ms -> SaveImage) all at once,
-twice against the same simulator process: straight to ComfyUI (every `POST /prompt` at once, then
+JOBS jobs that ComfyUI runs for about COMFYUI_MS each (EmptyImage -> TestSleepProgress -> SaveImage; 20 ms by
+default) all at once, twice against the same simulator process: straight to ComfyUI (every `POST /prompt` at once, then
 `GET /history/{id}` until all are done) and through the gateway (every `POST /jobs` at once, then
 `GET /jobs/{id}` until all have ended). The rounds alternate which goes first. A batch's drain time runs from
 its first submission to the end of its last job as recorded by whoever ran it: ComfyUI's execution_success
@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.drain import Drain, comfyui_batch, connection_limits, gateway_batch  # noqa: E402
 from bench.embedded import WARM_UP_JOBS, Stack, cpu_per_job, percentile, simulated_stack, timed_prompt  # noqa: E402
 
-COMFYUI_SECONDS = 0.02
 
 
 def checked(drain: Drain, jobs: int, where: str) -> Drain:
@@ -57,8 +56,8 @@ async def timed_batch(stack: Stack, batch: Awaitable[Drain]) -> Batch:
 
 
 async def one_round(stack: Stack, api: httpx.AsyncClient, comfyui: httpx.AsyncClient, jobs: int,
-                    gateway_first: bool, poll_seconds: float) -> tuple[Batch, Batch]:
-    prompt = timed_prompt(COMFYUI_SECONDS)
+                    gateway_first: bool, poll_seconds: float, comfyui_seconds: float) -> tuple[Batch, Batch]:
+    prompt = timed_prompt(comfyui_seconds)
 
     async def direct() -> Drain:
         return checked(await comfyui_batch(comfyui, [prompt] * jobs, poll_seconds), jobs, "straight to ComfyUI")
@@ -75,12 +74,14 @@ async def one_round(stack: Stack, api: httpx.AsyncClient, comfyui: httpx.AsyncCl
     return straight, await timed_batch(stack, gateway())
 
 
-async def run(stack: Stack, jobs: int, rounds: int, poll_seconds: float) -> list[tuple[Batch, Batch]]:
+async def run(stack: Stack, jobs: int, rounds: int, poll_seconds: float,
+              comfyui_seconds: float) -> list[tuple[Batch, Batch]]:
     limits = connection_limits(jobs + 10)
     async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, limits=limits) as api, \
             httpx.AsyncClient(base_url=stack.simulators[0].url, timeout=60, limits=limits) as comfyui:
-        await one_round(stack, api, comfyui, WARM_UP_JOBS, False, poll_seconds)
-        return [await one_round(stack, api, comfyui, jobs, index % 2 == 1, poll_seconds) for index in range(rounds)]
+        await one_round(stack, api, comfyui, WARM_UP_JOBS, False, poll_seconds, comfyui_seconds)
+        return [await one_round(stack, api, comfyui, jobs, index % 2 == 1, poll_seconds, comfyui_seconds)
+                for index in range(rounds)]
 
 
 def mean_cpu(batches: list[Batch]) -> dict[str, float]:
@@ -96,6 +97,9 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=None,
                         help="the gateway's COMFYUI_PREFETCH (prompts waiting in ComfyUI's queue per slot); "
                              "default: the gateway's own")
+    parser.add_argument("--comfyui-ms", type=float, default=20,
+                        help="how long ComfyUI runs each job: at 20 ms the gateway's CPU is the bound on two cores, "
+                             "at a few hundred the GPU is, and prefetch decides whether it waits between jobs")
     parser.add_argument("--poll-ms", type=float, default=20,
                         help="how often the client asks whether the next job is done")
     arguments = parser.parse_args()
@@ -103,11 +107,12 @@ def main() -> None:
     if arguments.prefetch is not None:
         gateway_env["COMFYUI_PREFETCH"] = str(arguments.prefetch)
     with simulated_stack(gateway_env=gateway_env) as stack:
-        results = asyncio.run(run(stack, arguments.jobs, arguments.rounds, arguments.poll_ms / 1000))
+        results = asyncio.run(run(stack, arguments.jobs, arguments.rounds, arguments.poll_ms / 1000,
+                                  arguments.comfyui_ms / 1000))
 
     settings = f"MAX_CONCURRENCY={arguments.max_concurrency}" + (
         f", COMFYUI_PREFETCH={arguments.prefetch}" if arguments.prefetch is not None else "")
-    print(f"{arguments.jobs} jobs of ~{COMFYUI_SECONDS * 1000:g} ms on ComfyUI, sent at once; one simulator; "
+    print(f"{arguments.jobs} jobs of ~{arguments.comfyui_ms:g} ms on ComfyUI, sent at once; one simulator; "
           f"`comfyui-gateway dev` with {settings}")
     print("| round | first | straight to ComfyUI | through the gateway | ratio | gateway accept p50 / p99 |")
     print("|---|---|---|---|---|---|")
