@@ -273,11 +273,14 @@ class RunPromptInput(BaseModel):
     # The backend named by jobs before the fleet; None: the backend whose worker polled the task runs it.
     backend: str | None = None
     attempt: int
-    # None: prompt_id_for(job_id, attempt); given to a run that a reset started (see prompt_id_for).
+    # None: prompt_id_for(job_id, attempt). Given on the fleet's path: the id the workflow cancels and records.
     prompt_id: str | None = None
     prompt: dict[str, Any]
     # Sent back to the backend that has the prompt (PROMPT_ON_OTHER_BACKEND): look it up before posting.
     reattach: bool = False
+    # A re-attach's seconds of the job's time limit already spent by the attempt on the backend that passed it on
+    # (PROMPT_ON_OTHER_BACKEND's elapsedSeconds): the re-attach counts on from there, not from 0.
+    elapsed_seconds: float = 0
     # "<node id>.image" → source of each LoadImage to stage on the placed backend before the prompt is posted.
     image_sources: dict[str, str] = Field(default_factory=dict)
     timeout_seconds: float
@@ -414,9 +417,10 @@ def accepted_state(job: GenerationInput) -> JobState:
 
 
 def prompt_id_for(job_id: str, attempt: int, reset_run: str | None = None) -> str:
-    """The ComfyUI prompt id of a job's n-th run: deterministic, so a retried submit finds its own prompt. A
-    run of the workflow that an operator's reset started (`reset_run`, its run id) has prompts of its own: the
-    run it replaced may still have its prompt in ComfyUI, and stops that one when it finds itself gone."""
+    """The ComfyUI prompt id of a job's n-th run: deterministic, so a retried submit finds its own prompt. An
+    attempt that a run started by an operator's reset schedules (`reset_run`, a token of that run's own) has a
+    prompt of its own: the run it replaced may still have its prompt in ComfyUI, and stops that one when it finds
+    itself gone."""
     name = f"attempt-{attempt}" if reset_run is None else f"attempt-{attempt}-run-{reset_run}"
     return str(uuid.uuid5(uuid.UUID(job_id), name))
 

@@ -11,11 +11,14 @@ from datetime import datetime, timezone
 
 import pytest
 from temporalio import activity
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import Replayer, Worker
 
 from app.comfy.errors import STARTED_AT_MS_DETAIL
 from app.errors import ErrorCode
@@ -40,6 +43,7 @@ from app.models import (
 )
 from app.temporal_client import register_search_attributes
 from tests.conftest import time_skipping_server
+from tests.harness import assert_eventually
 from workflows_temporal.generation import GenerationWorkflow
 from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
 
@@ -77,6 +81,11 @@ class FakeGateway:
     async def run_prompt(self, request: RunPromptInput) -> RunPromptResult:
         self.runs.append(request)
         outcome = self.run_outcomes.pop(0) if self.run_outcomes else "succeed"
+        if outcome == "hang":  # placed and waiting in ComfyUI's queue: it never signals `running`
+            self.run_started.set()
+            while True:
+                activity.heartbeat()
+                await asyncio.sleep(0.1)
         if outcome == "block":
             handle = activity.client().get_workflow_handle(request.job_id)
             await handle.signal("prompt_started", PromptStarted(attempt=request.attempt, prompt_id="p"))
@@ -84,6 +93,12 @@ class FakeGateway:
             while True:
                 activity.heartbeat()
                 await asyncio.sleep(0.1)
+        if isinstance(outcome, tuple):  # ("started on", backend, error): ComfyUI started it there, then it failed
+            _, backend, error = outcome
+            handle = activity.client().get_workflow_handle(request.job_id)
+            await handle.signal("prompt_started",
+                                PromptStarted(attempt=request.attempt, prompt_id="p", backend=backend))
+            raise error
         if isinstance(outcome, ApplicationError):
             raise outcome
         return RunPromptResult(prompt_id=prompt_id_for(request.job_id, request.attempt),
@@ -179,15 +194,109 @@ async def test_a_lost_backend_starts_a_new_attempt_placed_anew(temporal_client: 
     assert [(run.attempt, run.reattach, run.backend) for run in fake.runs] == [(1, False, None), (2, False, None)]
 
 
+def elsewhere(backend: str, elapsed_seconds: float | None = None) -> ApplicationError:
+    details: dict[str, object] = {"backend": backend}
+    if elapsed_seconds is not None:
+        details["elapsedSeconds"] = elapsed_seconds
+    return ApplicationError(f"on {backend}", details, type="PROMPT_ON_OTHER_BACKEND", non_retryable=True)
+
+
 async def test_an_attempt_polled_by_another_backend_goes_back_to_its_own(temporal_client: Client, task_queue: str) -> None:
-    elsewhere = ApplicationError("on gpu2", {"backend": "gpu2"}, type="PROMPT_ON_OTHER_BACKEND", non_retryable=True)
-    fake = FakeGateway(run_outcomes=[elsewhere, "succeed"])
+    fake = FakeGateway(run_outcomes=[elsewhere("gpu2", elapsed_seconds=12.5), "succeed"])
     async with running(temporal_client, task_queue, fake):
         job = job_input(task_queue)
         view = await temporal_client.execute_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
     # The same attempt (the same prompt id), sent to gpu2's own queue, told to look for its prompt first.
     assert view.status is JobStatus.succeeded and view.attempts == 1 and view.backend == "gpu2"
     assert [(run.attempt, run.reattach) for run in fake.runs] == [(1, False), (1, True)]
+    # The re-attach goes on counting the job's time from where the first backend had got.
+    assert [run.elapsed_seconds for run in fake.runs] == [0, 12.5]
+    assert fake.runs[0].prompt_id == fake.runs[1].prompt_id == prompt_id_for(job.job_id, 1)
+
+
+async def test_a_cancel_after_a_lost_backend_stops_the_new_attempt_on_every_backend(
+    temporal_client: Client, task_queue: str
+) -> None:
+    """Attempt 1's prompt was followed to gpu2, where it ran until gpu2 was lost; attempt 2 is placed and waits in
+    some backend's queue without having said which: the cancel must not go to gpu2 alone."""
+    lost_while_running = ("started on", "gpu2", failure(ErrorCode.BACKEND_LOST))
+    fake = FakeGateway(run_outcomes=[elsewhere("gpu2"), lost_while_running, "hang"])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        await asyncio.wait_for(fake.run_started.wait(), 10)
+        assert (await handle.query(GenerationWorkflow.status)).backend is None
+        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason="changed my mind"))
+        view = await handle.result()
+    assert view.status is JobStatus.cancelled and view.attempts == 2
+    assert list(zip(fake.cancelled_prompts, fake.cancelled_on)) == [(prompt_id_for(job.job_id, 2), None)]
+
+
+async def test_a_reattach_no_worker_takes_is_a_lost_backend(temporal_client: Client, task_queue: str) -> None:
+    """Attempt 1 is sent back to backend `gone`, whose queue no worker polls (it left COMFYUI_URLS): after the
+    grace period (the heartbeat timeout) attempt 2 is placed anew."""
+    fake = FakeGateway(run_outcomes=[elsewhere("gone"), "succeed"])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue).model_copy(update={"heartbeat_timeout_seconds": 1})
+        view = await asyncio.wait_for(temporal_client.execute_workflow(
+            GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue), 20)
+    assert view.status is JobStatus.succeeded and view.attempts == 2 and view.backend == "gpu1"
+    assert [(run.attempt, run.reattach) for run in fake.runs] == [(1, False), (2, False)]
+    logged = [event.message for record in fake.records for event in record.events]
+    assert any("backend gone stopped answering" in message for message in logged), logged
+
+
+async def test_reattaches_no_worker_takes_count_in_the_lost_backends_bound(
+    temporal_client: Client, task_queue: str
+) -> None:
+    fake = FakeGateway(run_outcomes=[elsewhere("gone")] * 4)
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue).model_copy(update={"heartbeat_timeout_seconds": 1})
+        with pytest.raises(WorkflowFailureError) as raised:
+            await asyncio.wait_for(temporal_client.execute_workflow(
+                GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue), 30)
+    assert isinstance(raised.value.cause, ApplicationError) and raised.value.cause.type == "BACKEND_LOST"
+    assert len(fake.runs) == 4 and fake.records[-1].job.attempts == 4
+
+
+@pytest.mark.parametrize("reset_to", ["first task", "last task"])
+async def test_a_reset_run_cancels_and_records_the_prompt_its_activity_carries(
+    temporal_client: Client, task_queue: str, reset_to: str
+) -> None:
+    """Reset to the first workflow task (its run_prompt is scheduled again, by the new run: a prompt id of the
+    new run's own) or to one after run_prompt was scheduled (the new run's pending activity carries the first
+    run's prompt id): either way the id the new run cancels and records is the one its activity was given, and
+    the new run's history replays."""
+    fake = FakeGateway(run_outcomes=["block", "block"])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        await asyncio.wait_for(fake.run_started.wait(), 10)
+        await assert_eventually(lambda: any(r.job.status is JobStatus.running for r in fake.records), timeout=10)
+        history = await handle.fetch_history()
+        tasks = [event.event_id for event in history.events
+                 if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED]
+        await temporal_client.workflow_service.reset_workflow_execution(ResetWorkflowExecutionRequest(
+            namespace=temporal_client.namespace, reason="operator reset",
+            workflow_execution=WorkflowExecution(workflow_id=job.job_id, run_id=history.run_id),
+            workflow_task_finish_event_id=tasks[0] if reset_to == "first task" else tasks[-1],
+            request_id=str(uuid.uuid4()),
+        ))
+        await assert_eventually(lambda: len(fake.runs) == 2, timeout=15)
+        reset_run = temporal_client.get_workflow_handle_for(GenerationWorkflow.run, job.job_id)
+        await reset_run.signal(GenerationWorkflow.cancel, CancelRequest(reason="changed my mind"))
+        view = await reset_run.result()
+        new_history = await reset_run.fetch_history()
+        new_run_id = (await reset_run.describe()).run_id
+    assert view.status is JobStatus.cancelled
+    carried = fake.runs[1].the_prompt_id
+    assert (carried == prompt_id_for(job.job_id, 1)) is (reset_to == "last task")
+    assert fake.cancelled_prompts == [carried]
+    assert fake.records[-1].prompt_id == carried
+    # The Replayer takes the run's id from its started event, which a reset copies from the first run; a worker
+    # is told the run's own id, as the replay is here.
+    new_history.events[0].workflow_execution_started_event_attributes.original_execution_run_id = new_run_id
+    await Replayer(workflows=[GenerationWorkflow], data_converter=pydantic_data_converter).replay_workflow(new_history)
 
 
 async def test_node_error_fails_the_job_unless_the_client_opted_in(temporal_client: Client, task_queue: str) -> None:

@@ -13,6 +13,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError, is_cancelled_exception
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
+from temporalio.exceptions import TimeoutType
 
 with workflow.unsafe.imports_passed_through():
     from activities.comfy import ComfyActivities
@@ -61,6 +62,12 @@ API_RENDERED_PROMPT_PATCH = "api-rendered-prompt"
 # A job's prompt is placed on whichever backend frees a slot first (its shared or tag queue), runs again elsewhere
 # when its backend is lost, and its images are staged there; jobs before name one backend and its queue.
 FLEET_PATCH = "fleet"
+
+# In a run an operator's reset started, each attempt it schedules records this marker (with the attempt's
+# number): replayed there later, the attempt is known to be its own, not one of the run it replaced.
+RESET_RUN_PROMPT_MARKER = "reset-run-prompt"
+# The seconds a run_prompt had run when it failed with PROMPT_ON_OTHER_BACKEND (a detail of that failure).
+ELAPSED_SECONDS_DETAIL = "elapsedSeconds"
 
 # A prompt ComfyUI lost (it restarted), or a backend lost with the prompt on it, is resubmitted this many
 # times (each) before the job fails.
@@ -114,6 +121,12 @@ def attempt_started_at(failure: ActivityError) -> datetime | None:
     if isinstance(started_ms, bool) or not isinstance(started_ms, int | float):
         return None
     return datetime.fromtimestamp(started_ms / 1000, tz=timezone.utc)
+
+
+def _never_started(failure: ActivityError) -> bool:
+    """No worker took the activity's task before its schedule_to_start_timeout."""
+    cause = failure.cause
+    return isinstance(cause, TemporalTimeoutError) and cause.type is TimeoutType.SCHEDULE_TO_START
 
 
 def job_error_from(failure: BaseException) -> JobError:
@@ -233,7 +246,9 @@ class GenerationWorkflow:
             )
         prompt = rendered.prompt
         if rendered.image_sources and not self._fleet:
-            # On the main queue: downloads and uploads must not hold one of the ComfyUI's slots.
+            # Jobs from before the fleet stage on the main queue, so that downloads and uploads do not hold one of
+            # the ComfyUI's slots. On the fleet's path run_prompt stages them itself, in its slot, once it is
+            # placed: the images must go to the backend that runs the prompt, known only then.
             staged = await workflow.execute_activity_method(
                 InputActivities.stage_images,
                 StageImagesInput(
@@ -283,11 +298,20 @@ class GenerationWorkflow:
         assert self._state is not None
         lost = backends_lost = 0
         pinned: str | None = None
+        # Seconds the attempt's prompt had run by the time another backend's worker polled it: a re-attach
+        # goes on counting from there, so the job's time limit holds across the hand-over.
+        elapsed = 0.0
         while True:
             if pinned is None:
                 self._state.attempts += 1
+                # The new attempt's prompt is on no backend yet: until it says where, a cancel stops it on every
+                # backend (one prefetched there is deleted), never on the backend of the attempt before.
+                self._prompt_backend = None
+                if self._fleet:
+                    self._state.backend = None
+                self._prompt_id = self._attempt_prompt_id(job.job_id, self._state.attempts)
+                elapsed = 0.0
             attempt = self._state.attempts
-            self._prompt_id = prompt_id_for(job.job_id, attempt, self._reset_run())
             if attempt > 1 and pinned is None:
                 self._state.status = JobStatus.queued  # the new attempt waits for a slot again
                 await self._record()
@@ -306,6 +330,7 @@ class GenerationWorkflow:
                         prompt_id=self._prompt_id,
                         prompt=prompt,
                         reattach=pinned is not None,
+                        elapsed_seconds=elapsed,
                         image_sources=image_sources,
                         timeout_seconds=job.timeout_seconds,
                         progress_webhook=self._progress_webhook(job),
@@ -313,6 +338,10 @@ class GenerationWorkflow:
                     ),
                     task_queue=queue,
                     start_to_close_timeout=timedelta(seconds=job.timeout_seconds + 60),
+                    # A backend's own queue is always polled while its worker lives (app.comfy.slots): a
+                    # re-attach nobody takes within the grace period found its backend gone (removed from
+                    # COMFYUI_URLS, its worker dead), and must not wait for it forever.
+                    schedule_to_start_timeout=timedelta(seconds=job.heartbeat_timeout_seconds) if pinned else None,
                     heartbeat_timeout=timedelta(seconds=job.heartbeat_timeout_seconds),
                     retry_policy=_TRANSIENT_RETRY,
                 )
@@ -322,15 +351,21 @@ class GenerationWorkflow:
             except ActivityError as failure:
                 if is_cancelled_exception(failure):
                     raise
-                pinned = self._elsewhere(failure)
+                was_pinned, pinned = pinned, self._elsewhere(failure)
                 if pinned is not None:
                     self._prompt_backend = pinned
+                    elapsed = self._elapsed_before(failure, elapsed)
                     self._event("placement", f"attempt {attempt}'s prompt may be on backend {pinned}; following it "
                                 "there", {"attempt": attempt, "backend": pinned})
                     continue
                 # A prompt that failed within moments never signalled `running`; ComfyUI says when it started.
                 self._state.started_at = self._state.started_at or attempt_started_at(failure)
                 error = job_error_from(failure)
+                if was_pinned is not None and _never_started(failure):
+                    error = JobError(
+                        code=ErrorCode.BACKEND_LOST, details={"backend": was_pinned, "promptId": self._prompt_id},
+                        message=f"no worker of backend {was_pinned} took attempt {attempt}'s prompt within "
+                                f"{job.heartbeat_timeout_seconds:g} s")
                 if error.code is ErrorCode.PROMPT_LOST and lost < MAX_LOST_PROMPT_RESUBMITS:
                     lost += 1
                     self._event("retry", f"ComfyUI lost prompt {self._prompt_id}; resubmitting", {"attempt": attempt})
@@ -347,15 +382,32 @@ class GenerationWorkflow:
                     )
                     await self._record()
                     await workflow.sleep(job.retry.backoff_seconds)
+                elif error.code is ErrorCode.BACKEND_LOST and was_pinned is not None:
+                    raise ApplicationError(error.message, error.details, type=error.code.value, non_retryable=True)
                 else:
                     raise
 
-    def _reset_run(self) -> str | None:
-        """This run's id when an operator's reset started it (a run other than the job's first), on the fleet's
-        path: its prompts get ids of their own, apart from those the run it replaced may still have in ComfyUI
-        (with a slot prefetched, both can be there at once)."""
+    def _attempt_prompt_id(self, job_id: str, attempt: int) -> str:
+        """The prompt id the attempt's activity is given. A run that an operator's reset started (a run other
+        than the job's first), on the fleet's path, gives the attempts it schedules prompt ids of their own,
+        apart from those the run it replaced may still have in ComfyUI (with a slot prefetched, both can be
+        there at once). An attempt scheduled before the reset point, replayed in the new run, keeps the id its
+        pending activity carries: the marker says whether this run scheduled it. The token is drawn from the
+        workflow's random: the same on every replay, and reseeded by each reset (a reset of a reset run draws
+        anew). Not the run's id: a run reset again would replay its predecessor's attempts with its own."""
         info = workflow.info()
-        return info.run_id if self._fleet and info.run_id != info.first_execution_run_id else None
+        if (self._fleet and info.run_id != info.first_execution_run_id
+                and workflow.patched(f"{RESET_RUN_PROMPT_MARKER}-{attempt}")):
+            return prompt_id_for(job_id, attempt, str(workflow.uuid4()))
+        return prompt_id_for(job_id, attempt)
+
+    def _elapsed_before(self, failure: ActivityError, known: float) -> float:
+        """Seconds the attempt had run, as the PROMPT_ON_OTHER_BACKEND failure says (`elapsedSeconds`)."""
+        cause = failure.cause
+        seconds = _failure_details(cause).get(ELAPSED_SECONDS_DETAIL) if isinstance(cause, ApplicationError) else None
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            return known
+        return max(known, float(seconds))
 
     def _elsewhere(self, failure: ActivityError) -> str | None:
         """The backend named by a PROMPT_ON_OTHER_BACKEND failure: where the attempt's prompt may be."""

@@ -34,7 +34,12 @@ class BackendReport(CamelModel):
 
 class BackendsReport(CamelModel):
     backends: list[BackendReport]
-    waiting: int = Field(description="jobs waiting in Temporal for a slot on any backend")
+    waiting: int = Field(description=(
+        "an estimate of the jobs waiting in Temporal for a slot on any backend: the jobs whose row says queued, less "
+        "the backends' `queued` (their live slot leases less their jobs whose row says running), at least 0. Not a "
+        "count of Temporal's tasks: off for moments while a job's row catches up with its prompt (placed, or "
+        "started by ComfyUI, before the row says so), and too low while the leases of a worker that died have not "
+        "yet expired"))
     checked_at: datetime = Field(description="when the background probe last looked")
 
 
