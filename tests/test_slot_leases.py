@@ -83,6 +83,7 @@ def test_only_the_leases_a_process_holds_are_renewed(engine: Engine) -> None:
     running, left = holder.claim("gpu1", 2, "p1"), holder.claim("gpu1", 2, "p2")
     assert running is not None and left is not None
     holder.abandon(left)  # its prompt was left on ComfyUI for a retry that did not come
+    assert holder.held_by_others() == {"gpu1": 1}  # its slot is not free for this process's placement either
     for _ in range(3):
         time.sleep(0.3)
         holder.renew()

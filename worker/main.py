@@ -183,11 +183,31 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
         background = [asyncio.create_task(job) for job in built.background]
         reconciler = asyncio.create_task(JobReconciler(client, engine, settings.temporal_task_queue).run())
         log.info("worker polling %s", ", ".join(worker.task_queue for worker in workers))
+        # A worker that stops on its own would leave its backend's slots looking free to the others' placement
+        # and its queues unserved: the whole process stops instead, with an error, to be restarted.
+        owner, died = asyncio.current_task(), []
+        stopping = False
+
+        def watch(task: asyncio.Task[None], worker: Worker) -> None:
+            if stopping:
+                return
+            error = None if task.cancelled() else task.exception()
+            log.error("the worker polling %s stopped (%s); stopping the process", worker.task_queue,
+                      repr(error) if error else "no error", exc_info=error)
+            died.append(worker.task_queue)
+            if owner is not None:
+                owner.cancel()
+
+        for task, worker in zip(tasks, workers):
+            task.add_done_callback(lambda task, worker=worker: watch(task, worker))
         try:
             yield
         finally:
+            stopping = True
             reconciler.cancel()
             await asyncio.gather(*(worker.shutdown() for worker in workers), return_exceptions=True)
             for job in background:
                 job.cancel()
             await asyncio.gather(reconciler, *tasks, *background, return_exceptions=True)
+            if died:
+                raise RuntimeError(f"the worker polling {died[0]} stopped on its own") from None

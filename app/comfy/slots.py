@@ -4,11 +4,12 @@ Two parts enforce a backend's capacity (slots × (1 + COMFYUI_PREFETCH)):
 
 - `SlotLeases`, the rule: a prompt is posted only under a lease on one of the backend's slots, a row of
   `backend_slots` claimed atomically (an insert, or an update of an expired row, that only one claimant can win:
-  the same on SQLite and PostgreSQL). The holding process renews its leases every few seconds; a process that
-  crashed stops renewing, and its leases expire after LEASE_SECONDS so that the slots come back.
+  the same on SQLite and PostgreSQL). A lease is its prompt's: a retry or re-attach adopts the prompt's row, and
+  a prompt left running on ComfyUI keeps it. The holding process renews the leases it holds every few seconds;
+  a process that crashed stops renewing, and its leases expire after LEASE_SECONDS so that the slots come back.
 - `BackendSlots`, the placement: the Temporal slot supplier of the backend's workers (one per queue it serves,
   sharing it). A worker polls a queue for a prompt only while the backend has a free slot (its own prompts and
-  the other processes' leases), is healthy, and no other healthy backend of the process that serves that queue
+  the leases no running prompt of this process holds), is healthy, and no other healthy backend of the process that serves that queue
   is less loaded. So jobs beyond the fleet's capacity wait durably as Temporal activity tasks, and a job is
   placed when a slot frees up, on the least loaded backend.
 
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from temporalio.worker import (
@@ -177,13 +178,18 @@ class SlotLeases:
                 .values(expires_at=_now() + timedelta(seconds=self.lease_seconds)))
 
     def held_by_others(self) -> dict[str, int]:
-        """backend → live leases that other processes hold on it."""
+        """backend → live leases on it that this process's running prompts do not hold: other processes', and
+        this process's left to prompts still on ComfyUI (`abandon`) or not yet released."""
+        held = self.held
         with self.engine.begin() as connection:
             rows = connection.execute(
-                select(BackendSlotRow.backend, func.count())
-                .where(BackendSlotRow.holder != self.holder, BackendSlotRow.expires_at >= _now())
-                .group_by(BackendSlotRow.backend))
-            return {backend: count for backend, count in rows}
+                select(BackendSlotRow.backend, BackendSlotRow.slot, BackendSlotRow.holder)
+                .where(BackendSlotRow.expires_at >= _now()))
+            counts: dict[str, int] = {}
+            for backend, slot, holder in rows:
+                if holder != self.holder or Lease(backend, slot) not in held:
+                    counts[backend] = counts.get(backend, 0) + 1
+            return counts
 
 
 def live_leases(engine: Engine) -> dict[str, list[str | None]]:
