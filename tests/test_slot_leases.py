@@ -124,3 +124,14 @@ def fleet_of(leases: SlotLeases, capacity: int) -> Fleet:
     backend = Backend("gpu1", "http://127.0.0.1:1", slots=capacity)
     fleet.add(BackendSlots(backend, capacity, BackendHealth(backend.id, backend.url), fleet), ["queue"])
     return fleet
+
+
+async def test_a_cancel_that_lands_as_a_slot_frees_is_not_lost(engine: Engine) -> None:
+    fleet = Fleet(SlotLeases(engine, "holder"))
+    change = fleet.next_change()
+    waiting = asyncio.create_task(fleet.wait(change))
+    await asyncio.sleep(0)  # it waits for the change
+    change.set()  # a slot frees up...
+    waiting.cancel()  # ...as the prompt waiting for it is cancelled
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert waiting.cancelled()
