@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +68,8 @@ def to_application_error(error: ComfyError, redactor: Redactor | None = None) ->
     )
 
 
+# Tries that fetch a job's image inputs before it fails IMAGE_FETCH_FAILED (as the stage_images activity's policy).
+IMAGE_FETCH_TRIES = 5
 # Tries of one prompt's activity (worker crashes, faults of the gateway's own); past this, the job fails.
 MAX_PROMPT_TRIES = 20
 
@@ -137,12 +139,19 @@ class ComfyActivities:
                 {"backend": progress.backend}, type=PROMPT_ON_OTHER_BACKEND, non_retryable=True,
                 category=ApplicationErrorCategory.BENIGN,
             )
-        progress.backend = backend
-        activity.heartbeat(progress.model_dump(by_alias=True))  # before anything reaches ComfyUI
         redactor = Redactor(request.redacted_texts)
         log = JobLog(self._engine, request.job_id, redactor)
         client = self._client(backend)
-        run = PromptRun(client, request, progress, log)
+        lease: Lease | None = None
+        # The prompt's lease stays with it while it may run on ComfyUI with nobody following it (see below).
+        keep_lease = False
+
+        async def acquire() -> None:
+            nonlocal lease
+            if self._placement is not None and lease is None:
+                lease = await self._placement.fleet.lease(self._placement.backend, progress.prompt_id)
+
+        run = PromptRun(client, request, progress, log, backend=backend, acquire=acquire)
         live_row = LiveRow(self._engine, request.job_id, request.attempt)
         webhooks = (
             self._progress_webhooks(request.job_id, request.progress_webhook)
@@ -154,13 +163,10 @@ class ComfyActivities:
             if webhooks is not None:
                 webhooks.offer(progress)
 
-        lease: Lease | None = None
         try:
             async with heartbeating(lambda: run.tick().model_dump(by_alias=True), after_heartbeat):
-                if self._placement is not None:
-                    lease = await self._lease(progress, request)
                 if request.image_sources:
-                    run.request = request = await self._staged(client, request, run, redactor)
+                    run.request = request = await self._staged(client, request, run, progress, redactor, acquire)
                 result = await while_unreachable(
                     run.run, on_wait=run.waiting, give_up=lambda: run.past_time_limit() or self._lost(request))
                 return result.model_copy(update={"backend": backend}) if request.backend is None else result
@@ -185,17 +191,32 @@ class ComfyActivities:
             cancellation = activity.cancellation_details()
             # A cancel the workflow asked for stops the prompt, and so does a workflow that is gone (terminated
             # in Temporal): nobody will collect the result. A worker shutdown or a timed-out attempt leaves it
-            # running so that the next attempt re-attaches to it.
+            # running so that the next attempt re-attaches to it, and the prompt keeps its lease: renewed no
+            # more, it is adopted by that attempt, or expires.
             if cancellation is not None and (cancellation.cancel_requested or cancellation.not_found):
                 await asyncio.shield(run.stop())
+            else:
+                keep_lease = progress.post_attempted
             raise
         finally:
             if lease is not None:
-                await asyncio.shield(self._placed().fleet.release(lease))
+                await self._let_go(lease, keep=keep_lease)
             await live_row.close()
             if webhooks is not None:
                 await webhooks.close()
             await log.flush(force=True)
+
+    async def _let_go(self, lease: Lease, *, keep: bool) -> None:
+        """Release the lease (or leave it to the prompt still on ComfyUI). Never fails the activity: a lease
+        not released expires (Fleet.release retries it meanwhile)."""
+        fleet = self._placed().fleet
+        if keep:
+            fleet.abandon(lease)
+            return
+        try:
+            await asyncio.shield(fleet.release(lease))
+        except Exception:  # noqa: BLE001 — the prompt's outcome stands whatever became of its lease
+            activity.logger.exception("releasing slot lease %s/%d failed", lease.backend, lease.slot)
 
     def _placed(self) -> Placement:
         if self._placement is None:
@@ -203,21 +224,23 @@ class ComfyActivities:
                                    type=ErrorCode.CONFIGURATION_ERROR.value, non_retryable=True)
         return self._placement
 
-    async def _lease(self, progress: PromptProgress, request: RunPromptInput) -> Lease | None:
-        """A slot lease on the backend before the prompt is posted. A prompt ComfyUI may have already (a retry,
-        a re-attach) takes a free one but does not wait: the lease it ran under, its crashed holder's, still
-        counts until it expires."""
-        placement = self._placed()
-        if progress.submitted or progress.post_attempted or request.reattach:
-            return await placement.fleet.try_lease(placement.backend, progress.prompt_id)
-        return await placement.fleet.lease(placement.backend, progress.prompt_id)
-
-    async def _staged(self, client: ComfyClient, request: RunPromptInput, run: PromptRun,
-                      redactor: Redactor) -> RunPromptInput:
-        """The request with its image inputs uploaded to this backend (content-named: a retry uploads the same)."""
-        staged = await self._placed().images.stage(
-            client, request.job_id, request.image_sources, request.prompt, on_wait=run.waiting,
-            max_wait=request.timeout_seconds, redactor=redactor)
+    async def _staged(self, client: ComfyClient, request: RunPromptInput, run: PromptRun, progress: PromptProgress,
+                      redactor: Redactor, acquire: Callable[[], Awaitable[None]]) -> RunPromptInput:
+        """The request with its image inputs uploaded to this backend (content-named: a retry uploads the same).
+        The images are fetched before the slot lease is taken, so a slow or failing image host holds no slot;
+        fetching is tried IMAGE_FETCH_TRIES times over the activity's tries, then fails the job."""
+        progress.image_tries += 1
+        activity.heartbeat(run.tick().model_dump(by_alias=True))
+        try:
+            images = await self._placed().images.load(request.image_sources, redactor)
+        except ApplicationError as error:
+            if error.type == ErrorCode.IMAGE_FETCH_FAILED.value and progress.image_tries >= IMAGE_FETCH_TRIES:
+                raise ApplicationError(error.message, *error.details, type=error.type, non_retryable=True) from error
+            raise
+        await acquire()
+        staged = await self._placed().images.upload(
+            client, request.job_id, images, request.prompt, on_wait=run.waiting,
+            max_wait=request.timeout_seconds, give_up=lambda: self._lost(request))
         return request.model_copy(update={"prompt": staged.prompt, "image_sources": {}})
 
     def _lost(self, request: RunPromptInput) -> bool:
@@ -236,10 +259,18 @@ class ComfyActivities:
     @activity.defn(name="cancel_prompt")
     async def cancel_prompt(self, request: CancelPromptInput) -> None:
         clients = [self._client(request.backend)] if request.backend is not None else list(self._clients.values())
-        try:
-            # Deleting or interrupting a prompt a ComfyUI does not have changes nothing there.
-            await asyncio.gather(*(stop_prompt(client, request.prompt_id) for client in clients))
-        except ComfyError as error:
+        # Deleting or interrupting a prompt a ComfyUI does not have changes nothing there, so it is stopped on
+        # every backend that answers: one that does not cannot be running it for anyone (its prompts are run
+        # elsewhere once it is lost). Only when none answers is the cancel retried.
+        outcomes = await asyncio.gather(*(stop_prompt(client, request.prompt_id) for client in clients),
+                                        return_exceptions=True)
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        for failure in failures:
+            if not isinstance(failure, ComfyError):
+                raise failure
+        if failures and len(failures) == len(outcomes):
+            error = failures[0]
+            assert isinstance(error, ComfyError)
             raise to_application_error(error) from error
 
     # --- collect_outputs -------------------------------------------------------------------------

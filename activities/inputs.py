@@ -19,7 +19,7 @@ from activities.waiting import while_unreachable
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
 from app.errors import ErrorCode
-from app.images.decoding import ImageInputError
+from app.images.decoding import ImageInputError, LoadedImage
 from app.images.load_image import comfy_upload_name, replace_load_image_sources
 from app.images.loading import load_image_source
 from app.models import JobWarning, StageImagesInput, StageImagesResult, StepHeartbeat
@@ -59,9 +59,44 @@ class ImageStager:
         on_wait: Callable[[JobWarning | None], None], on_staged: Callable[[int], None] = lambda done: None,
         max_wait: float | None, redactor: Redactor,
     ) -> StageImagesResult:
-        names: dict[str, str] = {}
+        loaded = await self.load(images, redactor)
+        try:
+            return await self.upload(client, job_id, loaded, prompt, on_wait=on_wait, on_staged=on_staged,
+                                     max_wait=max_wait)
+        except ComfyError as error:
+            raise to_application_error(error, redactor) from (None if redactor else error)
+
+    async def load(self, images: dict[str, str], redactor: Redactor) -> dict[str, LoadedImage]:
+        """Each source fetched and checked: nothing of ComfyUI's is needed (or held) for this."""
+        loaded: dict[str, LoadedImage] = {}
         for key, source in images.items():
-            names[key] = await self._stage(client, key, source, on_wait, max_wait, redactor)
+            try:
+                loaded[key] = await load_image_source(
+                    source, http=self._http, max_bytes=self._max_bytes, max_pixels=self._max_pixels,
+                    allow_private_urls=self._allow_private_urls, field=key, read_stored=self._read_stored,
+                )
+            except ImageInputError as error:
+                raise _image_input_failure(error, redactor) from (None if redactor else error)
+            except StorageError as error:  # a stored inline image could not be read back (the bucket is down)
+                raise ApplicationError(f"{key}: {error}", type=ErrorCode.STORAGE_ERROR.value) from error
+        return loaded
+
+    async def upload(
+        self, client: ComfyClient, job_id: str, images: dict[str, LoadedImage], prompt: dict, *,
+        on_wait: Callable[[JobWarning | None], None], on_staged: Callable[[int], None] = lambda done: None,
+        max_wait: float | None, give_up: Callable[[], bool] = lambda: False,
+    ) -> StageImagesResult:
+        """The loaded images uploaded to this ComfyUI; raises ComfyError (an unreachable one once `give_up()`
+        or after `max_wait` seconds)."""
+        names: dict[str, str] = {}
+        for key, image in images.items():
+            # Never overwrite: a different file under this name (not ours) makes ComfyUI pick a new name.
+            names[key] = await while_unreachable(
+                lambda: client.upload_image(
+                    name=comfy_upload_name(image), data=image.data, content_type=image.content_type, overwrite=False
+                ),
+                on_wait=on_wait, give_up=give_up, max_wait=max_wait,
+            )
             activity.logger.info("job %s: image input %s staged on ComfyUI as %s", job_id, key, names[key])
             on_staged(len(names))
         return StageImagesResult(names=names, prompt=replace_load_image_sources(prompt, names))
@@ -69,30 +104,6 @@ class ImageStager:
     def _read_stored(self, key: str) -> bytes:
         with self._storage.open(key) as stored:
             return stored.read()
-
-    async def _stage(
-        self, client: ComfyClient, key: str, source: str, waiting: Callable[[JobWarning | None], None],
-        max_wait: float | None, redactor: Redactor,
-    ) -> str:
-        try:
-            image = await load_image_source(
-                source, http=self._http, max_bytes=self._max_bytes, max_pixels=self._max_pixels,
-                allow_private_urls=self._allow_private_urls,
-                field=key, read_stored=self._read_stored,
-            )
-            # Never overwrite: a different file under this name (not ours) makes ComfyUI pick a new name.
-            return await while_unreachable(
-                lambda: client.upload_image(
-                    name=comfy_upload_name(image), data=image.data, content_type=image.content_type, overwrite=False
-                ),
-                on_wait=waiting, max_wait=max_wait,
-            )
-        except ImageInputError as error:
-            raise _image_input_failure(error, redactor) from (None if redactor else error)
-        except ComfyError as error:
-            raise to_application_error(error, redactor) from (None if redactor else error)
-        except StorageError as error:  # a stored inline image could not be read back (the bucket is down)
-            raise ApplicationError(f"{key}: {error}", type=ErrorCode.STORAGE_ERROR.value) from error
 
 
 class InputActivities:

@@ -1,14 +1,17 @@
 """Following one prompt on ComfyUI: submit it unless ComfyUI already has it, then follow its WebSocket
 events (falling back to `/history` when the socket drops) until the history entry is written.
 
-The job's time limit counts the time spent here, across every try of the activity (its heartbeat carries
-the count): on ComfyUI, and waiting for an unreachable ComfyUI while the gateway runs. Time the gateway was
-down is not counted, and on its return the prompt's result is looked for before the limit is."""
+The job's time limit counts, across every try of the activity (its heartbeat carries the count), the time
+from when ComfyUI starts executing the prompt, and the time spent waiting for an unreachable ComfyUI while
+the gateway runs. Not counted: the wait for a slot lease, the wait in ComfyUI's queue behind other jobs'
+prompts (prefetch), and time the gateway was down; on the gateway's return the prompt's result is looked for
+before the limit is."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from temporalio import activity
@@ -33,8 +36,13 @@ _RUNNING_SIGNAL_AFTER_SECONDS = 0.1
 _POST_SETTLE_SECONDS = 5.0
 
 
+async def _no_lease_needed() -> None:
+    pass
+
+
 class PromptRun:
-    def __init__(self, client: ComfyClient, request: RunPromptInput, progress: PromptProgress, log: JobLog) -> None:
+    def __init__(self, client: ComfyClient, request: RunPromptInput, progress: PromptProgress, log: JobLog, *,
+                 backend: str | None = None, acquire: Callable[[], Awaitable[None]] = _no_lease_needed) -> None:
         self.client = client
         self.request = request
         self.progress = progress
@@ -42,13 +50,34 @@ class PromptRun:
         self.prompt_id = progress.prompt_id
         self.tracker = PromptTracker(progress.prompt_id, request.prompt)
         self.tag = f"a{request.attempt}"
+        self.backend = backend
+        # Takes the prompt's slot lease (waiting for one): before a post, and before following a prompt that is
+        # on ComfyUI and not finished.
+        self._acquire = acquire
         self._started_monotonic: float | None = None
         self._elapsed_before = progress.elapsed_seconds
-        self._resumed_at = time.monotonic()
+        # When the time limit's clock last started; None while it stands (the prompt has not started).
+        self._counting_since: float | None = None
+        if progress.queue_position == 0:  # an earlier try saw it start: it runs on, and so does its clock
+            self._count()
+
+    def _count(self) -> None:
+        if self._counting_since is None:
+            self._counting_since = time.monotonic()
+
+    def _pause(self) -> None:
+        if self._counting_since is not None:
+            self._elapsed_before += time.monotonic() - self._counting_since
+            self._counting_since = None
+
+    @property
+    def started(self) -> bool:
+        return self.tracker.started or self.progress.queue_position == 0
 
     def tick(self) -> PromptProgress:
         """The progress with the time spent so far brought up to date: what the heartbeat carries."""
-        self.progress.elapsed_seconds = self._elapsed_before + time.monotonic() - self._resumed_at
+        running = time.monotonic() - self._counting_since if self._counting_since is not None else 0.0
+        self.progress.elapsed_seconds = self._elapsed_before + running
         return self.progress
 
     def past_time_limit(self) -> bool:
@@ -56,6 +85,10 @@ class PromptRun:
 
     def waiting(self, warning: JobWarning | None) -> None:
         """ComfyUI stopped answering (a warning) or answers again (None): the job's log and heartbeat say so."""
+        if warning is not None:
+            self._count()
+        elif not self.started:
+            self._pause()
         if warning is not None and self.progress.warning is None:
             self.log.add(f"{self.tag}:unreachable:{warning.since.timestamp():.0f}", "warning",
                          f"{warning.message}; waiting for it", {"code": warning.code.value})
@@ -91,8 +124,13 @@ class PromptRun:
             if found_in is None and self.progress.post_attempted:
                 await asyncio.sleep(_POST_SETTLE_SECONDS)
                 found_in = await locate(self.client, self.prompt_id)
+        if found_in != "history":
+            await self._acquire()  # a prompt that is on ComfyUI, or is about to be, holds a slot
         if found_in is None:
             self.progress.post_attempted = True
+            # From here the prompt may be on this backend: a retry polled by another must not post it there.
+            self.progress.backend = self.backend
+            activity.heartbeat(self.tick().model_dump(by_alias=True))
             try:
                 await self.client.post_prompt(
                     self.request.prompt,
@@ -110,6 +148,7 @@ class PromptRun:
             )
             await self.log.flush(force=True)  # a crash right after must not lose that the prompt was queued
         else:
+            self.progress.backend = self.backend
             self.log.add(
                 f"{self.tag}:reattached:{activity.info().attempt}", "reattached",
                 f"re-attached to prompt {self.prompt_id} (found via {found_in}) after an interrupted follow",
@@ -162,8 +201,9 @@ class PromptRun:
         progress.percent = tracker.percent
         progress.node = tracker.current_node
         progress.node_type = tracker.node_type
-        if tracker.started or progress.queue_position == 0:
+        if self.started:
             progress.queue_position = 0
+            self._count()
             self._started_monotonic = self._started_monotonic or time.monotonic()
             running_for = time.monotonic() - self._started_monotonic
             if not progress.started_signalled and (quiet or running_for >= _RUNNING_SIGNAL_AFTER_SECONDS):

@@ -147,6 +147,9 @@ class PromptProgress(CamelModel):
     warning: JobWarning | None = None
     # The backend that has (or may have) the prompt: a retry polled by another backend's worker must not post it.
     backend: str | None = None
+    # Tries that fetched the job's image inputs (on the fleet's path, inside this activity): bounded apart from
+    # the activity's own retries, as the stage_images activity's were.
+    image_tries: int = 0
 
     def live(self) -> LiveProgress:
         return LiveProgress(percent=self.percent, node=self.node, queue_position=self.queue_position,

@@ -207,3 +207,26 @@ async def test_a_retry_polled_by_another_backend_goes_back_to_the_prompts_own(
                 event["kind"] == "reattached" for event in logs), logs
     finally:
         crashing.stop()
+
+
+async def test_the_wait_in_comfyuis_queue_behind_another_job_does_not_count_against_the_time_limit(
+    fleet: Fleet,
+) -> None:
+    # gpu2 (the only flux backend) has one slot and one prefetched prompt: the second job's prompt waits in
+    # ComfyUI's queue for the first's 2 s, then runs 2 s of its own within its 3 s limit.
+    first = await fleet.submit({"workflowJson": fleet.gpu2.slow_prompt(2), "backendTag": "flux"})
+
+    async def first_running() -> bool:
+        running, _ = await comfy_queue(fleet.gpu2.url)
+        return running == [first]
+
+    await assert_eventually(first_running, timeout=30)
+    second = await fleet.submit({"workflowJson": fleet.gpu2.slow_prompt(2), "backendTag": "flux",
+                                 "timeoutSeconds": 3})
+
+    async def second_waiting_in_comfyui() -> bool:
+        return (await comfy_queue(fleet.gpu2.url)) == ([first], [second])
+
+    await assert_eventually(second_waiting_in_comfyui, timeout=30)
+    jobs = [await wait_for_job(fleet.api, job_id, until=DONE, timeout=30) for job_id in (first, second)]
+    assert [job["status"] for job in jobs] == ["succeeded", "succeeded"], jobs

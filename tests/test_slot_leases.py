@@ -1,15 +1,21 @@
 """Slot leases (app.comfy.slots), against SQLite and PostgreSQL: processes sharing a backend never hold more
 leases on it than its capacity, a release frees a slot at once, and a holder that stops renewing loses its
-slots when they expire."""
+slots when they expire. A lease is its prompt's (a retry adopts it); a process renews only the leases it
+holds, retries the releases that failed, and releases what a cancelled claim won."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from app.comfy.slots import SlotLeases, live_leases
+from app.comfy.backends import Backend
+from app.comfy.health import BackendHealth
+from app.comfy.slots import BackendSlots, Fleet, SlotLeases, live_leases
+from tests.harness import assert_eventually
 
 
 def test_holders_together_never_hold_more_than_the_capacity(engine: Engine) -> None:
@@ -60,3 +66,72 @@ def test_claims_racing_for_the_last_slot_have_one_winner(engine: Engine) -> None
     for thread in threads:
         thread.join()
     assert len(won) == 2
+
+
+def test_a_claim_for_a_prompt_that_has_a_lease_adopts_it(engine: Engine) -> None:
+    crashed, retry = SlotLeases(engine, "crashed"), SlotLeases(engine, "retry")
+    lease = crashed.claim("gpu1", 1, "p1")
+    assert lease is not None
+    assert retry.claim("gpu1", 1, "p2") is None  # the slot is taken...
+    assert retry.claim("gpu1", 1, "p1") == lease  # ...by the prompt that this retry runs
+    crashed.release(lease)  # no longer the crashed holder's to release
+    assert live_leases(engine) == {"gpu1": ["p1"]} and retry.held == {lease}
+
+
+def test_only_the_leases_a_process_holds_are_renewed(engine: Engine) -> None:
+    holder, other = SlotLeases(engine, "holder", lease_seconds=0.5), SlotLeases(engine, "other")
+    running, left = holder.claim("gpu1", 2, "p1"), holder.claim("gpu1", 2, "p2")
+    assert running is not None and left is not None
+    holder.abandon(left)  # its prompt was left on ComfyUI for a retry that did not come
+    assert holder.held_by_others() == {"gpu1": 1}  # its slot is not free for this process's placement either
+    for _ in range(3):
+        time.sleep(0.3)
+        holder.renew()
+    assert other.claim("gpu1", 2, "p3") == left
+    assert other.claim("gpu1", 2, "p4") is None
+
+
+async def test_a_release_that_fails_does_not_raise_is_renewed_no_more_and_is_retried(engine: Engine) -> None:
+    fleet = fleet_of(SlotLeases(engine, "holder"), capacity=1)
+    lease = await fleet.lease("gpu1", "p1")
+    with engine.begin() as connection:  # the database loses the table for a moment
+        connection.execute(text("ALTER TABLE backend_slots RENAME TO backend_slots_away"))
+    await fleet.release(lease)
+    assert fleet.leases.held == frozenset() and fleet.leases.unreleased == {lease}
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE backend_slots_away RENAME TO backend_slots"))
+    assert live_leases(engine) == {"gpu1": ["p1"]}
+    keeping = asyncio.create_task(fleet.keep_leases())
+    try:
+        await assert_eventually(lambda: live_leases(engine) == {} and not fleet.leases.unreleased)
+    finally:
+        keeping.cancel()
+
+
+async def test_a_claim_cancelled_while_it_runs_releases_what_it_won(engine: Engine) -> None:
+    fleet = fleet_of(SlotLeases(engine, "holder"), capacity=1)
+    claiming = asyncio.create_task(fleet.lease("gpu1", "p1"))
+    while not live_leases(engine):  # the claim has committed its row, and its thread has not returned yet
+        await asyncio.sleep(0)
+    claiming.cancel()
+    await asyncio.gather(claiming, return_exceptions=True)
+    assert claiming.cancelled()
+    await assert_eventually(lambda: live_leases(engine) == {} and not fleet.leases.held)
+
+
+def fleet_of(leases: SlotLeases, capacity: int) -> Fleet:
+    fleet = Fleet(leases)
+    backend = Backend("gpu1", "http://127.0.0.1:1", slots=capacity)
+    fleet.add(BackendSlots(backend, capacity, BackendHealth(backend.id, backend.url), fleet), ["queue"])
+    return fleet
+
+
+async def test_a_cancel_that_lands_as_a_slot_frees_is_not_lost(engine: Engine) -> None:
+    fleet = Fleet(SlotLeases(engine, "holder"))
+    change = fleet.next_change()
+    waiting = asyncio.create_task(fleet.wait(change))
+    await asyncio.sleep(0)  # it waits for the change
+    change.set()  # a slot frees up...
+    waiting.cancel()  # ...as the prompt waiting for it is cancelled
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert waiting.cancelled()

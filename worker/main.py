@@ -158,6 +158,30 @@ def build_workers(
     return GatewayWorkers([main, *per_backend], fleet, [fleet.keep_leases(), *probes])
 
 
+class WorkerWatch:
+    """Stops the task that runs the workers (the process's main task) when one of them stops on its own: a
+    backend's worker gone would leave the backend's slots looking free to the others' placement and its queues
+    unserved, so the whole process stops instead, with an error, for `dev` or the orchestrator to restart."""
+
+    def __init__(self, owner: asyncio.Task[Any] | None) -> None:
+        self.owner = owner
+        self.stopping = False  # set when the workers are shut down on purpose
+        self.died: list[str] = []
+
+    def watch(self, task: asyncio.Task[None], queue: str) -> None:
+        task.add_done_callback(lambda done: self._stopped(done, queue))
+
+    def _stopped(self, task: asyncio.Task[None], queue: str) -> None:
+        if self.stopping:
+            return
+        error = None if task.cancelled() else task.exception()
+        log.error("the worker polling %s stopped (%s); stopping the process", queue,
+                  repr(error) if error else "no error", exc_info=error)
+        self.died.append(queue)
+        if self.owner is not None:
+            self.owner.cancel()
+
+
 @asynccontextmanager
 async def running_worker(client: Client, settings: Settings, engine: Engine | None = None) -> AsyncIterator[None]:
     """Run the gateway's workers for the duration of the block; shut them down gracefully after."""
@@ -183,11 +207,17 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
         background = [asyncio.create_task(job) for job in built.background]
         reconciler = asyncio.create_task(JobReconciler(client, engine, settings.temporal_task_queue).run())
         log.info("worker polling %s", ", ".join(worker.task_queue for worker in workers))
+        watch = WorkerWatch(asyncio.current_task())
+        for task, worker in zip(tasks, workers):
+            watch.watch(task, worker.task_queue)
         try:
             yield
         finally:
+            watch.stopping = True
             reconciler.cancel()
             await asyncio.gather(*(worker.shutdown() for worker in workers), return_exceptions=True)
             for job in background:
                 job.cancel()
             await asyncio.gather(reconciler, *tasks, *background, return_exceptions=True)
+            if watch.died:
+                raise RuntimeError(f"the worker polling {watch.died[0]} stopped on its own") from None

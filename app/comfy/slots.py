@@ -4,11 +4,12 @@ Two parts enforce a backend's capacity (slots × (1 + COMFYUI_PREFETCH)):
 
 - `SlotLeases`, the rule: a prompt is posted only under a lease on one of the backend's slots, a row of
   `backend_slots` claimed atomically (an insert, or an update of an expired row, that only one claimant can win:
-  the same on SQLite and PostgreSQL). The holding process renews its leases every few seconds; a process that
-  crashed stops renewing, and its leases expire after LEASE_SECONDS so that the slots come back.
+  the same on SQLite and PostgreSQL). A lease is its prompt's: a retry or re-attach adopts the prompt's row, and
+  a prompt left running on ComfyUI keeps it. The holding process renews the leases it holds every few seconds;
+  a process that crashed stops renewing, and its leases expire after LEASE_SECONDS so that the slots come back.
 - `BackendSlots`, the placement: the Temporal slot supplier of the backend's workers (one per queue it serves,
   sharing it). A worker polls a queue for a prompt only while the backend has a free slot (its own prompts and
-  the other processes' leases), is healthy, and no other healthy backend of the process that serves that queue
+  the leases no running prompt of this process holds), is healthy, and no other healthy backend of the process that serves that queue
   is less loaded. So jobs beyond the fleet's capacity wait durably as Temporal activity tasks, and a job is
   placed when a slot frees up, on the least loaded backend.
 
@@ -27,11 +28,12 @@ import os
 import socket
 import threading
 import uuid
+from contextlib import suppress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from temporalio.worker import (
@@ -66,19 +68,51 @@ class Lease:
 
 
 class SlotLeases:
-    """One process's leases on backend slots, in the database. Blocking calls: run them on a thread."""
+    """One process's leases on backend slots, in the database. Blocking calls: run them on a thread.
+
+    A lease is the prompt's: a claim for a prompt that already has a row on the backend (a retry, a re-attach)
+    adopts that row. The process renews only the leases it knows it holds (`held`), so a row it failed to
+    release, or one it left to a prompt still running on ComfyUI (`abandon`), expires unless its prompt's next
+    try adopts it. Releases that failed are retried by `retry_releases`."""
 
     def __init__(self, engine: Engine, holder: str | None = None, lease_seconds: float = LEASE_SECONDS) -> None:
         self.engine = engine
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease_seconds = lease_seconds
+        self._lock = threading.Lock()
+        self._held: set[Lease] = set()
+        self._unreleased: set[Lease] = set()
+
+    @property
+    def held(self) -> frozenset[Lease]:
+        with self._lock:
+            return frozenset(self._held)
+
+    @property
+    def unreleased(self) -> frozenset[Lease]:
+        with self._lock:
+            return frozenset(self._unreleased)
 
     def claim(self, backend: str, capacity: int, prompt_id: str) -> Lease | None:
-        """A free slot of the backend, now held by this process; None when all `capacity` are held."""
+        """The prompt's own lease on the backend if it has one (adopted: now held by this process), else a free
+        slot, now held by this process; None when all `capacity` are held."""
         now = _now()
         expires = now + timedelta(seconds=self.lease_seconds)
         with self.engine.begin() as connection:
-            held = set(connection.execute(select(BackendSlotRow.slot).where(BackendSlotRow.backend == backend)).scalars())
+            rows = connection.execute(select(BackendSlotRow.slot, BackendSlotRow.prompt_id)
+                                      .where(BackendSlotRow.backend == backend)).all()
+        held = {slot for slot, _ in rows}
+        for slot in sorted(slot for slot, held_for in rows if held_for == prompt_id):
+            with self.engine.begin() as connection:
+                # The row is the prompt's only while it still names the prompt: a claimant that took it over
+                # after it expired holds it for another prompt.
+                if connection.execute(
+                    update(BackendSlotRow)
+                    .where(BackendSlotRow.backend == backend, BackendSlotRow.slot == slot,
+                           BackendSlotRow.prompt_id == prompt_id)
+                    .values(holder=self.holder, expires_at=expires)
+                ).rowcount == 1:
+                    return self._won(Lease(backend, slot))
         for slot in range(capacity):
             with self.engine.begin() as connection:
                 if slot in held:
@@ -99,28 +133,63 @@ class SlotLeases:
                     except IntegrityError:  # another claimant inserted it first
                         taken = False
             if taken:
-                return Lease(backend, slot)
+                return self._won(Lease(backend, slot))
         return None
 
+    def _won(self, lease: Lease) -> Lease:
+        with self._lock:
+            self._held.add(lease)
+            self._unreleased.discard(lease)
+        return lease
+
     def release(self, lease: Lease) -> None:
+        """Free the slot. No longer renewed from now on, even if the database is away: then the release is
+        retried by `retry_releases`, and the lease expires meanwhile."""
+        with self._lock:
+            self._held.discard(lease)
+            self._unreleased.add(lease)
         with self.engine.begin() as connection:
             connection.execute(delete(BackendSlotRow).where(
                 BackendSlotRow.backend == lease.backend, BackendSlotRow.slot == lease.slot,
                 BackendSlotRow.holder == self.holder))
+        with self._lock:
+            self._unreleased.discard(lease)
+
+    def abandon(self, lease: Lease) -> None:
+        """Stop renewing a lease whose prompt was left running on ComfyUI: its next try adopts the row, or it
+        expires (and the slot comes back) if none does in time."""
+        with self._lock:
+            self._held.discard(lease)
+
+    def retry_releases(self) -> None:
+        for lease in self.unreleased:
+            self.release(lease)
 
     def renew(self) -> None:
+        held = self.held
+        if not held:
+            return
         with self.engine.begin() as connection:
-            connection.execute(update(BackendSlotRow).where(BackendSlotRow.holder == self.holder)
-                               .values(expires_at=_now() + timedelta(seconds=self.lease_seconds)))
+            connection.execute(
+                update(BackendSlotRow)
+                .where(BackendSlotRow.holder == self.holder,
+                       or_(*(and_(BackendSlotRow.backend == lease.backend, BackendSlotRow.slot == lease.slot)
+                             for lease in held)))
+                .values(expires_at=_now() + timedelta(seconds=self.lease_seconds)))
 
     def held_by_others(self) -> dict[str, int]:
-        """backend → live leases that other processes hold on it."""
+        """backend → live leases on it that this process's running prompts do not hold: other processes', and
+        this process's left to prompts still on ComfyUI (`abandon`) or not yet released."""
+        held = self.held
         with self.engine.begin() as connection:
             rows = connection.execute(
-                select(BackendSlotRow.backend, func.count())
-                .where(BackendSlotRow.holder != self.holder, BackendSlotRow.expires_at >= _now())
-                .group_by(BackendSlotRow.backend))
-            return {backend: count for backend, count in rows}
+                select(BackendSlotRow.backend, BackendSlotRow.slot, BackendSlotRow.holder)
+                .where(BackendSlotRow.expires_at >= _now()))
+            counts: dict[str, int] = {}
+            for backend, slot, holder in rows:
+                if holder != self.holder or Lease(backend, slot) not in held:
+                    counts[backend] = counts.get(backend, 0) + 1
+            return counts
 
 
 def live_leases(engine: Engine) -> dict[str, list[str | None]]:
@@ -223,6 +292,7 @@ class Fleet:
         self._queues: dict[str, list[BackendSlots]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._change: asyncio.Event | None = None
+        self._releasing: set[asyncio.Future[None]] = set()
 
     def add(self, slots: BackendSlots, queues: Iterable[str]) -> None:
         self.slots[slots.backend.id] = slots
@@ -240,10 +310,11 @@ class Fleet:
         return self._change
 
     async def wait(self, change: asyncio.Event) -> None:
-        try:
-            await asyncio.wait_for(change.wait(), RECHECK_SECONDS)
-        except TimeoutError:
-            pass
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a cancellation that arrives as the
+        # event is set, and a cancelled prompt waiting for its lease would then wait on.
+        with suppress(TimeoutError):
+            async with asyncio.timeout(RECHECK_SECONDS):
+                await change.wait()
 
     def changed(self) -> None:
         """Safe from any thread: the SDK may report slot use from outside the event loop."""
@@ -258,23 +329,44 @@ class Fleet:
     # --- leases ------------------------------------------------------------------------------------
 
     async def lease(self, backend: str, prompt_id: str, on_wait: Callable[[], None] | None = None) -> Lease:
-        """A slot lease for the prompt, waiting for one while every slot is held."""
+        """The prompt's slot lease: the one it has (adopted), or a free slot, waiting for one while every slot
+        is held."""
         slots = self.slots[backend]
         while True:
             change = self.next_change()
-            lease = await asyncio.to_thread(self.leases.claim, backend, slots.capacity, prompt_id)
+            lease = await self._claim(backend, slots.capacity, prompt_id)
             if lease is not None:
                 return lease
             if on_wait is not None:
                 on_wait()
             await self.wait(change)
 
-    async def try_lease(self, backend: str, prompt_id: str) -> Lease | None:
-        return await asyncio.to_thread(self.leases.claim, backend, self.slots[backend].capacity, prompt_id)
+    async def _claim(self, backend: str, capacity: int, prompt_id: str) -> Lease | None:
+        claiming = asyncio.ensure_future(asyncio.to_thread(self.leases.claim, backend, capacity, prompt_id))
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # The claim runs on in its thread and may commit: what it wins is released, not left to nobody.
+            claiming.add_done_callback(self._release_won)
+            raise
+
+    def _release_won(self, claiming: asyncio.Future[Lease | None]) -> None:
+        if not claiming.cancelled() and claiming.exception() is None and (lease := claiming.result()) is not None:
+            self._releasing.add(task := asyncio.ensure_future(self.release(lease)))
+            task.add_done_callback(self._releasing.discard)
 
     async def release(self, lease: Lease) -> None:
-        await asyncio.to_thread(self.leases.release, lease)
+        """Free the slot; never raises for the database: a release that failed is retried by keep_leases."""
+        try:
+            await asyncio.to_thread(self.leases.release, lease)
+        except SQLAlchemyError as error:
+            log.warning("slot lease %s/%d could not be released (retried): %s", lease.backend, lease.slot,
+                        type(error).__name__)
         self.changed()
+
+    def abandon(self, lease: Lease) -> None:
+        """The lease's prompt was left running on ComfyUI for its next try to re-attach: see SlotLeases.abandon."""
+        self.leases.abandon(lease)
 
     async def count_others(self) -> None:
         """Count the other processes' leases: before the first poll, so that a starting worker does not take the
@@ -296,6 +388,9 @@ class Fleet:
                 if loop.time() - renewed_at >= RENEW_EVERY_SECONDS:
                     await asyncio.to_thread(self.leases.renew)
                     renewed_at = loop.time()
+                if self.leases.unreleased:
+                    await asyncio.to_thread(self.leases.retry_releases)
+                    self.changed()
                 await self.count_others()
             except SQLAlchemyError as error:  # the database is away: the counts stand, and the next turn retries
                 log.warning("slot leases could not be renewed or counted: %s", type(error).__name__)
