@@ -30,7 +30,7 @@ from activities.waiting import while_unreachable
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
 from app.comfy.slots import Fleet, Lease
-from app.errors import PROMPT_ON_OTHER_BACKEND, ErrorCode
+from app.errors import ELAPSED_SECONDS_DETAIL, PROMPT_ON_OTHER_BACKEND, ErrorCode
 from app.redaction import Redactor
 from app.models import (
     CancelPromptInput,
@@ -129,14 +129,15 @@ class ComfyActivities:
             if details
             # Sent back to the backend that has it: the prompt may be there already, so it is looked for first.
             else PromptProgress(prompt_id=request.the_prompt_id,
-                                post_attempted=request.reattach)
+                                post_attempted=request.reattach, elapsed_seconds=request.elapsed_seconds)
         )
         # Jobs from before the fleet name their backend; later ones run on the backend that polled them.
         backend = request.backend or self._placed().backend
         if progress.backend is not None and progress.backend != backend:
             raise ApplicationError(
                 f"prompt {progress.prompt_id} may be on backend {progress.backend}; not posted on {backend}",
-                {"backend": progress.backend}, type=PROMPT_ON_OTHER_BACKEND, non_retryable=True,
+                {"backend": progress.backend, ELAPSED_SECONDS_DETAIL: progress.elapsed_seconds},
+                type=PROMPT_ON_OTHER_BACKEND, non_retryable=True,
                 category=ApplicationErrorCategory.BENIGN,
             )
         redactor = Redactor(request.redacted_texts)

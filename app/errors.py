@@ -183,8 +183,10 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
 
 # Not a job's error: the failure type of a run_prompt retry that a worker of another backend polled, while its
 # prompt may be on the backend its heartbeat names (`details[0]["backend"]`). The workflow sends the attempt
-# back to that backend's own queue; it never posts the prompt a second time elsewhere.
+# back to that backend's own queue; it never posts the prompt a second time elsewhere. `details[0]` also has
+# the seconds of the job's time limit that attempt had used (ELAPSED_SECONDS_DETAIL), counted on from there.
 PROMPT_ON_OTHER_BACKEND = "PROMPT_ON_OTHER_BACKEND"
+ELAPSED_SECONDS_DETAIL = "elapsedSeconds"
 
 CLIENT_RETRYABLE_CODES = tuple(code for code, error in ERROR_CLASSES.items() if error.client_retryable)
 # For Temporal retry policies: an activity failing with one of these is never tried again.

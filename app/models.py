@@ -186,6 +186,10 @@ class RenderPromptResult(BaseModel):
     image_sources: dict[str, str] = Field(default_factory=dict)
 
 
+# The longest time limit a job may ask for (`timeoutSeconds`).
+MAX_JOB_TIMEOUT_SECONDS = 24 * 3600
+
+
 class GenerationInput(BaseModel):
     job_id: str
     template_id: str | None = None

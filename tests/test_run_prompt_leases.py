@@ -28,6 +28,7 @@ from app.comfy.backends import Backend
 from app.comfy.client import ComfyClient
 from app.comfy.health import BackendHealth
 from app.comfy.slots import BackendSlots, Fleet, SlotLeases, live_leases
+from app.errors import ELAPSED_SECONDS_DETAIL, PROMPT_ON_OTHER_BACKEND
 from app.models import CancelPromptInput, PromptProgress, RunPromptInput
 from app.storage import LocalStorage
 from tests.harness import SimulatorProcess, assert_eventually, free_port, serve_locally
@@ -200,3 +201,27 @@ async def test_cancel_prompt_stops_it_on_every_backend_that_answers_and_fails_on
         assert raised.value.type == "COMFYUI_UNREACHABLE"
     finally:
         await stop_prompt(live, blocker)
+
+
+async def test_a_prompt_on_another_backend_is_handed_back_with_the_time_it_used_and_counts_on_from_it(
+    gpu: SimulatorProcess, http: httpx.AsyncClient, engine: Engine
+) -> None:
+    placed = placed_on(gpu, http, engine)
+    request = RunPromptInput(job_id=JOB_ID, attempt=1, prompt=gpu.slow_prompt(0.2), timeout_seconds=60)
+    elsewhere = PromptProgress(prompt_id=request.the_prompt_id, backend="gpu-other", post_attempted=True,
+                               submitted=True, elapsed_seconds=12.5)
+    with pytest.raises(ApplicationError) as handed_back:
+        await environment([], attempt=2, progress=elsewhere).run(placed.activities.run_prompt, request)
+    assert handed_back.value.type == PROMPT_ON_OTHER_BACKEND
+    assert handed_back.value.details[0] == {"backend": "gpu-other", ELAPSED_SECONDS_DETAIL: 12.5}
+
+    # On its own backend the re-attach starts from those seconds, not from 0.
+    heartbeats: list[PromptProgress] = []
+    reattach = request.model_copy(update={"reattach": True, "elapsed_seconds": 12.5})
+    env = environment(heartbeats)
+    running = asyncio.create_task(env.run(placed.activities.run_prompt, reattach))
+    await assert_eventually(lambda: heartbeats)
+    env.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert min(beat.elapsed_seconds for beat in heartbeats) >= 12.5

@@ -22,7 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.render import RenderActivities
     from app.comfy.backends import own_task_queue, placement_queue
     from app.comfy.errors import STARTED_AT_MS_DETAIL
-    from app.errors import NON_RETRYABLE_TYPES, PROMPT_ON_OTHER_BACKEND, ErrorCode
+    from app.errors import ELAPSED_SECONDS_DETAIL, NON_RETRYABLE_TYPES, PROMPT_ON_OTHER_BACKEND, ErrorCode
     from app.models import (
         CachedResult,
         CancelPromptInput,
@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         JobEventInput,
         JobState,
         JobStatus,
+        MAX_JOB_TIMEOUT_SECONDS,
         PROMPT_STARTED_SIGNAL,
         ProgressWebhook,
         PromptStarted,
@@ -66,8 +67,6 @@ FLEET_PATCH = "fleet"
 # In a run an operator's reset started, each attempt it schedules records this marker (with the attempt's
 # number): replayed there later, the attempt is known to be its own, not one of the run it replaced.
 RESET_RUN_PROMPT_MARKER = "reset-run-prompt"
-# The seconds a run_prompt had run when it failed with PROMPT_ON_OTHER_BACKEND (a detail of that failure).
-ELAPSED_SECONDS_DETAIL = "elapsedSeconds"
 
 # A prompt ComfyUI lost (it restarted), or a backend lost with the prompt on it, is resubmitted this many
 # times (each) before the job fails.
@@ -337,7 +336,7 @@ class GenerationWorkflow:
                         redacted_texts=self._free_texts(),
                     ),
                     task_queue=queue,
-                    start_to_close_timeout=timedelta(seconds=job.timeout_seconds + 60),
+                    start_to_close_timeout=self._prompt_activity_limit(job),
                     # A backend's own queue is always polled while its worker lives (app.comfy.slots): a
                     # re-attach nobody takes within the grace period found its backend gone (removed from
                     # COMFYUI_URLS, its worker dead), and must not wait for it forever.
@@ -386,6 +385,15 @@ class GenerationWorkflow:
                     raise ApplicationError(error.message, error.details, type=error.code.value, non_retryable=True)
                 else:
                     raise
+
+    def _prompt_activity_limit(self, job: GenerationInput) -> timedelta:
+        """Temporal's limit on one try of run_prompt. The job's own limit counts only from when ComfyUI starts
+        its prompt; on the fleet's path a try also covers the wait for a lease and, prefetched, the wait in
+        ComfyUI's queue behind another job, which may run for as long as any job may. The heartbeat timeout,
+        not this, is what notices a worker gone."""
+        if not self._fleet:
+            return timedelta(seconds=job.timeout_seconds + 60)
+        return timedelta(seconds=job.timeout_seconds + MAX_JOB_TIMEOUT_SECONDS + 60)
 
     def _attempt_prompt_id(self, job_id: str, attempt: int) -> str:
         """The prompt id the attempt's activity is given. A run that an operator's reset started (a run other

@@ -62,6 +62,7 @@ from app.jobstore import (
 from app.metrics import CACHE_HITS, CACHE_MISSES
 from app.models import (
     DEFAULT_OUTPUT_QUALITY,
+    MAX_JOB_TIMEOUT_SECONDS,
     CachedResult,
     CamelModel,
     CancelRequest,
@@ -95,7 +96,6 @@ router = APIRouter(
 # Temporal refuses payloads over 2 MB; a job near that belongs in a template, its images in URLs or storage.
 _MAX_JOB_BYTES = 1_000_000
 _MAX_METADATA_BYTES = 16_000
-_MAX_TIMEOUT_SECONDS = 24 * 3600
 # How long `POST /jobs/{id}/cancel` waits for the workflow to finish cancelling before it answers.
 _CANCEL_WAIT_SECONDS = 10.0
 _MAX_CALLBACK_URL_LENGTH = 2048
@@ -182,7 +182,7 @@ class CreateJobRequest(CamelModel):
                     "job.cancelled); job.progress is opt-in")
     metadata: dict[str, Any] = Field(default_factory=dict, description="echoed back with the job")
     retry: RetryRequest = Field(default_factory=RetryRequest)
-    timeout_seconds: float | None = Field(None, gt=0, le=_MAX_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")
+    timeout_seconds: float | None = Field(None, gt=0, le=MAX_JOB_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")
     output_format: OutputFormat = Field(
         OutputFormat.png, description="what still images are stored as; animated images and videos stay as they are")
     quality: int = Field(
