@@ -80,6 +80,17 @@ def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyUITarget]
     process.kill()
 
 
+@pytest.fixture
+def own_simulator(tmp_path: Path) -> Iterator[SimulatorProcess]:
+    """A simulator of the test's own, at the session one's time scale: one a test kills or restarts, or a
+    second backend beside the session's."""
+    (tmp_path / "own-simulator").mkdir()
+    process = SimulatorProcess(tmp_path / "own-simulator", time_scale=0.1)
+    process.start()
+    yield process
+    process.kill()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServerProcess]:
     """One real S3 HTTP endpoint (moto's server) for the session; each test makes a bucket of its own."""

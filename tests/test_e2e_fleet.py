@@ -6,7 +6,7 @@ is deleted from ComfyUI's queue; a retry polled by the wrong backend goes back t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +31,8 @@ from worker.main import running_worker
 
 
 @pytest.fixture
-def gpu2(tmp_path: Path) -> Iterator[SimulatorProcess]:
-    (tmp_path / "gpu2").mkdir()
-    process = SimulatorProcess(tmp_path / "gpu2", time_scale=0.1)
-    process.start()
-    yield process
-    process.kill()
+def gpu2(own_simulator: SimulatorProcess) -> SimulatorProcess:
+    return own_simulator
 
 
 @dataclass

@@ -4,7 +4,7 @@ job's own time limit. The job still succeeds, and its prompt runs once (or again
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,15 +23,6 @@ from tests.harness import (
     wait_for_job,
 )
 from worker.main import running_worker
-
-
-@pytest.fixture
-def own_simulator(tmp_path: Path) -> Iterator[SimulatorProcess]:
-    (tmp_path / "comfyui").mkdir()
-    process = SimulatorProcess(tmp_path / "comfyui", time_scale=0.1)
-    process.start()
-    yield process
-    process.kill()
 
 
 async def _job_across_a_worker_crash(

@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,8 @@ JOB_ID = "9b0c4e7e-5d1a-4a53-8c3e-2f7b1d9e6a01"
 
 
 @pytest.fixture
-def gpu(tmp_path: Path) -> Iterator[SimulatorProcess]:
-    (tmp_path / "gpu").mkdir()
-    process = SimulatorProcess(tmp_path / "gpu", time_scale=0.1)
-    process.start()
-    yield process
-    process.kill()
+def gpu(own_simulator: SimulatorProcess) -> SimulatorProcess:
+    return own_simulator
 
 
 @pytest.fixture
