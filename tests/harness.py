@@ -23,7 +23,7 @@ import httpx
 from aiohttp import web
 from fastapi import FastAPI
 from httpx import ASGITransport
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHistory
 
 from api.deps import get_temporal
 from api.main import create_app
@@ -395,3 +395,23 @@ class Gateway:
 
     async def run(self, body: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
         return await wait_for_job(self.api, await self.submit(body), until=DONE, timeout=timeout)
+
+
+# The workflow histories committed for replay tests (see tests/histories/capture.py).
+HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"))
+
+
+def committed_history(path: Path) -> WorkflowHistory:
+    """A committed history as its worker saw it (see `as_its_worker_sees_it`)."""
+    return as_its_worker_sees_it(WorkflowHistory.from_json(path.stem, path.read_text()))
+
+
+def as_its_worker_sees_it(history: WorkflowHistory) -> WorkflowHistory:
+    """The Replayer takes a run's id from its started event, which an operator's reset copies from the run it
+    replaced; a worker is told the run's own id, the one the reset's failed workflow task names."""
+    new_run_ids = [event.workflow_task_failed_event_attributes.new_run_id for event in history.events
+                   if event.HasField("workflow_task_failed_event_attributes")
+                   and event.workflow_task_failed_event_attributes.new_run_id]
+    if new_run_ids:
+        history.events[0].workflow_execution_started_event_attributes.original_execution_run_id = new_run_ids[-1]
+    return history

@@ -38,9 +38,9 @@ from app.redaction import REDACTED, Redactor, free_texts
 from app.settings import Settings
 from app.temporal_client import gateway_data_converter
 from tests.harness import (
-    ComfyUITarget, Gateway, api_client, assert_eventually, free_port, gateway_settings, migrate_database,
+    HISTORIES, ComfyUITarget, Gateway, api_client, assert_eventually, committed_history, free_port, gateway_settings,
+    migrate_database,
 )
-from tests.test_replay import HISTORIES
 from worker.main import running_worker
 from workflows_temporal.generation import GenerationWorkflow
 from workflows_temporal.retention import RetentionWorkflow
@@ -156,11 +156,9 @@ def test_redactor_finds_free_texts_as_written_escaped_and_shortened() -> None:
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])
 async def test_histories_from_before_encryption_replay_through_the_codec(path: Path) -> None:
-    from temporalio.client import WorkflowHistory
-
     converter = gateway_data_converter(Settings(_env_file=None, encryption_keys=new_key("k1")))
     replayer = Replayer(workflows=[GenerationWorkflow, RetentionWorkflow], data_converter=converter)
-    result = await replayer.replay_workflow(WorkflowHistory.from_json(path.stem, path.read_text()))
+    result = await replayer.replay_workflow(committed_history(path))
     assert result.replay_failure is None
 
 

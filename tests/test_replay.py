@@ -14,10 +14,9 @@ from temporalio.worker import Replayer
 
 from app.models import CancelPromptInput, CollectOutputsInput, DeleteJobsInput, FindExpiredJobsInput, GenerationInput
 from app.models import RetentionInput, RunPromptInput, StageImagesInput
+from tests.harness import HISTORIES, committed_history
 from workflows_temporal.generation import GenerationWorkflow
 from workflows_temporal.retention import RetentionWorkflow
-
-HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"))
 
 
 def test_histories_are_committed() -> None:
@@ -29,21 +28,12 @@ def test_histories_are_committed() -> None:
     }
 
 
-def as_its_worker_sees_it(history: WorkflowHistory) -> WorkflowHistory:
-    """The Replayer takes a run's id from its started event, which an operator's reset copies from the run it
-    replaced; a worker is told the run's own id, the one the reset's failed workflow task names."""
-    new_run_ids = [event.workflow_task_failed_event_attributes.new_run_id for event in history.events
-                   if event.HasField("workflow_task_failed_event_attributes")
-                   and event.workflow_task_failed_event_attributes.new_run_id]
-    if new_run_ids:
-        history.events[0].workflow_execution_started_event_attributes.original_execution_run_id = new_run_ids[-1]
-    return history
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])
 async def test_history_replays(path: Path) -> None:
     replayer = Replayer(workflows=[GenerationWorkflow, RetentionWorkflow], data_converter=pydantic_data_converter)
-    history = as_its_worker_sees_it(WorkflowHistory.from_json(path.stem, path.read_text()))
+    history = committed_history(path)
     result = await replayer.replay_workflow(history)
     assert result.replay_failure is None
 
@@ -75,7 +65,7 @@ WORKFLOW_INPUTS = {"GenerationWorkflow": GenerationInput, "RetentionWorkflow": R
 async def test_activities_scheduled_by_older_releases_read_their_inputs_today(path: Path) -> None:
     """A job in flight when the gateway is upgraded has activities scheduled with the old input shapes: the
     new worker must read them as they are."""
-    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    history = committed_history(path)
     scheduled = [event.activity_task_scheduled_event_attributes for event in history.events
                  if event.HasField("activity_task_scheduled_event_attributes")]
     assert scheduled or path.stem.startswith("cache_hit")  # a cache hit only records (local activities)
