@@ -23,6 +23,9 @@ import httpx
 from aiohttp import web
 from fastapi import FastAPI
 from httpx import ASGITransport
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowHistory
 
 from api.deps import get_temporal
@@ -415,3 +418,16 @@ def as_its_worker_sees_it(history: WorkflowHistory) -> WorkflowHistory:
     if new_run_ids:
         history.events[0].workflow_execution_started_event_attributes.original_execution_run_id = new_run_ids[-1]
     return history
+
+
+async def reset_job(client: Client, job_id: str, *, to_last_task: bool = False, reason: str = "operator reset") -> None:
+    """Reset the job's workflow as an operator does from the Web UI: to its first completed workflow task, or
+    to its last one."""
+    history = await client.get_workflow_handle(job_id).fetch_history()
+    tasks = [event.event_id for event in history.events
+             if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED]
+    await client.workflow_service.reset_workflow_execution(ResetWorkflowExecutionRequest(
+        namespace=client.namespace, reason=reason,
+        workflow_execution=WorkflowExecution(workflow_id=job_id, run_id=history.run_id),
+        workflow_task_finish_event_id=tasks[-1] if to_last_task else tasks[0], request_id=str(uuid.uuid4()),
+    ))

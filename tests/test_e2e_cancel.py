@@ -7,9 +7,6 @@ import uuid
 
 import httpx
 import pytest
-from temporalio.api.common.v1 import WorkflowExecution
-from temporalio.api.enums.v1 import EventType
-from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client
 
 from app.models import prompt_id_for
@@ -18,6 +15,7 @@ from tests.harness import (
     Gateway,
     assert_eventually,
     comfy_history_for_job,
+    reset_job,
     wait_for_job,
 )
 from worker.reconciler import RECONCILE_EVERY_SECONDS
@@ -136,14 +134,7 @@ async def test_a_reset_job_goes_on_in_its_new_run_and_its_row_is_not_closed(
     not take the terminated run for the job's end."""
     job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(8)})
     await wait_for_job(gateway.api, job_id, until={"running"})
-    history = await temporal_client.get_workflow_handle(job_id).fetch_history()
-    first_task = next(event.event_id for event in history.events
-                      if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
-    await temporal_client.workflow_service.reset_workflow_execution(ResetWorkflowExecutionRequest(
-        namespace=temporal_client.namespace, reason="operator reset",
-        workflow_execution=WorkflowExecution(workflow_id=job_id, run_id=history.run_id),
-        workflow_task_finish_event_id=first_task, request_id=str(uuid.uuid4()),
-    ))
+    await reset_job(temporal_client, job_id)
     await asyncio.sleep(2.5 * RECONCILE_EVERY_SECONDS)  # the reconciler sees the terminated run while the job runs
     job = await wait_for_job(gateway.api, job_id, until=DONE, timeout=60)
     assert job["status"] == "succeeded", job["error"]

@@ -11,9 +11,6 @@ from datetime import datetime, timezone
 
 import pytest
 from temporalio import activity
-from temporalio.api.common.v1 import WorkflowExecution
-from temporalio.api.enums.v1 import EventType
-from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -43,7 +40,7 @@ from app.models import (
 )
 from app.temporal_client import register_search_attributes
 from tests.conftest import time_skipping_server
-from tests.harness import assert_eventually
+from tests.harness import assert_eventually, reset_job
 from workflows_temporal.generation import GenerationWorkflow
 from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
 
@@ -273,15 +270,7 @@ async def test_a_reset_run_cancels_and_records_the_prompt_its_activity_carries(
         handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
         await asyncio.wait_for(fake.run_started.wait(), 10)
         await assert_eventually(lambda: any(r.job.status is JobStatus.running for r in fake.records), timeout=10)
-        history = await handle.fetch_history()
-        tasks = [event.event_id for event in history.events
-                 if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED]
-        await temporal_client.workflow_service.reset_workflow_execution(ResetWorkflowExecutionRequest(
-            namespace=temporal_client.namespace, reason="operator reset",
-            workflow_execution=WorkflowExecution(workflow_id=job.job_id, run_id=history.run_id),
-            workflow_task_finish_event_id=tasks[0] if reset_to == "first task" else tasks[-1],
-            request_id=str(uuid.uuid4()),
-        ))
+        await reset_job(temporal_client, job.job_id, to_last_task=reset_to == "last task")
         await assert_eventually(lambda: len(fake.runs) == 2, timeout=15)
         reset_run = temporal_client.get_workflow_handle_for(GenerationWorkflow.run, job.job_id)
         await reset_run.signal(GenerationWorkflow.cancel, CancelRequest(reason="changed my mind"))

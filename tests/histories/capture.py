@@ -18,9 +18,6 @@ from pathlib import Path
 import httpx
 from aiohttp import web
 from sqlalchemy import update
-from temporalio.api.common.v1 import WorkflowExecution
-from temporalio.api.enums.v1 import EventType
-from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
@@ -36,6 +33,7 @@ from tests.harness import (
     gateway_settings,
     migrate_database,
     recorded_workflow,
+    reset_job,
     serve_locally,
     wait_for_job,
 )
@@ -112,7 +110,7 @@ async def capture() -> None:
                         await api.post(f"/jobs/{job_id}/cancel", json={"reason": "captured for the replay test"})
                     if name.endswith("reset_job_succeeded"):
                         await wait_for_job(api, job_id, until={"running"})
-                        await reset_to_first_task(env.client, job_id)
+                        await reset_job(env.client, job_id, reason="captured for the replay test")
                     await wait_for_job(api, job_id, until=DONE)
                     history = await env.client.get_workflow_handle(job_id).fetch_history()
                     (HERE / f"{name}.json").write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
@@ -122,17 +120,6 @@ async def capture() -> None:
         finally:
             await env.shutdown()
             simulator.kill()
-
-
-async def reset_to_first_task(client, job_id: str) -> None:  # type: ignore[no-untyped-def]
-    history = await client.get_workflow_handle(job_id).fetch_history()
-    first_task = next(event.event_id for event in history.events
-                      if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
-    await client.workflow_service.reset_workflow_execution(ResetWorkflowExecutionRequest(
-        namespace=client.namespace, reason="captured for the replay test",
-        workflow_execution=WorkflowExecution(workflow_id=job_id, run_id=history.run_id),
-        workflow_task_finish_event_id=first_task, request_id=str(uuid.uuid4()),
-    ))
 
 
 async def capture_retention(client, settings: Settings, api: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]
