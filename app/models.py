@@ -22,6 +22,10 @@ from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode
 from app.webhooks.events import TERMINAL_EVENTS
 
 
+# Temporal's priority keys run from 1 (highest) to 5 (lowest); a job that names none runs at normal.
+DEFAULT_PRIORITY = 3
+
+
 class CamelModel(BaseModel):
     """camelCase on the wire (API bodies, and the payloads that always were); snake_case names in Python."""
 
@@ -107,6 +111,10 @@ class JobState(CamelModel):
     owner: str | None = None
     # The ComfyUI backend the job's prompt was placed on (its latest attempt); None until it is placed.
     backend: str | None = None
+    # Temporal's priority key: 1 highest, 5 lowest; 3 (normal) for jobs from before priorities.
+    priority: int = DEFAULT_PRIORITY
+    # The batch the job is an item of (POST /batches); None for a job submitted on its own.
+    batch_id: str | None = None
 
 
 class LiveProgress(CamelModel):
@@ -215,6 +223,10 @@ class GenerationInput(BaseModel):
     webhook_events: list[str] = Field(default_factory=lambda: list(TERMINAL_EVENTS))
     # The principal id of the caller that created the job (never a key): the row's owner and the Owner attribute.
     owner: str | None = None
+    # Temporal's priority key (1 highest, 5 lowest) for the job's tasks; fairness between owners at one priority.
+    priority: int = DEFAULT_PRIORITY
+    # The batch the job is an item of; None for a job submitted on its own.
+    batch_id: str | None = None
 
     # SHA-256 of the result cache key (app.result_cache); None when the job's result is not cacheable.
     cache_key: str | None = None
@@ -420,6 +432,8 @@ def accepted_state(job: GenerationInput) -> JobState:
         cache_hit=job.cached_result is not None,
         cached_from=job.cached_result.source_job_id if job.cached_result is not None else None,
         owner=job.owner,
+        priority=job.priority,
+        batch_id=job.batch_id,
     )
 
 
