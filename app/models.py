@@ -194,7 +194,8 @@ class RenderPromptResult(BaseModel):
     image_sources: dict[str, str] = Field(default_factory=dict)
 
 
-# The longest time limit a job may ask for (`timeoutSeconds`).
+# The longest time limit a job may ask for (`timeoutSeconds`) unless MAX_JOB_TIMEOUT_S says otherwise, and the
+# one that jobs from before that setting were submitted under.
 MAX_JOB_TIMEOUT_SECONDS = 24 * 3600
 
 
@@ -207,6 +208,9 @@ class GenerationInput(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     timeout_seconds: float
+    # The longest time limit any job could have when this one was submitted (MAX_JOB_TIMEOUT_S): how long it may
+    # wait in ComfyUI's queue behind another job. None (jobs from before the setting): MAX_JOB_TIMEOUT_SECONDS.
+    max_timeout_seconds: float | None = None
     heartbeat_timeout_seconds: float
     # Jobs before the fleet ran on this backend, through this queue; later jobs are placed when a slot frees up.
     backend: str

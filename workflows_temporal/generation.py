@@ -393,7 +393,9 @@ class GenerationWorkflow:
         not this, is what notices a worker gone."""
         if not self._fleet:
             return timedelta(seconds=job.timeout_seconds + 60)
-        return timedelta(seconds=job.timeout_seconds + MAX_JOB_TIMEOUT_SECONDS + 60)
+        # From the job's input, not the worker's settings: a replay schedules what the first run did.
+        longest_other = job.max_timeout_seconds if job.max_timeout_seconds is not None else MAX_JOB_TIMEOUT_SECONDS
+        return timedelta(seconds=job.timeout_seconds + longest_other + 60)
 
     def _attempt_prompt_id(self, job_id: str, attempt: int) -> str:
         """The prompt id the attempt's activity is given. A run that an operator's reset started (a run other

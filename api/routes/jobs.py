@@ -182,7 +182,9 @@ class CreateJobRequest(CamelModel):
                     "job.cancelled); job.progress is opt-in")
     metadata: dict[str, Any] = Field(default_factory=dict, description="echoed back with the job")
     retry: RetryRequest = Field(default_factory=RetryRequest)
-    timeout_seconds: float | None = Field(None, gt=0, le=MAX_JOB_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")
+    timeout_seconds: float | None = Field(
+        None, gt=0, description=f"the job's time limit on ComfyUI, counted from when its prompt starts; at most "
+                                f"MAX_JOB_TIMEOUT_S (by default {MAX_JOB_TIMEOUT_SECONDS}); defaults to COMFYUI_TIMEOUT_MS")
     output_format: OutputFormat = Field(
         OutputFormat.png, description="what still images are stored as; animated images and videos stay as they are")
     quality: int = Field(
@@ -305,6 +307,13 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def _check_timeout(body: CreateJobRequest, settings: Settings) -> None:
+    # The maximum is a setting, so it is checked here rather than in the request model's schema.
+    if body.timeout_seconds is not None and body.timeout_seconds > settings.max_job_timeout_s:
+        raise validation_error([{"field": "timeoutSeconds",
+                                 "message": f"at most {settings.max_job_timeout_s:g} (MAX_JOB_TIMEOUT_S)"}])
+
+
 async def _submit(
     body: CreateJobRequest,
     request: Request,
@@ -319,6 +328,7 @@ async def _submit(
     """The job created, or found by its idempotency key: the `202`'s body."""
     _check_raw_graph(body, settings, principal)
     _check_webhook(body, settings)
+    _check_timeout(body, settings)
     if _json_size(body.metadata) > _MAX_METADATA_BYTES:
         raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
     key = idempotency_key if idempotency_key is not None else _request_id(body.metadata)
@@ -378,6 +388,7 @@ async def _submit(
         metadata=body.metadata,
         retry=RetrySpec.model_validate(body.retry.model_dump()),
         timeout_seconds=body.timeout_seconds or settings.job_timeout_seconds,
+        max_timeout_seconds=settings.max_job_timeout_s,
         heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
         backend=backend.id,
         backend_task_queue=backend_task_queue(settings, backend.id),
