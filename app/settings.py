@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     api_max_concurrent_waits: int = Field(
         1000, ge=1, description="requests that may wait (`wait=`) for a job at once; more are refused with 503 "
                                 "TOO_MANY_WAITS")
+    sse_keepalive_s: float = Field(
+        15.0, gt=0, description="how often a quiet event stream (GET /jobs/{id}/events) sends a keep-alive comment, "
+                                "so that proxies do not close it")
     # Rate limits: RATE_LIMIT_MAX requests per RATE_LIMIT_WINDOW_MS, per principal and per client address.
     rate_limit_max: int | None = Field(
         None, ge=1, description="requests a principal, and a client address, may make per window (with "
