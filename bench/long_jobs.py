@@ -89,8 +89,12 @@ async def submit_all(api: httpx.AsyncClient, jobs: int, prompt: dict, clients: i
 
     async def client(share: int) -> None:
         for _ in range(share):
-            response = await api.post("/jobs", json={"workflowJson": prompt, "timeoutSeconds": 7200})
-            response.raise_for_status()
+            while (response := await api.post("/jobs", json={"workflowJson": prompt, "timeoutSeconds": 7200})
+                   ).status_code == 503:
+                print(f"  503 {response.json()['error']['code']}; again in 1 s", flush=True)
+                await asyncio.sleep(1)  # the API not connected to Temporal yet, or overloaded
+            if response.status_code != 202:
+                raise SystemExit(f"POST /jobs answered {response.status_code}: {response.text}")
             ids.append(response.json()["jobId"])
 
     await asyncio.gather(*(client(jobs // clients + (index < jobs % clients)) for index in range(clients)))

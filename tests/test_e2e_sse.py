@@ -178,3 +178,33 @@ async def test_a_stream_is_cancelled_with_its_job_and_another_s_job_is_404(
             assert cancel.status_code == 200, cancel.text
             rest = [event async for event in events]
         assert rest[-1].name == "cancelled" and rest[-1].data["status"] == "cancelled", rest
+
+
+# --- what a stream says, from the job as read (no stack needed) ----------------------------------------------
+
+
+def job_view(status: str, progress: int, **fields: Any) -> dict[str, Any]:
+    return {"jobId": "j", "status": status, "progress": progress, "currentNode": None, "queuePosition": None,
+            "outputs": [], **fields}
+
+
+def test_a_resumed_stream_says_nothing_until_the_job_moves_and_an_output_is_not_the_end() -> None:
+    from api.job_streams import JobEvents
+
+    first = JobEvents()
+    [queued] = first.after(job_view("queued", 0, queuePosition=2))
+    assert queued.name == "queued" and queued.data["queuePosition"] == 2
+    assert first.after(job_view("queued", 0, queuePosition=2)) == []  # nothing changed: nothing said
+    [running] = first.after(job_view("running", 40, currentNode="2"))
+    assert running.data == {"status": "running", "progress": 40, "currentNode": "2", "queuePosition": None}
+
+    resumed = JobEvents(running.id)
+    assert resumed.after(job_view("running", 40, currentNode="2")) == []
+    [moved] = resumed.after(job_view("running", 60, currentNode="2"))
+    assert moved.data["jobId"] == "j"  # the first event after a resume tells the whole job
+    files = [{"filename": "a.png"}, {"filename": "b.png"}]
+    events = resumed.after(job_view("succeeded", 100, outputs=files))
+    assert [event.name for event in events] == ["output", "output", "succeeded"]
+    assert not JobEvents(events[1].id).ended and JobEvents(events[2].id).ended
+    assert events[0].data["outputs"] == files[:1] and events[1].data["outputs"] == files
+    assert JobEvents("not an id of ours").after(job_view("queued", 0))[0].data["jobId"] == "j"
