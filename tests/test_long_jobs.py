@@ -55,7 +55,7 @@ async def test_ten_thousand_progress_ticks_leave_the_history_as_ten_do(gateway: 
     few = await gateway.run({"workflowJson": ticking_prompt(gateway, 0.5, 10), "timeoutSeconds": 36 * 3600})
     assert few["status"] == "succeeded", few
 
-    many_id = await gateway.submit({"workflowJson": ticking_prompt(gateway, 3, 10_000), "timeoutSeconds": 36 * 3600})
+    many_id = await gateway.submit({"workflowJson": ticking_prompt(gateway, 2, 10_000), "timeoutSeconds": 36 * 3600})
 
     async def midway() -> dict[str, Any]:
         job = (await gateway.api.get(f"/jobs/{many_id}")).json()
