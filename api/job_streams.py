@@ -4,7 +4,8 @@ What is read: one reader per job and API process (api.fanout), however many stre
 the job as `GET /jobs/{id}` does (api.job_reader, whose live views it shares with the GETs), every
 LIVE_VIEW_SECONDS while the job lives, and at once when its workflow closes: it holds the job's one long poll
 for the close (api.job_waits). A job's progress is its prompt activity's last heartbeat, which the worker sends
-at most once a second (worker.main); it reaches a stream within that second plus LIVE_VIEW_SECONDS.
+at most once a second (worker.main); it reaches a stream within that second plus twice LIVE_VIEW_SECONDS
+(a read every LIVE_VIEW_SECONDS, of a live view at most that old).
 
 What is said: `JobEvents` turns the job as read, again and again, into events, each with the fields of
 `GET /jobs/{id}` that changed since the last one (always `status` and `progress`): `queued` (with
