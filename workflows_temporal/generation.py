@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Coroutine
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
@@ -47,7 +47,7 @@ with workflow.unsafe.imports_passed_through():
         prompt_id_for,
     )
     from app.redaction import Redactor, free_texts
-    from app.search_attributes import JOB_STATUS, OWNER, TEMPLATE_ID
+    from app.search_attributes import BACKEND, BATCH_ID, JOB_STATUS, OWNER, PRIORITY, TEMPLATE_ID
     from app.webhooks.events import PROGRESS_EVENT
     from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
 
@@ -63,6 +63,14 @@ API_RENDERED_PROMPT_PATCH = "api-rendered-prompt"
 # A job's prompt is placed on whichever backend frees a slot first (its shared or tag queue), runs again elsewhere
 # when its backend is lost, and its images are staged there; jobs before name one backend and its queue.
 FLEET_PATCH = "fleet"
+# The Web UI as an operator console: the job's Backend (kept current as it is placed), Priority and BatchId are
+# indexed too, and a job cancelled through the API (its reason signalled, then Temporal's cancellation requested)
+# ends as Canceled. Jobs before index only status, template and owner, and a cancelled one completes.
+CONSOLE_PATCH = "operator-console"
+# How long a job cancelled by signal waits, once stopped and recorded, for the Temporal cancellation that the API
+# requests right after its signal. Only an API from before the console patch (in a rolling upgrade), or one that
+# stopped between the two calls, never sends it: the job then completes, as jobs did before.
+_CANCEL_REQUEST_GRACE = timedelta(seconds=30)
 
 # In a run an operator's reset started, each attempt it schedules records this marker (with the attempt's
 # number): replayed there later, the attempt is known to be its own, not one of the run it replaced.
@@ -159,6 +167,8 @@ class GenerationWorkflow:
         self._indexed = False
         self._owner_indexed = False
         self._indexed_status: JobStatus | None = None
+        self._console = False
+        self._indexed_backend: str | None = None
         self._webhook_started = False
         self._redactor = Redactor([])
 
@@ -170,6 +180,7 @@ class GenerationWorkflow:
         self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
         self._fleet = job.cached_result is None and workflow.patched(FLEET_PATCH)
         self._owner_indexed = job.owner is not None and workflow.patched(OWNER_PATCH)
+        self._console = self._indexed and workflow.patched(CONSOLE_PATCH)
         self._state = accepted_state(job)
         if job.cached_result is not None:
             self._event("status", "job accepted; an identical earlier job's result answers it", {"status": "queued"})
@@ -185,12 +196,15 @@ class GenerationWorkflow:
         except (asyncio.CancelledError, ActivityError, ApplicationError) as failure:
             if self._state.status.is_terminal:
                 # The job had ended, its outputs stored, when a cancel from Temporal cut its last record short.
-                await self._record()
-                await self._start_webhook()
+                await (self._not_cut_short(self._record_end()) if self._console else self._record_end())
                 return self._state
             # A cancelled activity surfaces as an ActivityError caused by CancelledError.
             if self._cancel is not None or is_cancelled_exception(failure):
                 signalled = self._cancel is not None
+                if signalled and self._console:
+                    await self._not_cut_short(self._finish_cancelled())
+                    await self._end_as_canceled()
+                    return self._state
                 await self._finish_cancelled()
                 if not signalled:
                     raise  # cancelled through Temporal itself (Web UI, CLI): the workflow ends as Canceled
@@ -199,6 +213,35 @@ class GenerationWorkflow:
             await self._finish(JobStatus.failed, error=error)
             raise ApplicationError(error.message, error.model_dump(mode="json"), type=error.code.value, non_retryable=True)
         return self._state
+
+    async def _record_end(self) -> None:
+        await self._record()
+        await self._start_webhook()
+
+    async def _not_cut_short(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run the step to its end even if Temporal's cancellation of the workflow arrives meanwhile: the API
+        requests it right after its cancel signal, while the workflow is stopping the prompt and writing the
+        job's end. Seen here, that request only makes the workflow end as Canceled afterwards."""
+        running = asyncio.create_task(step)
+        while not running.done():
+            try:
+                await asyncio.shield(running)
+            except asyncio.CancelledError:
+                pass  # the workflow's cancellation reached this wait, not the step, which goes on (or failed: below)
+        running.result()
+
+    async def _end_as_canceled(self) -> None:
+        """After a cancel signal, once the prompt is stopped and the end recorded: end as Canceled, so that the
+        Web UI shows what happened, when Temporal's cancellation has been (or soon is) requested; else return,
+        and the workflow completes as a cancelled job's did before."""
+        if workflow.cancellation_reason() is None:
+            try:
+                await workflow.wait_condition(
+                    lambda: workflow.cancellation_reason() is not None, timeout=_CANCEL_REQUEST_GRACE
+                )
+            except asyncio.TimeoutError:
+                return
+        raise asyncio.CancelledError("cancelled through the gateway's API")
 
     @workflow.query
     def status(self) -> JobState:
@@ -508,17 +551,30 @@ class GenerationWorkflow:
         ))
 
     def _index(self) -> None:
-        """Keep the job's search attributes in step with its status, for operators searching the Web UI."""
+        """Keep the job's search attributes in step with its status (and, since the console patch, its backend),
+        for operators searching the Web UI. Upserted only when one of them changes: each upsert is an event."""
         assert self._job is not None and self._state is not None
-        if not self._indexed or self._state.status is self._indexed_status:
+        job, state = self._job, self._state
+        backend_moved = self._console and state.backend != self._indexed_backend
+        if not self._indexed or (state.status is self._indexed_status and not backend_moved):
             return
-        updates = [JOB_STATUS.value_set(self._state.status.value)]
-        if self._indexed_status is None and self._job.template_id is not None:
-            updates.append(TEMPLATE_ID.value_set(self._job.template_id))
-        if self._indexed_status is None and self._owner_indexed:
-            updates.append(OWNER.value_set(self._job.owner))
+        first = self._indexed_status is None
+        updates: list[Any] = []
+        if state.status is not self._indexed_status:
+            updates.append(JOB_STATUS.value_set(state.status.value))
+        if first and job.template_id is not None:
+            updates.append(TEMPLATE_ID.value_set(job.template_id))
+        if first and self._owner_indexed:
+            updates.append(OWNER.value_set(job.owner))
+        if first and self._console:
+            updates.append(PRIORITY.value_set(job.priority))
+            if job.batch_id is not None:
+                updates.append(BATCH_ID.value_set(job.batch_id))
+        if backend_moved:
+            updates.append(BACKEND.value_set(state.backend) if state.backend else BACKEND.value_unset())
         workflow.upsert_search_attributes(updates)
-        self._indexed_status = self._state.status
+        self._indexed_status = state.status
+        self._indexed_backend = state.backend
 
     async def _record(self) -> None:
         assert self._job is not None and self._state is not None

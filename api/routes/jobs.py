@@ -30,6 +30,7 @@ from api.deps import (
     SettingsDep,
     StorageDep,
     TemporalDep,
+    TemporalUiDep,
     WaitDep,
 )
 from api.errors import ApiError, invalid_input, validation_error
@@ -82,6 +83,7 @@ from app.settings import Settings
 from app.storage import OutputStorage, StorageError
 from app.submission import ImageIntake, prepare_job
 from app.temporal_endings import started_input
+from app.temporal_ui import TemporalUi
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
 from app.templates.rendering import ApiFormatGraph
@@ -207,6 +209,8 @@ class CreateJobResponse(CamelModel):
     eta_seconds: float | None
     poll_url: str
     cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job")
+    temporal_ui_url: str | None = Field(
+        None, description="the job's workflow history in the Temporal Web UI (TEMPORAL_UI_URL); null without one")
 
 
 class JobList(CamelModel):
@@ -284,7 +288,8 @@ async def create_job(
         if snapshot is None:
             return accepted
         if snapshot.state.status.is_terminal:
-            return JSONResponse((await public_job_off_loop(snapshot, storage)).model_dump(mode="json", by_alias=True))
+            job = await public_job_off_loop(snapshot, storage, TemporalUi.of(settings))
+            return JSONResponse(job.model_dump(mode="json", by_alias=True))
         return await _accepted(db, settings, snapshot.state, body.workflow_id)
 
 
@@ -494,7 +499,7 @@ async def _accepted(db: Database, settings: Settings, state: JobState, template_
     if not state.status.is_terminal:
         eta = await db.run(estimate_wait_seconds, template_id, settings.max_concurrency)
     return CreateJobResponse(job_id=job_id, status=state.status, eta_seconds=eta, poll_url=f"/jobs/{job_id}",
-                             cache_hit=state.cache_hit)
+                             cache_hit=state.cache_hit, temporal_ui_url=TemporalUi.of(settings).workflow_url(job_id))
 
 
 def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Principal) -> None:
@@ -573,6 +578,7 @@ def _unsafe_integers(value: Any, path: str) -> Iterator[str]:
 def get_jobs(
     session: SessionDep,
     storage: StorageDep,
+    ui: TemporalUiDep,
     principal: PrincipalDep,
     status: JobStatus | None = None,
     workflow_id: Annotated[str | None, Query(alias="workflowId")] = None,
@@ -588,13 +594,13 @@ def get_jobs(
         JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, owner=owner,
                   limit=limit, offset=offset),
     )
-    return JobList(jobs=[public_job(job, storage) for job in jobs], count=count)
+    return JobList(jobs=[public_job(job, storage, ui) for job in jobs], count=count)
 
 
 @router.get("/{job_id}", response_model=Job)
 async def get_job(
-    job: JobDep, storage: StorageDep, request: Request, reader: JobReaderDep, temporal: TemporalDep,
-    waits: JobWaitsDep, wait: WaitDep,
+    job: JobDep, storage: StorageDep, ui: TemporalUiDep, request: Request, reader: JobReaderDep,
+    temporal: TemporalDep, waits: JobWaitsDep, wait: WaitDep,
 ) -> Job:
     """With `wait`, the job once it has ended, or as it is when the wait runs out: 200 both ways, and its
     `status` says which (`succeeded`, `failed`, `cancelled`: ended; `queued`, `running`: not yet)."""
@@ -603,7 +609,7 @@ async def get_job(
         with waits.place():
             ended = await _wait_for_end(request, waits, client, job.state.job_id, wait)
             job = await reader.read(job.state.job_id, reuse_live=not ended)
-    return await public_job_off_loop(job, storage)
+    return await public_job_off_loop(job, storage, ui)
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
@@ -628,6 +634,11 @@ async def cancel_job(
         if job.state.status.is_terminal:
             raise _already_finished(job) from error
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal did not take the cancel; try again") from error
+    # Then Temporal's own cancellation, so that the Web UI shows the workflow as Canceled: the workflow stops the
+    # prompt and records the job's end first (the signal says why and who). Refused when the job ended meanwhile;
+    # if it is lost, the job is cancelled all the same and its workflow completes, as before the console patch.
+    with suppress(RPCError):
+        await handle.cancel(reason=f"cancelled through the gateway's API by {principal.id}")
     if job.state.owner != principal.id:  # only an admin reaches another's job (JobDep)
         await db.run(record_audit, principal, JOB_CANCEL, job_id, {"owner": job.state.owner, "reason": reason})
     # The workflow's end, awaited (long-polled by Temporal) rather than polled for.
