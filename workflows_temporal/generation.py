@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta, timezone
-from typing import Any, Coroutine
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.inputs import InputActivities
     from activities.records import RecordActivities
     from activities.render import RenderActivities
+    from app.cancel_reasons import TEMPORAL_ACTOR, cancel_request_from
     from app.comfy.backends import own_task_queue, placement_queue
     from app.comfy.errors import STARTED_AT_MS_DETAIL
     from app.errors import ELAPSED_SECONDS_DETAIL, NON_RETRYABLE_TYPES, PROMPT_ON_OTHER_BACKEND, ErrorCode
@@ -64,13 +65,10 @@ API_RENDERED_PROMPT_PATCH = "api-rendered-prompt"
 # when its backend is lost, and its images are staged there; jobs before name one backend and its queue.
 FLEET_PATCH = "fleet"
 # The Web UI as an operator console: the job's Backend (kept current as it is placed), Priority and BatchId are
-# indexed too, and a job cancelled through the API (its reason signalled, then Temporal's cancellation requested)
-# ends as Canceled. Jobs before index only status, template and owner, and a cancelled one completes.
+# indexed too, and a Temporal cancellation says who cancelled the job and why in its reason (app.cancel_reasons:
+# the API cancels jobs so, and the workflow ends as Canceled). Jobs before index only status, template and owner,
+# and name a cancellation through Temporal "cancelled by temporal: cancelled through Temporal" whatever its reason.
 CONSOLE_PATCH = "operator-console"
-# How long a job cancelled by signal waits, once stopped and recorded, for the Temporal cancellation that the API
-# requests right after its signal. Only an API from before the console patch (in a rolling upgrade), or one that
-# stopped between the two calls, never sends it: the job then completes, as jobs did before.
-_CANCEL_REQUEST_GRACE = timedelta(seconds=30)
 
 # In a run an operator's reset started, each attempt it schedules records this marker (with the attempt's
 # number): replayed there later, the attempt is known to be its own, not one of the run it replaced.
@@ -196,52 +194,21 @@ class GenerationWorkflow:
         except (asyncio.CancelledError, ActivityError, ApplicationError) as failure:
             if self._state.status.is_terminal:
                 # The job had ended, its outputs stored, when a cancel from Temporal cut its last record short.
-                await (self._not_cut_short(self._record_end()) if self._console else self._record_end())
+                await self._record()
+                await self._start_webhook()
                 return self._state
             # A cancelled activity surfaces as an ActivityError caused by CancelledError.
             if self._cancel is not None or is_cancelled_exception(failure):
                 signalled = self._cancel is not None
-                if signalled and self._console:
-                    await self._not_cut_short(self._finish_cancelled())
-                    await self._end_as_canceled()
-                    return self._state
                 await self._finish_cancelled()
                 if not signalled:
-                    raise  # cancelled through Temporal itself (Web UI, CLI): the workflow ends as Canceled
+                    # Cancelled through Temporal (the API, the Web UI, the CLI): the workflow ends as Canceled.
+                    raise
                 return self._state
             error = self._redacted(job_error_from(failure))
             await self._finish(JobStatus.failed, error=error)
             raise ApplicationError(error.message, error.model_dump(mode="json"), type=error.code.value, non_retryable=True)
         return self._state
-
-    async def _record_end(self) -> None:
-        await self._record()
-        await self._start_webhook()
-
-    async def _not_cut_short(self, step: Coroutine[Any, Any, None]) -> None:
-        """Run the step to its end even if Temporal's cancellation of the workflow arrives meanwhile: the API
-        requests it right after its cancel signal, while the workflow is stopping the prompt and writing the
-        job's end. Seen here, that request only makes the workflow end as Canceled afterwards."""
-        running = asyncio.create_task(step)
-        while not running.done():
-            try:
-                await asyncio.shield(running)
-            except asyncio.CancelledError:
-                pass  # the workflow's cancellation reached this wait, not the step, which goes on (or failed: below)
-        running.result()
-
-    async def _end_as_canceled(self) -> None:
-        """After a cancel signal, once the prompt is stopped and the end recorded: end as Canceled, so that the
-        Web UI shows what happened, when Temporal's cancellation has been (or soon is) requested; else return,
-        and the workflow completes as a cancelled job's did before."""
-        if workflow.cancellation_reason() is None:
-            try:
-                await workflow.wait_condition(
-                    lambda: workflow.cancellation_reason() is not None, timeout=_CANCEL_REQUEST_GRACE
-                )
-            except asyncio.TimeoutError:
-                return
-        raise asyncio.CancelledError("cancelled through the gateway's API")
 
     @workflow.query
     def status(self) -> JobState:
@@ -469,7 +436,7 @@ class GenerationWorkflow:
         return None
 
     async def _finish_cancelled(self) -> None:
-        request = self._cancel or CancelRequest(reason="cancelled through Temporal", actor="temporal")
+        request = self._cancel or self._temporal_cancel_request()
         assert self._job is not None
         # On the fleet's path a prompt may be placed (waiting in ComfyUI's queue) before the workflow hears where:
         # then it is stopped on every backend (backend None).
@@ -486,6 +453,12 @@ class GenerationWorkflow:
                 self._event("warning", "could not stop the prompt on ComfyUI", {"error": str(failure.cause)})
         message = f"cancelled by {request.actor}" + (f": {request.reason}" if request.reason else "")
         await self._finish(JobStatus.cancelled, error=JobError(code=ErrorCode.JOB_CANCELLED, message=message))
+
+    def _temporal_cancel_request(self) -> CancelRequest:
+        """Who cancelled the workflow through Temporal, and why: what the reason of the request says."""
+        if self._console:
+            return cancel_request_from(workflow.cancellation_reason())
+        return CancelRequest(reason="cancelled through Temporal", actor=TEMPORAL_ACTOR)
 
     async def _finish(self, status: JobStatus, error: JobError | None = None) -> None:
         assert self._state is not None

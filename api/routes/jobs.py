@@ -45,6 +45,7 @@ from api.openapi import answers_with
 from api.rate_limits import limit_principal
 from app.audit import JOB_CANCEL, record_audit
 from app.auth import Principal
+from app.cancel_reasons import temporal_cancel_reason
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
@@ -628,17 +629,14 @@ async def cancel_job(
     reason = body.reason if body else ""
     handle = temporal.require().get_workflow_handle(job_id)
     try:
-        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=reason, actor=principal.id))
+        # Temporal's own cancellation, not a signal, so that the Web UI shows the job's workflow as Canceled: the
+        # workflow stops the prompt and records the job's end first, with the who and why its reason carries.
+        await handle.cancel(reason=temporal_cancel_reason(CancelRequest(reason=reason, actor=principal.id)))
     except RPCError as error:
         job = await reader.read(job_id, reuse_live=False)
         if job.state.status.is_terminal:
             raise _already_finished(job) from error
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal did not take the cancel; try again") from error
-    # Then Temporal's own cancellation, so that the Web UI shows the workflow as Canceled: the workflow stops the
-    # prompt and records the job's end first (the signal says why and who). Refused when the job ended meanwhile;
-    # if it is lost, the job is cancelled all the same and its workflow completes, as before the console patch.
-    with suppress(RPCError):
-        await handle.cancel(reason=f"cancelled through the gateway's API by {principal.id}")
     if job.state.owner != principal.id:  # only an admin reaches another's job (JobDep)
         await db.run(record_audit, principal, JOB_CANCEL, job_id, {"owner": job.state.owner, "reason": reason})
     # The workflow's end, awaited (long-polled by Temporal) rather than polled for.
