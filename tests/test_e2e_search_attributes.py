@@ -10,7 +10,7 @@ import pytest
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from app.temporal_client import register_search_attributes
+from app.temporal_client import SearchAttributesMissing, register_search_attributes
 from app.temporal_endings import started_input
 from tests.harness import DONE, Gateway, assert_eventually, recorded_workflow, wait_for_job
 from workflows_temporal.generation import GenerationWorkflow
@@ -101,3 +101,12 @@ async def test_registering_the_search_attributes_again_changes_nothing(temporal_
         ListSearchAttributesRequest(namespace=temporal_client.namespace)
     )
     assert {"JobStatus", "TemplateId", "Owner", "Backend", "Priority", "BatchId"} <= set(described.custom_attributes)
+
+
+async def test_a_namespace_that_refuses_them_gets_the_commands_to_create_them(temporal_client: Client) -> None:
+    elsewhere = await Client.connect(temporal_client.service_client.config.target_host, namespace="no-such-namespace")
+    with pytest.raises(SearchAttributesMissing) as refused:
+        await register_search_attributes(elsewhere)
+    message = str(refused.value)
+    assert "temporal operator search-attribute create --namespace no-such-namespace --name Priority --type Int" in message
+    assert "--name Backend --type Keyword" in message and "--name BatchId --type Keyword" in message
