@@ -20,7 +20,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.inputs import InputActivities
     from activities.records import RecordActivities
     from activities.render import RenderActivities
-    from app.cancel_reasons import TEMPORAL_ACTOR, cancel_request_from
     from app.comfy.backends import own_task_queue, placement_queue
     from app.comfy.errors import STARTED_AT_MS_DETAIL
     from app.errors import ELAPSED_SECONDS_DETAIL, NON_RETRYABLE_TYPES, PROMPT_ON_OTHER_BACKEND, ErrorCode
@@ -65,9 +64,9 @@ API_RENDERED_PROMPT_PATCH = "api-rendered-prompt"
 # when its backend is lost, and its images are staged there; jobs before name one backend and its queue.
 FLEET_PATCH = "fleet"
 # The Web UI as an operator console: the job's Backend (kept current as it is placed), Priority and BatchId are
-# indexed too, and a Temporal cancellation says who cancelled the job and why in its reason (app.cancel_reasons:
-# the API cancels jobs so, and the workflow ends as Canceled). Jobs before index only status, template and owner,
-# and name a cancellation through Temporal "cancelled by temporal: cancelled through Temporal" whatever its reason.
+# indexed too; a cancel signal followed by Temporal's cancellation (the API's cancel) ends the workflow as Canceled;
+# and a cancellation through Temporal alone (Web UI, CLI) gives its reason to the job. Jobs before index only status,
+# template and owner, complete when cancelled by signal, and name no reason of Temporal's.
 CONSOLE_PATCH = "operator-console"
 
 # In a run an operator's reset started, each attempt it schedules records this marker (with the attempt's
@@ -186,7 +185,7 @@ class GenerationWorkflow:
         else:
             self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
             self._work = asyncio.create_task(self._generate(job))
-        if self._cancel is not None:
+        if self._cancel is not None and self._stops_itself(self._cancel):
             self._work.cancel()
         try:
             await self._record()  # the queued row is written while the prompt renders
@@ -201,8 +200,9 @@ class GenerationWorkflow:
             if self._cancel is not None or is_cancelled_exception(failure):
                 signalled = self._cancel is not None
                 await self._finish_cancelled()
-                if not signalled:
-                    # Cancelled through Temporal (the API, the Web UI, the CLI): the workflow ends as Canceled.
+                if not signalled or (self._console and workflow.cancellation_reason() is not None):
+                    # Cancelled through Temporal (after the API's signal, or from the Web UI or the CLI): the
+                    # workflow, its job recorded as cancelled, ends as Canceled.
                     raise
                 return self._state
             error = self._redacted(job_error_from(failure))
@@ -220,8 +220,16 @@ class GenerationWorkflow:
         if self._cancel is not None or (self._state is not None and self._state.status.is_terminal):
             return
         self._cancel = request
-        if self._work is not None and not self._work.done():
+        # Before the workflow's run has begun, run() does this once it knows the job's patches.
+        if self._work is not None and not self._work.done() and self._stops_itself(request):
             self._work.cancel()
+
+    def _stops_itself(self, request: CancelRequest) -> bool:
+        """Whether the cancel signal stops the job itself, or (sent by the API since the console patch) keeps only
+        the who and why for the Temporal cancellation that follows it, which stops the job through the same path
+        and ends the workflow as Canceled. A job whose Temporal cancellation never comes (the API stopped between
+        its two calls) goes on: the API answered an error, and the client's retry cancels it."""
+        return not (self._console and request.temporal_cancel_follows)
 
     @workflow.signal(name=PROMPT_STARTED_SIGNAL)
     async def prompt_started(self, started: PromptStarted) -> None:
@@ -455,10 +463,9 @@ class GenerationWorkflow:
         await self._finish(JobStatus.cancelled, error=JobError(code=ErrorCode.JOB_CANCELLED, message=message))
 
     def _temporal_cancel_request(self) -> CancelRequest:
-        """Who cancelled the workflow through Temporal, and why: what the reason of the request says."""
-        if self._console:
-            return cancel_request_from(workflow.cancellation_reason())
-        return CancelRequest(reason="cancelled through Temporal", actor=TEMPORAL_ACTOR)
+        """A cancellation through Temporal alone (the Web UI, the CLI): the operator's reason, if they gave one."""
+        reason = workflow.cancellation_reason() if self._console else None
+        return CancelRequest(reason=reason or "cancelled through Temporal", actor="temporal")
 
     async def _finish(self, status: JobStatus, error: JobError | None = None) -> None:
         assert self._state is not None

@@ -45,7 +45,6 @@ from api.openapi import answers_with
 from api.rate_limits import limit_principal
 from app.audit import JOB_CANCEL, record_audit
 from app.auth import Principal
-from app.cancel_reasons import temporal_cancel_reason
 from app.comfy.backends import backend_task_queue, configured_backends
 from app.db import as_utc
 from app.errors import CLIENT_RETRYABLE_CODES, ErrorCode, InvalidInput
@@ -629,9 +628,12 @@ async def cancel_job(
     reason = body.reason if body else ""
     handle = temporal.require().get_workflow_handle(job_id)
     try:
-        # Temporal's own cancellation, not a signal, so that the Web UI shows the job's workflow as Canceled: the
-        # workflow stops the prompt and records the job's end first, with the who and why its reason carries.
-        await handle.cancel(reason=temporal_cancel_reason(CancelRequest(reason=reason, actor=principal.id)))
+        # The who and why by signal (its payload, encrypted with ENCRYPTION_KEYS, unlike a cancellation's reason),
+        # then Temporal's own cancellation, which stops the job so that the Web UI shows its workflow as Canceled.
+        # A retry of a cancel that failed between the two sends both again: the second signal changes nothing.
+        await handle.signal(GenerationWorkflow.cancel,
+                            CancelRequest(reason=reason, actor=principal.id, temporal_cancel_follows=True))
+        await handle.cancel(reason=f"cancelled through the gateway's API by {principal.id}")
     except RPCError as error:
         job = await reader.read(job_id, reuse_live=False)
         if job.state.status.is_terminal:
