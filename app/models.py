@@ -262,6 +262,10 @@ class PromptStarted(BaseModel):
 class CancelRequest(BaseModel):
     reason: str = ""
     actor: str = "api"
+    # The sender requests the workflow's cancellation in Temporal right after this signal (the API does, since the
+    # operator-console patch): the workflow keeps the who and why and lets that cancellation stop the job, so that
+    # it ends as Canceled. False (older APIs): the signal stops the job itself, and the workflow completes.
+    temporal_cancel_follows: bool = False
 
 
 class StageImagesInput(BaseModel):

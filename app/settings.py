@@ -201,6 +201,9 @@ class Settings(BaseSettings):
     temporal_task_queue: str = Field(
         "comfyui-gateway", description="the main task queue (each ComfyUI gets <queue>.<backend>)")
     temporal_ui_port: int = Field(8233, ge=1, le=65535, description="the dev server's Web UI (comfyui-gateway dev)")
+    temporal_ui_url: str | None = Field(
+        None, pattern=r"^https?://", description="the Temporal Web UI operators use, for each job's `temporalUiUrl` "
+        "(e.g. https://temporal-ui.example.com); `comfyui-gateway dev` sets its own UI's; none: no links")
 
     # Result cache
     cache_enabled: bool = Field(

@@ -30,6 +30,7 @@ from api.deps import (
     SettingsDep,
     StorageDep,
     TemporalDep,
+    TemporalUiDep,
     WaitDep,
 )
 from api.errors import ApiError, invalid_input, validation_error
@@ -82,6 +83,7 @@ from app.settings import Settings
 from app.storage import OutputStorage, StorageError
 from app.submission import ImageIntake, prepare_job
 from app.temporal_endings import started_input
+from app.temporal_ui import TemporalUi
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
 from app.templates.rendering import ApiFormatGraph
@@ -209,6 +211,8 @@ class CreateJobResponse(CamelModel):
     eta_seconds: float | None
     poll_url: str
     cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job")
+    temporal_ui_url: str | None = Field(
+        None, description="the job's workflow history in the Temporal Web UI (TEMPORAL_UI_URL); null without one")
 
 
 class JobList(CamelModel):
@@ -286,7 +290,8 @@ async def create_job(
         if snapshot is None:
             return accepted
         if snapshot.state.status.is_terminal:
-            return JSONResponse((await public_job_off_loop(snapshot, storage)).model_dump(mode="json", by_alias=True))
+            job = await public_job_off_loop(snapshot, storage, TemporalUi.of(settings))
+            return JSONResponse(job.model_dump(mode="json", by_alias=True))
         return await _accepted(db, settings, snapshot.state, body.workflow_id)
 
 
@@ -505,7 +510,7 @@ async def _accepted(db: Database, settings: Settings, state: JobState, template_
     if not state.status.is_terminal:
         eta = await db.run(estimate_wait_seconds, template_id, settings.max_concurrency)
     return CreateJobResponse(job_id=job_id, status=state.status, eta_seconds=eta, poll_url=f"/jobs/{job_id}",
-                             cache_hit=state.cache_hit)
+                             cache_hit=state.cache_hit, temporal_ui_url=TemporalUi.of(settings).workflow_url(job_id))
 
 
 def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Principal) -> None:
@@ -584,6 +589,7 @@ def _unsafe_integers(value: Any, path: str) -> Iterator[str]:
 def get_jobs(
     session: SessionDep,
     storage: StorageDep,
+    ui: TemporalUiDep,
     principal: PrincipalDep,
     status: JobStatus | None = None,
     workflow_id: Annotated[str | None, Query(alias="workflowId")] = None,
@@ -599,13 +605,13 @@ def get_jobs(
         JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, owner=owner,
                   limit=limit, offset=offset),
     )
-    return JobList(jobs=[public_job(job, storage) for job in jobs], count=count)
+    return JobList(jobs=[public_job(job, storage, ui) for job in jobs], count=count)
 
 
 @router.get("/{job_id}", response_model=Job)
 async def get_job(
-    job: JobDep, storage: StorageDep, request: Request, reader: JobReaderDep, temporal: TemporalDep,
-    waits: JobWaitsDep, wait: WaitDep,
+    job: JobDep, storage: StorageDep, ui: TemporalUiDep, request: Request, reader: JobReaderDep,
+    temporal: TemporalDep, waits: JobWaitsDep, wait: WaitDep,
 ) -> Job:
     """With `wait`, the job once it has ended, or as it is when the wait runs out: 200 both ways, and its
     `status` says which (`succeeded`, `failed`, `cancelled`: ended; `queued`, `running`: not yet)."""
@@ -614,7 +620,7 @@ async def get_job(
         with waits.place():
             ended = await _wait_for_end(request, waits, client, job.state.job_id, wait)
             job = await reader.read(job.state.job_id, reuse_live=not ended)
-    return await public_job_off_loop(job, storage)
+    return await public_job_off_loop(job, storage, ui)
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
@@ -633,7 +639,12 @@ async def cancel_job(
     reason = body.reason if body else ""
     handle = temporal.require().get_workflow_handle(job_id)
     try:
-        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=reason, actor=principal.id))
+        # The who and why by signal (its payload, encrypted with ENCRYPTION_KEYS, unlike a cancellation's reason),
+        # then Temporal's own cancellation, which stops the job so that the Web UI shows its workflow as Canceled.
+        # A retry of a cancel that failed between the two sends both again: the second signal changes nothing.
+        await handle.signal(GenerationWorkflow.cancel,
+                            CancelRequest(reason=reason, actor=principal.id, temporal_cancel_follows=True))
+        await handle.cancel(reason=f"cancelled through the gateway's API by {principal.id}")
     except RPCError as error:
         job = await reader.read(job_id, reuse_live=False)
         if job.state.status.is_terminal:
