@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.deps import JobDep, SettingsDep, StorageDep
+from api.deps import JobDep, SettingsDep, StorageDep, TemporalUiDep
 from api.errors import ApiError
 from api.http_server import step_aside
 from api.job_streams import JobEvents, JobFeeds
@@ -19,6 +19,7 @@ from api.job_views import public_job_off_loop
 from api.rate_limits import limit_principal
 from app.models import JobStatus
 from app.storage import OutputStorage
+from app.temporal_ui import TemporalUi
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ async def job_events(
     job: JobDep,
     request: Request,
     storage: StorageDep,
+    ui: TemporalUiDep,
     settings: SettingsDep,
     feeds: Annotated[JobFeeds, Depends(get_job_feeds)],
     last_event_id: Annotated[str | None, Header(
@@ -77,14 +79,15 @@ async def job_events(
         return Response(status_code=204)
     # The stream lasts as long as the job: it holds no place among the requests being answered meanwhile.
     step_aside(request.scope)
-    return EventSourceResponse(_stream(feeds, job.state.job_id, events, storage), ping=settings.sse_keepalive_s)
+    return EventSourceResponse(_stream(feeds, job.state.job_id, events, storage, ui), ping=settings.sse_keepalive_s)
 
 
-async def _stream(feeds: JobFeeds, job_id: str, events: JobEvents, storage: OutputStorage) -> AsyncIterator[ServerSentEvent]:
+async def _stream(feeds: JobFeeds, job_id: str, events: JobEvents, storage: OutputStorage, ui: TemporalUi
+                  ) -> AsyncIterator[ServerSentEvent]:
     async with feeds.subscribe(job_id) as subscription:
         try:
             async for snapshot in subscription:
-                view = (await public_job_off_loop(snapshot, storage)).model_dump(mode="json", by_alias=True)
+                view = (await public_job_off_loop(snapshot, storage, ui)).model_dump(mode="json", by_alias=True)
                 for event in events.after(view):
                     yield ServerSentEvent(json.dumps(event.data), event=event.name, id=event.id)
                 if events.ended:
