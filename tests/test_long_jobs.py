@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from pydantic import ValidationError
 from temporalio.api.enums.v1 import EventType
@@ -49,7 +48,9 @@ def test_the_default_time_limit_must_be_within_the_maximum() -> None:
 
 
 @pytest.mark.settings(max_job_timeout_s=48 * 3600)
-async def test_ten_thousand_progress_ticks_leave_the_history_as_ten_do(gateway: Gateway, temporal_client: Client) -> None:
+async def test_ten_thousand_progress_ticks_leave_the_history_as_ten_do(
+    gateway: Gateway, temporal_client: Client
+) -> None:
     """Two jobs of the same graph, one reporting 10 progress ticks, one 10,000; both with a time limit beyond
     the former 24 h maximum. Their histories have the same events: progress is not in history."""
     few = await gateway.run({"workflowJson": ticking_prompt(gateway, 0.5, 10), "timeoutSeconds": 36 * 3600})
