@@ -208,3 +208,34 @@ def test_a_resumed_stream_says_nothing_until_the_job_moves_and_an_output_is_not_
     assert not JobEvents(events[1].id).ended and JobEvents(events[2].id).ended
     assert events[0].data["outputs"] == files[:1] and events[1].data["outputs"] == files
     assert JobEvents("not an id of ours").after(job_view("queued", 0))[0].data["jobId"] == "j"
+
+
+async def test_the_fanout_hands_the_latest_value_and_the_reader_s_failure_to_every_subscriber() -> None:
+    from api.fanout import Fanout
+
+    published = asyncio.Event()
+    go_on = asyncio.Event()
+    starts: list[str] = []
+
+    async def read(key: str) -> AsyncIterator[int]:
+        starts.append(key)
+        for value in (1, 2, 3):
+            yield value
+        published.set()
+        await go_on.wait()
+        raise RuntimeError("Temporal went away")
+
+    fanout: Fanout[int] = Fanout(read)
+    async with fanout.subscribe("job") as slow, fanout.subscribe("job") as other:
+        assert fanout.readers == 1
+        await published.wait()
+        seen = []
+        with pytest.raises(RuntimeError, match="went away"):
+            async for value in slow:  # it was too slow for 1 and 2: it gets the latest, then the failure
+                seen.append(value)
+                go_on.set()
+        assert seen == [3]
+        with pytest.raises(RuntimeError):
+            async for _ in other:
+                pass
+    assert fanout.readers == 0 and starts == ["job"]
