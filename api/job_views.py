@@ -61,6 +61,8 @@ class Job(CamelModel):
     cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job; nothing ran")
     backend: str | None = Field(None, description="the ComfyUI backend its prompt was placed on (COMFYUI_URLS "
                                                   "names); null until placed")
+    batch_id: str | None = Field(None, description="the batch the job is an item of (POST /batches); null for a job "
+                                                   "submitted on its own")
 
 
 def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> OutputFile:
@@ -97,6 +99,7 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
         webhook=snapshot.webhook,
         cache_hit=state.cache_hit,
         backend=state.backend,
+        batch_id=state.batch_id,
     )
 
 

@@ -1,0 +1,190 @@
+"""Batches end to end: API → Temporal (real dev server) → worker → ComfyUI simulator, and the API alone for the
+requests it refuses before anything starts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from standardwebhooks import Webhook
+from temporalio.client import Client
+
+from app.db import make_engine, session_scope
+from app.tables import JobRow
+from tests.harness import Gateway, api_alone, api_alone_settings, asgi_client, assert_eventually, error_of, serve_locally
+
+SECRET = "the batch receiver's secret"
+FINAL = {"completed", "cancelled"}
+
+
+def items(count: int) -> list[dict[str, Any]]:
+    """Fast prompts: tiny solid images, each its own colour."""
+    return [{"width": 8, "height": 8, "color": index} for index in range(count)]
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.ids: list[str] = []
+
+    def app(self) -> web.Application:
+        async def hook(request: web.Request) -> web.Response:
+            body = await request.read()
+            self.bodies.append(Webhook(SECRET.encode()).verify(body, dict(request.headers)))
+            self.ids.append(request.headers["webhook-id"])
+            return web.Response(status=204)
+
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        return app
+
+
+async def submit(api: httpx.AsyncClient, body: dict[str, Any]) -> str:
+    response = await api.post("/batches", json=body)
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["status"] == "queued" and accepted["count"] == len(body["items"])
+    return accepted["batchId"]
+
+
+async def wait_for_batch(api: httpx.AsyncClient, batch_id: str, until: Any, timeout: float = 60) -> dict[str, Any]:
+    async def batch_now() -> dict[str, Any]:
+        response = await api.get(f"/batches/{batch_id}")
+        assert response.status_code == 200, response.text
+        batch = response.json()
+        assert until(batch), batch
+        return batch
+
+    return await assert_eventually(batch_now, timeout=timeout, what=f"batch {batch_id}")
+
+
+async def runs_of(client: Client, batch_id: str) -> list[int]:
+    """The history length of each run of the batch's workflow (continue-as-new starts a run)."""
+    lengths = []
+    async for execution in client.list_workflows(f'WorkflowId="{batch_id}"'):
+        history = await client.get_workflow_handle(batch_id, run_id=execution.run_id).fetch_history()
+        lengths.append(len(history.events))
+    return lengths
+
+
+@pytest.mark.settings(batch_max_parallel=2, batch_items_per_run=4, webhook_secret=SECRET,
+                      webhook_allowed_domains="127.0.0.1")
+async def test_a_batch_runs_each_item_as_a_job_and_sends_one_webhook(gateway: Gateway, temporal_client: Client) -> None:
+    receiver = Receiver()
+    async with serve_locally(receiver.app()) as url:
+        batch_id = await submit(gateway.api, {
+            "workflowId": "solid_color", "items": items(6), "priority": "low", "callbackUrl": f"{url}/hook",
+            "metadata": {"run": "nightly"},
+        })
+        batch = await wait_for_batch(gateway.api, batch_id, lambda batch: batch["status"] in FINAL)
+        await assert_eventually(lambda: _one(receiver.bodies), what="the batch.completed webhook")
+
+    assert batch["status"] == "completed" and batch["progress"] == 100 and batch["priority"] == 5
+    assert batch["counts"] == {"queued": 0, "running": 0, "succeeded": 6, "failed": 0, "cancelled": 0}
+    assert batch["metadata"] == {"run": "nightly"} and batch["timing"]["completedAt"] is not None
+    [body] = receiver.bodies
+    assert receiver.ids == [f"{batch_id}:webhook:batch.completed"]
+    assert body["event"] == "batch.completed" and body["batchId"] == batch_id and body["status"] == "completed"
+    assert body["counts"]["succeeded"] == 6
+    assert (await gateway.api.get(f"/batches/{batch_id}")).json()["webhook"]["delivered"] is True
+
+    # Its items are ordinary jobs: listed by the batch and by `GET /jobs?batchId=`, each with its outputs.
+    listed = (await gateway.api.get(f"/batches/{batch_id}/jobs", params={"limit": 200})).json()
+    assert listed["count"] == 6
+    by_list = (await gateway.api.get("/jobs", params={"batchId": batch_id})).json()
+    assert {job["jobId"] for job in by_list["jobs"]} == {job["jobId"] for job in listed["jobs"]}
+    for job in listed["jobs"]:
+        assert job["batchId"] == batch_id and job["status"] == "succeeded" and job["metadata"] == {"run": "nightly"}
+        assert job["workflowId"] == "solid_color" and len(job["outputs"]) == 1
+    one = (await gateway.api.get(f"/jobs/{listed['jobs'][0]['jobId']}")).json()
+    assert one["batchId"] == batch_id
+
+    # 6 items, 4 a run: the workflow continued as new once.
+    assert len(await runs_of(temporal_client, batch_id)) == 2
+
+
+def _one(bodies: list[Any]) -> bool:
+    assert len(bodies) == 1, bodies
+    return True
+
+
+@pytest.mark.settings(batch_max_parallel=20, batch_items_per_run=60, max_concurrency=4)
+async def test_a_200_item_batch_is_cancelled_halfway(gateway: Gateway, temporal_client: Client) -> None:
+    batch_id = await submit(gateway.api, {"workflowId": "solid_color", "items": items(200)})
+    seen = await wait_for_batch(gateway.api, batch_id, lambda batch: batch["counts"]["queued"] <= 100, timeout=120)
+    assert sum(seen["counts"].values()) == 200 and seen["status"] == "running"
+
+    response = await gateway.api.post(f"/batches/{batch_id}/cancel", json={"reason": "enough"})
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+
+    batch = (await gateway.api.get(f"/batches/{batch_id}")).json()
+    counts = batch["counts"]
+    assert batch["status"] == "cancelled" and batch["progress"] == 100
+    assert sum(counts.values()) == 200 and counts["queued"] == counts["running"] == 0
+    assert counts["succeeded"] >= 100 - 20 and counts["cancelled"] >= 50 and counts["failed"] == 0
+    assert "enough" in batch["cancelReason"]
+
+    # Every item that started is a job that ended; the items never started have no job at all.
+    listed = (await gateway.api.get(f"/batches/{batch_id}/jobs", params={"limit": 200})).json()
+    statuses = [job["status"] for job in listed["jobs"]]
+    assert set(statuses) <= {"succeeded", "cancelled"} and statuses.count("succeeded") == counts["succeeded"]
+    assert listed["count"] < 200
+    engine = make_engine(gateway.settings.resolved_database_url)
+    with session_scope(engine) as session:
+        rows = session.query(JobRow).filter(JobRow.batch_id == batch_id).count()
+    engine.dispose()
+    assert rows == listed["count"]
+    # ComfyUI holds none of the batch's prompts any more.
+    async with httpx.AsyncClient() as comfy:
+        queue = (await comfy.get(f"{gateway.comfyui.url}/queue")).json()
+    assert not [entry for entry in queue["queue_running"] + queue["queue_pending"]
+                if str(entry[3].get("gateway_job_id", "")).startswith(batch_id)]
+    assert (await gateway.api.post(f"/batches/{batch_id}/cancel")).status_code == 409
+
+    # Bounded history: 200 items in runs of at most 60, each run's history in proportion to its items.
+    lengths = await runs_of(temporal_client, batch_id)
+    assert len(lengths) >= 2 and max(lengths) < 60 * 12, lengths
+
+
+# --- the API alone: refused before anything starts ---------------------------------------------------------
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_alone(api_alone_settings(tmp_path, max_batch_items=5)) as app, asgi_client(app) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("body", "fields"), [
+    ({"workflowId": "solid_color", "items": [{"width": 8}, {"width": 0}, {"width": 8, "colour": 1}]},
+     {"items[1].width", "items[2].colour"}),
+    ({"workflowId": "solid_color", "items": []}, {"items"}),
+    ({"workflowId": "solid_color", "items": [{}] * 6}, {"items"}),
+    ({"workflowId": "solid_color", "items": [[]]}, {"items.0"}),
+    ({"workflowId": "solid_color", "items": [{}], "priority": "urgent"}, {"priority"}),
+    ({"workflowId": "solid_color", "items": [{}], "inputs": {}}, {"inputs"}),
+])
+async def test_a_bad_batch_is_refused_naming_its_fields_and_nothing_starts(
+    api: httpx.AsyncClient, tmp_path: Path, body: dict[str, Any], fields: set[str],
+) -> None:
+    response = await api.post("/batches", json=body)
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "VALIDATION_ERROR"
+    assert {field["field"] for field in error["details"]["fields"]} == fields, json.dumps(error)
+    # UnusableTemporal fails the request had it started a workflow; and no job exists.
+    assert (await api.get("/jobs")).json()["count"] == 0
+
+
+async def test_a_batch_of_an_unknown_template_or_with_an_unsigned_webhook_is_refused(api: httpx.AsyncClient) -> None:
+    response = await api.post("/batches", json={"workflowId": "nope", "items": [{}]})
+    assert response.status_code == 404 and error_of(response)["code"] == "WORKFLOW_NOT_FOUND"
+    response = await api.post("/batches", json={"workflowId": "solid_color", "items": [{}],
+                                                 "callbackUrl": "https://example.com/hook"})
+    assert response.status_code == 400 and error_of(response)["code"] == "WEBHOOK_NOT_CONFIGURED"
