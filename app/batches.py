@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.models import CamelModel, CancelRequest, GenerationInput, JobStatus
+from app.models import CamelModel, GenerationInput, JobStatus
 
 
 class BatchStatus(str, Enum):
@@ -54,7 +54,8 @@ class BatchTally(CamelModel):
 class BatchInput(BaseModel):
     """BatchWorkflow's input. `job` is every item's GenerationInput but for its id and inputs (each item's are
     its own), so the payload holds the shared parts once. `items` are those not started yet: each run starts
-    up to `items_per_run` of them, waits for them, and continues as new with the rest."""
+    up to `items_per_run` of them, waits for them, and continues as new with the rest (a cancelled batch never
+    continues as new)."""
 
     batch_id: str
     job: GenerationInput
@@ -68,7 +69,6 @@ class BatchInput(BaseModel):
     started: int = 0
     tally: BatchTally = Field(default_factory=BatchTally)
     started_at: datetime | None = None
-    cancel: CancelRequest | None = None
 
 
 class BatchState(CamelModel):

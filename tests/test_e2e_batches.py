@@ -21,6 +21,7 @@ from app.batches import BatchInput
 from app.db import make_engine, session_scope
 from workflows_temporal.batch import BatchWorkflow
 from tests.harness import Gateway, api_alone, api_alone_settings, asgi_client, assert_eventually, error_of, serve_locally
+from tests.test_auth import ALICE_KEY, API_KEYS, BOB
 
 SECRET = "the batch receiver's secret"
 FINAL = {"completed", "cancelled"}
@@ -77,8 +78,9 @@ async def runs_of(client: Client, batch_id: str) -> list[int]:
 
 
 @pytest.mark.settings(batch_max_parallel=2, batch_items_per_run=4, webhook_secret=SECRET,
-                      webhook_allowed_domains="127.0.0.1")
+                      webhook_allowed_domains="127.0.0.1", api_keys=API_KEYS)
 async def test_a_batch_runs_each_item_as_a_job_and_sends_one_webhook(gateway: Gateway, temporal_client: Client) -> None:
+    gateway.api.headers["X-API-Key"] = ALICE_KEY  # the batch is alice's, and so are its jobs
     receiver = Receiver()
     async with serve_locally(receiver.app()) as url:
         batch_id = await submit(gateway.api, {
@@ -106,7 +108,14 @@ async def test_a_batch_runs_each_item_as_a_job_and_sends_one_webhook(gateway: Ga
         assert job["batchId"] == batch_id and job["status"] == "succeeded" and job["metadata"] == {"run": "nightly"}
         assert job["workflowId"] == "solid_color" and len(job["outputs"]) == 1
     one = (await gateway.api.get(f"/jobs/{listed['jobs'][0]['jobId']}")).json()
-    assert one["batchId"] == batch_id
+    assert one["batchId"] == batch_id and one["owner"] == batch["owner"]
+
+    # Another caller sees neither the batch nor its jobs, as if they did not exist.
+    for method, path in [("GET", f"/batches/{batch_id}"), ("GET", f"/batches/{batch_id}/jobs"),
+                         ("POST", f"/batches/{batch_id}/cancel"), ("GET", f"/jobs/{one['jobId']}")]:
+        response = await gateway.api.request(method, path, headers=BOB)
+        assert response.status_code == 404, (method, path, response.text)
+    assert (await gateway.api.get("/jobs", params={"batchId": batch_id}, headers=BOB)).json()["count"] == 0
 
     # 6 items, 4 a run: the workflow continued as new once.
     assert len(await runs_of(temporal_client, batch_id)) == 2

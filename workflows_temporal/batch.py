@@ -4,7 +4,7 @@ Each item is an ordinary job: a child GenerationWorkflow whose id is the item's 
 batch's shared input and the item's own inputs. At most `max_parallel` items are started and not yet ended at
 once, so a batch of 1,000 does not put 1,000 workflows in Temporal together; the items beyond wait here, in
 order. A run starts at most `items_per_run` items, waits for them to end, and continues as new with the rest:
-the history of one run stays bounded however large the batch (its items, its counts and a cancel are carried
+the history of one run stays bounded however large the batch (the items left and the counts are carried
 over). Waiting for the run's items before continuing as new keeps every child the run's own to await; it
 costs at most `max_parallel` items' tail between two runs.
 
@@ -48,7 +48,6 @@ class BatchWorkflow:
     @workflow.run
     async def run(self, batch: BatchInput) -> BatchState:
         self._batch = batch
-        self._cancel = self._cancel or batch.cancel
         self._state = BatchState(
             batch_id=batch.batch_id, status=BatchStatus.running, template_id=batch.job.template_id,
             owner=batch.job.owner, priority=batch.job.priority, metadata=batch.job.metadata, total=batch.total,
