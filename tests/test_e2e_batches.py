@@ -12,7 +12,7 @@ import httpx
 import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
-from temporalio.client import Client, WorkflowHistory
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
@@ -20,7 +20,15 @@ from app.batch_store import item_rows
 from app.batches import BatchInput
 from app.db import make_engine, session_scope
 from workflows_temporal.batch import BatchWorkflow
-from tests.harness import Gateway, api_alone, api_alone_settings, asgi_client, assert_eventually, error_of, serve_locally
+from tests.harness import (
+    Gateway,
+    api_alone,
+    api_alone_settings,
+    asgi_client,
+    assert_eventually,
+    error_of,
+    serve_locally,
+)
 from tests.test_auth import ALICE_KEY, API_KEYS, BOB
 
 SECRET = "the batch receiver's secret"
@@ -166,6 +174,28 @@ async def test_a_200_item_batch_is_cancelled_halfway(gateway: Gateway, temporal_
     assert len(lengths) >= 2 and max(lengths) < 60 * 12, lengths
 
 
+@pytest.mark.settings(batch_max_parallel=2)
+async def test_a_batch_cancelled_in_temporal_ends_canceled_and_cancels_its_items(
+    gateway: Gateway, temporal_client: Client,
+) -> None:
+    slow = {"id": "slow_items", "name": "Slow", "workflowJson": gateway.comfyui.slow_prompt(20)}
+    assert (await gateway.api.post("/workflows", json=slow)).status_code == 201
+    batch_id = await submit(gateway.api, {"workflowId": "slow_items", "items": [{}, {}, {}]})
+    await wait_for_batch(gateway.api, batch_id, lambda batch: batch["counts"]["running"] >= 1)
+
+    handle = temporal_client.get_workflow_handle(batch_id)
+    await handle.cancel()  # as an operator does in the Web UI
+    batch = await wait_for_batch(gateway.api, batch_id, lambda batch: batch["status"] in FINAL, timeout=30)
+    assert batch["status"] == "cancelled" and "temporal" in batch["cancelReason"]
+    assert batch["counts"] == {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 3}
+    assert (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
+    jobs = (await gateway.api.get(f"/batches/{batch_id}/jobs")).json()["jobs"]
+    assert len(jobs) == 2  # the third never started
+    for job in jobs:
+        assert job["status"] == "cancelled" and job["error"]["code"] == "JOB_CANCELLED"
+        assert batch_id in job["error"]["message"]
+
+
 # --- the API alone: refused before anything starts ---------------------------------------------------------
 
 
@@ -211,7 +241,7 @@ BATCH_HISTORIES = sorted((Path(__file__).resolve().parent / "histories" / "batch
 
 def test_batch_histories_are_committed() -> None:
     assert {path.stem for path in BATCH_HISTORIES} >= {
-        "batch_completed_run1", "batch_completed_run2", "batch_cancelled_run1"}
+        "batch_completed_run1", "batch_completed_run2", "batch_cancelled_run1", "batch_cancelled_in_temporal_run1"}
 
 
 @pytest.mark.parametrize("path", BATCH_HISTORIES, ids=[path.stem for path in BATCH_HISTORIES])

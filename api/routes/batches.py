@@ -163,7 +163,8 @@ async def create_batch(
     job.inputs, job.priority = {}, body.priority  # each item's inputs are its own
     batch = BatchInput(
         batch_id=batch_id, job=job,
-        items=[BatchItem(job_id=item_job_id(batch_id, index), inputs=item.inputs) for index, item in enumerate(prepared)],
+        items=[BatchItem(job_id=item_job_id(batch_id, index), inputs=item.inputs)
+               for index, item in enumerate(prepared)],
         total=len(prepared), max_parallel=settings.batch_max_parallel, items_per_run=settings.batch_items_per_run,
         callback_url=body.callback_url, created_at=datetime.now(timezone.utc),
     )

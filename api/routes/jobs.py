@@ -399,7 +399,9 @@ async def find_template(db: Database, template_id: str) -> TemplateRow:
     return template
 
 
-def image_intake(request: Request, db: Database, storage: OutputStorage, settings: Settings, job_id: str) -> ImageIntake:
+def image_intake(
+    request: Request, db: Database, storage: OutputStorage, settings: Settings, job_id: str
+) -> ImageIntake:
     """Where the inline images of the job `job_id` go (app.submission)."""
     return ImageIntake(
         storage=storage, note_use=lambda keys: db.run(link_job_inputs, job_id, keys, datetime.now(timezone.utc)),

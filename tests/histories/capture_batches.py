@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+from contextlib import suppress
 from pathlib import Path
 
 from aiohttp import web
-from temporalio.testing import WorkflowEnvironment
+from temporalio.client import WorkflowFailureError
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
 
 from app.devserver import temporal_cli
 from tests.harness import SimulatorProcess, api_client, gateway_settings, migrate_database, serve_locally
@@ -54,6 +56,8 @@ async def capture() -> None:
                                         "items": [{"width": 8, "color": index} for index in range(5)]},
                     # Cancelled while its first items run (slow ones): they are signalled, the rest never start.
                     "batch_cancelled": {"workflowId": "slow_capture", "items": [{} for _ in range(4)]},
+                    # ... and cancelled through Temporal (the Web UI's Cancel): the same path, then Canceled.
+                    "batch_cancelled_in_temporal": {"workflowId": "slow_capture", "items": [{} for _ in range(3)]},
                 }
                 for name, body in batches.items():
                     if (HERE / f"{name}_run1.json").exists():
@@ -63,8 +67,13 @@ async def capture() -> None:
                     if name.endswith("cancelled"):
                         await asyncio.sleep(2)
                         await api.post(f"/batches/{batch_id}/cancel", json={"reason": "captured for the replay test"})
-                    await handle.result()
-                    runs = [execution.run_id async for execution in env.client.list_workflows(f'WorkflowId="{batch_id}"')]
+                    if name.endswith("in_temporal"):
+                        await asyncio.sleep(2)
+                        await handle.cancel()
+                    with suppress(WorkflowFailureError):  # Canceled
+                        await handle.result()
+                    runs = [execution.run_id
+                            async for execution in env.client.list_workflows(f'WorkflowId="{batch_id}"')]
                     for number, run_id in enumerate(reversed(runs), start=1):
                         history = await env.client.get_workflow_handle(batch_id, run_id=run_id).fetch_history()
                         path = HERE / f"{name}_run{number}.json"
