@@ -4,20 +4,25 @@ requests it refuses before anything starts."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
+from sqlalchemy.engine import Engine
 from standardwebhooks import Webhook
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from app.batch_store import item_rows
-from app.batches import BatchInput
+from app.batch_store import get_batch, item_rows, record_batch
+from app.batches import BatchInput, BatchState, BatchStatus, BatchTally, RecordBatchInput
+from app.models import JobStatus
+from app.tables import JobRow
 from app.db import make_engine, session_scope
 from workflows_temporal.batch import BatchWorkflow
 from tests.harness import (
@@ -27,9 +32,10 @@ from tests.harness import (
     asgi_client,
     assert_eventually,
     error_of,
+    recorded_workflow,
     serve_locally,
 )
-from tests.test_auth import ALICE_KEY, API_KEYS, BOB
+from tests.test_auth import ADMIN, ALICE_KEY, API_KEYS, BOB
 
 SECRET = "the batch receiver's secret"
 FINAL = {"completed", "cancelled"}
@@ -127,6 +133,15 @@ async def test_a_batch_runs_each_item_as_a_job_and_sends_one_webhook(gateway: Ga
 
     # 6 items, 4 a run: the workflow continued as new once.
     assert len(await runs_of(temporal_client, batch_id)) == 2
+
+    # An item that fails is counted, and the batch still completes.
+    failing = {"id": "failing_items", "name": "Fails", "workflowJson": recorded_workflow("fail.json")}
+    assert (await gateway.api.post("/workflows", json=failing, headers=ADMIN)).status_code == 201
+    failed_id = await submit(gateway.api, {"workflowId": "failing_items", "items": [{}]})
+    failed = await wait_for_batch(gateway.api, failed_id, lambda batch: batch["status"] in FINAL)
+    assert failed["status"] == "completed" and failed["counts"]["failed"] == 1
+    [job] = (await gateway.api.get(f"/batches/{failed_id}/jobs")).json()["jobs"]
+    assert job["status"] == "failed" and job["error"]["code"] == "COMFYUI_OOM"  # what TestFail raises
 
 
 def _one(bodies: list[Any]) -> bool:
@@ -232,6 +247,32 @@ async def test_a_batch_of_an_unknown_template_or_with_an_unsigned_webhook_is_ref
     response = await api.post("/batches", json={"workflowId": "solid_color", "items": [{}],
                                                  "callbackUrl": "https://example.com/hook"})
     assert response.status_code == 400 and error_of(response)["code"] == "WEBHOOK_NOT_CONFIGURED"
+
+
+# --- the batches table, on SQLite and PostgreSQL -----------------------------------------------------------
+
+
+def test_a_batch_row_is_an_idempotent_projection_that_never_goes_back(engine: Engine) -> None:
+    now = datetime.now(timezone.utc)
+    batch_id = str(uuid.uuid4())
+    running = BatchState(batch_id=batch_id, status=BatchStatus.running, priority=3, total=3, created_at=now,
+                         started_at=now, owner="alice")
+    ended = running.model_copy(update={"status": BatchStatus.completed, "completed_at": now,
+                                       "tally": BatchTally(succeeded=2, failed=1)})
+    with session_scope(engine) as session:
+        for state in (running, running, ended, running):  # repeated, and a late write of a run before
+            record_batch(session, RecordBatchInput(batch=state))
+        row = get_batch(session, batch_id)
+        assert row is not None and row.status == "completed" and row.tally == {"succeeded": 2, "failed": 1,
+                                                                               "cancelled": 0}
+        # Item counts and progress come from the items' job rows: an ended item counts 100.
+        for status, progress in (("succeeded", 0), ("running", 40), ("queued", 0)):
+            session.add(JobRow(job_id=str(uuid.uuid4()), status=status, backend="", progress=progress, owner="alice",
+                               batch_id=batch_id, created_at=now, updated_at=now))
+        session.commit()
+        rows = item_rows(session, batch_id)
+    assert rows.by_status == {JobStatus.succeeded: 1, JobStatus.running: 1, JobStatus.queued: 1}
+    assert rows.progress_sum == 140
 
 
 # --- replay of committed batch histories (captured with `python -m tests.histories.capture_batches`) -------
