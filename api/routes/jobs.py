@@ -80,8 +80,8 @@ from app.result_cache import cache_key, find_cached_result
 from app.safe_http import RefusedTarget
 from app.settings import Settings
 from app.storage import OutputStorage, StorageError
-from app.tables import TemplateRow
 from app.submission import ImageIntake, PreparedJob, prepare_job
+from app.tables import TemplateRow
 from app.temporal_endings import started_input
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
@@ -351,8 +351,7 @@ async def _submit(
 
     result_key = cache_key(
         template_id=body.workflow_id, template_version=template.version if template is not None else None,
-        workflow_json=prepared.workflow_json,
-        inputs=prepared.inputs, output_format=body.output_format.value,
+        workflow_json=prepared.workflow_json, inputs=prepared.inputs, output_format=body.output_format.value,
         quality=None if body.output_format is OutputFormat.png else body.quality,  # png ignores quality
     ) if prepared.reproducible else None
 
