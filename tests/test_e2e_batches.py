@@ -149,15 +149,18 @@ def _one(bodies: list[Any]) -> bool:
     return True
 
 
-@pytest.mark.settings(batch_max_parallel=20, batch_items_per_run=60, max_concurrency=4)
+@pytest.mark.settings(batch_max_parallel=20, batch_items_per_run=60, max_concurrency=4, api_keys=API_KEYS)
 async def test_a_200_item_batch_is_cancelled_halfway(gateway: Gateway, temporal_client: Client) -> None:
+    gateway.api.headers["X-API-Key"] = ALICE_KEY  # alice's batch, which an admin cancels
     batch_id = await submit(gateway.api, {"workflowId": "solid_color", "items": items(200)})
     seen = await wait_for_batch(gateway.api, batch_id, lambda batch: batch["counts"]["queued"] <= 100, timeout=120)
     assert sum(seen["counts"].values()) == 200 and seen["status"] == "running"
 
-    response = await gateway.api.post(f"/batches/{batch_id}/cancel", json={"reason": "enough"})
+    response = await gateway.api.post(f"/batches/{batch_id}/cancel", json={"reason": "enough"}, headers=ADMIN)
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "cancelled"
+    [entry] = (await gateway.api.get("/audit", headers=ADMIN, params={"action": "batch.cancel"})).json()["entries"]
+    assert entry["target"] == batch_id and entry["details"] == {"owner": "alice", "reason": "enough"}
 
     batch = (await gateway.api.get(f"/batches/{batch_id}")).json()
     counts = batch["counts"]

@@ -37,6 +37,7 @@ from api.routes.jobs import (
     job_input,
 )
 from api.temporal_connection import TemporalConnection
+from app.audit import BATCH_CANCEL, record_audit
 from app.batch_store import batch_state, get_batch, item_rows
 from app.batches import BatchCounts, BatchInput, BatchItem, BatchState, BatchStatus, ended_counts, item_job_id
 from app.errors import ErrorCode, InvalidInput
@@ -285,6 +286,9 @@ async def cancel_batch(
         if row is not None and BatchStatus(row.status).is_terminal:
             raise _already_finished(batch_state(row)) from error
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal did not take the cancel; try again") from error
+    if batch.owner != principal.id:  # only an admin reaches another's batch (load_batch)
+        await db.run(record_audit, principal, BATCH_CANCEL, batch.batch_id,
+                     {"owner": batch.owner, "reason": body.reason if body else ""})
     # The workflow's end, awaited (long-polled by Temporal) rather than polled for.
     with suppress(TimeoutError, WorkflowFailureError, RPCError):
         async with asyncio.timeout(_CANCEL_WAIT_SECONDS):
