@@ -44,6 +44,8 @@ class BatchWorkflow:
         self._cancel: CancelRequest | None = None
         # The items this run started that have not ended, by job id.
         self._running: dict[str, workflow.ChildWorkflowHandle[GenerationWorkflow, JobState]] = {}
+        # The tasks that await them, held here: an event loop keeps only weak references to its tasks.
+        self._followers: set[asyncio.Task[None]] = set()
 
     @workflow.run
     async def run(self, batch: BatchInput) -> BatchState:
@@ -113,7 +115,9 @@ class BatchWorkflow:
         )
         self._state.started += 1
         self._running[item.job_id] = handle
-        asyncio.create_task(self._follow(item.job_id, handle))
+        follower = asyncio.create_task(self._follow(item.job_id, handle))
+        self._followers.add(follower)
+        follower.add_done_callback(self._followers.discard)
         if self._cancel is not None:  # the cancel came while the item was being started
             await self._cancel_item(handle)
 
