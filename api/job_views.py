@@ -64,6 +64,8 @@ class Job(CamelModel):
                                                   "names); null until placed")
     temporal_ui_url: str | None = Field(
         None, description="the job's workflow history in the Temporal Web UI (TEMPORAL_UI_URL); null without one")
+    batch_id: str | None = Field(None, description="the batch the job is an item of (POST /batches); null for a job "
+                                                   "submitted on its own")
 
 
 def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> OutputFile:
@@ -101,6 +103,7 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage, ui: TemporalUi) ->
         cache_hit=state.cache_hit,
         backend=state.backend,
         temporal_ui_url=ui.workflow_url(state.job_id),
+        batch_id=state.batch_id,
     )
 
 

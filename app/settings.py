@@ -149,6 +149,15 @@ class Settings(BaseSettings):
     input_image_allow_private_urls: bool = Field(
         False, description="let image URLs point at private and loopback addresses (tests and closed networks only)")
 
+    # Batches (POST /batches)
+    max_batch_items: int = Field(1000, ge=1, le=10_000, description="most items a batch may have")
+    batch_max_parallel: int = Field(
+        20, ge=1, le=1000, description="items of one batch started and not yet ended at once; the rest wait, in "
+                                       "order, in the batch's workflow")
+    batch_items_per_run: int = Field(
+        200, ge=1, le=2000, description="items one run of a batch's workflow starts before it continues as new, "
+                                        "which keeps its history bounded")
+
     # Persistence
     data_dir: Path = Field(Path("./data"), description="SQLite database, Temporal's dev database, outputs, scratch files")
     database_url: str | None = Field(None, description="default: a SQLite file in DATA_DIR; or postgresql://user@host/db")

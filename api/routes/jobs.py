@@ -81,7 +81,8 @@ from app.result_cache import cache_key, find_cached_result
 from app.safe_http import RefusedTarget
 from app.settings import Settings
 from app.storage import OutputStorage, StorageError
-from app.submission import ImageIntake, prepare_job
+from app.submission import ImageIntake, PreparedJob, prepare_job
+from app.tables import TemplateRow
 from app.temporal_endings import started_input
 from app.temporal_ui import TemporalUi
 from app.templates.limits import Limits
@@ -332,10 +333,9 @@ async def _submit(
 ) -> CreateJobResponse:
     """The job created, or found by its idempotency key: the `202`'s body."""
     _check_raw_graph(body, settings, principal)
-    _check_webhook(body, settings)
+    check_webhook(body, settings)
+    check_metadata(body.metadata)
     _check_timeout(body, settings)
-    if _json_size(body.metadata) > _MAX_METADATA_BYTES:
-        raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
     key = idempotency_key if idempotency_key is not None else _request_id(body.metadata)
     fingerprint = None
     if key is not None:
@@ -350,20 +350,10 @@ async def _submit(
             return await _accepted(db, settings, snapshot.state, body.workflow_id)
     else:
         job_id = str(uuid.uuid4())
-    await _check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
+    await check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
 
-    template = None
-    if body.workflow_id is not None:
-        template = await db.run(get_template, body.workflow_id)
-        if template is None:
-            raise ApiError(ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {body.workflow_id}",
-                           {"workflowId": body.workflow_id})
-    images = ImageIntake(
-        storage=storage, note_use=lambda keys: db.run(link_job_inputs, job_id, keys, datetime.now(timezone.utc)),
-        http=request.app.state.http, max_bytes=settings.input_image_max_bytes,
-        max_pixels=settings.input_image_max_pixels,
-        allow_private_urls=settings.input_image_allow_private_urls,
-    )
+    template = await find_template(db, body.workflow_id) if body.workflow_id is not None else None
+    images = image_intake(request, db, storage, settings, job_id)
     try:
         prepared = await prepare_job(
             template=template, workflow_json=body.workflow_json, given={**body.params, **body.inputs},
@@ -374,41 +364,16 @@ async def _submit(
     except StorageError as error:
         raise ApiError(ErrorCode.STORAGE_ERROR, f"an inline image could not be stored: {error}") from error
 
-    template_version = template.version if template is not None else None
     result_key = cache_key(
-        template_id=body.workflow_id, template_version=template_version, workflow_json=prepared.workflow_json,
-        inputs=prepared.inputs, output_format=body.output_format.value,
+        template_id=body.workflow_id, template_version=template.version if template is not None else None,
+        workflow_json=prepared.workflow_json, inputs=prepared.inputs, output_format=body.output_format.value,
         quality=None if body.output_format is OutputFormat.png else body.quality,  # png ignores quality
     ) if prepared.reproducible else None
 
-    backend = configured_backends(settings)[0]  # what a worker from before the fleet runs the job on
-    backend_tag = body.backend_tag or (template.backend_tag if template is not None else None)
-    _check_backend_tag(backend_tag, settings)
-    job = GenerationInput(
-        job_id=job_id,
-        template_id=body.workflow_id,
-        template_version=template_version,
-        workflow_json=prepared.workflow_json,
-        inputs=prepared.inputs,
-        metadata=body.metadata,
-        retry=RetrySpec.model_validate(body.retry.model_dump()),
-        timeout_seconds=body.timeout_seconds or settings.job_timeout_seconds,
-        max_timeout_seconds=settings.max_job_timeout_s,
-        heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
-        backend=backend.id,
-        backend_task_queue=backend_task_queue(settings, backend.id),
-        backend_tag=backend_tag,
-        created_at=datetime.now(timezone.utc),
-        privacy_mode=settings.privacy_mode,
-        callback_url=body.callback_url,
-        webhook_events=list(dict.fromkeys(body.webhook_events or TERMINAL_EVENTS)),
-        cache_key=result_key,
-        cached_result=await _cached_result(db, storage, settings, result_key, principal.id),
-        request_fingerprint=fingerprint,
-        output_format=body.output_format,
-        output_quality=body.quality,
-        owner=principal.id,
-    )
+    job = job_input(body, settings, principal, job_id, template, prepared)
+    job.cache_key = result_key
+    job.cached_result = await _cached_result(db, storage, settings, result_key, principal.id)
+    job.request_fingerprint = fingerprint
     # Under PRIVACY_MODE the prompt's activity also carries the job's free texts, to redact them (app.redaction).
     redacted = free_texts(job.inputs, job.workflow_json) if job.privacy_mode else []
     if len(job.model_dump_json()) + _json_size(redacted) > _MAX_JOB_BYTES:
@@ -437,6 +402,60 @@ async def _submit(
             async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
                 await handle.result()
     return await _accepted(db, settings, await _state_now(db, reader, job, closed), body.workflow_id)
+
+
+async def find_template(db: Database, template_id: str) -> TemplateRow:
+    """The template a job (or a batch) runs, at its latest version."""
+    template = await db.run(get_template, template_id)
+    if template is None:
+        raise ApiError(ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {template_id}",
+                       {"workflowId": template_id})
+    return template
+
+
+def image_intake(
+    request: Request, db: Database, storage: OutputStorage, settings: Settings, job_id: str
+) -> ImageIntake:
+    """Where the inline images of the job `job_id` go (app.submission)."""
+    return ImageIntake(
+        storage=storage, note_use=lambda keys: db.run(link_job_inputs, job_id, keys, datetime.now(timezone.utc)),
+        http=request.app.state.http, max_bytes=settings.input_image_max_bytes,
+        max_pixels=settings.input_image_max_pixels,
+        allow_private_urls=settings.input_image_allow_private_urls,
+    )
+
+
+def job_input(
+    body: CreateJobRequest, settings: Settings, principal: Principal, job_id: str, template: TemplateRow | None,
+    prepared: PreparedJob,
+) -> GenerationInput:
+    """The workflow's input for a job whose request has been checked and prepared (`prepare_job`); without the
+    result cache's parts. Shared with `POST /batches`, whose items are jobs made alike."""
+    backend = configured_backends(settings)[0]  # what a worker from before the fleet runs the job on
+    backend_tag = body.backend_tag or (template.backend_tag if template is not None else None)
+    _check_backend_tag(backend_tag, settings)
+    return GenerationInput(
+        job_id=job_id,
+        template_id=body.workflow_id,
+        template_version=template.version if template is not None else None,
+        workflow_json=prepared.workflow_json,
+        inputs=prepared.inputs,
+        metadata=body.metadata,
+        retry=RetrySpec.model_validate(body.retry.model_dump()),
+        timeout_seconds=body.timeout_seconds or settings.job_timeout_seconds,
+        max_timeout_seconds=settings.max_job_timeout_s,
+        heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
+        backend=backend.id,
+        backend_task_queue=backend_task_queue(settings, backend.id),
+        backend_tag=backend_tag,
+        created_at=datetime.now(timezone.utc),
+        privacy_mode=settings.privacy_mode,
+        callback_url=body.callback_url,
+        webhook_events=list(dict.fromkeys(body.webhook_events or TERMINAL_EVENTS)),
+        output_format=body.output_format,
+        output_quality=body.quality,
+        owner=principal.id,
+    )
 
 
 async def _cached_result(
@@ -523,14 +542,14 @@ def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Prin
         )
 
 
-async def _check_active_jobs(principal: Principal, db: Database, settings: Settings) -> None:
-    """MAX_ACTIVE_JOBS_PER_PRINCIPAL. A job's row is written by its workflow a moment after it starts, so
+async def check_active_jobs(principal: Principal, db: Database, settings: Settings, adding: int = 1) -> None:
+    """MAX_ACTIVE_JOBS_PER_PRINCIPAL, for `adding` jobs more (a batch's items). A job's row is written by its workflow a moment after it starts, so
     submissions that come together may pass this check before any of their rows exists: a burst can
     overshoot the cap by about as many requests as arrive in that moment."""
     cap = settings.max_active_jobs_per_principal
     if cap is None:
         return
-    if (active := await db.run(count_unfinished_jobs, principal.id)) >= cap:
+    if (active := await db.run(count_unfinished_jobs, principal.id)) + adding > cap:
         raise ApiError(ErrorCode.TOO_MANY_ACTIVE_JOBS,
                        f"{active} of your jobs are queued or running, the most allowed at once ({cap}); "
                        "submit again when one has finished", {"active": active, "limit": cap})
@@ -545,7 +564,12 @@ def _check_backend_tag(backend_tag: str | None, settings: Settings) -> None:
                                  "message": f"no ComfyUI backend has this tag (tags: {known})"}])
 
 
-def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:
+def check_metadata(metadata: dict[str, Any]) -> None:
+    if _json_size(metadata) > _MAX_METADATA_BYTES:
+        raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
+
+
+def check_webhook(body: CreateJobRequest, settings: Settings) -> None:
     """A callback URL the job's webhooks may go to, before any job exists; the addresses its host resolves to
     are checked at each delivery."""
     if body.callback_url is None:
@@ -593,6 +617,7 @@ def get_jobs(
     principal: PrincipalDep,
     status: JobStatus | None = None,
     workflow_id: Annotated[str | None, Query(alias="workflowId")] = None,
+    batch_id: Annotated[str | None, Query(alias="batchId", max_length=64, description="a batch's item jobs")] = None,
     after: Instant | None = Query(None, description="created after this instant (ISO 8601)"),
     before: Instant | None = Query(None, description="created before this instant (ISO 8601)"),
     limit: int = Query(50, ge=1, le=200),
@@ -602,8 +627,8 @@ def get_jobs(
     owner = None if principal.is_admin else principal.id
     jobs, count = list_jobs(
         session,
-        JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, owner=owner,
-                  limit=limit, offset=offset),
+        JobFilter(status=status, template_id=workflow_id, batch_id=batch_id, created_after=after, created_before=before,
+                  owner=owner, limit=limit, offset=offset),
     )
     return JobList(jobs=[public_job(job, storage, ui) for job in jobs], count=count)
 
