@@ -27,6 +27,16 @@ def ticking_prompt(gateway: Gateway, seconds: float, ticks: int) -> dict[str, An
     return prompt
 
 
+_WORKFLOW_TASK_EVENTS = {
+    EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+    EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+}
+
+
+def without_workflow_tasks(events: list[EventType.ValueType]) -> list[EventType.ValueType]:
+    return [event for event in events if event not in _WORKFLOW_TASK_EVENTS]
+
+
 async def history_events(client: Client, job_id: str) -> list[EventType.ValueType]:
     history = await client.get_workflow_handle(job_id).fetch_history()
     return [event.event_type for event in history.events]
@@ -69,5 +79,7 @@ async def test_ten_thousand_progress_ticks_leave_the_history_as_ten_do(
 
     few_events = await history_events(temporal_client, few["jobId"])
     many_events = await history_events(temporal_client, many_id)
-    assert many_events == few_events
+    # How a signal falls among workflow tasks depends on timing (one arriving during a task makes another
+    # task); every other event is the job's own doing, the same for both.
+    assert without_workflow_tasks(many_events) == without_workflow_tasks(few_events), (many_events, few_events)
     assert len(many_events) <= HISTORY_EVENTS_BOUND, len(many_events)
