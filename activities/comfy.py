@@ -152,8 +152,9 @@ class ComfyActivities:
             if self._placement is not None and lease is None:
                 lease = await self._placement.fleet.lease(self._placement.backend, progress.prompt_id)
 
-        run = PromptRun(client, request, progress, log, backend=backend, acquire=acquire)
         live_row = LiveRow(self._engine, request.job_id, request.attempt)
+        run = PromptRun(client, request, progress, log, backend=backend, acquire=acquire,
+                        reported=lambda: live_row.offer(progress.live()))
         webhooks = (
             self._progress_webhooks(request.job_id, request.progress_webhook)
             if request.progress_webhook is not None and self._progress_webhooks is not None else None

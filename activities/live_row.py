@@ -3,7 +3,10 @@ activity that runs its prompt, so that lists of jobs agree with a job read on it
 status, which is its workflow's alone.
 
 Written in the background, one write at a time, with the latest values: a database that makes a write wait
-(SQLite's busy timeout is 30 s) must not hold up the heartbeats that keep the activity alive.
+(SQLite's busy timeout is 30 s) must not hold up the heartbeats that keep the activity alive. Offered as ComfyUI
+reports each change (not only with the heartbeat, once a second), since the event streams read progress from
+here (api.job_streams); at most one write per LIVE_ROW_WRITE_SECONDS, so that a prompt that reports many
+changes a second costs the database that many writes at most.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from temporalio import activity
 from app.db import session_scope
 from app.jobstore import write_live_progress
 from app.models import LiveProgress
+
+LIVE_ROW_WRITE_SECONDS = 0.1
 
 
 class LiveRow:
@@ -52,6 +57,8 @@ class LiveRow:
             if not matched:
                 return  # no live row of this attempt (not recorded yet, or the job moved on): nothing to keep
             self._written = live
+            if self._wanted != self._written:
+                await asyncio.sleep(LIVE_ROW_WRITE_SECONDS)
 
     def _write(self, live: LiveProgress) -> bool:
         with session_scope(self._engine) as session:

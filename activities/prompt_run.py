@@ -42,7 +42,8 @@ async def _no_lease_needed() -> None:
 
 class PromptRun:
     def __init__(self, client: ComfyClient, request: RunPromptInput, progress: PromptProgress, log: JobLog, *,
-                 backend: str | None = None, acquire: Callable[[], Awaitable[None]] = _no_lease_needed) -> None:
+                 backend: str | None = None, acquire: Callable[[], Awaitable[None]] = _no_lease_needed,
+                 reported: Callable[[], None] = lambda: None) -> None:
         self.client = client
         self.request = request
         self.progress = progress
@@ -54,6 +55,8 @@ class PromptRun:
         # Takes the prompt's slot lease (waiting for one): before a post, and before following a prompt that is
         # on ComfyUI and not finished.
         self._acquire = acquire
+        # Told of each report of the progress (which must not block): the live row is written from it.
+        self._reported = reported
         self._started_monotonic: float | None = None
         self._elapsed_before = progress.elapsed_seconds
         # When the time limit's clock last started; None while it stands (the prompt has not started).
@@ -214,6 +217,7 @@ class PromptRun:
                 )
                 progress.started_signalled = True
         activity.heartbeat(self.tick().model_dump(by_alias=True))
+        self._reported()
         await self.log.flush()
 
     def _on_event(self, event: WsEvent) -> None:

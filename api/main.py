@@ -20,6 +20,8 @@ from api.codec_cors import CodecCors
 from api.errors import install_error_handlers
 from api.database import Database
 from api.job_reader import JobReader, live_views
+from api.batch_streams import batch_feeds
+from api.event_streams import StreamPlaces
 from api.job_streams import job_feeds
 from api.job_waits import JobWaits
 from api.openapi import install_openapi
@@ -30,6 +32,7 @@ from api.security_headers import SecurityHeaders
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
 from api.auth import warn_if_open
+from api.routes.batches import batch_json
 from api.routes import audit, backends, batches, codec, events, health, jobs, outputs, workflows
 from app.codec import EncryptionCodec
 from app.comfy.backends import configured_backends, served_queues
@@ -38,6 +41,7 @@ from app.settings import Settings, get_settings
 from app.storage import build_storage
 from app.temporal_client import connect_temporal
 from app.templates.store import prepare_database
+from app.temporal_ui import TemporalUi
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,13 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         app.state.live_views = live_views()
         app.state.job_waits = JobWaits(settings.api_max_concurrent_waits)
         app.state.job_feeds = job_feeds(
-            lambda: JobReader(Database(app.state.engine), app.state.temporal, app.state.live_views), app.state.job_waits)
+            lambda: JobReader(Database(app.state.engine), app.state.temporal, app.state.live_views), app.state.job_waits,
+            settings.sse_poll_s)
+        app.state.batch_feeds = batch_feeds(
+            lambda batch_id: batch_json(Database(app.state.engine), app.state.temporal,
+                                  TemporalUi.of(settings), batch_id),
+            settings.sse_poll_s)
+        app.state.stream_places = StreamPlaces(settings.api_max_concurrent_streams)
         # What ComfyUI has (node types, models) changes rarely: a burst of requests asks it once.
         app.state.comfyui_answers = SharedAnswers(reuse_seconds=_COMFYUI_ANSWERS_SECONDS)
         app.state.started_at = time.monotonic()

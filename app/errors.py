@@ -26,6 +26,7 @@ class ErrorCode(str, Enum):
     REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
     SERVER_BUSY = "SERVER_BUSY"
     TOO_MANY_WAITS = "TOO_MANY_WAITS"
+    TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
     AUTH_FAILED = "AUTH_FAILED"
     FORBIDDEN = "FORBIDDEN"
     WORKFLOW_JSON_NOT_ALLOWED = "WORKFLOW_JSON_NOT_ALLOWED"
@@ -97,6 +98,9 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
         503, False, False, _REQUEST,
         "`API_MAX_CONCURRENT_WAITS` requests are waiting (`wait=`) for jobs already; try again after `Retry-After` "
         "seconds, or without `wait`. At `POST /jobs` nothing was created"),
+    ErrorCode.TOO_MANY_STREAMS: ErrorClass(
+        503, False, False, _REQUEST,
+        "`API_MAX_CONCURRENT_STREAMS` event streams are open already; try again after `Retry-After` seconds"),
     ErrorCode.AUTH_FAILED: ErrorClass(
         401, False, False, _REQUEST,
         "no credentials, or an API key or JWT that is not valid (unknown, badly signed, expired, malformed); the "

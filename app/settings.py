@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     api_max_concurrent_waits: int = Field(
         1000, ge=1, description="requests that may wait (`wait=`) for a job at once; more are refused with 503 "
                                 "TOO_MANY_WAITS")
+    api_max_concurrent_streams: int = Field(
+        1000, ge=1, description="event streams (GET /jobs/{id}/events, GET /batches/{id}/events) an API process "
+                                "serves at once; more are refused with 503 TOO_MANY_STREAMS")
+    sse_poll_s: float = Field(
+        0.2, gt=0, le=5, description="how often an event stream's one reader per job or batch reads it from the "
+                                     "database (Temporal is asked about a live job at most every 0.25 s whatever "
+                                     "this is)")
     sse_keepalive_s: float = Field(
         15.0, gt=0, description="how often a quiet event stream (GET /jobs/{id}/events) sends a keep-alive comment, "
                                 "so that proxies do not close it")

@@ -94,7 +94,7 @@ ERROR_CODES = {
     "POST /jobs/{job_id}/cancel": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "JOB_NOT_FOUND", "JOB_ALREADY_FINISHED",
                                    "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /jobs/{job_id}/logs": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
-    "GET /jobs/{job_id}/events": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /jobs/{job_id}/events": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "TOO_MANY_STREAMS", "INTERNAL_ERROR"} | _AUTH,
     "GET /outputs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /outputs/{job_id}/{filename}": {"VALIDATION_ERROR", "JOB_NOT_FOUND", "OUTPUT_NOT_FOUND",
                                          "OUTPUT_FILE_MISSING", "STORAGE_ERROR", "TEMPORAL_UNAVAILABLE",
@@ -102,6 +102,8 @@ ERROR_CODES = {
     "POST /batches": {"VALIDATION_ERROR", "WEBHOOK_NOT_CONFIGURED", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND",
                       "STORAGE_ERROR", "TOO_MANY_ACTIVE_JOBS", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /batches/{batch_id}": {"BATCH_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /batches/{batch_id}/events": {"BATCH_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "TOO_MANY_STREAMS",
+                                       "INTERNAL_ERROR"} | _AUTH,
     "GET /batches/{batch_id}/jobs": {"VALIDATION_ERROR", "BATCH_NOT_FOUND", "TEMPORAL_UNAVAILABLE",
                                      "INTERNAL_ERROR"} | _AUTH,
     "POST /batches/{batch_id}/cancel": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "BATCH_NOT_FOUND",
@@ -144,7 +146,7 @@ async def test_each_operation_documents_the_errors_it_answers_with(api: httpx.As
             {"503"} if name in ("GET /health", "GET /ready") else set()) | (
             {"307"} if name == "GET /outputs/{job_id}/{filename}" else set()) | (
             {"202"} if name == "POST /jobs" else set()) | (
-            {"204"} if name == "GET /jobs/{job_id}/events" else set()), name  # the success, and no 422
+            {"204"} if name in ("GET /jobs/{job_id}/events", "GET /batches/{batch_id}/events") else set()), name  # the success, and no 422
         query = [parameter["name"] for parameter in operation.get("parameters", []) if parameter["in"] == "query"]
         assert all("_" not in parameter for parameter in query), (name, query)  # camelCase, as on the wire
     assert [p["name"] for p in operations["GET /jobs"]["parameters"]] == [

@@ -180,6 +180,50 @@ async def test_a_stream_is_cancelled_with_its_job_and_another_s_job_is_404(
         assert rest[-1].name == "cancelled" and rest[-1].data["status"] == "cancelled", rest
 
 
+async def test_a_batch_stream_follows_its_counts_to_the_end_resumes_and_is_its_owner_s_alone(
+    temporal_client: Client, comfyui: ComfyUITarget, tmp_path: Path, task_queue: str
+) -> None:
+    async with (
+        served_gateway(temporal_client, comfyui, tmp_path, task_queue, api_keys=API_KEYS, batch_max_parallel=2,
+                       api_max_concurrent_streams=1) as served,
+        httpx.AsyncClient(base_url=served.url, timeout=30, headers={"X-API-Key": ALICE_KEY}) as http,
+    ):
+        accepted = await http.post("/batches", json={
+            "workflowId": "solid_color", "items": [{"width": 8, "height": 8, "color": n} for n in range(6)]})
+        assert accepted.status_code == 202, accepted.text
+        batch_id = accepted.json()["batchId"]
+        assert (await http.get(f"/batches/{batch_id}/events", headers={"X-API-Key": BOB_KEY})).status_code == 404
+
+        first: list[Event] = []
+        async with http.stream("GET", f"/batches/{batch_id}/events") as response:
+            assert response.status_code == 200
+            # One stream is all this API serves at once: another is refused, not queued.
+            busy = await http.get(f"/batches/{batch_id}/events")
+            assert busy.status_code == 503 and busy.json()["error"]["code"] == "TOO_MANY_STREAMS", busy.text
+            async for event in read_events(response):
+                first.append(event)
+                if event.data["counts"]["succeeded"] >= 2:
+                    break
+        assert first[0].data["batchId"] == batch_id and first[0].data["count"] == 6
+        assert all({"status", "counts", "progress"} <= set(event.data) for event in first)
+        assert all(event.data["status"] == event.name for event in first)
+
+        async with http.stream("GET", f"/batches/{batch_id}/events", headers={"Last-Event-ID": first[-1].id}
+                               ) as response:
+            assert response.status_code == 200
+            resumed = [event async for event in read_events(response)]
+        assert resumed[-1].name == "completed" and resumed[-1].data["progress"] == 100, resumed
+        assert resumed[-1].data["counts"] == {"queued": 0, "running": 0, "succeeded": 6, "failed": 0, "cancelled": 0}
+        assert [event.name for event in resumed].count("completed") == 1
+        succeeded = [event.data["counts"]["succeeded"] for event in first + resumed]
+        assert succeeded == sorted(succeeded)
+        counts = [int(event.id.split(".")[0]) for event in first + resumed]
+        assert counts == list(range(1, len(counts) + 1))
+        again = await http.get(f"/batches/{batch_id}/events", headers={"Last-Event-ID": resumed[-1].id})
+        assert again.status_code == 204
+        assert served.app.state.batch_feeds.readers == 0 and served.app.state.stream_places.open == 0
+
+
 # --- what a stream says, from the job as read (no stack needed) ----------------------------------------------
 
 

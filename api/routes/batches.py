@@ -201,11 +201,21 @@ def _item_field(index: int, field: str) -> str:
 @answers_with(ErrorCode.BATCH_NOT_FOUND, ErrorCode.TEMPORAL_UNAVAILABLE)
 async def load_batch(batch_id: str, db: DatabaseDep, temporal: TemporalDep, principal: PrincipalDep) -> BatchState:
     """The batch, if the caller may see it; another's batch is the same 404 as no batch."""
-    row = await db.run(get_batch, batch_id)
-    state = batch_state(row) if row is not None else await _accepted_batch(temporal, batch_id)
+    state = await read_batch(db, temporal, batch_id)
     if not may_see(principal, state.owner):
         raise _not_found(batch_id)
     return state
+
+
+async def read_batch(db: Database, temporal: TemporalConnection, batch_id: str) -> BatchState:
+    row = await db.run(get_batch, batch_id)
+    return batch_state(row) if row is not None else await _accepted_batch(temporal, batch_id)
+
+
+async def batch_json(db: Database, temporal: TemporalConnection, ui: TemporalUi, batch_id: str) -> dict[str, Any]:
+    """The batch as `GET /batches/{id}` answers, JSON (what its event stream reads)."""
+    view = await _view(db, await read_batch(db, temporal, batch_id), ui)
+    return view.model_dump(mode="json", by_alias=True)
 
 
 BatchDep = Annotated[BatchState, Depends(load_batch)]
