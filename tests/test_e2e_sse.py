@@ -254,6 +254,31 @@ def test_a_resumed_stream_says_nothing_until_the_job_moves_and_an_output_is_not_
     assert JobEvents("not an id of ours").after(job_view("queued", 0))[0].data["jobId"] == "j"
 
 
+def batch_view(status: str, progress: int, **counts: int) -> dict[str, Any]:
+    return {"batchId": "b", "status": status, "progress": progress,
+            "counts": {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0, **counts}}
+
+
+def test_a_batch_stream_tells_each_move_of_its_counts_once_and_a_resumed_one_only_what_is_new() -> None:
+    from api.batch_streams import BatchEvents
+
+    first = BatchEvents()
+    [queued] = first.after(batch_view("queued", 0, queued=3))
+    assert queued.data["batchId"] == "b" and queued.id == "1.queued.0.0.0"
+    assert first.after(batch_view("queued", 0, queued=3)) == []
+    [running] = first.after(batch_view("running", 0, queued=2, running=1))
+    assert running.data == {"status": "running", "progress": 0,
+                            "counts": {"queued": 2, "running": 1, "succeeded": 0, "failed": 0, "cancelled": 0}}
+
+    resumed = BatchEvents(running.id)
+    assert resumed.after(batch_view("running", 0, queued=2, running=1)) == []
+    [moved] = resumed.after(batch_view("running", 33, queued=1, running=1, succeeded=1))
+    assert moved.data["batchId"] == "b" and moved.id == "3.running.33.1.1"
+    [end] = resumed.after(batch_view("completed", 100, succeeded=3))
+    assert end.name == "completed" and resumed.ended and BatchEvents(end.id).ended
+    assert not BatchEvents("3.succeeded.100.0").ended  # a job's id is not a batch's
+
+
 async def test_the_fanout_hands_the_latest_value_and_the_reader_s_failure_to_every_subscriber() -> None:
     from api.fanout import Fanout
 
