@@ -181,8 +181,8 @@ def stream_response(
     return _HeldStream(places, _serve(subscribe, view, events, what), ping=keepalive_s)
 
 
-async def _serve(subscribe: AbstractAsyncContextManager[Subscription[V]], view: Callable[[V], Awaitable[dict[str, Any]]],
-                 events: StreamEvents, what: str) -> AsyncIterator[ServerSentEvent]:
+async def _serve(subscribe: AbstractAsyncContextManager[Subscription[V]],
+                 view: Callable[[V], Awaitable[dict[str, Any]]], events: StreamEvents, what: str) -> AsyncIterator[ServerSentEvent]:
     async with subscribe as subscription:
         try:
             async for value in subscription:

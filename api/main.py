@@ -90,8 +90,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         app.state.live_views = live_views()
         app.state.job_waits = JobWaits(settings.api_max_concurrent_waits)
         app.state.job_feeds = job_feeds(
-            lambda: JobReader(Database(app.state.engine), app.state.temporal, app.state.live_views), app.state.job_waits,
-            settings.sse_poll_s)
+            lambda: JobReader(Database(app.state.engine), app.state.temporal, app.state.live_views),
+            app.state.job_waits, settings.sse_poll_s)
         app.state.batch_feeds = batch_feeds(
             lambda batch_id: batch_json(Database(app.state.engine), app.state.temporal,
                                   TemporalUi.of(settings), batch_id),
