@@ -6,6 +6,7 @@ Deterministic: no I/O, clock or randomness here; everything that touches the wor
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -196,9 +197,14 @@ class GenerationWorkflow:
                 await self._record()
                 await self._start_webhook()
                 return self._state
-            # A cancelled activity surfaces as an ActivityError caused by CancelledError.
-            if self._cancel is not None or is_cancelled_exception(failure):
-                signalled = self._cancel is not None
+            # Stopped by a cancel signal that stops the job itself, or by Temporal's cancellation (the API's, which
+            # follows its signal, or the Web UI's, the CLI's); a cancelled activity surfaces as an ActivityError
+            # caused by CancelledError. A signal whose cancellation never came stops nothing: a real failure after
+            # it is the job's failure.
+            signalled = self._cancel is not None and self._stops_itself(self._cancel)
+            if signalled or is_cancelled_exception(failure):
+                if self._console:
+                    await self._stop_work()
                 await self._finish_cancelled()
                 if not signalled or (self._console and workflow.cancellation_reason() is not None):
                     # Cancelled through Temporal (after the API's signal, or from the Web UI or the CLI): the
@@ -217,7 +223,11 @@ class GenerationWorkflow:
 
     @workflow.signal
     def cancel(self, request: CancelRequest) -> None:
-        if self._cancel is not None or (self._state is not None and self._state.status.is_terminal):
+        # A signal that stopped the job keeps its who and why. One that waits for Temporal's cancellation gives way
+        # to a later signal: a retried API cancel, a batch's cancel, or a cancel after an operator's reset re-applied
+        # the API's signal but not its cancellation (the reset job runs again).
+        stopping = self._cancel is not None and self._stops_itself(self._cancel)
+        if stopping or (self._state is not None and self._state.status.is_terminal):
             return
         self._cancel = request
         # Before the workflow's run has begun, run() does this once it knows the job's patches.
@@ -228,8 +238,22 @@ class GenerationWorkflow:
         """Whether the cancel signal stops the job itself, or (sent by the API since the console patch) keeps only
         the who and why for the Temporal cancellation that follows it, which stops the job through the same path
         and ends the workflow as Canceled. A job whose Temporal cancellation never comes (the API stopped between
-        its two calls) goes on: the API answered an error, and the client's retry cancels it."""
-        return not (self._console and request.temporal_cancel_follows)
+        its two calls) goes on: the API answered an error, and the client's retry cancels it.
+
+        The same for jobs from before the console patch: were the signal to stop them, the cancellation that follows
+        within moments would land in their recording of the end. No history holds such a signal before the patch
+        (no API sent one), so this changes no replay."""
+        return not request.temporal_cancel_follows
+
+    async def _stop_work(self) -> None:
+        """A Temporal cancellation that landed on run()'s own first record (sent before the workflow's first task,
+        while no worker ran) did not reach the job's steps: stop them before the job's end is recorded, so that no
+        prompt is scheduled alongside the workflow's end."""
+        assert self._work is not None
+        if not self._work.done():
+            self._work.cancel()
+        with suppress(asyncio.CancelledError, ActivityError, ApplicationError):
+            await self._work
 
     @workflow.signal(name=PROMPT_STARTED_SIGNAL)
     async def prompt_started(self, started: PromptStarted) -> None:
@@ -444,6 +468,18 @@ class GenerationWorkflow:
         return None
 
     async def _finish_cancelled(self) -> None:
+        if not self._console:
+            await self._stop_and_record_cancel()
+            return
+        # Shielded: a job stopped by a signal may still get Temporal's cancellation (a batch's cancel, then the API's
+        # or the Web UI's), which must cut short neither the stop of its prompt nor the record of its end.
+        ending = asyncio.create_task(self._stop_and_record_cancel())
+        while not ending.done():
+            with suppress(asyncio.CancelledError):
+                await asyncio.shield(ending)
+        ending.result()
+
+    async def _stop_and_record_cancel(self) -> None:
         request = self._cancel or self._temporal_cancel_request()
         assert self._job is not None
         # On the fleet's path a prompt may be placed (waiting in ComfyUI's queue) before the workflow hears where:
