@@ -658,12 +658,18 @@ async def cancel_job(
         # A retry of a cancel that failed between the two sends both again: the second signal changes nothing.
         await handle.signal(GenerationWorkflow.cancel,
                             CancelRequest(reason=reason, actor=principal.id, temporal_cancel_follows=True))
-        await handle.cancel(reason=f"cancelled through the gateway's API by {principal.id}")
     except RPCError as error:
         job = await reader.read(job_id, reuse_live=False)
         if job.state.status.is_terminal:
             raise _already_finished(job) from error
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal did not take the cancel; try again") from error
+    try:
+        await handle.cancel(reason=f"cancelled through the gateway's API by {principal.id}")
+    except RPCError as error:
+        # The workflow took the signal, so the job was live: if it has ended since (Temporal answers NOT_FOUND for
+        # a closed workflow), the answer below says how, as it does for a job that ends while the cancel runs.
+        if not (await reader.read(job_id, reuse_live=False)).state.status.is_terminal:
+            raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal did not take the cancel; try again") from error
     if job.state.owner != principal.id:  # only an admin reaches another's job (JobDep)
         await db.run(record_audit, principal, JOB_CANCEL, job_id, {"owner": job.state.owner, "reason": reason})
     # The workflow's end, awaited (long-polled by Temporal) rather than polled for.
