@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 import pytest
 from temporalio import activity
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
@@ -142,6 +142,12 @@ def job_input(task_queue: str, retry: RetrySpec | None = None) -> GenerationInpu
         timeout_seconds=60, heartbeat_timeout_seconds=5, backend="comfyui-1",
         backend_task_queue=f"{task_queue}.gpu", created_at=datetime.now(timezone.utc),
     )
+
+
+async def replays(history: WorkflowHistory) -> None:
+    """The run replays on the workflow that made it: its cancel path is deterministic."""
+    replayer = Replayer(workflows=[GenerationWorkflow], data_converter=pydantic_data_converter)
+    assert (await replayer.replay_workflow(history)).replay_failure is None
 
 
 def failure(code: ErrorCode) -> ApplicationError:
@@ -477,6 +483,7 @@ async def test_the_apis_cancel_of_a_job_a_signal_already_stopped_cuts_short_neit
     assert final.error.message == "cancelled by batch: the batch was cancelled"
     warnings = [event.message for record in fake.records for event in record.events if event.kind == "warning"]
     assert warnings == []
+    await replays(await handle.fetch_history())
 
 
 async def test_a_cancel_sent_before_any_worker_ran_the_job_schedules_no_prompt(
@@ -500,6 +507,7 @@ async def test_a_cancel_sent_before_any_worker_ran_the_job_schedules_no_prompt(
     final = fake.records[-1].job
     assert final.status is JobStatus.cancelled and final.error is not None
     assert final.error.message == "cancelled by alice: changed my mind"
+    await replays(history)
 
 
 async def test_temporal_cancellation_takes_the_same_path(temporal_client: Client, task_queue: str) -> None:
