@@ -175,6 +175,11 @@ async def test_a_200_item_batch_is_cancelled_halfway(gateway: Gateway, temporal_
     statuses = [job["status"] for job in listed["jobs"]]
     assert set(statuses) <= {"succeeded", "cancelled"} and statuses.count("succeeded") == counts["succeeded"]
     assert listed["count"] < 200
+    # Each item that was running is cancelled as the API cancels a job: its workflow ends Canceled, and its job
+    # reads cancelled with the batch's reason and who cancelled it.
+    cancelled = [job for job in listed["jobs"] if job["status"] == "cancelled"]
+    assert cancelled
+    await assert_items_canceled(temporal_client, batch_id, cancelled, "enough")
     engine = make_engine(gateway.settings.resolved_database_url)
     with session_scope(engine) as session:
         rows = sum(item_rows(session, batch_id).by_status.values())
@@ -209,9 +214,18 @@ async def test_a_batch_cancelled_in_temporal_ends_canceled_and_cancels_its_items
     assert (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
     jobs = (await gateway.api.get(f"/batches/{batch_id}/jobs")).json()["jobs"]
     assert len(jobs) == 2  # the third never started
+    assert {job["status"] for job in jobs} == {"cancelled"}
+    await assert_items_canceled(temporal_client, batch_id, jobs, "cancelled through Temporal")
+
+
+async def assert_items_canceled(client: Client, batch_id: str, jobs: list[dict[str, Any]], reason: str) -> None:
+    """The batch's cancelled items: each job reads cancelled with the batch's reason, and its workflow ended as
+    Canceled (not Completed), as a job cancelled through the API does."""
     for job in jobs:
-        assert job["status"] == "cancelled" and job["error"]["code"] == "JOB_CANCELLED"
-        assert batch_id in job["error"]["message"]
+        assert job["status"] == "cancelled" and job["error"]["code"] == "JOB_CANCELLED", job
+        assert batch_id in job["error"]["message"] and reason in job["error"]["message"], job["error"]
+        described = await client.get_workflow_handle(job["jobId"]).describe()
+        assert described.status is WorkflowExecutionStatus.CANCELED, (job["jobId"], described.status)
 
 
 # --- the API alone: refused before anything starts ---------------------------------------------------------
