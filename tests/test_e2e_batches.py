@@ -19,7 +19,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from app.batch_store import get_batch, item_rows, record_batch
+from app.batch_store import close_ended_batch, ended_items_tally, get_batch, item_rows, record_batch
 from app.batches import BatchInput, BatchState, BatchStatus, BatchTally, RecordBatchInput
 from app.models import JobStatus
 from app.tables import JobRow
@@ -218,6 +218,36 @@ async def test_a_batch_cancelled_in_temporal_ends_canceled_and_cancels_its_items
     await assert_items_canceled(temporal_client, batch_id, jobs, "cancelled through Temporal")
 
 
+@pytest.mark.settings(batch_max_parallel=2, webhook_secret=SECRET, webhook_allowed_domains="127.0.0.1")
+async def test_a_batch_terminated_in_temporal_is_closed_as_cancelled_by_the_reconciler(
+    gateway: Gateway, temporal_client: Client,
+) -> None:
+    """Terminate gives the batch's workflow no chance to write its end: the worker's reconciler closes its row once
+    its items (cancelled by Temporal, their parent close policy) have ended, and sends its webhook."""
+    slow = {"id": "slow_items", "name": "Slow", "workflowJson": gateway.comfyui.slow_prompt(20)}
+    assert (await gateway.api.post("/workflows", json=slow)).status_code == 201
+    receiver = Receiver()
+    async with serve_locally(receiver.app()) as url:
+        batch_id = await submit(gateway.api, {"workflowId": "slow_items", "items": [{}, {}, {}],
+                                              "callbackUrl": f"{url}/hook"})
+        await wait_for_batch(gateway.api, batch_id, lambda batch: batch["counts"]["running"] >= 1)
+        await temporal_client.get_workflow_handle(batch_id).terminate(reason="stuck, says the operator")
+        batch = await wait_for_batch(gateway.api, batch_id, lambda batch: batch["status"] in FINAL, timeout=20)
+        await assert_eventually(lambda: _one(receiver.bodies), what="the batch.completed webhook")
+
+    assert batch["status"] == "cancelled" and batch["progress"] == 100
+    assert batch["cancelReason"] == "terminated in Temporal: stuck, says the operator"
+    assert batch["counts"] == {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 3}
+    assert batch["timing"]["completedAt"] is not None
+    jobs = (await gateway.api.get(f"/batches/{batch_id}/jobs")).json()["jobs"]
+    assert jobs and {job["status"] for job in jobs} == {"cancelled"}  # the third never started
+    [body] = receiver.bodies
+    assert body["event"] == "batch.completed" and body["status"] == "cancelled" and body["counts"]["cancelled"] == 3
+    assert body["cancelReason"] == batch["cancelReason"]
+    again = await gateway.api.post(f"/batches/{batch_id}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "BATCH_ALREADY_FINISHED"
+
+
 async def assert_items_canceled(client: Client, batch_id: str, jobs: list[dict[str, Any]], reason: str) -> None:
     """The batch's cancelled items: each job reads cancelled with the batch's reason, and its workflow ended as
     Canceled (not Completed), as a job cancelled through the API does."""
@@ -290,6 +320,40 @@ def test_a_batch_row_is_an_idempotent_projection_that_never_goes_back(engine: En
         rows = item_rows(session, batch_id)
     assert rows.by_status == {JobStatus.succeeded: 1, JobStatus.running: 1, JobStatus.queued: 1}
     assert rows.progress_sum == 140
+
+
+def test_a_batch_ended_in_temporal_is_closed_once_its_items_have_ended(engine: Engine) -> None:
+    """The reconciler's writes: a batch whose workflow Temporal ended waits for its live items, then its row is
+    closed once, with the tally its items' rows make (an item never started counts as cancelled)."""
+    now = datetime.now(timezone.utc)
+    batch_id = str(uuid.uuid4())
+    running = BatchState(batch_id=batch_id, status=BatchStatus.running, priority=3, total=4, created_at=now,
+                         started_at=now, started=1, cancel_reason=None)
+    item_ids = {status: str(uuid.uuid4()) for status in ("succeeded", "failed", "running")}
+    with session_scope(engine) as session:
+        record_batch(session, RecordBatchInput(batch=running))
+        for status, job_id in item_ids.items():
+            session.add(JobRow(job_id=job_id, status=status, backend="", progress=0, batch_id=batch_id,
+                               created_at=now, updated_at=now))
+        session.commit()
+        assert ended_items_tally(session, batch_id, 4) is None  # an item is still running
+        row = session.get(JobRow, item_ids["running"])
+        assert row is not None
+        row.status = "cancelled"
+        session.add(row)
+        session.commit()
+        ended = ended_items_tally(session, batch_id, 4)
+        assert ended == (3, BatchTally(succeeded=1, failed=1, cancelled=2))
+        started, tally = ended
+        closed = running.model_copy(update={"status": BatchStatus.cancelled, "started": started, "tally": tally,
+                                            "completed_at": now, "cancel_reason": "terminated in Temporal"})
+        assert close_ended_batch(session, closed) is True
+        assert close_ended_batch(session, closed.model_copy(update={"cancel_reason": "again"})) is False
+        record_batch(session, RecordBatchInput(batch=running))  # a late write of the workflow changes nothing
+        session.expire_all()
+        row = get_batch(session, batch_id)
+        assert row is not None and row.status == "cancelled" and row.cancel_reason == "terminated in Temporal"
+        assert row.started == 3 and row.tally == {"succeeded": 1, "failed": 1, "cancelled": 2}
 
 
 # --- replay of committed batch histories (captured with `python -m tests.histories.capture_batches`) -------
