@@ -149,11 +149,36 @@ def _one(bodies: list[Any]) -> bool:
     return True
 
 
-@pytest.mark.settings(batch_max_parallel=20, batch_items_per_run=60, max_concurrency=4, api_keys=API_KEYS)
-async def test_a_200_item_batch_is_cancelled_halfway(gateway: Gateway, temporal_client: Client) -> None:
+def sleepy_template(gateway: Gateway) -> dict[str, Any]:
+    """A template whose items say how long they run: `seconds` of simulated time (0: at once)."""
+    prompt = gateway.comfyui.slow_prompt(0)
+    prompt["2"]["inputs"].update(seconds="{{seconds}}", steps=1)
+    return {"id": "sleepy_items", "name": "Sleepy", "workflowJson": prompt,
+            "inputSchema": {"type": "object", "fields": {"seconds": {"type": "number", "min": 0, "default": 0}}}}
+
+
+# Two runs of the batch's workflow: one of fast items, then continued as new, the one it is cancelled in, whose first
+# items (as many as may run at once) are slow and still running then. The other 188 items never start.
+_PER_RUN, _PARALLEL, _FAST = 8, 4, 8
+
+
+@pytest.mark.settings(batch_max_parallel=_PARALLEL, batch_items_per_run=_PER_RUN, max_concurrency=4,
+                      api_keys=API_KEYS)
+async def test_a_200_item_batch_is_cancelled_midway(gateway: Gateway, temporal_client: Client) -> None:
+    assert (await gateway.api.post("/workflows", json=sleepy_template(gateway), headers=ADMIN)).status_code == 201
     gateway.api.headers["X-API-Key"] = ALICE_KEY  # alice's batch, which an admin cancels
-    batch_id = await submit(gateway.api, {"workflowId": "solid_color", "items": items(200)})
-    seen = await wait_for_batch(gateway.api, batch_id, lambda batch: batch["counts"]["queued"] <= 100, timeout=120)
+    body = [{"seconds": 0}] * _FAST + [{"seconds": 600}] * (200 - _FAST)
+    batch_id = await submit(gateway.api, {"workflowId": "sleepy_items", "items": body})
+
+    async def midway() -> dict[str, Any]:
+        batch = (await gateway.api.get(f"/batches/{batch_id}")).json()
+        started = (await gateway.api.get(f"/batches/{batch_id}/jobs", params={"limit": 1})).json()["count"]
+        # The first run's fast items done; the second run's slow items started (at most _PARALLEL), one running.
+        assert batch["counts"]["succeeded"] == _FAST and batch["counts"]["running"] >= 1, batch
+        assert started == _FAST + _PARALLEL, started
+        return batch
+
+    seen = await assert_eventually(midway, timeout=60, what=f"batch {batch_id} midway")
     assert sum(seen["counts"].values()) == 200 and seen["status"] == "running"
 
     response = await gateway.api.post(f"/batches/{batch_id}/cancel", json={"reason": "enough"}, headers=ADMIN)
@@ -163,38 +188,35 @@ async def test_a_200_item_batch_is_cancelled_halfway(gateway: Gateway, temporal_
     assert entry["target"] == batch_id and entry["details"] == {"owner": "alice", "reason": "enough"}
 
     batch = (await gateway.api.get(f"/batches/{batch_id}")).json()
-    counts = batch["counts"]
-    assert batch["status"] == "cancelled" and batch["progress"] == 100
-    assert sum(counts.values()) == 200 and counts["queued"] == counts["running"] == 0
-    # Half started (at most 20 at once), so at least 80 had ended; the cancel came before the other half started.
-    assert counts["succeeded"] >= 100 - 20 and counts["cancelled"] >= 1 and counts["failed"] == 0
-    assert "enough" in batch["cancelReason"]
+    assert batch["status"] == "cancelled" and batch["progress"] == 100 and "enough" in batch["cancelReason"]
+    # The running items cancelled, and the items not started never start: they count as cancelled.
+    assert batch["counts"] == {"queued": 0, "running": 0, "succeeded": _FAST, "failed": 0, "cancelled": 200 - _FAST}
 
     # Every item that started is a job that ended; the items never started have no job at all.
     listed = (await gateway.api.get(f"/batches/{batch_id}/jobs", params={"limit": 200})).json()
+    assert listed["count"] == _FAST + _PARALLEL
     statuses = [job["status"] for job in listed["jobs"]]
-    assert set(statuses) <= {"succeeded", "cancelled"} and statuses.count("succeeded") == counts["succeeded"]
-    assert listed["count"] < 200
-    # Each item that was running is cancelled as the API cancels a job: its workflow ends Canceled, and its job
-    # reads cancelled with the batch's reason and who cancelled it.
-    cancelled = [job for job in listed["jobs"] if job["status"] == "cancelled"]
-    assert cancelled
-    await assert_items_canceled(temporal_client, batch_id, cancelled, "enough")
+    assert statuses.count("succeeded") == _FAST and statuses.count("cancelled") == _PARALLEL
     engine = make_engine(gateway.settings.resolved_database_url)
     with session_scope(engine) as session:
         rows = sum(item_rows(session, batch_id).by_status.values())
     engine.dispose()
     assert rows == listed["count"]
-    # ComfyUI holds none of the batch's prompts any more.
+    # Each item that was running is cancelled as the API cancels a job: its workflow ends Canceled, and its job
+    # reads cancelled with the batch's reason and who cancelled it.
+    await assert_items_canceled(
+        temporal_client, batch_id, [job for job in listed["jobs"] if job["status"] == "cancelled"], "enough")
+    # ComfyUI holds none of the batch's prompts any more: the slow ones running were stopped.
     async with httpx.AsyncClient() as comfy:
         queue = (await comfy.get(f"{gateway.comfyui.url}/queue")).json()
     assert not [entry for entry in queue["queue_running"] + queue["queue_pending"]
                 if str(entry[3].get("gateway_job_id", "")).startswith(batch_id)]
     assert (await gateway.api.post(f"/batches/{batch_id}/cancel")).status_code == 409
 
-    # Bounded history: 200 items in runs of at most 60, each run's history in proportion to its items.
+    # Continue-as-new: 200 items in runs of at most _PER_RUN, each run's history in proportion to its items (not
+    # to the batch's 200), the cancelled run's included.
     lengths = await runs_of(temporal_client, batch_id)
-    assert len(lengths) >= 2 and max(lengths) < 60 * 12, lengths
+    assert len(lengths) == 2 and max(lengths) < _PER_RUN * 12, lengths
 
 
 @pytest.mark.settings(batch_max_parallel=2)
