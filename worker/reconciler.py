@@ -132,7 +132,14 @@ class JobReconciler:
     async def _close_batch(self, execution: WorkflowExecution) -> int:
         """Close the row of a batch Temporal ended, once none of its items is live."""
         assert execution.status is not None
-        if not await self._ended_for_good(execution):
+
+        def row_is_live() -> bool:
+            with session_scope(self._engine) as session:
+                row = get_batch(session, execution.id)
+                return row is not None and not BatchStatus(row.status).is_terminal
+
+        # The row first: batches have no status in Temporal to query by, so a scan lists those closed already too.
+        if not await asyncio.to_thread(row_is_live) or not await self._ended_for_good(execution):
             self._batches_waiting.pop(execution.id, None)
             return 0
         reason = await termination_reason(self._client, execution.id, execution.run_id)
