@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.common import Priority as TaskQueuePriority
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
@@ -60,8 +61,10 @@ from app.jobstore import (
     request_fingerprint_of,
 )
 from app.metrics import CACHE_HITS, CACHE_MISSES
+from app.priorities import Priority
 from app.models import (
     DEFAULT_OUTPUT_QUALITY,
+    DEFAULT_PRIORITY,
     MAX_JOB_TIMEOUT_SECONDS,
     CachedResult,
     CamelModel,
@@ -190,6 +193,7 @@ class CreateJobRequest(CamelModel):
     backend_tag: str | None = Field(
         None, max_length=32, description="run only on a ComfyUI backend with this tag (COMFYUI_URLS); one tag per "
                                          "job; default any backend")
+    priority: Priority = DEFAULT_PRIORITY
 
     _numbers = field_validator("timeout_seconds", "quality", mode="before")(_json_number)
 
@@ -392,6 +396,7 @@ async def _submit(
         output_format=body.output_format,
         output_quality=body.quality,
         owner=principal.id,
+        priority=body.priority,
     )
     # Under PRIVACY_MODE the prompt's activity also carries the job's free texts, to redact them (app.redaction).
     redacted = free_texts(job.inputs, job.workflow_json) if job.privacy_mode else []
@@ -469,6 +474,8 @@ async def _start(client: Client, job: GenerationInput, task_queue: str) -> tuple
             task_queue=task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            # Its workflow tasks too: under load a high-priority job's start is not queued behind a flood.
+            priority=TaskQueuePriority(priority_key=job.priority, fairness_key=job.owner),
         )
     except WorkflowAlreadyStartedError:
         return client.get_workflow_handle_for(GenerationWorkflow.run, job.job_id), True

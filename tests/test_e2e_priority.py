@@ -1,0 +1,58 @@
+"""Priorities and fairness end to end, on one ComfyUI slot with nothing prefetched: while a job holds the slot
+the others wait in Temporal, and the order they then start in is Temporal's dispatch order (the dev server's
+matcher with priority and fairness, app.devserver)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from tests.harness import DONE, Gateway, wait_for_job
+from tests.test_auth import ADMIN_KEY, ALICE_KEY, API_KEYS, BOB_KEY
+
+ONE_SLOT = {"max_concurrency": 1, "comfyui_prefetch": 0}
+
+
+def _prompt(gateway: Gateway, seconds: float) -> dict[str, Any]:
+    return {"workflowJson": gateway.comfyui.slow_prompt(seconds)}
+
+
+async def _start_order(gateway: Gateway, job_ids: list[str]) -> list[str]:
+    """The jobs, once all have ended, in the order ComfyUI started them."""
+    jobs = [await wait_for_job(gateway.api, job_id, until=DONE, timeout=60) for job_id in job_ids]
+    assert all(job["status"] == "succeeded" for job in jobs), jobs
+    return [job["jobId"] for job in sorted(jobs, key=lambda job: datetime.fromisoformat(job["timing"]["startedAt"]))]
+
+
+async def _hold_the_slot(gateway: Gateway, seconds: float) -> str:
+    blocker = await gateway.submit(_prompt(gateway, seconds))
+    await wait_for_job(gateway.api, blocker, until={"running"})
+    return blocker
+
+
+@pytest.mark.settings(**ONE_SLOT)
+async def test_waiting_jobs_start_by_priority_then_in_the_order_they_came(gateway: Gateway) -> None:
+    blocker = await _hold_the_slot(gateway, 2.5)
+    submitted = {}
+    for name, priority in (("low", "low"), ("normal-1", "normal"), ("high", "high"), ("normal-2", 3), ("two", 2)):
+        submitted[name] = await gateway.submit({**_prompt(gateway, 0.2), "priority": priority})
+    order = await _start_order(gateway, [blocker, *submitted.values()])
+    names = {job_id: name for name, job_id in submitted.items()}
+    assert [names.get(job_id, "blocker") for job_id in order] == [
+        "blocker", "high", "two", "normal-1", "normal-2", "low"]
+
+
+@pytest.mark.settings(api_keys=API_KEYS, **ONE_SLOT)
+async def test_one_owner_s_flood_does_not_starve_another_at_the_same_priority(gateway: Gateway) -> None:
+    gateway.api.headers["X-API-Key"] = ALICE_KEY
+    blocker = await _hold_the_slot(gateway, 2.5)
+    alices = [await gateway.submit(_prompt(gateway, 0.2)) for _ in range(4)]
+    gateway.api.headers["X-API-Key"] = BOB_KEY
+    bobs = [await gateway.submit(_prompt(gateway, 0.2)) for _ in range(2)]
+    gateway.api.headers["X-API-Key"] = ADMIN_KEY  # who reads every job
+    order = await _start_order(gateway, [blocker, *alices, *bobs])
+    owners = ["alice" if job_id in alices else "bob" for job_id in order if job_id != blocker]
+    # First come, first served would run all four of alice's first; shared fairly, they take turns.
+    assert owners == ["alice", "bob", "alice", "bob", "alice", "alice"], owners
