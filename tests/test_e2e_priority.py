@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import DONE, Gateway, wait_for_job
+from tests.harness import DONE, Gateway, assert_eventually, wait_for_job
 from tests.test_auth import ADMIN_KEY, ALICE_KEY, API_KEYS, BOB_KEY
 
 ONE_SLOT = {"max_concurrency": 1, "comfyui_prefetch": 0}
@@ -56,3 +56,34 @@ async def test_one_owner_s_flood_does_not_starve_another_at_the_same_priority(ga
     owners = ["alice" if job_id in alices else "bob" for job_id in order if job_id != blocker]
     # First come, first served would run all four of alice's first; shared fairly, they take turns.
     assert owners == ["alice", "bob", "alice", "bob", "alice", "alice"], owners
+
+
+@pytest.mark.settings(**ONE_SLOT)
+async def test_a_waiting_job_knows_its_place_and_when_it_should_be_done(gateway: Gateway) -> None:
+    timed = await gateway.run(_prompt(gateway, 1.0))  # what the estimates time this graph's jobs by
+    run_time = timed["timing"]["executionTimeMs"] / 1000
+    blocker = await _hold_the_slot(gateway, 3.0)
+    running = (await gateway.api.get(f"/jobs/{blocker}")).json()
+    assert running["queuePosition"] == 0 and 0 <= running["etaSeconds"] <= run_time, running
+    first = await gateway.submit(_prompt(gateway, 1.0))
+
+    async def listed() -> bool:
+        # Its workflow records its row a moment after the 202: from then on, later jobs count it.
+        return first in {job["jobId"] for job in (await gateway.api.get("/jobs?status=queued")).json()["jobs"]}
+
+    await assert_eventually(listed, timeout=10, what="the first job's row")
+    accepted = (await gateway.api.post("/jobs", json=_prompt(gateway, 1.0))).json()
+    second = accepted["jobId"]
+
+    async def behind_the_blocker_and_the_first() -> dict[str, Any]:
+        job = (await gateway.api.get(f"/jobs/{second}")).json()
+        assert job["status"] == "queued" and job["queuePosition"] == 2, job
+        return job
+
+    job = await assert_eventually(behind_the_blocker_and_the_first, timeout=10, what="the second's place")
+    # What the blocker has left (at most one run), the first's run, then its own.
+    for eta in (job["etaSeconds"], accepted["etaSeconds"]):
+        assert 2 * run_time <= eta <= 3 * run_time, (eta, run_time)
+    await _start_order(gateway, [blocker, first, second])
+    done = (await gateway.api.get(f"/jobs/{second}")).json()
+    assert (done["queuePosition"], done["etaSeconds"]) == (None, None), done

@@ -1,0 +1,34 @@
+"""A job's priority and backend tag on its row, for its place in line.
+
+Revision ID: 0010
+Revises: 0007
+Create Date: 2026-12-02
+
+- jobs.priority (1 highest … 5 lowest; 3 for jobs from before priorities) and jobs.backend_tag (the tag its
+  prompt waits for; none: any backend): which waiting jobs are ahead of a job (app.queue_estimates). Indexed
+  with the status, which every such count filters on first.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0010"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("priority", sa.Integer(), nullable=False, server_default="3"))
+        batch.add_column(sa.Column("backend_tag", sa.String(length=32), nullable=True))
+        batch.create_index("ix_jobs_status_priority", ["status", "priority"])
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_index("ix_jobs_status_priority")
+        batch.drop_column("backend_tag")
+        batch.drop_column("priority")
