@@ -21,11 +21,11 @@ ComfyUI a moment ago may still count as waiting in Temporal.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import or_
+from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
 from app.comfy.backends import Backend
@@ -116,10 +116,11 @@ def estimate(session: Session, job: InLine, backends: list[Backend], now: dateti
     work: float | None = 0.0
     for template_id, started_at in in_comfyui:
         work = _plus(work, _remaining(run_times.of(template_id), started_at, now))
-    for template_id in waiting:
-        work = _plus(work, run_times.of(template_id))
+    for template_id, count in waiting.items():
+        run_time = run_times.of(template_id)
+        work = _plus(work, None if run_time is None else run_time * count)
     eta = None if work is None or own is None else work / slots + own
-    return QueueEstimate(len(in_comfyui) + len(waiting), _rounded(eta))
+    return QueueEstimate(len(in_comfyui) + sum(waiting.values()), _rounded(eta))
 
 
 def _in_comfyui(session: Session, job: InLine, served: set[str]) -> list[tuple[str | None, datetime | None]]:
@@ -140,32 +141,33 @@ def _in_comfyui(session: Session, job: InLine, served: set[str]) -> list[tuple[s
     return placed
 
 
-def _waiting_ahead(session: Session, job: InLine) -> list[str | None]:
-    """The templates of the jobs that Temporal hands out before this one from the same queue."""
-    same_tag = col(JobRow.backend_tag).is_(None) if job.backend_tag is None else col(JobRow.backend_tag) == job.backend_tag
-    rows = session.exec(
-        select(JobRow.template_id, JobRow.priority, JobRow.owner, JobRow.created_at).where(
-            col(JobRow.status) == JobStatus.queued.value,
-            col(JobRow.priority) <= job.priority,
-            col(JobRow.queue_position).is_(None),
-            col(JobRow.job_id) != job.job_id,
-            same_tag,
-        )
-    ).all()
-    ahead = [template_id for template_id, priority, _, _ in rows if priority < job.priority]
+def _waiting_ahead(session: Session, job: InLine) -> Counter[str | None]:
+    """How many jobs of each template Temporal hands out before this one from the same queue."""
+    waiting = (
+        col(JobRow.status) == JobStatus.queued.value,
+        col(JobRow.queue_position).is_(None),
+        col(JobRow.job_id) != job.job_id,
+        col(JobRow.backend_tag).is_(None) if job.backend_tag is None else col(JobRow.backend_tag) == job.backend_tag,
+    )
+    ahead: Counter[str | None] = Counter()
+    for template_id, count in session.exec(
+        select(JobRow.template_id, func.count()).where(*waiting, col(JobRow.priority) < job.priority)
+        .group_by(col(JobRow.template_id))
+    ).all():
+        ahead[template_id] += count
     peers: dict[str | None, list[tuple[datetime, str | None]]] = defaultdict(list)
-    for template_id, priority, owner, created_at in rows:
-        if priority == job.priority:
-            peers[owner].append((as_utc(created_at), template_id))
+    for owner, created_at, template_id in session.exec(
+        select(JobRow.owner, JobRow.created_at, JobRow.template_id).where(*waiting, col(JobRow.priority) == job.priority)
+    ).all():
+        peers[owner].append((as_utc(created_at), template_id))
     own_turn = sum(1 for created_at, _ in peers.get(job.owner, []) if created_at < job.created_at)
     for owner, jobs in peers.items():
         jobs.sort(key=lambda item: item[0])
         if owner == job.owner:
-            ahead += [template_id for _, template_id in jobs[:own_turn]]
-            continue
-        # Their turns before this job's, and the one at the same turn if it came first.
-        turns = jobs[:own_turn] + [item for item in jobs[own_turn:own_turn + 1] if item[0] < job.created_at]
-        ahead += [template_id for _, template_id in turns]
+            turns = jobs[:own_turn]
+        else:  # their turns before this job's, and the one at the same turn if it came first
+            turns = jobs[:own_turn] + [item for item in jobs[own_turn:own_turn + 1] if item[0] < job.created_at]
+        ahead.update(template_id for _, template_id in turns)
     return ahead
 
 

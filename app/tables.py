@@ -18,8 +18,12 @@ def _utc_column(index: bool = False, nullable: bool = True) -> Any:
 
 class JobRow(SQLModel, table=True):
     __tablename__ = "jobs"
-    # Which waiting jobs are ahead of one (app.queue_estimates): live ones, by priority.
-    __table_args__ = (Index("ix_jobs_status_priority", "status", "priority"),)
+    # What app.queue_estimates reads on each read of a live job: the waiting jobs by priority, and a template's
+    # latest successes (its run time).
+    __table_args__ = (
+        Index("ix_jobs_status_priority", "status", "priority"),
+        Index("ix_jobs_recent_runs", "template_id", "status", "completed_at"),
+    )
 
     job_id: str = Field(primary_key=True, max_length=64)
     status: str = Field(index=True, max_length=16)

@@ -7,6 +7,7 @@ Create Date: 2026-12-02
 - jobs.priority (1 highest … 5 lowest; 3 for jobs from before priorities) and jobs.backend_tag (the tag its
   prompt waits for; none: any backend): which waiting jobs are ahead of a job (app.queue_estimates). Indexed
   with the status, which every such count filters on first.
+- ix_jobs_recent_runs (template_id, status, completed_at): a template's latest successes, its run time.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("priority", sa.Integer(), nullable=False, server_default="3"))
         batch.add_column(sa.Column("backend_tag", sa.String(length=32), nullable=True))
         batch.create_index("ix_jobs_status_priority", ["status", "priority"])
+        batch.create_index("ix_jobs_recent_runs", ["template_id", "status", "completed_at"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_index("ix_jobs_recent_runs")
         batch.drop_index("ix_jobs_status_priority")
         batch.drop_column("backend_tag")
         batch.drop_column("priority")
