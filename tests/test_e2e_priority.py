@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.harness import DONE, Gateway, assert_eventually, wait_for_job
@@ -87,3 +88,18 @@ async def test_a_waiting_job_knows_its_place_and_when_it_should_be_done(gateway:
     await _start_order(gateway, [blocker, first, second])
     done = (await gateway.api.get(f"/jobs/{second}")).json()
     assert (done["queuePosition"], done["etaSeconds"]) == (None, None), done
+
+
+@pytest.mark.settings(max_concurrency=1, comfyui_prefetch=1)
+async def test_a_prompt_already_in_comfyui_s_queue_keeps_its_place(gateway: Gateway) -> None:
+    blocker = await _hold_the_slot(gateway, 2.5)
+    prefetched = await gateway.submit({**_prompt(gateway, 0.2), "priority": "low"})
+
+    async def in_comfyui_s_queue() -> bool:
+        async with httpx.AsyncClient() as client:
+            pending = (await client.get(f"{gateway.comfyui.url}/queue")).json()["queue_pending"]
+        return any(entry[3].get("gateway_job_id") == prefetched for entry in pending)
+
+    await assert_eventually(in_comfyui_s_queue, timeout=10, what="the low job prefetched")
+    urgent = await gateway.submit({**_prompt(gateway, 0.2), "priority": "high"})
+    assert await _start_order(gateway, [blocker, urgent, prefetched]) == [blocker, prefetched, urgent]
