@@ -49,8 +49,8 @@ class Job(CamelModel):
     queue_position: int | None = Field(
         None, description="jobs ahead of it (0 = running): while it waits for a slot, the prompts in ComfyUI plus "
                           "the jobs Temporal starts before it (higher priority, owners' turns, first come); in "
-                          "ComfyUI's queue, its place there. `GET /jobs/{jobId}` counts it; lists show only a "
-                          "place in ComfyUI's queue")
+                          "ComfyUI's queue, its place there; null while it is placed with nothing known ahead. "
+                          "`GET /jobs/{jobId}` counts it; lists show only a place in ComfyUI's queue")
     eta_seconds: float | None = Field(
         None, description="seconds until it should be done (`GET /jobs/{jobId}` of a live job): the work ahead "
                           "per slot plus its own run time, from recent run times per template; null when ended or "

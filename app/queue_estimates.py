@@ -8,7 +8,8 @@ The line is the one the job really waits in. Ahead of a job that waits in Tempor
   priority first; at one priority, owners take turns (fairness: an owner's n-th waiting job comes after every
   other owner's n-th, and before their (n+1)-th), and each owner's own jobs come first come, first served.
 
-A job already in ComfyUI's queue has the place ComfyUI gives it; a running job has position 0.
+A job already in ComfyUI's queue has the place ComfyUI gives it; a running job has position 0; a waiting job
+with nothing known ahead of it has none (it is being placed, and ComfyUI tells its place in a moment).
 
 A job's run time is the mean execution time of the latest successes of its template (raw graphs count as one
 template), else of any job; with no success yet there is no ETA. The wait is the work ahead (what the prompts
@@ -39,7 +40,7 @@ RECENT_RUNS = 20
 
 @dataclass(frozen=True)
 class QueueEstimate:
-    # Jobs ahead of it (0: it runs); None: not in line (ended).
+    # Jobs ahead of it (0: it runs); None: not in line (ended), or being placed with nothing known ahead.
     position: int | None
     # Seconds until it should be done; None: no run time known yet.
     eta_seconds: float | None
@@ -120,7 +121,10 @@ def estimate(session: Session, job: InLine, backends: list[Backend], now: dateti
         run_time = run_times.of(template_id)
         work = _plus(work, None if run_time is None else run_time * count)
     eta = None if work is None or own is None else work / slots + own
-    return QueueEstimate(len(in_comfyui) + sum(waiting.values()), _rounded(eta))
+    ahead = len(in_comfyui) + sum(waiting.values())
+    # Nothing known ahead, yet not running: it is being placed (its prompt may be in ComfyUI already, behind
+    # prompts the gateway did not send), and ComfyUI tells its place in a moment. 0 would say it runs.
+    return QueueEstimate(ahead or None, _rounded(eta))
 
 
 def _in_comfyui(session: Session, job: InLine, served: set[str]) -> list[tuple[str | None, datetime | None]]:
