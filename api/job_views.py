@@ -15,6 +15,7 @@ from app.models import DEFAULT_PRIORITY, CamelModel, JobError, JobStatus, JobWar
 from app.output_routes import output_route
 from app.queue_estimates import QueueEstimate
 from app.storage import OutputStorage
+from app.temporal_ui import TemporalUi
 
 
 class OutputFile(CamelModel):
@@ -71,6 +72,10 @@ class Job(CamelModel):
     cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job; nothing ran")
     backend: str | None = Field(None, description="the ComfyUI backend its prompt was placed on (COMFYUI_URLS "
                                                   "names); null until placed")
+    temporal_ui_url: str | None = Field(
+        None, description="the job's workflow history in the Temporal Web UI (TEMPORAL_UI_URL); null without one")
+    batch_id: str | None = Field(None, description="the batch the job is an item of (POST /batches); null for a job "
+                                                   "submitted on its own")
 
 
 def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> OutputFile:
@@ -82,7 +87,9 @@ def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> Outpu
     )
 
 
-def public_job(snapshot: JobSnapshot, storage: OutputStorage, in_line: QueueEstimate | None = None) -> Job:
+def public_job(
+    snapshot: JobSnapshot, storage: OutputStorage, ui: TemporalUi, in_line: QueueEstimate | None = None
+) -> Job:
     """`in_line`: where the live job stands (app.queue_estimates); without it, only its place in ComfyUI's queue."""
     state, live = snapshot.state, snapshot.live
     finished = state.status.is_terminal
@@ -111,13 +118,15 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage, in_line: QueueEsti
         webhook=snapshot.webhook,
         cache_hit=state.cache_hit,
         backend=state.backend,
+        temporal_ui_url=ui.workflow_url(state.job_id),
+        batch_id=state.batch_id,
     )
 
 
 async def public_job_off_loop(
-    snapshot: JobSnapshot, storage: OutputStorage, in_line: QueueEstimate | None = None
+    snapshot: JobSnapshot, storage: OutputStorage, ui: TemporalUi, in_line: QueueEstimate | None = None
 ) -> Job:
     """public_job, on a thread when the store signs its URLs with its SDK (boto3 is not for the event loop)."""
     if storage.signs_urls:
-        return await run_in_threadpool(public_job, snapshot, storage, in_line)
-    return public_job(snapshot, storage, in_line)
+        return await run_in_threadpool(public_job, snapshot, storage, ui, in_line)
+    return public_job(snapshot, storage, ui, in_line)

@@ -28,7 +28,7 @@ from api.security_headers import SecurityHeaders
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
 from api.auth import warn_if_open
-from api.routes import audit, backends, codec, health, jobs, outputs, workflows
+from api.routes import audit, backends, batches, codec, health, jobs, outputs, workflows
 from app.codec import EncryptionCodec
 from app.comfy.backends import configured_backends, served_queues
 from app.db import make_engine
@@ -137,8 +137,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
     app.add_middleware(CodecCors, origins=settings.resolved_codec_cors_origins)
     install_error_handlers(app)
     # Each router but health's (/health and /ready are public) requires a caller (api.deps.get_principal).
-    routers = [jobs.router, outputs.router, workflows.router, audit.router, health.router, codec.router,
-               backends.router]
+    routers = [jobs.router, batches.router, outputs.router, workflows.router, audit.router, health.router,
+               codec.router, backends.router]
     for router in routers:
         app.include_router(router)
     install_openapi(app, routers)

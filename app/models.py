@@ -260,6 +260,10 @@ class PromptStarted(BaseModel):
 class CancelRequest(BaseModel):
     reason: str = ""
     actor: str = "api"
+    # The sender requests the workflow's cancellation in Temporal right after this signal (the API does, since the
+    # operator-console patch): the workflow keeps the who and why and lets that cancellation stop the job, so that
+    # it ends as Canceled. False (older APIs): the signal stops the job itself, and the workflow completes.
+    temporal_cancel_follows: bool = False
 
 
 class StageImagesInput(BaseModel):
@@ -378,16 +382,27 @@ class WebhookStatus(CamelModel):
 
 
 class WebhookDeliveryInput(BaseModel):
-    """WebhookDeliveryWorkflow's input: one event of one job, its state as the event saw it."""
+    """WebhookDeliveryWorkflow's input: one event of one job, its state as the event saw it; or of one batch
+    (`batch.completed`), its body as BatchWorkflow made it (`batch`, with `batchId`; then no `job`)."""
 
     event: str
     callback_url: str
-    job: JobState
+    job: JobState | None = None
+    batch: dict[str, Any] | None = None
+
+    @property
+    def subject_id(self) -> str:
+        """The job or batch whose event it is: its row and log get the attempts."""
+        if self.job is not None:
+            return self.job.job_id
+        assert self.batch is not None
+        return str(self.batch["batchId"])
 
 
 class BuildWebhookInput(BaseModel):
     event: str
-    job: JobState
+    job: JobState | None = None
+    batch: dict[str, Any] | None = None
 
 
 class BuiltWebhook(BaseModel):

@@ -142,6 +142,15 @@ class Settings(BaseSettings):
     input_image_allow_private_urls: bool = Field(
         False, description="let image URLs point at private and loopback addresses (tests and closed networks only)")
 
+    # Batches (POST /batches)
+    max_batch_items: int = Field(1000, ge=1, le=10_000, description="most items a batch may have")
+    batch_max_parallel: int = Field(
+        20, ge=1, le=1000, description="items of one batch started and not yet ended at once; the rest wait, in "
+                                       "order, in the batch's workflow")
+    batch_items_per_run: int = Field(
+        200, ge=1, le=2000, description="items one run of a batch's workflow starts before it continues as new, "
+                                        "which keeps its history bounded")
+
     # Persistence
     data_dir: Path = Field(Path("./data"), description="SQLite database, Temporal's dev database, outputs, scratch files")
     database_url: str | None = Field(None, description="default: a SQLite file in DATA_DIR; or postgresql://user@host/db")
@@ -194,6 +203,9 @@ class Settings(BaseSettings):
     temporal_task_queue: str = Field(
         "comfyui-gateway", description="the main task queue (each ComfyUI gets <queue>.<backend>)")
     temporal_ui_port: int = Field(8233, ge=1, le=65535, description="the dev server's Web UI (comfyui-gateway dev)")
+    temporal_ui_url: str | None = Field(
+        None, pattern=r"^https?://", description="the Temporal Web UI operators use, for each job's `temporalUiUrl` "
+        "(e.g. https://temporal-ui.example.com); `comfyui-gateway dev` sets its own UI's; none: no links")
 
     # Result cache
     cache_enabled: bool = Field(

@@ -98,6 +98,13 @@ ERROR_CODES = {
     "GET /outputs/{job_id}/{filename}": {"VALIDATION_ERROR", "JOB_NOT_FOUND", "OUTPUT_NOT_FOUND",
                                          "OUTPUT_FILE_MISSING", "STORAGE_ERROR", "TEMPORAL_UNAVAILABLE",
                                          "INTERNAL_ERROR"} | _AUTH,
+    "POST /batches": {"VALIDATION_ERROR", "WEBHOOK_NOT_CONFIGURED", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND",
+                      "STORAGE_ERROR", "TOO_MANY_ACTIVE_JOBS", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /batches/{batch_id}": {"BATCH_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /batches/{batch_id}/jobs": {"VALIDATION_ERROR", "BATCH_NOT_FOUND", "TEMPORAL_UNAVAILABLE",
+                                     "INTERNAL_ERROR"} | _AUTH,
+    "POST /batches/{batch_id}/cancel": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "BATCH_NOT_FOUND",
+                                        "BATCH_ALREADY_FINISHED", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /workflows": {"INTERNAL_ERROR"} | _AUTH,
     "POST /workflows": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WORKFLOW_EXISTS", "INTERNAL_ERROR"} | _ADMIN,
     "GET /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "INTERNAL_ERROR"} | _AUTH,
@@ -139,7 +146,7 @@ async def test_each_operation_documents_the_errors_it_answers_with(api: httpx.As
         query = [parameter["name"] for parameter in operation.get("parameters", []) if parameter["in"] == "query"]
         assert all("_" not in parameter for parameter in query), (name, query)  # camelCase, as on the wire
     assert [p["name"] for p in operations["GET /jobs"]["parameters"]] == [
-        "status", "workflowId", "after", "before", "limit", "offset"]
+        "status", "workflowId", "batchId", "after", "before", "limit", "offset"]
     for name in ("POST /jobs", "GET /jobs/{job_id}"):
         [wait] = [p for p in operations[name]["parameters"] if p["name"] == "wait"]
         assert wait["in"] == "query" and not wait["required"] and "MAX_WAIT_SECONDS" in wait["description"], name

@@ -29,6 +29,7 @@ from temporalio.service import ServiceClient
 from temporalio.worker import FixedSizeSlotSupplier, PollerBehaviorSimpleMaximum, Worker, WorkerTuner
 
 from activities.comfy import ComfyActivities, Placement
+from activities.batches import BatchActivities
 from activities.delivery import WebhookDelivery, WebhookPoster
 from activities.inputs import ImageStager, InputActivities
 from activities.progress_webhooks import ProgressWebhooks
@@ -49,6 +50,7 @@ from app.webhooks.signing import WebhookSigner
 from worker.bytecode import cache_workflow_bytecode
 from worker.reconciler import JobReconciler
 from worker.retention_schedule import ensure_retention_schedule
+from workflows_temporal.batch import BatchWorkflow
 from workflows_temporal.generation import GenerationWorkflow
 from workflows_temporal.retention import RetentionWorkflow
 from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow
@@ -104,13 +106,14 @@ def build_workers(
     inputs = InputActivities(clients, stager)
     render = RenderActivities(engine)
     records = RecordActivities(engine)
+    batches = BatchActivities(engine)
     retention = RetentionActivities(engine, storage, client)
     main = Worker(
         client,
         task_queue=settings.temporal_task_queue,
-        workflows=[GenerationWorkflow, RetentionWorkflow, WebhookDeliveryWorkflow],
+        workflows=[GenerationWorkflow, BatchWorkflow, RetentionWorkflow, WebhookDeliveryWorkflow],
         activities=[
-            render.render_prompt, records.record_job, comfy.collect_outputs, comfy.cancel_prompt, inputs.stage_images,
+            render.render_prompt, records.record_job, batches.record_batch, comfy.collect_outputs, comfy.cancel_prompt, inputs.stage_images,
             retention.find_expired_jobs, retention.delete_jobs,
             delivery.build_webhook, delivery.deliver_webhook, delivery.webhook_given_up,
         ],

@@ -31,6 +31,7 @@ from api.deps import (
     SettingsDep,
     StorageDep,
     TemporalDep,
+    TemporalUiDep,
     WaitDep,
 )
 from api.errors import ApiError, invalid_input, validation_error
@@ -84,8 +85,10 @@ from app.result_cache import cache_key, find_cached_result
 from app.safe_http import RefusedTarget
 from app.settings import Settings
 from app.storage import OutputStorage, StorageError
-from app.submission import ImageIntake, prepare_job
+from app.submission import ImageIntake, PreparedJob, prepare_job
+from app.tables import TemplateRow
 from app.temporal_endings import started_input
+from app.temporal_ui import TemporalUi
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
 from app.templates.rendering import ApiFormatGraph
@@ -213,6 +216,8 @@ class CreateJobResponse(CamelModel):
                                                   "estimates it; null when it has ended or nothing has run yet")
     poll_url: str
     cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job")
+    temporal_ui_url: str | None = Field(
+        None, description="the job's workflow history in the Temporal Web UI (TEMPORAL_UI_URL); null without one")
 
 
 class JobList(CamelModel):
@@ -290,7 +295,8 @@ async def create_job(
         if snapshot is None:
             return accepted
         if snapshot.state.status.is_terminal:
-            return JSONResponse((await public_job_off_loop(snapshot, storage)).model_dump(mode="json", by_alias=True))
+            job = await public_job_off_loop(snapshot, storage, TemporalUi.of(settings))
+            return JSONResponse(job.model_dump(mode="json", by_alias=True))
         return await _accepted(db, settings, snapshot.state)
 
 
@@ -324,9 +330,8 @@ async def _submit(
 ) -> CreateJobResponse:
     """The job created, or found by its idempotency key: the `202`'s body."""
     _check_raw_graph(body, settings, principal)
-    _check_webhook(body, settings)
-    if _json_size(body.metadata) > _MAX_METADATA_BYTES:
-        raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
+    check_webhook(body, settings)
+    check_metadata(body.metadata)
     key = idempotency_key if idempotency_key is not None else _request_id(body.metadata)
     fingerprint = None
     if key is not None:
@@ -341,20 +346,10 @@ async def _submit(
             return await _accepted(db, settings, snapshot.state)
     else:
         job_id = str(uuid.uuid4())
-    await _check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
+    await check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
 
-    template = None
-    if body.workflow_id is not None:
-        template = await db.run(get_template, body.workflow_id)
-        if template is None:
-            raise ApiError(ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {body.workflow_id}",
-                           {"workflowId": body.workflow_id})
-    images = ImageIntake(
-        storage=storage, note_use=lambda keys: db.run(link_job_inputs, job_id, keys, datetime.now(timezone.utc)),
-        http=request.app.state.http, max_bytes=settings.input_image_max_bytes,
-        max_pixels=settings.input_image_max_pixels,
-        allow_private_urls=settings.input_image_allow_private_urls,
-    )
+    template = await find_template(db, body.workflow_id) if body.workflow_id is not None else None
+    images = image_intake(request, db, storage, settings, job_id)
     try:
         prepared = await prepare_job(
             template=template, workflow_json=body.workflow_json, given={**body.params, **body.inputs},
@@ -365,41 +360,16 @@ async def _submit(
     except StorageError as error:
         raise ApiError(ErrorCode.STORAGE_ERROR, f"an inline image could not be stored: {error}") from error
 
-    template_version = template.version if template is not None else None
     result_key = cache_key(
-        template_id=body.workflow_id, template_version=template_version, workflow_json=prepared.workflow_json,
-        inputs=prepared.inputs, output_format=body.output_format.value,
+        template_id=body.workflow_id, template_version=template.version if template is not None else None,
+        workflow_json=prepared.workflow_json, inputs=prepared.inputs, output_format=body.output_format.value,
         quality=None if body.output_format is OutputFormat.png else body.quality,  # png ignores quality
     ) if prepared.reproducible else None
 
-    backend = configured_backends(settings)[0]  # what a worker from before the fleet runs the job on
-    backend_tag = body.backend_tag or (template.backend_tag if template is not None else None)
-    _check_backend_tag(backend_tag, settings)
-    job = GenerationInput(
-        job_id=job_id,
-        template_id=body.workflow_id,
-        template_version=template_version,
-        workflow_json=prepared.workflow_json,
-        inputs=prepared.inputs,
-        metadata=body.metadata,
-        retry=RetrySpec.model_validate(body.retry.model_dump()),
-        timeout_seconds=body.timeout_seconds or settings.job_timeout_seconds,
-        heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
-        backend=backend.id,
-        backend_task_queue=backend_task_queue(settings, backend.id),
-        backend_tag=backend_tag,
-        created_at=datetime.now(timezone.utc),
-        privacy_mode=settings.privacy_mode,
-        callback_url=body.callback_url,
-        webhook_events=list(dict.fromkeys(body.webhook_events or TERMINAL_EVENTS)),
-        cache_key=result_key,
-        cached_result=await _cached_result(db, storage, settings, result_key, principal.id),
-        request_fingerprint=fingerprint,
-        output_format=body.output_format,
-        output_quality=body.quality,
-        owner=principal.id,
-        priority=body.priority,
-    )
+    job = job_input(body, settings, principal, job_id, template, prepared)
+    job.cache_key = result_key
+    job.cached_result = await _cached_result(db, storage, settings, result_key, principal.id)
+    job.request_fingerprint = fingerprint
     # Under PRIVACY_MODE the prompt's activity also carries the job's free texts, to redact them (app.redaction).
     redacted = free_texts(job.inputs, job.workflow_json) if job.privacy_mode else []
     if len(job.model_dump_json()) + _json_size(redacted) > _MAX_JOB_BYTES:
@@ -428,6 +398,60 @@ async def _submit(
             async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
                 await handle.result()
     return await _accepted(db, settings, await _state_now(db, reader, job, closed))
+
+
+async def find_template(db: Database, template_id: str) -> TemplateRow:
+    """The template a job (or a batch) runs, at its latest version."""
+    template = await db.run(get_template, template_id)
+    if template is None:
+        raise ApiError(ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {template_id}",
+                       {"workflowId": template_id})
+    return template
+
+
+def image_intake(
+    request: Request, db: Database, storage: OutputStorage, settings: Settings, job_id: str
+) -> ImageIntake:
+    """Where the inline images of the job `job_id` go (app.submission)."""
+    return ImageIntake(
+        storage=storage, note_use=lambda keys: db.run(link_job_inputs, job_id, keys, datetime.now(timezone.utc)),
+        http=request.app.state.http, max_bytes=settings.input_image_max_bytes,
+        max_pixels=settings.input_image_max_pixels,
+        allow_private_urls=settings.input_image_allow_private_urls,
+    )
+
+
+def job_input(
+    body: CreateJobRequest, settings: Settings, principal: Principal, job_id: str, template: TemplateRow | None,
+    prepared: PreparedJob,
+) -> GenerationInput:
+    """The workflow's input for a job whose request has been checked and prepared (`prepare_job`); without the
+    result cache's parts. Shared with `POST /batches`, whose items are jobs made alike."""
+    backend = configured_backends(settings)[0]  # what a worker from before the fleet runs the job on
+    backend_tag = body.backend_tag or (template.backend_tag if template is not None else None)
+    _check_backend_tag(backend_tag, settings)
+    return GenerationInput(
+        job_id=job_id,
+        template_id=body.workflow_id,
+        template_version=template.version if template is not None else None,
+        workflow_json=prepared.workflow_json,
+        inputs=prepared.inputs,
+        metadata=body.metadata,
+        retry=RetrySpec.model_validate(body.retry.model_dump()),
+        timeout_seconds=body.timeout_seconds or settings.job_timeout_seconds,
+        heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
+        backend=backend.id,
+        backend_task_queue=backend_task_queue(settings, backend.id),
+        backend_tag=backend_tag,
+        created_at=datetime.now(timezone.utc),
+        privacy_mode=settings.privacy_mode,
+        callback_url=body.callback_url,
+        webhook_events=list(dict.fromkeys(body.webhook_events or TERMINAL_EVENTS)),
+        output_format=body.output_format,
+        output_quality=body.quality,
+        owner=principal.id,
+        priority=body.priority,
+    )
 
 
 async def _cached_result(
@@ -503,7 +527,7 @@ async def _accepted(db: Database, settings: Settings, state: JobState) -> Create
     if not state.status.is_terminal:
         eta = (await _in_line(db, settings, JobSnapshot(state, LiveProgress()))).eta_seconds
     return CreateJobResponse(job_id=job_id, status=state.status, eta_seconds=eta, poll_url=f"/jobs/{job_id}",
-                             cache_hit=state.cache_hit)
+                             cache_hit=state.cache_hit, temporal_ui_url=TemporalUi.of(settings).workflow_url(job_id))
 
 
 def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Principal) -> None:
@@ -516,14 +540,14 @@ def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Prin
         )
 
 
-async def _check_active_jobs(principal: Principal, db: Database, settings: Settings) -> None:
-    """MAX_ACTIVE_JOBS_PER_PRINCIPAL. A job's row is written by its workflow a moment after it starts, so
+async def check_active_jobs(principal: Principal, db: Database, settings: Settings, adding: int = 1) -> None:
+    """MAX_ACTIVE_JOBS_PER_PRINCIPAL, for `adding` jobs more (a batch's items). A job's row is written by its workflow a moment after it starts, so
     submissions that come together may pass this check before any of their rows exists: a burst can
     overshoot the cap by about as many requests as arrive in that moment."""
     cap = settings.max_active_jobs_per_principal
     if cap is None:
         return
-    if (active := await db.run(count_unfinished_jobs, principal.id)) >= cap:
+    if (active := await db.run(count_unfinished_jobs, principal.id)) + adding > cap:
         raise ApiError(ErrorCode.TOO_MANY_ACTIVE_JOBS,
                        f"{active} of your jobs are queued or running, the most allowed at once ({cap}); "
                        "submit again when one has finished", {"active": active, "limit": cap})
@@ -538,7 +562,12 @@ def _check_backend_tag(backend_tag: str | None, settings: Settings) -> None:
                                  "message": f"no ComfyUI backend has this tag (tags: {known})"}])
 
 
-def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:
+def check_metadata(metadata: dict[str, Any]) -> None:
+    if _json_size(metadata) > _MAX_METADATA_BYTES:
+        raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
+
+
+def check_webhook(body: CreateJobRequest, settings: Settings) -> None:
     """A callback URL the job's webhooks may go to, before any job exists; the addresses its host resolves to
     are checked at each delivery."""
     if body.callback_url is None:
@@ -582,9 +611,11 @@ def _unsafe_integers(value: Any, path: str) -> Iterator[str]:
 def get_jobs(
     session: SessionDep,
     storage: StorageDep,
+    ui: TemporalUiDep,
     principal: PrincipalDep,
     status: JobStatus | None = None,
     workflow_id: Annotated[str | None, Query(alias="workflowId")] = None,
+    batch_id: Annotated[str | None, Query(alias="batchId", max_length=64, description="a batch's item jobs")] = None,
     after: Instant | None = Query(None, description="created after this instant (ISO 8601)"),
     before: Instant | None = Query(None, description="created before this instant (ISO 8601)"),
     limit: int = Query(50, ge=1, le=200),
@@ -594,16 +625,16 @@ def get_jobs(
     owner = None if principal.is_admin else principal.id
     jobs, count = list_jobs(
         session,
-        JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, owner=owner,
-                  limit=limit, offset=offset),
+        JobFilter(status=status, template_id=workflow_id, batch_id=batch_id, created_after=after, created_before=before,
+                  owner=owner, limit=limit, offset=offset),
     )
-    return JobList(jobs=[public_job(job, storage) for job in jobs], count=count)
+    return JobList(jobs=[public_job(job, storage, ui) for job in jobs], count=count)
 
 
 @router.get("/{job_id}", response_model=Job)
 async def get_job(
-    job: JobDep, storage: StorageDep, request: Request, reader: JobReaderDep, temporal: TemporalDep,
-    waits: JobWaitsDep, wait: WaitDep, db: DatabaseDep, settings: SettingsDep,
+    job: JobDep, storage: StorageDep, ui: TemporalUiDep, request: Request, reader: JobReaderDep,
+    temporal: TemporalDep, waits: JobWaitsDep, wait: WaitDep, db: DatabaseDep, settings: SettingsDep,
 ) -> Job:
     """With `wait`, the job once it has ended, or as it is when the wait runs out: 200 both ways, and its
     `status` says which (`succeeded`, `failed`, `cancelled`: ended; `queued`, `running`: not yet)."""
@@ -613,7 +644,7 @@ async def get_job(
             ended = await _wait_for_end(request, waits, client, job.state.job_id, wait)
             job = await reader.read(job.state.job_id, reuse_live=not ended)
     in_line = None if job.state.status.is_terminal else await _in_line(db, settings, job)
-    return await public_job_off_loop(job, storage, in_line)
+    return await public_job_off_loop(job, storage, ui, in_line)
 
 
 async def _in_line(db: Database, settings: Settings, job: JobSnapshot) -> QueueEstimate:
@@ -637,7 +668,12 @@ async def cancel_job(
     reason = body.reason if body else ""
     handle = temporal.require().get_workflow_handle(job_id)
     try:
-        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=reason, actor=principal.id))
+        # The who and why by signal (its payload, encrypted with ENCRYPTION_KEYS, unlike a cancellation's reason),
+        # then Temporal's own cancellation, which stops the job so that the Web UI shows its workflow as Canceled.
+        # A retry of a cancel that failed between the two sends both again: the second signal changes nothing.
+        await handle.signal(GenerationWorkflow.cancel,
+                            CancelRequest(reason=reason, actor=principal.id, temporal_cancel_follows=True))
+        await handle.cancel(reason=f"cancelled through the gateway's API by {principal.id}")
     except RPCError as error:
         job = await reader.read(job_id, reuse_live=False)
         if job.state.status.is_terminal:

@@ -1,7 +1,7 @@
 """A job's priority and backend tag on its row, for its place in line.
 
 Revision ID: 0010
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-02
 
 - jobs.priority (1 highest … 5 lowest; 3 for jobs from before priorities) and jobs.backend_tag (the tag its
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0010"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
