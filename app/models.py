@@ -115,6 +115,8 @@ class JobState(CamelModel):
     priority: int = DEFAULT_PRIORITY
     # The batch the job is an item of (POST /batches); None for a job submitted on its own.
     batch_id: str | None = None
+    # The backend tag its prompt waits for (its own or its template's); None: any backend.
+    backend_tag: str | None = None
 
 
 class LiveProgress(CamelModel):
@@ -453,6 +455,7 @@ def accepted_state(job: GenerationInput) -> JobState:
         owner=job.owner,
         priority=job.priority,
         batch_id=job.batch_id,
+        backend_tag=job.backend_tag,
     )
 
 

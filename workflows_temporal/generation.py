@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+from temporalio.common import Priority, RetryPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError, is_cancelled_exception
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 from temporalio.exceptions import TimeoutType
@@ -361,6 +361,9 @@ class GenerationWorkflow:
                     schedule_to_start_timeout=timedelta(seconds=job.heartbeat_timeout_seconds) if pinned else None,
                     heartbeat_timeout=timedelta(seconds=job.heartbeat_timeout_seconds),
                     retry_policy=_TRANSIENT_RETRY,
+                    # While prompts wait for a slot, Temporal hands out the highest priority first, and shares
+                    # each priority between owners (app.queue_estimates counts the wait the same way).
+                    priority=Priority(priority_key=job.priority, fairness_key=job.owner),
                 )
                 if self._fleet:
                     self._prompt_backend = self._state.backend = result.backend
