@@ -115,6 +115,8 @@ class JobState(CamelModel):
     priority: int = DEFAULT_PRIORITY
     # The batch the job is an item of (POST /batches); None for a job submitted on its own.
     batch_id: str | None = None
+    # The backend tag its prompt waits for (its own or its template's); None: any backend.
+    backend_tag: str | None = None
 
 
 class LiveProgress(CamelModel):
@@ -194,7 +196,8 @@ class RenderPromptResult(BaseModel):
     image_sources: dict[str, str] = Field(default_factory=dict)
 
 
-# The longest time limit a job may ask for (`timeoutSeconds`).
+# The longest time limit a job may ask for (`timeoutSeconds`) unless MAX_JOB_TIMEOUT_S says otherwise, and the
+# one that jobs from before that setting were submitted under.
 MAX_JOB_TIMEOUT_SECONDS = 24 * 3600
 
 
@@ -207,6 +210,9 @@ class GenerationInput(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     timeout_seconds: float
+    # The longest time limit any job could have when this one was submitted (MAX_JOB_TIMEOUT_S): how long it may
+    # wait in ComfyUI's queue behind another job. None (jobs from before the setting): MAX_JOB_TIMEOUT_SECONDS.
+    max_timeout_seconds: float | None = None
     heartbeat_timeout_seconds: float
     # Jobs before the fleet ran on this backend, through this queue; later jobs are placed when a slot frees up.
     backend: str
@@ -449,6 +455,7 @@ def accepted_state(job: GenerationInput) -> JobState:
         owner=job.owner,
         priority=job.priority,
         batch_id=job.batch_id,
+        backend_tag=job.backend_tag,
     )
 
 

@@ -14,6 +14,7 @@ from typing_extensions import Annotated
 from app.codec import EncryptionKey, parse_encryption_keys
 from app.comfy.backends import parse_backends, valid_url
 from app.auth import ApiKey, Role, parse_api_key
+from app.models import MAX_JOB_TIMEOUT_SECONDS
 
 
 class StorageProvider(str, Enum):
@@ -99,6 +100,9 @@ class Settings(BaseSettings):
     api_max_concurrent_waits: int = Field(
         1000, ge=1, description="requests that may wait (`wait=`) for a job at once; more are refused with 503 "
                                 "TOO_MANY_WAITS")
+    sse_keepalive_s: float = Field(
+        15.0, gt=0, description="how often a quiet event stream (GET /jobs/{id}/events) sends a keep-alive comment, "
+                                "so that proxies do not close it")
     # Rate limits: RATE_LIMIT_MAX requests per RATE_LIMIT_WINDOW_MS, per principal and per client address.
     rate_limit_max: int | None = Field(
         None, ge=1, description="requests a principal, and a client address, may make per window (with "
@@ -127,6 +131,9 @@ class Settings(BaseSettings):
         1, ge=0, le=8, description="prompts per slot that wait in ComfyUI's own queue while one runs, so that the "
                                    "GPU never waits for the gateway between two")
     comfyui_timeout_ms: int = Field(300_000, gt=0, description="a job's time limit on ComfyUI (per job: timeoutSeconds)")
+    max_job_timeout_s: float = Field(
+        MAX_JOB_TIMEOUT_SECONDS, gt=0, description="the longest timeoutSeconds a job may ask for (an hour-long render "
+                                                   "needs 3600 or more); at least COMFYUI_TIMEOUT_MS")
     max_concurrency: int = Field(
         1, ge=1, le=64, description="prompts run at once per ComfyUI (its slots, unless COMFYUI_URLS says); "
                                     "further jobs wait durably in Temporal")
@@ -270,6 +277,13 @@ class Settings(BaseSettings):
         if value is not None:
             parse_encryption_keys(value.get_secret_value())  # its errors never quote key material
         return value
+
+    @model_validator(mode="after")
+    def _default_timeout_within_maximum(self) -> "Settings":
+        if self.job_timeout_seconds > self.max_job_timeout_s:
+            raise ValueError(f"COMFYUI_TIMEOUT_MS ({self.comfyui_timeout_ms}) is longer than MAX_JOB_TIMEOUT_S "
+                             f"({self.max_job_timeout_s:g} s): no job could have the default time limit")
+        return self
 
     @model_validator(mode="after")
     def _privacy_needs_encryption(self) -> "Settings":

@@ -195,14 +195,20 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
     await ensure_retention_schedule(client, settings)
     # Image inputs are fetched from the internet with a client of their own: no cookies shared with the
     # ComfyUI client, and no proxy from the environment, which would defeat the address pinning.
+    # The ComfyUI clients of every backend share a connection pool: it must hold a connection for each prompt
+    # the fleet may follow at once, and the probes one per backend, or a large fleet's calls wait for the pool
+    # (httpx's default is 100) and its backends read as unreachable.
+    backends = configured_backends(settings)
+    prompts = sum(backend.capacity(settings.comfyui_prefetch) for backend in backends)
     async with (
-        httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0)) as http,
+        httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0),
+                          limits=httpx.Limits(max_connections=max(100, 2 * prompts))) as http,
         httpx.AsyncClient(trust_env=False) as image_http,
-        httpx.AsyncClient(timeout=httpx.Timeout(_PROBE_TIMEOUT_S)) as probe_http,
+        httpx.AsyncClient(timeout=httpx.Timeout(_PROBE_TIMEOUT_S),
+                          limits=httpx.Limits(max_connections=max(100, len(backends)))) as probe_http,
     ):
         # The first backend's workers share the main worker's connection; each other backend has its own.
-        backend_clients = {backend.id: await connection_of_its_own(client)
-                           for backend in configured_backends(settings)[1:]}
+        backend_clients = {backend.id: await connection_of_its_own(client) for backend in backends[1:]}
         built = build_workers(client, settings, engine, http, image_http, probe_http, backend_clients)
         workers = built.workers
         await built.fleet.count_others()

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+from temporalio.common import Priority, RetryPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError, is_cancelled_exception
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 from temporalio.exceptions import TimeoutType
@@ -385,6 +385,9 @@ class GenerationWorkflow:
                     schedule_to_start_timeout=timedelta(seconds=job.heartbeat_timeout_seconds) if pinned else None,
                     heartbeat_timeout=timedelta(seconds=job.heartbeat_timeout_seconds),
                     retry_policy=_TRANSIENT_RETRY,
+                    # While prompts wait for a slot, Temporal hands out the highest priority first, and shares
+                    # each priority between owners (app.queue_estimates counts the wait the same way).
+                    priority=Priority(priority_key=job.priority, fairness_key=job.owner),
                 )
                 if self._fleet:
                     self._prompt_backend = self._state.backend = result.backend
@@ -435,7 +438,9 @@ class GenerationWorkflow:
         not this, is what notices a worker gone."""
         if not self._fleet:
             return timedelta(seconds=job.timeout_seconds + 60)
-        return timedelta(seconds=job.timeout_seconds + MAX_JOB_TIMEOUT_SECONDS + 60)
+        # From the job's input, not the worker's settings: a replay schedules what the first run did.
+        longest_other = job.max_timeout_seconds if job.max_timeout_seconds is not None else MAX_JOB_TIMEOUT_SECONDS
+        return timedelta(seconds=job.timeout_seconds + longest_other + 60)
 
     def _attempt_prompt_id(self, job_id: str, attempt: int) -> str:
         """The prompt id the attempt's activity is given. A run that an operator's reset started (a run other

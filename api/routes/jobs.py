@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.common import Priority as TaskQueuePriority
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
@@ -54,15 +55,17 @@ from app.jobstore import (
     JobFilter,
     JobSnapshot,
     count_unfinished_jobs,
-    estimate_wait_seconds,
     get_job_snapshot,
     list_events,
     list_jobs,
     request_fingerprint_of,
 )
 from app.metrics import CACHE_HITS, CACHE_MISSES
+from app.priorities import Priority
+from app.queue_estimates import InLine, QueueEstimate, estimate
 from app.models import (
     DEFAULT_OUTPUT_QUALITY,
+    DEFAULT_PRIORITY,
     MAX_JOB_TIMEOUT_SECONDS,
     CachedResult,
     CamelModel,
@@ -70,6 +73,7 @@ from app.models import (
     GenerationInput,
     JobState,
     JobStatus,
+    LiveProgress,
     OutputFormat,
     RenderPromptResult,
     RetrySpec,
@@ -185,7 +189,9 @@ class CreateJobRequest(CamelModel):
                     "job.cancelled); job.progress is opt-in")
     metadata: dict[str, Any] = Field(default_factory=dict, description="echoed back with the job")
     retry: RetryRequest = Field(default_factory=RetryRequest)
-    timeout_seconds: float | None = Field(None, gt=0, le=MAX_JOB_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")
+    timeout_seconds: float | None = Field(
+        None, gt=0, description=f"the job's time limit on ComfyUI, counted from when its prompt starts; at most "
+                                f"MAX_JOB_TIMEOUT_S (by default {MAX_JOB_TIMEOUT_SECONDS}); defaults to COMFYUI_TIMEOUT_MS")
     output_format: OutputFormat = Field(
         OutputFormat.png, description="what still images are stored as; animated images and videos stay as they are")
     quality: int = Field(
@@ -193,6 +199,7 @@ class CreateJobRequest(CamelModel):
     backend_tag: str | None = Field(
         None, max_length=32, description="run only on a ComfyUI backend with this tag (COMFYUI_URLS); one tag per "
                                          "job; default any backend")
+    priority: Priority = DEFAULT_PRIORITY
 
     _numbers = field_validator("timeout_seconds", "quality", mode="before")(_json_number)
 
@@ -207,7 +214,8 @@ class CreateJobResponse(CamelModel):
     job_id: str
     status: JobStatus = Field(description="`succeeded` at once for a result cache hit; a repeat of an idempotency "
                                           "key answers with its job's status now")
-    eta_seconds: float | None
+    eta_seconds: float | None = Field(description="seconds until the job should be done, as `GET /jobs/{jobId}` "
+                                                  "estimates it; null when it has ended or nothing has run yet")
     poll_url: str
     cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job")
     temporal_ui_url: str | None = Field(
@@ -291,7 +299,7 @@ async def create_job(
         if snapshot.state.status.is_terminal:
             job = await public_job_off_loop(snapshot, storage, TemporalUi.of(settings))
             return JSONResponse(job.model_dump(mode="json", by_alias=True))
-        return await _accepted(db, settings, snapshot.state, body.workflow_id)
+        return await _accepted(db, settings, snapshot.state)
 
 
 async def _wait_for_end(request: Request, waits: JobWaits, client: Client, job_id: str, seconds: float) -> bool:
@@ -311,6 +319,13 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def _check_timeout(body: CreateJobRequest, settings: Settings) -> None:
+    # The maximum is a setting, so it is checked here rather than in the request model's schema.
+    if body.timeout_seconds is not None and body.timeout_seconds > settings.max_job_timeout_s:
+        raise validation_error([{"field": "timeoutSeconds",
+                                 "message": f"at most {settings.max_job_timeout_s:g} (MAX_JOB_TIMEOUT_S)"}])
+
+
 async def _submit(
     body: CreateJobRequest,
     request: Request,
@@ -326,6 +341,7 @@ async def _submit(
     _check_raw_graph(body, settings, principal)
     check_webhook(body, settings)
     check_metadata(body.metadata)
+    _check_timeout(body, settings)
     key = idempotency_key if idempotency_key is not None else _request_id(body.metadata)
     fingerprint = None
     if key is not None:
@@ -337,7 +353,7 @@ async def _submit(
         if (recorded := await db.run(request_fingerprint_of, job_id)) is not None:
             snapshot, recorded_fingerprint = recorded
             _check_same_request(job_id, recorded_fingerprint, fingerprint)
-            return await _accepted(db, settings, snapshot.state, body.workflow_id)
+            return await _accepted(db, settings, snapshot.state)
     else:
         job_id = str(uuid.uuid4())
     await check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
@@ -385,13 +401,13 @@ async def _submit(
             raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal could not say what the job is") from error
         _check_same_request(job_id, job.request_fingerprint, fingerprint)
     elif job.cached_result is None:
-        return await _accepted(db, settings, accepted_state(job), body.workflow_id)
+        return await _accepted(db, settings, accepted_state(job))
     if job.cached_result is not None:
         # It only records the result: answered in moments, so the answer can truthfully be `succeeded`.
         with suppress(TimeoutError, WorkflowFailureError, RPCError):
             async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
                 await handle.result()
-    return await _accepted(db, settings, await _state_now(db, reader, job, closed), body.workflow_id)
+    return await _accepted(db, settings, await _state_now(db, reader, job, closed))
 
 
 async def find_template(db: Database, template_id: str) -> TemplateRow:
@@ -433,6 +449,7 @@ def job_input(
         metadata=body.metadata,
         retry=RetrySpec.model_validate(body.retry.model_dump()),
         timeout_seconds=body.timeout_seconds or settings.job_timeout_seconds,
+        max_timeout_seconds=settings.max_job_timeout_s,
         heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
         backend=backend.id,
         backend_task_queue=backend_task_queue(settings, backend.id),
@@ -444,6 +461,7 @@ def job_input(
         output_format=body.output_format,
         output_quality=body.quality,
         owner=principal.id,
+        priority=body.priority,
     )
 
 
@@ -493,6 +511,8 @@ async def _start(client: Client, job: GenerationInput, task_queue: str) -> tuple
             task_queue=task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            # Its workflow tasks too: under load a high-priority job's start is not queued behind a flood.
+            priority=TaskQueuePriority(priority_key=job.priority, fairness_key=job.owner),
         )
     except WorkflowAlreadyStartedError:
         return client.get_workflow_handle_for(GenerationWorkflow.run, job.job_id), True
@@ -512,11 +532,11 @@ async def _state_now(db: Database, reader: JobReader, job: GenerationInput, clos
     return accepted_state(job)
 
 
-async def _accepted(db: Database, settings: Settings, state: JobState, template_id: str | None) -> CreateJobResponse:
+async def _accepted(db: Database, settings: Settings, state: JobState) -> CreateJobResponse:
     job_id = state.job_id
     eta = None
     if not state.status.is_terminal:
-        eta = await db.run(estimate_wait_seconds, template_id, settings.max_concurrency)
+        eta = (await _in_line(db, settings, JobSnapshot(state, LiveProgress()))).eta_seconds
     return CreateJobResponse(job_id=job_id, status=state.status, eta_seconds=eta, poll_url=f"/jobs/{job_id}",
                              cache_hit=state.cache_hit, temporal_ui_url=TemporalUi.of(settings).workflow_url(job_id))
 
@@ -625,7 +645,7 @@ def get_jobs(
 @router.get("/{job_id}", response_model=Job)
 async def get_job(
     job: JobDep, storage: StorageDep, ui: TemporalUiDep, request: Request, reader: JobReaderDep,
-    temporal: TemporalDep, waits: JobWaitsDep, wait: WaitDep,
+    temporal: TemporalDep, waits: JobWaitsDep, wait: WaitDep, db: DatabaseDep, settings: SettingsDep,
 ) -> Job:
     """With `wait`, the job once it has ended, or as it is when the wait runs out: 200 both ways, and its
     `status` says which (`succeeded`, `failed`, `cancelled`: ended; `queued`, `running`: not yet)."""
@@ -634,7 +654,13 @@ async def get_job(
         with waits.place():
             ended = await _wait_for_end(request, waits, client, job.state.job_id, wait)
             job = await reader.read(job.state.job_id, reuse_live=not ended)
-    return await public_job_off_loop(job, storage, ui)
+    in_line = None if job.state.status.is_terminal else await _in_line(db, settings, job)
+    return await public_job_off_loop(job, storage, ui, in_line)
+
+
+async def _in_line(db: Database, settings: Settings, job: JobSnapshot) -> QueueEstimate:
+    return await db.run(estimate, InLine.of(job.state, job.live), configured_backends(settings),
+                        datetime.now(timezone.utc))
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)

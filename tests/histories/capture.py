@@ -100,6 +100,10 @@ async def capture() -> None:
                     # ... and reset by an operator to its first task while it ran: the new run's attempt records
                     # its reset-run-prompt marker and has a prompt id of its own.
                     "fleet_reset_job_succeeded": {"workflowJson": simulator.slow_prompt(5)},
+                    # With a priority: its run_prompt (and its start) carry the priority key and its owner as the
+                    # fairness key.
+                    "prioritized_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8},
+                                                  "priority": "high"},
                     # Since the operator-console patch: Priority and BatchId upserted with the first status, Backend
                     # as the job is placed (here an urgent batch item, started as a batch starts its items) ...
                     "console_batch_item_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
