@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from temporalio import activity
@@ -530,7 +530,10 @@ async def test_a_cancel_from_temporal_while_the_end_is_recorded_leaves_the_job_s
     fake = FakeGateway(hold_the_success=True)
     async with running(temporal_client, task_queue, fake):
         job = job_input(task_queue)
-        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        # The record is a local activity: the cancel reaches the workflow when its workflow task heartbeats, at
+        # 80% of the task timeout (Temporal's 10 s by default), a wait of the test's, not of the behaviour.
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue,
+                                                      task_timeout=timedelta(seconds=3))
         await asyncio.wait_for(fake.success_held.wait(), 10)
         await handle.cancel()
         state = await handle.result()
