@@ -97,6 +97,9 @@ async def capture() -> None:
                     # ... and reset by an operator to its first task while it ran: the new run's attempt records
                     # its reset-run-prompt marker and has a prompt id of its own.
                     "fleet_reset_job_succeeded": {"workflowJson": simulator.slow_prompt(5)},
+                    # Since the collect-in-prompt patch: run_prompt stores the outputs itself, and no
+                    # collect_outputs is scheduled.
+                    "collected_in_prompt_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
