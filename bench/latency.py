@@ -48,7 +48,7 @@ from temporalio.client import Client
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, percentile, simulated_gateway  # noqa: E402
+from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, cpu_per_job, percentile, simulated_stack  # noqa: E402
 from tests.harness import free_port  # noqa: E402
 
 
@@ -192,10 +192,16 @@ def main() -> None:
     versions = {"this checkout": REPO_ROOT, **{str(path): path.resolve() for path in arguments.against}}
     addresses = {label: f"127.0.0.1:{free_port()}" for label in versions}
     with ExitStack() as stack:
-        base_urls = [stack.enter_context(simulated_gateway(addresses[label], root)) for label, root in versions.items()]
+        stacks = [stack.enter_context(simulated_stack(temporal_address=addresses[label], repo_root=root))
+                  for label, root in versions.items()]
+        base_urls = [each.api_url for each in stacks]
         gaps = {"jobs 300 ms apart": 0.3, "back to back": 0.0}
+        cpu_before = [each.cpu_seconds() for each in stacks]
         results = {scenario: dict(zip(versions, measure(base_urls, prompt, arguments.jobs, arguments.poll_ms / 1000, gap)))
                    for scenario, gap in gaps.items()}
+        # Each stack's processes, over every job of both scenarios (warm-ups included, and the client's polls).
+        cpu_spent = {label: {part: seconds - before.get(part, 0.0) for part, seconds in each.cpu_seconds().items()}
+                     for label, each, before in zip(versions, stacks, cpu_before)}
         for by_version in results.values():
             for label, scenario in by_version.items():
                 asyncio.run(read_phases(addresses[label], scenario))
@@ -222,6 +228,7 @@ def main() -> None:
             print(f"| {phase:<12} | " + " | ".join(f"{cell:<24}" for cell in cells) + " |")
         print("workflow tasks per job: " + ", ".join(
             f"{name} {statistics.fmean(by_version[label].workflow_tasks):.1f}" for name, by_version in results.items()))
+        print("CPU per job, ms: " + cpu_per_job(cpu_spent[label], len(gaps) * (arguments.jobs + WARM_UP_JOBS)))
         print("history events per job: " + ", ".join(
             f"{name} {statistics.fmean(by_version[label].history_events):.1f}" for name, by_version in results.items()))
 
