@@ -153,7 +153,11 @@ class WebhookDelivery:
     @activity.defn(name="build_webhook")
     async def build_webhook(self, request: BuildWebhookInput) -> BuiltWebhook:
         """The event's body, once: its result in history is what every attempt sends."""
-        body = webhook_body(request.event, request.job, self._storage, self._settings.resolved_public_base_url)
+        if request.job is not None:
+            body = webhook_body(request.event, request.job, self._storage, self._settings.resolved_public_base_url)
+        else:  # a batch's: made by its workflow, the shape of `GET /batches/{id}`
+            assert request.batch is not None
+            body = {"event": request.event, **request.batch}
         return BuiltWebhook(
             body=compact_json(body),
             first_retry_seconds=self._settings.webhook_retry_first_interval_s,

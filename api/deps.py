@@ -23,6 +23,7 @@ from app.errors import ErrorCode
 from app.jobstore import JobSnapshot
 from app.settings import Settings
 from app.storage import OutputStorage
+from app.temporal_ui import TemporalUi
 
 
 # Dependencies that only look something up are `async def`: FastAPI runs a plain `def` dependency on a worker
@@ -53,6 +54,13 @@ async def get_storage(request: Request) -> OutputStorage:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def get_temporal_ui(settings: SettingsDep) -> TemporalUi:
+    return TemporalUi.of(settings)
+
+
+TemporalUiDep = Annotated[TemporalUi, Depends(get_temporal_ui)]
 
 # Both optional here (auto_error=False): the refusal is authenticate's one 401, whatever is missing. They also
 # put the two schemes in the OpenAPI document, so Swagger UI's "Authorize" takes a key or a token.

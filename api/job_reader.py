@@ -5,7 +5,9 @@ finished job never shows as live. A live job's truth is its workflow: the `statu
 live progress of the activity it is waiting on (its last heartbeat, through describe). A query answer is
 true when it is given; nothing is inferred from a race between two calls. A workflow that has closed is
 read from its row or, if the row does not show the end yet, from the workflow itself (a query of a closed
-workflow replays it to its end). Only a workflow Temporal itself terminated or timed out ends a job as
+workflow replays it to its end). That holds for a workflow that ended as Canceled too (the API cancels a job
+through Temporal): it recorded the job as `cancelled`, with who and why, before it ended; its Temporal status
+alone is never taken for the job's. Only a workflow Temporal itself terminated or timed out ends a job as
 `cancelled`/JOB_TERMINATED; the worker's reconciler writes that end into the row.
 
 Queries run on the worker, beside the jobs themselves, so a live job's snapshot is shared by the reads that

@@ -14,6 +14,7 @@ from app.jobstore import JobSnapshot
 from app.models import CamelModel, JobError, JobStatus, JobWarning, OutputRef, WebhookStatus
 from app.output_routes import output_route
 from app.storage import OutputStorage
+from app.temporal_ui import TemporalUi
 
 
 class OutputFile(CamelModel):
@@ -61,6 +62,10 @@ class Job(CamelModel):
     cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job; nothing ran")
     backend: str | None = Field(None, description="the ComfyUI backend its prompt was placed on (COMFYUI_URLS "
                                                   "names); null until placed")
+    temporal_ui_url: str | None = Field(
+        None, description="the job's workflow history in the Temporal Web UI (TEMPORAL_UI_URL); null without one")
+    batch_id: str | None = Field(None, description="the batch the job is an item of (POST /batches); null for a job "
+                                                   "submitted on its own")
 
 
 def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> OutputFile:
@@ -72,7 +77,7 @@ def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> Outpu
     )
 
 
-def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
+def public_job(snapshot: JobSnapshot, storage: OutputStorage, ui: TemporalUi) -> Job:
     state, live = snapshot.state, snapshot.live
     finished = state.status.is_terminal
     return Job(
@@ -97,11 +102,13 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
         webhook=snapshot.webhook,
         cache_hit=state.cache_hit,
         backend=state.backend,
+        temporal_ui_url=ui.workflow_url(state.job_id),
+        batch_id=state.batch_id,
     )
 
 
-async def public_job_off_loop(snapshot: JobSnapshot, storage: OutputStorage) -> Job:
+async def public_job_off_loop(snapshot: JobSnapshot, storage: OutputStorage, ui: TemporalUi) -> Job:
     """public_job, on a thread when the store signs its URLs with its SDK (boto3 is not for the event loop)."""
     if storage.signs_urls:
-        return await run_in_threadpool(public_job, snapshot, storage)
-    return public_job(snapshot, storage)
+        return await run_in_threadpool(public_job, snapshot, storage, ui)
+    return public_job(snapshot, storage, ui)

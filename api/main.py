@@ -18,7 +18,9 @@ from temporalio.client import Client
 
 from api.codec_cors import CodecCors
 from api.errors import install_error_handlers
-from api.job_reader import live_views
+from api.database import Database
+from api.job_reader import JobReader, live_views
+from api.job_streams import job_feeds
 from api.job_waits import JobWaits
 from api.openapi import install_openapi
 from api.plain_json import BodySizeLimit
@@ -28,7 +30,7 @@ from api.security_headers import SecurityHeaders
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
 from api.auth import warn_if_open
-from api.routes import audit, backends, codec, health, jobs, outputs, workflows
+from api.routes import audit, backends, batches, codec, events, health, jobs, outputs, workflows
 from app.codec import EncryptionCodec
 from app.comfy.backends import configured_backends, served_queues
 from app.db import make_engine
@@ -83,6 +85,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         app.state.storage = build_storage(settings)
         app.state.live_views = live_views()
         app.state.job_waits = JobWaits(settings.api_max_concurrent_waits)
+        app.state.job_feeds = job_feeds(
+            lambda: JobReader(Database(app.state.engine), app.state.temporal, app.state.live_views), app.state.job_waits)
         # What ComfyUI has (node types, models) changes rarely: a burst of requests asks it once.
         app.state.comfyui_answers = SharedAnswers(reuse_seconds=_COMFYUI_ANSWERS_SECONDS)
         app.state.started_at = time.monotonic()
@@ -137,8 +141,8 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
     app.add_middleware(CodecCors, origins=settings.resolved_codec_cors_origins)
     install_error_handlers(app)
     # Each router but health's (/health and /ready are public) requires a caller (api.deps.get_principal).
-    routers = [jobs.router, outputs.router, workflows.router, audit.router, health.router, codec.router,
-               backends.router]
+    routers = [jobs.router, events.router, batches.router, outputs.router, workflows.router, audit.router,
+               health.router, codec.router, backends.router]
     for router in routers:
         app.include_router(router)
     install_openapi(app, routers)

@@ -21,6 +21,7 @@ TEMPLATE_CREATE = "template.create"
 TEMPLATE_UPDATE = "template.update"
 TEMPLATE_DELETE = "template.delete"
 JOB_CANCEL = "job.cancel"
+BATCH_CANCEL = "batch.cancel"
 CODEC_DECODE = "codec.decode"
 
 

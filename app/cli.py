@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -119,6 +120,8 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
         log.info("database schema %s (was %s)", migration.after, migration.before)
         prepare_database(engine)  # once here, so that the worker and the API do not race to load templates
         engine.dispose()
+        if settings.temporal_ui_url is None:  # each job's temporalUiUrl links into this dev server's Web UI
+            os.environ["TEMPORAL_UI_URL"] = f"http://127.0.0.1:{settings.temporal_ui_port}"
         for part in parts:
             part.start()
         log.info("API on http://%s:%d (docs at /docs); Ctrl-C stops everything", settings.host, settings.port)

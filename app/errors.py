@@ -36,6 +36,8 @@ class ErrorCode(str, Enum):
     WORKFLOW_CONFLICT = "WORKFLOW_CONFLICT"
     JOB_NOT_FOUND = "JOB_NOT_FOUND"
     JOB_ALREADY_FINISHED = "JOB_ALREADY_FINISHED"
+    BATCH_NOT_FOUND = "BATCH_NOT_FOUND"
+    BATCH_ALREADY_FINISHED = "BATCH_ALREADY_FINISHED"
     IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
     OUTPUT_NOT_FOUND = "OUTPUT_NOT_FOUND"
     OUTPUT_FILE_MISSING = "OUTPUT_FILE_MISSING"
@@ -119,6 +121,9 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
         409, False, False, _REQUEST, "a concurrent update took the same template version first"),
     ErrorCode.JOB_NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "no such job"),
     ErrorCode.JOB_ALREADY_FINISHED: ErrorClass(409, False, False, _REQUEST, "the job has finished; it cannot be cancelled"),
+    ErrorCode.BATCH_NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "no such batch"),
+    ErrorCode.BATCH_ALREADY_FINISHED: ErrorClass(
+        409, False, False, _REQUEST, "the batch has ended (completed or cancelled); it cannot be cancelled"),
     ErrorCode.IDEMPOTENCY_CONFLICT: ErrorClass(
         409, False, False, _REQUEST,
         "a job with this idempotency key (`Idempotency-Key` or `metadata.requestId`) was submitted with a different "

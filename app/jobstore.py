@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 from app.db import as_utc
 from app.models import LIVE_STATUSES, JobError, JobEventInput, JobState, JobStatus, JobWarning, LiveProgress, OutputRef
 from app.models import RecordJobInput, WebhookStatus
-from app.tables import JobEventRow, JobRow
+from app.tables import BatchRow, JobEventRow, JobRow
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ def record_job(session: Session, record: RecordJobInput) -> None:
     row.cache_hit = job.cache_hit
     row.cached_from = job.cached_from
     row.request_fingerprint = record.request_fingerprint
+    row.batch_id = job.batch_id
     row.updated_at = datetime.now(timezone.utc)
     session.add(row)
     _insert_events(session, job.job_id, record.events)
@@ -97,6 +98,10 @@ def record_webhook_attempt(session: Session, job_id: str, status: WebhookStatus,
     attempt, so a write that is repeated is stored once). Never the job's status."""
     session.execute(
         update(JobRow).where(col(JobRow.job_id) == job_id).values(webhook=status.model_dump(by_alias=True))
+    )
+    # A batch's webhook (batch.completed) is kept on its batch's row; its attempts go to a log under its id.
+    session.execute(
+        update(BatchRow).where(col(BatchRow.batch_id) == job_id).values(webhook=status.model_dump(by_alias=True))
     )
     _insert_events(session, job_id, [event])
     session.commit()
@@ -160,6 +165,7 @@ def job_snapshot(row: JobRow) -> JobSnapshot:
         cached_from=row.cached_from,
         owner=row.owner,
         backend=row.backend or None,
+        batch_id=row.batch_id,
     )
     live = LiveProgress(
         percent=row.progress, node=row.current_node, queue_position=row.queue_position,
@@ -213,6 +219,7 @@ class JobFilter:
     created_after: datetime | None = None
     created_before: datetime | None = None
     owner: str | None = None
+    batch_id: str | None = None
     limit: int = 50
     offset: int = 0
 
@@ -225,6 +232,8 @@ def list_jobs(session: Session, job_filter: JobFilter) -> tuple[list[JobSnapshot
         conditions.append(col(JobRow.template_id) == job_filter.template_id)
     if job_filter.owner:
         conditions.append(col(JobRow.owner) == job_filter.owner)
+    if job_filter.batch_id:
+        conditions.append(col(JobRow.batch_id) == job_filter.batch_id)
     if job_filter.created_after:
         conditions.append(col(JobRow.created_at) > job_filter.created_after)
     if job_filter.created_before:

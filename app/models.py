@@ -194,7 +194,8 @@ class RenderPromptResult(BaseModel):
     image_sources: dict[str, str] = Field(default_factory=dict)
 
 
-# The longest time limit a job may ask for (`timeoutSeconds`).
+# The longest time limit a job may ask for (`timeoutSeconds`) unless MAX_JOB_TIMEOUT_S says otherwise, and the
+# one that jobs from before that setting were submitted under.
 MAX_JOB_TIMEOUT_SECONDS = 24 * 3600
 
 
@@ -207,6 +208,9 @@ class GenerationInput(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     timeout_seconds: float
+    # The longest time limit any job could have when this one was submitted (MAX_JOB_TIMEOUT_S): how long it may
+    # wait in ComfyUI's queue behind another job. None (jobs from before the setting): MAX_JOB_TIMEOUT_SECONDS.
+    max_timeout_seconds: float | None = None
     heartbeat_timeout_seconds: float
     # Jobs before the fleet ran on this backend, through this queue; later jobs are placed when a slot frees up.
     backend: str
@@ -258,6 +262,10 @@ class PromptStarted(BaseModel):
 class CancelRequest(BaseModel):
     reason: str = ""
     actor: str = "api"
+    # The sender requests the workflow's cancellation in Temporal right after this signal (the API does, since the
+    # operator-console patch): the workflow keeps the who and why and lets that cancellation stop the job, so that
+    # it ends as Canceled. False (older APIs): the signal stops the job itself, and the workflow completes.
+    temporal_cancel_follows: bool = False
 
 
 class StageImagesInput(BaseModel):
@@ -388,16 +396,27 @@ class WebhookStatus(CamelModel):
 
 
 class WebhookDeliveryInput(BaseModel):
-    """WebhookDeliveryWorkflow's input: one event of one job, its state as the event saw it."""
+    """WebhookDeliveryWorkflow's input: one event of one job, its state as the event saw it; or of one batch
+    (`batch.completed`), its body as BatchWorkflow made it (`batch`, with `batchId`; then no `job`)."""
 
     event: str
     callback_url: str
-    job: JobState
+    job: JobState | None = None
+    batch: dict[str, Any] | None = None
+
+    @property
+    def subject_id(self) -> str:
+        """The job or batch whose event it is: its row and log get the attempts."""
+        if self.job is not None:
+            return self.job.job_id
+        assert self.batch is not None
+        return str(self.batch["batchId"])
 
 
 class BuildWebhookInput(BaseModel):
     event: str
-    job: JobState
+    job: JobState | None = None
+    batch: dict[str, Any] | None = None
 
 
 class BuiltWebhook(BaseModel):

@@ -14,6 +14,7 @@ from typing_extensions import Annotated
 from app.codec import EncryptionKey, parse_encryption_keys
 from app.comfy.backends import parse_backends, valid_url
 from app.auth import ApiKey, Role, parse_api_key
+from app.models import MAX_JOB_TIMEOUT_SECONDS
 
 
 class StorageProvider(str, Enum):
@@ -99,6 +100,9 @@ class Settings(BaseSettings):
     api_max_concurrent_waits: int = Field(
         1000, ge=1, description="requests that may wait (`wait=`) for a job at once; more are refused with 503 "
                                 "TOO_MANY_WAITS")
+    sse_keepalive_s: float = Field(
+        15.0, gt=0, description="how often a quiet event stream (GET /jobs/{id}/events) sends a keep-alive comment, "
+                                "so that proxies do not close it")
     # Rate limits: RATE_LIMIT_MAX requests per RATE_LIMIT_WINDOW_MS, per principal and per client address.
     rate_limit_max: int | None = Field(
         None, ge=1, description="requests a principal, and a client address, may make per window (with "
@@ -127,6 +131,9 @@ class Settings(BaseSettings):
         1, ge=0, le=8, description="prompts per slot that wait in ComfyUI's own queue while one runs, so that the "
                                    "GPU never waits for the gateway between two")
     comfyui_timeout_ms: int = Field(300_000, gt=0, description="a job's time limit on ComfyUI (per job: timeoutSeconds)")
+    max_job_timeout_s: float = Field(
+        MAX_JOB_TIMEOUT_SECONDS, gt=0, description="the longest timeoutSeconds a job may ask for (an hour-long render "
+                                                   "needs 3600 or more); at least COMFYUI_TIMEOUT_MS")
     max_concurrency: int = Field(
         1, ge=1, le=64, description="prompts run at once per ComfyUI (its slots, unless COMFYUI_URLS says); "
                                     "further jobs wait durably in Temporal")
@@ -141,6 +148,15 @@ class Settings(BaseSettings):
     # Off in production: a URL input must not reach the gateway's own network (SSRF).
     input_image_allow_private_urls: bool = Field(
         False, description="let image URLs point at private and loopback addresses (tests and closed networks only)")
+
+    # Batches (POST /batches)
+    max_batch_items: int = Field(1000, ge=1, le=10_000, description="most items a batch may have")
+    batch_max_parallel: int = Field(
+        20, ge=1, le=1000, description="items of one batch started and not yet ended at once; the rest wait, in "
+                                       "order, in the batch's workflow")
+    batch_items_per_run: int = Field(
+        200, ge=1, le=2000, description="items one run of a batch's workflow starts before it continues as new, "
+                                        "which keeps its history bounded")
 
     # Persistence
     data_dir: Path = Field(Path("./data"), description="SQLite database, Temporal's dev database, outputs, scratch files")
@@ -194,6 +210,9 @@ class Settings(BaseSettings):
     temporal_task_queue: str = Field(
         "comfyui-gateway", description="the main task queue (each ComfyUI gets <queue>.<backend>)")
     temporal_ui_port: int = Field(8233, ge=1, le=65535, description="the dev server's Web UI (comfyui-gateway dev)")
+    temporal_ui_url: str | None = Field(
+        None, pattern=r"^https?://", description="the Temporal Web UI operators use, for each job's `temporalUiUrl` "
+        "(e.g. https://temporal-ui.example.com); `comfyui-gateway dev` sets its own UI's; none: no links")
 
     # Result cache
     cache_enabled: bool = Field(
@@ -258,6 +277,13 @@ class Settings(BaseSettings):
         if value is not None:
             parse_encryption_keys(value.get_secret_value())  # its errors never quote key material
         return value
+
+    @model_validator(mode="after")
+    def _default_timeout_within_maximum(self) -> "Settings":
+        if self.job_timeout_seconds > self.max_job_timeout_s:
+            raise ValueError(f"COMFYUI_TIMEOUT_MS ({self.comfyui_timeout_ms}) is longer than MAX_JOB_TIMEOUT_S "
+                             f"({self.max_job_timeout_s:g} s): no job could have the default time limit")
+        return self
 
     @model_validator(mode="after")
     def _privacy_needs_encryption(self) -> "Settings":

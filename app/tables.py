@@ -55,6 +55,8 @@ class JobRow(SQLModel, table=True):
     cached_from: str | None = Field(default=None, index=True, max_length=64)
     # SHA-256 of the request of a job submitted with an idempotency key: a repeat with another body is refused.
     request_fingerprint: str | None = Field(default=None, max_length=64)
+    # The batch the job is an item of (POST /batches); None for a job submitted on its own.
+    batch_id: str | None = Field(default=None, index=True, max_length=64)
 
 
 class JobEventRow(SQLModel, table=True):
@@ -129,3 +131,28 @@ class BackendSlotRow(SQLModel, table=True):
     holder: str = Field(max_length=128)
     prompt_id: str | None = Field(default=None, max_length=64)
     expires_at: datetime = _utc_column(nullable=False)
+
+
+class BatchRow(SQLModel, table=True):
+    """A batch (POST /batches), written by its BatchWorkflow as it starts, as it continues as new and as it
+    ends. Its items are ordinary jobs, whose rows name it (jobs.batch_id)."""
+
+    __tablename__ = "batches"
+
+    batch_id: str = Field(primary_key=True, max_length=64)
+    status: str = Field(index=True, max_length=16)
+    template_id: str | None = Field(default=None, max_length=128)
+    owner: str | None = Field(default=None, index=True, max_length=MAX_PRINCIPAL_ID_LENGTH)
+    priority: int
+    batch_metadata: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    total: int
+    started: int = 0
+    # {succeeded, failed, cancelled}: the items that had ended when the workflow last wrote the row.
+    tally: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    cancel_reason: str | None = None
+    # {delivered, attempts, lastStatus} of the batch.completed webhook; None without one.
+    webhook: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    created_at: datetime = _utc_column(index=True, nullable=False)
+    started_at: datetime | None = _utc_column()
+    completed_at: datetime | None = _utc_column()
+    updated_at: datetime = _utc_column(nullable=False)

@@ -17,6 +17,10 @@ from app.search_attributes import JOB_SEARCH_ATTRIBUTES
 from app.settings import Settings
 
 
+# How `temporal operator search-attribute create --type` names each kind the gateway uses.
+_CLI_TYPES = {IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD: "Keyword", IndexedValueType.INDEXED_VALUE_TYPE_INT: "Int"}
+
+
 class SearchAttributesMissing(RuntimeError):
     """The namespace lacks the gateway's search attributes and would not take them."""
 
@@ -25,7 +29,7 @@ def gateway_data_converter(settings: Settings) -> DataConverter:
     """Pydantic payloads; with ENCRYPTION_KEYS every payload encrypted, and failures too: their message and
     stack trace move into an encrypted payload (what Temporal shows is "Encoded failure"), since an error
     may quote an input. The API and the worker must use the same one. Search attributes stay readable: they
-    hold only a job's status and template id."""
+    hold only what names a job (status, template, owner, backend, priority, batch), never its inputs."""
     keys = settings.encryption_key_ring
     if not keys:
         return pydantic_data_converter
@@ -48,10 +52,10 @@ async def register_search_attributes(client: Client) -> None:
     A workflow that writes an unregistered attribute cannot make progress, so the worker calls this
     before polling and refuses to start when it fails (e.g. Temporal Cloud, where the operator API is
     closed and the attributes are created with `tcld`)."""
-    wanted = {key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for key in JOB_SEARCH_ATTRIBUTES}
+    wanted = {key.name: IndexedValueType.ValueType(key.indexed_value_type.value) for key in JOB_SEARCH_ATTRIBUTES}
     existing = await _custom_search_attributes(client)
-    # Only the missing ones are asked for: a namespace of an older release has JobStatus and TemplateId, and a
-    # request that names an existing attribute may be refused as a whole.
+    # Only the missing ones are asked for: a namespace of an older release has some of them (JobStatus, TemplateId,
+    # Owner), and a request that names an existing attribute may be refused as a whole.
     missing = {name: kind for name, kind in wanted.items() if existing is None or name not in existing}
     if not missing:
         return
@@ -66,8 +70,9 @@ async def register_search_attributes(client: Client) -> None:
     if existing is not None and set(wanted) <= existing:
         return  # another worker added them meanwhile
     commands = "; ".join(
-        f"temporal operator search-attribute create --namespace {client.namespace} --name {name} --type Keyword"
-        for name in missing
+        f"temporal operator search-attribute create --namespace {client.namespace} --name {name} "
+        f"--type {_CLI_TYPES[kind]}"
+        for name, kind in missing.items()
     )
     raise SearchAttributesMissing(
         f"namespace {client.namespace!r} lacks the search attributes {', '.join(missing)} and refused to add them "

@@ -1,5 +1,9 @@
 """Jobs whose workflows Temporal itself ended (terminated by an operator, or timed out): such a workflow never
-wrote its own end, so its job ends as `cancelled` with JOB_TERMINATED and the operator's reason."""
+wrote its own end, so its job ends as `cancelled` with JOB_TERMINATED and the operator's reason.
+
+A workflow that ended as Canceled is not one of them: a cancellation (the API's, the Web UI's) is the workflow's
+to carry out, and it records the job's end (`cancelled`, who and why) before it ends so; Completed and Failed
+likewise. Its job is read from its row, as theirs are."""
 
 from __future__ import annotations
 

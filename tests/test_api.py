@@ -23,7 +23,7 @@ async def test_submit_answers_at_once_and_lists_filter(gateway: Gateway) -> None
     assert response.status_code == 202
     accepted = response.json()
     assert accepted["status"] == "queued" and accepted["pollUrl"] == f"/jobs/{accepted['jobId']}"
-    assert set(accepted) == {"jobId", "status", "etaSeconds", "pollUrl", "cacheHit"}
+    assert set(accepted) == {"jobId", "status", "etaSeconds", "pollUrl", "cacheHit", "temporalUiUrl"}
     template_job = await wait_for_job(gateway.api, accepted["jobId"], until=DONE)
     inline_job = await gateway.run({"workflowJson": recorded_workflow("fail.json")})
 

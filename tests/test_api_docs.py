@@ -94,10 +94,18 @@ ERROR_CODES = {
     "POST /jobs/{job_id}/cancel": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "JOB_NOT_FOUND", "JOB_ALREADY_FINISHED",
                                    "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /jobs/{job_id}/logs": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /jobs/{job_id}/events": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /outputs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /outputs/{job_id}/{filename}": {"VALIDATION_ERROR", "JOB_NOT_FOUND", "OUTPUT_NOT_FOUND",
                                          "OUTPUT_FILE_MISSING", "STORAGE_ERROR", "TEMPORAL_UNAVAILABLE",
                                          "INTERNAL_ERROR"} | _AUTH,
+    "POST /batches": {"VALIDATION_ERROR", "WEBHOOK_NOT_CONFIGURED", "REQUEST_TOO_LARGE", "WORKFLOW_NOT_FOUND",
+                      "STORAGE_ERROR", "TOO_MANY_ACTIVE_JOBS", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /batches/{batch_id}": {"BATCH_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "GET /batches/{batch_id}/jobs": {"VALIDATION_ERROR", "BATCH_NOT_FOUND", "TEMPORAL_UNAVAILABLE",
+                                     "INTERNAL_ERROR"} | _AUTH,
+    "POST /batches/{batch_id}/cancel": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "BATCH_NOT_FOUND",
+                                        "BATCH_ALREADY_FINISHED", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /workflows": {"INTERNAL_ERROR"} | _AUTH,
     "POST /workflows": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "WORKFLOW_EXISTS", "INTERNAL_ERROR"} | _ADMIN,
     "GET /workflows/{template_id}": {"WORKFLOW_NOT_FOUND", "INTERNAL_ERROR"} | _AUTH,
@@ -135,11 +143,12 @@ async def test_each_operation_documents_the_errors_it_answers_with(api: httpx.As
         assert set(operation["responses"]) - set(errors) == {min(operation["responses"])} | (
             {"503"} if name in ("GET /health", "GET /ready") else set()) | (
             {"307"} if name == "GET /outputs/{job_id}/{filename}" else set()) | (
-            {"202"} if name == "POST /jobs" else set()), name  # the success, and no 422
+            {"202"} if name == "POST /jobs" else set()) | (
+            {"204"} if name == "GET /jobs/{job_id}/events" else set()), name  # the success, and no 422
         query = [parameter["name"] for parameter in operation.get("parameters", []) if parameter["in"] == "query"]
         assert all("_" not in parameter for parameter in query), (name, query)  # camelCase, as on the wire
     assert [p["name"] for p in operations["GET /jobs"]["parameters"]] == [
-        "status", "workflowId", "after", "before", "limit", "offset"]
+        "status", "workflowId", "batchId", "after", "before", "limit", "offset"]
     for name in ("POST /jobs", "GET /jobs/{job_id}"):
         [wait] = [p for p in operations[name]["parameters"] if p["name"] == "wait"]
         assert wait["in"] == "query" and not wait["required"] and "MAX_WAIT_SECONDS" in wait["description"], name
@@ -175,6 +184,7 @@ async def test_the_answers_about_real_jobs_are_as_documented(gateway: Gateway) -
     await answer("GET", "/jobs/{job_id}", f"/jobs/{job_id}")
     await answer("GET", "/jobs", "/jobs", params={"workflowId": "solid_color"})
     await answer("GET", "/jobs/{job_id}/logs", f"/jobs/{job_id}/logs")
+    await answer("GET", "/jobs/{job_id}/events", f"/jobs/{job_id}/events")  # a finished job's: its end, then closed
     await answer("GET", "/outputs/{job_id}", f"/outputs/{job_id}")
     await answer("GET", "/outputs/{job_id}/{filename}", f"/outputs/{job_id}/{filename}")
     await answer("GET", "/outputs/{job_id}/{filename}", f"/outputs/{job_id}/{filename}", params={"format": "base64"})

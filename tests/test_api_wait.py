@@ -53,7 +53,7 @@ async def test_a_wait_that_runs_out_answers_as_without_wait(gateway: Gateway) ->
     answer = await gateway.api.post("/jobs", params={"wait": 0.5}, json={"workflowJson": gateway.comfyui.slow_prompt(20)})
     assert answer.status_code == 202, answer.text
     accepted = answer.json()
-    assert set(accepted) == {"jobId", "status", "etaSeconds", "pollUrl", "cacheHit"}
+    assert set(accepted) == {"jobId", "status", "etaSeconds", "pollUrl", "cacheHit", "temporalUiUrl"}
     assert accepted["status"] in ("queued", "running")
     job_id = accepted["jobId"]
     await wait_for_job(gateway.api, job_id, until={"running"})

@@ -139,6 +139,9 @@ async def test_dev_runs_everything_stops_cleanly_and_jobs_survive_a_restart(tmp_
             # The worker has the job and waits for ComfyUI: the restart interrupts a job in progress.
             job = await assert_eventually(waiting_for_comfyui, timeout=20, what="the job waiting for ComfyUI")
             assert job["status"] == "queued" and job["warning"]["code"] == "COMFYUI_UNREACHABLE"
+            # Its history in the dev server's Web UI, which dev links every job to.
+            ui_url = f"http://127.0.0.1:{env['TEMPORAL_UI_PORT']}/namespaces/default"
+            assert job["temporalUiUrl"] == f"{ui_url}/workflows/{job_id}"
     finally:
         survivors = stop_dev(gateway)
     assert survivors == []

@@ -7,7 +7,7 @@ import uuid
 
 import httpx
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
 from app.models import prompt_id_for
 from tests.harness import (
@@ -35,12 +35,16 @@ async def in_comfyui_queue(gateway: Gateway, job_id: str) -> bool:
     return job_id in queued_job_ids(await comfy_queue(gateway))
 
 
+async def workflow_status_is(handle: WorkflowHandle, status: WorkflowExecutionStatus) -> bool:
+    return (await handle.describe()).status is status
+
+
 async def listed_as_cancelled(gateway: Gateway, job_id: str) -> bool:
     listed = (await gateway.api.get("/jobs", params={"status": "cancelled"})).json()["jobs"]
     return job_id in {job["jobId"] for job in listed}
 
 
-async def test_cancel_while_running_interrupts_the_prompt(gateway: Gateway) -> None:
+async def test_cancel_while_running_interrupts_the_prompt(gateway: Gateway, temporal_client: Client) -> None:
     job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
     await wait_for_job(gateway.api, job_id, until={"running"})
     surprise = await gateway.api.post(f"/jobs/{job_id}/cancel", json={"reason": "x", "surprise": 1})
@@ -49,9 +53,16 @@ async def test_cancel_while_running_interrupts_the_prompt(gateway: Gateway) -> N
     assert response.status_code == 200, response.text
     assert response.json() == {"jobId": job_id, "status": "cancelled", "message": "job cancelled"}
     job = (await gateway.api.get(f"/jobs/{job_id}")).json()
-    assert job["status"] == "cancelled" and "user left" in job["error"]["message"]
+    assert job["status"] == "cancelled" and job["error"]["code"] == "JOB_CANCELLED"
+    assert job["error"]["message"] == "cancelled by anonymous: user left"
     [run] = await comfy_history_for_job(gateway.comfyui.url, job_id)
     assert run["status"]["messages"][-1][0] == "execution_interrupted"
+    # The Web UI shows it as Canceled, with nothing left pending, and its row (what every reader reads) agrees.
+    described = await temporal_client.get_workflow_handle(job_id).describe()
+    assert described.status is WorkflowExecutionStatus.CANCELED
+    assert not described.raw_description.pending_activities
+    listed = (await gateway.api.get("/jobs", params={"status": "cancelled"})).json()["jobs"]
+    assert [(listed_job["jobId"], listed_job["error"]) for listed_job in listed] == [(job_id, job["error"])]
     again = await gateway.api.post(f"/jobs/{job_id}/cancel")
     assert again.status_code == 409 and again.json()["error"]["code"] == "JOB_ALREADY_FINISHED"
 
@@ -94,9 +105,14 @@ async def test_cancel_while_waiting_for_a_slot_never_reaches_comfyui(gateway: Ga
 async def test_cancel_from_temporal_takes_the_same_path(gateway: Gateway, temporal_client: Client) -> None:
     job_id = await gateway.submit({"workflowJson": gateway.comfyui.slow_prompt(10)})
     await wait_for_job(gateway.api, job_id, until={"running"})
-    await temporal_client.get_workflow_handle(job_id).cancel()
+    await temporal_client.get_workflow_handle(job_id).cancel(reason="the GPU is needed elsewhere")
     job = await wait_for_job(gateway.api, job_id, until=DONE)
-    assert job["status"] == "cancelled" and "temporal" in job["error"]["message"]
+    # The operator's reason (the Web UI's and the CLI's cancel take one) is the job's.
+    assert job["status"] == "cancelled" and job["error"]["message"] == "cancelled by temporal: the GPU is needed elsewhere"
+    handle = temporal_client.get_workflow_handle(job_id)
+    # The row is written before the workflow ends: Canceled follows.
+    await assert_eventually(
+        lambda: workflow_status_is(handle, WorkflowExecutionStatus.CANCELED), timeout=5, what="the workflow's end")
     [run] = await comfy_history_for_job(gateway.comfyui.url, job_id)
     assert run["status"]["messages"][-1][0] == "execution_interrupted"
 

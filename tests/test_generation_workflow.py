@@ -342,6 +342,30 @@ async def test_cancel_signal_stops_the_running_prompt(temporal_client: Client, t
     assert statuses[0] is JobStatus.queued and JobStatus.running in statuses and statuses[-1] is JobStatus.cancelled
 
 
+async def test_the_apis_cancel_ends_the_workflow_as_canceled_with_the_signalled_reason(
+    temporal_client: Client, task_queue: str
+) -> None:
+    """The API signals who and why, then requests Temporal's cancellation: the signal alone stops nothing, the
+    cancellation stops the prompt, and the job, recorded with the signalled reason, ends its workflow as Canceled."""
+    fake = FakeGateway(run_outcomes=["block"])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        await asyncio.wait_for(fake.run_started.wait(), 10)
+        await handle.signal(GenerationWorkflow.cancel,
+                            CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True))
+        assert (await handle.query(GenerationWorkflow.status)).status is JobStatus.running
+        assert fake.cancelled_prompts == []
+        await handle.cancel(reason="cancelled through the gateway's API by alice")
+        with pytest.raises(WorkflowFailureError) as raised:
+            await handle.result()
+    assert isinstance(raised.value.cause, CancelledError)
+    assert fake.cancelled_prompts == [prompt_id_for(job.job_id, 1)]
+    final = fake.records[-1].job
+    assert final.status is JobStatus.cancelled and final.error is not None
+    assert final.error.message == "cancelled by alice: changed my mind"
+
+
 async def test_temporal_cancellation_takes_the_same_path(temporal_client: Client, task_queue: str) -> None:
     fake = FakeGateway(run_outcomes=["block"])
     async with running(temporal_client, task_queue, fake):

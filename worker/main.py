@@ -29,6 +29,7 @@ from temporalio.service import ServiceClient
 from temporalio.worker import FixedSizeSlotSupplier, PollerBehaviorSimpleMaximum, Worker, WorkerTuner
 
 from activities.comfy import ComfyActivities, Placement
+from activities.batches import BatchActivities
 from activities.delivery import WebhookDelivery, WebhookPoster
 from activities.inputs import ImageStager, InputActivities
 from activities.progress_webhooks import ProgressWebhooks
@@ -49,6 +50,7 @@ from app.webhooks.signing import WebhookSigner
 from worker.bytecode import cache_workflow_bytecode
 from worker.reconciler import JobReconciler
 from worker.retention_schedule import ensure_retention_schedule
+from workflows_temporal.batch import BatchWorkflow
 from workflows_temporal.generation import GenerationWorkflow
 from workflows_temporal.retention import RetentionWorkflow
 from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow
@@ -104,13 +106,14 @@ def build_workers(
     inputs = InputActivities(clients, stager)
     render = RenderActivities(engine)
     records = RecordActivities(engine)
+    batches = BatchActivities(engine)
     retention = RetentionActivities(engine, storage, client)
     main = Worker(
         client,
         task_queue=settings.temporal_task_queue,
-        workflows=[GenerationWorkflow, RetentionWorkflow, WebhookDeliveryWorkflow],
+        workflows=[GenerationWorkflow, BatchWorkflow, RetentionWorkflow, WebhookDeliveryWorkflow],
         activities=[
-            render.render_prompt, records.record_job, comfy.collect_outputs, comfy.cancel_prompt, inputs.stage_images,
+            render.render_prompt, records.record_job, batches.record_batch, comfy.collect_outputs, comfy.cancel_prompt, inputs.stage_images,
             retention.find_expired_jobs, retention.delete_jobs,
             delivery.build_webhook, delivery.deliver_webhook, delivery.webhook_given_up,
         ],
@@ -192,14 +195,20 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
     await ensure_retention_schedule(client, settings)
     # Image inputs are fetched from the internet with a client of their own: no cookies shared with the
     # ComfyUI client, and no proxy from the environment, which would defeat the address pinning.
+    # The ComfyUI clients of every backend share a connection pool: it must hold a connection for each prompt
+    # the fleet may follow at once, and the probes one per backend, or a large fleet's calls wait for the pool
+    # (httpx's default is 100) and its backends read as unreachable.
+    backends = configured_backends(settings)
+    prompts = sum(backend.capacity(settings.comfyui_prefetch) for backend in backends)
     async with (
-        httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0)) as http,
+        httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0),
+                          limits=httpx.Limits(max_connections=max(100, 2 * prompts))) as http,
         httpx.AsyncClient(trust_env=False) as image_http,
-        httpx.AsyncClient(timeout=httpx.Timeout(_PROBE_TIMEOUT_S)) as probe_http,
+        httpx.AsyncClient(timeout=httpx.Timeout(_PROBE_TIMEOUT_S),
+                          limits=httpx.Limits(max_connections=max(100, len(backends)))) as probe_http,
     ):
         # The first backend's workers share the main worker's connection; each other backend has its own.
-        backend_clients = {backend.id: await connection_of_its_own(client)
-                           for backend in configured_backends(settings)[1:]}
+        backend_clients = {backend.id: await connection_of_its_own(client) for backend in backends[1:]}
         built = build_workers(client, settings, engine, http, image_http, probe_http, backend_clients)
         workers = built.workers
         await built.fleet.count_others()

@@ -4,7 +4,8 @@ query on the job's search attributes and ends their rows as `cancelled` with JOB
 and without waiting for anyone to read the job; and it starts the job's `job.cancelled` webhook, if the job
 asked for one, which the ended workflow never will. Idempotent: a row that has ended stays as it is, and a
 webhook's delivery workflow starts once, so several workers may run this at once. A run terminated by a reset
-is not the job's end: the job goes on in its new run, so only a job whose latest run has ended is closed."""
+is not the job's end: the job goes on in its new run, so only a job whose latest run has ended is closed.
+Canceled workflows are not looked at: a cancelled workflow records its job's end itself before it ends."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ with workflow.unsafe.imports_passed_through():
         prompt_id_for,
     )
     from app.redaction import Redactor, free_texts
-    from app.search_attributes import JOB_STATUS, OWNER, TEMPLATE_ID
+    from app.search_attributes import BACKEND, BATCH_ID, JOB_STATUS, OWNER, PRIORITY, TEMPLATE_ID
     from app.webhooks.events import PROGRESS_EVENT
     from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
 
@@ -64,6 +64,11 @@ API_RENDERED_PROMPT_PATCH = "api-rendered-prompt"
 # A job's prompt is placed on whichever backend frees a slot first (its shared or tag queue), runs again elsewhere
 # when its backend is lost, and its images are staged there; jobs before name one backend and its queue.
 FLEET_PATCH = "fleet"
+# The Web UI as an operator console: the job's Backend (kept current as it is placed), Priority and BatchId are
+# indexed too; a cancel signal followed by Temporal's cancellation (the API's cancel) ends the workflow as Canceled;
+# and a cancellation through Temporal alone (Web UI, CLI) gives its reason to the job. Jobs before index only status,
+# template and owner, complete when cancelled by signal, and name no reason of Temporal's.
+CONSOLE_PATCH = "operator-console"
 # run_prompt stores the prompt's outputs itself, in the slot that ran it, and collect_outputs runs only when it
 # could not; jobs before always ran collect_outputs after it.
 COLLECT_IN_PROMPT_PATCH = "collect-in-prompt"
@@ -163,6 +168,8 @@ class GenerationWorkflow:
         self._indexed = False
         self._owner_indexed = False
         self._indexed_status: JobStatus | None = None
+        self._console = False
+        self._indexed_backend: str | None = None
         self._webhook_started = False
         self._redactor = Redactor([])
 
@@ -174,6 +181,7 @@ class GenerationWorkflow:
         self._indexed = workflow.patched(SEARCH_ATTRIBUTES_PATCH)
         self._fleet = job.cached_result is None and workflow.patched(FLEET_PATCH)
         self._owner_indexed = job.owner is not None and workflow.patched(OWNER_PATCH)
+        self._console = self._indexed and workflow.patched(CONSOLE_PATCH)
         self._state = accepted_state(job)
         if job.cached_result is not None:
             self._event("status", "job accepted; an identical earlier job's result answers it", {"status": "queued"})
@@ -181,7 +189,7 @@ class GenerationWorkflow:
         else:
             self._event("status", "job accepted; waiting for a ComfyUI slot", {"status": "queued"})
             self._work = asyncio.create_task(self._generate(job))
-        if self._cancel is not None:
+        if self._cancel is not None and self._stops_itself(self._cancel):
             self._work.cancel()
         try:
             await self._record()  # the queued row is written while the prompt renders
@@ -196,8 +204,10 @@ class GenerationWorkflow:
             if self._cancel is not None or is_cancelled_exception(failure):
                 signalled = self._cancel is not None
                 await self._finish_cancelled()
-                if not signalled:
-                    raise  # cancelled through Temporal itself (Web UI, CLI): the workflow ends as Canceled
+                if not signalled or (self._console and workflow.cancellation_reason() is not None):
+                    # Cancelled through Temporal (after the API's signal, or from the Web UI or the CLI): the
+                    # workflow, its job recorded as cancelled, ends as Canceled.
+                    raise
                 return self._state
             error = self._redacted(job_error_from(failure))
             await self._finish(JobStatus.failed, error=error)
@@ -214,8 +224,16 @@ class GenerationWorkflow:
         if self._cancel is not None or (self._state is not None and self._state.status.is_terminal):
             return
         self._cancel = request
-        if self._work is not None and not self._work.done():
+        # Before the workflow's run has begun, run() does this once it knows the job's patches.
+        if self._work is not None and not self._work.done() and self._stops_itself(request):
             self._work.cancel()
+
+    def _stops_itself(self, request: CancelRequest) -> bool:
+        """Whether the cancel signal stops the job itself, or (sent by the API since the console patch) keeps only
+        the who and why for the Temporal cancellation that follows it, which stops the job through the same path
+        and ends the workflow as Canceled. A job whose Temporal cancellation never comes (the API stopped between
+        its two calls) goes on: the API answered an error, and the client's retry cancels it."""
+        return not (self._console and request.temporal_cancel_follows)
 
     @workflow.signal(name=PROMPT_STARTED_SIGNAL)
     async def prompt_started(self, started: PromptStarted) -> None:
@@ -405,7 +423,9 @@ class GenerationWorkflow:
         not this, is what notices a worker gone."""
         if not self._fleet:
             return timedelta(seconds=job.timeout_seconds + 60)
-        return timedelta(seconds=job.timeout_seconds + MAX_JOB_TIMEOUT_SECONDS + 60)
+        # From the job's input, not the worker's settings: a replay schedules what the first run did.
+        longest_other = job.max_timeout_seconds if job.max_timeout_seconds is not None else MAX_JOB_TIMEOUT_SECONDS
+        return timedelta(seconds=job.timeout_seconds + longest_other + 60)
 
     def _attempt_prompt_id(self, job_id: str, attempt: int) -> str:
         """The prompt id the attempt's activity is given. A run that an operator's reset started (a run other
@@ -438,7 +458,7 @@ class GenerationWorkflow:
         return None
 
     async def _finish_cancelled(self) -> None:
-        request = self._cancel or CancelRequest(reason="cancelled through Temporal", actor="temporal")
+        request = self._cancel or self._temporal_cancel_request()
         assert self._job is not None
         # On the fleet's path a prompt may be placed (waiting in ComfyUI's queue) before the workflow hears where:
         # then it is stopped on every backend (backend None).
@@ -455,6 +475,11 @@ class GenerationWorkflow:
                 self._event("warning", "could not stop the prompt on ComfyUI", {"error": str(failure.cause)})
         message = f"cancelled by {request.actor}" + (f": {request.reason}" if request.reason else "")
         await self._finish(JobStatus.cancelled, error=JobError(code=ErrorCode.JOB_CANCELLED, message=message))
+
+    def _temporal_cancel_request(self) -> CancelRequest:
+        """A cancellation through Temporal alone (the Web UI, the CLI): the operator's reason, if they gave one."""
+        reason = workflow.cancellation_reason() if self._console else None
+        return CancelRequest(reason=reason or "cancelled through Temporal", actor="temporal")
 
     async def _finish(self, status: JobStatus, error: JobError | None = None) -> None:
         assert self._state is not None
@@ -520,17 +545,30 @@ class GenerationWorkflow:
         ))
 
     def _index(self) -> None:
-        """Keep the job's search attributes in step with its status, for operators searching the Web UI."""
+        """Keep the job's search attributes in step with its status (and, since the console patch, its backend),
+        for operators searching the Web UI. Upserted only when one of them changes: each upsert is an event."""
         assert self._job is not None and self._state is not None
-        if not self._indexed or self._state.status is self._indexed_status:
+        job, state = self._job, self._state
+        backend_moved = self._console and state.backend != self._indexed_backend
+        if not self._indexed or (state.status is self._indexed_status and not backend_moved):
             return
-        updates = [JOB_STATUS.value_set(self._state.status.value)]
-        if self._indexed_status is None and self._job.template_id is not None:
-            updates.append(TEMPLATE_ID.value_set(self._job.template_id))
-        if self._indexed_status is None and self._owner_indexed:
-            updates.append(OWNER.value_set(self._job.owner))
+        first = self._indexed_status is None
+        updates: list[Any] = []
+        if state.status is not self._indexed_status:
+            updates.append(JOB_STATUS.value_set(state.status.value))
+        if first and job.template_id is not None:
+            updates.append(TEMPLATE_ID.value_set(job.template_id))
+        if first and self._owner_indexed:
+            updates.append(OWNER.value_set(job.owner))
+        if first and self._console:
+            updates.append(PRIORITY.value_set(job.priority))
+            if job.batch_id is not None:
+                updates.append(BATCH_ID.value_set(job.batch_id))
+        if backend_moved:
+            updates.append(BACKEND.value_set(state.backend) if state.backend else BACKEND.value_unset())
         workflow.upsert_search_attributes(updates)
-        self._indexed_status = self._state.status
+        self._indexed_status = state.status
+        self._indexed_backend = state.backend
 
     async def _record(self) -> None:
         assert self._job is not None and self._state is not None

@@ -1,5 +1,6 @@
-"""WebhookDeliveryWorkflow: one webhook event of one job, delivered durably. Workflow id = webhook-id =
-`<job id>:webhook:<event>`, so that one event is never started twice.
+"""WebhookDeliveryWorkflow: one webhook event of one job (or of one batch), delivered durably. Workflow id =
+webhook-id = `<job id>:webhook:<event>` (`<batch id>:webhook:batch.completed`), so that one event is never
+started twice.
 
 A child of GenerationWorkflow, abandoned when the job's workflow closes: the job has ended (its row written)
 before this starts, and nothing here can change it. The body is built once, by a local activity whose result
@@ -43,7 +44,7 @@ class WebhookDeliveryWorkflow:
         webhook_id = workflow.info().workflow_id
         built = await workflow.execute_local_activity_method(
             WebhookDelivery.build_webhook,
-            BuildWebhookInput(event=request.event, job=request.job),
+            BuildWebhookInput(event=request.event, job=request.job, batch=request.batch),
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=_BOOKKEEPING_RETRY,
         )
@@ -51,7 +52,7 @@ class WebhookDeliveryWorkflow:
             result = await workflow.execute_activity_method(
                 WebhookDelivery.deliver_webhook,
                 DeliverWebhookInput(
-                    job_id=request.job.job_id, event=request.event, webhook_id=webhook_id,
+                    job_id=request.subject_id, event=request.event, webhook_id=webhook_id,
                     callback_url=request.callback_url, body=built.body,
                 ),
                 start_to_close_timeout=_ATTEMPT_TIMEOUT,
@@ -73,7 +74,7 @@ class WebhookDeliveryWorkflow:
                 reason = str(cause or failure)
             await workflow.execute_local_activity_method(
                 WebhookDelivery.webhook_given_up,
-                WebhookGivenUpInput(job_id=request.job.job_id, event=request.event, webhook_id=webhook_id, reason=reason),
+                WebhookGivenUpInput(job_id=request.subject_id, event=request.event, webhook_id=webhook_id, reason=reason),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=_BOOKKEEPING_RETRY,
             )

@@ -30,6 +30,7 @@ from api.deps import (
     SettingsDep,
     StorageDep,
     TemporalDep,
+    TemporalUiDep,
     WaitDep,
 )
 from api.errors import ApiError, invalid_input, validation_error
@@ -80,8 +81,10 @@ from app.result_cache import cache_key, find_cached_result
 from app.safe_http import RefusedTarget
 from app.settings import Settings
 from app.storage import OutputStorage, StorageError
-from app.submission import ImageIntake, prepare_job
+from app.submission import ImageIntake, PreparedJob, prepare_job
+from app.tables import TemplateRow
 from app.temporal_endings import started_input
+from app.temporal_ui import TemporalUi
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
 from app.templates.rendering import ApiFormatGraph
@@ -182,7 +185,9 @@ class CreateJobRequest(CamelModel):
                     "job.cancelled); job.progress is opt-in")
     metadata: dict[str, Any] = Field(default_factory=dict, description="echoed back with the job")
     retry: RetryRequest = Field(default_factory=RetryRequest)
-    timeout_seconds: float | None = Field(None, gt=0, le=MAX_JOB_TIMEOUT_SECONDS, description="defaults to COMFYUI_TIMEOUT_MS")
+    timeout_seconds: float | None = Field(
+        None, gt=0, description=f"the job's time limit on ComfyUI, counted from when its prompt starts; at most "
+                                f"MAX_JOB_TIMEOUT_S (by default {MAX_JOB_TIMEOUT_SECONDS}); defaults to COMFYUI_TIMEOUT_MS")
     output_format: OutputFormat = Field(
         OutputFormat.png, description="what still images are stored as; animated images and videos stay as they are")
     quality: int = Field(
@@ -207,6 +212,8 @@ class CreateJobResponse(CamelModel):
     eta_seconds: float | None
     poll_url: str
     cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job")
+    temporal_ui_url: str | None = Field(
+        None, description="the job's workflow history in the Temporal Web UI (TEMPORAL_UI_URL); null without one")
 
 
 class JobList(CamelModel):
@@ -284,7 +291,8 @@ async def create_job(
         if snapshot is None:
             return accepted
         if snapshot.state.status.is_terminal:
-            return JSONResponse((await public_job_off_loop(snapshot, storage)).model_dump(mode="json", by_alias=True))
+            job = await public_job_off_loop(snapshot, storage, TemporalUi.of(settings))
+            return JSONResponse(job.model_dump(mode="json", by_alias=True))
         return await _accepted(db, settings, snapshot.state, body.workflow_id)
 
 
@@ -305,6 +313,13 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def _check_timeout(body: CreateJobRequest, settings: Settings) -> None:
+    # The maximum is a setting, so it is checked here rather than in the request model's schema.
+    if body.timeout_seconds is not None and body.timeout_seconds > settings.max_job_timeout_s:
+        raise validation_error([{"field": "timeoutSeconds",
+                                 "message": f"at most {settings.max_job_timeout_s:g} (MAX_JOB_TIMEOUT_S)"}])
+
+
 async def _submit(
     body: CreateJobRequest,
     request: Request,
@@ -318,9 +333,9 @@ async def _submit(
 ) -> CreateJobResponse:
     """The job created, or found by its idempotency key: the `202`'s body."""
     _check_raw_graph(body, settings, principal)
-    _check_webhook(body, settings)
-    if _json_size(body.metadata) > _MAX_METADATA_BYTES:
-        raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
+    check_webhook(body, settings)
+    check_metadata(body.metadata)
+    _check_timeout(body, settings)
     key = idempotency_key if idempotency_key is not None else _request_id(body.metadata)
     fingerprint = None
     if key is not None:
@@ -335,20 +350,10 @@ async def _submit(
             return await _accepted(db, settings, snapshot.state, body.workflow_id)
     else:
         job_id = str(uuid.uuid4())
-    await _check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
+    await check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
 
-    template = None
-    if body.workflow_id is not None:
-        template = await db.run(get_template, body.workflow_id)
-        if template is None:
-            raise ApiError(ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {body.workflow_id}",
-                           {"workflowId": body.workflow_id})
-    images = ImageIntake(
-        storage=storage, note_use=lambda keys: db.run(link_job_inputs, job_id, keys, datetime.now(timezone.utc)),
-        http=request.app.state.http, max_bytes=settings.input_image_max_bytes,
-        max_pixels=settings.input_image_max_pixels,
-        allow_private_urls=settings.input_image_allow_private_urls,
-    )
+    template = await find_template(db, body.workflow_id) if body.workflow_id is not None else None
+    images = image_intake(request, db, storage, settings, job_id)
     try:
         prepared = await prepare_job(
             template=template, workflow_json=body.workflow_json, given={**body.params, **body.inputs},
@@ -359,40 +364,16 @@ async def _submit(
     except StorageError as error:
         raise ApiError(ErrorCode.STORAGE_ERROR, f"an inline image could not be stored: {error}") from error
 
-    template_version = template.version if template is not None else None
     result_key = cache_key(
-        template_id=body.workflow_id, template_version=template_version, workflow_json=prepared.workflow_json,
-        inputs=prepared.inputs, output_format=body.output_format.value,
+        template_id=body.workflow_id, template_version=template.version if template is not None else None,
+        workflow_json=prepared.workflow_json, inputs=prepared.inputs, output_format=body.output_format.value,
         quality=None if body.output_format is OutputFormat.png else body.quality,  # png ignores quality
     ) if prepared.reproducible else None
 
-    backend = configured_backends(settings)[0]  # what a worker from before the fleet runs the job on
-    backend_tag = body.backend_tag or (template.backend_tag if template is not None else None)
-    _check_backend_tag(backend_tag, settings)
-    job = GenerationInput(
-        job_id=job_id,
-        template_id=body.workflow_id,
-        template_version=template_version,
-        workflow_json=prepared.workflow_json,
-        inputs=prepared.inputs,
-        metadata=body.metadata,
-        retry=RetrySpec.model_validate(body.retry.model_dump()),
-        timeout_seconds=body.timeout_seconds or settings.job_timeout_seconds,
-        heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
-        backend=backend.id,
-        backend_task_queue=backend_task_queue(settings, backend.id),
-        backend_tag=backend_tag,
-        created_at=datetime.now(timezone.utc),
-        privacy_mode=settings.privacy_mode,
-        callback_url=body.callback_url,
-        webhook_events=list(dict.fromkeys(body.webhook_events or TERMINAL_EVENTS)),
-        cache_key=result_key,
-        cached_result=await _cached_result(db, storage, settings, result_key, principal.id),
-        request_fingerprint=fingerprint,
-        output_format=body.output_format,
-        output_quality=body.quality,
-        owner=principal.id,
-    )
+    job = job_input(body, settings, principal, job_id, template, prepared)
+    job.cache_key = result_key
+    job.cached_result = await _cached_result(db, storage, settings, result_key, principal.id)
+    job.request_fingerprint = fingerprint
     # Under PRIVACY_MODE the prompt's activity also carries the job's free texts, to redact them (app.redaction).
     redacted = free_texts(job.inputs, job.workflow_json) if job.privacy_mode else []
     if len(job.model_dump_json()) + _json_size(redacted) > _MAX_JOB_BYTES:
@@ -421,6 +402,60 @@ async def _submit(
             async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
                 await handle.result()
     return await _accepted(db, settings, await _state_now(db, reader, job, closed), body.workflow_id)
+
+
+async def find_template(db: Database, template_id: str) -> TemplateRow:
+    """The template a job (or a batch) runs, at its latest version."""
+    template = await db.run(get_template, template_id)
+    if template is None:
+        raise ApiError(ErrorCode.WORKFLOW_NOT_FOUND, f"no workflow template with id {template_id}",
+                       {"workflowId": template_id})
+    return template
+
+
+def image_intake(
+    request: Request, db: Database, storage: OutputStorage, settings: Settings, job_id: str
+) -> ImageIntake:
+    """Where the inline images of the job `job_id` go (app.submission)."""
+    return ImageIntake(
+        storage=storage, note_use=lambda keys: db.run(link_job_inputs, job_id, keys, datetime.now(timezone.utc)),
+        http=request.app.state.http, max_bytes=settings.input_image_max_bytes,
+        max_pixels=settings.input_image_max_pixels,
+        allow_private_urls=settings.input_image_allow_private_urls,
+    )
+
+
+def job_input(
+    body: CreateJobRequest, settings: Settings, principal: Principal, job_id: str, template: TemplateRow | None,
+    prepared: PreparedJob,
+) -> GenerationInput:
+    """The workflow's input for a job whose request has been checked and prepared (`prepare_job`); without the
+    result cache's parts. Shared with `POST /batches`, whose items are jobs made alike."""
+    backend = configured_backends(settings)[0]  # what a worker from before the fleet runs the job on
+    backend_tag = body.backend_tag or (template.backend_tag if template is not None else None)
+    _check_backend_tag(backend_tag, settings)
+    return GenerationInput(
+        job_id=job_id,
+        template_id=body.workflow_id,
+        template_version=template.version if template is not None else None,
+        workflow_json=prepared.workflow_json,
+        inputs=prepared.inputs,
+        metadata=body.metadata,
+        retry=RetrySpec.model_validate(body.retry.model_dump()),
+        timeout_seconds=body.timeout_seconds or settings.job_timeout_seconds,
+        max_timeout_seconds=settings.max_job_timeout_s,
+        heartbeat_timeout_seconds=settings.comfyui_heartbeat_timeout_s,
+        backend=backend.id,
+        backend_task_queue=backend_task_queue(settings, backend.id),
+        backend_tag=backend_tag,
+        created_at=datetime.now(timezone.utc),
+        privacy_mode=settings.privacy_mode,
+        callback_url=body.callback_url,
+        webhook_events=list(dict.fromkeys(body.webhook_events or TERMINAL_EVENTS)),
+        output_format=body.output_format,
+        output_quality=body.quality,
+        owner=principal.id,
+    )
 
 
 async def _cached_result(
@@ -494,7 +529,7 @@ async def _accepted(db: Database, settings: Settings, state: JobState, template_
     if not state.status.is_terminal:
         eta = await db.run(estimate_wait_seconds, template_id, settings.max_concurrency)
     return CreateJobResponse(job_id=job_id, status=state.status, eta_seconds=eta, poll_url=f"/jobs/{job_id}",
-                             cache_hit=state.cache_hit)
+                             cache_hit=state.cache_hit, temporal_ui_url=TemporalUi.of(settings).workflow_url(job_id))
 
 
 def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Principal) -> None:
@@ -507,14 +542,14 @@ def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Prin
         )
 
 
-async def _check_active_jobs(principal: Principal, db: Database, settings: Settings) -> None:
-    """MAX_ACTIVE_JOBS_PER_PRINCIPAL. A job's row is written by its workflow a moment after it starts, so
+async def check_active_jobs(principal: Principal, db: Database, settings: Settings, adding: int = 1) -> None:
+    """MAX_ACTIVE_JOBS_PER_PRINCIPAL, for `adding` jobs more (a batch's items). A job's row is written by its workflow a moment after it starts, so
     submissions that come together may pass this check before any of their rows exists: a burst can
     overshoot the cap by about as many requests as arrive in that moment."""
     cap = settings.max_active_jobs_per_principal
     if cap is None:
         return
-    if (active := await db.run(count_unfinished_jobs, principal.id)) >= cap:
+    if (active := await db.run(count_unfinished_jobs, principal.id)) + adding > cap:
         raise ApiError(ErrorCode.TOO_MANY_ACTIVE_JOBS,
                        f"{active} of your jobs are queued or running, the most allowed at once ({cap}); "
                        "submit again when one has finished", {"active": active, "limit": cap})
@@ -529,7 +564,12 @@ def _check_backend_tag(backend_tag: str | None, settings: Settings) -> None:
                                  "message": f"no ComfyUI backend has this tag (tags: {known})"}])
 
 
-def _check_webhook(body: CreateJobRequest, settings: Settings) -> None:
+def check_metadata(metadata: dict[str, Any]) -> None:
+    if _json_size(metadata) > _MAX_METADATA_BYTES:
+        raise validation_error([{"field": "metadata", "message": f"larger than {_MAX_METADATA_BYTES} bytes"}])
+
+
+def check_webhook(body: CreateJobRequest, settings: Settings) -> None:
     """A callback URL the job's webhooks may go to, before any job exists; the addresses its host resolves to
     are checked at each delivery."""
     if body.callback_url is None:
@@ -573,9 +613,11 @@ def _unsafe_integers(value: Any, path: str) -> Iterator[str]:
 def get_jobs(
     session: SessionDep,
     storage: StorageDep,
+    ui: TemporalUiDep,
     principal: PrincipalDep,
     status: JobStatus | None = None,
     workflow_id: Annotated[str | None, Query(alias="workflowId")] = None,
+    batch_id: Annotated[str | None, Query(alias="batchId", max_length=64, description="a batch's item jobs")] = None,
     after: Instant | None = Query(None, description="created after this instant (ISO 8601)"),
     before: Instant | None = Query(None, description="created before this instant (ISO 8601)"),
     limit: int = Query(50, ge=1, le=200),
@@ -585,16 +627,16 @@ def get_jobs(
     owner = None if principal.is_admin else principal.id
     jobs, count = list_jobs(
         session,
-        JobFilter(status=status, template_id=workflow_id, created_after=after, created_before=before, owner=owner,
-                  limit=limit, offset=offset),
+        JobFilter(status=status, template_id=workflow_id, batch_id=batch_id, created_after=after, created_before=before,
+                  owner=owner, limit=limit, offset=offset),
     )
-    return JobList(jobs=[public_job(job, storage) for job in jobs], count=count)
+    return JobList(jobs=[public_job(job, storage, ui) for job in jobs], count=count)
 
 
 @router.get("/{job_id}", response_model=Job)
 async def get_job(
-    job: JobDep, storage: StorageDep, request: Request, reader: JobReaderDep, temporal: TemporalDep,
-    waits: JobWaitsDep, wait: WaitDep,
+    job: JobDep, storage: StorageDep, ui: TemporalUiDep, request: Request, reader: JobReaderDep,
+    temporal: TemporalDep, waits: JobWaitsDep, wait: WaitDep,
 ) -> Job:
     """With `wait`, the job once it has ended, or as it is when the wait runs out: 200 both ways, and its
     `status` says which (`succeeded`, `failed`, `cancelled`: ended; `queued`, `running`: not yet)."""
@@ -603,7 +645,7 @@ async def get_job(
         with waits.place():
             ended = await _wait_for_end(request, waits, client, job.state.job_id, wait)
             job = await reader.read(job.state.job_id, reuse_live=not ended)
-    return await public_job_off_loop(job, storage)
+    return await public_job_off_loop(job, storage, ui)
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
@@ -622,7 +664,12 @@ async def cancel_job(
     reason = body.reason if body else ""
     handle = temporal.require().get_workflow_handle(job_id)
     try:
-        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=reason, actor=principal.id))
+        # The who and why by signal (its payload, encrypted with ENCRYPTION_KEYS, unlike a cancellation's reason),
+        # then Temporal's own cancellation, which stops the job so that the Web UI shows its workflow as Canceled.
+        # A retry of a cancel that failed between the two sends both again: the second signal changes nothing.
+        await handle.signal(GenerationWorkflow.cancel,
+                            CancelRequest(reason=reason, actor=principal.id, temporal_cancel_follows=True))
+        await handle.cancel(reason=f"cancelled through the gateway's API by {principal.id}")
     except RPCError as error:
         job = await reader.read(job_id, reuse_live=False)
         if job.state.status.is_terminal:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .server import DEFAULT_DATA_DIR, run_simulator
+from .server import DEFAULT_DATA_DIR, run_simulator, run_simulators
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,7 +16,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="holds output/, input/ and temp/")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies TestSleepProgress's sleep (0.1: slow.json takes 2 s)")
     parser.add_argument("--node-delay", type=float, default=0.0, help="seconds added to every executed node (simulated GPU time)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="serve this many independent simulated servers, on ports PORT to PORT+N-1 (benchmarks)")
     args = parser.parse_args(argv)
+    if args.instances > 1:
+        run_simulators(args.instances, host=args.host, port=args.port, data_dir=args.data_dir,
+                       time_scale=args.time_scale, node_delay=args.node_delay)
+        return
     run_simulator(host=args.host, port=args.port, data_dir=args.data_dir, time_scale=args.time_scale, node_delay=args.node_delay)
 
 

@@ -415,3 +415,34 @@ def run_simulator(
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.warning("ComfyUI SIMULATOR (tests and demos only) listening on http://%s:%s", host, port)
     web.run_app(build_app(data_dir, time_scale, node_delay), host=host, port=port, access_log=None, print=None)
+
+
+def run_simulators(
+    count: int, host: str = "127.0.0.1", port: int = 8188, data_dir: Path = DEFAULT_DATA_DIR,
+    time_scale: float = 1.0, node_delay: float = 0.0,
+) -> None:
+    """Serve `count` simulated ComfyUI servers from one process until interrupted, on ports `port` to
+    `port + count - 1`, each as one real server is (one GPU: one prompt at a time, its own queue, history and
+    data dir `data_dir/<n>`): a farm of backends for a benchmark that must run many prompts at once, without a
+    process per backend."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def serve() -> None:
+        runners = []
+        try:
+            for number in range(count):
+                runner = web.AppRunner(build_app(Path(data_dir) / str(number + 1), time_scale, node_delay),
+                                       access_log=None)
+                await runner.setup()
+                await web.TCPSite(runner, host, port + number).start()
+                runners.append(runner)
+            logger.warning("%d ComfyUI SIMULATORS (tests and demos only) listening on http://%s:%s to %s",
+                           count, host, port, port + count - 1)
+            await asyncio.Event().wait()
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())

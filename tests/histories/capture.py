@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 from aiohttp import web
 from sqlalchemy import update
+from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
@@ -26,6 +27,7 @@ from app.devserver import temporal_cli
 from app.models import RetentionInput
 from app.settings import Settings
 from app.tables import JobRow
+from app.temporal_endings import started_input
 from tests.harness import (
     DONE,
     SimulatorProcess,
@@ -38,6 +40,7 @@ from tests.harness import (
     wait_for_job,
 )
 from worker.main import running_worker
+from workflows_temporal.generation import GenerationWorkflow
 from workflows_temporal.retention import RetentionWorkflow
 
 HERE = Path(__file__).resolve().parent
@@ -100,6 +103,11 @@ async def capture() -> None:
                     # Since the collect-in-prompt patch: run_prompt stores the outputs itself, and no
                     # collect_outputs is scheduled.
                     "collected_in_prompt_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
+                    # Since the operator-console patch: Priority and BatchId upserted with the first status, Backend
+                    # as the job is placed (here an urgent batch item, started as a batch starts its items) ...
+                    "console_batch_item_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
+                    # ... and cancelled through the API by Temporal's cancellation: the workflow ends as Canceled.
+                    "console_generation_cancelled": {"workflowJson": simulator.slow_prompt(10)},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
@@ -108,6 +116,9 @@ async def capture() -> None:
                         source = (await api.post("/jobs", json=body)).json()["jobId"]
                         await wait_for_job(api, source, until=DONE)
                     job_id = (await api.post("/jobs", json=body)).json()["jobId"]
+                    if name.endswith("batch_item_succeeded"):
+                        await wait_for_job(api, job_id, until=DONE)
+                        job_id = await start_as_batch_item(env.client, job_id, settings.temporal_task_queue)
                     if name.endswith("cancelled"):
                         await wait_for_job(api, job_id, until={"running"})
                         await api.post(f"/jobs/{job_id}/cancel", json={"reason": "captured for the replay test"})
@@ -123,6 +134,14 @@ async def capture() -> None:
         finally:
             await env.shutdown()
             simulator.kill()
+
+
+async def start_as_batch_item(client: Client, job_id: str, task_queue: str) -> str:
+    """The job's input again, as a batch starts its items: an urgent item of a batch, under an id of its own."""
+    started = await started_input(client, client.get_workflow_handle(job_id))
+    item = started.model_copy(update={"job_id": str(uuid.uuid4()), "priority": 1, "batch_id": str(uuid.uuid4())})
+    await client.start_workflow(GenerationWorkflow.run, item, id=item.job_id, task_queue=task_queue)
+    return item.job_id
 
 
 async def capture_retention(client, settings: Settings, api: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]

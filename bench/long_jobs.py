@@ -1,0 +1,207 @@
+"""How many long jobs one worker holds at once: JOBS prompts running together, each reporting progress, on JOBS
+simulated ComfyUI servers (one process, `python -m app.simulator --instances JOBS`, each server one GPU that runs
+one prompt at a time, as a real one), behind `comfyui-gateway dev` with one backend per server
+(COMFYUI_URLS, one slot each, no prefetch).
+
+Once every job reads `running`, for --window seconds: the worker's RSS (its largest), `GET /jobs/{id}` of jobs
+picked at random by 20 clients (p50/p95/p99), and every job's prompt activity's last heartbeat, whose age must
+stay under COMFYUI_HEARTBEAT_TIMEOUT_S (a late one is a job Temporal would hand to another worker); a prompt
+activity on its second try is counted too. Then every job is cancelled. Targets: 1,000 jobs, worker RSS
+<= 1 GiB, no late heartbeat, GET p99 <= 50 ms.
+
+    python3 -m bench.long_jobs [--jobs 1000] [--seconds 600] [--ticks 600] [--window 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+from temporalio.client import Client
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.drain import connection_limits  # noqa: E402
+from bench.embedded import _start_gateway, percentile  # noqa: E402
+from tests.harness import REPO_ROOT, free_port  # noqa: E402
+
+HEARTBEAT_TIMEOUT_S = 20.0
+
+
+def ticking_prompt(seconds: float, ticks: int) -> dict:
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "TestSleepProgress", "inputs": {"image": ["1", 0], "seconds": seconds, "steps": ticks}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "long"}},
+    }
+
+
+def rss_bytes(part: str, root_pid: int) -> int:
+    """The summed RSS of the `comfyui-gateway PART` processes under ROOT_PID (Linux: /proc)."""
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            argv = (status.parent / "cmdline").read_bytes().split(b"\0")
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        words = [word.decode(errors="replace") for word in argv if word]
+        if "app.cli" in words and part in words and int(fields["PPid"]) == root_pid:
+            total += int(fields["VmRSS"].split()[0]) * 1024
+    return total
+
+
+def farm(count: int, root: Path) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """COUNT simulated servers in one process, on consecutive ports; their URLs. A range of ports of which one
+    is taken makes the process exit: another range is tried."""
+    for _ in range(5):
+        base = free_port()
+        if base + count >= 65000:
+            continue
+        with open(root / "simulator.log", "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "app.simulator", "--instances", str(count), "--port", str(base),
+                 "--data-dir", str(root / "comfyui")], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        urls = [f"http://127.0.0.1:{base + number}" for number in range(count)]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"{urls[-1]}/system_stats", timeout=1).status_code == 200:
+                    return process, urls
+            except httpx.TransportError:
+                time.sleep(0.2)
+        process.kill()
+        process.wait()
+    raise SystemExit(f"the simulators did not start (see {root / 'simulator.log'})")
+
+
+async def submit_all(api: httpx.AsyncClient, jobs: int, prompt: dict, clients: int = 50) -> list[str]:
+    ids: list[str] = []
+
+    async def client(share: int) -> None:
+        for _ in range(share):
+            while (response := await api.post("/jobs", json={"workflowJson": prompt, "timeoutSeconds": 7200})
+                   ).status_code == 503:
+                print(f"  503 {response.json()['error']['code']}; again in 1 s", flush=True)
+                await asyncio.sleep(1)  # the API not connected to Temporal yet, or overloaded
+            if response.status_code != 202:
+                raise SystemExit(f"POST /jobs answered {response.status_code}: {response.text}")
+            ids.append(response.json()["jobId"])
+
+    await asyncio.gather(*(client(jobs // clients + (index < jobs % clients)) for index in range(clients)))
+    return ids
+
+
+async def count_running(api: httpx.AsyncClient) -> int:
+    return (await api.get("/jobs", params={"status": "running", "limit": 1})).json()["count"]
+
+
+async def heartbeats(temporal: Client, job_ids: list[str]) -> tuple[float, int, int]:
+    """The oldest last heartbeat of the jobs' prompt activities (seconds), how many are on a second try, and
+    how many jobs have no prompt activity pending."""
+    now = datetime.now(timezone.utc)
+    oldest, retried, missing = 0.0, 0, 0
+    semaphore = asyncio.Semaphore(20)
+
+    async def one(job_id: str) -> None:
+        nonlocal oldest, retried, missing
+        async with semaphore:
+            description = await temporal.get_workflow_handle(job_id).describe()
+        pending = [activity for activity in description.raw_description.pending_activities
+                   if activity.activity_type.name == "run_prompt"]
+        if not pending:
+            missing += 1
+            return
+        beat = pending[0].last_heartbeat_time.ToDatetime(tzinfo=timezone.utc)
+        oldest = max(oldest, (now - beat).total_seconds())
+        retried += pending[0].attempt > 1
+
+    await asyncio.gather(*(one(job_id) for job_id in job_ids))
+    return oldest, retried, missing
+
+
+async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: int, prompt: dict,
+                  window: float) -> None:
+    temporal = await Client.connect(temporal_address)
+    async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=connection_limits(60)) as api:
+        started = time.monotonic()
+        job_ids = await submit_all(api, jobs, prompt)
+        print(f"submitted {len(job_ids)} jobs in {time.monotonic() - started:.1f} s")
+        while (running := await count_running(api)) < jobs:
+            print(f"  {running} running after {time.monotonic() - started:.0f} s", flush=True)
+            if time.monotonic() - started > 1800:
+                raise SystemExit("not every job started within 30 minutes")
+            await asyncio.sleep(5)
+        print(f"all {jobs} running after {time.monotonic() - started:.1f} s")
+
+        reads: list[float] = []
+        rss, oldest_beat, retried, missing = 0, 0.0, 0, 0
+        deadline = time.monotonic() + window
+
+        async def reader() -> None:
+            while time.monotonic() < deadline:
+                job_id = random.choice(job_ids)
+                begun = time.perf_counter()
+                response = await api.get(f"/jobs/{job_id}")
+                reads.append((time.perf_counter() - begun) * 1000)
+                assert response.status_code == 200 and response.json()["status"] == "running", response.text
+                await asyncio.sleep(0.05)
+
+        async def watcher() -> None:
+            nonlocal rss, oldest_beat, retried, missing
+            while time.monotonic() < deadline:
+                rss = max(rss, rss_bytes("worker", gateway_pid))
+                beat, tries, none = await heartbeats(temporal, job_ids)
+                oldest_beat, retried, missing = max(oldest_beat, beat), max(retried, tries), max(missing, none)
+                await asyncio.sleep(2)
+
+        await asyncio.gather(watcher(), *(reader() for _ in range(20)))
+        print(f"worker RSS (largest): {rss / 2**20:.0f} MiB (target <= 1024)")
+        print(f"oldest last heartbeat seen: {oldest_beat:.1f} s (late past {HEARTBEAT_TIMEOUT_S:g} s); "
+              f"prompt activities on a second try: {retried}; jobs with no prompt activity: {missing}")
+        print(f"GET /jobs/{{id}} while they run: {len(reads)} reads, p50 {percentile(reads, 0.5):.1f} ms, "
+              f"p95 {percentile(reads, 0.95):.1f} ms, p99 {percentile(reads, 0.99):.1f} ms (target p99 <= 50)")
+        await asyncio.gather(*(api.post(f"/jobs/{job_id}/cancel", json={"reason": "bench over"})
+                               for job_id in job_ids))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=600, help="how long each prompt runs")
+    parser.add_argument("--ticks", type=int, default=600, help="progress messages each prompt sends")
+    parser.add_argument("--window", type=float, default=60, help="seconds measured once all jobs run")
+    arguments = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        simulators, urls = farm(arguments.jobs, root)
+        gateway = None
+        try:
+            temporal_address = f"127.0.0.1:{free_port()}"
+            gateway, api_url = _start_gateway(root, {
+                "COMFYUI_URLS": ",".join(f"sim{number}={url};slots=1" for number, url in enumerate(urls, 1)),
+                "COMFYUI_PREFETCH": "0", "COMFYUI_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
+                "API_MAX_CONCURRENT_REQUESTS": "2000",
+            }, temporal_address, REPO_ROOT)
+            asyncio.run(measure(api_url, temporal_address, gateway.pid, arguments.jobs,
+                                ticking_prompt(arguments.seconds, arguments.ticks), arguments.window))
+        finally:
+            if gateway is not None:
+                gateway.terminate()
+                gateway.wait(timeout=60)
+            simulators.kill()
+            simulators.wait()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
