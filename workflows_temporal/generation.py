@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         JobState,
         JobStatus,
         MAX_JOB_TIMEOUT_SECONDS,
+        OutputCollection,
         PROMPT_STARTED_SIGNAL,
         ProgressWebhook,
         PromptStarted,
@@ -69,6 +70,9 @@ FLEET_PATCH = "fleet"
 # and a cancellation through Temporal alone (Web UI, CLI) gives its reason to the job. Jobs before index only status,
 # template and owner, complete when cancelled by signal, and name no reason of Temporal's.
 CONSOLE_PATCH = "operator-console"
+# run_prompt stores the prompt's outputs itself, in the slot that ran it, and collect_outputs runs only when it
+# could not; jobs before always ran collect_outputs after it.
+COLLECT_IN_PROMPT_PATCH = "collect-in-prompt"
 
 # In a run an operator's reset started, each attempt it schedules records this marker (with the attempt's
 # number): replayed there later, the attempt is known to be its own, not one of the run it replaced.
@@ -301,23 +305,29 @@ class GenerationWorkflow:
                 retry_policy=_IMAGE_RETRY,
             )
             prompt = staged.prompt
-        result = await self._run_until_done(job, prompt, rendered.image_sources if self._fleet else {})
+        collect = (OutputCollection(output_format=job.output_format, output_quality=job.output_quality)
+                   if workflow.patched(COLLECT_IN_PROMPT_PATCH) else None)
+        result = await self._run_until_done(job, prompt, rendered.image_sources if self._fleet else {}, collect)
         assert self._state is not None
         if self._state.started_at is None and result.started_at_ms is not None:
             # A prompt that finished within moments never signalled `running`; ComfyUI says when it started.
             self._state.started_at = datetime.fromtimestamp(result.started_at_ms / 1000, tz=timezone.utc)
-        self._state.status = JobStatus.running  # ComfyUI is done; the gateway is collecting the outputs
-        collected = await workflow.execute_activity_method(
-            ComfyActivities.collect_outputs,
-            CollectOutputsInput(
-                job_id=job.job_id, backend=result.backend or job.backend, outputs=result.outputs, timeout_seconds=job.timeout_seconds,
-                output_format=job.output_format, output_quality=job.output_quality,
-            ),
-            start_to_close_timeout=timedelta(seconds=max(job.timeout_seconds, 300)),
-            heartbeat_timeout=timedelta(seconds=120),
-            retry_policy=_STORAGE_RETRY,
-        )
-        self._state.outputs = collected.files
+        if result.files is not None:
+            self._state.outputs = result.files  # stored by run_prompt itself
+        else:
+            self._state.status = JobStatus.running  # ComfyUI is done; the gateway is collecting the outputs
+            collected = await workflow.execute_activity_method(
+                ComfyActivities.collect_outputs,
+                CollectOutputsInput(
+                    job_id=job.job_id, backend=result.backend or job.backend, outputs=result.outputs,
+                    timeout_seconds=job.timeout_seconds, output_format=job.output_format,
+                    output_quality=job.output_quality,
+                ),
+                start_to_close_timeout=timedelta(seconds=max(job.timeout_seconds, 300)),
+                heartbeat_timeout=timedelta(seconds=120),
+                retry_policy=_STORAGE_RETRY,
+            )
+            self._state.outputs = collected.files
         self._state.execution_time_ms = result.execution_time_ms
         await self._finish(JobStatus.succeeded)
 
@@ -331,7 +341,8 @@ class GenerationWorkflow:
         await self._finish(JobStatus.succeeded)
 
     async def _run_until_done(
-        self, job: GenerationInput, prompt: dict[str, Any], image_sources: dict[str, str]
+        self, job: GenerationInput, prompt: dict[str, Any], image_sources: dict[str, str],
+        collect: OutputCollection | None,
     ) -> RunPromptResult:
         """Run the prompt on ComfyUI; resubmit when ComfyUI lost it (or, on the fleet's path, its backend was
         lost), and when the client's retry asks. On the fleet's path an attempt whose retry was polled by
@@ -376,6 +387,7 @@ class GenerationWorkflow:
                         timeout_seconds=job.timeout_seconds,
                         progress_webhook=self._progress_webhook(job),
                         redacted_texts=self._free_texts(),
+                        collect=collect,
                     ),
                     task_queue=queue,
                     start_to_close_timeout=self._prompt_activity_limit(job),

@@ -104,6 +104,9 @@ async def capture() -> None:
                     # fairness key.
                     "prioritized_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8},
                                                   "priority": "high"},
+                    # Since the collect-in-prompt patch: run_prompt stores the outputs itself, and no
+                    # collect_outputs is scheduled.
+                    "collected_in_prompt_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
                     # Since the operator-console patch: Priority and BatchId upserted with the first status, Backend
                     # as the job is placed (here an urgent batch item, started as a batch starts its items) ...
                     "console_batch_item_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
