@@ -37,6 +37,7 @@ from app.models import (
     CollectOutputsInput,
     CollectOutputsResult,
     JobWarning,
+    OutputCollection,
     OutputRef,
     ProgressWebhook,
     PromptProgress,
@@ -154,7 +155,7 @@ class ComfyActivities:
 
         live_row = LiveRow(self._engine, request.job_id, request.attempt)
         run = PromptRun(client, request, progress, log, backend=backend, acquire=acquire,
-                        reported=lambda: live_row.offer(progress.live()))
+                        on_report=lambda: live_row.offer(progress.live()))
         webhooks = (
             self._progress_webhooks(request.job_id, request.progress_webhook)
             if request.progress_webhook is not None and self._progress_webhooks is not None else None
@@ -171,6 +172,8 @@ class ComfyActivities:
                     run.request = request = await self._staged(client, request, run, progress, redactor, acquire)
                 result = await while_unreachable(
                     run.run, on_wait=run.waiting, give_up=lambda: run.past_time_limit() or self._lost(request))
+                if request.collect is not None:
+                    result = await self._collected_here(client, backend, request, request.collect, result)
                 return result.model_copy(update={"backend": backend}) if request.backend is None else result
         except ComfyError as error:
             if error.code is ErrorCode.COMFYUI_UNREACHABLE and not run.past_time_limit() and self._lost(request):
@@ -207,6 +210,31 @@ class ComfyActivities:
             if webhooks is not None:
                 await webhooks.close()
             await log.flush(force=True)
+
+    async def _collected_here(self, client: ComfyClient, backend: str, request: RunPromptInput,
+                              collect: OutputCollection, result: RunPromptResult) -> RunPromptResult:
+        """The result with its outputs stored, from the backend that ran the prompt, within this activity: the
+        workflow needs no collect_outputs (its scheduling, its workflow task, its dispatch), which for a short
+        prompt is a large part of what the gateway adds. Tried once: any trouble (ComfyUI unreachable, the store
+        failing) leaves the outputs to collect_outputs, whose retries and limits then handle it, so a store in
+        trouble never makes the prompt run again. Keys are the same either way: a file stored here and again
+        there replaces itself."""
+        request_here = CollectOutputsInput(
+            job_id=request.job_id, backend=backend, outputs=result.outputs, timeout_seconds=request.timeout_seconds,
+            output_format=collect.output_format, output_quality=collect.output_quality,
+        )
+        files: list[OutputRef] = []
+        taken: set[str] = set()
+        try:
+            for node_id, entry in _output_files(result.outputs):
+                files.append(await self._store_output(client, request_here, len(files), node_id, entry, taken))
+        except (ComfyError, ApplicationError) as error:
+            # The type only: the message may quote a file name made from the job's inputs (PRIVACY_MODE).
+            code = error.code.value if isinstance(error, ComfyError) else error.type
+            activity.logger.info("storing prompt %s's outputs failed (%s); collect_outputs stores them",
+                                 result.prompt_id, code)
+            return result
+        return result.model_copy(update={"files": files})
 
     async def _let_go(self, lease: Lease, *, keep: bool) -> None:
         """Release the lease (or leave it to the prompt still on ComfyUI). Never fails the activity: a lease

@@ -43,7 +43,7 @@ async def _no_lease_needed() -> None:
 class PromptRun:
     def __init__(self, client: ComfyClient, request: RunPromptInput, progress: PromptProgress, log: JobLog, *,
                  backend: str | None = None, acquire: Callable[[], Awaitable[None]] = _no_lease_needed,
-                 reported: Callable[[], None] = lambda: None) -> None:
+                 on_report: Callable[[], None] = lambda: None) -> None:
         self.client = client
         self.request = request
         self.progress = progress
@@ -55,9 +55,12 @@ class PromptRun:
         # Takes the prompt's slot lease (waiting for one): before a post, and before following a prompt that is
         # on ComfyUI and not finished.
         self._acquire = acquire
-        # Told of each report of the progress (which must not block): the live row is written from it.
-        self._reported = reported
+        # Told of each change of the progress reported (it must not block): the live row is written from it.
+        self._on_report = on_report
         self._started_monotonic: float | None = None
+        # What the last heartbeat of `_report` said: an event that changes none of it heartbeats nothing new (the
+        # 1-second loop keeps the time spent current), and heartbeats cost the worker CPU with every event.
+        self._reported: tuple[Any, ...] | None = None
         self._elapsed_before = progress.elapsed_seconds
         # When the time limit's clock last started; None while it stands (the prompt has not started).
         self._counting_since: float | None = None
@@ -161,6 +164,8 @@ class PromptRun:
 
     async def _follow(self, feed: EventFeed) -> RunPromptResult:
         last_check = time.monotonic()
+        # The queue length of the last `status` event the position was refreshed for.
+        queue_length: int | None = None
         while True:
             if self.past_time_limit():
                 # The result may have come while nobody watched (the gateway was down): it is not too late.
@@ -189,8 +194,14 @@ class PromptRun:
             if event is not None and event.type == "status" and not self.tracker.started:
                 # ComfyUI's queue changed: refresh the position only. The events already buffered tell the
                 # rest, so this must not short-cut to the history (that would skip them in the job's log).
-                position = (await self.client.queue()).position(self.prompt_id)
-                self.progress.queue_position = position if position is not None else self.progress.queue_position
+                # Not for the greeting sent to this socket alone ("sid"), which describes the queue before the
+                # prompt was posted, nor for the same length again: a prompt ahead leaving shortens the queue,
+                # and the move from pending to running, which keeps it, is the execution_start event's to tell.
+                length = ((event.data.get("status") or {}).get("exec_info") or {}).get("queue_remaining")
+                if "sid" not in event.data and (length is None or length != queue_length):
+                    queue_length = length
+                    position = (await self.client.queue()).position(self.prompt_id)
+                    self.progress.queue_position = position if position is not None else self.progress.queue_position
             elif event is None or time.monotonic() - last_check > _FORCED_CHECK_SECONDS:
                 last_check = time.monotonic()
                 entry = await self.client.history(self.prompt_id)
@@ -216,8 +227,12 @@ class PromptRun:
                                                          backend=self.progress.backend)
                 )
                 progress.started_signalled = True
-        activity.heartbeat(self.tick().model_dump(by_alias=True))
-        self._reported()
+        reported = (progress.percent, progress.node, progress.queue_position, progress.started_signalled,
+                    progress.warning)
+        if reported != self._reported:
+            self._reported = reported
+            activity.heartbeat(self.tick().model_dump(by_alias=True))
+            self._on_report()
         await self.log.flush()
 
     def _on_event(self, event: WsEvent) -> None:

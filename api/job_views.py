@@ -11,8 +11,9 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from app.jobstore import JobSnapshot
-from app.models import CamelModel, JobError, JobStatus, JobWarning, OutputRef, WebhookStatus
+from app.models import DEFAULT_PRIORITY, CamelModel, JobError, JobStatus, JobWarning, OutputRef, WebhookStatus
 from app.output_routes import output_route
+from app.queue_estimates import QueueEstimate
 from app.storage import OutputStorage
 from app.temporal_ui import TemporalUi
 
@@ -46,7 +47,16 @@ class Job(CamelModel):
     seed: int | None = Field(None, description="the seed the job ran with, to reproduce it")
     progress: int = 0
     current_node: str | None = None
-    queue_position: int | None = Field(None, description="the prompt's place in ComfyUI's queue (0 = running)")
+    queue_position: int | None = Field(
+        None, description="jobs ahead of it (0 = running): while it waits for a slot, the prompts in ComfyUI plus "
+                          "the jobs Temporal starts before it (higher priority, owners' turns, first come); in "
+                          "ComfyUI's queue, its place there; null while it is placed with nothing known ahead. "
+                          "`GET /jobs/{jobId}` counts it; lists show only a place in ComfyUI's queue")
+    eta_seconds: float | None = Field(
+        None, description="seconds until it should be done (`GET /jobs/{jobId}` of a live job): the work ahead "
+                          "per slot plus its own run time, from recent run times per template; null when ended or "
+                          "when nothing has run yet to time it by")
+    priority: int = Field(DEFAULT_PRIORITY, description="1 (highest) to 5 (lowest), as submitted; 3 is normal")
     attempts: int = 0
     outputs: list[OutputFile] = Field(default_factory=list)
     error: JobError | None = None
@@ -77,9 +87,13 @@ def output_file(job_id: str, output: OutputRef, storage: OutputStorage) -> Outpu
     )
 
 
-def public_job(snapshot: JobSnapshot, storage: OutputStorage, ui: TemporalUi) -> Job:
+def public_job(
+    snapshot: JobSnapshot, storage: OutputStorage, ui: TemporalUi, in_line: QueueEstimate | None = None
+) -> Job:
+    """`in_line`: where the live job stands (app.queue_estimates); without it, only its place in ComfyUI's queue."""
     state, live = snapshot.state, snapshot.live
     finished = state.status.is_terminal
+    queue_position = live.queue_position if in_line is None else in_line.position
     return Job(
         job_id=state.job_id,
         status=state.status,
@@ -88,7 +102,9 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage, ui: TemporalUi) ->
         seed=state.seed,
         progress=100 if state.status is JobStatus.succeeded else live.percent,
         current_node=None if finished else live.node,
-        queue_position=None if finished else live.queue_position,
+        queue_position=None if finished else queue_position,
+        eta_seconds=None if finished or in_line is None else in_line.eta_seconds,
+        priority=state.priority,
         attempts=state.attempts,
         outputs=[output_file(state.job_id, output, storage) for output in state.outputs],
         error=state.error,
@@ -107,8 +123,10 @@ def public_job(snapshot: JobSnapshot, storage: OutputStorage, ui: TemporalUi) ->
     )
 
 
-async def public_job_off_loop(snapshot: JobSnapshot, storage: OutputStorage, ui: TemporalUi) -> Job:
+async def public_job_off_loop(
+    snapshot: JobSnapshot, storage: OutputStorage, ui: TemporalUi, in_line: QueueEstimate | None = None
+) -> Job:
     """public_job, on a thread when the store signs its URLs with its SDK (boto3 is not for the event loop)."""
     if storage.signs_urls:
-        return await run_in_threadpool(public_job, snapshot, storage, ui)
-    return public_job(snapshot, storage, ui)
+        return await run_in_threadpool(public_job, snapshot, storage, ui, in_line)
+    return public_job(snapshot, storage, ui, in_line)

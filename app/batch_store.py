@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import case, func
+from sqlalchemy import case, func, update
 from sqlmodel import Session, col, select
 
 from app.batches import BatchState, BatchStatus, BatchTally, RecordBatchInput
 from app.db import as_utc
-from app.models import JobStatus
+from app.models import LIVE_STATUSES, JobStatus
 from app.tables import BatchRow, JobRow
 
 
@@ -42,6 +42,23 @@ def record_batch(session: Session, record: RecordBatchInput) -> None:
     row.updated_at = datetime.now(timezone.utc)
     session.add(row)
     session.commit()
+
+
+def close_ended_batch(session: Session, batch: BatchState) -> bool:
+    """End the row of a batch whose workflow Temporal terminated or timed out (`batch`: its final state, as the
+    worker's reconciler made it): that workflow can no longer write its own end. A row that has ended stays as it
+    is; returns whether this closed it."""
+    live = [BatchStatus.queued.value, BatchStatus.running.value]
+    result = session.execute(
+        update(BatchRow)
+        .where(col(BatchRow.batch_id) == batch.batch_id, col(BatchRow.status).in_(live))
+        .values(
+            status=batch.status.value, started=batch.started, tally=batch.tally.model_dump(),
+            cancel_reason=batch.cancel_reason, completed_at=batch.completed_at, updated_at=datetime.now(timezone.utc),
+        )
+    )
+    session.commit()
+    return result.rowcount > 0
 
 
 def batch_state(row: BatchRow) -> BatchState:
@@ -74,3 +91,15 @@ def item_rows(session: Session, batch_id: str) -> ItemRows:
         .group_by(JobRow.status)
     ).all()
     return ItemRows({JobStatus(status): count for status, count, _ in rows}, sum(int(total or 0) for *_, total in rows))
+
+
+def ended_items_tally(session: Session, batch_id: str, total: int) -> tuple[int, BatchTally] | None:
+    """How the items of a batch whose workflow ended without its own tally ended, from their rows: (items started,
+    their tally). None while an item is still live (its job's workflow has yet to write its end). An item without a
+    row never started: it counts as cancelled, as the workflow counts the items a cancel kept from starting."""
+    by_status = item_rows(session, batch_id).by_status
+    if any(by_status.get(status, 0) for status in LIVE_STATUSES):
+        return None
+    started = sum(by_status.values())
+    succeeded, failed = by_status.get(JobStatus.succeeded, 0), by_status.get(JobStatus.failed, 0)
+    return started, BatchTally(succeeded=succeeded, failed=failed, cancelled=max(0, total - succeeded - failed))

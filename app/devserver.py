@@ -33,7 +33,19 @@ def temporal_cli() -> str:
 # Temporal moves each workflow task to its queue through the history shard's transfer queue, whose reader
 # polls at most 20 times a second by default. The dev server has a single shard, so under steady load every
 # workflow task waited up to 50 ms for the next read (a job's p50 went from 73 to 176 ms back to back).
-LOW_LATENCY_DYNAMIC_CONFIG = ["--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000"]
+#
+# Task-queue priority and fairness (Server 1.32; tests/test_e2e_priority.py fails without these keys):
+# `matching.enableFairness` runs the fair matcher, which hands out a backlog by priority key and shares each
+# priority between fairness keys (the jobs' owners) instead of running one owner's flood before another's
+# first job. It orders one partition of a queue: with the default 4, a poll takes the best task of the one it
+# reaches, and jobs started out of turn. One partition orders the whole queue, at thousands of tasks a second,
+# more than a dev server's ComfyUIs take.
+LOW_LATENCY_DYNAMIC_CONFIG = [
+    "--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000",
+    "--dynamic-config-value", "matching.enableFairness=true",
+    "--dynamic-config-value", "matching.numTaskqueueReadPartitions=1",
+    "--dynamic-config-value", "matching.numTaskqueueWritePartitions=1",
+]
 
 
 @dataclass

@@ -48,6 +48,8 @@ def record_job(session: Session, record: RecordJobInput) -> None:
     row.template_id = job.template_id
     row.template_version = job.template_version
     row.owner = job.owner
+    row.priority = job.priority
+    row.backend_tag = job.backend_tag
     row.seed = job.seed
     row.backend = record.backend
     row.prompt_id = record.prompt_id
@@ -165,6 +167,8 @@ def job_snapshot(row: JobRow) -> JobSnapshot:
         cached_from=row.cached_from,
         owner=row.owner,
         backend=row.backend or None,
+        priority=row.priority,
+        backend_tag=row.backend_tag,
         batch_id=row.batch_id,
     )
     live = LiveProgress(
@@ -262,22 +266,3 @@ def list_events(session: Session, job_id: str) -> list[JobEventRow]:
             select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(col(JobEventRow.at), col(JobEventRow.id))
         ).all()
     )
-
-
-def estimate_wait_seconds(session: Session, template_id: str | None, slots: int) -> float | None:
-    """Rough ETA for a new job: mean run time of recent successes times the jobs ahead per slot."""
-    recent = select(JobRow.execution_time_ms).where(
-        JobRow.status == JobStatus.succeeded.value, col(JobRow.execution_time_ms).is_not(None)
-    )
-    if template_id:
-        recent = recent.where(JobRow.template_id == template_id)
-    durations = session.exec(recent.order_by(col(JobRow.completed_at).desc()).limit(20)).all()
-    if not durations:
-        return None
-    mean_seconds = sum(durations) / len(durations) / 1000
-    active = session.exec(
-        select(func.count())
-        .select_from(JobRow)
-        .where(col(JobRow.status).in_([status.value for status in LIVE_STATUSES]))
-    ).one()
-    return round(mean_seconds * (1 + active / slots), 3)

@@ -115,6 +115,8 @@ class JobState(CamelModel):
     priority: int = DEFAULT_PRIORITY
     # The batch the job is an item of (POST /batches); None for a job submitted on its own.
     batch_id: str | None = None
+    # The backend tag its prompt waits for (its own or its template's); None: any backend.
+    backend_tag: str | None = None
 
 
 class LiveProgress(CamelModel):
@@ -295,6 +297,13 @@ class ProgressWebhook(BaseModel):
     created_at: datetime
 
 
+class OutputCollection(BaseModel):
+    """How run_prompt stores a finished prompt's outputs (as collect_outputs would)."""
+
+    output_format: OutputFormat | None = None
+    output_quality: int = DEFAULT_OUTPUT_QUALITY
+
+
 class RunPromptInput(BaseModel):
     job_id: str
     # The backend named by jobs before the fleet; None: the backend whose worker polled the task runs it.
@@ -314,7 +323,9 @@ class RunPromptInput(BaseModel):
     progress_webhook: ProgressWebhook | None = None
     # PRIVACY_MODE: the job's free texts (app.redaction), kept out of the failure and log this activity writes.
     redacted_texts: list[str] = Field(default_factory=list)
-
+    # Given: the activity also stores the prompt's outputs, from the backend that ran it, in the same slot;
+    # None (jobs from before, or a worker from before): the workflow collects them with collect_outputs.
+    collect: OutputCollection | None = None
 
     @property
     def the_prompt_id(self) -> str:
@@ -330,6 +341,9 @@ class RunPromptResult(BaseModel):
     # ComfyUI's execution_start timestamp (epoch ms): when it began executing the prompt.
     started_at_ms: int | None = None
     execution_time_ms: int | None = None
+    # The outputs stored by the activity itself (RunPromptInput.collect); None: not stored, the workflow collects
+    # them with collect_outputs (not asked, or storing hit trouble that collect_outputs' own retries handle).
+    files: list[OutputRef] | None = None
 
 
 class CancelPromptInput(BaseModel):
@@ -453,6 +467,7 @@ def accepted_state(job: GenerationInput) -> JobState:
         owner=job.owner,
         priority=job.priority,
         batch_id=job.batch_id,
+        backend_tag=job.backend_tag,
     )
 
 

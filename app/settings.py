@@ -216,6 +216,10 @@ class Settings(BaseSettings):
     temporal_namespace: str = Field("default", description="the Temporal namespace")
     temporal_task_queue: str = Field(
         "comfyui-gateway", description="the main task queue (each ComfyUI gets <queue>.<backend>)")
+    temporal_sticky_timeout_s: float = Field(
+        10.0, gt=0, le=600,
+        description="how long a job's next workflow task waits for the worker that ran its last one (which keeps the "
+                    "job in memory) before any worker takes it: the delay a killed worker adds to its jobs' next step")
     temporal_ui_port: int = Field(8233, ge=1, le=65535, description="the dev server's Web UI (comfyui-gateway dev)")
     temporal_ui_url: str | None = Field(
         None, pattern=r"^https?://", description="the Temporal Web UI operators use, for each job's `temporalUiUrl` "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from app.auth import MAX_PRINCIPAL_ID_LENGTH
@@ -18,6 +18,12 @@ def _utc_column(index: bool = False, nullable: bool = True) -> Any:
 
 class JobRow(SQLModel, table=True):
     __tablename__ = "jobs"
+    # What app.queue_estimates reads on each read of a live job: the waiting jobs by priority, and a template's
+    # latest successes (its run time).
+    __table_args__ = (
+        Index("ix_jobs_status_priority", "status", "priority"),
+        Index("ix_jobs_recent_runs", "template_id", "status", "completed_at"),
+    )
 
     job_id: str = Field(primary_key=True, max_length=64)
     status: str = Field(index=True, max_length=16)
@@ -28,6 +34,9 @@ class JobRow(SQLModel, table=True):
     # Seeds reach 2**48: past PostgreSQL's INTEGER.
     seed: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     backend: str = Field(max_length=64)
+    # Its priority key (1 highest … 5 lowest) and the backend tag its prompt waits for (None: any backend).
+    priority: int = Field(default=3, sa_column_kwargs={"server_default": "3"})
+    backend_tag: str | None = Field(default=None, max_length=32)
     prompt_id: str | None = Field(default=None, max_length=64)
     attempts: int = 0
     # The live columns, written by the prompt activity while the job runs (throttled), cleared at its end.

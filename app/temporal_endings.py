@@ -7,11 +7,15 @@ likewise. Its job is read from its row, as theirs are."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowHistoryEventFilterType
 from temporalio.service import RPCError, RPCStatusCode
 
 from app.errors import ErrorCode
 from app.models import GenerationInput, JobError
+
+_Input = TypeVar("_Input")
 
 _ENDED_BY_TEMPORAL = {
     WorkflowExecutionStatus.TERMINATED: "terminated",
@@ -39,9 +43,15 @@ async def termination_reason(client: Client, workflow_id: str, run_id: str | Non
 
 async def started_input(client: Client, handle: WorkflowHandle) -> GenerationInput:
     """What the job's workflow was started with: the first event of its history (a terminated workflow's too)."""
+    return await started_with(client, handle, GenerationInput)
+
+
+async def started_with(client: Client, handle: WorkflowHandle, input_type: type[_Input]) -> _Input:
+    """What a workflow's run was started with (a job's GenerationInput, a batch's BatchInput): the first event of
+    its history."""
     async for event in handle.fetch_history_events(page_size=1):
-        [job] = await client.data_converter.decode(
-            event.workflow_execution_started_event_attributes.input.payloads, [GenerationInput]
+        [started] = await client.data_converter.decode(
+            event.workflow_execution_started_event_attributes.input.payloads, [input_type]
         )
-        return job
+        return started
     raise RPCError("the workflow has no history", RPCStatusCode.NOT_FOUND, b"")

@@ -16,7 +16,9 @@ on the same machine's clock as the client's):
     prompt        run_prompt started → completed; ComfyUI's own run (executionTimeMs) is within it
     to collect    run_prompt completed → collect_outputs scheduled (the workflow task between the two)
     collect       collect_outputs scheduled → completed
-    finish        collect_outputs completed → the workflow completed (the final record)
+    finish        the last activity completed → the workflow completed (the final record)
+                  (a job whose run_prompt stored its outputs itself has no collect_outputs: no to collect,
+                  no collect; such phases show "-" when no job had them)
     seen          the workflow completed → the client's GET /jobs/{id} read `succeeded` (the row is written
                   before the workflow task completes, so this may be below zero)
 
@@ -46,7 +48,7 @@ from temporalio.client import Client
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, percentile, simulated_gateway  # noqa: E402
+from bench.embedded import WARM_UP_JOBS, ZERO_LENGTH_PROMPT, cpu_per_job, percentile, simulated_stack  # noqa: E402
 from tests.harness import free_port  # noqa: E402
 
 
@@ -84,6 +86,7 @@ class Scenario:
     jobs: list[JobTimes] = field(default_factory=list)
     phases: dict[str, list[float]] = field(default_factory=lambda: {phase: [] for phase in PHASES})
     workflow_tasks: list[int] = field(default_factory=list)
+    history_events: list[int] = field(default_factory=list)
 
 
 def run_one(client: httpx.Client, prompt: dict, poll_seconds: float, scenario: Scenario | None) -> None:
@@ -162,15 +165,19 @@ async def read_phases(temporal_address: str, scenario: Scenario) -> None:
             "prompt wait": at["run_prompt started"] - at["run_prompt scheduled"],
             "prompt": at["run_prompt completed"] - at["run_prompt started"],
             "comfyui": job.execution_ms / 1000,
-            "to collect": at["collect_outputs scheduled"] - at["run_prompt completed"],
-            "collect": at["collect_outputs completed"] - at["collect_outputs scheduled"],
-            "finish": at["completed"] - at["collect_outputs completed"],
             "seen": job.seen - at["completed"],
             "total": job.seen - job.posted,
         }
+        if "collect_outputs completed" in at:
+            spans["to collect"] = at["collect_outputs scheduled"] - at["run_prompt completed"]
+            spans["collect"] = at["collect_outputs completed"] - at["collect_outputs scheduled"]
+            spans["finish"] = at["completed"] - at["collect_outputs completed"]
+        else:
+            spans["finish"] = at["completed"] - at["run_prompt completed"]
         for phase, seconds in spans.items():
             scenario.phases[phase].append(seconds * 1000)
         scenario.workflow_tasks.append(workflow_tasks)
+        scenario.history_events.append(len(history.events))
 
 
 def main() -> None:
@@ -185,10 +192,16 @@ def main() -> None:
     versions = {"this checkout": REPO_ROOT, **{str(path): path.resolve() for path in arguments.against}}
     addresses = {label: f"127.0.0.1:{free_port()}" for label in versions}
     with ExitStack() as stack:
-        base_urls = [stack.enter_context(simulated_gateway(addresses[label], root)) for label, root in versions.items()]
+        stacks = [stack.enter_context(simulated_stack(temporal_address=addresses[label], repo_root=root))
+                  for label, root in versions.items()]
+        base_urls = [each.api_url for each in stacks]
         gaps = {"jobs 300 ms apart": 0.3, "back to back": 0.0}
+        cpu_before = [each.cpu_seconds() for each in stacks]
         results = {scenario: dict(zip(versions, measure(base_urls, prompt, arguments.jobs, arguments.poll_ms / 1000, gap)))
                    for scenario, gap in gaps.items()}
+        # Each stack's processes, over every job of both scenarios (warm-ups included, and the client's polls).
+        cpu_spent = {label: {part: seconds - before.get(part, 0.0) for part, seconds in each.cpu_seconds().items()}
+                     for label, each, before in zip(versions, stacks, cpu_before)}
         for by_version in results.values():
             for label, scenario in by_version.items():
                 asyncio.run(read_phases(addresses[label], scenario))
@@ -211,10 +224,13 @@ def main() -> None:
             for by_version in results.values():
                 values = by_version[label].phases[phase]
                 cells.append(f"{percentile(values, 0.5):6.1f} / {percentile(values, 0.95):6.1f} /"
-                             f" {statistics.fmean(values):6.1f}")
+                             f" {statistics.fmean(values):6.1f}" if values else "-")
             print(f"| {phase:<12} | " + " | ".join(f"{cell:<24}" for cell in cells) + " |")
         print("workflow tasks per job: " + ", ".join(
             f"{name} {statistics.fmean(by_version[label].workflow_tasks):.1f}" for name, by_version in results.items()))
+        print("CPU per job, ms: " + cpu_per_job(cpu_spent[label], len(gaps) * (arguments.jobs + WARM_UP_JOBS)))
+        print("history events per job: " + ", ".join(
+            f"{name} {statistics.fmean(by_version[label].history_events):.1f}" for name, by_version in results.items()))
 
 
 if __name__ == "__main__":

@@ -187,6 +187,13 @@ class MotoServerProcess:
             self.process = None
 
 
+# How long the suite's gateways wait for a worker that went silent: a running prompt's heartbeat, a job's next
+# workflow task. Short, so that the crash tests do not spend their time waiting; far above what a live worker
+# takes, even on a loaded machine.
+SUITE_HEARTBEAT_TIMEOUT_S = 3.0
+SUITE_STICKY_TIMEOUT_S = 2.0
+
+
 def gateway_settings(temporal: Client, simulator_url: str, data_dir: Path, task_queue: str, **overrides: Any) -> Settings:
     # COMFYUI_URLS in `overrides` names the backends instead (the two do not go together).
     values: dict[str, Any] = {
@@ -194,7 +201,10 @@ def gateway_settings(temporal: Client, simulator_url: str, data_dir: Path, task_
         "data_dir": data_dir,
         "temporal_address": temporal.service_client.config.target_host,
         "temporal_task_queue": task_queue,
-        "comfyui_heartbeat_timeout_s": 3.0,
+        "comfyui_heartbeat_timeout_s": SUITE_HEARTBEAT_TIMEOUT_S,
+        # A killed worker's jobs wait this long for it before another takes their next step (Temporal's sticky
+        # queue; the server's own fallback takes 10 s).
+        "temporal_sticky_timeout_s": SUITE_STICKY_TIMEOUT_S,
         **overrides,
     }
     return Settings(_env_file=None, **values)
@@ -225,6 +235,7 @@ def settings_environment(settings: Settings) -> dict[str, str]:
         "TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
         "COMFYUI_HEARTBEAT_TIMEOUT_S": str(settings.comfyui_heartbeat_timeout_s),
         "MAX_CONCURRENCY": str(settings.max_concurrency),
+        "TEMPORAL_STICKY_TIMEOUT_S": str(settings.temporal_sticky_timeout_s),
     })
     return env
 

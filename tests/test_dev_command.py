@@ -15,7 +15,16 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from tests.harness import DONE, REPO_ROOT, SimulatorProcess, assert_eventually, free_port, recorded_workflow
+from tests.harness import (
+    DONE,
+    REPO_ROOT,
+    SUITE_HEARTBEAT_TIMEOUT_S,
+    SUITE_STICKY_TIMEOUT_S,
+    SimulatorProcess,
+    assert_eventually,
+    free_port,
+    recorded_workflow,
+)
 
 
 def dev_environment(tmp_path: Path, comfyui_url: str) -> dict[str, str]:
@@ -27,6 +36,9 @@ def dev_environment(tmp_path: Path, comfyui_url: str) -> dict[str, str]:
         "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
         "TEMPORAL_UI_PORT": str(free_port()),
         "COMFYUI_TIMEOUT_MS": "120000",
+        # The suite's waits for a worker that is gone (tests.harness.gateway_settings), not the defaults.
+        "COMFYUI_HEARTBEAT_TIMEOUT_S": str(SUITE_HEARTBEAT_TIMEOUT_S),
+        "TEMPORAL_STICKY_TIMEOUT_S": str(SUITE_STICKY_TIMEOUT_S),
     }
 
 

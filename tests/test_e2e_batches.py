@@ -19,7 +19,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from app.batch_store import get_batch, item_rows, record_batch
+from app.batch_store import close_ended_batch, ended_items_tally, get_batch, item_rows, record_batch
 from app.batches import BatchInput, BatchState, BatchStatus, BatchTally, RecordBatchInput
 from app.models import JobStatus
 from app.tables import JobRow
@@ -149,11 +149,36 @@ def _one(bodies: list[Any]) -> bool:
     return True
 
 
-@pytest.mark.settings(batch_max_parallel=20, batch_items_per_run=60, max_concurrency=4, api_keys=API_KEYS)
-async def test_a_200_item_batch_is_cancelled_halfway(gateway: Gateway, temporal_client: Client) -> None:
+def sleepy_template(gateway: Gateway) -> dict[str, Any]:
+    """A template whose items say how long they run: `seconds` of simulated time (0: at once)."""
+    prompt = gateway.comfyui.slow_prompt(0)
+    prompt["2"]["inputs"].update(seconds="{{seconds}}", steps=1)
+    return {"id": "sleepy_items", "name": "Sleepy", "workflowJson": prompt,
+            "inputSchema": {"type": "object", "fields": {"seconds": {"type": "number", "min": 0, "default": 0}}}}
+
+
+# Two runs of the batch's workflow: one of fast items, then continued as new, the one it is cancelled in, whose first
+# items (as many as may run at once) are slow and still running then. The other 188 items never start.
+_PER_RUN, _PARALLEL, _FAST = 8, 4, 8
+
+
+@pytest.mark.settings(batch_max_parallel=_PARALLEL, batch_items_per_run=_PER_RUN, max_concurrency=4,
+                      api_keys=API_KEYS)
+async def test_a_200_item_batch_is_cancelled_midway(gateway: Gateway, temporal_client: Client) -> None:
+    assert (await gateway.api.post("/workflows", json=sleepy_template(gateway), headers=ADMIN)).status_code == 201
     gateway.api.headers["X-API-Key"] = ALICE_KEY  # alice's batch, which an admin cancels
-    batch_id = await submit(gateway.api, {"workflowId": "solid_color", "items": items(200)})
-    seen = await wait_for_batch(gateway.api, batch_id, lambda batch: batch["counts"]["queued"] <= 100, timeout=120)
+    body = [{"seconds": 0}] * _FAST + [{"seconds": 600}] * (200 - _FAST)
+    batch_id = await submit(gateway.api, {"workflowId": "sleepy_items", "items": body})
+
+    async def midway() -> dict[str, Any]:
+        batch = (await gateway.api.get(f"/batches/{batch_id}")).json()
+        started = (await gateway.api.get(f"/batches/{batch_id}/jobs", params={"limit": 1})).json()["count"]
+        # The first run's fast items done; the second run's slow items started (at most _PARALLEL), one running.
+        assert batch["counts"]["succeeded"] == _FAST and batch["counts"]["running"] >= 1, batch
+        assert started == _FAST + _PARALLEL, started
+        return batch
+
+    seen = await assert_eventually(midway, timeout=60, what=f"batch {batch_id} midway")
     assert sum(seen["counts"].values()) == 200 and seen["status"] == "running"
 
     response = await gateway.api.post(f"/batches/{batch_id}/cancel", json={"reason": "enough"}, headers=ADMIN)
@@ -163,33 +188,35 @@ async def test_a_200_item_batch_is_cancelled_halfway(gateway: Gateway, temporal_
     assert entry["target"] == batch_id and entry["details"] == {"owner": "alice", "reason": "enough"}
 
     batch = (await gateway.api.get(f"/batches/{batch_id}")).json()
-    counts = batch["counts"]
-    assert batch["status"] == "cancelled" and batch["progress"] == 100
-    assert sum(counts.values()) == 200 and counts["queued"] == counts["running"] == 0
-    # Half started (at most 20 at once), so at least 80 had ended; the cancel came before the other half started.
-    assert counts["succeeded"] >= 100 - 20 and counts["cancelled"] >= 1 and counts["failed"] == 0
-    assert "enough" in batch["cancelReason"]
+    assert batch["status"] == "cancelled" and batch["progress"] == 100 and "enough" in batch["cancelReason"]
+    # The running items cancelled, and the items not started never start: they count as cancelled.
+    assert batch["counts"] == {"queued": 0, "running": 0, "succeeded": _FAST, "failed": 0, "cancelled": 200 - _FAST}
 
     # Every item that started is a job that ended; the items never started have no job at all.
     listed = (await gateway.api.get(f"/batches/{batch_id}/jobs", params={"limit": 200})).json()
+    assert listed["count"] == _FAST + _PARALLEL
     statuses = [job["status"] for job in listed["jobs"]]
-    assert set(statuses) <= {"succeeded", "cancelled"} and statuses.count("succeeded") == counts["succeeded"]
-    assert listed["count"] < 200
+    assert statuses.count("succeeded") == _FAST and statuses.count("cancelled") == _PARALLEL
     engine = make_engine(gateway.settings.resolved_database_url)
     with session_scope(engine) as session:
         rows = sum(item_rows(session, batch_id).by_status.values())
     engine.dispose()
     assert rows == listed["count"]
-    # ComfyUI holds none of the batch's prompts any more.
+    # Each item that was running is cancelled as the API cancels a job: its workflow ends Canceled, and its job
+    # reads cancelled with the batch's reason and who cancelled it.
+    await assert_items_canceled(
+        temporal_client, batch_id, [job for job in listed["jobs"] if job["status"] == "cancelled"], "enough")
+    # ComfyUI holds none of the batch's prompts any more: the slow ones running were stopped.
     async with httpx.AsyncClient() as comfy:
         queue = (await comfy.get(f"{gateway.comfyui.url}/queue")).json()
     assert not [entry for entry in queue["queue_running"] + queue["queue_pending"]
                 if str(entry[3].get("gateway_job_id", "")).startswith(batch_id)]
     assert (await gateway.api.post(f"/batches/{batch_id}/cancel")).status_code == 409
 
-    # Bounded history: 200 items in runs of at most 60, each run's history in proportion to its items.
+    # Continue-as-new: 200 items in runs of at most _PER_RUN, each run's history in proportion to its items (not
+    # to the batch's 200), the cancelled run's included.
     lengths = await runs_of(temporal_client, batch_id)
-    assert len(lengths) >= 2 and max(lengths) < 60 * 12, lengths
+    assert len(lengths) == 2 and max(lengths) < _PER_RUN * 12, lengths
 
 
 @pytest.mark.settings(batch_max_parallel=2)
@@ -209,9 +236,48 @@ async def test_a_batch_cancelled_in_temporal_ends_canceled_and_cancels_its_items
     assert (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
     jobs = (await gateway.api.get(f"/batches/{batch_id}/jobs")).json()["jobs"]
     assert len(jobs) == 2  # the third never started
+    assert {job["status"] for job in jobs} == {"cancelled"}
+    await assert_items_canceled(temporal_client, batch_id, jobs, "cancelled through Temporal")
+
+
+@pytest.mark.settings(batch_max_parallel=2, webhook_secret=SECRET, webhook_allowed_domains="127.0.0.1")
+async def test_a_batch_terminated_in_temporal_is_closed_as_cancelled_by_the_reconciler(
+    gateway: Gateway, temporal_client: Client,
+) -> None:
+    """Terminate gives the batch's workflow no chance to write its end: the worker's reconciler closes its row once
+    its items (cancelled by Temporal, their parent close policy) have ended, and sends its webhook."""
+    slow = {"id": "slow_items", "name": "Slow", "workflowJson": gateway.comfyui.slow_prompt(20)}
+    assert (await gateway.api.post("/workflows", json=slow)).status_code == 201
+    receiver = Receiver()
+    async with serve_locally(receiver.app()) as url:
+        batch_id = await submit(gateway.api, {"workflowId": "slow_items", "items": [{}, {}, {}],
+                                              "callbackUrl": f"{url}/hook"})
+        await wait_for_batch(gateway.api, batch_id, lambda batch: batch["counts"]["running"] >= 1)
+        await temporal_client.get_workflow_handle(batch_id).terminate(reason="stuck, says the operator")
+        batch = await wait_for_batch(gateway.api, batch_id, lambda batch: batch["status"] in FINAL, timeout=20)
+        await assert_eventually(lambda: _one(receiver.bodies), what="the batch.completed webhook")
+
+    assert batch["status"] == "cancelled" and batch["progress"] == 100
+    assert batch["cancelReason"] == "terminated in Temporal: stuck, says the operator"
+    assert batch["counts"] == {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 3}
+    assert batch["timing"]["completedAt"] is not None
+    jobs = (await gateway.api.get(f"/batches/{batch_id}/jobs")).json()["jobs"]
+    assert jobs and {job["status"] for job in jobs} == {"cancelled"}  # the third never started
+    [body] = receiver.bodies
+    assert body["event"] == "batch.completed" and body["status"] == "cancelled" and body["counts"]["cancelled"] == 3
+    assert body["cancelReason"] == batch["cancelReason"]
+    again = await gateway.api.post(f"/batches/{batch_id}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "BATCH_ALREADY_FINISHED"
+
+
+async def assert_items_canceled(client: Client, batch_id: str, jobs: list[dict[str, Any]], reason: str) -> None:
+    """The batch's cancelled items: each job reads cancelled with the batch's reason, and its workflow ended as
+    Canceled (not Completed), as a job cancelled through the API does."""
     for job in jobs:
-        assert job["status"] == "cancelled" and job["error"]["code"] == "JOB_CANCELLED"
-        assert batch_id in job["error"]["message"]
+        assert job["status"] == "cancelled" and job["error"]["code"] == "JOB_CANCELLED", job
+        assert batch_id in job["error"]["message"] and reason in job["error"]["message"], job["error"]
+        described = await client.get_workflow_handle(job["jobId"]).describe()
+        assert described.status is WorkflowExecutionStatus.CANCELED, (job["jobId"], described.status)
 
 
 # --- the API alone: refused before anything starts ---------------------------------------------------------
@@ -276,6 +342,40 @@ def test_a_batch_row_is_an_idempotent_projection_that_never_goes_back(engine: En
         rows = item_rows(session, batch_id)
     assert rows.by_status == {JobStatus.succeeded: 1, JobStatus.running: 1, JobStatus.queued: 1}
     assert rows.progress_sum == 140
+
+
+def test_a_batch_ended_in_temporal_is_closed_once_its_items_have_ended(engine: Engine) -> None:
+    """The reconciler's writes: a batch whose workflow Temporal ended waits for its live items, then its row is
+    closed once, with the tally its items' rows make (an item never started counts as cancelled)."""
+    now = datetime.now(timezone.utc)
+    batch_id = str(uuid.uuid4())
+    running = BatchState(batch_id=batch_id, status=BatchStatus.running, priority=3, total=4, created_at=now,
+                         started_at=now, started=1, cancel_reason=None)
+    item_ids = {status: str(uuid.uuid4()) for status in ("succeeded", "failed", "running")}
+    with session_scope(engine) as session:
+        record_batch(session, RecordBatchInput(batch=running))
+        for status, job_id in item_ids.items():
+            session.add(JobRow(job_id=job_id, status=status, backend="", progress=0, batch_id=batch_id,
+                               created_at=now, updated_at=now))
+        session.commit()
+        assert ended_items_tally(session, batch_id, 4) is None  # an item is still running
+        row = session.get(JobRow, item_ids["running"])
+        assert row is not None
+        row.status = "cancelled"
+        session.add(row)
+        session.commit()
+        ended = ended_items_tally(session, batch_id, 4)
+        assert ended == (3, BatchTally(succeeded=1, failed=1, cancelled=2))
+        started, tally = ended
+        closed = running.model_copy(update={"status": BatchStatus.cancelled, "started": started, "tally": tally,
+                                            "completed_at": now, "cancel_reason": "terminated in Temporal"})
+        assert close_ended_batch(session, closed) is True
+        assert close_ended_batch(session, closed.model_copy(update={"cancel_reason": "again"})) is False
+        record_batch(session, RecordBatchInput(batch=running))  # a late write of the workflow changes nothing
+        session.expire_all()
+        row = get_batch(session, batch_id)
+        assert row is not None and row.status == "cancelled" and row.cancel_reason == "terminated in Temporal"
+        assert row.started == 3 and row.tally == {"succeeded": 1, "failed": 1, "cancelled": 2}
 
 
 # --- replay of committed batch histories (captured with `python -m tests.histories.capture_batches`) -------

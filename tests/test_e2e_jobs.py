@@ -80,6 +80,21 @@ async def test_the_api_renders_the_prompt_once_and_the_workflow_runs_it(
     assert set(local_activities(await handle.fetch_history())) == {"record_job"}
 
 
+async def test_the_prompt_activity_stores_the_outputs_itself(gateway: Gateway, temporal_client: Client) -> None:
+    """The outputs are stored by run_prompt, in the slot and on the backend that ran the prompt: no
+    collect_outputs and no workflow task between the two (a store in trouble falls back to collect_outputs,
+    see test_e2e_s3's bucket down during collect)."""
+    job = await gateway.run({"workflowJson": recorded_workflow("image.json")})
+    assert job["status"] == "succeeded", job
+    history = await temporal_client.get_workflow_handle(job["jobId"]).fetch_history()
+    scheduled = [event.activity_task_scheduled_event_attributes.activity_type.name for event in history.events
+                 if event.HasField("activity_task_scheduled_event_attributes")]
+    assert scheduled == ["run_prompt"]
+    [output] = job["outputs"]
+    stored = await gateway.api.get(output["url"])
+    assert stored.status_code == 200 and hashlib.sha256(stored.content).hexdigest() == output["sha256"]
+
+
 async def test_a_job_too_large_to_carry_its_prompt_twice_is_rendered_by_the_worker(
     gateway: Gateway, temporal_client: Client
 ) -> None:

@@ -94,7 +94,7 @@ async def test_comfyui_restarted_mid_prompt_is_resubmitted(
 
 
 # The gateway stays down longer than the job's own limit: that time must not count against the job.
-_DOWNTIME_SECONDS = 6.0
+_DOWNTIME_SECONDS = 5.0
 _JOB_TIMEOUT_SECONDS = 4.0
 
 

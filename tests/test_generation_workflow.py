@@ -7,11 +7,11 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from temporalio import activity
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
@@ -61,6 +61,10 @@ class FakeGateway:
     # The first record of a succeeded job waits until it is cancelled.
     hold_the_success: bool = False
     success_held: asyncio.Event = field(default_factory=asyncio.Event)
+    # cancel_prompt (with `hold_the_stop`) and a ("fail when released", error) outcome wait for `release`.
+    hold_the_stop: bool = False
+    stop_held: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
     @activity.defn(name="render_prompt")
     async def render_prompt(self, request: RenderPromptInput) -> RenderPromptResult:
@@ -90,6 +94,10 @@ class FakeGateway:
             while True:
                 activity.heartbeat()
                 await asyncio.sleep(0.1)
+        if isinstance(outcome, tuple) and outcome[0] == "fail when released":
+            self.run_started.set()
+            await asyncio.wait_for(self.release.wait(), 10)
+            raise outcome[1]
         if isinstance(outcome, tuple):  # ("started on", backend, error): ComfyUI started it there, then it failed
             _, backend, error = outcome
             handle = activity.client().get_workflow_handle(request.job_id)
@@ -110,6 +118,9 @@ class FakeGateway:
 
     @activity.defn(name="cancel_prompt")
     async def cancel_prompt(self, request: CancelPromptInput) -> None:
+        if self.hold_the_stop:
+            self.stop_held.set()
+            await asyncio.wait_for(self.release.wait(), 10)
         self.cancelled_prompts.append(request.prompt_id)
         self.cancelled_on.append(request.backend)
 
@@ -131,6 +142,12 @@ def job_input(task_queue: str, retry: RetrySpec | None = None) -> GenerationInpu
         timeout_seconds=60, heartbeat_timeout_seconds=5, backend="comfyui-1",
         backend_task_queue=f"{task_queue}.gpu", created_at=datetime.now(timezone.utc),
     )
+
+
+async def replays(history: WorkflowHistory) -> None:
+    """The run replays on the workflow that made it: its cancel path is deterministic."""
+    replayer = Replayer(workflows=[GenerationWorkflow], data_converter=pydantic_data_converter)
+    assert (await replayer.replay_workflow(history)).replay_failure is None
 
 
 def failure(code: ErrorCode) -> ApplicationError:
@@ -366,6 +383,133 @@ async def test_the_apis_cancel_ends_the_workflow_as_canceled_with_the_signalled_
     assert final.error.message == "cancelled by alice: changed my mind"
 
 
+async def test_a_cancel_signal_whose_cancellation_never_came_leaves_a_failure_the_jobs(
+    temporal_client: Client, task_queue: str
+) -> None:
+    """The API stopped between its signal and Temporal's cancellation: the signal alone stops nothing, and a prompt
+    that then fails fails the job (it was never cancelled)."""
+    fake = FakeGateway(run_outcomes=[("fail when released", failure(ErrorCode.COMFYUI_NODE_ERROR))])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        await asyncio.wait_for(fake.run_started.wait(), 10)
+        await handle.signal(GenerationWorkflow.cancel,
+                            CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True))
+        await handle.query(GenerationWorkflow.status)  # answered once the signal is applied
+        fake.release.set()
+        with pytest.raises(WorkflowFailureError) as raised:
+            await handle.result()
+    assert isinstance(raised.value.cause, ApplicationError) and raised.value.cause.type == "COMFYUI_NODE_ERROR"
+    final = fake.records[-1].job
+    assert final.status is JobStatus.failed and final.error is not None
+    assert final.error.code is ErrorCode.COMFYUI_NODE_ERROR
+    assert fake.cancelled_prompts == []
+
+
+async def test_a_signal_that_stops_the_job_overrides_one_still_waiting_for_its_cancellation(
+    temporal_client: Client, task_queue: str
+) -> None:
+    """An API signal left without its cancellation (the API stopped, or an operator's reset re-applied it) must
+    not swallow a later cancel: a batch's signal stops the job, with the batch's who and why."""
+    fake = FakeGateway(run_outcomes=["block"])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        await asyncio.wait_for(fake.run_started.wait(), 10)
+        await handle.signal(GenerationWorkflow.cancel,
+                            CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True))
+        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason="the batch was cancelled", actor="batch"))
+        view = await asyncio.wait_for(handle.result(), 10)
+    assert view.status is JobStatus.cancelled and view.error is not None
+    assert view.error.message == "cancelled by batch: the batch was cancelled"
+    assert fake.cancelled_prompts == [prompt_id_for(job.job_id, 1)]
+
+
+async def test_a_reset_of_a_job_the_api_cancelled_runs_it_again_and_a_later_cancel_is_the_new_ones(
+    temporal_client: Client, task_queue: str
+) -> None:
+    """A reset re-applies the API's signal to the new run, but not Temporal's cancellation: the job runs again, and
+    the next cancel's who and why are the job's, not those of the cancel before the reset."""
+    fake = FakeGateway(run_outcomes=["block", "block"])
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        await asyncio.wait_for(fake.run_started.wait(), 10)
+        await handle.signal(GenerationWorkflow.cancel,
+                            CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True))
+        await handle.cancel(reason="cancelled through the gateway's API by alice")
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+        await reset_job(temporal_client, job.job_id)
+        await assert_eventually(lambda: len(fake.runs) == 2, timeout=15)
+        reset_run = temporal_client.get_workflow_handle_for(GenerationWorkflow.run, job.job_id)
+        await assert_eventually(
+            lambda: fake.records[-1].job.status is JobStatus.running, timeout=10, what="the job running again")
+        await reset_run.signal(GenerationWorkflow.cancel,
+                               CancelRequest(reason="second thoughts", actor="bob", temporal_cancel_follows=True))
+        await reset_run.cancel(reason="cancelled through the gateway's API by bob")
+        with pytest.raises(WorkflowFailureError) as raised:
+            await reset_run.result()
+    assert isinstance(raised.value.cause, CancelledError)
+    final = fake.records[-1].job
+    assert final.status is JobStatus.cancelled and final.error is not None
+    assert final.error.message == "cancelled by bob: second thoughts"
+
+
+async def test_the_apis_cancel_of_a_job_a_signal_already_stopped_cuts_short_neither_its_stop_nor_its_record(
+    temporal_client: Client, task_queue: str
+) -> None:
+    """A batch's signal stops the job; the API's cancel (signal, then Temporal's cancellation) arrives while the
+    job stops its prompt: the stop runs to its end, the job is recorded cancelled with the batch's who and why,
+    and the workflow, cancelled through Temporal, ends as Canceled."""
+    fake = FakeGateway(run_outcomes=["block"], hold_the_stop=True)
+    async with running(temporal_client, task_queue, fake):
+        job = job_input(task_queue)
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        await asyncio.wait_for(fake.run_started.wait(), 10)
+        await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason="the batch was cancelled", actor="batch"))
+        await asyncio.wait_for(fake.stop_held.wait(), 10)
+        await handle.signal(GenerationWorkflow.cancel,
+                            CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True))
+        await handle.cancel(reason="cancelled through the gateway's API by alice")
+        await handle.query(GenerationWorkflow.status)  # answered once the cancellation has reached the workflow
+        fake.release.set()
+        with pytest.raises(WorkflowFailureError) as raised:
+            await handle.result()
+    assert isinstance(raised.value.cause, CancelledError)
+    assert fake.cancelled_prompts == [prompt_id_for(job.job_id, 1)]
+    final = fake.records[-1].job
+    assert final.status is JobStatus.cancelled and final.error is not None
+    assert final.error.message == "cancelled by batch: the batch was cancelled"
+    warnings = [event.message for record in fake.records for event in record.events if event.kind == "warning"]
+    assert warnings == []
+    await replays(await handle.fetch_history())
+
+
+async def test_a_cancel_sent_before_any_worker_ran_the_job_schedules_no_prompt(
+    temporal_client: Client, task_queue: str
+) -> None:
+    """The API's signal and cancellation both wait for the job's first workflow task (no worker was up): the
+    cancellation lands on the job's first record, and must stop its steps too, not only record its end."""
+    fake = FakeGateway()
+    job = job_input(task_queue)
+    handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+    await handle.signal(GenerationWorkflow.cancel,
+                        CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True))
+    await handle.cancel(reason="cancelled through the gateway's API by alice")
+    async with running(temporal_client, task_queue, fake):
+        with pytest.raises(WorkflowFailureError) as raised:
+            await handle.result()
+    assert isinstance(raised.value.cause, CancelledError)
+    history = await handle.fetch_history()
+    assert not [event for event in history.events if event.HasField("activity_task_scheduled_event_attributes")]
+    assert fake.runs == [] and fake.cancelled_prompts == []
+    final = fake.records[-1].job
+    assert final.status is JobStatus.cancelled and final.error is not None
+    assert final.error.message == "cancelled by alice: changed my mind"
+    await replays(history)
+
+
 async def test_temporal_cancellation_takes_the_same_path(temporal_client: Client, task_queue: str) -> None:
     fake = FakeGateway(run_outcomes=["block"])
     async with running(temporal_client, task_queue, fake):
@@ -386,7 +530,10 @@ async def test_a_cancel_from_temporal_while_the_end_is_recorded_leaves_the_job_s
     fake = FakeGateway(hold_the_success=True)
     async with running(temporal_client, task_queue, fake):
         job = job_input(task_queue)
-        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
+        # The record is a local activity: the cancel reaches the workflow when its workflow task heartbeats, at
+        # 80% of the task timeout (Temporal's 10 s by default), a wait of the test's, not of the behaviour.
+        handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue,
+                                                      task_timeout=timedelta(seconds=3))
         await asyncio.wait_for(fake.success_held.wait(), 10)
         await handle.cancel()
         state = await handle.result()

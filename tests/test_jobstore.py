@@ -12,7 +12,6 @@ from app.errors import ErrorCode
 from app.jobstore import (
     JobFilter,
     close_ended_job,
-    estimate_wait_seconds,
     get_job_snapshot,
     list_events,
     list_jobs,
@@ -119,13 +118,3 @@ def test_list_filters_by_status_template_and_time(engine: Engine) -> None:
         jobs, count = list_jobs(session, JobFilter(created_before=base + timedelta(minutes=1)))
         assert [j.state.job_id for j in jobs] == [ids[0]]
         assert list_jobs(session, JobFilter(template_id="other"))[1] == 0
-
-
-def test_eta_uses_recent_run_times_and_jobs_ahead(engine: Engine) -> None:
-    with Session(engine) as session:
-        assert estimate_wait_seconds(session, "solid_color", slots=1) is None
-        now = datetime.now(timezone.utc)
-        record_job(session, record(state(str(uuid.uuid4()), JobStatus.succeeded, now, completed_at=now,
-                                         execution_time_ms=2000)))
-        record_job(session, record(state(str(uuid.uuid4()), JobStatus.queued, now)))
-        assert estimate_wait_seconds(session, "solid_color", slots=1) == 4.0

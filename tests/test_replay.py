@@ -25,7 +25,8 @@ def test_histories_are_committed() -> None:
         "indexed_template_job_succeeded", "indexed_generation_cancelled", "retention_deleted_jobs", "webhook_job_succeeded",
         "cache_hit_succeeded", "owned_template_job_succeeded", "api_rendered_image_job_succeeded",
         "fleet_job_with_image_input", "fleet_generation_cancelled", "fleet_reset_job_succeeded",
-        "console_batch_item_succeeded", "console_generation_cancelled",
+        "prioritized_job_succeeded",
+        "console_batch_item_succeeded", "console_generation_cancelled", "console_signalled_job_cancelled",
     }
 
 

@@ -119,6 +119,7 @@ def build_workers(
         ],
         activity_executor=ThreadPoolExecutor(max_workers=16, thread_name_prefix="activity"),
         graceful_shutdown_timeout=_GRACEFUL_SHUTDOWN,
+        sticky_queue_schedule_to_start_timeout=timedelta(seconds=settings.temporal_sticky_timeout_s),
     )
     fleet = Fleet(SlotLeases(engine))
     queues = {backend.id: served_queues(settings, backend) for backend in backends}

@@ -8,8 +8,9 @@ the history of one run stays bounded however large the batch (the items left and
 over). Waiting for the run's items before continuing as new keeps every child the run's own to await; it
 costs at most `max_parallel` items' tail between two runs.
 
-Cancelling (the `cancel` signal, or Temporal's own cancellation) signals `cancel` to every item still running,
-and the items not started yet never start; they count as cancelled. The batch's row is written by this
+Cancelling (the `cancel` signal, or Temporal's own cancellation) cancels every item still running as the API
+cancels a job (a `cancel` signal, then Temporal's cancellation: each item's workflow ends as Canceled), and the
+items not started yet never start; they count as cancelled. The batch's row is written by this
 workflow (a local activity) as it starts, as it continues as new and as it ends, and then, with a callbackUrl,
 its one webhook `batch.completed` goes to a WebhookDeliveryWorkflow of its own.
 
@@ -133,12 +134,21 @@ class BatchWorkflow:
         self._state.tally.add(status)
 
     async def _cancel_item(self, handle: workflow.ChildWorkflowHandle[GenerationWorkflow, JobState]) -> None:
+        """Cancel an item as the API cancels a job: the who and why by signal (its payload encrypted like any other,
+        unlike a cancellation's reason), then Temporal's cancellation of the item's workflow, which stops its job
+        so that the workflow ends as Canceled, its job `cancelled` with the batch's reason. The cancellation is
+        requested through an external handle: the item's own task awaits its end, and is never cancelled."""
         assert self._cancel is not None and self._batch is not None
-        reason = f"batch {self._batch.batch_id} cancelled" + (f": {self._cancel.reason}" if self._cancel.reason else "")
+        batch_id = self._batch.batch_id
+        reason = f"batch {batch_id} cancelled" + (f": {self._cancel.reason}" if self._cancel.reason else "")
         try:
-            await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason=reason, actor=self._cancel.actor))
+            await handle.signal(GenerationWorkflow.cancel, CancelRequest(
+                reason=reason, actor=self._cancel.actor, temporal_cancel_follows=True))
+            # Names the batch and the actor only: the reason a caller gave stays out of the history's clear text.
+            await workflow.get_external_workflow_handle(handle.id).cancel(
+                reason=f"cancelled with its batch {batch_id} by {self._cancel.actor}")
         except ApplicationError:
-            pass  # the item ended as the signal went out: nothing left to cancel
+            pass  # the item ended as the signal or the cancellation went out: nothing left to cancel
 
     # --- the batch's end -------------------------------------------------------------------------
 

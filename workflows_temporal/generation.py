@@ -6,11 +6,12 @@ Deterministic: no I/O, clock or randomness here; everything that touches the wor
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+from temporalio.common import Priority, RetryPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError, is_cancelled_exception
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 from temporalio.exceptions import TimeoutType
@@ -34,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         JobState,
         JobStatus,
         MAX_JOB_TIMEOUT_SECONDS,
+        OutputCollection,
         PROMPT_STARTED_SIGNAL,
         ProgressWebhook,
         PromptStarted,
@@ -68,6 +70,9 @@ FLEET_PATCH = "fleet"
 # and a cancellation through Temporal alone (Web UI, CLI) gives its reason to the job. Jobs before index only status,
 # template and owner, complete when cancelled by signal, and name no reason of Temporal's.
 CONSOLE_PATCH = "operator-console"
+# run_prompt stores the prompt's outputs itself, in the slot that ran it, and collect_outputs runs only when it
+# could not; jobs before always ran collect_outputs after it.
+COLLECT_IN_PROMPT_PATCH = "collect-in-prompt"
 
 # In a run an operator's reset started, each attempt it schedules records this marker (with the attempt's
 # number): replayed there later, the attempt is known to be its own, not one of the run it replaced.
@@ -196,9 +201,14 @@ class GenerationWorkflow:
                 await self._record()
                 await self._start_webhook()
                 return self._state
-            # A cancelled activity surfaces as an ActivityError caused by CancelledError.
-            if self._cancel is not None or is_cancelled_exception(failure):
-                signalled = self._cancel is not None
+            # Stopped by a cancel signal that stops the job itself, or by Temporal's cancellation (the API's, which
+            # follows its signal, or the Web UI's, the CLI's); a cancelled activity surfaces as an ActivityError
+            # caused by CancelledError. A signal whose cancellation never came stops nothing: a real failure after
+            # it is the job's failure.
+            signalled = self._cancel is not None and self._stops_itself(self._cancel)
+            if signalled or is_cancelled_exception(failure):
+                if self._console:
+                    await self._stop_work()
                 await self._finish_cancelled()
                 if not signalled or (self._console and workflow.cancellation_reason() is not None):
                     # Cancelled through Temporal (after the API's signal, or from the Web UI or the CLI): the
@@ -217,7 +227,11 @@ class GenerationWorkflow:
 
     @workflow.signal
     def cancel(self, request: CancelRequest) -> None:
-        if self._cancel is not None or (self._state is not None and self._state.status.is_terminal):
+        # A signal that stopped the job keeps its who and why. One that waits for Temporal's cancellation gives way
+        # to a later signal: a retried API cancel, a batch's cancel, or a cancel after an operator's reset re-applied
+        # the API's signal but not its cancellation (the reset job runs again).
+        stopping = self._cancel is not None and self._stops_itself(self._cancel)
+        if stopping or (self._state is not None and self._state.status.is_terminal):
             return
         self._cancel = request
         # Before the workflow's run has begun, run() does this once it knows the job's patches.
@@ -228,8 +242,22 @@ class GenerationWorkflow:
         """Whether the cancel signal stops the job itself, or (sent by the API since the console patch) keeps only
         the who and why for the Temporal cancellation that follows it, which stops the job through the same path
         and ends the workflow as Canceled. A job whose Temporal cancellation never comes (the API stopped between
-        its two calls) goes on: the API answered an error, and the client's retry cancels it."""
-        return not (self._console and request.temporal_cancel_follows)
+        its two calls) goes on: the API answered an error, and the client's retry cancels it.
+
+        The same for jobs from before the console patch: were the signal to stop them, the cancellation that follows
+        within moments would land in their recording of the end. No history holds such a signal before the patch
+        (no API sent one), so this changes no replay."""
+        return not request.temporal_cancel_follows
+
+    async def _stop_work(self) -> None:
+        """A Temporal cancellation that landed on run()'s own first record (sent before the workflow's first task,
+        while no worker ran) did not reach the job's steps: stop them before the job's end is recorded, so that no
+        prompt is scheduled alongside the workflow's end."""
+        assert self._work is not None
+        if not self._work.done():
+            self._work.cancel()
+        with suppress(asyncio.CancelledError, ActivityError, ApplicationError):
+            await self._work
 
     @workflow.signal(name=PROMPT_STARTED_SIGNAL)
     async def prompt_started(self, started: PromptStarted) -> None:
@@ -277,23 +305,29 @@ class GenerationWorkflow:
                 retry_policy=_IMAGE_RETRY,
             )
             prompt = staged.prompt
-        result = await self._run_until_done(job, prompt, rendered.image_sources if self._fleet else {})
+        collect = (OutputCollection(output_format=job.output_format, output_quality=job.output_quality)
+                   if workflow.patched(COLLECT_IN_PROMPT_PATCH) else None)
+        result = await self._run_until_done(job, prompt, rendered.image_sources if self._fleet else {}, collect)
         assert self._state is not None
         if self._state.started_at is None and result.started_at_ms is not None:
             # A prompt that finished within moments never signalled `running`; ComfyUI says when it started.
             self._state.started_at = datetime.fromtimestamp(result.started_at_ms / 1000, tz=timezone.utc)
-        self._state.status = JobStatus.running  # ComfyUI is done; the gateway is collecting the outputs
-        collected = await workflow.execute_activity_method(
-            ComfyActivities.collect_outputs,
-            CollectOutputsInput(
-                job_id=job.job_id, backend=result.backend or job.backend, outputs=result.outputs, timeout_seconds=job.timeout_seconds,
-                output_format=job.output_format, output_quality=job.output_quality,
-            ),
-            start_to_close_timeout=timedelta(seconds=max(job.timeout_seconds, 300)),
-            heartbeat_timeout=timedelta(seconds=120),
-            retry_policy=_STORAGE_RETRY,
-        )
-        self._state.outputs = collected.files
+        if result.files is not None:
+            self._state.outputs = result.files  # stored by run_prompt itself
+        else:
+            self._state.status = JobStatus.running  # ComfyUI is done; the gateway is collecting the outputs
+            collected = await workflow.execute_activity_method(
+                ComfyActivities.collect_outputs,
+                CollectOutputsInput(
+                    job_id=job.job_id, backend=result.backend or job.backend, outputs=result.outputs,
+                    timeout_seconds=job.timeout_seconds, output_format=job.output_format,
+                    output_quality=job.output_quality,
+                ),
+                start_to_close_timeout=timedelta(seconds=max(job.timeout_seconds, 300)),
+                heartbeat_timeout=timedelta(seconds=120),
+                retry_policy=_STORAGE_RETRY,
+            )
+            self._state.outputs = collected.files
         self._state.execution_time_ms = result.execution_time_ms
         await self._finish(JobStatus.succeeded)
 
@@ -307,7 +341,8 @@ class GenerationWorkflow:
         await self._finish(JobStatus.succeeded)
 
     async def _run_until_done(
-        self, job: GenerationInput, prompt: dict[str, Any], image_sources: dict[str, str]
+        self, job: GenerationInput, prompt: dict[str, Any], image_sources: dict[str, str],
+        collect: OutputCollection | None,
     ) -> RunPromptResult:
         """Run the prompt on ComfyUI; resubmit when ComfyUI lost it (or, on the fleet's path, its backend was
         lost), and when the client's retry asks. On the fleet's path an attempt whose retry was polled by
@@ -352,6 +387,7 @@ class GenerationWorkflow:
                         timeout_seconds=job.timeout_seconds,
                         progress_webhook=self._progress_webhook(job),
                         redacted_texts=self._free_texts(),
+                        collect=collect,
                     ),
                     task_queue=queue,
                     start_to_close_timeout=self._prompt_activity_limit(job),
@@ -361,6 +397,9 @@ class GenerationWorkflow:
                     schedule_to_start_timeout=timedelta(seconds=job.heartbeat_timeout_seconds) if pinned else None,
                     heartbeat_timeout=timedelta(seconds=job.heartbeat_timeout_seconds),
                     retry_policy=_TRANSIENT_RETRY,
+                    # While prompts wait for a slot, Temporal hands out the highest priority first, and shares
+                    # each priority between owners (app.queue_estimates counts the wait the same way).
+                    priority=Priority(priority_key=job.priority, fairness_key=job.owner),
                 )
                 if self._fleet:
                     self._prompt_backend = self._state.backend = result.backend
@@ -446,6 +485,18 @@ class GenerationWorkflow:
         return None
 
     async def _finish_cancelled(self) -> None:
+        if not self._console:
+            await self._stop_and_record_cancel()
+            return
+        # Shielded: a job stopped by a signal may still get Temporal's cancellation (a batch's cancel, then the API's
+        # or the Web UI's), which must cut short neither the stop of its prompt nor the record of its end.
+        ending = asyncio.create_task(self._stop_and_record_cancel())
+        while not ending.done():
+            with suppress(asyncio.CancelledError):
+                await asyncio.shield(ending)
+        ending.result()
+
+    async def _stop_and_record_cancel(self) -> None:
         request = self._cancel or self._temporal_cancel_request()
         assert self._job is not None
         # On the fleet's path a prompt may be placed (waiting in ComfyUI's queue) before the workflow hears where:

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.common import Priority as TaskQueuePriority
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
@@ -54,15 +55,17 @@ from app.jobstore import (
     JobFilter,
     JobSnapshot,
     count_unfinished_jobs,
-    estimate_wait_seconds,
     get_job_snapshot,
     list_events,
     list_jobs,
     request_fingerprint_of,
 )
 from app.metrics import CACHE_HITS, CACHE_MISSES
+from app.priorities import Priority
+from app.queue_estimates import InLine, QueueEstimate, estimate
 from app.models import (
     DEFAULT_OUTPUT_QUALITY,
+    DEFAULT_PRIORITY,
     MAX_JOB_TIMEOUT_SECONDS,
     CachedResult,
     CamelModel,
@@ -70,6 +73,7 @@ from app.models import (
     GenerationInput,
     JobState,
     JobStatus,
+    LiveProgress,
     OutputFormat,
     RenderPromptResult,
     RetrySpec,
@@ -195,6 +199,7 @@ class CreateJobRequest(CamelModel):
     backend_tag: str | None = Field(
         None, max_length=32, description="run only on a ComfyUI backend with this tag (COMFYUI_URLS); one tag per "
                                          "job; default any backend")
+    priority: Priority = DEFAULT_PRIORITY
 
     _numbers = field_validator("timeout_seconds", "quality", mode="before")(_json_number)
 
@@ -209,7 +214,8 @@ class CreateJobResponse(CamelModel):
     job_id: str
     status: JobStatus = Field(description="`succeeded` at once for a result cache hit; a repeat of an idempotency "
                                           "key answers with its job's status now")
-    eta_seconds: float | None
+    eta_seconds: float | None = Field(description="seconds until the job should be done, as `GET /jobs/{jobId}` "
+                                                  "estimates it; null when it has ended or nothing has run yet")
     poll_url: str
     cache_hit: bool = Field(False, description="the job took the outputs of an identical earlier job")
     temporal_ui_url: str | None = Field(
@@ -293,7 +299,7 @@ async def create_job(
         if snapshot.state.status.is_terminal:
             job = await public_job_off_loop(snapshot, storage, TemporalUi.of(settings))
             return JSONResponse(job.model_dump(mode="json", by_alias=True))
-        return await _accepted(db, settings, snapshot.state, body.workflow_id)
+        return await _accepted(db, settings, snapshot.state)
 
 
 async def _wait_for_end(request: Request, waits: JobWaits, client: Client, job_id: str, seconds: float) -> bool:
@@ -347,7 +353,7 @@ async def _submit(
         if (recorded := await db.run(request_fingerprint_of, job_id)) is not None:
             snapshot, recorded_fingerprint = recorded
             _check_same_request(job_id, recorded_fingerprint, fingerprint)
-            return await _accepted(db, settings, snapshot.state, body.workflow_id)
+            return await _accepted(db, settings, snapshot.state)
     else:
         job_id = str(uuid.uuid4())
     await check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
@@ -395,13 +401,13 @@ async def _submit(
             raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal could not say what the job is") from error
         _check_same_request(job_id, job.request_fingerprint, fingerprint)
     elif job.cached_result is None:
-        return await _accepted(db, settings, accepted_state(job), body.workflow_id)
+        return await _accepted(db, settings, accepted_state(job))
     if job.cached_result is not None:
         # It only records the result: answered in moments, so the answer can truthfully be `succeeded`.
         with suppress(TimeoutError, WorkflowFailureError, RPCError):
             async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
                 await handle.result()
-    return await _accepted(db, settings, await _state_now(db, reader, job, closed), body.workflow_id)
+    return await _accepted(db, settings, await _state_now(db, reader, job, closed))
 
 
 async def find_template(db: Database, template_id: str) -> TemplateRow:
@@ -455,6 +461,7 @@ def job_input(
         output_format=body.output_format,
         output_quality=body.quality,
         owner=principal.id,
+        priority=body.priority,
     )
 
 
@@ -504,6 +511,8 @@ async def _start(client: Client, job: GenerationInput, task_queue: str) -> tuple
             task_queue=task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            # Its workflow tasks too: under load a high-priority job's start is not queued behind a flood.
+            priority=TaskQueuePriority(priority_key=job.priority, fairness_key=job.owner),
         )
     except WorkflowAlreadyStartedError:
         return client.get_workflow_handle_for(GenerationWorkflow.run, job.job_id), True
@@ -523,11 +532,11 @@ async def _state_now(db: Database, reader: JobReader, job: GenerationInput, clos
     return accepted_state(job)
 
 
-async def _accepted(db: Database, settings: Settings, state: JobState, template_id: str | None) -> CreateJobResponse:
+async def _accepted(db: Database, settings: Settings, state: JobState) -> CreateJobResponse:
     job_id = state.job_id
     eta = None
     if not state.status.is_terminal:
-        eta = await db.run(estimate_wait_seconds, template_id, settings.max_concurrency)
+        eta = (await _in_line(db, settings, JobSnapshot(state, LiveProgress()))).eta_seconds
     return CreateJobResponse(job_id=job_id, status=state.status, eta_seconds=eta, poll_url=f"/jobs/{job_id}",
                              cache_hit=state.cache_hit, temporal_ui_url=TemporalUi.of(settings).workflow_url(job_id))
 
@@ -636,7 +645,7 @@ def get_jobs(
 @router.get("/{job_id}", response_model=Job)
 async def get_job(
     job: JobDep, storage: StorageDep, ui: TemporalUiDep, request: Request, reader: JobReaderDep,
-    temporal: TemporalDep, waits: JobWaitsDep, wait: WaitDep,
+    temporal: TemporalDep, waits: JobWaitsDep, wait: WaitDep, db: DatabaseDep, settings: SettingsDep,
 ) -> Job:
     """With `wait`, the job once it has ended, or as it is when the wait runs out: 200 both ways, and its
     `status` says which (`succeeded`, `failed`, `cancelled`: ended; `queued`, `running`: not yet)."""
@@ -645,7 +654,13 @@ async def get_job(
         with waits.place():
             ended = await _wait_for_end(request, waits, client, job.state.job_id, wait)
             job = await reader.read(job.state.job_id, reuse_live=not ended)
-    return await public_job_off_loop(job, storage, ui)
+    in_line = None if job.state.status.is_terminal else await _in_line(db, settings, job)
+    return await public_job_off_loop(job, storage, ui, in_line)
+
+
+async def _in_line(db: Database, settings: Settings, job: JobSnapshot) -> QueueEstimate:
+    return await db.run(estimate, InLine.of(job.state, job.live), configured_backends(settings),
+                        datetime.now(timezone.utc))
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
@@ -669,12 +684,18 @@ async def cancel_job(
         # A retry of a cancel that failed between the two sends both again: the second signal changes nothing.
         await handle.signal(GenerationWorkflow.cancel,
                             CancelRequest(reason=reason, actor=principal.id, temporal_cancel_follows=True))
-        await handle.cancel(reason=f"cancelled through the gateway's API by {principal.id}")
     except RPCError as error:
         job = await reader.read(job_id, reuse_live=False)
         if job.state.status.is_terminal:
             raise _already_finished(job) from error
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal did not take the cancel; try again") from error
+    try:
+        await handle.cancel(reason=f"cancelled through the gateway's API by {principal.id}")
+    except RPCError as error:
+        # The workflow took the signal, so the job was live: if it has ended since (Temporal answers NOT_FOUND for
+        # a closed workflow), the answer below says how, as it does for a job that ends while the cancel runs.
+        if not (await reader.read(job_id, reuse_live=False)).state.status.is_terminal:
+            raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal did not take the cancel; try again") from error
     if job.state.owner != principal.id:  # only an admin reaches another's job (JobDep)
         await db.run(record_audit, principal, JOB_CANCEL, job_id, {"owner": job.state.owner, "reason": reason})
     # The workflow's end, awaited (long-polled by Temporal) rather than polled for.

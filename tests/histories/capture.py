@@ -24,7 +24,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from app.db import make_engine, session_scope
 from app.devserver import temporal_cli
-from app.models import RetentionInput
+from app.models import CancelRequest, RetentionInput
 from app.settings import Settings
 from app.tables import JobRow
 from app.temporal_endings import started_input
@@ -100,11 +100,22 @@ async def capture() -> None:
                     # ... and reset by an operator to its first task while it ran: the new run's attempt records
                     # its reset-run-prompt marker and has a prompt id of its own.
                     "fleet_reset_job_succeeded": {"workflowJson": simulator.slow_prompt(5)},
+                    # With a priority: its run_prompt (and its start) carry the priority key and its owner as the
+                    # fairness key.
+                    "prioritized_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8},
+                                                  "priority": "high"},
+                    # Since the collect-in-prompt patch: run_prompt stores the outputs itself, and no
+                    # collect_outputs is scheduled.
+                    "collected_in_prompt_job_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
                     # Since the operator-console patch: Priority and BatchId upserted with the first status, Backend
                     # as the job is placed (here an urgent batch item, started as a batch starts its items) ...
                     "console_batch_item_succeeded": {"workflowId": "solid_color", "inputs": {"width": 8}},
                     # ... and cancelled through the API by Temporal's cancellation: the workflow ends as Canceled.
                     "console_generation_cancelled": {"workflowJson": simulator.slow_prompt(10)},
+                    # ... and stopped by a cancel signal that stops it (one sent without temporal_cancel_follows),
+                    # the API's cancel following at once: its cancellation lands while the job stops its prompt
+                    # and records its end, which it cuts short of neither; the workflow ends as Canceled.
+                    "console_signalled_job_cancelled": {"workflowJson": simulator.slow_prompt(10)},
                 }
                 for name, body in jobs.items():
                     if (HERE / f"{name}.json").exists():
@@ -118,7 +129,11 @@ async def capture() -> None:
                         job_id = await start_as_batch_item(env.client, job_id, settings.temporal_task_queue)
                     if name.endswith("cancelled"):
                         await wait_for_job(api, job_id, until={"running"})
-                        await api.post(f"/jobs/{job_id}/cancel", json={"reason": "captured for the replay test"})
+                        if name == "console_signalled_job_cancelled":
+                            await env.client.get_workflow_handle(job_id).signal(GenerationWorkflow.cancel, CancelRequest(
+                                reason="captured for the replay test", actor="batch"))
+                        cancelled = await api.post(f"/jobs/{job_id}/cancel", json={"reason": "captured for the replay test"})
+                        assert cancelled.status_code == 200, cancelled.text
                     if name.endswith("reset_job_succeeded"):
                         await wait_for_job(api, job_id, until={"running"})
                         await reset_job(env.client, job_id, reason="captured for the replay test")

@@ -1,0 +1,189 @@
+"""Where a live job stands in line and when it should be done: `queuePosition` and `etaSeconds`.
+
+The line is the one the job really waits in. Ahead of a job that waits in Temporal for a slot are:
+
+- every prompt already in ComfyUI (running, or prefetched into its queue) on the backends that serve the job's
+  queue: those keep their place whatever their priority;
+- the jobs waiting in the same queue (the same backend tag) in the order Temporal hands them out: a higher
+  priority first; at one priority, owners take turns (fairness: an owner's n-th waiting job comes after every
+  other owner's n-th, and before their (n+1)-th), and each owner's own jobs come first come, first served.
+
+A job already in ComfyUI's queue has the place ComfyUI gives it; a running job has position 0; a waiting job
+with nothing known ahead of it has none (it is being placed, and ComfyUI tells its place in a moment).
+
+A job's run time is the mean execution time of the latest successes of its template (raw graphs count as one
+template), else of any job; with no success yet there is no ETA. The wait is the work ahead (what the prompts
+in ComfyUI still have to run, plus the waiting jobs' run times) shared by the slots of the backends that serve
+the queue: a fluid estimate, exact for one slot.
+
+The live columns of a row are written about once a second (activities.live_row), so a prompt that reached
+ComfyUI a moment ago may still count as waiting in Temporal.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import func, or_
+from sqlmodel import Session, col, select
+
+from app.comfy.backends import Backend
+from app.db import as_utc
+from app.models import JobState, JobStatus, LiveProgress
+from app.tables import JobRow
+
+# How many of a template's latest successes its run time is the mean of.
+RECENT_RUNS = 20
+
+
+@dataclass(frozen=True)
+class QueueEstimate:
+    # Jobs ahead of it (0: it runs); None: not in line (ended), or being placed with nothing known ahead.
+    position: int | None
+    # Seconds until it should be done; None: no run time known yet.
+    eta_seconds: float | None
+
+
+@dataclass(frozen=True)
+class InLine:
+    """The job whose place is asked: as its workflow's state and its live progress say."""
+
+    job_id: str
+    status: JobStatus
+    priority: int
+    owner: str | None
+    created_at: datetime
+    template_id: str | None
+    backend_tag: str | None
+    started_at: datetime | None = None
+    # Its prompt's place in ComfyUI's queue once it is there (0: running); None: still waiting in Temporal.
+    comfy_position: int | None = None
+
+    @classmethod
+    def of(cls, state: JobState, live: LiveProgress | None = None) -> "InLine":
+        return cls(
+            job_id=state.job_id, status=state.status, priority=state.priority, owner=state.owner,
+            created_at=state.created_at, template_id=state.template_id, backend_tag=state.backend_tag,
+            started_at=state.started_at, comfy_position=live.queue_position if live is not None else None,
+        )
+
+
+@dataclass
+class RunTimes:
+    """Mean run times in seconds, per template, read once per estimate."""
+
+    session: Session
+    _means: dict[str | None, float | None] = field(default_factory=dict)
+    _any: list[float | None] = field(default_factory=list)
+
+    def of(self, template_id: str | None) -> float | None:
+        if template_id not in self._means:
+            self._means[template_id] = self._recent_mean(template_id, any_template=False)
+        mean = self._means[template_id]
+        if mean is not None:
+            return mean
+        if not self._any:
+            self._any.append(self._recent_mean(None, any_template=True))
+        return self._any[0]
+
+    def _recent_mean(self, template_id: str | None, *, any_template: bool) -> float | None:
+        query = select(JobRow.execution_time_ms).where(
+            col(JobRow.status) == JobStatus.succeeded.value, col(JobRow.execution_time_ms).is_not(None))
+        if not any_template:
+            query = query.where(col(JobRow.template_id).is_(None) if template_id is None
+                                else col(JobRow.template_id) == template_id)
+        durations = self.session.exec(query.order_by(col(JobRow.completed_at).desc()).limit(RECENT_RUNS)).all()
+        return sum(durations) / len(durations) / 1000 if durations else None
+
+
+def estimate(session: Session, job: InLine, backends: list[Backend], now: datetime) -> QueueEstimate:
+    if job.status.is_terminal:
+        return QueueEstimate(None, None)
+    run_times = RunTimes(session)
+    own = run_times.of(job.template_id)
+    if job.status is JobStatus.running or job.comfy_position == 0:
+        return QueueEstimate(0, _rounded(_remaining(own, job.started_at, now)))
+    if job.comfy_position is not None:
+        # In ComfyUI's queue: behind the prompts ahead of it there, on its backend's one slot at a time.
+        ahead = job.comfy_position
+        return QueueEstimate(ahead, _rounded(None if own is None else own * (ahead + 1)))
+
+    served = [backend for backend in backends if job.backend_tag is None or job.backend_tag in backend.tags]
+    slots = sum(backend.slots for backend in served) or 1
+    in_comfyui = _in_comfyui(session, job, {backend.id for backend in served})
+    waiting = _waiting_ahead(session, job)
+    work: float | None = 0.0
+    for template_id, started_at in in_comfyui:
+        work = _plus(work, _remaining(run_times.of(template_id), started_at, now))
+    for template_id, count in waiting.items():
+        run_time = run_times.of(template_id)
+        work = _plus(work, None if run_time is None else run_time * count)
+    eta = None if work is None or own is None else work / slots + own
+    ahead = len(in_comfyui) + sum(waiting.values())
+    # Nothing known ahead, yet not running: it is being placed (its prompt may be in ComfyUI already, behind
+    # prompts the gateway did not send), and ComfyUI tells its place in a moment. 0 would say it runs.
+    return QueueEstimate(ahead or None, _rounded(eta))
+
+
+def _in_comfyui(session: Session, job: InLine, served: set[str]) -> list[tuple[str | None, datetime | None]]:
+    """(template, started at) of the other live prompts in ComfyUI on the backends that serve the job's queue. A
+    prompt only prefetched has no backend on its row yet: its tag says whether it waits where this job would."""
+    rows = session.exec(
+        select(JobRow.template_id, JobRow.started_at, JobRow.status, JobRow.backend, JobRow.backend_tag).where(
+            col(JobRow.status).in_([JobStatus.queued.value, JobStatus.running.value]),
+            col(JobRow.job_id) != job.job_id,
+            or_(col(JobRow.status) == JobStatus.running.value, col(JobRow.queue_position).is_not(None)),
+        )
+    ).all()
+    placed = []
+    for template_id, started_at, status, backend, backend_tag in rows:
+        on_served = backend in served if backend else (job.backend_tag is None or backend_tag == job.backend_tag)
+        if on_served:
+            placed.append((template_id, as_utc(started_at) if status == JobStatus.running.value else None))
+    return placed
+
+
+def _waiting_ahead(session: Session, job: InLine) -> Counter[str | None]:
+    """How many jobs of each template Temporal hands out before this one from the same queue."""
+    waiting = (
+        col(JobRow.status) == JobStatus.queued.value,
+        col(JobRow.queue_position).is_(None),
+        col(JobRow.job_id) != job.job_id,
+        col(JobRow.backend_tag).is_(None) if job.backend_tag is None else col(JobRow.backend_tag) == job.backend_tag,
+    )
+    ahead: Counter[str | None] = Counter()
+    for template_id, count in session.exec(
+        select(JobRow.template_id, func.count()).where(*waiting, col(JobRow.priority) < job.priority)
+        .group_by(col(JobRow.template_id))
+    ).all():
+        ahead[template_id] += count
+    peers: dict[str | None, list[tuple[datetime, str | None]]] = defaultdict(list)
+    for owner, created_at, template_id in session.exec(
+        select(JobRow.owner, JobRow.created_at, JobRow.template_id).where(*waiting, col(JobRow.priority) == job.priority)
+    ).all():
+        peers[owner].append((as_utc(created_at), template_id))
+    own_turn = sum(1 for created_at, _ in peers.get(job.owner, []) if created_at < job.created_at)
+    for owner, jobs in peers.items():
+        jobs.sort(key=lambda item: item[0])
+        if owner == job.owner:
+            turns = jobs[:own_turn]
+        else:  # their turns before this job's, and the one at the same turn if it came first
+            turns = jobs[:own_turn] + [item for item in jobs[own_turn:own_turn + 1] if item[0] < job.created_at]
+        ahead.update(template_id for _, template_id in turns)
+    return ahead
+
+
+def _remaining(run_time: float | None, started_at: datetime | None, now: datetime) -> float | None:
+    if run_time is None or started_at is None:
+        return run_time
+    return max(run_time - (now - started_at).total_seconds(), 0.0)
+
+
+def _plus(total: float | None, seconds: float | None) -> float | None:
+    return None if total is None or seconds is None else total + seconds
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)

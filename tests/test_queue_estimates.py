@@ -1,0 +1,97 @@
+"""A live job's place in line and its ETA, from the jobs table: prompts in ComfyUI first, then the waiting jobs
+Temporal hands out before it (priority, owners' turns, first come), timed by recent run times per template."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from app.comfy.backends import Backend
+from app.jobstore import record_job, write_live_progress
+from app.models import JobState, JobStatus, LiveProgress, RecordJobInput
+from app.queue_estimates import InLine, QueueEstimate, estimate
+
+NOW = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
+ONE_SLOT = [Backend(id="gpu1", url="http://gpu1", slots=1)]
+
+
+def _job(session: Session, status: JobStatus, *, owner: str = "alice", priority: int = 3, template: str = "t",
+         created: datetime = NOW, **changes: object) -> JobState:
+    state = JobState(job_id=str(uuid.uuid4()), status=status, template_id=template, created_at=created, owner=owner,
+                     priority=priority, **changes)
+    record_job(session, RecordJobInput(job=state, backend=""))
+    return state
+
+
+def _ran(session: Session, template: str, milliseconds: int) -> None:
+    _job(session, JobStatus.succeeded, template=template, created=NOW - timedelta(hours=1),
+         completed_at=NOW - timedelta(minutes=30), execution_time_ms=milliseconds)
+
+
+def _at(minutes: int) -> datetime:
+    return NOW - timedelta(minutes=10) + timedelta(minutes=minutes)
+
+
+def test_a_waiting_job_counts_prompts_in_comfyui_higher_priorities_and_owners_turns(engine: Engine) -> None:
+    with Session(engine) as session:
+        _ran(session, "t", 2000)
+        _ran(session, "big", 10_000)
+        _job(session, JobStatus.running, started_at=NOW - timedelta(seconds=0.5), created=_at(-5))  # 1.5 s left
+        alices = [_job(session, JobStatus.queued, created=_at(minute)) for minute in (0, 1, 2)]
+        bobs = _job(session, JobStatus.queued, owner="bob", created=_at(3))
+        _job(session, JobStatus.queued, owner="carol", priority=1, template="big", created=_at(4))
+        _job(session, JobStatus.queued, owner="dave", priority=5, created=_at(-1))  # lower: behind them all
+        _job(session, JobStatus.queued, created=_at(-2), backend_tag="sdxl")  # waits in another queue
+
+        # Bob's first turn comes after alice's first (it came first) and before her second.
+        assert estimate(session, InLine.of(bobs), ONE_SLOT, NOW) == QueueEstimate(3, 1.5 + 10 + 2 + 2)
+        # Alice's third waits for her first two and for bob's one turn.
+        assert estimate(session, InLine.of(alices[2]), ONE_SLOT, NOW) == QueueEstimate(5, 1.5 + 10 + 2 * 3 + 2)
+        # Two slots share the work ahead.
+        two_slots = [Backend(id="gpu1", url="http://gpu1", slots=2)]
+        assert estimate(session, InLine.of(bobs), two_slots, NOW) == QueueEstimate(3, (1.5 + 10 + 2) / 2 + 2)
+
+
+def test_a_prompt_in_comfyui_keeps_its_place_there_and_a_running_one_counts_down(engine: Engine) -> None:
+    with Session(engine) as session:
+        _ran(session, "t", 4000)
+        running = _job(session, JobStatus.running, started_at=NOW - timedelta(seconds=1), created=_at(0))
+        prefetched = _job(session, JobStatus.queued, created=_at(1))
+        assert write_live_progress(session, prefetched.job_id, 0, LiveProgress(queue_position=1))
+        waiting = _job(session, JobStatus.queued, priority=1, created=_at(2))
+
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW) == QueueEstimate(0, 3.0)
+        live = LiveProgress(queue_position=1)
+        assert estimate(session, InLine.of(prefetched, live), ONE_SLOT, NOW) == QueueEstimate(1, 8.0)
+        # A higher priority does not pass what ComfyUI already holds: 3 s left, 4 s prefetched, then its own 4 s.
+        assert estimate(session, InLine.of(waiting), ONE_SLOT, NOW) == QueueEstimate(2, 11.0)
+
+
+def test_a_tagged_job_waits_only_behind_its_own_queue_and_the_backends_with_its_tag(engine: Engine) -> None:
+    backends = [Backend(id="gpu1", url="http://gpu1", slots=1), Backend(id="gpu2", url="http://gpu2", slots=1,
+                                                                         tags=("sdxl",))]
+    with Session(engine) as session:
+        _ran(session, "t", 1000)
+        _job(session, JobStatus.queued, created=_at(0))  # untagged: any backend's
+        on_gpu1 = _job(session, JobStatus.running, started_at=NOW, created=_at(0))
+        record_job(session, RecordJobInput(job=on_gpu1, backend="gpu1"))
+        tagged_ahead = _job(session, JobStatus.queued, created=_at(1), backend_tag="sdxl")
+        tagged = _job(session, JobStatus.queued, created=_at(2), backend_tag="sdxl")
+        assert estimate(session, InLine.of(tagged), backends, NOW) == QueueEstimate(1, 2.0)
+        # Nothing known ahead of it, yet waiting: being placed, its place not known until ComfyUI tells it.
+        assert estimate(session, InLine.of(tagged_ahead), backends, NOW) == QueueEstimate(None, 1.0)
+
+
+def test_without_a_run_to_time_by_there_is_a_place_but_no_eta(engine: Engine) -> None:
+    with Session(engine) as session:
+        _job(session, JobStatus.queued, created=_at(0))
+        later = _job(session, JobStatus.queued, created=_at(1))
+        assert estimate(session, InLine.of(later), ONE_SLOT, NOW) == QueueEstimate(1, None)
+        # Any template's run time stands in for one that never ran.
+        _ran(session, "other", 3000)
+        assert estimate(session, InLine.of(later), ONE_SLOT, NOW) == QueueEstimate(1, 6.0)
+        ended = later.model_copy(update={"status": JobStatus.succeeded})
+        assert estimate(session, InLine.of(ended), ONE_SLOT, NOW) == QueueEstimate(None, None)
