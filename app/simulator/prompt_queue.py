@@ -52,8 +52,9 @@ class PromptQueue:
             self._on_change()
             self._not_empty.notify()
 
-    def get(self, timeout: float, interrupt: InterruptFlag | None = None) -> tuple[QueueItem, int] | None:
-        """Take the next prompt to run, waiting up to `timeout` seconds; None if there was none. `interrupt`
+    def get(self, timeout: float | None, interrupt: InterruptFlag | None = None) -> tuple[QueueItem, int] | None:
+        """Take the next prompt to run, waiting up to `timeout` seconds (None: until woken); None if there was
+        none. `interrupt`
         is the taking lane's flag (the server's one flag by default)."""
         flag = interrupt or self._interrupt
         with self._not_empty:

@@ -71,7 +71,7 @@ class SimulatedComfyUI:
         # prompts from the same queue with its own executor (its own caches), interrupt flag and hub view.
         for lane in range(1, parallel):
             executor = PromptExecutor(LaneHub(self.hub), self.env, InterruptFlag(poll_interval=None))
-            self.workers.append(PromptWorker(self.queue, executor, executor.hub, name=f"lane-{lane}"))
+            self.workers.append(PromptWorker(self.queue, executor, executor.hub, name=f"lane-{lane}", idle_wait=None))
         self.number = 0
         self._publisher: asyncio.Task | None = None
 
