@@ -10,6 +10,16 @@ through Temporal): it recorded the job as `cancelled`, with who and why, before 
 alone is never taken for the job's. Only a workflow Temporal itself terminated or timed out ends a job as
 `cancelled`/JOB_TERMINATED; the worker's reconciler writes that end into the row.
 
+A live job whose row is current needs no query: the workflow writes its row (a local activity) in the
+workflow task that also upserts its `JobStatus` and `Backend` search attributes, and describe returns those
+from the workflow's own state, not from visibility. When the described status and backend are the row's, the
+row holds the state the workflow last recorded, and that state is what the read shows (with live progress from
+the heartbeat, as always); when they differ (the workflow has moved on and its record is under way, or it is a
+job from before its search attributes were kept), the workflow's `status` query answers. A status, final or
+not, is only ever one the workflow wrote; and a workflow describe shows closed is read as a closed one is.
+So a running job's read costs Temporal one describe and the worker nothing: with a thousand jobs running,
+reads no longer queue behind the worker's event loop, which is busy following their prompts.
+
 Queries run on the worker, beside the jobs themselves, so a live job's snapshot is shared by the reads that
 come while it is being made, and reused for a moment: however many clients poll, however often, each live job
 costs Temporal at most a few describes and the worker a few queries a second.
@@ -38,6 +48,7 @@ from api.temporal_connection import TemporalConnection
 from app.errors import ErrorCode
 from app.jobstore import JobSnapshot, get_job_snapshot
 from app.models import JobState, JobStatus, LiveProgress, PromptProgress, StepHeartbeat, accepted_state
+from app.search_attributes import BACKEND, JOB_STATUS
 from app.temporal_endings import ended_by_temporal, started_input, terminated_error, termination_reason
 from workflows_temporal.generation import GenerationWorkflow
 
@@ -107,7 +118,10 @@ class JobReader:
             raise _temporal_unavailable() from error
         if description.status is not WorkflowExecutionStatus.RUNNING:
             return await self._closed(client, handle, description)
-        state = await self._query(client, handle, recorded)
+        if recorded is not None and _row_is_current(recorded.state, description):
+            state = recorded.state
+        else:
+            state = await self._query(client, handle, recorded)
         if state.status.is_terminal:
             return JobSnapshot(state, LiveProgress())
         return JobSnapshot(state, await _live_progress(client, description, recorded))
@@ -151,6 +165,14 @@ class JobReader:
             "completed_at": description.close_time or datetime.now(timezone.utc),
         })
         return JobSnapshot(ended, recorded.live if recorded is not None else LiveProgress())
+
+
+def _row_is_current(state: JobState, description: WorkflowExecutionDescription) -> bool:
+    """Whether the running workflow's search attributes, which it upserts in the workflow task that writes its
+    row, say what its row says: its status, and the backend its prompt is on (absent when on none)."""
+    attributes = description.typed_search_attributes
+    return (attributes.get(JOB_STATUS) == state.status.value and not state.status.is_terminal
+            and attributes.get(BACKEND) == state.backend)
 
 
 async def _accepted(client: Client, handle: WorkflowHandle) -> JobState:

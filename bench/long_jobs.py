@@ -1,7 +1,8 @@
-"""How many long jobs one worker holds at once: JOBS prompts running together, each reporting progress, on JOBS
-simulated ComfyUI servers (one process, `python -m app.simulator --instances JOBS`, each server one GPU that runs
-one prompt at a time, as a real one), behind `comfyui-gateway dev` with one backend per server
-(COMFYUI_URLS, one slot each, no prefetch).
+"""How many long jobs one worker holds at once: JOBS prompts running together, each reporting progress, on
+--backends simulated ComfyUI servers (one process, `python -m app.simulator --instances B --parallel S`) that
+each run S = JOBS/B prompts at once (a real ComfyUI runs one: the simulator's parallel lanes stand for a large
+fleet's GPUs without a Temporal worker and connection per GPU), behind `comfyui-gateway dev` with one backend
+per server of S slots (COMFYUI_URLS `;slots=S`, no prefetch).
 
 Once every job reads `running`, for --window seconds: the worker's RSS (its largest), `GET /jobs/{id}` of jobs
 picked at random by 20 clients (p50/p95/p99), and every job's prompt activity's last heartbeat, whose age must
@@ -9,7 +10,7 @@ stay under COMFYUI_HEARTBEAT_TIMEOUT_S (a late one is a job Temporal would hand 
 activity on its second try is counted too. Then every job is cancelled. Targets: 1,000 jobs, worker RSS
 <= 1 GiB, no late heartbeat, GET p99 <= 50 ms.
 
-    python3 -m bench.long_jobs [--jobs 1000] [--seconds 600] [--ticks 600] [--window 60]
+    python3 -m bench.long_jobs [--jobs 1000] [--backends 16] [--seconds 600] [--ticks 600] [--window 60]
 """
 
 from __future__ import annotations
@@ -60,16 +61,17 @@ def rss_bytes(part: str, root_pid: int) -> int:
     return total
 
 
-def farm(count: int, root: Path) -> tuple[subprocess.Popen[bytes], list[str]]:
-    """COUNT simulated servers in one process, on consecutive ports; their URLs. A range of ports of which one
-    is taken makes the process exit: another range is tried."""
+def farm(count: int, parallel: int, root: Path) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """COUNT simulated servers in one process, on consecutive ports, each running PARALLEL prompts at once; their
+    URLs. A range of ports of which one is taken makes the process exit: another range is tried."""
     for _ in range(5):
         base = free_port()
         if base + count >= 65000:
             continue
         with open(root / "simulator.log", "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "app.simulator", "--instances", str(count), "--port", str(base),
+                [sys.executable, "-m", "app.simulator", "--instances", str(count), "--parallel", str(parallel),
+                 "--port", str(base),
                  "--data-dir", str(root / "comfyui")], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log)
         urls = [f"http://127.0.0.1:{base + number}" for number in range(count)]
         deadline = time.monotonic() + 120
@@ -177,18 +179,25 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--backends", type=int, default=16,
+                        help="simulated servers (backends), sharing the jobs' slots evenly (at most 64 each)")
     parser.add_argument("--seconds", type=float, default=600, help="how long each prompt runs")
     parser.add_argument("--ticks", type=int, default=600, help="progress messages each prompt sends")
     parser.add_argument("--window", type=float, default=60, help="seconds measured once all jobs run")
     arguments = parser.parse_args()
+    backends = min(arguments.backends, arguments.jobs)
+    slots = -(-arguments.jobs // backends)
+    if slots > 64:
+        parser.error(f"{arguments.jobs} jobs need more than 64 slots on each of {backends} backends: add backends")
+    print(f"{arguments.jobs} jobs on {backends} backends of {slots} slots")
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        simulators, urls = farm(arguments.jobs, root)
+        simulators, urls = farm(backends, slots, root)
         gateway = None
         try:
             temporal_address = f"127.0.0.1:{free_port()}"
             gateway, api_url = _start_gateway(root, {
-                "COMFYUI_URLS": ",".join(f"sim{number}={url};slots=1" for number, url in enumerate(urls, 1)),
+                "COMFYUI_URLS": ",".join(f"sim{number}={url};slots={slots}" for number, url in enumerate(urls, 1)),
                 "COMFYUI_PREFETCH": "0", "COMFYUI_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
                 "API_MAX_CONCURRENT_REQUESTS": "2000",
             }, temporal_address, REPO_ROOT)

@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 _GRACEFUL_SHUTDOWN = timedelta(seconds=5)
 _HEARTBEAT_THROTTLE = timedelta(seconds=1)
 _PROBE_TIMEOUT_S = 2.0
+# The SDK's default workflow cache. A job whose prompt is on the fleet wakes every few seconds (signals, its
+# activity's end, queries): evicted, each wake replays its whole history, so the cache holds at least two
+# workflows per prompt the fleet may have at once (a large fleet's jobs, and the others around them).
+_CACHED_WORKFLOWS = 1000
 
 
 @dataclass
@@ -108,9 +112,11 @@ def build_workers(
     records = RecordActivities(engine)
     batches = BatchActivities(engine)
     retention = RetentionActivities(engine, storage, client)
+    prompts = sum(backend.capacity(settings.comfyui_prefetch) for backend in backends)
     main = Worker(
         client,
         task_queue=settings.temporal_task_queue,
+        max_cached_workflows=max(_CACHED_WORKFLOWS, 2 * prompts),
         workflows=[GenerationWorkflow, BatchWorkflow, RetentionWorkflow, WebhookDeliveryWorkflow],
         activities=[
             render.render_prompt, records.record_job, batches.record_batch, comfy.collect_outputs, comfy.cancel_prompt, inputs.stage_images,

@@ -24,7 +24,7 @@ from .progress import ProgressRegistry
 from .prompt_queue import PromptQueue
 from .registry import NODE_CLASS_MAPPINGS
 from .test_nodes import OutOfMemoryError
-from .websocket_hub import MessageHub
+from .websocket_hub import LaneHub, MessageHub
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class _NodeFailure(Exception):
 
 
 class PromptExecutor:
-    def __init__(self, hub: MessageHub, env: NodeEnvironment, interrupt: InterruptFlag):
+    def __init__(self, hub: MessageHub | LaneHub, env: NodeEnvironment, interrupt: InterruptFlag):
         self.hub = hub
         self.env = env
         self.interrupt = interrupt
@@ -229,14 +229,20 @@ def _node_traceback(ex: BaseException) -> list[str]:
 
 
 class PromptWorker:
-    """The single worker thread that takes prompts off the queue, runs them and files history."""
+    """The worker thread that takes prompts off the queue, runs them and files history: one per server, as in
+    ComfyUI, or one per lane on a server with parallel lanes (benchmarks)."""
 
-    def __init__(self, queue: PromptQueue, executor: PromptExecutor, hub: MessageHub):
+    def __init__(self, queue: PromptQueue, executor: PromptExecutor, hub: MessageHub | LaneHub, name: str = "worker",
+                 idle_wait: float | None = 0.5):
         self.queue = queue
         self.executor = executor
         self.hub = hub
+        # How long an idle worker waits for a prompt before it looks again; None: until woken (a new prompt, a
+        # flag, stop). Hundreds of idle lanes that woke twice a second would keep the server's event loop from
+        # the GIL.
+        self._idle_wait = idle_wait
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="comfyui-simulator-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"comfyui-simulator-{name}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -249,7 +255,7 @@ class PromptWorker:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            taken = self.queue.get(timeout=0.5)
+            taken = self.queue.get(timeout=self._idle_wait, interrupt=self.executor.interrupt)
             if self._stopping.is_set():
                 return  # shutting down: like a killed ComfyUI, leave what was taken unrun
             if taken is not None:

@@ -9,6 +9,8 @@ calls `on_change`, which broadcasts a `status` event. Everything is in memory: a
 The queue also decides which prompt the interrupt flag belongs to: taking a prompt clears the
 flag, and a prompt-scoped interrupt sets it only while that prompt is the running one, both under
 the queue lock, so an interrupt can neither leak into the next prompt nor be lost at its start.
+A server with parallel lanes (benchmarks only) has one flag per lane: the taker's is the one cleared,
+and a prompt's interrupt sets the flag of the lane running it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class PromptQueue:
         self._task_counter = 0
         self._queue: list[QueueItem] = []
         self._running: dict[int, QueueItem] = {}
+        self._running_flags: dict[int, InterruptFlag] = {}
         self._history: dict[str, dict[str, Any]] = {}
         self._flags: dict[str, Any] = {}
 
@@ -49,17 +52,21 @@ class PromptQueue:
             self._on_change()
             self._not_empty.notify()
 
-    def get(self, timeout: float) -> tuple[QueueItem, int] | None:
-        """Take the next prompt to run, waiting up to `timeout` seconds; None if there was none."""
+    def get(self, timeout: float | None, interrupt: InterruptFlag | None = None) -> tuple[QueueItem, int] | None:
+        """Take the next prompt to run, waiting up to `timeout` seconds (None: until woken); None if there was
+        none. `interrupt`
+        is the taking lane's flag (the server's one flag by default)."""
+        flag = interrupt or self._interrupt
         with self._not_empty:
             if not self._queue:
                 self._not_empty.wait(timeout=timeout)
                 if not self._queue:
                     return None
             item = heapq.heappop(self._queue)
-            self._interrupt.clear()
+            flag.clear()
             task_id = self._task_counter
             self._running[task_id] = copy.deepcopy(item)
+            self._running_flags[task_id] = flag
             self._task_counter += 1
             self._on_change()
             return item, task_id
@@ -72,6 +79,7 @@ class PromptQueue:
         """Move a finished prompt into history (without its sensitive element)."""
         with self._mutex:
             item = self._running.pop(task_id)
+            self._running_flags.pop(task_id, None)
             if len(self._history) > MAXIMUM_HISTORY_SIZE:
                 self._history.pop(next(iter(self._history)))
             self._history[item[1]] = {"prompt": public_item(item), "outputs": {}, "status": copy.deepcopy(status)}
@@ -85,10 +93,17 @@ class PromptQueue:
     def interrupt_if_running(self, prompt_id: str) -> bool:
         """Set the interrupt flag if `prompt_id` is the running prompt; False if it is not."""
         with self._mutex:
-            if any(item[1] == prompt_id for item in self._running.values()):
-                self._interrupt.set()
-                return True
+            for task_id, item in self._running.items():
+                if item[1] == prompt_id:
+                    self._running_flags[task_id].set()
+                    return True
             return False
+
+    def interrupt_all_running(self) -> None:
+        """Set the flag of every running prompt (a global interrupt, on a server with parallel lanes)."""
+        with self._mutex:
+            for flag in self._running_flags.values():
+                flag.set()
 
     def tasks_remaining(self) -> int:
         with self._mutex:

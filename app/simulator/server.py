@@ -36,7 +36,7 @@ from .paths import DataPaths
 from .prompt_queue import SENSITIVE_EXTRA_DATA_KEYS, PromptQueue
 from .registry import NODE_CLASS_MAPPINGS, node_info
 from .validation import validate_prompt
-from .websocket_hub import SERVER_FEATURES, MessageHub
+from .websocket_hub import SERVER_FEATURES, LaneHub, MessageHub
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +59,19 @@ PYTORCH_VERSION = "2.13.0+cpu"
 class SimulatedComfyUI:
     """The state of one simulated ComfyUI process: queue, history, caches, sockets, counters."""
 
-    def __init__(self, data_dir: Path, time_scale: float, node_delay: float):
+    def __init__(self, data_dir: Path, time_scale: float, node_delay: float, parallel: int = 1):
         self.paths = DataPaths(data_dir)
         self.env = NodeEnvironment(self.paths, time_scale=time_scale, node_delay=node_delay)
         self.hub = MessageHub()
         self.interrupt = InterruptFlag()
         self.queue = PromptQueue(on_change=self._broadcast_status, interrupt=self.interrupt)
         self.executor = PromptExecutor(self.hub, self.env, self.interrupt)
-        self.worker = PromptWorker(self.queue, self.executor, self.hub)
+        self.workers = [PromptWorker(self.queue, self.executor, self.hub)]
+        # Parallel lanes (benchmarks only; a real ComfyUI runs one prompt at a time): each more lane runs
+        # prompts from the same queue with its own executor (its own caches), interrupt flag and hub view.
+        for lane in range(1, parallel):
+            executor = PromptExecutor(LaneHub(self.hub), self.env, InterruptFlag(poll_interval=None))
+            self.workers.append(PromptWorker(self.queue, executor, executor.hub, name=f"lane-{lane}", idle_wait=None))
         self.number = 0
         self._publisher: asyncio.Task | None = None
 
@@ -82,7 +87,8 @@ class SimulatedComfyUI:
         self.paths.prepare()
         self.hub.bind_loop(asyncio.get_running_loop())
         self._publisher = asyncio.create_task(self.hub.publish_loop())
-        self.worker.start()
+        for worker in self.workers:
+            worker.start()
         logger.warning(
             "ComfyUI SIMULATOR started (tests and demos only, not a real ComfyUI): data dir %s, "
             "time_scale %s, node_delay %ss",
@@ -95,7 +101,7 @@ class SimulatedComfyUI:
         await self.hub.close_all()
 
     async def stop(self, app: web.Application) -> None:
-        await asyncio.to_thread(self.worker.stop)
+        await asyncio.gather(*(asyncio.to_thread(worker.stop) for worker in self.workers))
         if self._publisher is not None:
             self._publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -233,6 +239,7 @@ class SimulatedComfyUI:
         else:
             logger.info("Global interrupt (no prompt_id specified)")
             self.interrupt.set()
+            self.queue.interrupt_all_running()  # the other lanes' prompts (parallel lanes only)
         return web.Response(status=200)
 
     async def post_free(self, request: web.Request) -> web.Response:
@@ -385,10 +392,11 @@ def _memory() -> tuple[int, int]:
 SIMULATOR_KEY = web.AppKey("comfyui_simulator", SimulatedComfyUI)
 
 
-def build_app(data_dir: Path, time_scale: float = 1.0, node_delay: float = 0.0) -> web.Application:
+def build_app(data_dir: Path, time_scale: float = 1.0, node_delay: float = 0.0, parallel: int = 1) -> web.Application:
     """An aiohttp app serving the simulated ComfyUI API. The worker thread starts, and temp/ is
-    wiped, when the app starts; output/ and input/ under `data_dir` persist across restarts."""
-    simulator = SimulatedComfyUI(Path(data_dir), time_scale, node_delay)
+    wiped, when the app starts; output/ and input/ under `data_dir` persist across restarts.
+    `parallel` > 1 runs that many prompts at once (benchmarks only: ComfyUI runs one at a time)."""
+    simulator = SimulatedComfyUI(Path(data_dir), time_scale, node_delay, parallel)
     app = web.Application(client_max_size=MAX_UPLOAD_SIZE)
     app[SIMULATOR_KEY] = simulator
     routes = simulator.routes()
@@ -409,22 +417,23 @@ def run_simulator(
     data_dir: Path = DEFAULT_DATA_DIR,
     time_scale: float = 1.0,
     node_delay: float = 0.0,
+    parallel: int = 1,
 ) -> None:
     """Serve the simulator until interrupted (Ctrl-C)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.warning("ComfyUI SIMULATOR (tests and demos only) listening on http://%s:%s", host, port)
-    web.run_app(build_app(data_dir, time_scale, node_delay), host=host, port=port, access_log=None, print=None)
+    web.run_app(build_app(data_dir, time_scale, node_delay, parallel), host=host, port=port, access_log=None, print=None)
 
 
 def run_simulators(
     count: int, host: str = "127.0.0.1", port: int = 8188, data_dir: Path = DEFAULT_DATA_DIR,
-    time_scale: float = 1.0, node_delay: float = 0.0,
+    time_scale: float = 1.0, node_delay: float = 0.0, parallel: int = 1,
 ) -> None:
     """Serve `count` simulated ComfyUI servers from one process until interrupted, on ports `port` to
-    `port + count - 1`, each as one real server is (one GPU: one prompt at a time, its own queue, history and
-    data dir `data_dir/<n>`): a farm of backends for a benchmark that must run many prompts at once, without a
-    process per backend."""
+    `port + count - 1`, each as one real server is (one GPU: one prompt at a time, unless `parallel` says
+    otherwise; its own queue, history and data dir `data_dir/<n>`): a farm of backends for a benchmark that
+    must run many prompts at once, without a process per backend."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -432,7 +441,7 @@ def run_simulators(
         runners = []
         try:
             for number in range(count):
-                runner = web.AppRunner(build_app(Path(data_dir) / str(number + 1), time_scale, node_delay),
+                runner = web.AppRunner(build_app(Path(data_dir) / str(number + 1), time_scale, node_delay, parallel),
                                        access_log=None)
                 await runner.setup()
                 await web.TCPSite(runner, host, port + number).start()

@@ -176,3 +176,21 @@ async def _send_ignoring_disconnects(send: Any, message: Any) -> None:
         await send(message)
     except (aiohttp.ClientError, ConnectionResetError, BrokenPipeError, ConnectionError) as err:
         logger.warning("send error: %s", err)
+
+
+class LaneHub:
+    """One parallel lane's view of the hub (benchmarks only): the executor of each lane sets its own prompt's
+    client id and node here, and sends through the server's one hub. A reconnecting socket is not told the
+    node a lane is on (ComfyUI, which runs one prompt, tells it)."""
+
+    def __init__(self, hub: MessageHub) -> None:
+        self._hub = hub
+        self.client_id: str | None = None
+        self.last_node_id: str | None = None
+        self.last_prompt_id: str | None = None
+
+    def send_sync(self, event: Any, data: Any, sid: str | None = None) -> None:
+        self._hub.send_sync(event, data, sid)
+
+    def supports_feature(self, sid: str | None, feature: str) -> bool:
+        return self._hub.supports_feature(sid, feature)

@@ -57,8 +57,10 @@ class RunningSimulator:
         await self.runner.cleanup()
 
 
-async def start_simulator(data_dir: Path, time_scale: float = 0.1, node_delay: float = 0.0) -> RunningSimulator:
-    runner = web.AppRunner(build_app(data_dir, time_scale=time_scale, node_delay=node_delay))
+async def start_simulator(
+    data_dir: Path, time_scale: float = 0.1, node_delay: float = 0.0, parallel: int = 1
+) -> RunningSimulator:
+    runner = web.AppRunner(build_app(data_dir, time_scale=time_scale, node_delay=node_delay, parallel=parallel))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
