@@ -56,6 +56,8 @@ LIVE_VIEW_SECONDS = 0.25
 _PROMPT_ACTIVITY = "run_prompt"
 # A worker answers a query in milliseconds; with no worker polling, Temporal would hold one for 30 s.
 _QUERY_TIMEOUT = timedelta(seconds=2)
+# Only a job's workflow is a job: a batch's id (a UUID too) must read as no job, not fail as one.
+_JOB_WORKFLOW_TYPE = "GenerationWorkflow"
 _QUERY_FAILURES = (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError)
 
 # Live jobs as recently read, by job id: concurrent reads of one job share one describe and one query.
@@ -116,6 +118,8 @@ class JobReader:
             if error.status is RPCStatusCode.NOT_FOUND:
                 raise job_not_found(job_id) from error
             raise _temporal_unavailable() from error
+        if description.workflow_type != _JOB_WORKFLOW_TYPE:
+            raise job_not_found(job_id)  # another kind of workflow under this id: a batch's, say
         if description.status is not WorkflowExecutionStatus.RUNNING:
             return await self._closed(client, handle, description)
         if recorded is not None and _row_is_current(recorded.state, description):

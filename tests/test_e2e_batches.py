@@ -227,6 +227,9 @@ async def test_a_batch_cancelled_in_temporal_ends_canceled_and_cancels_its_items
     assert (await gateway.api.post("/workflows", json=slow)).status_code == 201
     batch_id = await submit(gateway.api, {"workflowId": "slow_items", "items": [{}, {}, {}]})
     await wait_for_batch(gateway.api, batch_id, lambda batch: batch["counts"]["running"] >= 1)
+    for path in (f"/jobs/{batch_id}", f"/jobs/{batch_id}/events"):  # a batch's id is not a job's
+        answer = await gateway.api.get(path)
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "JOB_NOT_FOUND", answer.text
 
     handle = temporal_client.get_workflow_handle(batch_id)
     await handle.cancel()  # as an operator does in the Web UI
