@@ -40,3 +40,16 @@ def test_a_registration_that_lost_the_race_is_template_exists(engine: Engine, mo
         monkeypatch.setattr(template_store, "_next_version", lambda session, template_id: 1)
         with pytest.raises(TemplateExists):
             create_template(second, spec("also raced"))
+
+
+def test_a_process_that_lost_the_race_to_register_the_bundled_templates_starts_all_the_same(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API and the worker start together and both register the bundled templates: the one that loses the race
+    for a template finds it registered, and starts (it used to die of TemplateExists)."""
+    with Session(engine) as first, Session(engine) as second:
+        assert "solid_color" in template_store.load_bundled_templates(first)
+        # The second process looked before the first one wrote: no template yet, so version 1 for both.
+        monkeypatch.setattr(template_store, "get_template", lambda session, template_id, version=None: None)
+        monkeypatch.setattr(template_store, "_next_version", lambda session, template_id: 1)
+        assert template_store.load_bundled_templates(second) == []

@@ -158,7 +158,10 @@ def load_bundled_templates(session: Session, directory: Path = BUNDLED_TEMPLATES
     for path in sorted(directory.glob("*.json")):
         spec = read_template_file(path)
         if get_template(session, spec.template_id, version=1) is None:
-            create_template(session, spec)
+            try:
+                create_template(session, spec)
+            except TemplateExists:
+                continue  # another process starting beside this one (the API, a worker) registered it first
             added.append(spec.template_id)
     return added
 
