@@ -228,9 +228,10 @@ class ComfyActivities:
         try:
             for node_id, entry in _output_files(result.outputs):
                 files.append(await self._store_output(client, request_here, len(files), node_id, entry, taken))
-        except (ComfyError, ApplicationError) as error:
+        except Exception as error:  # whatever went wrong, collect_outputs (its retries, its limits) takes over
             # The type only: the message may quote a file name made from the job's inputs (PRIVACY_MODE).
-            code = error.code.value if isinstance(error, ComfyError) else error.type
+            code = (error.code.value if isinstance(error, ComfyError)
+                    else error.type if isinstance(error, ApplicationError) else type(error).__name__)
             activity.logger.info("storing prompt %s's outputs failed (%s); collect_outputs stores them",
                                  result.prompt_id, code)
             return result

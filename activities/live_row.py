@@ -12,6 +12,7 @@ changes a second costs the database that many writes at most.
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import suppress
 
 from sqlalchemy.engine import Engine
@@ -33,6 +34,7 @@ class LiveRow:
         self._written: LiveProgress | None = LiveProgress()
         self._wanted: LiveProgress | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._last_write = float("-inf")  # monotonic
 
     def offer(self, live: LiveProgress) -> None:
         """Have `live` written, unless it is what the row already holds; returns at once."""
@@ -48,6 +50,8 @@ class LiveRow:
 
     async def _write_wanted(self) -> None:
         while self._wanted is not None and self._wanted != self._written:
+            # Between any two writes, also when an offer comes after the last write ended.
+            await asyncio.sleep(max(0.0, self._last_write + LIVE_ROW_WRITE_SECONDS - time.monotonic()))
             live = self._wanted
             try:
                 matched = await asyncio.to_thread(self._write, live)
@@ -57,8 +61,7 @@ class LiveRow:
             if not matched:
                 return  # no live row of this attempt (not recorded yet, or the job moved on): nothing to keep
             self._written = live
-            if self._wanted != self._written:
-                await asyncio.sleep(LIVE_ROW_WRITE_SECONDS)
+            self._last_write = time.monotonic()
 
     def _write(self, live: LiveProgress) -> bool:
         with session_scope(self._engine) as session:

@@ -58,6 +58,7 @@ _PROMPT_ACTIVITY = "run_prompt"
 _QUERY_TIMEOUT = timedelta(seconds=2)
 # Only a job's workflow is a job: a batch's id (a UUID too) must read as no job, not fail as one.
 _JOB_WORKFLOW_TYPE = "GenerationWorkflow"
+_PROMPT_ACTIVITY = "run_prompt"
 _QUERY_FAILURES = (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError)
 
 # Live jobs as recently read, by job id: concurrent reads of one job share one describe and one query.
@@ -175,7 +176,11 @@ def _row_is_current(state: JobState, description: WorkflowExecutionDescription) 
     """Whether the running workflow's search attributes, which it upserts in the workflow task that writes its
     row, say what its row says: its status, and the backend its prompt is on (absent when on none)."""
     attributes = description.typed_search_attributes
-    return (attributes.get(JOB_STATUS) == state.status.value and not state.status.is_terminal
+    # Only while the job waits on its prompt: once ComfyUI is done the workflow counts it running (collecting its
+    # outputs) without a record, and a prompt that ended within moments never recorded `running`.
+    on_prompt = all(pending.activity_type.name == _PROMPT_ACTIVITY
+                    for pending in description.raw_description.pending_activities)
+    return (on_prompt and attributes.get(JOB_STATUS) == state.status.value and not state.status.is_terminal
             and attributes.get(BACKEND) == state.backend)
 
 

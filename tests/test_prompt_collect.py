@@ -33,6 +33,13 @@ class RefusingStorage(LocalStorage):
         raise StorageError(f"the store refused {key}")
 
 
+class BrokenStorage(LocalStorage):
+    """A store that fails in a way nobody classified (a bug, a library's own error)."""
+
+    def put_file(self, key: str, source: Path, content_type: str) -> None:
+        raise ValueError(f"unexpected trouble with {key}")
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient() as client:
@@ -73,10 +80,12 @@ async def test_run_prompt_stores_the_outputs_in_the_jobs_format(
     assert live_leases(engine) == {}
 
 
+@pytest.mark.parametrize("store", [RefusingStorage, BrokenStorage])
 async def test_a_store_in_trouble_leaves_the_outputs_to_collect_outputs(
-    comfyui: ComfyUITarget, http: httpx.AsyncClient, engine: Engine, tmp_path: Path
+    comfyui: ComfyUITarget, http: httpx.AsyncClient, engine: Engine, tmp_path: Path, store: type[LocalStorage]
 ) -> None:
-    storage = RefusingStorage(tmp_path / "outputs")
+    # Whatever the trouble: a failure that escaped would make run_prompt retry, and ComfyUI run the prompt again.
+    storage = store(tmp_path / "outputs")
     result = await ActivityEnvironment().run(activities_on(comfyui, http, engine, storage).run_prompt,
                                              request())
     # The prompt's result stands, for the workflow to collect from; no slot is held meanwhile.

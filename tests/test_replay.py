@@ -27,9 +27,8 @@ def test_histories_are_committed() -> None:
         "fleet_job_with_image_input", "fleet_generation_cancelled", "fleet_reset_job_succeeded",
         "prioritized_job_succeeded",
         "console_batch_item_succeeded", "console_generation_cancelled", "console_signalled_job_cancelled",
+        "collected_in_prompt_job_succeeded",
     }
-
-
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])
