@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from temporalio import activity
-from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowHistory
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
@@ -152,6 +152,26 @@ async def replays(history: WorkflowHistory) -> None:
 
 def failure(code: ErrorCode) -> ApplicationError:
     return ApplicationError(f"{code.value} happened", {"nodeId": "2"}, type=code.value, non_retryable=True)
+
+
+# The cancel the API sends: who and why by signal; Temporal's cancellation (cancel_as_the_api_does) follows it.
+API_CANCEL = CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True)
+
+
+async def signal_as_the_api_does(handle: WorkflowHandle, request: CancelRequest = API_CANCEL) -> None:
+    await handle.signal(GenerationWorkflow.cancel, request)
+
+
+async def cancel_as_the_api_does(handle: WorkflowHandle, request: CancelRequest = API_CANCEL) -> None:
+    """The API's whole cancel: its signal, then Temporal's cancellation."""
+    await signal_as_the_api_does(handle, request)
+    await handle.cancel(reason=f"cancelled through the gateway's API by {request.actor}")
+
+
+def assert_recorded_cancelled(fake: FakeGateway, message: str = "cancelled by alice: changed my mind") -> None:
+    final = fake.records[-1].job
+    assert final.status is JobStatus.cancelled and final.error is not None
+    assert final.error.message == message
 
 
 async def test_success_records_queued_then_succeeded(temporal_client: Client, task_queue: str) -> None:
@@ -369,8 +389,7 @@ async def test_the_apis_cancel_ends_the_workflow_as_canceled_with_the_signalled_
         job = job_input(task_queue)
         handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
         await asyncio.wait_for(fake.run_started.wait(), 10)
-        await handle.signal(GenerationWorkflow.cancel,
-                            CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True))
+        await signal_as_the_api_does(handle)
         assert (await handle.query(GenerationWorkflow.status)).status is JobStatus.running
         assert fake.cancelled_prompts == []
         await handle.cancel(reason="cancelled through the gateway's API by alice")
@@ -378,9 +397,7 @@ async def test_the_apis_cancel_ends_the_workflow_as_canceled_with_the_signalled_
             await handle.result()
     assert isinstance(raised.value.cause, CancelledError)
     assert fake.cancelled_prompts == [prompt_id_for(job.job_id, 1)]
-    final = fake.records[-1].job
-    assert final.status is JobStatus.cancelled and final.error is not None
-    assert final.error.message == "cancelled by alice: changed my mind"
+    assert_recorded_cancelled(fake)
 
 
 async def test_a_cancel_signal_whose_cancellation_never_came_leaves_a_failure_the_jobs(
@@ -393,8 +410,7 @@ async def test_a_cancel_signal_whose_cancellation_never_came_leaves_a_failure_th
         job = job_input(task_queue)
         handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
         await asyncio.wait_for(fake.run_started.wait(), 10)
-        await handle.signal(GenerationWorkflow.cancel,
-                            CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True))
+        await signal_as_the_api_does(handle)
         await handle.query(GenerationWorkflow.status)  # answered once the signal is applied
         fake.release.set()
         with pytest.raises(WorkflowFailureError) as raised:
@@ -416,8 +432,7 @@ async def test_a_signal_that_stops_the_job_overrides_one_still_waiting_for_its_c
         job = job_input(task_queue)
         handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
         await asyncio.wait_for(fake.run_started.wait(), 10)
-        await handle.signal(GenerationWorkflow.cancel,
-                            CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True))
+        await signal_as_the_api_does(handle)
         await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason="the batch was cancelled", actor="batch"))
         view = await asyncio.wait_for(handle.result(), 10)
     assert view.status is JobStatus.cancelled and view.error is not None
@@ -435,9 +450,7 @@ async def test_a_reset_of_a_job_the_api_cancelled_runs_it_again_and_a_later_canc
         job = job_input(task_queue)
         handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
         await asyncio.wait_for(fake.run_started.wait(), 10)
-        await handle.signal(GenerationWorkflow.cancel,
-                            CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True))
-        await handle.cancel(reason="cancelled through the gateway's API by alice")
+        await cancel_as_the_api_does(handle)
         with pytest.raises(WorkflowFailureError):
             await handle.result()
         await reset_job(temporal_client, job.job_id)
@@ -445,15 +458,12 @@ async def test_a_reset_of_a_job_the_api_cancelled_runs_it_again_and_a_later_canc
         reset_run = temporal_client.get_workflow_handle_for(GenerationWorkflow.run, job.job_id)
         await assert_eventually(
             lambda: fake.records[-1].job.status is JobStatus.running, timeout=10, what="the job running again")
-        await reset_run.signal(GenerationWorkflow.cancel,
-                               CancelRequest(reason="second thoughts", actor="bob", temporal_cancel_follows=True))
-        await reset_run.cancel(reason="cancelled through the gateway's API by bob")
+        await cancel_as_the_api_does(
+            reset_run, CancelRequest(reason="second thoughts", actor="bob", temporal_cancel_follows=True))
         with pytest.raises(WorkflowFailureError) as raised:
             await reset_run.result()
     assert isinstance(raised.value.cause, CancelledError)
-    final = fake.records[-1].job
-    assert final.status is JobStatus.cancelled and final.error is not None
-    assert final.error.message == "cancelled by bob: second thoughts"
+    assert_recorded_cancelled(fake, "cancelled by bob: second thoughts")
 
 
 async def test_the_apis_cancel_of_a_job_a_signal_already_stopped_cuts_short_neither_its_stop_nor_its_record(
@@ -469,18 +479,14 @@ async def test_the_apis_cancel_of_a_job_a_signal_already_stopped_cuts_short_neit
         await asyncio.wait_for(fake.run_started.wait(), 10)
         await handle.signal(GenerationWorkflow.cancel, CancelRequest(reason="the batch was cancelled", actor="batch"))
         await asyncio.wait_for(fake.stop_held.wait(), 10)
-        await handle.signal(GenerationWorkflow.cancel,
-                            CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True))
-        await handle.cancel(reason="cancelled through the gateway's API by alice")
+        await cancel_as_the_api_does(handle)
         await handle.query(GenerationWorkflow.status)  # answered once the cancellation has reached the workflow
         fake.release.set()
         with pytest.raises(WorkflowFailureError) as raised:
             await handle.result()
     assert isinstance(raised.value.cause, CancelledError)
     assert fake.cancelled_prompts == [prompt_id_for(job.job_id, 1)]
-    final = fake.records[-1].job
-    assert final.status is JobStatus.cancelled and final.error is not None
-    assert final.error.message == "cancelled by batch: the batch was cancelled"
+    assert_recorded_cancelled(fake, "cancelled by batch: the batch was cancelled")
     warnings = [event.message for record in fake.records for event in record.events if event.kind == "warning"]
     assert warnings == []
     await replays(await handle.fetch_history())
@@ -494,9 +500,7 @@ async def test_a_cancel_sent_before_any_worker_ran_the_job_schedules_no_prompt(
     fake = FakeGateway()
     job = job_input(task_queue)
     handle = await temporal_client.start_workflow(GenerationWorkflow.run, job, id=job.job_id, task_queue=task_queue)
-    await handle.signal(GenerationWorkflow.cancel,
-                        CancelRequest(reason="changed my mind", actor="alice", temporal_cancel_follows=True))
-    await handle.cancel(reason="cancelled through the gateway's API by alice")
+    await cancel_as_the_api_does(handle)
     async with running(temporal_client, task_queue, fake):
         with pytest.raises(WorkflowFailureError) as raised:
             await handle.result()
@@ -504,9 +508,7 @@ async def test_a_cancel_sent_before_any_worker_ran_the_job_schedules_no_prompt(
     history = await handle.fetch_history()
     assert not [event for event in history.events if event.HasField("activity_task_scheduled_event_attributes")]
     assert fake.runs == [] and fake.cancelled_prompts == []
-    final = fake.records[-1].job
-    assert final.status is JobStatus.cancelled and final.error is not None
-    assert final.error.message == "cancelled by alice: changed my mind"
+    assert_recorded_cancelled(fake)
     await replays(history)
 
 
