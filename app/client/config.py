@@ -1,0 +1,55 @@
+"""What both clients are made with: the gateway's URL, the credentials, timeouts, and when to try a request again."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import httpx
+
+from app.client.errors import GatewayError, TryLater
+
+DEFAULT_URL = "http://127.0.0.1:3000"  # `comfyui-gateway dev` and `api` listen here unless PORT says otherwise
+# A stream's keep-alive comment comes every SSE_KEEPALIVE_S (15 s by default): a minute of silence is a dead
+# connection, and the stream reconnects.
+STREAM_READ_TIMEOUT_S = 60.0
+# Longest wait a Retry-After may impose on one try; a gateway asking for more gets the error instead.
+MAX_RETRY_AFTER_S = 30.0
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    url: str
+    headers: dict[str, str]
+    timeout: float
+    retries: int
+
+    @classmethod
+    def make(cls, url: str | None, api_key: str | None, token: str | None, timeout: float, retries: int) -> ClientConfig:
+        """`url`, `api_key` default to GATEWAY_URL and GATEWAY_API_KEY (as the CLI's do), `token` to GATEWAY_TOKEN."""
+        api_key = api_key if api_key is not None else os.environ.get("GATEWAY_API_KEY")
+        token = token if token is not None else os.environ.get("GATEWAY_TOKEN")
+        headers = {"X-API-Key": api_key} if api_key else {}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        url = (url or os.environ.get("GATEWAY_URL") or DEFAULT_URL).rstrip("/")
+        return cls(url=url, headers=headers, timeout=timeout, retries=retries)
+
+    def timeouts(self) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout)
+
+    def stream_timeouts(self) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout, read=max(self.timeout, STREAM_READ_TIMEOUT_S))
+
+
+def retry_delay(error: GatewayError | httpx.ConnectError, tries_so_far: int, retries: int) -> float | None:
+    """Seconds to wait before trying a request again, or None to give up. Only what cannot have had an effect is
+    tried again, so any request may be: a connection that was never made, and a 429 or 503 the gateway answered
+    before doing anything (rate limited, busy, too many waits or streams; the gateway says so with Retry-After)."""
+    if tries_so_far > retries:
+        return None
+    if isinstance(error, httpx.ConnectError):
+        return min(0.25 * 2 ** (tries_so_far - 1), 2.0)
+    if isinstance(error, TryLater) and error.retry_after is not None and error.retry_after <= MAX_RETRY_AFTER_S:
+        return error.retry_after
+    return None
