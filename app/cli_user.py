@@ -193,8 +193,8 @@ def _generate(gateway: GatewayClient, args: argparse.Namespace) -> None:
     if args.json:
         _print_json({"job": job.model_dump(mode="json", by_alias=True), "files": [str(path) for path in paths]})
         return
-    seconds = (job.timing.execution_time_ms or 0) / 1000
-    print(f"job {job.job_id} succeeded in {seconds:.1f} s" + (" (from the result cache)" if job.cache_hit else ""),
+    took = (job.timing.completed_at - job.timing.created_at).total_seconds() if job.timing.completed_at else 0.0
+    print(f"job {job.job_id} succeeded in {took:.1f} s" + (" (from the result cache)" if job.cache_hit else ""),
           file=sys.stderr)
     for path in paths:
         print(path)
@@ -317,11 +317,12 @@ def _workflows_show(gateway: GatewayClient, args: argparse.Namespace) -> None:
     if workflow.description:
         print(workflow.description)
     fields = workflow.input_schema.get("fields", {})
+    width = max((len(name) for name in fields), default=0)
     for name, field in fields.items():
         facts = [field.get("type", "?")] + ["required"] * bool(field.get("required"))
         facts += [f"{key} {field[key]}" for key in ("default", "min", "max", "maxLength", "enum") if key in field]
-        print(f"  --input {name}=...   {', '.join(map(str, facts))}" + (f"  {field['description']}"
-                                                                       if field.get("description") else ""))
+        about = f"  ({field['description']})" if field.get("description") else ""
+        print(f"  --input {(name + '=...').ljust(width + 4)}  {', '.join(map(str, facts))}{about}")
     if not fields:
         print("  (no inputs)")
 

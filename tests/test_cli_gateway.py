@@ -106,7 +106,7 @@ async def test_workflows_are_managed_through_the_api(served: Served, tmp_path: P
     rows = {line.split()[0]: line.split(None, 2)[1:] for line in listed.stdout.splitlines()[1:]}
     assert rows[template] == ["2", "Mine"] and {"solid_color", "invert_image"} <= rows.keys(), listed.stdout
     assert json.loads(shown.stdout)["description"] == "second"
-    assert "--input color=...   integer, required" in inputs.stdout, inputs.stdout
+    assert "--input color=...  integer, required" in inputs.stdout, inputs.stdout
     deleted = await cli(served.url, "workflows", "delete", template, api_key=ADMIN_KEY)
     assert deleted.returncode == 0 and f"deleted {template}" in deleted.stdout
     async with AsyncGatewayClient(served.url, api_key=ADMIN_KEY) as admin:
