@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from app.client import AsyncGatewayClient, NotFound
 from tests.harness import REPO_ROOT, SHARED_COMFYUI, free_port
 from tests.test_auth import ADMIN_KEY, ALICE_KEY
-from tests.test_client import SLOW_TEMPLATE, seconds, served  # noqa: F401 - `served` is this module's gateway too
+from tests.test_client import FAILING_TEMPLATE, SLOW_TEMPLATE, seconds, served  # noqa: F401 - `served` is this module's gateway too
 from tests.test_e2e_sse import Served
 
 
@@ -41,16 +42,26 @@ async def cli(url: str, *args: str, api_key: str = ALICE_KEY, cwd: Path = REPO_R
 
 async def test_generate_shows_progress_and_downloads_the_outputs(served: Served, tmp_path: Path) -> None:
     # FORCE_COLOR: rich draws its live bar as on a terminal, so what it showed is in stderr.
-    ran, scripted = await asyncio.gather(
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(picture)
+    ran, scripted, inverted, failing = await asyncio.gather(
         cli(served.url, "generate", SLOW_TEMPLATE, "--input", f"seconds={seconds(served.comfyui, 1.0)}",
             "--out", str(tmp_path / "out"), FORCE_COLOR="1"),
         cli(served.url, "generate", "solid_color", "-i", "width=8", "-i", "height=8", "-i", "color=255",
-            "--out", str(tmp_path / "json"), "--json"))
+            "--out", str(tmp_path / "json"), "--json"),
+        cli(served.url, "generate", "invert_image", "-i", f"image=@{picture}", "--out", str(tmp_path / "inverted")),
+        cli(served.url, "generate", FAILING_TEMPLATE, "--out", str(tmp_path / "none")))
     assert ran.returncode == 0, ran.stderr
     [printed] = ran.stdout.splitlines()
     assert Path(printed).parent == tmp_path / "out" and Path(printed).read_bytes().startswith(b"\x89PNG")
     assert "running node 2" in ran.stderr and "succeeded" in ran.stderr
     assert "httpx" not in ran.stderr and "HTTP Request" not in ran.stderr
+
+    # A file given as @path went inline; what came back is the picture inverted.
+    assert inverted.returncode == 0, inverted.stderr
+    assert Image.open(inverted.stdout.strip()).convert("RGB").getpixel((0, 0)) == (0, 255, 255)
+    assert failing.returncode == 5 and "COMFYUI_OOM" in failing.stderr, failing.stderr
+    assert not (tmp_path / "none").exists()
 
     assert scripted.returncode == 0, scripted.stderr
     answer = json.loads(scripted.stdout)
@@ -116,11 +127,13 @@ async def test_workflows_are_managed_through_the_api(served: Served, tmp_path: P
 
 async def test_clear_errors_for_an_absent_gateway_and_refused_credentials(served: Served) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"
-    absent, refused, version = await asyncio.gather(
+    absent, refused, version, misspelt = await asyncio.gather(
         cli(nowhere, "jobs", "list"),
         cli(served.url, "jobs", "list", api_key="not-a-key"),
         cli(served.url, "--version"),
+        cli(served.url, "generate", "solid_color", "--input", "width"),
     )
+    assert misspelt.returncode == 2 and "--input 'width': write KEY=VALUE" in misspelt.stderr
     assert absent.returncode == 3 and nowhere in absent.stderr and "GATEWAY_UNREACHABLE" in absent.stderr
     assert refused.returncode == 4 and "AUTH_FAILED" in refused.stderr and "--api-key" in refused.stderr
     assert version.returncode == 0 and version.stdout.startswith("comfyui-gateway ")

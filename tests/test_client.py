@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from httpx import ASGITransport
 from temporalio.testing import WorkflowEnvironment
@@ -33,6 +34,7 @@ from tests.test_auth import ADMIN_KEY, ALICE_KEY, API_KEYS, BOB_KEY
 from tests.test_e2e_sse import Served, served_gateway
 
 SLOW_TEMPLATE = "client_slow"
+FAILING_TEMPLATE = "client_fail"  # ComfyUI runs out of memory on it
 
 
 def slow_template(comfyui: ComfyUITarget) -> dict[str, Any]:
@@ -50,6 +52,7 @@ async def served(temporal_env: WorkflowEnvironment, comfyui: ComfyUITarget, tmp_
         async with AsyncGatewayClient(gateway.url, api_key=ADMIN_KEY) as admin:
             await admin.create_workflow(SLOW_TEMPLATE, slow_template(comfyui), name="Slow", input_schema={
                 "type": "object", "fields": {"seconds": {"type": "number", "min": 0, "max": 600, "default": 0}}})
+            await admin.create_workflow(FAILING_TEMPLATE, recorded_workflow("fail.json"))
         yield gateway
 
 
@@ -114,9 +117,8 @@ async def test_the_async_client_types_the_gateways_errors(served: Served) -> Non
 
 async def test_failed_and_cancelled_jobs_raise_with_their_codes_and_batches_run(served: Served) -> None:
     async with AsyncGatewayClient(served.url, api_key=BOB_KEY) as bob:
-        failing = await bob.submit(workflow_json=recorded_workflow("fail.json"))
         with pytest.raises(JobFailed) as failed:
-            await bob.wait(failing.job_id)
+            await bob.generate(FAILING_TEMPLATE)
         assert failed.value.code == "COMFYUI_OOM" and failed.value.job.status is JobStatus.failed
 
         slow = await bob.submit(SLOW_TEMPLATE, {"seconds": seconds(served.comfyui, 20)})
@@ -222,16 +224,36 @@ async def test_an_event_stream_resumes_after_a_dropped_connection(served: Served
     assert counts == list(range(1, len(counts) + 1))
 
 
-async def test_refusals_carry_retry_after_and_an_absent_gateway_names_its_url(tmp_path: Path) -> None:
-    settings = api_alone_settings(tmp_path, rate_limit_max=1, rate_limit_window_ms=60_000)
-    async with api_alone(settings) as app:
-        async with AsyncGatewayClient("http://gateway", transport=ASGITransport(app=app), retries=3) as client:
-            await client.capabilities()
-            with pytest.raises(TryLater) as limited:
-                await client.capabilities()  # Retry-After is beyond what a call waits: the error, at once
-    assert limited.value.code == "RATE_LIMITED" and limited.value.status == 429
-    assert 0 < limited.value.retry_after <= 60
+class RecordingTransport(httpx.AsyncBaseTransport):
+    """The app in process, with the status of every answer it gave, in order."""
 
+    def __init__(self, app: Any) -> None:
+        self.app = ASGITransport(app=app)
+        self.statuses: list[int] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.app.handle_async_request(request)
+        self.statuses.append(response.status_code)
+        return response
+
+
+async def test_a_refusal_carries_retry_after_and_is_tried_again_after_it(tmp_path: Path) -> None:
+    settings = api_alone_settings(tmp_path, rate_limit_max=1, rate_limit_window_ms=1000)
+    async with api_alone(settings) as app:
+        transport = RecordingTransport(app)
+        async with AsyncGatewayClient("http://gateway", transport=transport, retries=0) as once:
+            await once.capabilities()
+            with pytest.raises(TryLater) as limited:
+                await once.capabilities()
+        assert limited.value.code == "RATE_LIMITED" and limited.value.status == 429
+        assert limited.value.retry_after == 1
+        async with AsyncGatewayClient("http://gateway", transport=transport, retries=1) as patient:
+            assert (await patient.capabilities()).workflows
+    # The patient client was refused too, waited the second it was told to, and was answered.
+    assert transport.statuses == [200, 429, 429, 200]
+
+
+def test_an_absent_gateway_is_named_by_its_url() -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"
     with GatewayClient(nowhere, retries=1) as client, pytest.raises(GatewayUnreachable) as unreachable:
         client.health()

@@ -49,6 +49,7 @@ class Call(Generic[T]):
     json: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     answers: frozenset[int] = frozenset({200, 201, 202, 204})
+    waits: float = 0.0  # how long the gateway may hold the answer on purpose (`wait=`), beyond the timeout
 
     def result(self, response: httpx.Response) -> T:
         if response.status_code not in self.answers:
@@ -115,7 +116,7 @@ def submit(
 
 def get_job(job_id: str, *, wait: float | None = None) -> Call[Job]:
     """`GET /jobs/{jobId}`; `wait` (seconds) answers once the job has ended, or as it is when the wait runs out."""
-    return Call("GET", f"/jobs/{segment(job_id)}", _model(Job), params=_given(wait=wait))
+    return Call("GET", f"/jobs/{segment(job_id)}", _model(Job), params=_given(wait=wait), waits=wait or 0.0)
 
 
 def list_jobs(

@@ -35,8 +35,9 @@ class ClientConfig:
         url = (url or os.environ.get("GATEWAY_URL") or DEFAULT_URL).rstrip("/")
         return cls(url=url, headers=headers, timeout=timeout, retries=retries)
 
-    def timeouts(self) -> httpx.Timeout:
-        return httpx.Timeout(self.timeout)
+    def timeouts(self, waits: float = 0.0) -> httpx.Timeout:
+        """Each request's; one the gateway holds on purpose (`wait=`) gets that long more to answer."""
+        return httpx.Timeout(self.timeout, read=self.timeout + waits)
 
     def stream_timeouts(self) -> httpx.Timeout:
         return httpx.Timeout(self.timeout, read=max(self.timeout, STREAM_READ_TIMEOUT_S))

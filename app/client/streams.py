@@ -12,7 +12,7 @@ import json
 import httpx
 from httpx_sse import ServerSentEvent
 
-from app.client.errors import GatewayUnreachable
+from app.client.errors import UNEXPECTED_ANSWER, GatewayError, GatewayUnreachable
 from app.client.models import Event
 
 JOB_FINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
@@ -44,7 +44,12 @@ class EventCursor:
             return None
         self.failures = 0
         self.last_event_id = sse.id or self.last_event_id
-        event = Event(event=sse.event, id=sse.id, data=json.loads(sse.data))
+        try:
+            data = json.loads(sse.data)
+        except ValueError as error:
+            raise GatewayError(UNEXPECTED_ANSWER, f"{self.url}: an event whose data is not JSON: {sse.data[:200]!r}"
+                               ) from error
+        event = Event(event=sse.event, id=sse.id, data=data)
         self.ended = sse.event in self.final_events
         return event
 

@@ -48,7 +48,7 @@ class GatewayClient:
             tries += 1
             try:
                 response = self._http.request(call.method, call.path, params=call.params, json=call.json,
-                                              headers=call.headers)
+                                              headers=call.headers, timeout=self.config.timeouts(call.waits))
                 return call.result(response)
             except (GatewayError, httpx.ConnectError) as error:
                 delay = retry_delay(error, tries, self.config.retries)
