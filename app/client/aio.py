@@ -13,10 +13,10 @@ from httpx_sse import EventSource
 
 from app.client import calls
 from app.client.calls import Call
-from app.client.config import ClientConfig, retry_delay
+from app.client.config import ClientConfig, next_try
 from app.client.downloads import CHUNK_BYTES, OutputWriter, external_request, target_path
 from app.client.endpoints import awaiting
-from app.client.errors import GatewayError, error_from_answer, succeeded, unreachable
+from app.client.errors import GatewayError, TryLater, error_from_answer, succeeded, unreachable
 from app.client.models import Event, Job, OutputFile
 from app.client.streams import BATCH_FINAL_EVENTS, JOB_FINAL_EVENTS, STREAM_BROKEN, EventCursor
 
@@ -49,14 +49,8 @@ class AsyncGatewayClient:
                 response = await self._http.request(call.method, call.path, params=call.params, json=call.json,
                                                   headers=call.headers, timeout=self.config.timeouts(call.waits))
                 return call.result(response)
-            except (GatewayError, httpx.ConnectError) as error:
-                delay = retry_delay(error, tries, self.config.retries)
-                if delay is None and isinstance(error, GatewayError):
-                    raise
-                if delay is None:
-                    raise unreachable(self.config.url, error) from error
-            except httpx.TransportError as error:
-                raise unreachable(self.config.url, error) from error
+            except (GatewayError, httpx.TransportError) as error:
+                delay = next_try(error, tries, self.config)
             await asyncio.sleep(delay)
 
     health = awaiting(calls.health)
@@ -138,6 +132,9 @@ class AsyncGatewayClient:
                 reason = "closed before its final event"
             except STREAM_BROKEN as error:
                 reason = str(error) or type(error).__name__
+            except TryLater as error:  # TOO_MANY_STREAMS, or the API busy: it says when to come back
+                await asyncio.sleep(cursor.refused(error))
+                continue
             if not cursor.ended:
                 await asyncio.sleep(cursor.broken(reason))
 

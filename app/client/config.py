@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from app.client.errors import GatewayError, TryLater
+from app.client.errors import GatewayError, TryLater, unreachable
 
 DEFAULT_URL = "http://127.0.0.1:3000"  # `comfyui-gateway dev` and `api` listen here unless PORT says otherwise
 # A stream's keep-alive comment comes every SSE_KEEPALIVE_S (15 s by default): a minute of silence is a dead
@@ -43,14 +43,16 @@ class ClientConfig:
         return httpx.Timeout(self.timeout, read=max(self.timeout, STREAM_READ_TIMEOUT_S))
 
 
-def retry_delay(error: GatewayError | httpx.ConnectError, tries_so_far: int, retries: int) -> float | None:
-    """Seconds to wait before trying a request again, or None to give up. Only what cannot have had an effect is
-    tried again, so any request may be: a connection that was never made, and a 429 or 503 the gateway answered
-    before doing anything (rate limited, busy, too many waits or streams; the gateway says so with Retry-After)."""
-    if tries_so_far > retries:
-        return None
-    if isinstance(error, httpx.ConnectError):
-        return min(0.25 * 2 ** (tries_so_far - 1), 2.0)
-    if isinstance(error, TryLater) and error.retry_after is not None and error.retry_after <= MAX_RETRY_AFTER_S:
-        return error.retry_after
-    return None
+def next_try(error: GatewayError | httpx.TransportError, tries_so_far: int, config: ClientConfig) -> float:
+    """Seconds to wait before trying a request again; the error to raise when it is not tried again. Only what
+    cannot have had an effect is tried again, so any request may be: a connection that was never made, and a 429
+    or 503 the gateway answered before doing anything (rate limited, busy, too many waits or streams; the
+    gateway says so with Retry-After)."""
+    if tries_so_far <= config.retries:
+        if isinstance(error, httpx.ConnectError):
+            return min(0.25 * 2 ** (tries_so_far - 1), 2.0)
+        if isinstance(error, TryLater) and error.retry_after is not None and error.retry_after <= MAX_RETRY_AFTER_S:
+            return error.retry_after
+    if isinstance(error, GatewayError):
+        raise error
+    raise unreachable(config.url, error) from error

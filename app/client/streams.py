@@ -12,7 +12,8 @@ import json
 import httpx
 from httpx_sse import ServerSentEvent
 
-from app.client.errors import UNEXPECTED_ANSWER, GatewayError, GatewayUnreachable
+from app.client.config import MAX_RETRY_AFTER_S
+from app.client.errors import UNEXPECTED_ANSWER, GatewayError, GatewayUnreachable, TryLater
 from app.client.models import Event
 
 JOB_FINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
@@ -60,3 +61,11 @@ class EventCursor:
         if self.failures > self.reconnects:
             raise GatewayUnreachable(self.url, f"the event stream broke {self.failures} times in a row ({reason})")
         return min(0.2 * 2 ** (self.failures - 1), 5.0)
+
+    def refused(self, error: TryLater) -> float:
+        """The gateway refused the stream for now (TOO_MANY_STREAMS, SERVER_BUSY): its Retry-After, counted as a
+        failure; the error itself when it gave none, or after `reconnects` failures in a row."""
+        self.failures += 1
+        if error.retry_after is None or self.failures > self.reconnects or error.retry_after > MAX_RETRY_AFTER_S:
+            raise error
+        return error.retry_after
