@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,7 +32,7 @@ from app.client import (
     NotFound,
     TryLater,
 )
-from tests.harness import ComfyUITarget, api_alone, api_alone_settings, free_port, recorded_workflow
+from tests.harness import REPO_ROOT, ComfyUITarget, api_alone, api_alone_settings, free_port, recorded_workflow
 from tests.test_auth import ADMIN_KEY, ALICE_KEY, API_KEYS, BOB_KEY
 from tests.test_e2e_sse import Served, served_gateway
 
@@ -258,3 +261,14 @@ def test_an_absent_gateway_is_named_by_its_url() -> None:
     with GatewayClient(nowhere, retries=1) as client, pytest.raises(GatewayUnreachable) as unreachable:
         client.health()
     assert unreachable.value.url == nowhere and nowhere in str(unreachable.value)
+
+
+def test_the_client_and_the_commands_for_people_load_nothing_of_the_server() -> None:
+    """They use the API only: no database, no Temporal, no server settings. `app.cli` neither, until a command
+    that runs the gateway needs them, so a command for people starts in about 0.5 s of CPU, not 0.9 s."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, app.cli, app.client, app.cli_user; print(' '.join(sys.modules))"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    ).stdout.split()
+    server = {"temporalio", "sqlalchemy", "sqlmodel", "fastapi", "app.settings", "app.db", "api", "worker"}
+    assert not server & set(loaded)
