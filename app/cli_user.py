@@ -179,7 +179,8 @@ def _data_uri(path: Path) -> str:
 
 
 def _generate(gateway: GatewayClient, args: argparse.Namespace) -> None:
-    options = {name: value for name, value in (("priority", args.priority), ("output_format", args.output_format))
+    priority = int(args.priority) if args.priority and args.priority.isdigit() else args.priority  # 1-5 or a name
+    options = {name: value for name, value in (("priority", priority), ("output_format", args.output_format))
                if value is not None}
     submitted = gateway.submit(args.template, parse_inputs(args.input), **options)
     try:

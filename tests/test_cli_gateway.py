@@ -48,7 +48,7 @@ async def test_generate_shows_progress_and_downloads_the_outputs(served: Served,
         cli(served.url, "generate", SLOW_TEMPLATE, "--input", f"seconds={seconds(served.comfyui, 1.0)}",
             "--out", str(tmp_path / "out"), FORCE_COLOR="1"),
         cli(served.url, "generate", "solid_color", "-i", "width=8", "-i", "height=8", "-i", "color=255",
-            "--out", str(tmp_path / "json"), "--json"),
+            "--priority", "1", "--out", str(tmp_path / "json"), "--json"),
         cli(served.url, "generate", "invert_image", "-i", f"image=@{picture}", "--out", str(tmp_path / "inverted")),
         cli(served.url, "generate", FAILING_TEMPLATE, "--out", str(tmp_path / "none")))
     assert ran.returncode == 0, ran.stderr
@@ -66,6 +66,7 @@ async def test_generate_shows_progress_and_downloads_the_outputs(served: Served,
     assert scripted.returncode == 0, scripted.stderr
     answer = json.loads(scripted.stdout)
     assert answer["job"]["status"] == "succeeded" and answer["job"]["workflowId"] == "solid_color"
+    assert answer["job"]["priority"] == 1
     assert [Path(path).name for path in answer["files"]] == [answer["job"]["outputs"][0]["filename"]]
     job_id = answer["job"]["jobId"]
 
