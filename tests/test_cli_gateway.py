@@ -106,19 +106,14 @@ async def test_workflows_are_managed_through_the_api(served: Served, tmp_path: P
     added = await cli(served.url, "workflows", "add", str(graph), "--id", template, "--name", "Mine",
                       "--schema", str(schema), "--defaults", str(defaults), api_key=ADMIN_KEY, cwd=tmp_path)
     assert added.returncode == 0 and f"registered {template} version 1" in added.stdout, added.stderr
-    again, updated = await asyncio.gather(
-        cli(served.url, "workflows", "add", str(graph), "--id", template, "--schema", str(schema),
-            "--defaults", str(defaults), api_key=ADMIN_KEY),
-        cli(served.url, "workflows", "update", template, "--description", "second", api_key=ADMIN_KEY))
-    assert again.returncode == 1 and "WORKFLOW_EXISTS" in again.stderr
+    updated = await cli(served.url, "workflows", "update", template, "--description", "second", api_key=ADMIN_KEY)
     assert f"updated {template} version 2" in updated.stdout, updated.stderr
-    listed, shown, inputs = await asyncio.gather(cli(served.url, "workflows", "list"),
-                                                 cli(served.url, "workflows", "show", template, "--json"),
-                                                 cli(served.url, "workflows", "show", template))
+    listed, shown = await asyncio.gather(cli(served.url, "workflows", "list"),
+                                         cli(served.url, "workflows", "show", template))
     rows = {line.split()[0]: line.split(None, 2)[1:] for line in listed.stdout.splitlines()[1:]}
     assert rows[template] == ["2", "Mine"] and {"solid_color", "invert_image"} <= rows.keys(), listed.stdout
-    assert json.loads(shown.stdout)["description"] == "second"
-    assert "--input color=...  integer, required" in inputs.stdout, inputs.stdout
+    assert shown.stdout.splitlines()[:2] == [f"{template} version 2: Mine", "second"], shown.stdout
+    assert "--input color=...  integer, required" in shown.stdout, shown.stdout
     deleted = await cli(served.url, "workflows", "delete", template, api_key=ADMIN_KEY)
     assert deleted.returncode == 0 and f"deleted {template}" in deleted.stdout
     async with AsyncGatewayClient(served.url, api_key=ADMIN_KEY) as admin:
