@@ -27,12 +27,12 @@ class ClientConfig:
     @classmethod
     def make(cls, url: str | None, api_key: str | None, token: str | None, timeout: float, retries: int) -> ClientConfig:
         """`url`, `api_key` default to GATEWAY_URL and GATEWAY_API_KEY (as the CLI's do), `token` to GATEWAY_TOKEN."""
-        api_key = api_key if api_key is not None else os.environ.get("GATEWAY_API_KEY")
-        token = token if token is not None else os.environ.get("GATEWAY_TOKEN")
+        api_key = api_key if api_key is not None else _from_environment("API_KEY")
+        token = token if token is not None else _from_environment("TOKEN")
         headers = {"X-API-Key": api_key} if api_key else {}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        url = (url or os.environ.get("GATEWAY_URL") or DEFAULT_URL).rstrip("/")
+        url = (url or _from_environment("URL") or DEFAULT_URL).rstrip("/")
         return cls(url=url, headers=headers, timeout=timeout, retries=retries)
 
     def timeouts(self, waits: float = 0.0) -> httpx.Timeout:
@@ -41,6 +41,12 @@ class ClientConfig:
 
     def stream_timeouts(self) -> httpx.Timeout:
         return httpx.Timeout(self.timeout, read=max(self.timeout, STREAM_READ_TIMEOUT_S))
+
+
+def _from_environment(name: str) -> str | None:
+    """GATEWAY_URL, GATEWAY_API_KEY, GATEWAY_TOKEN: the client's own defaults (which gateway, whose credentials),
+    read where the client runs; the gateway itself never reads them."""
+    return os.environ.get(f"GATEWAY_{name}")
 
 
 def next_try(error: GatewayError | httpx.TransportError, tries_so_far: int, config: ClientConfig) -> float:
