@@ -323,7 +323,7 @@ async def test_unknown_paths_and_methods_answer_json(api: httpx.AsyncClient) -> 
 
 @pytest.mark.parametrize(("method", "path", "allowed"), [
     ("DELETE", "/jobs", "GET, POST"),  # two routes at one path
-    ("PUT", "/jobs/0b0e5f3c-3b5e-4f0e-9d7b-3f2b1d6a9c11", "GET"),
+    ("PUT", "/jobs/0b0e5f3c-3b5e-4f0e-9d7b-3f2b1d6a9c11", "GET, DELETE"),
     ("GET", "/jobs/0b0e5f3c-3b5e-4f0e-9d7b-3f2b1d6a9c11/cancel", "POST"),
     ("POST", "/workflows/solid_color", "GET, PUT, DELETE"),
     ("POST", "/health", "GET"),
