@@ -18,7 +18,8 @@ from app.db import require_current_schema, session_scope
 from app.tables import TemplateRow
 from app.templates.registry import TemplateSpec, check_template
 
-BUNDLED_TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
+# Inside the package (package data), so that an installed gateway, not only a checkout, has them.
+BUNDLED_TEMPLATES_DIR = Path(__file__).resolve().parent / "bundled"
 
 
 class TemplateExists(Exception):
