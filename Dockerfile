@@ -9,6 +9,7 @@ COPY api api
 COPY activities activities
 COPY worker worker
 COPY workflows_temporal workflows_temporal
+COPY templates templates
 # A virtual environment to copy whole into the runtime stage; pip compiles every module's bytecode as it
 # installs, which the worker's workflow sandbox then reads instead of compiling per job (worker/bytecode.py).
 RUN python -m venv /opt/venv \

@@ -96,9 +96,9 @@ def test_dockerfile_environment_is_settings() -> None:
 def test_bundled_templates_ship_in_the_package() -> None:
     """The image installs the package, not the checkout: the templates must be package data."""
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    package_dir = ROOT / "app" / "templates"
-    assert BUNDLED_TEMPLATES_DIR.is_relative_to(package_dir)
-    shipped = {path for pattern in package_data["app.templates"] for path in package_dir.glob(pattern)}
+    package_dir = ROOT / "templates"
+    assert BUNDLED_TEMPLATES_DIR == package_dir
+    shipped = {path for pattern in package_data["templates"] for path in package_dir.glob(pattern)}
     assert shipped and shipped == set(BUNDLED_TEMPLATES_DIR.glob("*.json"))
 
 
