@@ -48,12 +48,13 @@ def _load_settings() -> Settings:
         sys.exit(f"comfyui-gateway: invalid configuration\n{problems}")
 
 
-async def _connect_with_retry(settings: Settings, attempts: int = 60):  # type: ignore[no-untyped-def]
-    from app.temporal_client import connect_temporal
+async def _connect_with_retry(settings: Settings, *, for_worker: bool, attempts: int = 60):  # type: ignore[no-untyped-def]
+    from app.temporal_client import connect_temporal, worker_runtime
 
+    runtime = worker_runtime(settings) if for_worker else None  # once: it binds TEMPORAL_METRICS_ADDRESS
     for attempt in range(attempts):
         try:
-            return await connect_temporal(settings)
+            return await connect_temporal(settings, runtime)
         except Exception as error:  # connection errors vary by transport; all mean "not up yet"
             if attempt == attempts - 1:
                 raise
@@ -78,7 +79,7 @@ async def _serve(settings: Settings, *, with_api: bool, with_worker: bool) -> No
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
 
-    client = await _connect_with_retry(settings)
+    client = await _connect_with_retry(settings, for_worker=with_worker)
     async with AsyncExitStack() as stack:
         if with_worker:
             await stack.enter_async_context(running_worker(client, settings))
