@@ -25,6 +25,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from app.db import session_scope
 from app.errors import ErrorCode
 from app.jobstore import add_events, record_webhook_attempt
+from app.metrics import WEBHOOK_ATTEMPTS, WEBHOOKS_GIVEN_UP
 from app.models import (
     BuildWebhookInput,
     BuiltWebhook,
@@ -61,6 +62,11 @@ class Attempt:
     @property
     def delivered(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
+
+    @property
+    def outcome(self) -> str:
+        """As gateway_webhook_attempts counts it."""
+        return "delivered" if self.delivered else "refused" if self.refused else "failed"
 
 
 def retry_after_seconds(value: str | None, now: datetime) -> float | None:
@@ -177,6 +183,7 @@ class WebhookDelivery:
             # Delivered: a retry would post the event again. The job's log misses this attempt instead.
             log.warning("webhook %s delivered, but its attempt could not be written", request.webhook_id,
                         exc_info=True)
+        WEBHOOK_ATTEMPTS.labels(outcome=attempt.outcome).inc()
         if attempt.delivered:
             assert attempt.status_code is not None
             return DeliverWebhookResult(status_code=attempt.status_code, attempts=number)
@@ -202,11 +209,12 @@ class WebhookDelivery:
             data={"event": request.event, "webhookId": request.webhook_id, "delivered": False},
         )
 
-        def write() -> None:
+        def write() -> int:
             with session_scope(self._engine) as session:
-                add_events(session, request.job_id, [event])
+                return add_events(session, request.job_id, [event])
 
-        await asyncio.to_thread(write)
+        if await asyncio.to_thread(write):
+            WEBHOOKS_GIVEN_UP.inc()  # by the write that logged it first: a retried activity counts it once
 
     def _record(self, request: DeliverWebhookInput, number: int, attempt: Attempt) -> None:
         outcome = "delivered" if attempt.delivered else f"not delivered ({attempt.error})"

@@ -7,6 +7,7 @@ from temporalio import activity
 
 from app.db import session_scope
 from app.jobstore import record_job
+from app.metrics import count_job_record
 from app.models import RecordJobInput
 
 
@@ -16,6 +17,8 @@ class RecordActivities:
 
     @activity.defn(name="record_job")
     def record_job(self, record: RecordJobInput) -> None:
-        # An upsert of the full snapshot plus keyed events: running it twice leaves the same rows.
+        # An upsert of the full snapshot plus keyed events: running it twice leaves the same rows. The job's
+        # milestones are counted by the write that first records them, after its commit: a retry counts none.
         with session_scope(self._engine) as session:
-            record_job(session, record)
+            change = record_job(session, record)
+        count_job_record(record.job, change)

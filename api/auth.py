@@ -47,6 +47,18 @@ def auth_failed(settings: Settings, reason: str) -> ApiError:
     )
 
 
+def check_metrics_token(settings: Settings, bearer_token: str | None) -> None:
+    """METRICS_TOKEN, when set, is the one credential GET /metrics takes (a scrape credential that opens nothing
+    else, and no key or token of a caller opens /metrics); unset, /metrics is open."""
+    if settings.metrics_token is None:
+        return
+    expected = settings.metrics_token.get_secret_value().encode()
+    if bearer_token is None or not hmac.compare_digest(expected, bearer_token.encode()):
+        AUTH_FAILURES.labels(reason="metrics_token").inc()
+        raise ApiError(ErrorCode.AUTH_FAILED, "GET /metrics needs Authorization: Bearer <METRICS_TOKEN>",
+                       headers={"WWW-Authenticate": f"Bearer {_REALM}"})
+
+
 def authenticate(settings: Settings, api_key: str | None, bearer_token: str | None) -> Principal:
     """The principal the credentials name; ApiError AUTH_FAILED if there are none or they are not valid."""
     if settings.open_mode:

@@ -11,7 +11,7 @@ from fastapi import Depends, Query, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
-from api.auth import authenticate
+from api.auth import authenticate, check_metrics_token
 from api.database import Database
 from api.errors import ApiError, validation_error
 from api.job_reader import JobReader, job_not_found
@@ -79,6 +79,13 @@ async def get_principal(
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+@answers_with(ErrorCode.AUTH_FAILED)
+async def require_metrics_token(
+    settings: SettingsDep, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    check_metrics_token(settings, bearer.credentials if bearer is not None else None)
 
 
 @answers_with(ErrorCode.FORBIDDEN)

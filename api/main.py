@@ -26,14 +26,16 @@ from api.job_streams import job_feeds
 from api.job_waits import JobWaits
 from api.openapi import install_openapi
 from api.plain_json import BodySizeLimit
+from api.metrics_collectors import api_registry
 from api.probes import Probes
 from api.rate_limits import RateLimitMiddleware, RateLimits
+from api.request_metrics import RequestMetrics
 from api.security_headers import SecurityHeaders
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
 from api.auth import warn_if_open
 from api.routes.batches import batch_json
-from api.routes import audit, backends, batches, codec, events, health, jobs, outputs, workflows
+from api.routes import audit, backends, batches, codec, events, health, jobs, metrics, outputs, workflows
 from app.codec import EncryptionCodec
 from app.comfy.backends import configured_backends, served_queues
 from app.db import make_engine
@@ -117,6 +119,7 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
                 temporal=app.state.temporal, http=probe_http,
             )
             await app.state.probes.refresh()  # /health has an answer from the first request on
+            app.state.metrics = api_registry(app.state.engine, app.state.probes)
             background.append(asyncio.create_task(app.state.probes.run()))
             try:
                 yield
@@ -147,12 +150,15 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=CORS_METHODS,
             allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS, max_age=600,
         )
-    # Outermost: a preflight for /codec is answered for the Web UI's origin before anything else sees it.
+    # Outside those: a preflight for /codec is answered for the Web UI's origin before they see it.
     app.add_middleware(CodecCors, origins=settings.resolved_codec_cors_origins)
+    # Outside them all: every request is counted, the ones they answer themselves too.
+    app.add_middleware(RequestMetrics, routes=app.router.routes)
     install_error_handlers(app)
-    # Each router but health's (/health and /ready are public) requires a caller (api.deps.get_principal).
+    # Each router but health's (/health and /ready are public) and metrics' (METRICS_TOKEN) requires a caller
+    # (api.deps.get_principal).
     routers = [jobs.router, events.router, batches.router, outputs.router, workflows.router, audit.router,
-               health.router, codec.router, backends.router]
+               health.router, codec.router, backends.router, metrics.router]
     for router in routers:
         app.include_router(router)
     install_openapi(app, routers)

@@ -2,16 +2,18 @@
 request: no burst of requests can multiply the calls to ComfyUI and Temporal, wedge the API's connection pool,
 or make a healthy ComfyUI look down.
 
-`/health`: does each ComfyUI answer, does Temporal. `/ready`: does a worker poll the job queue and each
-ComfyUI's queue, so that a job can run; a gateway that has just started answers `/health` before its worker
-polls. Temporal lists a queue's recent pollers with the time each last polled. An idle worker polls again at
-least once a minute (a long poll ends after about a minute), so a poller seen within the last 90 s is a live one.
+`/health`: does each ComfyUI answer, does Temporal; for `/metrics`, how long each ComfyUI's queue is and how much
+of its devices' memory is used. `/ready`: does a worker poll the job queue and each ComfyUI's queue, so that a job
+can run; a gateway that has just started answers `/health` before its worker polls. Temporal lists a queue's recent
+pollers with the time each last polled. An idle worker polls again at least once a minute (a long poll ends after
+about a minute), so a poller seen within the last 90 s is a live one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -26,6 +28,7 @@ from api.temporal_connection import TemporalConnection
 from app.comfy.backends import Backend
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
+from app.comfy.system_stats import DeviceMemory, device_memory
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,10 @@ class ProbeResult:
         return self.temporal and bool(self.workers) and all(self.workers.values())
 
 
-async def workers_poll(client: Client, task_queue: str, queue_type: TaskQueueType.ValueType) -> bool:
+async def workers_poll(
+    client: Client, task_queue: str, queue_type: TaskQueueType.ValueType, host: str | None = None
+) -> bool:
+    """A live poller of the queue; with `host`, one of that host's. The SDK names each poller pid@hostname."""
     response = await client.workflow_service.describe_task_queue(
         DescribeTaskQueueRequest(namespace=client.namespace, task_queue=TaskQueue(name=task_queue),
                                  task_queue_type=queue_type),
@@ -59,7 +65,20 @@ async def workers_poll(client: Client, task_queue: str, queue_type: TaskQueueTyp
     )
     now = datetime.now(timezone.utc)
     return any(now - poller.last_access_time.ToDatetime(tzinfo=timezone.utc) < _LIVE_POLLER
+               and (host is None or poller.identity.endswith(f"@{host}"))
                for poller in response.pollers)
+
+
+async def worker_polls_here(client: Client, task_queue: str) -> bool:
+    """A worker of this host polls the job queue: a container's hostname is its own, so another container's
+    worker does not count (the worker container's health check, `comfyui-gateway health --worker`)."""
+    return await workers_poll(client, task_queue, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, host=socket.gethostname())
+
+
+@dataclass(frozen=True)
+class BackendReading:
+    queue_remaining: int | None  # its prompts, running and pending; None when GET /prompt did not say
+    devices: list[DeviceMemory]
 
 
 @dataclass
@@ -71,6 +90,8 @@ class Probes:
     latest: ProbeResult | None = field(default=None)
     # backend id → why its last failed probe failed (kept after it answers again, for GET /backends).
     last_errors: dict[str, str] = field(default_factory=dict)
+    # backend id → what its last probe read of it (for GET /metrics); none for a backend that did not answer.
+    readings: dict[str, BackendReading] = field(default_factory=dict)
 
     async def refresh(self) -> ProbeResult:
         comfyui, temporal, workers = await asyncio.gather(
@@ -98,12 +119,19 @@ class Probes:
                 log.exception("health probe failed")
 
     async def _comfyui_answers(self, backend: Backend) -> bool:
+        client = ComfyClient(backend.url, self.http)
         try:
-            await ComfyClient(backend.url, self.http).system_stats()
+            stats = await client.system_stats()
         except ComfyError as error:
             # ComfyClient's messages name the URL: without its credentials here.
             self.last_errors[backend.id] = error.message
+            self.readings.pop(backend.id, None)
             return False
+        try:
+            queue: int | None = await client.queue_remaining()
+        except ComfyError:
+            queue = None  # it answers, which is what /health asks; only the metric goes without
+        self.readings[backend.id] = BackendReading(queue_remaining=queue, devices=device_memory(stats))
         return True
 
     async def _temporal_answers(self) -> bool:

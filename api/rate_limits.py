@@ -7,8 +7,8 @@ are checked, so a flood (of bad credentials too) costs a count and an answer. Th
 the `limit_principal` dependency of every router that needs a caller, once the principal is known. Every
 answer counted carries the tighter of the two in `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
 `X-RateLimit-Reset` (seconds until a request counts again); a refusal is 429 RATE_LIMITED with `Retry-After`
-(seconds). /health and /ready are not counted: probes of load balancers and orchestrators must never be
-turned away.
+(seconds). /health, /ready and /metrics are not counted: probes of load balancers and orchestrators, and
+Prometheus's scrapes, must never be turned away.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXEMPT_PATHS = frozenset({"/health", "/ready"})
+EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
 _SCOPE_KEY = "gateway.rate_limit"
 # How often a rate limit store that cannot be reached is reported in the log, at most.
 _STORE_WARNING_SECONDS = 60.0

@@ -32,10 +32,26 @@ class JobSnapshot:
     webhook: WebhookStatus | None = None
 
 
-def record_job(session: Session, record: RecordJobInput) -> None:
-    """An upsert of the job's full state plus keyed events: running it twice leaves the same rows."""
+@dataclass(frozen=True)
+class RecordedChange:
+    """What one write of a job's row changed, so that each of a job's milestones is counted once however often a
+    retried record writes it: the first write creates the row, one write first sets its start, one first ends it."""
+
+    created: bool
+    started: bool
+    ended: bool
+
+
+def record_job(session: Session, record: RecordJobInput) -> RecordedChange:
+    """An upsert of the job's full state plus keyed events: running it twice leaves the same rows. Says which of
+    the job's milestones this write was the first to record (a repeat records none)."""
     job = record.job
     row = session.get(JobRow, job.job_id)
+    change = RecordedChange(
+        created=row is None,
+        started=(row is None or row.started_at is None) and job.started_at is not None,
+        ended=(row is None or not JobStatus(row.status).is_terminal) and job.status.is_terminal,
+    )
     if row is None:
         row = JobRow(job_id=job.job_id, backend=record.backend, status=job.status.value)
     elif job.status is JobStatus.queued and job.attempts > row.attempts:
@@ -71,6 +87,7 @@ def record_job(session: Session, record: RecordJobInput) -> None:
     session.add(row)
     _insert_events(session, job.job_id, record.events)
     session.commit()
+    return change
 
 
 def write_live_progress(session: Session, job_id: str, attempt: int, live: LiveProgress) -> bool:
@@ -126,18 +143,21 @@ def close_ended_job(session: Session, job_id: str, error: JobError, completed_at
     return result.rowcount > 0
 
 
-def add_events(session: Session, job_id: str, events: list[JobEventInput]) -> None:
-    _insert_events(session, job_id, events)
+def add_events(session: Session, job_id: str, events: list[JobEventInput]) -> int:
+    """The events stored, once each by key; how many of them were new."""
+    added = _insert_events(session, job_id, events)
     session.commit()
+    return added
 
 
 def _error_json(error: JobError | None) -> dict | None:
     return error.model_dump(by_alias=True, mode="json") if error else None
 
 
-def _insert_events(session: Session, job_id: str, events: list[JobEventInput]) -> None:
+def _insert_events(session: Session, job_id: str, events: list[JobEventInput]) -> int:
+    """The events not stored before (their keys are new), as many as were stored now."""
     if not events:
-        return
+        return 0
     rows = [
         {"job_id": job_id, "event_key": e.key, "at": e.at, "kind": e.kind, "message": e.message, "data": e.data}
         for e in events
@@ -145,7 +165,7 @@ def _insert_events(session: Session, job_id: str, events: list[JobEventInput]) -
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     statement = insert(JobEventRow).values(rows).on_conflict_do_nothing(index_elements=["job_id", "event_key"])
-    session.execute(statement)
+    return session.execute(statement).rowcount
 
 
 def job_snapshot(row: JobRow) -> JobSnapshot:

@@ -225,6 +225,19 @@ class Settings(BaseSettings):
         None, pattern=r"^https?://", description="the Temporal Web UI operators use, for each job's `temporalUiUrl` "
         "(e.g. https://temporal-ui.example.com); `comfyui-gateway dev` sets its own UI's; none: no links")
 
+    # Metrics (Prometheus): the API serves its own at GET /metrics; the worker's are off until given an address,
+    # since a fixed port would stop a second worker process on the same host from starting.
+    metrics_token: SecretStr | None = Field(
+        None, description="when set, GET /metrics requires Authorization: Bearer <this token> (a scrape credential "
+                          "that opens nothing else); unset: /metrics is open on the API's port")
+    worker_metrics_address: str | None = Field(
+        None, description="host:port where the worker serves its Prometheus metrics (jobs created and finished, "
+                          "durations, webhooks), e.g. 0.0.0.0:9464; off when unset")
+    temporal_metrics_address: str | None = Field(
+        None, description="host:port where the worker's Temporal SDK serves its own Prometheus metrics (task slots, "
+                          "poll and schedule latencies, workflow and activity outcomes), e.g. 0.0.0.0:9465; off "
+                          "when unset")
+
     # Result cache
     cache_enabled: bool = Field(
         False, description="answer a job identical to an earlier success (explicit seed, no image URLs) with that "
@@ -255,6 +268,16 @@ class Settings(BaseSettings):
         for entry in entries:
             ipaddress.ip_network(entry, strict=False)  # a ValueError names the entry
         return entries
+
+    @field_validator("worker_metrics_address", "temporal_metrics_address")
+    @classmethod
+    def _listen_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, colon, port = value.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError("must be host:port, e.g. 0.0.0.0:9464")
+        return value
 
     @field_validator("rate_limit_storage_uri")
     @classmethod

@@ -10,6 +10,7 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSe
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError
 
 from app.codec import EncryptionCodec
@@ -40,10 +41,20 @@ def gateway_data_converter(settings: Settings) -> DataConverter:
     )
 
 
-async def connect_temporal(settings: Settings) -> Client:
+async def connect_temporal(settings: Settings, runtime: Runtime | None = None) -> Client:
     return await Client.connect(
-        settings.temporal_address, namespace=settings.temporal_namespace, data_converter=gateway_data_converter(settings)
+        settings.temporal_address, namespace=settings.temporal_namespace, data_converter=gateway_data_converter(settings),
+        runtime=runtime,
     )
+
+
+def worker_runtime(settings: Settings) -> Runtime | None:
+    """The worker's SDK runtime, serving the SDK's own metrics at TEMPORAL_METRICS_ADDRESS (it binds the address
+    now); None, the SDK's default runtime, without one. One per process: its workers share it through the client."""
+    if settings.temporal_metrics_address is None:
+        return None
+    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(
+        bind_address=settings.temporal_metrics_address, durations_as_seconds=True)))
 
 
 async def register_search_attributes(client: Client) -> None:

@@ -11,6 +11,7 @@ from sqlmodel import Session
 from app.errors import ErrorCode
 from app.jobstore import (
     JobFilter,
+    RecordedChange,
     close_ended_job,
     get_job_snapshot,
     list_events,
@@ -49,6 +50,22 @@ def test_record_is_an_idempotent_upsert_of_the_latest_state(engine: Engine) -> N
         stored = get_job_snapshot(session, job_id)
         assert stored is not None and stored.state == finished
         assert [e.message for e in list_events(session, job_id)] == ["queued", "failed"]
+
+
+def test_each_milestone_of_a_job_is_reported_by_the_first_write_that_records_it(engine: Engine) -> None:
+    """What the metrics count once per job (app.metrics): a retried record reports none of them again."""
+    job_id, created = str(uuid.uuid4()), datetime(2026, 1, 1, tzinfo=timezone.utc)
+    started = created + timedelta(seconds=3)
+    queued = state(job_id, JobStatus.queued, created)
+    running = state(job_id, JobStatus.running, created, started_at=started)
+    ended = state(job_id, JobStatus.succeeded, created, started_at=started, completed_at=started + timedelta(seconds=1))
+    with Session(engine) as session:
+        changes = [record_job(session, record(job)) for job in (queued, queued, running, running, ended, ended)]
+    assert changes == [
+        RecordedChange(created=True, started=False, ended=False), RecordedChange(False, False, False),
+        RecordedChange(False, True, False), RecordedChange(False, False, False),
+        RecordedChange(False, False, True), RecordedChange(False, False, False),
+    ]
 
 
 def test_outputs_recorded_by_older_releases_read_as_storage_keys(engine: Engine) -> None:

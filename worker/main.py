@@ -42,6 +42,7 @@ from app.comfy.health import BackendHealth
 from app.comfy.prober import probe_backend
 from app.comfy.slots import BackendSlots, Fleet, SlotLeases
 from app.db import make_engine
+from app.metrics import serving_worker_metrics
 from app.settings import Settings
 from app.storage import build_storage
 from app.templates.store import prepare_database
@@ -208,6 +209,7 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
     backends = configured_backends(settings)
     prompts = sum(backend.capacity(settings.comfyui_prefetch) for backend in backends)
     async with (
+        serving_worker_metrics(settings.worker_metrics_address),
         httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0),
                           limits=httpx.Limits(max_connections=max(100, 2 * prompts))) as http,
         httpx.AsyncClient(trust_env=False) as image_http,

@@ -30,6 +30,7 @@ from app.batch_store import batch_state, close_ended_batch, ended_items_tally, g
 from app.batches import BATCH_COMPLETED, BatchInput, BatchState, BatchStatus, batch_webhook_body
 from app.db import session_scope
 from app.jobstore import close_ended_job, get_job_snapshot
+from app.metrics import count_job_end
 from app.models import LIVE_STATUSES, JobEventInput, JobState, JobStatus, WebhookDeliveryInput
 from app.search_attributes import JOB_STATUS
 from app.temporal_endings import started_input, started_with, terminated_error, termination_reason
@@ -115,6 +116,7 @@ class JobReconciler:
 
         if not await asyncio.to_thread(close):
             return 0
+        count_job_end(ended)  # only the write that closed the row counts it
         log.info("job %s: %s; its row is closed as cancelled", execution.id, error.message)
         return 1
 
@@ -181,6 +183,7 @@ class JobReconciler:
 
         if not await asyncio.to_thread(close):
             return 0
+        count_job_end(ended)  # only the write that closed the row counts it
         log.info("batch %s: %s; its row is closed as cancelled", execution.id, ended.cancel_reason)
         return 1
 

@@ -155,6 +155,17 @@ class ComfyClient:
     async def system_stats(self) -> dict[str, Any]:
         return await self._json("GET", "/system_stats")
 
+    async def queue_remaining(self) -> int:
+        """The prompts ComfyUI has, running and pending (GET /prompt): a cheap count, without GET /queue's graphs."""
+        body = await self._json("GET", "/prompt")
+        try:
+            remaining = body["exec_info"]["queue_remaining"]
+        except (KeyError, TypeError):
+            raise _not_as_recorded("GET", "/prompt", "no exec_info.queue_remaining") from None
+        if not isinstance(remaining, int):
+            raise _not_as_recorded("GET", "/prompt", "a queue_remaining that is no count")
+        return remaining
+
     async def object_info(self, class_type: str | None = None) -> dict[str, Any]:
         return await self._json("GET", f"/object_info/{class_type}" if class_type else "/object_info")
 
