@@ -33,7 +33,7 @@ from app.client import (
     TryLater,
 )
 from tests.harness import REPO_ROOT, ComfyUITarget, api_alone, api_alone_settings, free_port, recorded_workflow
-from tests.test_auth import ADMIN_KEY, ALICE_KEY, API_KEYS, BOB_KEY
+from tests.test_auth import ADMIN_KEY, ALICE_KEY, API_KEYS, BOB_KEY, JWT_SECRET, claims, token
 from tests.test_e2e_sse import Served, served_gateway
 
 SLOW_TEMPLATE = "client_slow"
@@ -51,7 +51,7 @@ def slow_template(comfyui: ComfyUITarget) -> dict[str, Any]:
 async def served(temporal_env: WorkflowEnvironment, comfyui: ComfyUITarget, tmp_path_factory: pytest.TempPathFactory
                  ) -> AsyncIterator[Served]:
     async with served_gateway(temporal_env.client, comfyui, tmp_path_factory.mktemp("client"),
-                              f"test-{uuid.uuid4()}", api_keys=API_KEYS) as gateway:
+                              f"test-{uuid.uuid4()}", api_keys=API_KEYS, jwt_secret=JWT_SECRET) as gateway:
         async with AsyncGatewayClient(gateway.url, api_key=ADMIN_KEY) as admin:
             await admin.create_workflow(SLOW_TEMPLATE, slow_template(comfyui), name="Slow", input_schema={
                 "type": "object", "fields": {"seconds": {"type": "number", "min": 0, "max": 600, "default": 0}}})
@@ -116,6 +116,10 @@ async def test_the_async_client_types_the_gateways_errors(served: Served) -> Non
     async with AsyncGatewayClient(served.url, token="not.a.jwt") as stranger:
         with pytest.raises(AuthFailed):
             await stranger.list_workflows()
+    bearer = token(claims(sub="carol"))["Authorization"].removeprefix("Bearer ")
+    async with AsyncGatewayClient(served.url, token=bearer) as carol:
+        submitted = await carol.submit("solid_color", {"width": 8, "height": 8})
+        assert (await carol.get_job(submitted.job_id, wait=10)).owner == "carol"  # the token's subject
 
 
 async def test_failed_and_cancelled_jobs_raise_with_their_codes_and_batches_run(served: Served) -> None:
