@@ -20,8 +20,7 @@ from typing import Any, TextIO
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
-from temporalio import activity
-from temporalio import workflow
+from temporalio import activity, workflow
 
 
 class LogFormat(str, Enum):
@@ -49,10 +48,6 @@ def log_fields(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _fields.reset(token)
-
-
-def current_log_fields() -> Mapping[str, Any]:
-    return _fields.get()
 
 
 class ContextFilter(logging.Filter):

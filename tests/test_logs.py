@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from aiohttp import web
 
 from api.request_ids import MAX_LENGTH, sane_request_id
 from app.logs import LogFormat, log_fields, log_handler
-from tests.harness import Gateway, api_alone, api_alone_settings, asgi_client, assert_eventually, serve_locally
+from tests.harness import REPO_ROOT, Gateway, api_alone, api_alone_settings, asgi_client, assert_eventually, serve_locally
 
 UUID_HEX = re.compile(r"[0-9a-f]{32}")
 
@@ -156,3 +159,41 @@ async def test_one_request_id_follows_a_job_from_the_api_to_its_webhook(gateway:
     assert delivery["workflow_id"] == f"{job_id}:webhook:job.succeeded" and delivery["template_id"] == "solid_color"
     assert delivery["status_code"] == 204 and delivery["delivered"]
     assert delivery["message"].startswith("webhook job.succeeded attempt 1 to http://127.0.0.1:")
+
+
+_LOG_FROM_EVERYWHERE = """
+import logging
+from app.logs import configure_logging
+from app.settings import Settings
+
+settings = Settings(_env_file=None)
+configure_logging(settings.log_level.value, settings.log_format)  # as `comfyui-gateway <command>` does
+for name in ("httpx", "httpcore.http11", "websockets.client", "uvicorn.error", "alembic.runtime.migration",
+             "activities.comfy"):
+    logging.getLogger(name).info("info from %s", name)
+    logging.getLogger(name).debug("debug from %s", name)
+logging.getLogger("activities.comfy").warning("a warning")
+"""
+
+
+def logged_by_a_process(**variables: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", _LOG_FROM_EVERYWHERE], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60, check=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **variables})
+    assert done.stdout == ""  # logs go to stderr: a command's stdout is its answer
+    return done.stderr.splitlines()
+
+
+def test_a_process_logs_json_at_info_without_the_chatty_libraries() -> None:
+    entries = [json.loads(line) for line in logged_by_a_process(LOG_LEVEL="INFO")]
+    assert [(entry["level"], entry["message"]) for entry in entries] == [
+        ("INFO", "info from activities.comfy"), ("WARNING", "a warning")]
+
+
+def test_log_level_and_log_format_are_honoured() -> None:
+    assert [line.split(" ", 1)[1] for line in logged_by_a_process(LOG_LEVEL="warning", LOG_FORMAT="text")] == [
+        "WARNING activities.comfy: a warning"]
+    debug = logged_by_a_process(LOG_LEVEL="DEBUG", LOG_FORMAT="text")
+    shown = {line.split(" ")[2].rstrip(":") for line in debug}
+    # At DEBUG the gateway's and its servers' own words show; the HTTP libraries' per-request lines still do not.
+    assert shown == {"uvicorn.error", "alembic.runtime.migration", "activities.comfy"}, debug
