@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import suppress
