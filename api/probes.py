@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -51,7 +52,10 @@ class ProbeResult:
         return self.temporal and bool(self.workers) and all(self.workers.values())
 
 
-async def workers_poll(client: Client, task_queue: str, queue_type: TaskQueueType.ValueType) -> bool:
+async def workers_poll(
+    client: Client, task_queue: str, queue_type: TaskQueueType.ValueType, host: str | None = None
+) -> bool:
+    """A live poller of the queue; with `host`, one of that host's. The SDK names each poller pid@hostname."""
     response = await client.workflow_service.describe_task_queue(
         DescribeTaskQueueRequest(namespace=client.namespace, task_queue=TaskQueue(name=task_queue),
                                  task_queue_type=queue_type),
@@ -59,7 +63,14 @@ async def workers_poll(client: Client, task_queue: str, queue_type: TaskQueueTyp
     )
     now = datetime.now(timezone.utc)
     return any(now - poller.last_access_time.ToDatetime(tzinfo=timezone.utc) < _LIVE_POLLER
+               and (host is None or poller.identity.endswith(f"@{host}"))
                for poller in response.pollers)
+
+
+async def worker_polls_here(client: Client, task_queue: str) -> bool:
+    """A worker of this host polls the job queue: a container's hostname is its own, so another container's
+    worker does not count (the worker container's health check, `comfyui-gateway health --worker`)."""
+    return await workers_poll(client, task_queue, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, host=socket.gethostname())
 
 
 @dataclass

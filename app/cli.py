@@ -213,8 +213,20 @@ async def _health(settings: Settings) -> dict[str, object]:
     return report
 
 
-def _cmd_health(settings: Settings, _: argparse.Namespace) -> None:
-    report = asyncio.run(_health(settings))
+async def _worker_health(settings: Settings) -> dict[str, object]:
+    from api.probes import worker_polls_here
+    from app.temporal_client import connect_temporal
+
+    try:
+        client = await asyncio.wait_for(connect_temporal(settings), timeout=5)
+        polls = await worker_polls_here(client, settings.temporal_task_queue)
+    except Exception as error:  # any failure to ask Temporal is what this command reports
+        return {"worker": {"taskQueue": settings.temporal_task_queue, "reachable": False, "error": str(error)}}
+    return {"worker": {"taskQueue": settings.temporal_task_queue, "reachable": polls}}
+
+
+def _cmd_health(settings: Settings, args: argparse.Namespace) -> None:
+    report = asyncio.run(_worker_health(settings) if args.worker else _health(settings))
     print(json.dumps(report, indent=2))
     sys.exit(0 if all(part["reachable"] for part in report.values()) else 1)  # type: ignore[index]
 
@@ -346,7 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("dev", help="Temporal dev server + worker + API in one process tree")
     commands.add_parser("api", help="the REST API only, against TEMPORAL_ADDRESS")
     commands.add_parser("worker", help="the Temporal worker only, against TEMPORAL_ADDRESS")
-    commands.add_parser("health", help="check that ComfyUI and Temporal answer")
+    health = commands.add_parser("health", help="check that ComfyUI and Temporal answer")
+    health.add_argument("--worker", action="store_true",
+                        help="instead, check that a worker of this host polls TEMPORAL_TASK_QUEUE (a worker "
+                             "container's health check)")
     commands.add_parser("migrate", help="upgrade the database schema (DATABASE_URL) to this release's")
     init = commands.add_parser("init", help="create the data folders and a commented .env.example")
     init.add_argument("--force", action="store_true", help="rewrite an existing .env.example")

@@ -19,10 +19,13 @@ def _utc_column(index: bool = False, nullable: bool = True) -> Any:
 class JobRow(SQLModel, table=True):
     __tablename__ = "jobs"
     # What app.queue_estimates reads on each read of a live job: the waiting jobs by priority, and a template's
-    # latest successes (its run time).
+    # latest successes (its run time). Then the outputs across jobs (app.recent_outputs), newest first: a user's,
+    # and everyone's for an admin.
     __table_args__ = (
         Index("ix_jobs_status_priority", "status", "priority"),
         Index("ix_jobs_recent_runs", "template_id", "status", "completed_at"),
+        Index("ix_jobs_owner_completed", "owner", "completed_at"),
+        Index("ix_jobs_completed", "completed_at"),
     )
 
     job_id: str = Field(primary_key=True, max_length=64)

@@ -93,8 +93,11 @@ ERROR_CODES = {
                            "INTERNAL_ERROR"} | _AUTH,
     "POST /jobs/{job_id}/cancel": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "JOB_NOT_FOUND", "JOB_ALREADY_FINISHED",
                                    "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
+    "DELETE /jobs/{job_id}": {"VALIDATION_ERROR", "REQUEST_TOO_LARGE", "JOB_NOT_FOUND", "JOB_ALREADY_FINISHED",
+                              "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /jobs/{job_id}/logs": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /jobs/{job_id}/events": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "TOO_MANY_STREAMS", "INTERNAL_ERROR"} | _AUTH,
+    "GET /outputs": {"VALIDATION_ERROR", "INTERNAL_ERROR"} | _AUTH,
     "GET /outputs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /outputs/{job_id}/{filename}": {"VALIDATION_ERROR", "JOB_NOT_FOUND", "OUTPUT_NOT_FOUND",
                                          "OUTPUT_FILE_MISSING", "STORAGE_ERROR", "TEMPORAL_UNAVAILABLE",
@@ -151,6 +154,11 @@ async def test_each_operation_documents_the_errors_it_answers_with(api: httpx.As
         assert all("_" not in parameter for parameter in query), (name, query)  # camelCase, as on the wire
     assert [p["name"] for p in operations["GET /jobs"]["parameters"]] == [
         "status", "workflowId", "batchId", "after", "before", "limit", "offset"]
+    assert [p["name"] for p in operations["GET /outputs"]["parameters"]] == [
+        "workflowId", "batchId", "after", "before", "limit", "offset"]
+    # One operation, two ways to call it: the same body and answers.
+    assert {key: operations["DELETE /jobs/{job_id}"][key] for key in ("requestBody", "responses")} == {
+        key: operations["POST /jobs/{job_id}/cancel"][key] for key in ("requestBody", "responses")}
     for name in ("POST /jobs", "GET /jobs/{job_id}"):
         [wait] = [p for p in operations[name]["parameters"] if p["name"] == "wait"]
         assert wait["in"] == "query" and not wait["required"] and "MAX_WAIT_SECONDS" in wait["description"], name
@@ -190,8 +198,10 @@ async def test_the_answers_about_real_jobs_are_as_documented(gateway: Gateway) -
     await answer("GET", "/outputs/{job_id}", f"/outputs/{job_id}")
     await answer("GET", "/outputs/{job_id}/{filename}", f"/outputs/{job_id}/{filename}")
     await answer("GET", "/outputs/{job_id}/{filename}", f"/outputs/{job_id}/{filename}", params={"format": "base64"})
+    await answer("GET", "/outputs", "/outputs", params={"workflowId": "solid_color", "limit": 5})
     finished = await answer("POST", "/jobs/{job_id}/cancel", f"/jobs/{job_id}/cancel")
     assert finished.status_code == 409
+    assert (await answer("DELETE", "/jobs/{job_id}", f"/jobs/{job_id}")).status_code == 409
 
     ended = await answer("POST", "/jobs", "/jobs", params={"wait": 30},
                          json={"workflowId": "solid_color", "inputs": {"width": 8, "height": 8}})

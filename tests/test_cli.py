@@ -22,6 +22,8 @@ def test_init_writes_folders_and_a_commented_env_example(tmp_path: Path) -> None
     example = (tmp_path / ".env.example").read_text()
     assert "# COMFYUI_URL=http://127.0.0.1:8188" in example and "# MAX_CONCURRENCY=1" in example
     assert all(line == "" or line.startswith("#") for line in example.splitlines())
+    # The committed one, beside docker-compose.yml, is what init writes (tests/test_deployment.py: every setting).
+    assert example == (Path(__file__).resolve().parents[1] / ".env.example").read_text()
     (tmp_path / ".env.example").write_text("mine")
     assert cli(tmp_path, "init").returncode == 0 and (tmp_path / ".env.example").read_text() == "mine"
 

@@ -6,9 +6,10 @@ import pytest
 from app.errors import InvalidInput
 from app.templates.limits import Limits, check_limits
 from app.templates.rendering import placeholders, render_prompt
+from app.templates.store import BUNDLED_TEMPLATES_DIR
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "comfyui" / "workflows"
-TEMPLATE = json.loads((Path(__file__).resolve().parents[1] / "templates" / "solid_color.json").read_text())["workflowJson"]
+TEMPLATE = json.loads((BUNDLED_TEMPLATES_DIR / "solid_color.json").read_text())["workflowJson"]
 
 
 def test_whole_placeholder_takes_the_typed_value_and_links_stay() -> None:

@@ -681,6 +681,9 @@ async def _in_line(db: Database, settings: Settings, job: JobSnapshot) -> QueueE
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
+@router.delete("/{job_id}", response_model=CancelJobResponse, description=(
+    "Cancels the job exactly as `POST /jobs/{job_id}/cancel` does, with the same optional body, answers and "
+    "rules: for management clients that cancel a job by deleting it. Its record stays, as `cancelled`."))
 @answers_with(ErrorCode.JOB_ALREADY_FINISHED)
 async def cancel_job(
     job: JobDep,

@@ -1,26 +1,30 @@
-"""A job's output files: the list, each file streamed with its content type (from a bucket: a redirect to a
-presigned URL of it), or as base64 JSON. Calls of a bucket's SDK (boto3) run on threads, off the event loop."""
+"""Output files: the caller's recent ones across jobs, a job's list, each file streamed with its content type
+(from a bucket: a redirect to a presigned URL of it), or as base64 JSON. Calls of a bucket's SDK (boto3) run on
+threads, off the event loop."""
 
 from __future__ import annotations
 
 import base64
 import json
 from collections.abc import Iterator
-from typing import BinaryIO, Literal
+from datetime import datetime
+from typing import Annotated, BinaryIO, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import JobDep, StorageDep
+from api.deps import JobDep, PrincipalDep, SessionDep, StorageDep
 from api.errors import ApiError
 from api.job_views import OutputFile, output_file
 from api.openapi import answers_with
 from api.rate_limits import limit_principal
+from api.routes.jobs import Instant
 from app.errors import ErrorCode
 from app.models import CamelModel, OutputRef
 from app.output_routes import output_route
+from app.recent_outputs import OutputFilter, list_recent_outputs
 from app.storage import OutputStorage, StorageError
 
 router = APIRouter(prefix="/outputs", tags=["outputs"], dependencies=[Depends(limit_principal)])
@@ -41,6 +45,42 @@ class Base64Output(CamelModel):
     content_type: str
     size: int
     data: str = Field(description="the file's bytes, base64")
+
+
+class RecentOutput(OutputFile):
+    job_id: str = Field(description="the job that made it")
+    # The contract calls the template id `workflowId`, as a job does.
+    workflow_id: str | None = Field(description="the template the job ran; null for a raw workflowJson")
+    completed_at: datetime = Field(description="when its job ended, and so when the file was made")
+
+
+class RecentOutputList(CamelModel):
+    outputs: list[RecentOutput]
+    count: int = Field(description="how many outputs the filters select in all, across pages")
+
+
+@router.get("", response_model=RecentOutputList)
+def list_recent(
+    session: SessionDep,
+    storage: StorageDep,
+    principal: PrincipalDep,
+    workflow_id: Annotated[str | None, Query(alias="workflowId", description="made by this template")] = None,
+    batch_id: Annotated[str | None, Query(alias="batchId", max_length=64, description="made by a batch's items")] = None,
+    after: Instant | None = Query(None, description="made (its job ended) after this instant (ISO 8601)"),
+    before: Instant | None = Query(None, description="made (its job ended) before this instant (ISO 8601)"),
+    limit: int = Query(50, ge=1, le=200),
+    offset: int = Query(0, ge=0, le=1_000_000_000),
+) -> RecentOutputList:
+    """The outputs of every job for an admin, of a user's own jobs for a user: newest first (by when their job
+    ended, then by job and their place in it), each as the job's outputs show it, with its job."""
+    owner = None if principal.is_admin else principal.id
+    found, count = list_recent_outputs(session, OutputFilter(
+        owner=owner, template_id=workflow_id, batch_id=batch_id, completed_after=after, completed_before=before,
+        limit=limit, offset=offset))
+    return RecentOutputList(count=count, outputs=[
+        RecentOutput(**output_file(item.job_id, item.output, storage).model_dump(), job_id=item.job_id,
+                     workflow_id=item.template_id, completed_at=item.completed_at)
+        for item in found])
 
 
 @router.get("/{job_id}", response_model=OutputList)

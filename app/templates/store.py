@@ -14,11 +14,13 @@ from sqlmodel import Session, col, select
 
 from sqlalchemy.engine import Engine
 
+import templates
 from app.db import require_current_schema, session_scope
 from app.tables import TemplateRow
 from app.templates.registry import TemplateSpec, check_template
 
-BUNDLED_TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
+# The top-level `templates` package's data, so that an installed gateway, not only a checkout, has them.
+BUNDLED_TEMPLATES_DIR = Path(templates.__file__).resolve().parent
 
 
 class TemplateExists(Exception):
