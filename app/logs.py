@@ -76,7 +76,7 @@ def _activity_details(info: activity.Info) -> dict[str, Any]:
 
 
 class JsonLines(JsonFormatter):
-    """`{"time": ..., "level": ..., "logger": ..., "message": ..., <fields>}`; time in ISO 8601, UTC."""
+    """`{"time": ..., "level": ..., "logger": ..., "message": ..., <fields>}`; time in ISO 8601, UTC, to the ms."""
 
     def __init__(self) -> None:
         super().__init__(
@@ -85,7 +85,9 @@ class JsonLines(JsonFormatter):
         )
 
     def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
-        return {"time": _iso_utc(log_data.pop("time").timestamp()), **log_data}
+        # A field is there when it is known: an `extra` of None (a job without a template) is left out.
+        time = _iso_utc(log_data.pop("time").timestamp())
+        return {"time": time, **{name: value for name, value in log_data.items() if value is not None}}
 
 
 class TextLines(logging.Formatter):

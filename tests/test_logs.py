@@ -62,14 +62,15 @@ def test_a_json_line_has_its_time_level_logger_message_and_context() -> None:
             try:
                 raise ValueError("boom")
             except ValueError:
-                logger.exception("job %s failed", "job-1", extra={"status_code": 502})
+                logger.exception("job %s failed", "job-1", extra={"status_code": 502, "batch_id": None})
 
     [line] = one_line(LogFormat.json, log).splitlines()
     entry = json.loads(line)
     assert list(entry)[:4] == ["time", "level", "logger", "message"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])
     assert entry["level"] == "ERROR" and entry["logger"] == "test.logs.json" and entry["message"] == "job job-1 failed"
-    assert entry["request_id"] == "req-1" and entry["job_id"] == "job-1" and "template_id" not in entry
+    assert entry["request_id"] == "req-1" and entry["job_id"] == "job-1"
+    assert "template_id" not in entry and "batch_id" not in entry  # what is not known is left out
     assert entry["status_code"] == 502 and "ValueError: boom" in entry["exc_info"]
 
 
@@ -162,38 +163,39 @@ async def test_one_request_id_follows_a_job_from_the_api_to_its_webhook(gateway:
 
 
 _LOG_FROM_EVERYWHERE = """
-import logging
+import json, logging, os, sys
 from app.logs import configure_logging
 from app.settings import Settings
 
-settings = Settings(_env_file=None)
-configure_logging(settings.log_level.value, settings.log_format)  # as `comfyui-gateway <command>` does
-for name in ("httpx", "httpcore.http11", "websockets.client", "uvicorn.error", "alembic.runtime.migration",
-             "activities.comfy"):
-    logging.getLogger(name).info("info from %s", name)
-    logging.getLogger(name).debug("debug from %s", name)
-logging.getLogger("activities.comfy").warning("a warning")
+for variables in json.loads(sys.argv[1]):  # one process, configured as each command would be in turn
+    os.environ.update(variables)
+    settings = Settings(_env_file=None)
+    configure_logging(settings.log_level.value, settings.log_format)  # as `comfyui-gateway <command>` does
+    for name in ("httpx", "httpcore.http11", "websockets.client", "uvicorn.error", "alembic.runtime.migration",
+                 "activities.comfy"):
+        logging.getLogger(name).info("info from %s", name)
+        logging.getLogger(name).debug("debug from %s", name)
+    logging.getLogger("activities.comfy").warning("a warning")
+    sys.stderr.write("--\\n")
 """
 
 
-def logged_by_a_process(**variables: str) -> list[str]:
-    done = subprocess.run([sys.executable, "-c", _LOG_FROM_EVERYWHERE], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60, check=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **variables})
+def logged_by_a_process(*environments: dict[str, str]) -> list[list[str]]:
+    """The lines logged in each environment, by one process."""
+    done = subprocess.run([sys.executable, "-c", _LOG_FROM_EVERYWHERE, json.dumps(environments)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60, check=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert done.stdout == ""  # logs go to stderr: a command's stdout is its answer
-    return done.stderr.splitlines()
+    return [chunk.splitlines() for chunk in done.stderr.split("--\n")[:-1]]
 
 
-def test_a_process_logs_json_at_info_without_the_chatty_libraries() -> None:
-    entries = [json.loads(line) for line in logged_by_a_process(LOG_LEVEL="INFO")]
-    assert [(entry["level"], entry["message"]) for entry in entries] == [
+def test_log_level_and_log_format_are_honoured_and_the_http_libraries_stay_quiet() -> None:
+    json_at_info, warnings, debug = logged_by_a_process({"LOG_LEVEL": "INFO", "LOG_FORMAT": "json"},
+                                                        {"LOG_LEVEL": "warning", "LOG_FORMAT": "text"},
+                                                        {"LOG_LEVEL": "DEBUG", "LOG_FORMAT": "json"})
+    assert [(entry["level"], entry["message"]) for entry in map(json.loads, json_at_info)] == [
         ("INFO", "info from activities.comfy"), ("WARNING", "a warning")]
-
-
-def test_log_level_and_log_format_are_honoured() -> None:
-    assert [line.split(" ", 1)[1] for line in logged_by_a_process(LOG_LEVEL="warning", LOG_FORMAT="text")] == [
-        "WARNING activities.comfy: a warning"]
-    debug = logged_by_a_process(LOG_LEVEL="DEBUG", LOG_FORMAT="text")
-    shown = {line.split(" ")[2].rstrip(":") for line in debug}
+    assert [line.split(" ", 1)[1] for line in warnings] == ["WARNING activities.comfy: a warning"]
     # At DEBUG the gateway's and its servers' own words show; the HTTP libraries' per-request lines still do not.
-    assert shown == {"uvicorn.error", "alembic.runtime.migration", "activities.comfy"}, debug
+    assert {json.loads(line)["logger"] for line in debug} == {
+        "uvicorn.error", "alembic.runtime.migration", "activities.comfy"}, debug
