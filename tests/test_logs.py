@@ -19,7 +19,9 @@ from aiohttp import web
 
 from api.request_ids import MAX_LENGTH, sane_request_id
 from app.logs import LogFormat, log_fields, log_handler
-from tests.harness import REPO_ROOT, Gateway, api_alone, api_alone_settings, asgi_client, assert_eventually, serve_locally
+from tests.harness import (
+    REPO_ROOT, Gateway, api_alone, api_alone_settings, asgi_client, assert_eventually, serve_locally,
+)
 
 UUID_HEX = re.compile(r"[0-9a-f]{32}")
 
