@@ -10,6 +10,7 @@ backend that polled the task runs the prompt (app.comfy.slots).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -50,6 +51,8 @@ from app.storage import OutputStorage
 
 if TYPE_CHECKING:
     from activities.inputs import ImageStager
+
+logger = logging.getLogger(__name__)
 
 
 def to_application_error(error: ComfyError, redactor: Redactor | None = None) -> ApplicationError:
@@ -166,6 +169,7 @@ class ComfyActivities:
             if webhooks is not None:
                 webhooks.offer(progress)
 
+        logger.info("prompt %s on backend %s (the job's attempt %d)", progress.prompt_id, backend, request.attempt)
         try:
             async with heartbeating(lambda: run.tick().model_dump(by_alias=True), after_heartbeat):
                 if request.image_sources:
@@ -174,6 +178,9 @@ class ComfyActivities:
                     run.run, on_wait=run.waiting, give_up=lambda: run.past_time_limit() or self._lost(request))
                 if request.collect is not None:
                     result = await self._collected_here(client, backend, request, request.collect, result)
+                logger.info("prompt %s ran on backend %s; %s", result.prompt_id, backend,
+                            "its outputs are collected next" if result.files is None
+                            else f"{len(result.files)} outputs stored")
                 return result.model_copy(update={"backend": backend}) if request.backend is None else result
         except ComfyError as error:
             if error.code is ErrorCode.COMFYUI_UNREACHABLE and not run.past_time_limit() and self._lost(request):
@@ -327,6 +334,7 @@ class ComfyActivities:
                     beat.done = len(files)
         except ComfyError as error:
             raise to_application_error(error) from error
+        logger.info("%d outputs stored", len(files))
         return CollectOutputsResult(files=files)
 
     async def _store_output(

@@ -90,7 +90,11 @@ class WebhookPoster:
         self._signer = signer
         self._allowed = list(allowed_domains)
 
-    async def post(self, callback_url: str, webhook_id: str, body: str, *, timeout: float = ATTEMPT_SECONDS) -> Attempt:
+    async def post(
+        self, callback_url: str, webhook_id: str, body: str, *, timeout: float = ATTEMPT_SECONDS,
+        request_id: str | None = None,
+    ) -> Attempt:
+        """One attempt; `request_id`, the job's, goes as X-Request-ID for the receiver to correlate with."""
         if self._signer is None:
             raise ApplicationError(
                 "the worker has no WEBHOOK_SECRET; webhooks are never sent unsigned",
@@ -101,6 +105,7 @@ class WebhookPoster:
             **self._signer.headers(webhook_id, body, now),
             "Content-Type": "application/json",
             "User-Agent": "comfyui-gateway-webhooks",
+            **({"X-Request-ID": request_id} if request_id else {}),
         }
         started = time.monotonic()
 
@@ -174,7 +179,12 @@ class WebhookDelivery:
     @activity.defn(name="deliver_webhook")
     async def deliver_webhook(self, request: DeliverWebhookInput) -> DeliverWebhookResult:
         number = activity.info().attempt
-        attempt = await self._poster.post(request.callback_url, request.webhook_id, request.body)
+        attempt = await self._poster.post(request.callback_url, request.webhook_id, request.body,
+                                          request_id=request.request_id)
+        log.info("webhook %s attempt %d to %s: %s", request.event, number, _shown(request.callback_url),
+                 f"HTTP {attempt.status_code}" if attempt.status_code is not None else attempt.error,
+                 extra={"webhook_id": request.webhook_id, "delivered": attempt.delivered,
+                        "status_code": attempt.status_code, "latency_ms": attempt.latency_ms})
         try:
             await asyncio.to_thread(self._record, request, number, attempt)
         except SQLAlchemyError:

@@ -81,7 +81,8 @@ class ProgressWebhooks:
             if activity.is_cancelled():
                 return
             attempt = await self._poster.post(
-                self._webhook.callback_url, webhook_id, compact_json(body), timeout=_PROGRESS_TIMEOUT_SECONDS
+                self._webhook.callback_url, webhook_id, compact_json(body), timeout=_PROGRESS_TIMEOUT_SECONDS,
+                request_id=self._webhook.request_id,
             )
         except Exception as error:
             log.debug("job %s: progress webhook not sent: %s", self._job_id, error)

@@ -27,6 +27,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from api.errors import error_response
+from api.request_ids import RequestIds
 from app.errors import ErrorCode, http_status
 from app.settings import Settings
 
@@ -60,15 +61,20 @@ def _on_step_aside(scope: Scope, give_back: Callable[[], None]) -> Callable[[], 
 
 def server_config(app: ASGIApp, settings: Settings) -> ServerConfig:
     return ServerConfig(
-        ConcurrencyLimit(
+        # The request id outermost: a request refused as one too many has one as well.
+        RequestIds(ConcurrencyLimit(
             ReadsInTurn(BodyReadTimeout(app, settings.api_body_timeout_s), settings.api_concurrent_reads),
             settings.api_max_concurrent_requests,
-        ),
+        ), access_log=settings.access_log),
         header_timeout=settings.api_header_timeout_s,
         timeout_keep_alive=settings.api_keep_alive_s,
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level.value.lower(),
+        # The process's logging (app.logs) sets uvicorn's levels and formats its lines; RequestIds writes the
+        # access lines.
+        log_config=None,
+        log_level=None,
+        access_log=False,
     )
 
 

@@ -29,6 +29,7 @@ from api.plain_json import BodySizeLimit
 from api.metrics_collectors import api_registry
 from api.probes import Probes
 from api.rate_limits import RateLimitMiddleware, RateLimits
+from api.request_ids import RequestIds
 from api.request_metrics import RequestMetrics
 from api.security_headers import SecurityHeaders
 from api.shared_answers import SharedAnswers
@@ -51,9 +52,9 @@ _COMFYUI_ANSWERS_SECONDS = 10.0
 
 # What a browser page on an allowed origin may send and read (CORS_ORIGINS).
 CORS_METHODS = ["GET", "POST", "PUT", "DELETE"]
-CORS_REQUEST_HEADERS = ["Content-Type", "Authorization", "X-API-Key", "Idempotency-Key"]
+CORS_REQUEST_HEADERS = ["Content-Type", "Authorization", "X-API-Key", "Idempotency-Key", "X-Request-ID"]
 CORS_EXPOSED_HEADERS = ["Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
-                        "Content-Disposition", "Location"]
+                        "Content-Disposition", "Location", "X-Request-ID"]
 
 
 async def _keep_connecting(settings: Settings, connection: TemporalConnection) -> None:
@@ -66,13 +67,14 @@ async def _keep_connecting(settings: Settings, connection: TemporalConnection) -
             await asyncio.sleep(2)
 
 
-def _with_security_headers(app: FastAPI) -> None:
-    """SecurityHeaders outside Starlette's own outermost middleware, which answers a fault with a 500 of its
-    own; `add_middleware` would put it inside. (FastAPIOffline makes a FastAPI; it is no class to extend.)"""
+def _with_security_headers(app: FastAPI, settings: Settings) -> None:
+    """SecurityHeaders and the request id outside Starlette's own outermost middleware, which answers a fault
+    with a 500 of its own; `add_middleware` would put them inside. (FastAPIOffline makes a FastAPI; it is no
+    class to extend.)"""
     build_stack = app.build_middleware_stack
 
     def build_middleware_stack() -> ASGIApp:
-        return SecurityHeaders(build_stack())
+        return RequestIds(SecurityHeaders(build_stack()), access_log=settings.access_log)
 
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
@@ -138,7 +140,7 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         lifespan=lifespan,
         redirect_slashes=False,  # a 307 with an empty body is no answer for an API client: /jobs/ is a 404
     )
-    _with_security_headers(app)
+    _with_security_headers(app, settings)
     # Added innermost first: a request passes /codec's CORS, CORS, then the address limit, then the body's size limit.
     app.add_middleware(BodySizeLimit)
     if settings.rate_limited:

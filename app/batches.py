@@ -70,6 +70,10 @@ class BatchInput(BaseModel):
     tally: BatchTally = Field(default_factory=BatchTally)
     started_at: datetime | None = None
 
+    def log_fields(self) -> dict[str, str | None]:
+        """What the lines logged for the batch carry (worker.log_context)."""
+        return {"batch_id": self.batch_id, "template_id": self.job.template_id, "request_id": self.job.request_id}
+
 
 class BatchState(CamelModel):
     """What BatchWorkflow knows of its batch: the `progress` query's answer, its result, and its row."""

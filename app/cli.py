@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from contextlib import AsyncExitStack, contextmanager
@@ -32,17 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("comfyui_gateway")
 
 
-def _configure_logging(settings: Settings) -> None:
-    from app.settings import LogLevel
-
-    logging.basicConfig(level=settings.log_level.value, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO: a line per ComfyUI poll would drown what the gateway has to say.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
-    # Alembic narrates every schema check at INFO (its plugins, its dialect); `migrate` prints what it did.
-    if settings.log_level is not LogLevel.debug:
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
 def _load_settings() -> Settings:
     # Imported here, not above: it loads Temporal's SDK, which the commands for people never need.
     from app.settings import Settings
@@ -55,9 +45,9 @@ def _load_settings() -> Settings:
 
 
 async def _connect_with_retry(settings: Settings, *, for_worker: bool, attempts: int = 60):  # type: ignore[no-untyped-def]
-    from app.temporal_client import connect_temporal, worker_runtime
+    from app.temporal_client import connect_temporal, process_runtime
 
-    runtime = worker_runtime(settings) if for_worker else None  # once: it binds TEMPORAL_METRICS_ADDRESS
+    runtime = process_runtime(settings, serves_metrics=for_worker)  # once: it binds TEMPORAL_METRICS_ADDRESS
     for attempt in range(attempts):
         try:
             return await connect_temporal(settings, runtime)
@@ -80,6 +70,11 @@ async def _serve(settings: Settings, *, with_api: bool, with_worker: bool) -> No
         def capture_signals(self) -> Iterator[None]:
             yield  # this process handles SIGINT/SIGTERM itself and stops the parts in order
 
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # the port listens: said once, now, and not before
+                log.info("API on http://%s:%d (docs at /docs)", settings.host, settings.port)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -93,7 +88,6 @@ async def _serve(settings: Settings, *, with_api: bool, with_worker: bool) -> No
         if with_api:
             server = EmbeddedServer(server_config(create_app(settings, client), settings))
             server_task = asyncio.create_task(server.serve())
-            log.info("API on http://%s:%d (docs at /docs)", settings.host, settings.port)
         waiters = [asyncio.create_task(stop.wait())] + ([server_task] if server_task else [])
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         log.info("shutting down")
@@ -131,7 +125,8 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
             os.environ["TEMPORAL_UI_URL"] = f"http://127.0.0.1:{settings.temporal_ui_port}"
         for part in parts:
             part.start()
-        log.info("API on http://%s:%d (docs at /docs); Ctrl-C stops everything", settings.host, settings.port)
+        # The API says where it listens once it does, among its own lines.
+        log.info("worker and API starting; Ctrl-C stops everything")
         warn_if_open(settings)  # the API says so too, but among its own lines
         _supervise(temporal, parts)
     except TemporalUnavailable as failure:
@@ -307,12 +302,15 @@ def main(argv: list[str] | None = None) -> None:
     if hasattr(args, "run"):  # a command for people, through a running gateway's API: no settings, no logging set-up
         run_user_command(args)
         return
-    if args.command == "simulate-comfyui":
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Imported here: app.logs loads Temporal's SDK (its loggers' context), which the commands for people never need.
+    from app.logs import LogFormat, configure_logging
+
+    if args.command == "simulate-comfyui":  # a stand-in for ComfyUI, without the gateway's settings
+        configure_logging("INFO", LogFormat.text)
         _cmd_simulate(None, args)
         return
     settings = _load_settings()
-    _configure_logging(settings)
+    configure_logging(settings.log_level.value, settings.log_format)
     handlers = {
         "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "health": _cmd_health, "init": _cmd_init,
         "migrate": _cmd_migrate,

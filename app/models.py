@@ -243,9 +243,17 @@ class GenerationInput(BaseModel):
     # The prompt as the API rendered it to check it, from the same template version and inputs: the workflow
     # runs it instead of rendering again. None (jobs from before, or too large to carry twice): it renders.
     rendered: RenderPromptResult | None = None
+    # The X-Request-ID of the request that created the job (None: jobs from before): on the log lines of the
+    # job's activities and on its webhooks, so one id follows the job from the request to the receiver.
+    request_id: str | None = None
 
     def wants_webhook(self, event: str) -> bool:
         return self.callback_url is not None and event in self.webhook_events
+
+    def log_fields(self) -> dict[str, str | None]:
+        """What the lines logged for the job carry (worker.log_context)."""
+        return {"job_id": self.job_id, "batch_id": self.batch_id, "template_id": self.template_id,
+                "request_id": self.request_id}
 
 
 # By name: the activity that sends it cannot import the workflow, which imports the activity.
@@ -295,6 +303,7 @@ class ProgressWebhook(BaseModel):
     template_id: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime
+    request_id: str | None = None
 
 
 class OutputCollection(BaseModel):
@@ -405,6 +414,13 @@ class WebhookDeliveryInput(BaseModel):
     callback_url: str
     job: JobState | None = None
     batch: dict[str, Any] | None = None
+    # The job's (or the batch's) request id: each attempt sends it as X-Request-ID.
+    request_id: str | None = None
+
+    def log_fields(self) -> dict[str, str | None]:
+        """What the lines logged for the delivery carry (worker.log_context)."""
+        subject = "job_id" if self.job is not None else "batch_id"
+        return {subject: self.subject_id, "request_id": self.request_id}
 
     @property
     def subject_id(self) -> str:
@@ -437,6 +453,7 @@ class DeliverWebhookInput(BaseModel):
     webhook_id: str
     callback_url: str
     body: str
+    request_id: str | None = None
 
 
 class DeliverWebhookResult(BaseModel):

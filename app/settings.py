@@ -13,6 +13,7 @@ from typing_extensions import Annotated
 
 from app.codec import EncryptionKey, parse_encryption_keys
 from app.comfy.backends import parse_backends, valid_url
+from app.logs import LogFormat
 from app.auth import ApiKey, Role, parse_api_key
 from app.models import MAX_JOB_TIMEOUT_SECONDS
 
@@ -70,6 +71,12 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed to call the API from a browser")
     log_level: LogLevel = Field(LogLevel.info, description="DEBUG, INFO, WARNING or ERROR")
+    log_format: LogFormat = Field(
+        LogFormat.json, description="json: one JSON object per line (time, level, logger, message, request and job "
+                                    "ids); text: a line for people")
+    access_log: bool = Field(
+        False, description="log each API request (method, path, status, duration, request id) at INFO; "
+                           "otherwise at DEBUG")
     privacy_mode: bool = Field(
         False, description="keep job inputs (prompts and other text) out of the database, the job log and the logs; "
                            "needs ENCRYPTION_KEYS, which keeps them out of Temporal's history")
@@ -333,6 +340,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_log_format(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("comfyui_url")
     @classmethod

@@ -4,13 +4,16 @@ search attributes the workflow writes."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
-from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.runtime import (
+    LogForwardingConfig, LoggingConfig, PrometheusConfig, Runtime, TelemetryConfig, TelemetryFilter,
+)
 from temporalio.service import RPCError
 
 from app.codec import EncryptionCodec
@@ -48,13 +51,20 @@ async def connect_temporal(settings: Settings, runtime: Runtime | None = None) -
     )
 
 
-def worker_runtime(settings: Settings) -> Runtime | None:
-    """The worker's SDK runtime, serving the SDK's own metrics at TEMPORAL_METRICS_ADDRESS (it binds the address
-    now); None, the SDK's default runtime, without one. One per process: its workers share it through the client."""
-    if settings.temporal_metrics_address is None:
-        return None
-    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(
-        bind_address=settings.temporal_metrics_address, durations_as_seconds=True)))
+def process_runtime(settings: Settings, *, serves_metrics: bool) -> Runtime:
+    """A gateway process's SDK runtime (one per process: its clients and workers share it). The SDK core's own
+    lines (Rust, on stderr by default) go through Python's logging as `temporalio.core`, so they are lines of the
+    process's format (LOG_FORMAT) like every other; warnings and worse only, or the core's info at DEBUG. The
+    worker's also serves the SDK's metrics at TEMPORAL_METRICS_ADDRESS (it binds the address now)."""
+    core_level = "INFO" if settings.log_level.value == "DEBUG" else "WARN"
+    forwarding = LogForwardingConfig(logger=logging.getLogger("temporalio.core"), prepend_target_on_message=False,
+                                     append_log_fields_to_message=False)
+    metrics = None
+    if serves_metrics and settings.temporal_metrics_address is not None:
+        metrics = PrometheusConfig(bind_address=settings.temporal_metrics_address, durations_as_seconds=True)
+    return Runtime(telemetry=TelemetryConfig(
+        logging=LoggingConfig(filter=TelemetryFilter(core_level=core_level, other_level="ERROR"), forwarding=forwarding),
+        metrics=metrics))
 
 
 async def register_search_attributes(client: Client) -> None:

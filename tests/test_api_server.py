@@ -205,6 +205,7 @@ async def test_requests_beyond_the_concurrency_limit_get_503_until_others_end(ap
             writer.close()
         served = await client.get("/workflows")
     assert busy.status_code == 503 and error_of(busy)["code"] == "SERVER_BUSY" and busy.headers["retry-after"] == "1"
+    assert len(busy.headers["x-request-id"]) == 32  # refused before the app: the server's layers gave it one
     assert served.status_code == 200
 
 

@@ -50,12 +50,14 @@ class Receiver:
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.ids: list[str] = []
+        self.request_ids: list[str | None] = []
 
     def app(self) -> web.Application:
         async def hook(request: web.Request) -> web.Response:
             body = await request.read()
             self.bodies.append(Webhook(SECRET.encode()).verify(body, dict(request.headers)))
             self.ids.append(request.headers["webhook-id"])
+            self.request_ids.append(request.headers.get("X-Request-ID"))
             return web.Response(status=204)
 
         app = web.Application()
@@ -63,8 +65,8 @@ class Receiver:
         return app
 
 
-async def submit(api: httpx.AsyncClient, body: dict[str, Any]) -> str:
-    response = await api.post("/batches", json=body)
+async def submit(api: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str] | None = None) -> str:
+    response = await api.post("/batches", json=body, headers=headers)
     assert response.status_code == 202, response.text
     accepted = response.json()
     assert accepted["status"] == "queued" and accepted["count"] == len(body["items"])
@@ -100,7 +102,7 @@ async def test_a_batch_runs_each_item_as_a_job_and_sends_one_webhook(gateway: Ga
         batch_id = await submit(gateway.api, {
             "workflowId": "solid_color", "items": items(6), "priority": "low", "callbackUrl": f"{url}/hook",
             "metadata": {"run": "nightly"},
-        })
+        }, headers={"X-Request-ID": "nightly-batch"})
         batch = await wait_for_batch(gateway.api, batch_id, lambda batch: batch["status"] in FINAL)
         await assert_eventually(lambda: _one(receiver.bodies), what="the batch.completed webhook")
 
@@ -109,6 +111,7 @@ async def test_a_batch_runs_each_item_as_a_job_and_sends_one_webhook(gateway: Ga
     assert batch["metadata"] == {"run": "nightly"} and batch["timing"]["completedAt"] is not None
     [body] = receiver.bodies
     assert receiver.ids == [f"{batch_id}:webhook:batch.completed"]
+    assert receiver.request_ids == ["nightly-batch"]  # the batch's request, through its workflow (and continue-as-new)
     assert body["event"] == "batch.completed" and body["batchId"] == batch_id and body["status"] == "completed"
     assert body["counts"]["succeeded"] == 6
     assert (await gateway.api.get(f"/batches/{batch_id}")).json()["webhook"]["delivered"] is True

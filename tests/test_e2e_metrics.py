@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.testing import WorkflowEnvironment
 
-from app.temporal_client import connect_temporal, worker_runtime
+from app.temporal_client import connect_temporal, process_runtime
 from tests.harness import (
     ComfyUITarget,
     Gateway,
@@ -84,7 +84,7 @@ async def scrapes(
         webhook_retry_first_interval_s=0.2,
     )
     migrate_database(settings)
-    worker_client = await connect_temporal(settings, worker_runtime(settings))
+    worker_client = await connect_temporal(settings, process_runtime(settings, serves_metrics=True))
     async with running_worker(worker_client, settings), api_client(settings, temporal_env.client) as api:
         yield Scrapes(Gateway(api, settings, comfyui), f"http://{worker_address}/metrics",
                       f"http://{sdk_address}/metrics")

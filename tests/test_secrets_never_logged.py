@@ -1,6 +1,7 @@
 """No secret setting ever reaches a log line: every setting named like a secret is set to a marker, the API
 and the worker run as deployed (child processes, DEBUG logging) through a job with a signed webhook and a
-few refused requests, and every line they logged is searched for every marker.
+few refused requests, and every line they logged is searched for every marker. The same lines show the job's request id followed from
+the API to the webhook.
 
 The secrets are found by name among the settings, and kept when this version of the gateway accepts them at
 start-up, so each secret setting a later version adds (or stops refusing) is covered without changing this."""
@@ -8,6 +9,7 @@ start-up, so each secret setting a later version adds (or stops refusing) is cov
 from __future__ import annotations
 
 import base64
+import json
 import secrets as secrets_module
 import uuid
 from pathlib import Path
@@ -25,6 +27,7 @@ from tests.harness import (
 )
 
 _SECRET_WORDS = ("key", "secret", "token", "password")
+REQUEST_ID = "secrets-test-request"
 
 
 def accepted_secrets() -> dict[str, tuple[str, str]]:
@@ -80,7 +83,8 @@ async def test_no_secret_reaches_a_log_line(
             base_url=api.url, timeout=30, headers=good
         ) as client:
             submitted = await client.post("/jobs", json={
-                "workflowId": "solid_color", "inputs": {"width": 64, "height": 64}, "callbackUrl": f"{hook_url}/hook"})
+                "workflowId": "solid_color", "inputs": {"width": 64, "height": 64}, "callbackUrl": f"{hook_url}/hook"},
+                headers={"X-Request-ID": REQUEST_ID})
             assert submitted.status_code == 202, submitted.text
             job_id = submitted.json()["jobId"]
             refused = [
@@ -104,6 +108,14 @@ async def test_no_secret_reaches_a_log_line(
 
     logs = {path.name: path.read_text(errors="replace") for path in (tmp_path / "api.log", tmp_path / "worker.log")}
     assert job_id in logs["worker.log"] and "POST /jobs" in logs["api.log"]  # both logged what they did
+    # As deployed, each logs JSON lines (LOG_FORMAT's default), and the job's lines carry its request id.
+    lines = {name: [json.loads(line) for line in text.splitlines()] for name, text in logs.items()}
+    assert deliveries[0].headers["X-Request-ID"] == REQUEST_ID
+    assert len([line for line in lines["api.log"] if line["message"].startswith("API on http://")]) == 1
+    for name, logger in (("api.log", "api.routes.jobs"), ("worker.log", "activities.comfy"),
+                         ("worker.log", "activities.delivery")):
+        assert [line for line in lines[name] if line["logger"] == logger
+                and line.get("job_id") == job_id and line.get("request_id") == REQUEST_ID], (name, logger)
     for log_name, text in logs.items():
         for line_number, line in enumerate(text.splitlines(), 1):
             leaked = [name for name, (_, secret) in secrets.items() if secret in line]

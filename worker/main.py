@@ -49,6 +49,7 @@ from app.templates.store import prepare_database
 from app.temporal_client import register_search_attributes
 from app.webhooks.signing import WebhookSigner
 from worker.bytecode import cache_workflow_bytecode
+from worker.log_context import LogContextInterceptor
 from worker.reconciler import JobReconciler
 from worker.retention_schedule import ensure_retention_schedule
 from workflows_temporal.batch import BatchWorkflow
@@ -114,6 +115,7 @@ def build_workers(
     batches = BatchActivities(engine)
     retention = RetentionActivities(engine, storage, client)
     prompts = sum(backend.capacity(settings.comfyui_prefetch) for backend in backends)
+    log_context = LogContextInterceptor()  # the job's ids on its activities' log lines
     main = Worker(
         client,
         task_queue=settings.temporal_task_queue,
@@ -125,6 +127,7 @@ def build_workers(
             delivery.build_webhook, delivery.deliver_webhook, delivery.webhook_given_up,
         ],
         activity_executor=ThreadPoolExecutor(max_workers=16, thread_name_prefix="activity"),
+        interceptors=[log_context],
         graceful_shutdown_timeout=_GRACEFUL_SHUTDOWN,
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=settings.temporal_sticky_timeout_s),
     )
@@ -154,6 +157,7 @@ def build_workers(
                 backend_clients.get(backend.id, client),
                 task_queue=queue,
                 activities=[placed.run_prompt],
+                interceptors=[log_context],
                 tuner=tuner,
                 # One poll at a time per queue: each poll is let through on a free slot (app.comfy.slots).
                 activity_task_poller_behavior=PollerBehaviorSimpleMaximum(maximum=1),

@@ -164,7 +164,7 @@ class BatchWorkflow:
             await workflow.start_child_workflow(
                 WebhookDeliveryWorkflow.run,
                 WebhookDeliveryInput(event=BATCH_COMPLETED, callback_url=self._batch.callback_url,
-                                     batch=batch_webhook_body(self._state)),
+                                     batch=batch_webhook_body(self._state), request_id=self._batch.job.request_id),
                 id=webhook_workflow_id(self._batch.batch_id, BATCH_COMPLETED),
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                 cancellation_type=workflow.ChildWorkflowCancellationType.ABANDON,

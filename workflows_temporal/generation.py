@@ -547,7 +547,8 @@ class GenerationWorkflow:
         try:
             await workflow.start_child_workflow(
                 WebhookDeliveryWorkflow.run,
-                WebhookDeliveryInput(event=event, callback_url=self._job.callback_url, job=self._state.model_copy()),
+                WebhookDeliveryInput(event=event, callback_url=self._job.callback_url, job=self._state.model_copy(),
+                                     request_id=self._job.request_id),
                 id=webhook_workflow_id(self._job.job_id, event),
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                 cancellation_type=workflow.ChildWorkflowCancellationType.ABANDON,
@@ -561,7 +562,8 @@ class GenerationWorkflow:
         if job.callback_url is None or not job.wants_webhook(PROGRESS_EVENT):
             return None
         return ProgressWebhook(
-            callback_url=job.callback_url, template_id=job.template_id, metadata=job.metadata, created_at=job.created_at
+            callback_url=job.callback_url, template_id=job.template_id, metadata=job.metadata, created_at=job.created_at,
+            request_id=job.request_id,
         )
 
     # --- the jobs table and the event log --------------------------------------------------------

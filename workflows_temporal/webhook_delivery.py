@@ -53,7 +53,7 @@ class WebhookDeliveryWorkflow:
                 WebhookDelivery.deliver_webhook,
                 DeliverWebhookInput(
                     job_id=request.subject_id, event=request.event, webhook_id=webhook_id,
-                    callback_url=request.callback_url, body=built.body,
+                    callback_url=request.callback_url, body=built.body, request_id=request.request_id,
                 ),
                 start_to_close_timeout=_ATTEMPT_TIMEOUT,
                 schedule_to_close_timeout=timedelta(seconds=built.retry_for_seconds),

@@ -8,6 +8,7 @@ batch is one BatchWorkflow (workflows_temporal.batch), which runs each item as a
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from contextlib import suppress
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from api.job_views import Job, public_job
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
 from api.rate_limits import limit_principal
+from api.request_ids import request_id_of
 from api.routes.jobs import (
     CreateJobRequest,
     check_active_jobs,
@@ -50,6 +52,8 @@ from app.submission import PreparedJob, prepare_job
 from app.templates.limits import Limits
 from app.templates.registry import TEMPLATE_ID_MAX_LENGTH
 from workflows_temporal.batch import BatchWorkflow
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(
     prefix="/batches", tags=["batches"], route_class=JsonBodyRoute, dependencies=[Depends(limit_principal)])
@@ -169,7 +173,7 @@ async def create_batch(
     if issues:
         raise validation_error(issues)
 
-    job = job_input(shared, settings, principal, batch_id, template, prepared[0])
+    job = job_input(shared, settings, principal, batch_id, template, prepared[0], request_id_of(request.scope))
     job.inputs, job.priority = {}, body.priority  # each item's inputs are its own
     batch = BatchInput(
         batch_id=batch_id, job=job,
@@ -188,6 +192,8 @@ async def create_batch(
         )
     except RPCError as error:
         raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal refused the batch; nothing was created") from error
+    log.info("batch %s submitted: %d jobs", batch_id, batch.total, extra={"batch_id": batch_id,
+                                                                        "template_id": body.workflow_id})
     return CreateBatchResponse(batch_id=batch_id, status=BatchStatus.queued, count=batch.total,
                                poll_url=f"/batches/{batch_id}", temporal_ui_url=ui.workflow_url(batch_id))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import suppress
@@ -44,6 +45,7 @@ from api.job_views import Job, public_job, public_job_off_loop
 from api.json_body import JsonBodyRoute
 from api.openapi import answers_with
 from api.rate_limits import limit_principal
+from api.request_ids import request_id_of
 from app.audit import JOB_CANCEL, record_audit
 from app.auth import Principal
 from app.comfy.backends import backend_task_queue, configured_backends
@@ -96,6 +98,8 @@ from app.templates.store import get_template
 from app.webhooks.events import TERMINAL_EVENTS
 from app.webhooks.targets import check_callback_url
 from workflows_temporal.generation import GenerationWorkflow
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(
     prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute, dependencies=[Depends(limit_principal)])
@@ -353,6 +357,7 @@ async def _submit(
         if (recorded := await db.run(request_fingerprint_of, job_id)) is not None:
             snapshot, recorded_fingerprint = recorded
             _check_same_request(job_id, recorded_fingerprint, fingerprint)
+            log.info("job %s: a repeat of its idempotency key", job_id, extra={"job_id": job_id})
             return await _accepted(db, settings, snapshot.state)
     else:
         job_id = str(uuid.uuid4())
@@ -376,7 +381,7 @@ async def _submit(
         quality=None if body.output_format is OutputFormat.png else body.quality,  # png ignores quality
     ) if prepared.reproducible else None
 
-    job = job_input(body, settings, principal, job_id, template, prepared)
+    job = job_input(body, settings, principal, job_id, template, prepared, request_id_of(request.scope))
     job.cache_key = result_key
     job.cached_result = await _cached_result(db, storage, settings, result_key, principal.id)
     job.request_fingerprint = fingerprint
@@ -400,7 +405,8 @@ async def _submit(
         except RPCError as error:
             raise ApiError(ErrorCode.TEMPORAL_UNAVAILABLE, "Temporal could not say what the job is") from error
         _check_same_request(job_id, job.request_fingerprint, fingerprint)
-    elif job.cached_result is None:
+    _log_submitted(job, request_id_of(request.scope))
+    if key is None and job.cached_result is None:
         return await _accepted(db, settings, accepted_state(job))
     if job.cached_result is not None:
         # It only records the result: answered in moments, so the answer can truthfully be `succeeded`.
@@ -431,9 +437,19 @@ def image_intake(
     )
 
 
+def _log_submitted(job: GenerationInput, request_id: str | None) -> None:
+    """The job's first line: a started job's, or a repeat's, which names the request that created the job."""
+    fields = {"job_id": job.job_id, "template_id": job.template_id}
+    if job.request_id is not None and job.request_id != request_id:
+        log.info("job %s: a repeat of its idempotency key; request %s created it", job.job_id, job.request_id,
+                 extra=fields)
+    else:
+        log.info("job %s submitted%s", job.job_id, " (a result cache hit)" if job.cached_result else "", extra=fields)
+
+
 def job_input(
     body: CreateJobRequest, settings: Settings, principal: Principal, job_id: str, template: TemplateRow | None,
-    prepared: PreparedJob,
+    prepared: PreparedJob, request_id: str | None,
 ) -> GenerationInput:
     """The workflow's input for a job whose request has been checked and prepared (`prepare_job`); without the
     result cache's parts. Shared with `POST /batches`, whose items are jobs made alike."""
@@ -462,6 +478,7 @@ def job_input(
         output_quality=body.quality,
         owner=principal.id,
         priority=body.priority,
+        request_id=request_id,
     )
 
 
