@@ -1,5 +1,6 @@
 """`comfyui-gateway`: run the gateway (all in one, or the API and the worker apart), migrate its database,
-check health, or run the ComfyUI simulator.
+check health, or run the ComfyUI simulator; and, for people, run and watch jobs and manage templates through a
+running gateway's API (app.cli_user).
 
 This module is the composition root: it alone imports `api` and `worker`, inside the commands that
 start them, so the rest of `app` stays free of them.
@@ -17,16 +18,15 @@ import socket
 import sys
 import time
 from contextlib import AsyncExitStack, contextmanager
+from importlib.metadata import version
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from app.logs import LogFormat, configure_logging
-from app.settings import Settings
-
 if TYPE_CHECKING:
+    from app.settings import Settings
     from app.child_processes import RestartingPart
     from app.devserver import TemporalDevServer
 
@@ -34,6 +34,9 @@ log = logging.getLogger("comfyui_gateway")
 
 
 def _load_settings() -> Settings:
+    # Imported here, not above: it loads Temporal's SDK, which the commands for people never need.
+    from app.settings import Settings
+
     try:
         return Settings()
     except ValidationError as error:
@@ -261,91 +264,6 @@ def _cmd_migrate(settings: Settings, _: argparse.Namespace) -> None:
     print(f"after     {migration.after}")
 
 
-def _template_session(settings: Settings, command: str):  # type: ignore[no-untyped-def]
-    from app.db import SchemaNotCurrent, make_engine, session_scope
-    from app.templates.store import prepare_database
-
-    engine = make_engine(settings.resolved_database_url)
-    try:
-        prepare_database(engine)
-    except SchemaNotCurrent as error:
-        sys.exit(f"comfyui-gateway {command}: {error}")
-    return session_scope(engine)
-
-
-def _read_json(path: Path | None, what: str) -> dict:
-    if path is None:
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        sys.exit(f"comfyui-gateway: cannot read {what} {path}: {error}")
-    if not isinstance(value, dict):
-        sys.exit(f"comfyui-gateway: {what} {path} must hold a JSON object")
-    return value
-
-
-def _refuse(issues) -> None:  # type: ignore[no-untyped-def]
-    sys.exit("comfyui-gateway: workflow refused\n" + "\n".join(f"  {issue.field}: {issue.message}" for issue in issues))
-
-
-def _cmd_add_workflow(settings: Settings, args: argparse.Namespace) -> None:
-    """Register a ComfyUI graph (API format) as a template, checked exactly as POST /workflows checks it."""
-    import httpx
-
-    from app.comfy.backends import configured_backends
-    from app.comfy.client import ComfyClient
-    from app.errors import InvalidInput
-    from app.templates.registry import TemplateSpec, check_node_types, check_template
-    from app.templates.store import TemplateExists, create_template, get_template, update_template
-
-    spec = TemplateSpec(
-        template_id=args.id, name=args.name or args.id, description=args.description,
-        workflow_json=_read_json(args.file, "workflow"), input_schema=_read_json(args.schema, "schema"),
-        default_params=_read_json(args.defaults, "defaults"), limits=_read_json(args.limits, "limits"),
-    )
-    try:
-        check_template(spec)
-    except InvalidInput as error:
-        _refuse(error.issues)
-
-    async def against_comfyui():  # type: ignore[no-untyped-def]
-        async with httpx.AsyncClient(timeout=10) as http:
-            return await check_node_types(
-                spec.workflow_json, ComfyClient(configured_backends(settings)[0].url, http).object_info
-            )
-
-    report = asyncio.run(against_comfyui())
-    if report.issues:
-        _refuse(report.issues)
-    with _template_session(settings, "add-workflow") as session:
-        current = get_template(session, spec.template_id)
-        try:
-            if current is not None and args.update:
-                row = update_template(session, current, {
-                    "name": spec.name, "description": spec.description, "workflow_json": spec.workflow_json,
-                    "input_schema": spec.input_schema, "default_params": spec.default_params, "limits": spec.limits,
-                })
-            else:
-                row = create_template(session, spec)
-        except TemplateExists:
-            sys.exit(f"comfyui-gateway: workflow {spec.template_id} exists; --update adds a new version")
-    print(f"registered {row.template_id} version {row.version}")
-    for warning in report.warnings:
-        print(f"warning: {warning}")
-
-
-def _cmd_list_workflows(settings: Settings, _: argparse.Namespace) -> None:
-    from app.templates.store import list_latest_templates
-
-    with _template_session(settings, "list-workflows") as session:
-        rows = list_latest_templates(session)
-    width = max((len(row.template_id) for row in rows), default=2)
-    print(f"{'id':<{width}}  version  name")
-    for row in rows:
-        print(f"{row.template_id:<{width}}  {row.version:>7}  {row.name}")
-
-
 def _cmd_simulate(_: Settings | None, args: argparse.Namespace) -> None:
     from app.simulator.server import run_simulator
 
@@ -354,7 +272,11 @@ def _cmd_simulate(_: Settings | None, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="comfyui-gateway", description="ComfyUI Gateway: a durable REST gateway for ComfyUI.")
+    from app.cli_user import EXIT_CODES_HELP, add_commands as add_user_commands, run as run_user_command
+
+    parser = argparse.ArgumentParser(prog="comfyui-gateway", description="ComfyUI Gateway: a durable REST gateway for ComfyUI.",
+                                     epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"comfyui-gateway {version('comfyui-gateway')}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("dev", help="Temporal dev server + worker + API in one process tree")
     commands.add_parser("api", help="the REST API only, against TEMPORAL_ADDRESS")
@@ -366,16 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("migrate", help="upgrade the database schema (DATABASE_URL) to this release's")
     init = commands.add_parser("init", help="create the data folders and a commented .env.example")
     init.add_argument("--force", action="store_true", help="rewrite an existing .env.example")
-    add = commands.add_parser("add-workflow", help="register a ComfyUI graph (API format) as a workflow template")
-    add.add_argument("file", type=Path, help="the graph, as saved by ComfyUI's 'Export (API)'")
-    add.add_argument("--id", required=True)
-    add.add_argument("--name")
-    add.add_argument("--description", default="")
-    add.add_argument("--schema", type=Path, help="the input schema: {\"type\": \"object\", \"fields\": {...}}")
-    add.add_argument("--defaults", type=Path, help="default values for the placeholders")
-    add.add_argument("--limits", type=Path, help='the template\'s own limits: {"maxImageSize": N, "maxBatchSize": M}')
-    add.add_argument("--update", action="store_true", help="add a new version when the id exists")
-    commands.add_parser("list-workflows", help="the registered workflow templates")
+    add_user_commands(commands)
     simulate = commands.add_parser(
         "simulate-comfyui", help="a ComfyUI simulator for tests and demos (no GPU, no models)"
     )
@@ -386,6 +299,12 @@ def main(argv: list[str] | None = None) -> None:
     simulate.add_argument("--node-delay", type=float, default=0.0, help="seconds every executed node takes")
     args = parser.parse_args(argv)
 
+    if hasattr(args, "run"):  # a command for people, through a running gateway's API: no settings, no logging set-up
+        run_user_command(args)
+        return
+    # Imported here: app.logs loads Temporal's SDK (its loggers' context), which the commands for people never need.
+    from app.logs import LogFormat, configure_logging
+
     if args.command == "simulate-comfyui":  # a stand-in for ComfyUI, without the gateway's settings
         configure_logging("INFO", LogFormat.text)
         _cmd_simulate(None, args)
@@ -394,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings.log_level.value, settings.log_format)
     handlers = {
         "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "health": _cmd_health, "init": _cmd_init,
-        "migrate": _cmd_migrate, "add-workflow": _cmd_add_workflow, "list-workflows": _cmd_list_workflows,
+        "migrate": _cmd_migrate,
     }
     handlers[args.command](settings, args)
 

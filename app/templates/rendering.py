@@ -52,10 +52,22 @@ GRAPH_SHAPE_SCHEMA: dict[str, Any] = {
 ApiFormatGraph = Annotated[dict[str, Any], WithJsonSchema(GRAPH_SHAPE_SCHEMA)]
 
 
+UI_FORMAT_HINT = ('this is a ComfyUI UI-format workflow ("nodes" and "links" arrays), not an API-format prompt: '
+                  'in ComfyUI, save it with Workflow → "Export (API)" and send that file')
+
+
+def is_ui_format(graph: dict[str, Any]) -> bool:
+    """ComfyUI's UI save format (the editor's file: node positions, widgets, links as a list), which it cannot
+    run as a prompt; its API format maps node ids to {"class_type", "inputs"}."""
+    return isinstance(graph.get("nodes"), list) and isinstance(graph.get("links"), list)
+
+
 def check_graph_shape(graph: Any) -> None:
     """An API-format prompt: {node_id: {"class_type": str, "inputs": {...}}}."""
     if not isinstance(graph, dict) or not graph:
         raise InvalidInput([FieldIssue("workflowJson", "must be a non-empty object of nodes in ComfyUI API format")])
+    if is_ui_format(graph):  # one clear issue, rather than "node needs a string class_type" for each key
+        raise InvalidInput([FieldIssue("workflowJson", UI_FORMAT_HINT)])
     issues = []
     for node_id, node in graph.items():
         class_type = node.get("class_type") if isinstance(node, dict) else None

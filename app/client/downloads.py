@@ -1,0 +1,64 @@
+"""Writing a downloaded output: streamed to a temporary file beside the target, checked against the job's
+recorded size and sha256 when they are known, and only then renamed into place, so a broken download never
+leaves a file that looks whole."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from app.client.errors import OUTPUT_CORRUPTED, OutputCorrupted
+from app.client.models import OutputFile
+
+CHUNK_BYTES = 1024 * 1024
+
+
+def target_path(destination: Path, filename: str) -> Path:
+    """`destination` itself, or the file's own name inside it when it is a folder (never a path the server chose)."""
+    return destination / Path(filename).name if destination.is_dir() else destination
+
+
+def external_request(http: httpx.Client | httpx.AsyncClient, location: str) -> httpx.Request:
+    """A GET of where the gateway redirected (S3 storage: a presigned URL), without the gateway's credentials:
+    a presigned URL needs none, and the API key must not travel to the storage's host."""
+    request = http.build_request("GET", location)
+    for header in ("X-API-Key", "Authorization"):
+        request.headers.pop(header, None)
+    return request
+
+
+class OutputWriter:
+    """Collects a download's chunks into a temporary file; `finish` checks it and renames it to `path`."""
+
+    def __init__(self, path: Path, expected: OutputFile | None) -> None:
+        self.path = path
+        self.expected = expected
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        self.temporary = Path(name)
+        self.file = os.fdopen(descriptor, "wb")
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.file.write(chunk)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+
+    def finish(self) -> Path:
+        self.file.close()
+        expected = self.expected
+        if expected is not None and (self.size, self.digest.hexdigest()) != (expected.size, expected.sha256):
+            self.temporary.unlink()
+            raise OutputCorrupted(OUTPUT_CORRUPTED, f"{expected.filename}: got {self.size} bytes with sha256 "
+                                  f"{self.digest.hexdigest()}, the job recorded {expected.size} with {expected.sha256}")
+        self.temporary.replace(self.path)
+        return self.path
+
+    def abandon(self) -> None:
+        self.file.close()
+        self.temporary.unlink(missing_ok=True)
