@@ -26,7 +26,7 @@ from activities.heartbeats import heartbeating
 from activities.job_log import JobLog
 from activities.live_row import LiveRow
 from activities.progress_webhooks import ProgressWebhooks
-from activities.prompt_run import PromptRun, stop_prompt
+from activities.prompt_run import POST_SETTLE_SECONDS, PromptRun, stop_prompt
 from activities.waiting import while_unreachable
 from app.comfy.client import ComfyClient
 from app.comfy.errors import ComfyError
@@ -103,8 +103,10 @@ class ComfyActivities:
     def __init__(
         self, clients: Mapping[str, ComfyClient], storage: OutputStorage, engine: Engine, scratch_dir: Path,
         progress_webhooks: ProgressWebhooksFactory | None = None, placement: Placement | None = None,
+        post_settle_seconds: float = POST_SETTLE_SECONDS,
     ) -> None:
         self._clients = clients
+        self._post_settle_seconds = post_settle_seconds
         self._placement = placement
         self._progress_webhooks = progress_webhooks
         self._storage = storage
@@ -158,7 +160,8 @@ class ComfyActivities:
 
         live_row = LiveRow(self._engine, request.job_id, request.attempt)
         run = PromptRun(client, request, progress, log, backend=backend, acquire=acquire,
-                        on_report=lambda: live_row.offer(progress.live()))
+                        on_report=lambda: live_row.offer(progress.live()),
+                        post_settle_seconds=self._post_settle_seconds)
         webhooks = (
             self._progress_webhooks(request.job_id, request.progress_webhook)
             if request.progress_webhook is not None and self._progress_webhooks is not None else None

@@ -32,8 +32,8 @@ _FORCED_CHECK_SECONDS = 10.0
 # A prompt that finishes sooner is never reported as `running` separately: its result says when it started.
 _RUNNING_SIGNAL_AFTER_SECONDS = 0.1
 # A post that failed on its way back may still be queued a moment later (ComfyUI validates before it queues):
-# before posting again, ComfyUI is asked twice, this far apart.
-_POST_SETTLE_SECONDS = 5.0
+# before posting again, ComfyUI is asked twice, this far apart (by default: tests shorten it).
+POST_SETTLE_SECONDS = 5.0
 
 
 async def _no_lease_needed() -> None:
@@ -43,7 +43,8 @@ async def _no_lease_needed() -> None:
 class PromptRun:
     def __init__(self, client: ComfyClient, request: RunPromptInput, progress: PromptProgress, log: JobLog, *,
                  backend: str | None = None, acquire: Callable[[], Awaitable[None]] = _no_lease_needed,
-                 on_report: Callable[[], None] = lambda: None) -> None:
+                 on_report: Callable[[], None] = lambda: None, post_settle_seconds: float = POST_SETTLE_SECONDS,
+                 ) -> None:
         self.client = client
         self.request = request
         self.progress = progress
@@ -57,6 +58,7 @@ class PromptRun:
         self._acquire = acquire
         # Told of each change of the progress reported (it must not block): the live row is written from it.
         self._on_report = on_report
+        self._post_settle_seconds = post_settle_seconds
         self._started_monotonic: float | None = None
         # What the last heartbeat of `_report` said: an event that changes none of it heartbeats nothing new (the
         # 1-second loop keeps the time spent current), and heartbeats cost the worker CPU with every event.
@@ -128,7 +130,7 @@ class PromptRun:
         else:
             found_in = await locate(self.client, self.prompt_id)
             if found_in is None and self.progress.post_attempted:
-                await asyncio.sleep(_POST_SETTLE_SECONDS)
+                await asyncio.sleep(self._post_settle_seconds)
                 found_in = await locate(self.client, self.prompt_id)
         if found_in != "history":
             await self._acquire()  # a prompt that is on ComfyUI, or is about to be, holds a slot

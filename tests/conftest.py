@@ -17,7 +17,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from app.db import make_engine, migrate
+from app.db import make_engine
 from app.devserver import LOW_LATENCY_DYNAMIC_CONFIG, temporal_cli
 from app.temporal_client import register_search_attributes
 from tests.harness import (
@@ -29,6 +29,7 @@ from tests.harness import (
     api_client,
     gateway_settings,
     migrate_database,
+    migrated_database,
 )
 from worker.main import running_worker
 
@@ -147,7 +148,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 @pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
     """The test's database, migrated to the head revision."""
+    migrated_database(database_url)
     engine = make_engine(database_url)
-    migrate(engine)
     yield engine
     engine.dispose()

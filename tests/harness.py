@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import inspect
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +27,7 @@ import httpx
 from aiohttp import web
 from fastapi import FastAPI
 from httpx import ASGITransport
+from sqlalchemy import make_url
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
@@ -212,9 +217,36 @@ def gateway_settings(temporal: Client, simulator_url: str, data_dir: Path, task_
 
 def migrate_database(settings: Settings) -> None:
     """What an operator runs before starting the API and the worker: `comfyui-gateway migrate`."""
-    engine = make_engine(settings.resolved_database_url)
+    migrated_database(settings.resolved_database_url)
+
+
+def migrated_database(url: str) -> None:
+    """Migrate the database at `url` to the head revision. A SQLite file not made yet is a copy of one migrated
+    once per test process: the same schema, without Alembic's 0.2 s per test (tests/test_migrations.py runs
+    `migrate` itself on empty and older databases)."""
+    target = make_url(url)
+    if target.get_backend_name() == "sqlite" and target.database not in (None, "", ":memory:"):
+        path = Path(target.database)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(_migrated_sqlite_file(), path)
+            return
+    engine = make_engine(url)
     migrate(engine)
     engine.dispose()
+
+
+@functools.cache
+def _migrated_sqlite_file() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="gateway-migrated-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    path = directory / "gateway.db"
+    engine = make_engine(f"sqlite:///{path}")
+    migrate(engine)
+    engine.dispose()
+    # The last connection's close checkpointed the write-ahead log into the file: the file alone is the database.
+    assert not path.with_name(f"{path.name}-wal").exists(), "the migrated SQLite database kept its WAL file"
+    return path
 
 
 def cli_environment(data_dir: Path, **variables: str) -> dict[str, str]:

@@ -130,7 +130,11 @@ def stop_dev(process: subprocess.Popen[bytes]) -> list[int]:
     return [pid for pid in tree if alive(pid)]
 
 
-async def test_dev_runs_everything_stops_cleanly_and_jobs_survive_a_restart(tmp_path: Path) -> None:
+async def test_dev_runs_everything_stops_cleanly_keeps_jobs_across_a_restart_and_restarts_a_killed_worker(
+    tmp_path: Path,
+) -> None:
+    """The second dev run, with ComfyUI up, also has its worker killed: each dev start takes seconds, so the
+    checks of a running dev share the runs this test makes anyway."""
     (tmp_path / "comfyui").mkdir()
     simulator = SimulatorProcess(tmp_path / "comfyui")
     env = dev_environment(tmp_path, simulator.url)  # not running yet: the job has to wait for it
@@ -161,7 +165,7 @@ async def test_dev_runs_everything_stops_cleanly_and_jobs_survive_a_restart(tmp_
     simulator.start()
     gateway = await start_dev(env, tmp_path / "dev.log")
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['PORT']}") as api:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['PORT']}", timeout=5) as api:
 
             async def finished() -> dict:
                 job = (await api.get(f"/jobs/{job_id}")).json()
@@ -171,9 +175,43 @@ async def test_dev_runs_everything_stops_cleanly_and_jobs_survive_a_restart(tmp_
             job = await assert_eventually(finished, timeout=60, interval=0.2)
             assert job["status"] == "succeeded" and len(job["outputs"]) == 1
             assert (await api.get(job["outputs"][0]["url"])).status_code == 200
+            await a_killed_worker_is_restarted_while_the_api_keeps_answering(gateway, api)
     finally:
-        assert stop_dev(gateway) == []
         simulator.kill()
+        assert stop_dev(gateway) == []  # the restarted worker stops with the rest
+    assert "worker was killed by SIGKILL; restarting it in 1 s" in (tmp_path / "dev.log").read_text()
+
+
+async def a_killed_worker_is_restarted_while_the_api_keeps_answering(
+    gateway: subprocess.Popen[bytes], api: httpx.AsyncClient
+) -> None:
+    async def healthy() -> bool:
+        return (await api.get("/health")).status_code == 200
+
+    async def still_healthy(when: str) -> None:
+        # pytest.fail, not assert: assert_eventually takes an AssertionError for "not yet" and polls on.
+        if not await healthy():
+            pytest.fail(f"the API stopped answering {when}")
+
+    # the API connects to Temporal on its own time
+    await assert_eventually(healthy, timeout=20, interval=0.1, what="healthy")
+    [killed] = part_pids(gateway, "worker")
+    os.kill(killed, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        await still_healthy("while the worker was down")
+        return len(part_pids(gateway, "worker") - {killed}) == 1
+
+    await assert_eventually(restarted, timeout=20, interval=0.1, what="a new worker")
+    submitted = await api.post("/jobs", json={"workflowJson": recorded_workflow("image.json")})
+    job_id = submitted.json()["jobId"]
+
+    async def done() -> bool:
+        await still_healthy("while the job ran")
+        return (await api.get(f"/jobs/{job_id}")).json()["status"] in DONE
+
+    await assert_eventually(done, timeout=30, interval=0.1, what="the job done")
+    assert (await api.get(f"/jobs/{job_id}")).json()["status"] == "succeeded"
 
 
 async def test_a_killed_dev_takes_temporal_the_worker_and_the_api_with_it(tmp_path: Path) -> None:
@@ -219,45 +257,3 @@ def test_dev_whose_temporal_fails_to_start_exits_at_once_with_the_reason(tmp_pat
     code, output, seconds = run_dev_until_it_exits(env)
     assert code != 0 and seconds < 15, (code, seconds, output)
     assert "Temporal exited with code 1: Error:" in output and "unable to open database file" in output
-
-
-async def test_dev_restarts_a_killed_worker_while_the_api_keeps_answering(tmp_path: Path) -> None:
-    (tmp_path / "comfyui").mkdir()
-    simulator = SimulatorProcess(tmp_path / "comfyui")
-    simulator.start()
-    env = dev_environment(tmp_path, simulator.url)
-    gateway = await start_dev(env, tmp_path / "dev.log")
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['PORT']}", timeout=5) as api:
-
-            async def healthy() -> bool:
-                return (await api.get("/health")).status_code == 200
-
-            async def still_healthy(when: str) -> None:
-                # pytest.fail, not assert: assert_eventually takes an AssertionError for "not yet" and polls on.
-                if not await healthy():
-                    pytest.fail(f"the API stopped answering {when}")
-
-            # the API connects to Temporal on its own time
-            await assert_eventually(healthy, timeout=20, interval=0.1, what="healthy")
-            [killed] = part_pids(gateway, "worker")
-            os.kill(killed, signal.SIGKILL)
-
-            async def restarted() -> bool:
-                await still_healthy("while the worker was down")
-                return len(part_pids(gateway, "worker") - {killed}) == 1
-
-            await assert_eventually(restarted, timeout=20, interval=0.1, what="a new worker")
-            submitted = await api.post("/jobs", json={"workflowJson": recorded_workflow("image.json")})
-            job_id = submitted.json()["jobId"]
-
-            async def done() -> bool:
-                await still_healthy("while the job ran")
-                return (await api.get(f"/jobs/{job_id}")).json()["status"] in DONE
-
-            await assert_eventually(done, timeout=30, interval=0.1, what="the job done")
-            assert (await api.get(f"/jobs/{job_id}")).json()["status"] == "succeeded"
-    finally:
-        simulator.kill()
-        assert stop_dev(gateway) == []
-    assert "worker was killed by SIGKILL; restarting it in 1 s" in (tmp_path / "dev.log").read_text()

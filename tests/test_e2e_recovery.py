@@ -36,8 +36,9 @@ async def _job_across_a_worker_crash(
     timeout_seconds: float | None = None,
     while_down: Callable[[], None] | None = None,
 ) -> tuple[dict, list[dict]]:
-    """A job whose worker is SIGKILLed while it follows the prompt, and started again after `downtime`;
-    `while_down` runs in between. Returns the finished job and its log."""
+    """A job whose worker process is SIGKILLed while it follows the prompt, and a worker started again after
+    `downtime`; `while_down` runs in between. Returns the finished job and its log. The worker that comes back
+    runs in this process: the same worker, without the seconds a process of its own takes to import it."""
     settings = gateway_settings(temporal_client, comfyui.url, tmp_path, task_queue)
     migrate_database(settings)
     worker = WorkerProcess(settings)
@@ -56,8 +57,8 @@ async def _job_across_a_worker_crash(
             if while_down is not None:
                 while_down()
             await asyncio.sleep(downtime)
-            worker.start()
-            job = await wait_for_job(api, job_id, until=DONE, timeout=60)
+            async with running_worker(temporal_client, settings):
+                job = await wait_for_job(api, job_id, until=DONE, timeout=60)
             return job, (await api.get(f"/jobs/{job_id}/logs")).json()["events"]
     finally:
         worker.stop()

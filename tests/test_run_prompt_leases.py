@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.comfy import IMAGE_FETCH_TRIES, ComfyActivities, Placement
 from activities.inputs import ImageStager
-from activities.prompt_run import stop_prompt
+from activities.prompt_run import POST_SETTLE_SECONDS, stop_prompt
 from app.comfy.backends import Backend
 from app.comfy.client import ComfyClient
 from app.comfy.health import BackendHealth
@@ -36,9 +36,15 @@ from tests.harness import SimulatorProcess, assert_eventually, free_port, serve_
 JOB_ID = "9b0c4e7e-5d1a-4a53-8c3e-2f7b1d9e6a01"
 
 
-@pytest.fixture
-def gpu(own_simulator: SimulatorProcess) -> SimulatorProcess:
-    return own_simulator
+@pytest.fixture(scope="module")
+def gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
+    """A simulator of this module's own, whose queue only these tests fill: each stops the prompts it leaves."""
+    data_dir = tmp_path_factory.mktemp("gpu") / "comfyui"
+    data_dir.mkdir()
+    process = SimulatorProcess(data_dir, time_scale=0.1)
+    process.start()
+    yield process
+    process.kill()
 
 
 @pytest.fixture
@@ -54,7 +60,8 @@ class Placed:
     client: ComfyClient
 
 
-def placed_on(gpu: SimulatorProcess, http: httpx.AsyncClient, engine: Engine, capacity: int = 1) -> Placed:
+def placed_on(gpu: SimulatorProcess, http: httpx.AsyncClient, engine: Engine, capacity: int = 1,
+              post_settle_seconds: float = POST_SETTLE_SECONDS) -> Placed:
     fleet = Fleet(SlotLeases(engine, "this-worker"))
     backend = Backend("gpu", gpu.url, slots=capacity)
     health = BackendHealth(backend.id, backend.url)
@@ -64,7 +71,8 @@ def placed_on(gpu: SimulatorProcess, http: httpx.AsyncClient, engine: Engine, ca
     client = ComfyClient(gpu.url, http, health)
     activities = ComfyActivities({"gpu": client}, LocalStorage(Path(tempfile.mkdtemp())), engine,
                                  Path(tempfile.mkdtemp()),
-                                 placement=Placement(backend="gpu", fleet=fleet, images=stager, grace_seconds=5))
+                                 placement=Placement(backend="gpu", fleet=fleet, images=stager, grace_seconds=5),
+                                 post_settle_seconds=post_settle_seconds)
     return Placed(activities, fleet, client)
 
 
@@ -119,7 +127,16 @@ async def test_a_prompt_left_running_for_a_retry_keeps_its_lease_and_the_retry_a
 async def test_a_re_attach_that_must_post_waits_for_a_lease(
     gpu: SimulatorProcess, http: httpx.AsyncClient, engine: Engine
 ) -> None:
-    placed = placed_on(gpu, http, engine)
+    # The settle wait before a post (5 s by default) is not what this test is about.
+    placed = placed_on(gpu, http, engine, post_settle_seconds=0.2)
+    lease_asked = asyncio.Event()
+    lease = placed.fleet.lease
+
+    async def asking_for_a_lease(*args: Any, **kwargs: Any) -> Any:
+        lease_asked.set()
+        return await lease(*args, **kwargs)
+
+    placed.fleet.lease = asking_for_a_lease  # type: ignore[method-assign]
     other = SlotLeases(engine, "another-worker")
     taken = other.claim("gpu", 1, "another-prompt")
     assert taken is not None
@@ -131,7 +148,8 @@ async def test_a_re_attach_that_must_post_waits_for_a_lease(
     env = environment(heartbeats)
     try:
         running = asyncio.create_task(env.run(placed.activities.run_prompt, request))
-        await asyncio.sleep(7)  # past the settle wait (5 s) before a post
+        await asyncio.wait_for(lease_asked.wait(), 10)  # past the settle wait, the last step before a post
+        await asyncio.sleep(0.5)  # time enough for a post that does not wait for the lease
         assert not running.done() and await placed.client.history(request.the_prompt_id) is None
         assert (await placed.client.queue()).position(request.the_prompt_id) is None
         other.release(taken)
