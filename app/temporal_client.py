@@ -54,16 +54,16 @@ async def connect_temporal(settings: Settings, runtime: Runtime | None = None) -
 def process_runtime(settings: Settings, *, serves_metrics: bool) -> Runtime:
     """A gateway process's SDK runtime (one per process: its clients and workers share it). The SDK core's own
     lines (Rust, on stderr by default) go through Python's logging as `temporalio.core`, so they are lines of the
-    process's format (LOG_FORMAT) like every other; warnings and worse only, or the core's info at DEBUG. The
+    process's format (LOG_FORMAT) like every other; warnings and worse only (forwarding the core's info lines
+    left a worker hanging at its stop). The
     worker's also serves the SDK's metrics at TEMPORAL_METRICS_ADDRESS (it binds the address now)."""
-    core_level = "INFO" if settings.log_level.value == "DEBUG" else "WARN"
     forwarding = LogForwardingConfig(logger=logging.getLogger("temporalio.core"), prepend_target_on_message=False,
                                      append_log_fields_to_message=False)
     metrics = None
     if serves_metrics and settings.temporal_metrics_address is not None:
         metrics = PrometheusConfig(bind_address=settings.temporal_metrics_address, durations_as_seconds=True)
     return Runtime(telemetry=TelemetryConfig(
-        logging=LoggingConfig(filter=TelemetryFilter(core_level=core_level, other_level="ERROR"), forwarding=forwarding),
+        logging=LoggingConfig(filter=TelemetryFilter(core_level="WARN", other_level="ERROR"), forwarding=forwarding),
         metrics=metrics))
 
 

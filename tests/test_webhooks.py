@@ -229,7 +229,8 @@ class RecordingPoster:
     def __init__(self) -> None:
         self.bodies: asyncio.Queue[dict] = asyncio.Queue()
 
-    async def post(self, callback_url: str, webhook_id: str, body: str, *, timeout: float) -> Attempt:
+    async def post(self, callback_url: str, webhook_id: str, body: str, *, timeout: float,
+                   request_id: str | None = None) -> Attempt:
         self.bodies.put_nowait(json.loads(body))
         return Attempt(status_code=200, latency_ms=1)
 
