@@ -55,8 +55,8 @@ def process_runtime(settings: Settings, *, serves_metrics: bool) -> Runtime:
     """A gateway process's SDK runtime (one per process: its clients and workers share it). The SDK core's own
     lines (Rust, on stderr by default) go through Python's logging as `temporalio.core`, so they are lines of the
     process's format (LOG_FORMAT) like every other; warnings and worse only (forwarding the core's info lines
-    left a worker hanging at its stop). The
-    worker's also serves the SDK's metrics at TEMPORAL_METRICS_ADDRESS (it binds the address now)."""
+    left a worker hanging at its stop). The worker's also serves the SDK's metrics at TEMPORAL_METRICS_ADDRESS
+    (it binds the address now)."""
     forwarding = LogForwardingConfig(logger=logging.getLogger("temporalio.core"), prepend_target_on_message=False,
                                      append_log_fields_to_message=False)
     metrics = None
