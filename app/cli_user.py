@@ -1,6 +1,6 @@
 """The command line's commands for people: run a job and watch it, look at jobs, manage workflow templates,
 all through a running gateway's API (`--url` / GATEWAY_URL, `--api-key` / GATEWAY_API_KEY), with the Python
-client (app.client). Nothing here reads the database or the gateway's settings.
+client (comfyui_gateway_client). Nothing here reads the database or the gateway's settings.
 
 Exit codes: 0 done; 1 the gateway refused the request (its error code is printed); 2 bad usage; 3 the gateway
 is unreachable; 4 authentication failed or the role may not do this; 5 the job failed or was cancelled;
@@ -21,8 +21,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from app.client import AuthFailed, Forbidden, GatewayClient, GatewayError, GatewayUnreachable, Job, JobFailed
-from app.client.config import DEFAULT_URL
+from comfyui_gateway_client import (
+    AuthFailed,
+    Forbidden,
+    GatewayClient,
+    GatewayError,
+    GatewayUnreachable,
+    Job,
+    JobFailed,
+)
+from comfyui_gateway_client.config import DEFAULT_URL
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_JOB_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
 EXIT_CODES_HELP = """exit codes of generate, jobs and workflows:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.client import AsyncGatewayClient, NotFound
+from comfyui_gateway_client import AsyncGatewayClient, NotFound
 from tests.harness import REPO_ROOT, SHARED_COMFYUI, free_port
 from tests.test_auth import ADMIN_KEY, ALICE_KEY
 from tests.test_client import FAILING_TEMPLATE, SLOW_TEMPLATE, seconds, served  # noqa: F401 - `served` is this module's gateway too

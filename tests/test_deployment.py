@@ -56,7 +56,7 @@ ENVIRONMENT_USES = {
     ("app/cli.py", 'os.environ["TEMPORAL_UI_URL"] = f"http://127.0.0.1:{settings.temporal_ui_port}"'),
     # The Python client's and the CLI's own defaults (GATEWAY_URL, GATEWAY_API_KEY, GATEWAY_TOKEN): which gateway
     # to call and with whose credentials, where the client runs; the gateway never reads them.
-    ("app/client/config.py", 'return os.environ.get(f"GATEWAY_{name}")'),
+    ("comfyui_gateway_client/config.py", 'return os.environ.get(f"GATEWAY_{name}")'),
 }
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from app.client.errors import OUTPUT_CORRUPTED, OutputCorrupted
-from app.client.models import OutputFile
+from comfyui_gateway_client.errors import OUTPUT_CORRUPTED, OutputCorrupted
+from comfyui_gateway_client.models import OutputFile
 
 CHUNK_BYTES = 1024 * 1024
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from app.client.errors import GatewayError, TryLater, unreachable
+from comfyui_gateway_client.errors import GatewayError, TryLater, unreachable
 
 DEFAULT_URL = "http://127.0.0.1:3000"  # `comfyui-gateway dev` and `api` listen here unless PORT says otherwise
 # A stream's keep-alive comment comes every SSE_KEEPALIVE_S (15 s by default): a minute of silence is a dead

@@ -12,9 +12,9 @@ import json
 import httpx
 from httpx_sse import ServerSentEvent
 
-from app.client.config import MAX_RETRY_AFTER_S
-from app.client.errors import UNEXPECTED_ANSWER, GatewayError, GatewayUnreachable, TryLater
-from app.client.models import Event
+from comfyui_gateway_client.config import MAX_RETRY_AFTER_S
+from comfyui_gateway_client.errors import UNEXPECTED_ANSWER, GatewayError, GatewayUnreachable, TryLater
+from comfyui_gateway_client.models import Event
 
 JOB_FINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
 BATCH_FINAL_EVENTS = frozenset({"completed", "cancelled"})
