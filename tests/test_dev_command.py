@@ -242,6 +242,15 @@ def test_dev_refuses_to_start_when_a_temporal_port_is_taken(tmp_path: Path, take
     assert f"127.0.0.1:{port} ({taken}) is not free: Address already in use" in output
 
 
+def test_dev_whose_api_port_is_taken_stops_with_exit_78_and_does_not_restart_the_api(tmp_path: Path) -> None:
+    env = dev_environment(tmp_path, comfyui_url=f"http://127.0.0.1:{free_port()}")
+    with socket.create_server(("127.0.0.1", int(env["PORT"]))):  # another program on the API's port
+        code, output, seconds = run_dev_until_it_exits(env)
+    assert code == os.EX_CONFIG and seconds < 25, (code, seconds, output)
+    assert f"cannot listen on 127.0.0.1:{env['PORT']} (HOST, PORT): Address already in use" in output
+    assert "api exited with code 78 (EX_CONFIG" in output and "restarting it in" not in output
+
+
 def test_dev_never_uses_a_temporal_it_did_not_start(tmp_path: Path, temporal_client: Client) -> None:
     env = dev_environment(tmp_path, comfyui_url=f"http://127.0.0.1:{free_port()}")
     env["TEMPORAL_ADDRESS"] = temporal_client.service_client.config.target_host  # the test session's Temporal
