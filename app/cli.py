@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("comfyui_gateway")
 
+# The commands whose process starts the Temporal SDK's core, whose threads can crash the interpreter's
+# teardown (app.interpreter_exit): they end without one.
+_RUN_THE_TEMPORAL_SDK = frozenset({"dev", "api", "worker", "health"})
+
 
 def _load_settings() -> Settings:
     # Imported here, not above: it loads Temporal's SDK, which the commands for people never need.
@@ -350,6 +354,10 @@ def main(argv: list[str] | None = None) -> None:
         "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "health": _cmd_health, "init": _cmd_init,
         "migrate": _cmd_migrate,
     }
+    if args.command in _RUN_THE_TEMPORAL_SDK:
+        from app.interpreter_exit import run_then_exit
+
+        run_then_exit(lambda: handlers[args.command](settings, args))
     handlers[args.command](settings, args)
 
 
