@@ -17,7 +17,13 @@ from comfyui_gateway_client.downloads import CHUNK_BYTES, OutputWriter, external
 from comfyui_gateway_client.endpoints import blocking
 from comfyui_gateway_client.errors import GatewayError, TryLater, error_from_answer, succeeded, unreachable
 from comfyui_gateway_client.models import Event, Job, OutputFile
-from comfyui_gateway_client.streams import BATCH_FINAL_EVENTS, JOB_FINAL_EVENTS, STREAM_BROKEN, EventCursor
+from comfyui_gateway_client.streams import (
+    BATCH_FINAL_EVENTS,
+    JOB_FINAL_EVENTS,
+    STREAM_BROKEN,
+    EventCursor,
+    tells_progress,
+)
 
 T = TypeVar("T")
 
@@ -140,11 +146,11 @@ class GatewayClient:
 
     def wait(self, job_id: str, *, on_progress: Callable[[Job], None] | None = None) -> Job:
         """Follow the job's events until it ends; `on_progress` gets the job as each event leaves it. Returns
-        the finished job, or raises JobFailed when it failed or was cancelled."""
+        the finished job, or raises JobFailed when it failed or was cancelled. The end is told once."""
         live: dict[str, Any] = {}
         for event in self.events(job_id):
             live.update(event.data)
-            if on_progress is not None:
+            if on_progress is not None and tells_progress(event, live):
                 on_progress(Job.model_validate(live))
         return succeeded(self.get_job(job_id))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 import uuid
@@ -59,6 +60,12 @@ async def served(temporal_env: WorkflowEnvironment, comfyui: ComfyUITarget, tmp_
         yield gateway
 
 
+def umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def seconds(comfyui: ComfyUITarget, wall: float) -> float:
     return round(wall / comfyui.time_scale, 1)
 
@@ -82,10 +89,14 @@ async def test_the_blocking_client_generates_a_job_follows_its_progress_and_down
     running = [update for update in seen if update.status is JobStatus.running]
     assert running and any(0 < update.progress < 100 and update.current_node == "2" for update in running), seen
     assert seen[-1].status is JobStatus.succeeded and seen[-1].job_id == job.job_id
+    # The end is told once, by the final event: not also by the output event before it, which carries the
+    # status the job ended with already.
+    assert [update.status for update in seen].count(JobStatus.succeeded) == 1, seen
     # The file is the job's, byte for byte, and so is its base64 copy.
     [path] = paths
     [recorded] = job.outputs
     assert path == tmp_path / "out" / recorded.filename and path.read_bytes().startswith(b"\x89PNG")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask()  # a file as any other, not a private temporary
     assert hashlib.sha256(path.read_bytes()).hexdigest() == recorded.sha256
     assert inline.content == path.read_bytes() and inline.content_type == "image/png"
     assert not list((tmp_path / "out").glob(".*.part"))
