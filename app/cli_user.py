@@ -27,6 +27,7 @@ from comfyui_gateway_client import (
     GatewayClient,
     GatewayError,
     GatewayUnreachable,
+    InvalidGatewayUrl,
     Job,
     JobFailed,
 )
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> None:
             args.run(gateway, args)
     except UsageError as error:
         _fail(args, EXIT_USAGE, "USAGE", str(error))
+    except InvalidGatewayUrl as error:
+        _fail(args, EXIT_USAGE, "USAGE", f"{error} (--url or GATEWAY_URL)")
     except GatewayUnreachable as error:
         _fail(args, EXIT_UNREACHABLE, error.code, f"{error.message} (is it running? `comfyui-gateway dev` starts "
               "one; --url or GATEWAY_URL names another)", error.details)
@@ -368,7 +371,11 @@ def _workflows_update(gateway: GatewayClient, args: argparse.Namespace) -> None:
         changes["workflow_json"] = _read_json(args.file, "workflow")
     if not changes:
         raise UsageError("nothing to change: give a graph file or --name, --description, --schema, ...")
-    _print_change(args, "updated", gateway.update_workflow(args.template, **changes))
+    # The API answers a change that changes nothing with the current version, writing none: told apart by the
+    # version before it.
+    before = gateway.get_workflow(args.template).version
+    answer = gateway.update_workflow(args.template, **changes)
+    _print_change(args, "updated" if answer.workflow.version != before else "unchanged", answer)
 
 
 def _print_change(args: argparse.Namespace, what: str, answer: Any) -> None:

@@ -10,6 +10,7 @@ It talks to the API only (never the database), and returns its own models of the
 """
 
 from comfyui_gateway_client.aio import AsyncGatewayClient
+from comfyui_gateway_client.config import InvalidGatewayUrl
 from comfyui_gateway_client.errors import (
     AuthFailed,
     Conflict,
@@ -36,6 +37,6 @@ from comfyui_gateway_client.sync import GatewayClient
 
 __all__ = [
     "AsyncGatewayClient", "AuthFailed", "Batch", "BatchStatus", "Conflict", "Event", "Forbidden", "GatewayClient",
-    "GatewayError", "GatewayUnreachable", "InvalidRequest", "Job", "JobFailed", "JobStatus", "NotFound",
-    "OutputCorrupted", "OutputFile", "TryLater", "Workflow", "WorkflowSummary",
+    "GatewayError", "GatewayUnreachable", "InvalidGatewayUrl", "InvalidRequest", "Job", "JobFailed", "JobStatus",
+    "NotFound", "OutputCorrupted", "OutputFile", "TryLater", "Workflow", "WorkflowSummary",
 ]
