@@ -124,7 +124,6 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
     """Temporal dev server, worker and API as one process tree. The worker and the API are processes of
     their own, as in production, so that API traffic never delays the worker picking up tasks."""
     from app.child_processes import PartMisconfigured, RestartingPart
-    from api.auth import warn_if_open
     from app.db import make_engine, migrate
     from app.devserver import TemporalUnavailable, start_temporal_dev_server
     from app.templates.store import prepare_database
@@ -147,11 +146,12 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
         engine.dispose()
         if settings.temporal_ui_url is None:  # each job's temporalUiUrl links into this dev server's Web UI
             os.environ["TEMPORAL_UI_URL"] = f"http://127.0.0.1:{settings.temporal_ui_port}"
+        if settings.worker_metrics_address is None:
+            _default_dev_worker_metrics()
         for part in parts:
             part.start()
         # The API says where it listens once it does, among its own lines.
-        log.info("worker and API starting; Ctrl-C stops everything")
-        warn_if_open(settings)  # the API says so too, but among its own lines
+        log.info("worker and API starting; Ctrl-C stops everything")  # the API warns of an open mode itself
         _supervise(temporal, parts)
     except TemporalUnavailable as failure:
         log.error("%s", failure)
@@ -166,6 +166,25 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
             temporal.stop()
         log.info("stopped")
     sys.exit(exit_code)
+
+
+# dev's worker serves its metrics here unless WORKER_METRICS_ADDRESS says otherwise: dev runs one worker, so a
+# fixed port (which would stop a second worker on a host) clashes with nothing of its own.
+DEV_WORKER_METRICS_ADDRESS = ("127.0.0.1", 9464)
+
+
+def _default_dev_worker_metrics() -> None:
+    """Hand dev's worker DEV_WORKER_METRICS_ADDRESS, which it reads through Settings, if the port is free now;
+    if another program has it, the worker goes without metrics rather than failing to start again and again."""
+    host, port = DEV_WORKER_METRICS_ADDRESS
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as error:
+        log.info("worker metrics off: %s:%d is not free (%s); WORKER_METRICS_ADDRESS names another address",
+                 host, port, error.strerror)
+        return
+    os.environ["WORKER_METRICS_ADDRESS"] = f"{host}:{port}"
+    log.info("worker metrics on http://%s:%d/metrics", host, port)
 
 
 def _supervise(temporal: TemporalDevServer, parts: list[RestartingPart]) -> None:

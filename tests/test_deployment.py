@@ -60,6 +60,8 @@ ENVIRONMENT_USES = {
     # dev hands the worker and the API it starts the TEMPORAL_UI_URL setting of its own Web UI, which they read
     # through Settings.
     ("app/cli.py", 'os.environ["TEMPORAL_UI_URL"] = f"http://127.0.0.1:{settings.temporal_ui_port}"'),
+    # ... and WORKER_METRICS_ADDRESS, its worker's metrics on a fixed port unless the setting names another.
+    ("app/cli.py", 'os.environ["WORKER_METRICS_ADDRESS"] = f"{host}:{port}"'),
     # The Python client's and the CLI's own defaults (GATEWAY_URL, GATEWAY_API_KEY, GATEWAY_TOKEN): which gateway
     # to call and with whose credentials, where the client runs; the gateway never reads them.
     ("comfyui_gateway_client/config.py", 'return os.environ.get(f"GATEWAY_{name}")'),
