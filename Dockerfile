@@ -10,6 +10,7 @@ COPY activities activities
 COPY worker worker
 COPY workflows_temporal workflows_temporal
 COPY templates templates
+COPY comfyui_gateway_client comfyui_gateway_client
 # A virtual environment to copy whole into the runtime stage; pip compiles every module's bytecode as it
 # installs, which the worker's workflow sandbox then reads instead of compiling per job (worker/bytecode.py).
 RUN python -m venv /opt/venv \

@@ -21,7 +21,7 @@ from typing import Any
 
 import h11
 import uvicorn
-from fastapi import HTTPException
+from fastapi import FastAPI, HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
@@ -59,13 +59,13 @@ def _on_step_aside(scope: Scope, give_back: Callable[[], None]) -> Callable[[], 
     return once
 
 
-def server_config(app: ASGIApp, settings: Settings) -> ServerConfig:
+def server_config(app: FastAPI, settings: Settings) -> ServerConfig:
     return ServerConfig(
         # The request id outermost: a request refused as one too many has one as well.
         RequestIds(ConcurrencyLimit(
             ReadsInTurn(BodyReadTimeout(app, settings.api_body_timeout_s), settings.api_concurrent_reads),
             settings.api_max_concurrent_requests,
-        ), access_log=settings.access_log),
+        ), access_log=settings.access_log, routes=app.router.routes if settings.privacy_mode else None),
         header_timeout=settings.api_header_timeout_s,
         timeout_keep_alive=settings.api_keep_alive_s,
         host=settings.host,

@@ -74,7 +74,8 @@ def _with_security_headers(app: FastAPI, settings: Settings) -> None:
     build_stack = app.build_middleware_stack
 
     def build_middleware_stack() -> ASGIApp:
-        return RequestIds(SecurityHeaders(build_stack()), access_log=settings.access_log)
+        return RequestIds(SecurityHeaders(build_stack()), access_log=settings.access_log,
+                          routes=app.router.routes if settings.privacy_mode else None)
 
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 

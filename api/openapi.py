@@ -23,7 +23,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _CODES_ATTRIBUTE = "__answers_with__"
 # The codes whose `details.fields` lists every offending field of the request.
-_FIELD_CODES = {ErrorCode.VALIDATION_ERROR, ErrorCode.UNSUPPORTED_FIELD, ErrorCode.REQUEST_TOO_LARGE}
+_FIELD_CODES = {ErrorCode.VALIDATION_ERROR, ErrorCode.REQUEST_TOO_LARGE}
 _SCHEMAS = "#/components/schemas/"
 
 _ERROR_SCHEMAS: dict[str, dict[str, Any]] = {

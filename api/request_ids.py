@@ -2,7 +2,8 @@
 else one made here (uuid4 hex). Every answer carries it, errors included; every line logged while the request
 is handled carries it (app.logs), and a job it creates carries it into its workflow, its activities' lines and
 its webhooks. One access line per request, at INFO with ACCESS_LOG, else at DEBUG: the path, never the query
-(a signed URL's secrets are there).
+(a signed URL's secrets are there); under PRIVACY_MODE the route's template (`/jobs/{job_id}`), never the path,
+whose ids and file names say who asked for what.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import time
 import uuid
 
 from starlette.datastructures import MutableHeaders
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.request_metrics import route_template
 from app.logs import log_fields
 
 HEADER = "X-Request-ID"
@@ -36,11 +39,13 @@ def request_id_of(scope: Scope) -> str | None:
 
 class RequestIds:
     """ASGI middleware: the request's id (see the module). Outermost: the server's own refusals carry it too.
-    A request that has one already (the server's layers and the app both have this) passes through."""
+    A request that has one already (the server's layers and the app both have this) passes through.
+    With `routes` (PRIVACY_MODE), the access line names the route's template among them, not the path."""
 
-    def __init__(self, app: ASGIApp, *, access_log: bool) -> None:
+    def __init__(self, app: ASGIApp, *, access_log: bool, routes: list[BaseRoute] | None = None) -> None:
         self.app = app
         self.access_level = logging.INFO if access_log else logging.DEBUG
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or _SCOPE_KEY in scope:
@@ -64,6 +69,6 @@ class RequestIds:
                 await self.app(scope, receive, send_with_id)
             finally:
                 took = round((time.perf_counter() - started) * 1000)
-                log.log(self.access_level, "%s %s %s in %d ms", scope["method"], scope["path"], status or "-", took,
-                        extra={"method": scope["method"], "path": scope["path"], "status": status,
-                               "duration_ms": took})
+                path = scope["path"] if self.routes is None else route_template(scope, self.routes)
+                log.log(self.access_level, "%s %s %s in %d ms", scope["method"], path, status or "-", took,
+                        extra={"method": scope["method"], "path": path, "status": status, "duration_ms": took})

@@ -79,8 +79,14 @@ class RestartBackoff:
         return delay
 
 
+class PartMisconfigured(RuntimeError):
+    """A part exited with 78 (EX_CONFIG): its configuration is wrong (e.g. PORT is taken), and starting it
+    again would fail the same way."""
+
+
 class RestartingPart:
-    """A part of the gateway in a child process of its own, started again with backoff whenever it exits.
+    """A part of the gateway in a child process of its own, started again with backoff whenever it exits,
+    unless it exits with 78 (EX_CONFIG): a configuration error is not transient (PartMisconfigured).
 
     The part gets a process group of its own so that a Ctrl-C in the terminal reaches only the supervisor,
     which then stops the parts in order instead of having them all exit at once (and be restarted)."""
@@ -103,6 +109,9 @@ class RestartingPart:
         assert self._process is not None, "start() first"
         now = time.monotonic()
         if self._restart_at is None and self._process.poll() is not None:
+            if self._process.returncode == os.EX_CONFIG:
+                raise PartMisconfigured(f"{self.name} {describe_exit(self._process.returncode)} (EX_CONFIG: its "
+                                        "configuration is wrong, as it said above); not restarting it")
             delay = self._backoff.delay_after_exit(ran_for=now - self._started_at)
             self._restart_at = now + delay
             log.error("%s %s; restarting it in %g s", self.name, describe_exit(self._process.returncode), delay)

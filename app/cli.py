@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("comfyui_gateway")
 
+# The commands whose process starts the Temporal SDK's core, whose threads can crash the interpreter's
+# teardown (app.interpreter_exit): they end without one.
+_RUN_THE_TEMPORAL_SDK = frozenset({"dev", "api", "worker", "health"})
+
 
 def _load_settings() -> Settings:
     # Imported here, not above: it loads Temporal's SDK, which the commands for people never need.
@@ -44,21 +48,32 @@ def _load_settings() -> Settings:
         sys.exit(f"comfyui-gateway: invalid configuration\n{problems}")
 
 
-async def _connect_with_retry(settings: Settings, *, for_worker: bool, attempts: int = 60):  # type: ignore[no-untyped-def]
-    from app.temporal_client import connect_temporal, process_runtime
+async def _connect(settings: Settings, *, for_worker: bool):  # type: ignore[no-untyped-def]
+    from app.temporal_client import connect_within, process_runtime
 
     runtime = process_runtime(settings, serves_metrics=for_worker)  # once: it binds TEMPORAL_METRICS_ADDRESS
-    for attempt in range(attempts):
-        try:
-            return await connect_temporal(settings, runtime)
-        except Exception as error:  # connection errors vary by transport; all mean "not up yet"
-            if attempt == attempts - 1:
-                raise
-            log.info("waiting for Temporal at %s (%s)", settings.temporal_address, error)
-            await asyncio.sleep(1)
+    return await connect_within(settings, runtime)
 
 
-async def _serve(settings: Settings, *, with_api: bool, with_worker: bool) -> None:
+def _api_socket(settings: Settings) -> socket.socket:
+    """The API's address, listened on before the wait for Temporal, which may take a minute: a port in use is
+    a configuration error, said at once (exit 78, EX_CONFIG, which `dev` does not restart), and the port is the
+    API's from now on, however long Temporal takes (a socket only bound, not listening, would not keep another
+    SO_REUSEADDR server off it). Connections made meanwhile wait in its backlog; uvicorn then serves on it."""
+    listening = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own: a restart rebinds at once
+    try:
+        listening.bind((settings.host, settings.port))
+        listening.listen(socket.SOMAXCONN)
+    except OSError as error:
+        listening.close()
+        log.error("comfyui-gateway api: cannot listen on %s:%d (HOST, PORT): %s; is another gateway or program "
+                  "using the port?", settings.host, settings.port, error.strerror)
+        sys.exit(os.EX_CONFIG)
+    return listening
+
+
+async def _serve(settings: Settings, *, api_socket: socket.socket | None, with_worker: bool) -> None:
     import uvicorn
 
     from api.http_server import server_config
@@ -80,15 +95,24 @@ async def _serve(settings: Settings, *, with_api: bool, with_worker: bool) -> No
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
 
-    client = await _connect_with_retry(settings, for_worker=with_worker)
+    # A stop asked for while Temporal is awaited ends the wait: no connect attempts are left to run first.
+    stopping = asyncio.create_task(stop.wait())
+    connecting = asyncio.create_task(_connect(settings, for_worker=with_worker))
+    await asyncio.wait([stopping, connecting], return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        log.info("stopped before Temporal answered")
+        return
+    client = connecting.result()  # TemporalUnreachable after TEMPORAL_CONNECT_TIMEOUT_S
     async with AsyncExitStack() as stack:
         if with_worker:
             await stack.enter_async_context(running_worker(client, settings))
         server_task = None
-        if with_api:
+        if api_socket is not None:
             server = EmbeddedServer(server_config(create_app(settings, client), settings))
-            server_task = asyncio.create_task(server.serve())
-        waiters = [asyncio.create_task(stop.wait())] + ([server_task] if server_task else [])
+            server_task = asyncio.create_task(server.serve(sockets=[api_socket]))
+        waiters = [stopping] + ([server_task] if server_task else [])
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         log.info("shutting down")
         if server_task is not None:
@@ -99,8 +123,7 @@ async def _serve(settings: Settings, *, with_api: bool, with_worker: bool) -> No
 def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
     """Temporal dev server, worker and API as one process tree. The worker and the API are processes of
     their own, as in production, so that API traffic never delays the worker picking up tasks."""
-    from app.child_processes import RestartingPart
-    from api.auth import warn_if_open
+    from app.child_processes import PartMisconfigured, RestartingPart
     from app.db import make_engine, migrate
     from app.devserver import TemporalUnavailable, start_temporal_dev_server
     from app.templates.store import prepare_database
@@ -123,15 +146,19 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
         engine.dispose()
         if settings.temporal_ui_url is None:  # each job's temporalUiUrl links into this dev server's Web UI
             os.environ["TEMPORAL_UI_URL"] = f"http://127.0.0.1:{settings.temporal_ui_port}"
+        if settings.worker_metrics_address is None:
+            _default_dev_worker_metrics()
         for part in parts:
             part.start()
         # The API says where it listens once it does, among its own lines.
-        log.info("worker and API starting; Ctrl-C stops everything")
-        warn_if_open(settings)  # the API says so too, but among its own lines
+        log.info("worker and API starting; Ctrl-C stops everything")  # the API warns of an open mode itself
         _supervise(temporal, parts)
     except TemporalUnavailable as failure:
         log.error("%s", failure)
         exit_code = 1
+    except PartMisconfigured as failure:
+        log.error("%s; stopping", failure)
+        exit_code = os.EX_CONFIG
     finally:
         for part in reversed(parts):  # the API first, then the worker, then Temporal
             part.stop(timeout=30)
@@ -141,9 +168,29 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> None:
     sys.exit(exit_code)
 
 
+# dev's worker serves its metrics here unless WORKER_METRICS_ADDRESS says otherwise: dev runs one worker, so a
+# fixed port (which would stop a second worker on a host) clashes with nothing of its own.
+DEV_WORKER_METRICS_ADDRESS = ("127.0.0.1", 9464)
+
+
+def _default_dev_worker_metrics() -> None:
+    """Hand dev's worker DEV_WORKER_METRICS_ADDRESS, which it reads through Settings, if the port is free now;
+    if another program has it, the worker goes without metrics rather than failing to start again and again."""
+    host, port = DEV_WORKER_METRICS_ADDRESS
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as error:
+        log.info("worker metrics off: %s:%d is not free (%s); WORKER_METRICS_ADDRESS names another address",
+                 host, port, error.strerror)
+        return
+    os.environ["WORKER_METRICS_ADDRESS"] = f"{host}:{port}"
+    log.info("worker metrics on http://%s:%d/metrics", host, port)
+
+
 def _supervise(temporal: TemporalDevServer, parts: list[RestartingPart]) -> None:
     """Until SIGINT/SIGTERM, restart the parts that exit; a worker crash must not take the API down.
-    Without its Temporal the gateway can do nothing, so Temporal exiting raises TemporalUnavailable."""
+    Without its Temporal the gateway can do nothing, so Temporal exiting raises TemporalUnavailable; a part
+    whose configuration is wrong raises PartMisconfigured."""
     from app.devserver import TemporalUnavailable
 
     stopping: list[int] = []
@@ -173,22 +220,33 @@ def _require_current_schema(settings: Settings, command: str) -> None:
 def _cmd_api(settings: Settings, _: argparse.Namespace) -> None:
     import uvloop
 
-    _require_current_schema(settings, "api")  # before waiting for Temporal, which may take a minute
+    from app.temporal_client import TemporalUnreachable
+
+    # Both before waiting for Temporal, which may take a minute.
+    _require_current_schema(settings, "api")
+    api_socket = _api_socket(settings)
     # uvloop: the API's event loop spends less of a request's time on itself (bench/polling.py: 7,900 reads
     # in a run on asyncio's own loop, 8,800 on uvloop). The worker keeps asyncio's loop, which the Temporal
     # SDK is tested on.
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(settings, with_api=True, with_worker=False))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve(settings, api_socket=api_socket, with_worker=False))
+    except TemporalUnreachable as error:
+        log.error("comfyui-gateway api: %s", error)
+        sys.exit(os.EX_UNAVAILABLE)
 
 
 def _cmd_worker(settings: Settings, _: argparse.Namespace) -> None:
-    from app.temporal_client import SearchAttributesMissing
+    from app.temporal_client import SearchAttributesMissing, TemporalUnreachable
 
     _require_current_schema(settings, "worker")
     try:
-        asyncio.run(_serve(settings, with_api=False, with_worker=True))
+        asyncio.run(_serve(settings, api_socket=None, with_worker=True))
     except SearchAttributesMissing as error:
         sys.exit(f"comfyui-gateway worker: {error}")
+    except TemporalUnreachable as error:
+        log.error("comfyui-gateway worker: %s", error)
+        sys.exit(os.EX_UNAVAILABLE)
 
 
 async def _health(settings: Settings) -> dict[str, object]:
@@ -315,6 +373,10 @@ def main(argv: list[str] | None = None) -> None:
         "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "health": _cmd_health, "init": _cmd_init,
         "migrate": _cmd_migrate,
     }
+    if args.command in _RUN_THE_TEMPORAL_SDK:
+        from app.interpreter_exit import run_then_exit
+
+        run_then_exit(lambda: handlers[args.command](settings, args))
     handlers[args.command](settings, args)
 
 

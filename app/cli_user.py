@@ -1,6 +1,6 @@
 """The command line's commands for people: run a job and watch it, look at jobs, manage workflow templates,
 all through a running gateway's API (`--url` / GATEWAY_URL, `--api-key` / GATEWAY_API_KEY), with the Python
-client (app.client). Nothing here reads the database or the gateway's settings.
+client (comfyui_gateway_client). Nothing here reads the database or the gateway's settings.
 
 Exit codes: 0 done; 1 the gateway refused the request (its error code is printed); 2 bad usage; 3 the gateway
 is unreachable; 4 authentication failed or the role may not do this; 5 the job failed or was cancelled;
@@ -21,8 +21,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from app.client import AuthFailed, Forbidden, GatewayClient, GatewayError, GatewayUnreachable, Job, JobFailed
-from app.client.config import DEFAULT_URL
+from comfyui_gateway_client import (
+    AuthFailed,
+    Forbidden,
+    GatewayClient,
+    GatewayError,
+    GatewayUnreachable,
+    InvalidGatewayUrl,
+    Job,
+    JobFailed,
+)
+from comfyui_gateway_client.config import DEFAULT_URL
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_JOB_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
 EXIT_CODES_HELP = """exit codes of generate, jobs and workflows:
@@ -107,6 +116,8 @@ def run(args: argparse.Namespace) -> None:
             args.run(gateway, args)
     except UsageError as error:
         _fail(args, EXIT_USAGE, "USAGE", str(error))
+    except InvalidGatewayUrl as error:
+        _fail(args, EXIT_USAGE, "USAGE", f"{error} (--url or GATEWAY_URL)")
     except GatewayUnreachable as error:
         _fail(args, EXIT_UNREACHABLE, error.code, f"{error.message} (is it running? `comfyui-gateway dev` starts "
               "one; --url or GATEWAY_URL names another)", error.details)
@@ -360,7 +371,11 @@ def _workflows_update(gateway: GatewayClient, args: argparse.Namespace) -> None:
         changes["workflow_json"] = _read_json(args.file, "workflow")
     if not changes:
         raise UsageError("nothing to change: give a graph file or --name, --description, --schema, ...")
-    _print_change(args, "updated", gateway.update_workflow(args.template, **changes))
+    # The API answers a change that changes nothing with the current version, writing none: told apart by the
+    # version before it.
+    before = gateway.get_workflow(args.template).version
+    answer = gateway.update_workflow(args.template, **changes)
+    _print_change(args, "updated" if answer.workflow.version != before else "unchanged", answer)
 
 
 def _print_change(args: argparse.Namespace, what: str, answer: Any) -> None:

@@ -19,7 +19,6 @@ class ErrorCode(str, Enum):
     """Stable error codes: clients branch on these, so they never change meaning."""
 
     VALIDATION_ERROR = "VALIDATION_ERROR"
-    UNSUPPORTED_FIELD = "UNSUPPORTED_FIELD"
     REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
     NOT_FOUND = "NOT_FOUND"
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
@@ -87,8 +86,6 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
         "the prompt (`details.nodeErrors` says which node, which input, why)",
         remedy="fix each field `details.fields` names, as its message says, and send again (nothing was created); as"
         " a job's error, fix the input of the node `details.nodeErrors` names, or the template"),
-    ErrorCode.UNSUPPORTED_FIELD: ErrorClass(400, False, False, _REQUEST, "a field this version does not support yet",
-        remedy="leave the field out"),
     ErrorCode.REQUEST_TOO_LARGE: ErrorClass(413, False, False, _REQUEST, "the request body is over 64 MB",
         remedy="give images as URLs instead of inline base64, or split a batch's items over several batches"),
     ErrorCode.NOT_FOUND: ErrorClass(404, False, False, _REQUEST, "no such route",

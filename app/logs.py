@@ -34,8 +34,9 @@ CONTEXT_FIELDS = ("request_id", "job_id", "batch_id", "template_id", "workflow_i
 _fields: ContextVar[Mapping[str, Any]] = ContextVar("gateway_log_fields", default={})
 
 # Libraries that log a line per request or per message at INFO or DEBUG: a ComfyUI poll a second per waiting
-# prompt would drown what the gateway has to say. Their warnings still show.
-_CHATTY = ("httpx", "httpcore", "websockets", "hpack", "multipart")
+# prompt would drown what the gateway has to say. sse_starlette narrates each event stream's chunks and
+# disconnects, PIL each image plugin it loads. Their warnings still show.
+_CHATTY = ("httpx", "httpcore", "websockets", "hpack", "multipart", "sse_starlette", "PIL")
 # The `extra` temporalio's loggers add, and uvicorn's colored copy of its message: read, never printed as is.
 _NOT_PRINTED = ("temporal_activity", "temporal_workflow", "color_message")
 

@@ -223,6 +223,9 @@ class Settings(BaseSettings):
     temporal_namespace: str = Field("default", description="the Temporal namespace")
     temporal_task_queue: str = Field(
         "comfyui-gateway", description="the main task queue (each ComfyUI gets <queue>.<backend>)")
+    temporal_connect_timeout_s: float = Field(
+        60.0, gt=0, description="how long `comfyui-gateway api` and `worker` wait for Temporal to answer when they "
+                                "start, before they exit with code 69 (EX_UNAVAILABLE) and the last error")
     temporal_sticky_timeout_s: float = Field(
         10.0, gt=0, le=600,
         description="how long a job's next workflow task waits for the worker that ran its last one (which keeps the "

@@ -3,6 +3,7 @@ search attributes the workflow writes."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 
@@ -21,12 +22,18 @@ from app.search_attributes import JOB_SEARCH_ATTRIBUTES
 from app.settings import Settings
 
 
+log = logging.getLogger(__name__)
+
 # How `temporal operator search-attribute create --type` names each kind the gateway uses.
 _CLI_TYPES = {IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD: "Keyword", IndexedValueType.INDEXED_VALUE_TYPE_INT: "Int"}
 
 
 class SearchAttributesMissing(RuntimeError):
     """The namespace lacks the gateway's search attributes and would not take them."""
+
+
+class TemporalUnreachable(RuntimeError):
+    """Temporal did not answer within TEMPORAL_CONNECT_TIMEOUT_S."""
 
 
 def gateway_data_converter(settings: Settings) -> DataConverter:
@@ -49,6 +56,28 @@ async def connect_temporal(settings: Settings, runtime: Runtime | None = None) -
         settings.temporal_address, namespace=settings.temporal_namespace, data_converter=gateway_data_converter(settings),
         runtime=runtime,
     )
+
+
+async def connect_within(settings: Settings, runtime: Runtime) -> Client:
+    """Connect, trying again every second while Temporal is not up yet (a stack starts its parts together),
+    for TEMPORAL_CONNECT_TIMEOUT_S in all, the attempt under way included: one that hangs (an address that
+    drops packets) is bounded too."""
+    last_error: Exception | None = None
+    try:
+        async with asyncio.timeout(settings.temporal_connect_timeout_s):
+            while True:
+                try:
+                    return await connect_temporal(settings, runtime)
+                except Exception as error:  # connection errors vary by transport; all mean "not up yet"
+                    last_error = error
+                log.info("waiting for Temporal at %s (%s)", settings.temporal_address, last_error)
+                await asyncio.sleep(1)
+    except TimeoutError:
+        raise TemporalUnreachable(
+            f"Temporal at {settings.temporal_address} (TEMPORAL_ADDRESS) did not answer within "
+            f"{settings.temporal_connect_timeout_s:g} s (TEMPORAL_CONNECT_TIMEOUT_S)"
+            + (f"; last error: {last_error}" if last_error is not None else "")
+        ) from None
 
 
 def process_runtime(settings: Settings, *, serves_metrics: bool) -> Runtime:

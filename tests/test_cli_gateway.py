@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.client import AsyncGatewayClient, NotFound
-from tests.harness import REPO_ROOT, SHARED_COMFYUI, free_port
+from comfyui_gateway_client import AsyncGatewayClient, JobFailed, JobStatus, NotFound
+from tests.harness import REPO_ROOT, SHARED_COMFYUI, assert_eventually, free_port
 from tests.test_auth import ADMIN_KEY, ALICE_KEY
 from tests.test_client import FAILING_TEMPLATE, SLOW_TEMPLATE, seconds, served  # noqa: F401 - `served` is this module's gateway too
 from tests.test_e2e_sse import Served
@@ -108,6 +108,8 @@ async def test_workflows_are_managed_through_the_api(served: Served, tmp_path: P
     assert added.returncode == 0 and f"registered {template} version 1" in added.stdout, added.stderr
     updated = await cli(served.url, "workflows", "update", template, "--description", "second", api_key=ADMIN_KEY)
     assert f"updated {template} version 2" in updated.stdout, updated.stderr
+    again = await cli(served.url, "workflows", "update", template, "--description", "second", api_key=ADMIN_KEY)
+    assert again.returncode == 0 and again.stdout == f"unchanged {template} version 2\n", again
     listed, shown = await asyncio.gather(cli(served.url, "workflows", "list"),
                                          cli(served.url, "workflows", "show", template))
     rows = {line.split()[0]: line.split(None, 2)[1:] for line in listed.stdout.splitlines()[1:]}
@@ -123,13 +125,31 @@ async def test_workflows_are_managed_through_the_api(served: Served, tmp_path: P
 
 async def test_clear_errors_for_an_absent_gateway_and_refused_credentials(served: Served) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"
-    absent, refused, version, misspelt = await asyncio.gather(
+    absent, schemeless, refused, version, misspelt = await asyncio.gather(
         cli(nowhere, "jobs", "list"),
+        cli(nowhere.removeprefix("http://"), "jobs", "list"),
         cli(served.url, "jobs", "list", api_key="not-a-key"),
         cli(served.url, "--version"),
         cli(served.url, "generate", "solid_color", "--input", "width"),
     )
     assert misspelt.returncode == 2 and "--input 'width': write KEY=VALUE" in misspelt.stderr
     assert absent.returncode == 3 and nowhere in absent.stderr and "GATEWAY_UNREACHABLE" in absent.stderr
+    assert schemeless.returncode == 2 and f"e.g. {nowhere} (--url or GATEWAY_URL)" in schemeless.stderr, schemeless
     assert refused.returncode == 4 and "AUTH_FAILED" in refused.stderr and "--api-key" in refused.stderr
     assert version.returncode == 0 and version.stdout.startswith("comfyui-gateway ")
+
+
+async def test_jobs_cancel_cancels_a_running_job(served: Served) -> None:
+    async with AsyncGatewayClient(served.url, api_key=ALICE_KEY) as alice:
+        submitted = await alice.submit(SLOW_TEMPLATE, {"seconds": seconds(served.comfyui, 60.0)})
+        await assert_eventually(lambda: running(alice, submitted.job_id), what="the job running")
+        cancel = await cli(served.url, "jobs", "cancel", submitted.job_id, "--reason", "changed my mind")
+        assert cancel.returncode == 0, cancel.stderr
+        assert cancel.stdout.startswith(f"job {submitted.job_id} "), cancel.stdout
+        with pytest.raises(JobFailed) as ended:
+            await asyncio.wait_for(alice.wait(submitted.job_id), timeout=30)
+    assert ended.value.job.status is JobStatus.cancelled
+
+
+async def running(client: AsyncGatewayClient, job_id: str) -> bool:
+    return (await client.get_job(job_id)).status is JobStatus.running

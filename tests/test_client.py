@@ -1,11 +1,12 @@
-"""The Python client (app.client), blocking and asyncio, driving real jobs through the whole stack: the API
-served by uvicorn on a port, the worker, the session's simulator, Temporal. One gateway for the module."""
+"""The Python client (comfyui_gateway_client), blocking and asyncio, driving real jobs through the whole stack:
+the API served by uvicorn on a port, the worker, the session's simulator, Temporal. One gateway for the module."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 import uuid
@@ -18,7 +19,7 @@ import pytest
 from httpx import ASGITransport
 from temporalio.testing import WorkflowEnvironment
 
-from app.client import (
+from comfyui_gateway_client import (
     AsyncGatewayClient,
     AuthFailed,
     Conflict,
@@ -59,6 +60,12 @@ async def served(temporal_env: WorkflowEnvironment, comfyui: ComfyUITarget, tmp_
         yield gateway
 
 
+def umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def seconds(comfyui: ComfyUITarget, wall: float) -> float:
     return round(wall / comfyui.time_scale, 1)
 
@@ -82,10 +89,14 @@ async def test_the_blocking_client_generates_a_job_follows_its_progress_and_down
     running = [update for update in seen if update.status is JobStatus.running]
     assert running and any(0 < update.progress < 100 and update.current_node == "2" for update in running), seen
     assert seen[-1].status is JobStatus.succeeded and seen[-1].job_id == job.job_id
+    # The end is told once, by the final event: not also by the output event before it, which carries the
+    # status the job ended with already.
+    assert [update.status for update in seen].count(JobStatus.succeeded) == 1, seen
     # The file is the job's, byte for byte, and so is its base64 copy.
     [path] = paths
     [recorded] = job.outputs
     assert path == tmp_path / "out" / recorded.filename and path.read_bytes().startswith(b"\x89PNG")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask()  # a file as any other, not a private temporary
     assert hashlib.sha256(path.read_bytes()).hexdigest() == recorded.sha256
     assert inline.content == path.read_bytes() and inline.content_type == "image/png"
     assert not list((tmp_path / "out").glob(".*.part"))
@@ -271,8 +282,25 @@ def test_the_client_and_the_commands_for_people_load_nothing_of_the_server() -> 
     """They use the API only: no database, no Temporal, no server settings. `app.cli` neither, until a command
     that runs the gateway needs them, so a command for people starts in about 0.5 s of CPU, not 0.9 s."""
     loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, app.cli, app.client, app.cli_user; print(' '.join(sys.modules))"],
+        [sys.executable, "-c",
+         "import sys, app.cli, comfyui_gateway_client, app.cli_user; print(' '.join(sys.modules))"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     ).stdout.split()
     server = {"temporalio", "sqlalchemy", "sqlmodel", "fastapi", "app.settings", "app.db", "api", "worker"}
     assert not server & set(loaded)
+
+
+def test_an_application_with_an_app_package_of_its_own_imports_the_client(tmp_path: Path) -> None:
+    """The client is a top-level package that imports nothing of `app`: an application whose own `app/` comes
+    first on sys.path keeps it, and still gets the client."""
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__init__.py").write_text("MINE = True\n")
+    program = ("import sys, app, comfyui_gateway_client\n"
+               "from comfyui_gateway_client import GatewayClient\n"
+               "assert app.MINE\n"
+               "print(sorted(name for name in sys.modules if name == 'app' or name.startswith('app.')))")
+    loaded = subprocess.run(
+        [sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}"},
+    ).stdout.strip()
+    assert loaded == "['app']"

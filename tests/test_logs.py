@@ -14,14 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 
+from api.http_server import server_config
 from api.request_ids import MAX_LENGTH, sane_request_id
 from app.logs import LogFormat, log_fields, log_handler
 from tests.harness import (
     REPO_ROOT, Gateway, api_alone, api_alone_settings, asgi_client, assert_eventually, serve_locally,
 )
+from tests.test_privacy import new_key
 
 UUID_HEX = re.compile(r"[0-9a-f]{32}")
 
@@ -122,6 +125,26 @@ async def test_every_answer_carries_the_request_id_and_its_access_line(tmp_path:
                for entry in access)
 
 
+async def test_under_privacy_mode_an_access_line_names_the_route_not_the_path(
+    tmp_path: Path, lines: io.StringIO
+) -> None:
+    """Both places that write access lines, the app's (in process) and the server's (outermost, as
+    `comfyui-gateway api` serves): the job id, a file name, a query never show; an unknown path neither."""
+    settings = api_alone_settings(tmp_path, privacy_mode=True, encryption_keys=new_key("k1"), access_log=True)
+    async with api_alone(settings) as app:
+        served = httpx.ASGITransport(app=server_config(app, settings).app, raise_app_exceptions=False)
+        async with asgi_client(app) as in_process, httpx.AsyncClient(transport=served, base_url="http://g") as server:
+            for client in (in_process, server):
+                await client.get("/jobs/secret-job-id?token=secret-query")
+                await client.get("/outputs/secret-job-id/secret-name.png")
+                await client.get("/secret/unknown/path")
+    access = [entry for entry in parsed(lines) if entry["logger"] == "api.access"]
+    assert [(entry["level"], entry["path"]) for entry in access] == 2 * [
+        ("INFO", "/jobs/{job_id}"), ("INFO", "/outputs/{job_id}/{filename}"), ("INFO", "(unmatched)")]
+    # The gateway's lines, that is; the test's own httpx client logs what it asked for.
+    assert not [entry for entry in parsed(lines) if not entry["logger"].startswith("httpx") and "secret" in str(entry)]
+
+
 @pytest.mark.settings(webhook_secret="a webhook secret", webhook_allowed_domains="127.0.0.1")
 async def test_one_request_id_follows_a_job_from_the_api_to_its_webhook(gateway: Gateway, lines: io.StringIO) -> None:
     received: list[web.Request] = []
@@ -174,7 +197,7 @@ for variables in json.loads(sys.argv[1]):  # one process, configured as each com
     settings = Settings(_env_file=None)
     configure_logging(settings.log_level.value, settings.log_format)  # as `comfyui-gateway <command>` does
     for name in ("httpx", "httpcore.http11", "websockets.client", "uvicorn.error", "alembic.runtime.migration",
-                 "activities.comfy"):
+                 "sse_starlette.sse", "PIL.PngImagePlugin", "activities.comfy"):
         logging.getLogger(name).info("info from %s", name)
         logging.getLogger(name).debug("debug from %s", name)
     logging.getLogger("activities.comfy").warning("a warning")

@@ -11,14 +11,20 @@ from typing import Any, TypeVar
 import httpx
 from httpx_sse import EventSource
 
-from app.client import calls
-from app.client.calls import Call
-from app.client.config import ClientConfig, next_try
-from app.client.downloads import CHUNK_BYTES, OutputWriter, external_request, target_path
-from app.client.endpoints import awaiting
-from app.client.errors import GatewayError, TryLater, error_from_answer, succeeded, unreachable
-from app.client.models import Event, Job, OutputFile
-from app.client.streams import BATCH_FINAL_EVENTS, JOB_FINAL_EVENTS, STREAM_BROKEN, EventCursor
+from comfyui_gateway_client import calls
+from comfyui_gateway_client.calls import Call
+from comfyui_gateway_client.config import ClientConfig, next_try
+from comfyui_gateway_client.downloads import CHUNK_BYTES, OutputWriter, external_request, target_path
+from comfyui_gateway_client.endpoints import awaiting
+from comfyui_gateway_client.errors import GatewayError, TryLater, error_from_answer, succeeded, unreachable
+from comfyui_gateway_client.models import Event, Job, OutputFile
+from comfyui_gateway_client.streams import (
+    BATCH_FINAL_EVENTS,
+    JOB_FINAL_EVENTS,
+    STREAM_BROKEN,
+    EventCursor,
+    tells_progress,
+)
 
 T = TypeVar("T")
 
@@ -145,7 +151,9 @@ class AsyncGatewayClient:
         live: dict[str, Any] = {}
         async for event in self.events(job_id):
             live.update(event.data)
-            if on_progress is not None and inspect.isawaitable(told := on_progress(Job.model_validate(live))):
+            if on_progress is None or not tells_progress(event, live):
+                continue
+            if inspect.isawaitable(told := on_progress(Job.model_validate(live))):
                 await told
         return succeeded(await self.get_job(job_id))
 

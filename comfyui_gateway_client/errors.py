@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from app.client.models import Job
+    from comfyui_gateway_client.models import Job
 
 GATEWAY_UNREACHABLE = "GATEWAY_UNREACHABLE"
 UNEXPECTED_ANSWER = "UNEXPECTED_ANSWER"

@@ -1,4 +1,4 @@
-"""Binding the call descriptions (app.client.calls) to a client: `get_job = blocking(calls.get_job)` on
+"""Binding the call descriptions (comfyui_gateway_client.calls) to a client: `get_job = blocking(calls.get_job)` on
 GatewayClient is `client.get_job(job_id) -> Job`; `awaiting(calls.get_job)` on AsyncGatewayClient is the same
 coroutine. Each keeps its call's signature and docstring, for editors and type checkers alike."""
 
@@ -8,7 +8,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-from app.client.calls import Call
+from comfyui_gateway_client.calls import Call
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import httpx
 
-from app.client.errors import OUTPUT_CORRUPTED, OutputCorrupted
-from app.client.models import OutputFile
+from comfyui_gateway_client.errors import OUTPUT_CORRUPTED, OutputCorrupted
+from comfyui_gateway_client.models import OutputFile
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -31,6 +31,17 @@ def external_request(http: httpx.Client | httpx.AsyncClient, location: str) -> h
     return request
 
 
+def _new_file_beside(path: Path) -> tuple[int, Path]:
+    """A new temporary file in `path`'s folder, made as `open` makes files (0666 less the umask: 0644 as a
+    rule), since it becomes the output itself; tempfile.mkstemp's would stay 0600, readable by no one else."""
+    while True:
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
+        try:
+            return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), candidate
+        except FileExistsError:
+            continue
+
+
 class OutputWriter:
     """Collects a download's chunks into a temporary file; `finish` checks it and renames it to `path`."""
 
@@ -38,8 +49,7 @@ class OutputWriter:
         self.path = path
         self.expected = expected
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        self.temporary = Path(name)
+        descriptor, self.temporary = _new_file_beside(path)
         self.file = os.fdopen(descriptor, "wb")
         self.digest = hashlib.sha256()
         self.size = 0

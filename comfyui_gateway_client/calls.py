@@ -14,8 +14,8 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from app.client.errors import UNEXPECTED_ANSWER, GatewayError, error_from_answer
-from app.client.models import (
+from comfyui_gateway_client.errors import UNEXPECTED_ANSWER, GatewayError, error_from_answer
+from comfyui_gateway_client.models import (
     Base64Output,
     Batch,
     Capabilities,

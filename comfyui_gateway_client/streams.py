@@ -8,18 +8,26 @@ reconnect after a pause, stop after the final event, and give up after a few rec
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
 import httpx
 from httpx_sse import ServerSentEvent
 
-from app.client.config import MAX_RETRY_AFTER_S
-from app.client.errors import UNEXPECTED_ANSWER, GatewayError, GatewayUnreachable, TryLater
-from app.client.models import Event
+from comfyui_gateway_client.config import MAX_RETRY_AFTER_S
+from comfyui_gateway_client.errors import UNEXPECTED_ANSWER, GatewayError, GatewayUnreachable, TryLater
+from comfyui_gateway_client.models import Event
 
 JOB_FINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
 BATCH_FINAL_EVENTS = frozenset({"completed", "cancelled"})
 # Transport failures that end a stream early: the connection broke, or went silent past the read timeout.
 STREAM_BROKEN = (httpx.TransportError, httpx.StreamError)
+
+
+def tells_progress(event: Event, job: Mapping[str, Any]) -> bool:
+    """Whether `on_progress` hears of the job as `event` left it: always but once it has ended, when only the
+    final event tells (the events just before it, an output's, carry the final status already)."""
+    return event.event in JOB_FINAL_EVENTS or job.get("status") not in JOB_FINAL_EVENTS
 
 
 class EventCursor:

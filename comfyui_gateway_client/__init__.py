@@ -1,6 +1,6 @@
 """A Python client of the gateway's REST API, blocking (`GatewayClient`) and asyncio (`AsyncGatewayClient`).
 
-    from app.client import GatewayClient
+    from comfyui_gateway_client import GatewayClient
 
     with GatewayClient("http://127.0.0.1:3000", api_key="...") as gateway:
         job = gateway.generate("solid_color", width=64, height=64, color=255)
@@ -9,8 +9,9 @@
 It talks to the API only (never the database), and returns its own models of the API's answers.
 """
 
-from app.client.aio import AsyncGatewayClient
-from app.client.errors import (
+from comfyui_gateway_client.aio import AsyncGatewayClient
+from comfyui_gateway_client.config import InvalidGatewayUrl
+from comfyui_gateway_client.errors import (
     AuthFailed,
     Conflict,
     Forbidden,
@@ -22,11 +23,20 @@ from app.client.errors import (
     OutputCorrupted,
     TryLater,
 )
-from app.client.models import Batch, BatchStatus, Event, Job, JobStatus, OutputFile, Workflow, WorkflowSummary
-from app.client.sync import GatewayClient
+from comfyui_gateway_client.models import (
+    Batch,
+    BatchStatus,
+    Event,
+    Job,
+    JobStatus,
+    OutputFile,
+    Workflow,
+    WorkflowSummary,
+)
+from comfyui_gateway_client.sync import GatewayClient
 
 __all__ = [
     "AsyncGatewayClient", "AuthFailed", "Batch", "BatchStatus", "Conflict", "Event", "Forbidden", "GatewayClient",
-    "GatewayError", "GatewayUnreachable", "InvalidRequest", "Job", "JobFailed", "JobStatus", "NotFound",
-    "OutputCorrupted", "OutputFile", "TryLater", "Workflow", "WorkflowSummary",
+    "GatewayError", "GatewayUnreachable", "InvalidGatewayUrl", "InvalidRequest", "Job", "JobFailed", "JobStatus",
+    "NotFound", "OutputCorrupted", "OutputFile", "TryLater", "Workflow", "WorkflowSummary",
 ]

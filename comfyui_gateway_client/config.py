@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from app.client.errors import GatewayError, TryLater, unreachable
+from comfyui_gateway_client.errors import GatewayError, TryLater, unreachable
 
 DEFAULT_URL = "http://127.0.0.1:3000"  # `comfyui-gateway dev` and `api` listen here unless PORT says otherwise
 # A stream's keep-alive comment comes every SSE_KEEPALIVE_S (15 s by default): a minute of silence is a dead
@@ -15,6 +15,11 @@ DEFAULT_URL = "http://127.0.0.1:3000"  # `comfyui-gateway dev` and `api` listen 
 STREAM_READ_TIMEOUT_S = 60.0
 # Longest wait a Retry-After may impose on one try; a gateway asking for more gets the error instead.
 MAX_RETRY_AFTER_S = 30.0
+
+
+class InvalidGatewayUrl(ValueError):
+    """The gateway's URL is no http:// or https:// URL (`localhost:3000`): said at once, not as an unreachable
+    gateway after the retries."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,9 @@ class ClientConfig:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         url = (url or _from_environment("URL") or DEFAULT_URL).rstrip("/")
+        if not _is_http_url(url):
+            example = f"http://{url}" if url and "://" not in url else DEFAULT_URL
+            raise InvalidGatewayUrl(f"the gateway's URL {url!r} needs http:// or https:// and a host, e.g. {example}")
         return cls(url=url, headers=headers, timeout=timeout, retries=retries)
 
     def timeouts(self, waits: float = 0.0) -> httpx.Timeout:
@@ -41,6 +49,14 @@ class ClientConfig:
 
     def stream_timeouts(self) -> httpx.Timeout:
         return httpx.Timeout(self.timeout, read=max(self.timeout, STREAM_READ_TIMEOUT_S))
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host)
 
 
 def _from_environment(name: str) -> str | None:

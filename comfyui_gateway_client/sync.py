@@ -10,14 +10,20 @@ from typing import Any, TypeVar
 import httpx
 from httpx_sse import EventSource
 
-from app.client import calls
-from app.client.calls import Call
-from app.client.config import ClientConfig, next_try
-from app.client.downloads import CHUNK_BYTES, OutputWriter, external_request, target_path
-from app.client.endpoints import blocking
-from app.client.errors import GatewayError, TryLater, error_from_answer, succeeded, unreachable
-from app.client.models import Event, Job, OutputFile
-from app.client.streams import BATCH_FINAL_EVENTS, JOB_FINAL_EVENTS, STREAM_BROKEN, EventCursor
+from comfyui_gateway_client import calls
+from comfyui_gateway_client.calls import Call
+from comfyui_gateway_client.config import ClientConfig, next_try
+from comfyui_gateway_client.downloads import CHUNK_BYTES, OutputWriter, external_request, target_path
+from comfyui_gateway_client.endpoints import blocking
+from comfyui_gateway_client.errors import GatewayError, TryLater, error_from_answer, succeeded, unreachable
+from comfyui_gateway_client.models import Event, Job, OutputFile
+from comfyui_gateway_client.streams import (
+    BATCH_FINAL_EVENTS,
+    JOB_FINAL_EVENTS,
+    STREAM_BROKEN,
+    EventCursor,
+    tells_progress,
+)
 
 T = TypeVar("T")
 
@@ -140,11 +146,11 @@ class GatewayClient:
 
     def wait(self, job_id: str, *, on_progress: Callable[[Job], None] | None = None) -> Job:
         """Follow the job's events until it ends; `on_progress` gets the job as each event leaves it. Returns
-        the finished job, or raises JobFailed when it failed or was cancelled."""
+        the finished job, or raises JobFailed when it failed or was cancelled. The end is told once."""
         live: dict[str, Any] = {}
         for event in self.events(job_id):
             live.update(event.data)
-            if on_progress is not None:
+            if on_progress is not None and tells_progress(event, live):
                 on_progress(Job.model_validate(live))
         return succeeded(self.get_job(job_id))
 
