@@ -8,13 +8,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import text
+from sqlalchemy import select, text, update
 from sqlalchemy.engine import Engine
 
 from app.comfy.backends import Backend
 from app.comfy.health import BackendHealth
-from app.comfy.slots import BackendSlots, Fleet, SlotLeases, live_leases
+from app.comfy.slots import BackendSlots, Fleet, Lease, SlotLeases, live_leases
+from app.db import as_utc
+from app.tables import BackendSlotRow
 from tests.harness import assert_eventually
 
 
@@ -135,3 +138,27 @@ async def test_a_cancel_that_lands_as_a_slot_frees_is_not_lost(engine: Engine) -
     waiting.cancel()  # ...as the prompt waiting for it is cancelled
     await asyncio.gather(waiting, return_exceptions=True)
     assert waiting.cancelled()
+
+
+def test_a_thousand_held_leases_are_renewed_and_an_abandoned_one_among_them_is_not(engine: Engine) -> None:
+    """A worker holding a fleet's prompts (1,000 and more) renews them all in statements that do not grow with
+    the number of leases: one OR term per lease made SQLite refuse the statement at about 1,000."""
+    backends, slots = 25, 42  # 1,050 leases, claimed by a crashed holder and adopted by this one's retries
+    soon = datetime.now(timezone.utc) + timedelta(seconds=60)
+    with engine.begin() as connection:
+        connection.execute(BackendSlotRow.__table__.insert(), [
+            {"backend": f"gpu{b}", "slot": s, "holder": "crashed", "prompt_id": f"p{b}-{s}", "expires_at": soon}
+            for b in range(backends) for s in range(slots)])
+    holder = SlotLeases(engine, "holder", lease_seconds=3600)
+    for b in range(backends):
+        for s in range(slots):
+            assert holder.claim(f"gpu{b}", slots, f"p{b}-{s}") is not None
+    left = Lease("gpu0", 0)
+    holder.abandon(left)
+    with engine.begin() as connection:
+        connection.execute(update(BackendSlotRow).values(expires_at=soon))
+    holder.renew()
+    with engine.begin() as connection:
+        rows = connection.execute(select(BackendSlotRow.backend, BackendSlotRow.slot, BackendSlotRow.expires_at)).all()
+    renewed = {Lease(backend, slot) for backend, slot, expires in rows if as_utc(expires) > soon}
+    assert len(holder.held) == backends * slots - 1 and renewed == holder.held and left not in renewed

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from temporalio.worker import (
@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 # A lease not renewed for this long is free again: its holder crashed or lost the database.
 LEASE_SECONDS = 30.0
 RENEW_EVERY_SECONDS = 5.0
+# Leases renewed by one statement at most (two parameters each): under the 999 bound parameters of SQLite's
+# older builds.
+RENEW_CHUNK = 400
 # How often other processes' leases are counted, and a prompt waiting for a lease tries again.
 RECHECK_SECONDS = 0.5
 
@@ -166,16 +169,21 @@ class SlotLeases:
             self.release(lease)
 
     def renew(self) -> None:
-        held = self.held
+        """Renew the held leases, RENEW_CHUNK at most per statement: one statement with a term per lease was
+        refused by SQLite at about 1,000 held leases (its expression tree too deep)."""
+        held = sorted(self.held, key=lambda lease: (lease.backend, lease.slot))
         if not held:
             return
+        expires = _now() + timedelta(seconds=self.lease_seconds)
         with self.engine.begin() as connection:
-            connection.execute(
-                update(BackendSlotRow)
-                .where(BackendSlotRow.holder == self.holder,
-                       or_(*(and_(BackendSlotRow.backend == lease.backend, BackendSlotRow.slot == lease.slot)
-                             for lease in held)))
-                .values(expires_at=_now() + timedelta(seconds=self.lease_seconds)))
+            for start in range(0, len(held), RENEW_CHUNK):
+                chunk = held[start:start + RENEW_CHUNK]
+                connection.execute(
+                    update(BackendSlotRow)
+                    .where(BackendSlotRow.holder == self.holder,
+                           tuple_(BackendSlotRow.backend, BackendSlotRow.slot).in_(
+                               [(lease.backend, lease.slot) for lease in chunk]))
+                    .values(expires_at=expires))
 
     def held_by_others(self) -> dict[str, int]:
         """backend → live leases on it that this process's running prompts do not hold: other processes', and
