@@ -4,8 +4,8 @@ each run S = JOBS/B prompts at once (a real ComfyUI runs one: the simulator's pa
 fleet's GPUs without a Temporal worker and connection per GPU), behind `comfyui-gateway dev` with one backend
 per server of S slots (COMFYUI_URLS `;slots=S`, no prefetch).
 
-Once every job reads `running`, for --window seconds: the worker's RSS (its largest), `GET /jobs/{id}` of jobs
-picked at random by 20 clients (p50/p95/p99), and every job's prompt activity's last heartbeat, whose age must
+Once every job reads `running`, for --window seconds: the worker's RSS (its largest) and CPU, `GET /jobs/{id}`
+of jobs picked at random by 20 clients (p50/p95/p99), and every job's prompt activity's last heartbeat, whose age must
 stay under COMFYUI_HEARTBEAT_TIMEOUT_S (a late one is a job Temporal would hand to another worker); a prompt
 activity on its second try is counted too. Then every job is cancelled. Targets: 1,000 jobs, worker RSS
 <= 1 GiB, no late heartbeat, GET p99 <= 50 ms.
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,9 +47,9 @@ def ticking_prompt(seconds: float, ticks: int) -> dict:
     }
 
 
-def rss_bytes(part: str, root_pid: int) -> int:
-    """The summed RSS of the `comfyui-gateway PART` processes under ROOT_PID (Linux: /proc)."""
-    total = 0
+def parts(part: str, root_pid: int) -> list[Path]:
+    """The /proc directories of the `comfyui-gateway PART` processes under ROOT_PID (Linux)."""
+    found = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
             argv = (status.parent / "cmdline").read_bytes().split(b"\0")
@@ -57,7 +58,27 @@ def rss_bytes(part: str, root_pid: int) -> int:
             continue
         words = [word.decode(errors="replace") for word in argv if word]
         if "app.cli" in words and part in words and int(fields["PPid"]) == root_pid:
+            found.append(status.parent)
+    return found
+
+
+def rss_bytes(part: str, root_pid: int) -> int:
+    """The summed RSS of the `comfyui-gateway PART` processes under ROOT_PID."""
+    total = 0
+    for process in parts(part, root_pid):
+        with suppress(OSError):
+            fields = dict(line.split(":", 1) for line in (process / "status").read_text().splitlines() if ":" in line)
             total += int(fields["VmRSS"].split()[0]) * 1024
+    return total
+
+
+def cpu_seconds(part: str, root_pid: int) -> float:
+    """The CPU time (user and system) the `comfyui-gateway PART` processes under ROOT_PID have used."""
+    total = 0.0
+    for process in parts(part, root_pid):
+        with suppress(OSError):
+            fields = (process / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
@@ -166,7 +187,11 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: i
                 oldest_beat, retried, missing = max(oldest_beat, beat), max(retried, tries), max(missing, none)
                 await asyncio.sleep(2)
 
+        cpu_before, load_before, window_began = cpu_seconds("worker", gateway_pid), os.getloadavg()[0], time.monotonic()
         await asyncio.gather(watcher(), *(reader() for _ in range(20)))
+        cores = (cpu_seconds("worker", gateway_pid) - cpu_before) / (time.monotonic() - window_began)
+        print(f"worker CPU over the window: {cores:.2f} of a core; load average {load_before:.1f} at its start, "
+              f"{os.getloadavg()[0]:.1f} at its end")
         print(f"worker RSS (largest): {rss / 2**20:.0f} MiB (target <= 1024)")
         print(f"oldest last heartbeat seen: {oldest_beat:.1f} s (late past {HEARTBEAT_TIMEOUT_S:g} s); "
               f"prompt activities on a second try: {retried}; jobs with no prompt activity: {missing}")
