@@ -5,9 +5,10 @@ fleet's GPUs without a Temporal worker and connection per GPU), behind `comfyui-
 per server of S slots (COMFYUI_URLS `;slots=S`, no prefetch).
 
 Once every job reads `running`, for --window seconds: the worker's RSS (its largest) and CPU, `GET /jobs/{id}`
-of jobs picked at random by 20 clients (p50/p95/p99), and every job's prompt activity's last heartbeat, whose age must
-stay under COMFYUI_HEARTBEAT_TIMEOUT_S (a late one is a job Temporal would hand to another worker); a prompt
-activity on its second try is counted too. Then every job is cancelled. Targets: 1,000 jobs, worker RSS
+of jobs picked at random by 20 clients (p50/p95/p99), and every job's prompt activity's last heartbeat, whose
+age must stay under COMFYUI_HEARTBEAT_TIMEOUT_S (a late one is a job Temporal would hand to another worker); a
+prompt activity on its second try is counted too. Then every job is cancelled (for 30 s at most), and the
+gateway's log is kept (long_jobs-gateway.log in the temporary directory). Targets: 1,000 jobs, worker RSS
 <= 1 GiB, no late heartbeat, GET p99 <= 50 ms.
 
     python3 -m bench.long_jobs [--jobs 1000] [--backends 16] [--seconds 600] [--ticks 600] [--window 60]
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,8 +199,11 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: i
               f"prompt activities on a second try: {retried}; jobs with no prompt activity: {missing}")
         print(f"GET /jobs/{{id}} while they run: {len(reads)} reads, p50 {percentile(reads, 0.5):.1f} ms, "
               f"p95 {percentile(reads, 0.95):.1f} ms, p99 {percentile(reads, 0.99):.1f} ms (target p99 <= 50)")
-        await asyncio.gather(*(api.post(f"/jobs/{job_id}/cancel", json={"reason": "bench over"})
-                               for job_id in job_ids))
+        # The gateway and the simulators are stopped next: the cancels stop the prompts sooner, if they can.
+        with suppress(TimeoutError):
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(api.post(f"/jobs/{job_id}/cancel", json={"reason": "bench over"})
+                                       for job_id in job_ids))
 
 
 def main() -> None:
@@ -229,11 +234,16 @@ def main() -> None:
             asyncio.run(measure(api_url, temporal_address, gateway.pid, arguments.jobs,
                                 ticking_prompt(arguments.seconds, arguments.ticks), arguments.window))
         finally:
-            if gateway is not None:
-                gateway.terminate()
-                gateway.wait(timeout=60)
-            simulators.kill()
-            simulators.wait()
+            try:
+                if gateway is not None:
+                    gateway.terminate()  # `dev` stops its processes: the worker lets its prompts go first
+                    gateway.wait(timeout=120)
+                    kept = Path(tempfile.gettempdir()) / "long_jobs-gateway.log"
+                    shutil.copyfile(root / "gateway.log", kept)
+                    print(f"the gateway's log: {kept}")
+            finally:
+                simulators.kill()
+                simulators.wait()
 
 
 if __name__ == "__main__":
