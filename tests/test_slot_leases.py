@@ -10,7 +10,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import select, text, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.engine import Engine
 
 from app.comfy.backends import Backend
@@ -162,3 +162,21 @@ def test_a_thousand_held_leases_are_renewed_and_an_abandoned_one_among_them_is_n
         rows = connection.execute(select(BackendSlotRow.backend, BackendSlotRow.slot, BackendSlotRow.expires_at)).all()
     renewed = {Lease(backend, slot) for backend, slot, expires in rows if as_utc(expires) > soon}
     assert len(holder.held) == backends * slots - 1 and renewed == holder.held and left not in renewed
+
+
+def test_a_claim_tries_only_the_slots_free_when_it_read_them(engine: Engine) -> None:
+    """Trying each held slot in turn (a write each) cost a claim on a full backend of 63 slots about 30 writes."""
+    others = SlotLeases(engine, "others")
+    for number in range(40):
+        assert others.claim("gpu1", 41, f"p{number}") is not None
+    statements: list[str] = []
+    listen = lambda *args: statements.append(args[2])  # noqa: E731 - (conn, cursor, statement, ...)
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        assert SlotLeases(engine, "holder").claim("gpu1", 41, "last") == Lease("gpu1", 40)
+        assert SlotLeases(engine, "holder").claim("gpu1", 41, "one too many") is None
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+    writes = [statement.split()[0].upper() for statement in statements
+              if statement.split()[0].upper() in ("INSERT", "UPDATE", "DELETE")]
+    assert writes == ["INSERT"]  # the free slot's, and none for the full backend

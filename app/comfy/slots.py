@@ -46,6 +46,7 @@ from temporalio.worker import (
 
 from app.comfy.backends import Backend
 from app.comfy.health import BackendHealth
+from app.db import as_utc
 from app.tables import BackendSlotRow
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,13 @@ class SlotLeases:
         now = _now()
         expires = now + timedelta(seconds=self.lease_seconds)
         with self.engine.begin() as connection:
-            rows = connection.execute(select(BackendSlotRow.slot, BackendSlotRow.prompt_id)
+            rows = connection.execute(select(BackendSlotRow.slot, BackendSlotRow.prompt_id, BackendSlotRow.expires_at)
                                       .where(BackendSlotRow.backend == backend)).all()
-        held = {slot for slot, _ in rows}
-        for slot in sorted(slot for slot, held_for in rows if held_for == prompt_id):
+        held = {slot for slot, _, _ in rows}
+        # Only the slots free when read are tried (a write each): trying every slot in turn cost a claim on a
+        # backend of 63 slots about 30 writes, and a thousand claims kept the worker busy for minutes.
+        live = {slot for slot, _, expires in rows if as_utc(expires) >= now}
+        for slot in sorted(slot for slot, held_for, _ in rows if held_for == prompt_id):
             with self.engine.begin() as connection:
                 # The row is the prompt's only while it still names the prompt: a claimant that took it over
                 # after it expired holds it for another prompt.
@@ -116,7 +120,7 @@ class SlotLeases:
                     .values(holder=self.holder, expires_at=expires)
                 ).rowcount == 1:
                     return self._won(Lease(backend, slot))
-        for slot in range(capacity):
+        for slot in (slot for slot in range(capacity) if slot not in live):
             with self.engine.begin() as connection:
                 if slot in held:
                     # Taken over only if it expired; of two claimants the second updates no row.
