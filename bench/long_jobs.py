@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from temporalio.api.enums.v1 import TimeoutType
 from temporalio.client import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -130,9 +131,9 @@ async def count_running(api: httpx.AsyncClient) -> int:
     return (await api.get("/jobs", params={"status": "running", "limit": 1})).json()["count"]
 
 
-async def heartbeats(temporal: Client, job_ids: list[str]) -> tuple[float, int, int]:
-    """The oldest last heartbeat of the jobs' prompt activities (seconds), how many are on a second try, and
-    how many jobs have no prompt activity pending."""
+async def heartbeats(temporal: Client, job_ids: list[str], causes: set[str]) -> tuple[float, int, int]:
+    """The oldest last heartbeat of the jobs' prompt activities (seconds), how many are on a second try (the
+    failures of their first added to CAUSES), and how many jobs have no prompt activity pending."""
     now = datetime.now(timezone.utc)
     oldest, retried, missing = 0.0, 0, 0
     semaphore = asyncio.Semaphore(20)
@@ -148,7 +149,11 @@ async def heartbeats(temporal: Client, job_ids: list[str]) -> tuple[float, int, 
             return
         beat = pending[0].last_heartbeat_time.ToDatetime(tzinfo=timezone.utc)
         oldest = max(oldest, (now - beat).total_seconds())
-        retried += pending[0].attempt > 1
+        if pending[0].attempt > 1:
+            retried += 1
+            failure = pending[0].last_failure
+            causes.add(f"{failure.message} ({TimeoutType.Name(failure.timeout_failure_info.timeout_type)})"
+                       if failure.HasField("timeout_failure_info") else failure.message)
 
     await asyncio.gather(*(one(job_id) for job_id in job_ids))
     return oldest, retried, missing
@@ -169,6 +174,7 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: i
         print(f"all {jobs} running after {time.monotonic() - started:.1f} s")
 
         reads: list[float] = []
+        causes: set[str] = set()
         rss, oldest_beat, retried, missing = 0, 0.0, 0, 0
         deadline = time.monotonic() + window
 
@@ -185,7 +191,7 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: i
             nonlocal rss, oldest_beat, retried, missing
             while time.monotonic() < deadline:
                 rss = max(rss, rss_bytes("worker", gateway_pid))
-                beat, tries, none = await heartbeats(temporal, job_ids)
+                beat, tries, none = await heartbeats(temporal, job_ids, causes)
                 oldest_beat, retried, missing = max(oldest_beat, beat), max(retried, tries), max(missing, none)
                 await asyncio.sleep(2)
 
@@ -197,6 +203,8 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: i
         print(f"worker RSS (largest): {rss / 2**20:.0f} MiB (target <= 1024)")
         print(f"oldest last heartbeat seen: {oldest_beat:.1f} s (late past {HEARTBEAT_TIMEOUT_S:g} s); "
               f"prompt activities on a second try: {retried}; jobs with no prompt activity: {missing}")
+        for cause in sorted(causes):
+            print(f"  a first try ended: {cause}")
         print(f"GET /jobs/{{id}} while they run: {len(reads)} reads, p50 {percentile(reads, 0.5):.1f} ms, "
               f"p95 {percentile(reads, 0.95):.1f} ms, p99 {percentile(reads, 0.99):.1f} ms (target p99 <= 50)")
         # The gateway and the simulators are stopped next: the cancels stop the prompts sooner, if they can.
