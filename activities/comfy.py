@@ -174,7 +174,7 @@ class ComfyActivities:
 
         logger.info("prompt %s on backend %s (the job's attempt %d)", progress.prompt_id, backend, request.attempt)
         try:
-            async with heartbeating(lambda: run.tick().model_dump(by_alias=True), after_heartbeat):
+            async with heartbeating(lambda: run.tick().model_dump(by_alias=True), after_heartbeat, news=run.news):
                 if request.image_sources:
                     run.request = request = await self._staged(client, request, run, progress, redactor, acquire)
                 result = await while_unreachable(

@@ -25,10 +25,13 @@ from app.comfy.tracker import PromptTracker
 from app.errors import ErrorCode
 from app.models import PROMPT_STARTED_SIGNAL, JobWarning, PromptProgress, PromptStarted, RunPromptInput, RunPromptResult
 
-# Without any WebSocket event for this long, ComfyUI's HTTP API is asked directly (history, queue).
-_QUIET_CHECK_SECONDS = 1.0
-# Even while events flow, ComfyUI's own view is checked this often.
-_FORCED_CHECK_SECONDS = 10.0
+# The WebSocket tells what happens; ComfyUI's HTTP API (history, queue) is asked only as a fallback: after this
+# long without an event while the socket is open, every second while it is down, and as a keepalive while events
+# flow. Each ask is two requests and a parse of ComfyUI's queue, which lists every prompt on it: a thousand
+# prompts asked every few seconds cost the worker (and ComfyUI) more than following their events.
+_QUIET_CHECK_SECONDS = 5.0
+_DISCONNECTED_CHECK_SECONDS = 1.0
+_FORCED_CHECK_SECONDS = 30.0
 # A prompt that finishes sooner is never reported as `running` separately: its result says when it started.
 _RUNNING_SIGNAL_AFTER_SECONDS = 0.1
 # A post that failed on its way back may still be queued a moment later (ComfyUI validates before it queues):
@@ -60,9 +63,8 @@ class PromptRun:
         self._on_report = on_report
         self._post_settle_seconds = post_settle_seconds
         self._started_monotonic: float | None = None
-        # What the last heartbeat of `_report` said: an event that changes none of it heartbeats nothing new (the
-        # 1-second loop keeps the time spent current), and heartbeats cost the worker CPU with every event.
-        self._reported: tuple[Any, ...] | None = None
+        # The news the last heartbeat of `_report` said (see `news`): heartbeats cost the worker CPU.
+        self._reported: dict[str, Any] | None = None
         self._elapsed_before = progress.elapsed_seconds
         # When the time limit's clock last started; None while it stands (the prompt has not started).
         self._counting_since: float | None = None
@@ -87,6 +89,11 @@ class PromptRun:
         running = time.monotonic() - self._counting_since if self._counting_since is not None else 0.0
         self.progress.elapsed_seconds = self._elapsed_before + running
         return self.progress
+
+    def news(self) -> dict[str, Any]:
+        """What a heartbeat says that is news: all but the time spent, which changes every second. An event that
+        changes none of it heartbeats nothing (the keepalive keeps the time spent current within seconds)."""
+        return self.progress.model_dump(exclude={"elapsed_seconds"})
 
     def past_time_limit(self) -> bool:
         return self.tick().elapsed_seconds > self.request.timeout_seconds
@@ -180,7 +187,10 @@ class PromptRun:
                     f"no result from ComfyUI within {self.request.timeout_seconds:g} s",
                     {"promptId": self.prompt_id, "timeoutSeconds": self.request.timeout_seconds},
                 )
-            event = await feed.next(_QUIET_CHECK_SECONDS)
+            # Woken by the time limit too: a silent prompt is not let run past it by the wait for its events.
+            quiet = _QUIET_CHECK_SECONDS if feed.connected else _DISCONNECTED_CHECK_SECONDS
+            left = self.request.timeout_seconds - self.tick().elapsed_seconds
+            event = await feed.next(max(0.1, min(quiet, left + 0.1)) if self._counting_since is not None else quiet)
             if feed.dropped:
                 self.log.add(
                     f"{self.tag}:ws-dropped:{int(time.time())}", "warning",
@@ -229,8 +239,7 @@ class PromptRun:
                                                          backend=self.progress.backend)
                 )
                 progress.started_signalled = True
-        reported = (progress.percent, progress.node, progress.queue_position, progress.started_signalled,
-                    progress.warning)
+        reported = self.news()
         if reported != self._reported:
             self._reported = reported
             activity.heartbeat(self.tick().model_dump(by_alias=True))
@@ -286,6 +295,10 @@ class EventFeed:
         self._client_id = client_id
         self._socket: ClientConnection | None = None
         self.dropped = False
+
+    @property
+    def connected(self) -> bool:
+        return self._socket is not None
 
     async def open(self) -> None:
         self._socket = await self._client.connect_events(self._client_id)

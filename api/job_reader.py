@@ -43,6 +43,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.database import Database
 from api.errors import ApiError
+from api.http_server import turn_aside
 from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
 from app.errors import ErrorCode
@@ -107,7 +108,8 @@ class JobReader:
             raise _temporal_unavailable()
         if not reuse_live:
             self.live_views.forget(job_id)
-        return await self.live_views.get(job_id, lambda: self._from_temporal(client, job_id, recorded))
+        async with turn_aside():  # mostly a wait for Temporal's answers
+            return await self.live_views.get(job_id, lambda: self._from_temporal(client, job_id, recorded))
 
     async def _from_temporal(self, client: Client, job_id: str, recorded: JobSnapshot | None) -> JobSnapshot:
         handle = client.get_workflow_handle(job_id)

@@ -4,10 +4,11 @@ each run S = JOBS/B prompts at once (a real ComfyUI runs one: the simulator's pa
 fleet's GPUs without a Temporal worker and connection per GPU), behind `comfyui-gateway dev` with one backend
 per server of S slots (COMFYUI_URLS `;slots=S`, no prefetch).
 
-Once every job reads `running`, for --window seconds: the worker's RSS (its largest), `GET /jobs/{id}` of jobs
-picked at random by 20 clients (p50/p95/p99), and every job's prompt activity's last heartbeat, whose age must
-stay under COMFYUI_HEARTBEAT_TIMEOUT_S (a late one is a job Temporal would hand to another worker); a prompt
-activity on its second try is counted too. Then every job is cancelled. Targets: 1,000 jobs, worker RSS
+Once every job reads `running`, for --window seconds: the worker's RSS (its largest) and CPU, `GET /jobs/{id}`
+of jobs picked at random by 20 clients (p50/p95/p99), and every job's prompt activity's last heartbeat, whose
+age must stay under COMFYUI_HEARTBEAT_TIMEOUT_S (a late one is a job Temporal would hand to another worker); a
+prompt activity on its second try is counted too. Then every job is cancelled (for 30 s at most), and the
+gateway's log is kept (long_jobs-gateway.log in the temporary directory). Targets: 1,000 jobs, worker RSS
 <= 1 GiB, no late heartbeat, GET p99 <= 50 ms.
 
     python3 -m bench.long_jobs [--jobs 1000] [--backends 16] [--seconds 600] [--ticks 600] [--window 60]
@@ -19,14 +20,17 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from temporalio.api.enums.v1 import TimeoutType
 from temporalio.client import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,9 +50,9 @@ def ticking_prompt(seconds: float, ticks: int) -> dict:
     }
 
 
-def rss_bytes(part: str, root_pid: int) -> int:
-    """The summed RSS of the `comfyui-gateway PART` processes under ROOT_PID (Linux: /proc)."""
-    total = 0
+def parts(part: str, root_pid: int) -> list[Path]:
+    """The /proc directories of the `comfyui-gateway PART` processes under ROOT_PID (Linux)."""
+    found = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
             argv = (status.parent / "cmdline").read_bytes().split(b"\0")
@@ -57,7 +61,27 @@ def rss_bytes(part: str, root_pid: int) -> int:
             continue
         words = [word.decode(errors="replace") for word in argv if word]
         if "app.cli" in words and part in words and int(fields["PPid"]) == root_pid:
+            found.append(status.parent)
+    return found
+
+
+def rss_bytes(part: str, root_pid: int) -> int:
+    """The summed RSS of the `comfyui-gateway PART` processes under ROOT_PID."""
+    total = 0
+    for process in parts(part, root_pid):
+        with suppress(OSError):
+            fields = dict(line.split(":", 1) for line in (process / "status").read_text().splitlines() if ":" in line)
             total += int(fields["VmRSS"].split()[0]) * 1024
+    return total
+
+
+def cpu_seconds(part: str, root_pid: int) -> float:
+    """The CPU time (user and system) the `comfyui-gateway PART` processes under ROOT_PID have used."""
+    total = 0.0
+    for process in parts(part, root_pid):
+        with suppress(OSError):
+            fields = (process / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
@@ -107,9 +131,9 @@ async def count_running(api: httpx.AsyncClient) -> int:
     return (await api.get("/jobs", params={"status": "running", "limit": 1})).json()["count"]
 
 
-async def heartbeats(temporal: Client, job_ids: list[str]) -> tuple[float, int, int]:
-    """The oldest last heartbeat of the jobs' prompt activities (seconds), how many are on a second try, and
-    how many jobs have no prompt activity pending."""
+async def heartbeats(temporal: Client, job_ids: list[str], causes: set[str]) -> tuple[float, int, int]:
+    """The oldest last heartbeat of the jobs' prompt activities (seconds), how many are on a second try (the
+    failures of their first added to CAUSES), and how many jobs have no prompt activity pending."""
     now = datetime.now(timezone.utc)
     oldest, retried, missing = 0.0, 0, 0
     semaphore = asyncio.Semaphore(20)
@@ -125,7 +149,11 @@ async def heartbeats(temporal: Client, job_ids: list[str]) -> tuple[float, int, 
             return
         beat = pending[0].last_heartbeat_time.ToDatetime(tzinfo=timezone.utc)
         oldest = max(oldest, (now - beat).total_seconds())
-        retried += pending[0].attempt > 1
+        if pending[0].attempt > 1:
+            retried += 1
+            failure = pending[0].last_failure
+            causes.add(f"{failure.message} ({TimeoutType.Name(failure.timeout_failure_info.timeout_type)})"
+                       if failure.HasField("timeout_failure_info") else failure.message)
 
     await asyncio.gather(*(one(job_id) for job_id in job_ids))
     return oldest, retried, missing
@@ -146,6 +174,7 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: i
         print(f"all {jobs} running after {time.monotonic() - started:.1f} s")
 
         reads: list[float] = []
+        causes: set[str] = set()
         rss, oldest_beat, retried, missing = 0, 0.0, 0, 0
         deadline = time.monotonic() + window
 
@@ -162,18 +191,27 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: i
             nonlocal rss, oldest_beat, retried, missing
             while time.monotonic() < deadline:
                 rss = max(rss, rss_bytes("worker", gateway_pid))
-                beat, tries, none = await heartbeats(temporal, job_ids)
+                beat, tries, none = await heartbeats(temporal, job_ids, causes)
                 oldest_beat, retried, missing = max(oldest_beat, beat), max(retried, tries), max(missing, none)
                 await asyncio.sleep(2)
 
+        cpu_before, load_before, window_began = cpu_seconds("worker", gateway_pid), os.getloadavg()[0], time.monotonic()
         await asyncio.gather(watcher(), *(reader() for _ in range(20)))
+        cores = (cpu_seconds("worker", gateway_pid) - cpu_before) / (time.monotonic() - window_began)
+        print(f"worker CPU over the window: {cores:.2f} of a core; load average {load_before:.1f} at its start, "
+              f"{os.getloadavg()[0]:.1f} at its end")
         print(f"worker RSS (largest): {rss / 2**20:.0f} MiB (target <= 1024)")
         print(f"oldest last heartbeat seen: {oldest_beat:.1f} s (late past {HEARTBEAT_TIMEOUT_S:g} s); "
               f"prompt activities on a second try: {retried}; jobs with no prompt activity: {missing}")
+        for cause in sorted(causes):
+            print(f"  a first try ended: {cause}")
         print(f"GET /jobs/{{id}} while they run: {len(reads)} reads, p50 {percentile(reads, 0.5):.1f} ms, "
               f"p95 {percentile(reads, 0.95):.1f} ms, p99 {percentile(reads, 0.99):.1f} ms (target p99 <= 50)")
-        await asyncio.gather(*(api.post(f"/jobs/{job_id}/cancel", json={"reason": "bench over"})
-                               for job_id in job_ids))
+        # The gateway and the simulators are stopped next: the cancels stop the prompts sooner, if they can.
+        with suppress(TimeoutError):
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(api.post(f"/jobs/{job_id}/cancel", json={"reason": "bench over"})
+                                       for job_id in job_ids))
 
 
 def main() -> None:
@@ -204,11 +242,16 @@ def main() -> None:
             asyncio.run(measure(api_url, temporal_address, gateway.pid, arguments.jobs,
                                 ticking_prompt(arguments.seconds, arguments.ticks), arguments.window))
         finally:
-            if gateway is not None:
-                gateway.terminate()
-                gateway.wait(timeout=60)
-            simulators.kill()
-            simulators.wait()
+            try:
+                if gateway is not None:
+                    gateway.terminate()  # `dev` stops its processes: the worker lets its prompts go first
+                    gateway.wait(timeout=120)
+                    kept = Path(tempfile.gettempdir()) / "long_jobs-gateway.log"
+                    shutil.copyfile(root / "gateway.log", kept)
+                    print(f"the gateway's log: {kept}")
+            finally:
+                simulators.kill()
+                simulators.wait()
 
 
 if __name__ == "__main__":

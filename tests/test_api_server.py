@@ -14,7 +14,7 @@ import httpx
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from api.http_server import ConcurrencyLimit, ReadsInTurn, step_aside
+from api.http_server import ConcurrencyLimit, ReadsInTurn, step_aside, turn_aside
 from api.plain_json import MAX_VALUES
 from app.settings import Settings
 from tests.harness import ApiProcess, assert_eventually, error_of, free_port, gateway_settings, migrate_database
@@ -230,6 +230,35 @@ async def test_reads_take_turns_while_other_requests_go_straight_in() -> None:
     leave.set()
     await asyncio.gather(first, second, submission)
     assert inside == ["GET /jobs/1", "POST /jobs", "GET /jobs/2"]
+
+
+async def test_a_read_awaiting_temporal_sets_its_turn_aside_and_takes_one_again_for_its_answer() -> None:
+    inside: list[str] = []
+    answered, leave = asyncio.Event(), asyncio.Event()
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        inside.append(f"in {scope['path']}")
+        if scope["path"] == "/jobs/1":
+            async with turn_aside():  # Temporal takes its time to answer
+                await answered.wait()
+            inside.append("answer /jobs/1")
+        await leave.wait()
+
+    in_turn = ReadsInTurn(app, slots=1)
+
+    def read(path: str) -> asyncio.Task[None]:
+        return asyncio.create_task(in_turn({"type": "http", "method": "GET", "path": path}, None, None))
+
+    first = read("/jobs/1")
+    await assert_eventually(lambda: inside == ["in /jobs/1"], timeout=5)
+    second = read("/jobs/2")  # in while the first one waits for Temporal
+    await assert_eventually(lambda: inside == ["in /jobs/1", "in /jobs/2"], timeout=5)
+    answered.set()
+    await asyncio.sleep(0.05)
+    assert inside == ["in /jobs/1", "in /jobs/2"]  # the answer waits for a turn: the second read holds it
+    leave.set()
+    await asyncio.gather(first, second)
+    assert inside[-1] == "answer /jobs/1" and not in_turn.turns.locked()
 
 
 async def served(request: Callable[[], Awaitable[httpx.Response]], patience: float = 10) -> httpx.Response:

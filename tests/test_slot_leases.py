@@ -8,13 +8,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import text
+from sqlalchemy import event, select, text, update
 from sqlalchemy.engine import Engine
 
 from app.comfy.backends import Backend
 from app.comfy.health import BackendHealth
-from app.comfy.slots import BackendSlots, Fleet, SlotLeases, live_leases
+from app.comfy.slots import BackendSlots, Fleet, Lease, SlotLeases, live_leases
+from app.db import as_utc
+from app.tables import BackendSlotRow
 from tests.harness import assert_eventually
 
 
@@ -135,3 +138,45 @@ async def test_a_cancel_that_lands_as_a_slot_frees_is_not_lost(engine: Engine) -
     waiting.cancel()  # ...as the prompt waiting for it is cancelled
     await asyncio.gather(waiting, return_exceptions=True)
     assert waiting.cancelled()
+
+
+def test_a_thousand_held_leases_are_renewed_and_an_abandoned_one_among_them_is_not(engine: Engine) -> None:
+    """A worker holding a fleet's prompts (1,000 and more) renews them all in statements that do not grow with
+    the number of leases: one OR term per lease made SQLite refuse the statement at about 1,000."""
+    backends, slots = 25, 42  # 1,050 leases, claimed by a crashed holder and adopted by this one's retries
+    soon = datetime.now(timezone.utc) + timedelta(seconds=60)
+    with engine.begin() as connection:
+        connection.execute(BackendSlotRow.__table__.insert(), [
+            {"backend": f"gpu{b}", "slot": s, "holder": "crashed", "prompt_id": f"p{b}-{s}", "expires_at": soon}
+            for b in range(backends) for s in range(slots)])
+    holder = SlotLeases(engine, "holder", lease_seconds=3600)
+    for b in range(backends):
+        for s in range(slots):
+            assert holder.claim(f"gpu{b}", slots, f"p{b}-{s}") is not None
+    left = Lease("gpu0", 0)
+    holder.abandon(left)
+    with engine.begin() as connection:
+        connection.execute(update(BackendSlotRow).values(expires_at=soon))
+    holder.renew()
+    with engine.begin() as connection:
+        rows = connection.execute(select(BackendSlotRow.backend, BackendSlotRow.slot, BackendSlotRow.expires_at)).all()
+    renewed = {Lease(backend, slot) for backend, slot, expires in rows if as_utc(expires) > soon}
+    assert len(holder.held) == backends * slots - 1 and renewed == holder.held and left not in renewed
+
+
+def test_a_claim_tries_only_the_slots_free_when_it_read_them(engine: Engine) -> None:
+    """Trying each held slot in turn (a write each) cost a claim on a full backend of 63 slots about 30 writes."""
+    others = SlotLeases(engine, "others")
+    for number in range(40):
+        assert others.claim("gpu1", 41, f"p{number}") is not None
+    statements: list[str] = []
+    listen = lambda *args: statements.append(args[2])  # noqa: E731 - (conn, cursor, statement, ...)
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        assert SlotLeases(engine, "holder").claim("gpu1", 41, "last") == Lease("gpu1", 40)
+        assert SlotLeases(engine, "holder").claim("gpu1", 41, "one too many") is None
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+    writes = [statement.split()[0].upper() for statement in statements
+              if statement.split()[0].upper() in ("INSERT", "UPDATE", "DELETE")]
+    assert writes == ["INSERT"]  # the free slot's, and none for the full backend

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from temporalio.worker import (
@@ -46,6 +46,7 @@ from temporalio.worker import (
 
 from app.comfy.backends import Backend
 from app.comfy.health import BackendHealth
+from app.db import as_utc
 from app.tables import BackendSlotRow
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 # A lease not renewed for this long is free again: its holder crashed or lost the database.
 LEASE_SECONDS = 30.0
 RENEW_EVERY_SECONDS = 5.0
+# Leases renewed by one statement at most (two parameters each): under the 999 bound parameters of SQLite's
+# older builds.
+RENEW_CHUNK = 400
 # How often other processes' leases are counted, and a prompt waiting for a lease tries again.
 RECHECK_SECONDS = 0.5
 
@@ -99,10 +103,13 @@ class SlotLeases:
         now = _now()
         expires = now + timedelta(seconds=self.lease_seconds)
         with self.engine.begin() as connection:
-            rows = connection.execute(select(BackendSlotRow.slot, BackendSlotRow.prompt_id)
+            rows = connection.execute(select(BackendSlotRow.slot, BackendSlotRow.prompt_id, BackendSlotRow.expires_at)
                                       .where(BackendSlotRow.backend == backend)).all()
-        held = {slot for slot, _ in rows}
-        for slot in sorted(slot for slot, held_for in rows if held_for == prompt_id):
+        held = {slot for slot, _, _ in rows}
+        # Only the slots free when read are tried (a write each): trying every slot in turn cost a claim on a
+        # backend of 63 slots about 30 writes, and a thousand claims kept the worker busy for minutes.
+        live = {slot for slot, _, expires in rows if as_utc(expires) >= now}
+        for slot in sorted(slot for slot, held_for, _ in rows if held_for == prompt_id):
             with self.engine.begin() as connection:
                 # The row is the prompt's only while it still names the prompt: a claimant that took it over
                 # after it expired holds it for another prompt.
@@ -113,7 +120,7 @@ class SlotLeases:
                     .values(holder=self.holder, expires_at=expires)
                 ).rowcount == 1:
                     return self._won(Lease(backend, slot))
-        for slot in range(capacity):
+        for slot in (slot for slot in range(capacity) if slot not in live):
             with self.engine.begin() as connection:
                 if slot in held:
                     # Taken over only if it expired; of two claimants the second updates no row.
@@ -166,16 +173,21 @@ class SlotLeases:
             self.release(lease)
 
     def renew(self) -> None:
-        held = self.held
+        """Renew the held leases, RENEW_CHUNK at most per statement: one statement with a term per lease was
+        refused by SQLite at about 1,000 held leases (its expression tree too deep)."""
+        held = sorted(self.held, key=lambda lease: (lease.backend, lease.slot))
         if not held:
             return
+        expires = _now() + timedelta(seconds=self.lease_seconds)
         with self.engine.begin() as connection:
-            connection.execute(
-                update(BackendSlotRow)
-                .where(BackendSlotRow.holder == self.holder,
-                       or_(*(and_(BackendSlotRow.backend == lease.backend, BackendSlotRow.slot == lease.slot)
-                             for lease in held)))
-                .values(expires_at=_now() + timedelta(seconds=self.lease_seconds)))
+            for start in range(0, len(held), RENEW_CHUNK):
+                chunk = held[start:start + RENEW_CHUNK]
+                connection.execute(
+                    update(BackendSlotRow)
+                    .where(BackendSlotRow.holder == self.holder,
+                           tuple_(BackendSlotRow.backend, BackendSlotRow.slot).in_(
+                               [(lease.backend, lease.slot) for lease in chunk]))
+                    .values(expires_at=expires))
 
     def held_by_others(self) -> dict[str, int]:
         """backend → live leases on it that this process's running prompts do not hold: other processes', and
