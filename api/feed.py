@@ -26,6 +26,7 @@ from typing import Any
 
 from api.database import Database
 from app.feed_log import FeedFilter, feed_after, latest_feed_id, missed_events, prune_feed
+from app.metrics import FEED_LISTENERS, FEED_READS
 from app.models import OutputRef
 from app.storage import OutputStorage
 from app.tables import JobFeedRow
@@ -78,7 +79,7 @@ class Feed:
         self._listeners: set[_Listener] = set()
         self._reader: asyncio.Task[None] | None = None
         self._last_id: int | None = None
-        self.reads = 0  # the reader's queries, for the benchmark and the tests: one per poll, whoever listens
+        self.reads = 0  # the reader's queries (gateway_feed_reads counts them for GET /metrics): one per poll
 
     @property
     def listeners(self) -> int:
@@ -89,6 +90,7 @@ class Feed:
         """The events for `feed_filter` from now on, and first, with `since`, those after it that the log kept."""
         listener = _Listener(feed_filter, self._queue_size)
         self._listeners.add(listener)
+        FEED_LISTENERS.inc()
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read())
         try:
@@ -97,6 +99,7 @@ class Feed:
             yield self._events(listener, since or 0, await self._views(missed))
         finally:
             self._listeners.discard(listener)
+            FEED_LISTENERS.dec()
             if not self._listeners and self._reader is not None:
                 self._reader.cancel()
                 with suppress(asyncio.CancelledError):
@@ -130,6 +133,7 @@ class Feed:
             try:
                 rows = await self._db.run(feed_after, self._last_id, _READ_AT_ONCE)
                 self.reads += 1
+                FEED_READS.inc()
                 if time.monotonic() - pruned_at >= _PRUNE_EVERY_S:
                     pruned_at = time.monotonic()
                     await self._db.run(prune_feed, self._window_s)
