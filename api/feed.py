@@ -17,12 +17,15 @@ memory beyond its queue.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
+
+from sse_starlette import ServerSentEvent
 
 from api.database import Database
 from app.feed_log import FeedFilter, feed_after, latest_feed_id, missed_events, prune_feed
@@ -45,6 +48,9 @@ class FeedEvent:
     name: str
     row: JobFeedRow
     data: dict[str, Any]
+    # Encoded once for every listener: `data` as JSON, and the whole Server-Sent Event.
+    data_json: str
+    sse: bytes
 
 
 class ListenerDropped(Exception):
@@ -86,8 +92,10 @@ class Feed:
         return len(self._listeners)
 
     @asynccontextmanager
-    async def listen(self, feed_filter: FeedFilter, since: int | None) -> AsyncIterator[AsyncIterator[FeedEvent]]:
-        """The events for `feed_filter` from now on, and first, with `since`, those after it that the log kept."""
+    async def listen(self, feed_filter: FeedFilter, since: int | None
+                     ) -> AsyncIterator[AsyncIterator[list[FeedEvent]]]:
+        """The events for `feed_filter` from now on, and first, with `since`, those after it that the log kept:
+        in batches, each what has come since the listener last asked (sent at once, in one write)."""
         listener = _Listener(feed_filter, self._queue_size)
         self._listeners.add(listener)
         FEED_LISTENERS.inc()
@@ -113,17 +121,23 @@ class Feed:
             with suppress(asyncio.CancelledError):
                 await self._reader
 
-    async def _events(self, listener: _Listener, told: int, missed: list[FeedEvent]) -> AsyncIterator[FeedEvent]:
-        for event in missed:
-            told = event.id
-            yield event
+    async def _events(self, listener: _Listener, told: int, missed: list[FeedEvent]
+                      ) -> AsyncIterator[list[FeedEvent]]:
+        if missed:
+            told = missed[-1].id
+            yield missed
+        queue = listener.queue
         while True:
-            if listener.dropped and listener.queue.empty():
+            if listener.dropped and queue.empty():
                 raise ListenerDropped()
-            event = await listener.queue.get()
-            if event.id > told:  # what the replay told already, the reader may have read again
-                told = event.id
-                yield event
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            # What the replay told already, the reader may have read again.
+            batch = [event for event in batch if event.id > told]
+            if batch:
+                told = batch[-1].id
+                yield batch
 
     async def _read(self) -> None:
         if self._last_id is None:
@@ -163,4 +177,6 @@ class Feed:
             data["outputs"] = [output_file(row.job_id, OutputRef.model_validate(output), self._storage)
                                .model_dump(mode="json", by_alias=True) for output in row.data["outputs"]]
         assert row.id is not None
-        return FeedEvent(row.id, row.event, row, data)
+        data_json = json.dumps(data)
+        return FeedEvent(row.id, row.event, row, data, data_json,
+                         ServerSentEvent(data_json, event=row.event, id=str(row.id)).encode())

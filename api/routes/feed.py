@@ -13,12 +13,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from api.auth import authenticate
 from api.errors import ApiError, validation_error
 from api.event_streams import StreamPlaces, event_schema, held_stream
-from api.feed import Feed, FeedEvent, ListenerDropped
+from api.feed import Feed, ListenerDropped
 from api.deps import PrincipalDep, SettingsDep
 from api.http_server import step_aside
 from api.rate_limits import limit_principal
@@ -105,11 +105,11 @@ async def feed_events(
     return answer
 
 
-async def _sse(feed: Feed, feed_filter: FeedFilter, since: int | None) -> AsyncIterator[ServerSentEvent]:
-    async with feed.listen(feed_filter, since) as events:
+async def _sse(feed: Feed, feed_filter: FeedFilter, since: int | None) -> AsyncIterator[bytes]:
+    async with feed.listen(feed_filter, since) as batches:
         try:
-            async for event in events:
-                yield ServerSentEvent(json.dumps(event.data), event=event.name, id=str(event.id))
+            async for batch in batches:
+                yield b"".join(event.sse for event in batch)
         except ListenerDropped:
             # It fell too far behind: its stream ends, and its EventSource reconnects with its Last-Event-ID.
             return
@@ -158,8 +158,11 @@ class _Connection:
         self._made = 0
 
     async def send(self, message: dict[str, Any]) -> None:
+        await self.send_text(json.dumps(message))
+
+    async def send_text(self, text: str) -> None:
         async with self._sending:
-            await self._websocket.send_text(json.dumps(message))
+            await self._websocket.send_text(text)
 
     async def handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -200,10 +203,12 @@ class _Connection:
     async def _pump(self, name: str, feed_filter: FeedFilter, since: int | None) -> None:
         last = since
         try:
-            async with self._feed.listen(feed_filter, since) as events:
-                async for event in events:
-                    last = event.id
-                    await self.send(_ws_event(name, event))
+            prefix = f'{{"type": "event", "subscription": {json.dumps(name)}, "id": '
+            async with self._feed.listen(feed_filter, since) as batches:
+                async for batch in batches:
+                    for event in batch:
+                        await self.send_text(f'{prefix}{event.id}, "event": "{event.name}", "data": {event.data_json}}}')
+                        last = event.id
         except ListenerDropped:
             # Too far behind: the subscription ends; subscribing again with `since` tells what it missed.
             self._subscriptions.pop(name, None)
@@ -216,10 +221,6 @@ class _Connection:
         for task in self._subscriptions.values():
             await _stopped(task)
         self._subscriptions.clear()
-
-
-def _ws_event(subscription: str, event: FeedEvent) -> dict[str, Any]:
-    return {"type": "event", "subscription": subscription, "id": event.id, "event": event.name, "data": event.data}
 
 
 async def _stopped(task: asyncio.Task[None]) -> None:
