@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -115,6 +114,16 @@ class Feed:
                 # Whoever listens next starts from the latest event (or says where from).
                 self._reader, self._last_id = None, None
 
+    async def prune(self) -> None:
+        """Every minute, whether anyone listens or not, the events past FEED_REPLAY_WINDOW_S go: the workers
+        write the log all the time. (Each API process prunes; a second delete finds nothing.)"""
+        while True:
+            try:
+                await self._db.run(prune_feed, self._window_s)
+            except Exception as error:  # noqa: BLE001 — it is tried again in a minute
+                log.warning("the job feed could not be pruned: %s", error)
+            await asyncio.sleep(_PRUNE_EVERY_S)
+
     async def stop(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
@@ -142,15 +151,11 @@ class Feed:
     async def _read(self) -> None:
         if self._last_id is None:
             self._last_id = await self._db.run(latest_feed_id)
-        pruned_at = time.monotonic()
         while True:
             try:
                 rows = await self._db.run(feed_after, self._last_id, _READ_AT_ONCE)
                 self.reads += 1
                 FEED_READS.inc()
-                if time.monotonic() - pruned_at >= _PRUNE_EVERY_S:
-                    pruned_at = time.monotonic()
-                    await self._db.run(prune_feed, self._window_s)
             except Exception as error:  # noqa: BLE001 — the database comes back; the listeners wait meanwhile
                 log.warning("the job feed could not be read: %s", error)
                 await asyncio.sleep(self._poll_s)

@@ -127,6 +127,7 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
             await app.state.probes.refresh()  # /health has an answer from the first request on
             app.state.metrics = api_registry(app.state.engine, app.state.probes)
             background.append(asyncio.create_task(app.state.probes.run()))
+            background.append(asyncio.create_task(app.state.feed.prune()))
             try:
                 yield
             finally:

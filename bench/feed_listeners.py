@@ -65,18 +65,18 @@ def _epoch(instant: str) -> float:
 
 
 async def sse_listener(http: httpx.AsyncClient, heard: Heard) -> None:
+    """The stream's events, split from its raw bytes (httpx's line iterator would make the client, not the API,
+    what the delays measure)."""
     async with http.stream("GET", "/events") as response:
         response.raise_for_status()
         heard.connected.set()
-        fields: dict[str, str] = {}
-        async for line in response.aiter_lines():
-            if line == "":
-                if "data" in fields:
-                    heard.hear(fields.get("event", ""), json.loads(fields["data"]))
-                fields = {}
-            elif not line.startswith(":"):
-                name, _, value = line.partition(":")
-                fields[name] = value.removeprefix(" ")
+        pending = b""
+        async for chunk in response.aiter_raw():
+            *events, pending = (pending + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
+            for event in events:
+                fields = dict(line.split(b": ", 1) for line in event.split(b"\n") if not line.startswith(b":"))
+                if b"data" in fields:
+                    heard.hear(fields.get(b"event", b"").decode(), json.loads(fields[b"data"]))
 
 
 async def ws_listener(url: str, heard: Heard) -> None:
@@ -139,6 +139,7 @@ class Round:
     feed_reads: float
     seconds: float
     events: int
+    client_cpu: float  # this process's, reading every listener: on the same cores as the stack
 
 
 async def run_round(stack: Stack, api_pid: int, listeners: int, args: argparse.Namespace) -> Round:
@@ -159,6 +160,7 @@ async def run_round(stack: Stack, api_pid: int, listeners: int, args: argparse.N
         rss_connected = rss_mb(api_pid)
         cpu_before, reads_before, started = stack.cpu_seconds(), await metric(api, "gateway_feed_reads_total"), \
             time.monotonic()
+        client_cpu = time.process_time()
         prompt = stepped_prompt(args.steps * args.spacing, args.steps)
         job_ids = []
         for _ in range(args.jobs):
@@ -171,13 +173,15 @@ async def run_round(stack: Stack, api_pid: int, listeners: int, args: argparse.N
                 one.done.set()
         await asyncio.wait_for(asyncio.gather(*(one.done.wait() for one in heard)), 300)
         seconds = time.monotonic() - started
+        client_cpu = time.process_time() - client_cpu
         cpu_after, reads_after = stack.cpu_seconds(), await metric(api, "gateway_feed_reads_total")
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     cpu = {part: cpu_after.get(part, 0.0) - cpu_before.get(part, 0.0) for part in cpu_after}
     delays = [delay * 1000 for one in heard for delay in one.delays]
-    return Round(listeners, delays, rss_before, rss_connected, cpu, reads_after - reads_before, seconds, len(delays))
+    return Round(listeners, delays, rss_before, rss_connected, cpu, reads_after - reads_before, seconds, len(delays),
+                 client_cpu)
 
 
 async def measure(args: argparse.Namespace) -> None:
@@ -195,7 +199,7 @@ async def measure(args: argparse.Namespace) -> None:
         ms = one.delays_ms
         print(f"{one.listeners:>9} {one.events:>8} {percentile(ms, 0.5):>7.0f} {percentile(ms, 0.99):>7.0f} "
               f"{max(ms):>7.0f} {one.rss_mb:>10.0f} {one.cpu.get('api', 0):>9.2f} {one.cpu.get('worker', 0):>12.2f} "
-              f"{one.cpu.get('temporal', 0):>14.2f} {one.feed_reads / one.seconds:>12.1f}")
+              f"{one.cpu.get('temporal', 0):>14.2f} {one.feed_reads / one.seconds:>12.1f} {one.client_cpu:>12.2f}")
     small, large = rounds
     extra = large.listeners - small.listeners
     print(f"cost per listener: {(large.rss_mb - small.rss_mb) * 1024 / extra:.0f} KB of the API's RSS, "

@@ -206,9 +206,11 @@ class _Connection:
             prefix = f'{{"type": "event", "subscription": {json.dumps(name)}, "id": '
             async with self._feed.listen(feed_filter, since) as batches:
                 async for batch in batches:
-                    for event in batch:
-                        await self.send_text(f'{prefix}{event.id}, "event": "{event.name}", "data": {event.data_json}}}')
-                        last = event.id
+                    async with self._sending:
+                        for event in batch:
+                            await self._websocket.send_text(
+                                f'{prefix}{event.id}, "event": "{event.name}", "data": {event.data_json}}}')
+                            last = event.id
         except ListenerDropped:
             # Too far behind: the subscription ends; subscribing again with `since` tells what it missed.
             self._subscriptions.pop(name, None)
