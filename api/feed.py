@@ -83,7 +83,7 @@ class Feed:
         self._queue_size = queue_size
         self._listeners: set[_Listener] = set()
         self._reader: asyncio.Task[None] | None = None
-        self._last_id: int | None = None
+        self._starting = asyncio.Lock()
         self.reads = 0  # the reader's queries (gateway_feed_reads counts them for GET /metrics): one per poll
 
     @property
@@ -98,9 +98,9 @@ class Feed:
         listener = _Listener(feed_filter, self._queue_size)
         self._listeners.add(listener)
         FEED_LISTENERS.inc()
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read())
         try:
+            await self._ensure_reader()
+            # After the reader's start: what it will not read, the log still says.
             missed = [] if since is None else await self._db.run(
                 missed_events, since, feed_filter, self._window_s, self._replay_max)
             yield self._events(listener, since or 0, await self._views(missed))
@@ -108,11 +108,17 @@ class Feed:
             self._listeners.discard(listener)
             FEED_LISTENERS.dec()
             if not self._listeners and self._reader is not None:
-                self._reader.cancel()
+                # Whoever listens next starts a reader of its own, from the latest event then.
+                reader, self._reader = self._reader, None
+                reader.cancel()
                 with suppress(asyncio.CancelledError):
-                    await self._reader
-                # Whoever listens next starts from the latest event (or says where from).
-                self._reader, self._last_id = None, None
+                    await reader
+
+    async def _ensure_reader(self) -> None:
+        async with self._starting:
+            if self._reader is None or self._reader.done():
+                start = await self._db.run(latest_feed_id)
+                self._reader = asyncio.create_task(self._read(start))
 
     async def prune(self) -> None:
         """Every minute, whether anyone listens or not, the events past FEED_REPLAY_WINDOW_S go: the workers
@@ -148,12 +154,10 @@ class Feed:
                 told = batch[-1].id
                 yield batch
 
-    async def _read(self) -> None:
-        if self._last_id is None:
-            self._last_id = await self._db.run(latest_feed_id)
+    async def _read(self, last_id: int) -> None:
         while True:
             try:
-                rows = await self._db.run(feed_after, self._last_id, _READ_AT_ONCE)
+                rows = await self._db.run(feed_after, last_id, _READ_AT_ONCE)
                 self.reads += 1
                 FEED_READS.inc()
             except Exception as error:  # noqa: BLE001 — the database comes back; the listeners wait meanwhile
@@ -164,7 +168,7 @@ class Feed:
                 for listener in list(self._listeners):
                     listener.offer(event)
             if rows:
-                self._last_id = rows[-1].id
+                last_id = rows[-1].id  # type: ignore[assignment]  # a stored row has its id
             if len(rows) < _READ_AT_ONCE:
                 await asyncio.sleep(self._poll_s)
 

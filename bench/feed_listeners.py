@@ -11,6 +11,7 @@ p50/p99/max, the API's RSS, the CPU each part of the stack spent, and the feed r
 `GET /metrics`): the database's load from the feed, which must not grow with the listeners. Target: p99 <= 1 s.
 
     python3 -m bench.feed_listeners [--listeners 1000] [--baseline 10] [--ws-share 0.5] [--jobs 8] [--steps 5]
+                                    [--client-processes 4]
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
@@ -139,49 +142,82 @@ class Round:
     feed_reads: float
     seconds: float
     events: int
-    client_cpu: float  # this process's, reading every listener: on the same cores as the stack
+    client_cpu: float  # the bench's client processes', reading every listener: on the same cores as the stack
 
 
-async def run_round(stack: Stack, api_pid: int, listeners: int, args: argparse.Namespace) -> Round:
-    ws_count = round(listeners * args.ws_share)
+async def listen(api_url: str, listeners: int, ws_share: float, pipe: Connection) -> None:
+    """One client process's listeners: connected, then told the jobs to expect, then read until each has had
+    every job's end; sends back their delays (ms) and the CPU it spent reading."""
+    ws_count = round(listeners * ws_share)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with (
-        httpx.AsyncClient(base_url=stack.api_url, timeout=httpx.Timeout(60, read=None), limits=limits) as streams,
-        httpx.AsyncClient(base_url=stack.api_url, timeout=60) as api,
-    ):
-        rss_before = rss_mb(api_pid)
+    async with httpx.AsyncClient(base_url=api_url, timeout=httpx.Timeout(60, read=None), limits=limits) as streams:
         heard = [Heard() for _ in range(listeners)]
-        ws_url = stack.api_url.replace("http", "ws") + "/ws"
+        ws_url = api_url.replace("http", "ws") + "/ws"
         tasks = [asyncio.create_task(ws_listener(ws_url, one) if n < ws_count else sse_listener(streams, one))
                  for n, one in enumerate(heard)]
         for one in heard:
             await asyncio.wait_for(one.connected.wait(), 120)
-        await asyncio.sleep(1)  # settled: the connections' own cost in
-        rss_connected = rss_mb(api_pid)
-        cpu_before, reads_before, started = stack.cpu_seconds(), await metric(api, "gateway_feed_reads_total"), \
-            time.monotonic()
-        client_cpu = time.process_time()
-        prompt = stepped_prompt(args.steps * args.spacing, args.steps)
-        job_ids = []
-        for _ in range(args.jobs):
-            response = await api.post("/jobs", json={"workflowJson": prompt})
-            response.raise_for_status()
-            job_ids.append(response.json()["jobId"])
+        pipe.send("connected")
+        job_ids = await asyncio.to_thread(pipe.recv)
+        cpu = time.process_time()
         for one in heard:
             one.expected = set(job_ids)
             if one.expected <= one.ended:
                 one.done.set()
         await asyncio.wait_for(asyncio.gather(*(one.done.wait() for one in heard)), 300)
-        seconds = time.monotonic() - started
-        client_cpu = time.process_time() - client_cpu
-        cpu_after, reads_after = stack.cpu_seconds(), await metric(api, "gateway_feed_reads_total")
+        cpu = time.process_time() - cpu
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    pipe.send(([delay * 1000 for one in heard for delay in one.delays], cpu))
+
+
+def client_process(api_url: str, listeners: int, ws_share: float, pipe: Connection) -> None:
+    asyncio.run(listen(api_url, listeners, ws_share, pipe))
+
+
+async def run_round(stack: Stack, api_pid: int, listeners: int, args: argparse.Namespace) -> Round:
+    """A round's listeners, spread over --client-processes processes so that no one event loop of the bench's
+    own is what the delays measure."""
+    context = multiprocessing.get_context("spawn")
+    processes = min(args.client_processes, listeners)
+    pipes, children = [], []
+    rss_before = rss_mb(api_pid)
+    for n in range(processes):
+        ours, theirs = context.Pipe()
+        share = listeners // processes + (1 if n < listeners % processes else 0)
+        child = context.Process(target=client_process, args=(stack.api_url, share, args.ws_share, theirs))
+        child.start()
+        pipes.append(ours)
+        children.append(child)
+    try:
+        for pipe in pipes:
+            assert await asyncio.to_thread(pipe.recv) == "connected"
+        await asyncio.sleep(1)  # settled: the connections' own cost in
+        rss_connected = rss_mb(api_pid)
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as api:
+            cpu_before, reads_before = stack.cpu_seconds(), await metric(api, "gateway_feed_reads_total")
+            started = time.monotonic()
+            prompt = stepped_prompt(args.steps * args.spacing, args.steps)
+            job_ids = []
+            for _ in range(args.jobs):
+                response = await api.post("/jobs", json={"workflowJson": prompt})
+                response.raise_for_status()
+                job_ids.append(response.json()["jobId"])
+            for pipe in pipes:
+                pipe.send(job_ids)
+            answers = [await asyncio.to_thread(pipe.recv) for pipe in pipes]
+            seconds = time.monotonic() - started
+            cpu_after, reads_after = stack.cpu_seconds(), await metric(api, "gateway_feed_reads_total")
+    finally:
+        for child in children:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
     cpu = {part: cpu_after.get(part, 0.0) - cpu_before.get(part, 0.0) for part in cpu_after}
-    delays = [delay * 1000 for one in heard for delay in one.delays]
+    delays = [delay for one_process, _ in answers for delay in one_process]
     return Round(listeners, delays, rss_before, rss_connected, cpu, reads_after - reads_before, seconds, len(delays),
-                 client_cpu)
+                 sum(client_cpu for _, client_cpu in answers))
 
 
 async def measure(args: argparse.Namespace) -> None:
@@ -215,6 +251,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--spacing", type=float, default=1.0, help="seconds between two progress steps")
+    parser.add_argument("--client-processes", type=int, default=4, help="processes the listeners are spread over")
     asyncio.run(measure(parser.parse_args()))
 
 
