@@ -212,6 +212,7 @@ async def test_the_websocket_feed_authenticates_subscribes_resumes_and_closes_wi
         await bob.send(json.dumps({"type": "ping"}))
         assert json.loads(await asyncio.wait_for(bob.recv(), 10)) == {"type": "pong"}
 
-    async with socket(served, {"X-API-Key": ALICE_KEY}) as connection:
-        await connection.send("not json")
-        assert await close_code(connection) == 4400
+    for not_a_message in ("not json", b'{"type": "ping"}', "[]"):
+        async with socket(served, {"X-API-Key": ALICE_KEY}) as connection:
+            await connection.send(not_a_message)
+            assert await close_code(connection) == 4400, not_a_message

@@ -273,9 +273,13 @@ async def feed_socket(websocket: WebSocket) -> None:
     with places.place():
         try:
             while True:
-                text = await websocket.receive_text()
+                received = await websocket.receive()
+                if received["type"] == "websocket.disconnect":
+                    break
                 try:
-                    message = json.loads(text)
+                    if received.get("text") is None:
+                        raise _BadMessage("a message is JSON text, not binary")
+                    message = json.loads(received["text"])
                     if not isinstance(message, dict):
                         raise _BadMessage("a message is a JSON object with a type")
                     await connection.handle(message)
