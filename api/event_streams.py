@@ -170,6 +170,14 @@ class _HeldStream(EventSourceResponse):
             await super().__call__(scope, receive, send)
 
 
+def held_stream(places: StreamPlaces, events: AsyncIterator[ServerSentEvent], keepalive_s: float
+                ) -> EventSourceResponse:
+    """The answer that streams `events`, holding a place among the open streams while it lasts; the place is
+    checked now, so that a full house is a 503 rather than a stream that ends at once."""
+    places.check()
+    return _HeldStream(places, events, ping=keepalive_s)
+
+
 def stream_response(
     places: StreamPlaces, subscribe: AbstractAsyncContextManager[Subscription[V]],
     view: Callable[[V], Awaitable[dict[str, Any]]], events: StreamEvents, what: str, keepalive_s: float,
@@ -177,8 +185,7 @@ def stream_response(
     """The answer that streams `events` of the values `subscribe` hands over, each shown by `view`, until the
     final event. The place is checked now, so that a full house is a 503 rather than a stream that ends at
     once."""
-    places.check()
-    return _HeldStream(places, _serve(subscribe, view, events, what), ping=keepalive_s)
+    return held_stream(places, _serve(subscribe, view, events, what), keepalive_s)
 
 
 async def _serve(subscribe: AbstractAsyncContextManager[Subscription[V]],

@@ -22,6 +22,7 @@ from api.database import Database
 from api.job_reader import JobReader, live_views
 from api.batch_streams import batch_feeds
 from api.event_streams import StreamPlaces
+from api.feed import Feed
 from api.job_streams import job_feeds
 from api.job_waits import JobWaits
 from api.openapi import install_openapi
@@ -36,7 +37,7 @@ from api.shared_answers import SharedAnswers
 from api.temporal_connection import TemporalConnection
 from api.auth import warn_if_open
 from api.routes.batches import batch_json
-from api.routes import audit, backends, batches, codec, events, health, jobs, metrics, outputs, workflows
+from api.routes import audit, backends, batches, codec, events, feed, health, jobs, metrics, outputs, workflows
 from app.codec import EncryptionCodec
 from app.comfy.backends import configured_backends, served_queues
 from app.db import make_engine
@@ -102,6 +103,9 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
                                   TemporalUi.of(settings), batch_id),
             settings.sse_poll_s)
         app.state.stream_places = StreamPlaces(settings.api_max_concurrent_streams)
+        app.state.feed = Feed(Database(app.state.engine), app.state.storage, poll_s=settings.feed_poll_s,
+                              window_s=settings.feed_replay_window_s, replay_max=settings.feed_replay_max_events,
+                              queue_size=settings.feed_listener_queue)
         # What ComfyUI has (node types, models) changes rarely: a burst of requests asks it once.
         app.state.comfyui_answers = SharedAnswers(reuse_seconds=_COMFYUI_ANSWERS_SECONDS)
         app.state.started_at = time.monotonic()
@@ -124,6 +128,7 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
             await app.state.probes.refresh()  # /health has an answer from the first request on
             app.state.metrics = api_registry(app.state.engine, app.state.probes)
             background.append(asyncio.create_task(app.state.probes.run()))
+            background.append(asyncio.create_task(app.state.feed.prune()))
             try:
                 yield
             finally:
@@ -131,6 +136,7 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
                     task.cancel()
                     with suppress(asyncio.CancelledError):
                         await task
+                await app.state.feed.stop()
                 app.state.engine.dispose()
 
     # Swagger UI and ReDoc from the assets the package bundles, not a CDN: the docs work offline.
@@ -160,7 +166,7 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
     install_error_handlers(app)
     # Each router but health's (/health and /ready are public) and metrics' (METRICS_TOKEN) requires a caller
     # (api.deps.get_principal).
-    routers = [jobs.router, events.router, batches.router, outputs.router, workflows.router, audit.router,
+    routers = [jobs.router, events.router, feed.router, feed.ws_router, batches.router, outputs.router, workflows.router, audit.router,
                health.router, codec.router, backends.router, metrics.router]
     for router in routers:
         app.include_router(router)

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from app.db import as_utc
+from app.feed_log import append_feed, live_data
 from app.models import LIVE_STATUSES, JobError, JobEventInput, JobState, JobStatus, JobWarning, LiveProgress, OutputRef
 from app.models import RecordJobInput, WebhookStatus
 from app.tables import BatchRow, JobEventRow, JobRow
@@ -52,6 +53,8 @@ def record_job(session: Session, record: RecordJobInput) -> RecordedChange:
         started=(row is None or row.started_at is None) and job.started_at is not None,
         ended=(row is None or not JobStatus(row.status).is_terminal) and job.status.is_terminal,
     )
+    # What the feed of all jobs is told (app.feed_log): a new status, attempt or outputs, not a repeated record.
+    told = (row.status, row.attempts, len(row.outputs)) if row is not None else None
     if row is None:
         row = JobRow(job_id=job.job_id, backend=record.backend, status=job.status.value)
     elif job.status is JobStatus.queued and job.attempts > row.attempts:
@@ -86,8 +89,26 @@ def record_job(session: Session, record: RecordJobInput) -> RecordedChange:
     row.updated_at = datetime.now(timezone.utc)
     session.add(row)
     _insert_events(session, job.job_id, record.events)
+    if told != (row.status, row.attempts, len(row.outputs)):
+        session.flush()
+        append_feed(session, row, _feed_events(row, told))
     session.commit()
     return change
+
+
+def _feed_events(row: JobRow, told: tuple[str, int, int] | None) -> list[tuple[str, str, dict]]:
+    """As a job's own stream tells it (api.job_streams): each stored file its own `output` event, under the
+    status the job had before (its end is told after them), then the status's event."""
+    data = live_data(row)
+    events: list[tuple[str, str, dict]] = []
+    if JobStatus(row.status).is_terminal:
+        had = told[2] if told is not None and told[1] == row.attempts else 0
+        before = told[0] if told is not None else JobStatus.queued.value
+        for stored in range(had, len(row.outputs)):
+            events.append(("output", before, {**data, "outputs": row.outputs[:stored + 1]}))
+        data = {**data, "outputs": row.outputs, "error": row.error}
+    events.append((row.status, row.status, data))
+    return events
 
 
 def write_live_progress(session: Session, job_id: str, attempt: int, live: LiveProgress) -> bool:
@@ -108,6 +129,10 @@ def write_live_progress(session: Session, job_id: str, attempt: int, live: LiveP
             updated_at=datetime.now(timezone.utc),
         )
     )
+    if result.rowcount:
+        row = session.get(JobRow, job_id)
+        assert row is not None
+        append_feed(session, row, [(row.status, row.status, live_data(row))])
     session.commit()
     return result.rowcount > 0
 
@@ -139,6 +164,10 @@ def close_ended_job(session: Session, job_id: str, error: JobError, completed_at
     )
     if result.rowcount:
         _insert_events(session, job_id, [event])
+        row = session.get(JobRow, job_id)
+        assert row is not None
+        append_feed(session, row, [(row.status, row.status,
+                                    {**live_data(row), "outputs": row.outputs, "error": row.error})])
     session.commit()
     return result.rowcount > 0
 

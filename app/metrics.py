@@ -52,6 +52,12 @@ JOB_WAIT_POLLS = Counter("gateway_job_wait_polls", "Temporal long polls for a jo
                                                    "waiting on that job")
 JOB_WAIT_POLLS_OPEN = Gauge("gateway_job_wait_polls_open", "Temporal long polls for a job's end open now")
 
+# The feed of all jobs (GET /events, WS /ws): its listeners, and its one reader's queries, however many listen.
+FEED_LISTENERS = Gauge("gateway_feed_listeners", "listeners of the feed of all jobs (SSE streams, WebSocket "
+                                                 "subscriptions) now")
+FEED_READS = Counter("gateway_feed_reads", "queries of the feed log by the API process's one feed reader, one per "
+                                           "FEED_POLL_S while anyone listens")
+
 # Labelled by the route's template (`/jobs/{job_id}`), never the path a client sent: ids make no new series.
 HTTP_REQUESTS = Counter(
     "gateway_http_requests", "API requests answered, by method, route template and status", ["method", "route", "status"]

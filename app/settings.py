@@ -108,8 +108,8 @@ class Settings(BaseSettings):
         1000, ge=1, description="requests that may wait (`wait=`) for a job at once; more are refused with 503 "
                                 "TOO_MANY_WAITS")
     api_max_concurrent_streams: int = Field(
-        1000, ge=1, description="event streams (GET /jobs/{id}/events, GET /batches/{id}/events) an API process "
-                                "serves at once; more are refused with 503 TOO_MANY_STREAMS")
+        1000, ge=1, description="event streams (GET /jobs/{id}/events, GET /batches/{id}/events, GET /events, WS "
+                                "/ws) an API process serves at once; more are refused with 503 TOO_MANY_STREAMS")
     sse_poll_s: float = Field(
         0.2, gt=0, le=5, description="how often an event stream's one reader per job or batch reads it from the "
                                      "database (Temporal is asked about a live job at most every 0.25 s whatever "
@@ -117,6 +117,20 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = Field(
         15.0, gt=0, description="how often a quiet event stream (GET /jobs/{id}/events) sends a keep-alive comment, "
                                 "so that proxies do not close it")
+    feed_poll_s: float = Field(
+        0.2, gt=0, le=5, description="how often the API process's one reader of the feed of all jobs (GET /events, "
+                                     "WS /ws) reads the new events, one query for all its listeners")
+    feed_replay_window_s: float = Field(
+        300.0, gt=0, description="how long the feed keeps events: a listener that reconnects (Last-Event-ID, a "
+                                 "WebSocket subscribe's since) is told what it missed within this window")
+    feed_replay_max_events: int = Field(
+        1000, ge=1, description="most events a reconnecting feed listener is told it missed (the newest)")
+    feed_listener_queue: int = Field(
+        1000, ge=1, description="events a feed listener may fall behind before it is dropped (its stream ends; "
+                                "it reconnects with its last event id)")
+    ws_auth_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="how long WS /ws waits for the first message's credentials of a client that "
+                                      "sent none in headers, before it closes with 4401")
     # Rate limits: RATE_LIMIT_MAX requests per RATE_LIMIT_WINDOW_MS, per principal and per client address.
     rate_limit_max: int | None = Field(
         None, ge=1, description="requests a principal, and a client address, may make per window (with "

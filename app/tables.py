@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from app.auth import MAX_PRINCIPAL_ID_LENGTH
@@ -82,6 +82,30 @@ class JobEventRow(SQLModel, table=True):
     at: datetime = _utc_column(nullable=False)
     kind: str = Field(max_length=32)
     message: str
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class JobFeedRow(SQLModel, table=True):
+    """One change of a job as the feed of all jobs tells it (`GET /events`, `WS /ws`; api.feed): written in the
+    transaction that changes the job's row, so the feed says what the rows say, in the order they said it. Its
+    id is the feed's event id. Pruned past FEED_REPLAY_WINDOW_S. Never a job's inputs or prompt."""
+
+    __tablename__ = "job_feed"
+    # AUTOINCREMENT on SQLite: an id is never reused, also once pruning has emptied the table, so a client's
+    # Last-Event-ID never names a later event.
+    __table_args__ = (Index("ix_job_feed_at", "at"), {"sqlite_autoincrement": True})
+
+    id: int | None = Field(default=None, sa_column=Column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True))
+    job_id: str = Field(max_length=64)
+    owner: str | None = Field(default=None, max_length=MAX_PRINCIPAL_ID_LENGTH)
+    batch_id: str | None = Field(default=None, max_length=64)
+    template_id: str | None = Field(default=None, max_length=128)
+    # The event's name (queued, running, output, succeeded, failed, cancelled) and the job's status then.
+    event: str = Field(max_length=16)
+    status: str = Field(max_length=16)
+    at: datetime = _utc_column(nullable=False)
+    # progress, currentNode, queuePosition, attempts; outputs (storage refs) and error once it has them.
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 

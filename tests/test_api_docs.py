@@ -97,6 +97,7 @@ ERROR_CODES = {
                               "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /jobs/{job_id}/logs": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /jobs/{job_id}/events": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "TOO_MANY_STREAMS", "INTERNAL_ERROR"} | _AUTH,
+    "GET /events": {"VALIDATION_ERROR", "TOO_MANY_STREAMS", "INTERNAL_ERROR"} | _AUTH,
     "GET /outputs": {"VALIDATION_ERROR", "INTERNAL_ERROR"} | _AUTH,
     "GET /outputs/{job_id}": {"JOB_NOT_FOUND", "TEMPORAL_UNAVAILABLE", "INTERNAL_ERROR"} | _AUTH,
     "GET /outputs/{job_id}/{filename}": {"VALIDATION_ERROR", "JOB_NOT_FOUND", "OUTPUT_NOT_FOUND",

@@ -306,7 +306,7 @@ def payload_key_ids(history: dict[str, Any]) -> set[str]:
 def rows_text(settings: Settings, job_ids: list[str]) -> str:
     engine = make_engine(settings.resolved_database_url)
     with engine.connect() as connection:
-        rows = [dict(row._mapping) for table in ("jobs", "job_events") for row in connection.execute(
+        rows = [dict(row._mapping) for table in ("jobs", "job_events", "job_feed") for row in connection.execute(
             text(f"SELECT * FROM {table} WHERE job_id IN ({','.join(repr(job_id) for job_id in job_ids)})"))]
     engine.dispose()
     return json.dumps(rows, default=str)

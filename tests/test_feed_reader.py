@@ -1,0 +1,94 @@
+"""The API's one feed reader (api.feed) over a real database: fan-out to every listener that matches, and a
+listener that falls too far behind is dropped and resumes from the log."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from api.database import Database
+from api.feed import Feed, FeedEvent, ListenerDropped
+from app.feed_log import FeedFilter
+from app.jobstore import record_job
+from app.models import JobStatus
+from app.settings import Settings
+from app.storage import build_storage
+from tests.harness import assert_eventually
+from tests.test_jobstore import record, state
+
+CREATED = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def feed_of(engine: Engine, tmp_path: Path, queue_size: int = 100) -> Feed:
+    storage = build_storage(Settings(_env_file=None, data_dir=tmp_path))
+    return Feed(Database(engine), storage, poll_s=0.05, window_s=300, replay_max=100, queue_size=queue_size)
+
+
+def run_job(engine: Engine, job_id: str, owner: str, statuses: list[JobStatus]) -> None:
+    with Session(engine) as session:
+        for status in statuses:
+            record_job(session, record(state(job_id, status, CREATED, owner=owner)))
+
+
+async def collect(batches, into: list[FeedEvent], until: int) -> None:  # type: ignore[no-untyped-def]
+    async for batch in batches:
+        into.extend(batch)
+        if len(into) >= until:
+            return
+
+
+async def test_one_reader_hands_each_event_to_every_listener_it_matches(engine: Engine, tmp_path: Path) -> None:
+    feed = feed_of(engine, tmp_path)
+    alice_job, bob_job = str(uuid.uuid4()), str(uuid.uuid4())
+    everyone: list[list[FeedEvent]] = [[] for _ in range(20)]
+    alices: list[FeedEvent] = []
+    async with feed.listen(FeedFilter(owner="alice"), None) as alice_batches:
+        listening = [feed.listen(FeedFilter(), None) for _ in everyone]
+        all_batches = [await listener.__aenter__() for listener in listening]
+        try:
+            readers = [asyncio.create_task(collect(batches, heard, 6)) for batches, heard in zip(all_batches, everyone)]
+            readers.append(asyncio.create_task(collect(alice_batches, alices, 3)))
+            await assert_eventually(lambda: feed.reads > 0, what="the reader reading")
+            await asyncio.to_thread(run_job, engine, alice_job, "alice", [JobStatus.queued, JobStatus.running,
+                                                                           JobStatus.failed])
+            await asyncio.to_thread(run_job, engine, bob_job, "bob", [JobStatus.queued, JobStatus.running,
+                                                                       JobStatus.cancelled])
+            await asyncio.wait_for(asyncio.gather(*readers), 20)
+        finally:
+            for listener in listening:
+                await listener.__aexit__(None, None, None)
+    assert [(event.data["jobId"], event.name) for event in alices] == [
+        (alice_job, "queued"), (alice_job, "running"), (alice_job, "failed")]
+    told = [[event.id for event in heard] for heard in everyone]
+    assert all(ids == told[0] for ids in told) and told[0] == sorted(told[0]) and len(told[0]) == 6
+    assert feed.listeners == 0
+
+
+async def test_a_listener_too_far_behind_is_dropped_and_resumes_from_the_log(engine: Engine, tmp_path: Path) -> None:
+    feed = feed_of(engine, tmp_path, queue_size=2)
+    job_id = str(uuid.uuid4())
+    statuses = [JobStatus.queued, JobStatus.running, JobStatus.succeeded]
+    heard: list[FeedEvent] = []
+    async with feed.listen(FeedFilter(), None) as batches:
+        await assert_eventually(lambda: feed.reads > 0, what="the reader reading")
+        # It reads nothing meanwhile: four events for a queue of two.
+        await asyncio.to_thread(run_job, engine, job_id, "alice", statuses)
+        await asyncio.to_thread(run_job, engine, str(uuid.uuid4()), "alice", [JobStatus.queued])
+        await assert_eventually(lambda: feed.reads > 3, what="the reader reading the events")
+        try:
+            async for batch in batches:
+                heard.extend(batch)
+        except ListenerDropped:
+            pass
+        else:
+            raise AssertionError("the listener was not dropped")
+    assert [event.name for event in heard] == ["queued", "running"]  # what its queue held
+    resumed: list[FeedEvent] = []
+    async with feed.listen(FeedFilter(job_ids=frozenset({job_id})), heard[-1].id) as batches:
+        await asyncio.wait_for(collect(batches, resumed, 1), 10)
+    assert [event.name for event in resumed] == ["succeeded"]
