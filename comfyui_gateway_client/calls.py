@@ -5,11 +5,11 @@ the two never differ in what they send or how they parse.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 from pydantic import BaseModel
@@ -147,6 +147,13 @@ def output_base64(job_id: str, filename: str) -> Call[Base64Output]:
 
 def output_path(job_id: str, filename: str) -> str:
     return f"/outputs/{segment(job_id)}/{segment(filename)}"
+
+
+def feed_path(status: str | Sequence[str] | None, workflow_id: str | None, batch_id: str | None) -> str:
+    """`/events` with the feed's filters in its query (a stream is no Call: the clients follow it themselves)."""
+    statuses = status if status is None or isinstance(status, str) else ",".join(status)
+    query = urlencode(_given(status=statuses, workflowId=workflow_id, batchId=batch_id))
+    return f"/events?{query}" if query else "/events"
 
 
 def list_workflows() -> Call[list[WorkflowSummary]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -120,6 +120,14 @@ class GatewayClient:
     def batch_events(self, batch_id: str, *, reconnects: int = 5) -> Iterator[Event]:
         """The batch's Server-Sent Events until its final one (`completed`, `cancelled`), resumed as `events`."""
         return self._stream(f"/batches/{calls.segment(batch_id)}/events", BATCH_FINAL_EVENTS, reconnects)
+
+    def feed(self, *, status: str | Sequence[str] | None = None, workflow_id: str | None = None,
+             batch_id: str | None = None, reconnects: int = 5) -> Iterator[Event]:
+        """Every job the caller may see, live (`GET /events`), each event with its `jobId`; filtered by status
+        (one or several), template or batch. It has no final event: it runs until the caller stops reading. A
+        dropped connection, or the gateway ending the stream of a listener that fell behind, is resumed with
+        Last-Event-ID, so that no event is missed within the gateway's FEED_REPLAY_WINDOW_S."""
+        return self._stream(calls.feed_path(status, workflow_id, batch_id), frozenset(), reconnects)
 
     def _stream(self, path: str, final_events: frozenset[str], reconnects: int) -> Iterator[Event]:
         cursor = EventCursor(self.config.url + path, final_events, reconnects)

@@ -242,6 +242,30 @@ async def test_an_event_stream_resumes_after_a_dropped_connection(served: Served
     assert counts == list(range(1, len(counts) + 1))
 
 
+async def test_the_feed_of_all_jobs_is_the_callers_own_and_resumes_after_dropped_connections(
+        served: Served) -> None:
+    port = int(served.url.rsplit(":", 1)[1])
+    proxy = DroppingProxy(port, drops=2)
+    async with AsyncGatewayClient(served.url, api_key=ALICE_KEY) as alice_direct, \
+            AsyncGatewayClient(served.url, api_key=BOB_KEY) as bob:
+        bobs = await bob.submit(SLOW_TEMPLATE, {"seconds": seconds(served.comfyui, 0.3)})
+        alices = await alice_direct.submit(SLOW_TEMPLATE, {"seconds": seconds(served.comfyui, 1.0)})
+        async with proxy as proxied, AsyncGatewayClient(proxied, api_key=ALICE_KEY) as alice:
+            events = []
+            async with asyncio.timeout(60):
+                async for event in alice.feed(status=["running", "succeeded"], workflow_id=SLOW_TEMPLATE):
+                    events.append(event)
+                    if event.data["jobId"] == alices.job_id and event.event == "succeeded":
+                        break
+    assert {event.data["jobId"] for event in events} == {alices.job_id}  # never bob's job
+    assert bobs.job_id != alices.job_id
+    assert {event.data["status"] for event in events} <= {"running", "succeeded"}
+    # Each reconnect sent the last id it had; the ids went on from there, none twice.
+    assert proxy.last_event_ids[0] is None and proxy.last_event_ids[1:3] == [events[0].id, events[1].id]
+    ids = [int(event.id) for event in events]
+    assert ids == sorted(set(ids))
+
+
 class RecordingTransport(httpx.AsyncBaseTransport):
     """The app in process, with the status of every answer it gave, in order."""
 
