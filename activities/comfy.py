@@ -24,7 +24,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.heartbeats import heartbeating
 from activities.job_log import JobLog
-from activities.live_row import LiveRows
+from activities.live_row import LiveRow
 from activities.progress_webhooks import ProgressWebhooks
 from activities.prompt_run import POST_SETTLE_SECONDS, PromptRun, stop_prompt
 from activities.waiting import while_unreachable
@@ -103,11 +103,9 @@ class ComfyActivities:
     def __init__(
         self, clients: Mapping[str, ComfyClient], storage: OutputStorage, engine: Engine, scratch_dir: Path,
         progress_webhooks: ProgressWebhooksFactory | None = None, placement: Placement | None = None,
-        post_settle_seconds: float = POST_SETTLE_SECONDS, live_rows: LiveRows | None = None,
+        post_settle_seconds: float = POST_SETTLE_SECONDS,
     ) -> None:
         self._clients = clients
-        # Shared by the activities of every backend in the worker: one writer of the prompts' live rows.
-        self._live_rows = live_rows or LiveRows(engine)
         self._post_settle_seconds = post_settle_seconds
         self._placement = placement
         self._progress_webhooks = progress_webhooks
@@ -160,7 +158,7 @@ class ComfyActivities:
             if self._placement is not None and lease is None:
                 lease = await self._placement.fleet.lease(self._placement.backend, progress.prompt_id)
 
-        live_row = self._live_rows.row(request.job_id, request.attempt)
+        live_row = LiveRow(self._engine, request.job_id, request.attempt)
         run = PromptRun(client, request, progress, log, backend=backend, acquire=acquire,
                         on_report=lambda: live_row.offer(progress.live()),
                         post_settle_seconds=self._post_settle_seconds)
@@ -218,7 +216,7 @@ class ComfyActivities:
         finally:
             if lease is not None:
                 await self._let_go(lease, keep=keep_lease)
-            live_row.close()
+            await live_row.close()
             if webhooks is not None:
                 await webhooks.close()
             await log.flush(force=True)

@@ -93,19 +93,6 @@ def record_job(session: Session, record: RecordJobInput) -> RecordedChange:
 def write_live_progress(session: Session, job_id: str, attempt: int, live: LiveProgress) -> bool:
     """The live columns of a job that is still live on this attempt (or an earlier record of it); a late
     write from an attempt that was superseded, or after the job ended, changes nothing."""
-    written = _update_live_progress(session, job_id, attempt, live)
-    session.commit()
-    return written
-
-
-def write_live_progresses(session: Session, lives: dict[tuple[str, int], LiveProgress]) -> set[tuple[str, int]]:
-    """`write_live_progress` for many (job id, attempt)s in one transaction; those whose row took the write."""
-    written = {key for key, live in lives.items() if _update_live_progress(session, *key, live)}
-    session.commit()
-    return written
-
-
-def _update_live_progress(session: Session, job_id: str, attempt: int, live: LiveProgress) -> bool:
     result = session.execute(
         update(JobRow)
         .where(
@@ -121,6 +108,7 @@ def _update_live_progress(session: Session, job_id: str, attempt: int, live: Liv
             updated_at=datetime.now(timezone.utc),
         )
     )
+    session.commit()
     return result.rowcount > 0
 
 

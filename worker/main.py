@@ -32,7 +32,6 @@ from activities.comfy import ComfyActivities, Placement
 from activities.batches import BatchActivities
 from activities.delivery import WebhookDelivery, WebhookPoster
 from activities.inputs import ImageStager, InputActivities
-from activities.live_row import LiveRows
 from activities.progress_webhooks import ProgressWebhooks
 from activities.records import RecordActivities
 from activities.render import RenderActivities
@@ -140,7 +139,6 @@ def build_workers(
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=settings.temporal_sticky_timeout_s),
     )
     fleet = Fleet(SlotLeases(engine))
-    live_rows = LiveRows(engine)
     queues = {backend.id: served_queues(settings, backend) for backend in backends}
     servers = Counter(queue for served in queues.values() for queue in served)
     per_backend: list[Worker] = []
@@ -152,7 +150,7 @@ def build_workers(
         fleet.add(slots, queues[backend.id])
         placed = ComfyActivities(
             clients=clients, storage=storage, engine=engine, scratch_dir=settings.data_dir / "tmp",
-            progress_webhooks=progress_webhooks, live_rows=live_rows,
+            progress_webhooks=progress_webhooks,
             placement=Placement(backend=backend.id, fleet=fleet, images=stager,
                                 grace_seconds=settings.comfyui_heartbeat_timeout_s),
         )
