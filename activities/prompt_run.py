@@ -26,9 +26,11 @@ from app.errors import ErrorCode
 from app.models import PROMPT_STARTED_SIGNAL, JobWarning, PromptProgress, PromptStarted, RunPromptInput, RunPromptResult
 
 # The WebSocket tells what happens; ComfyUI's HTTP API (history, queue) is asked only as a fallback: after this
-# long without an event while the socket is open, every second while it is down, and as a keepalive while events
-# flow. Each ask is two requests and a parse of ComfyUI's queue, which lists every prompt on it: a thousand
-# prompts asked every few seconds cost the worker (and ComfyUI) more than following their events.
+# long without an event while the socket is open, every second while it is down, and after this long while the
+# socket carries others' news (the queue's broadcasts) but none of the prompt's own: a prompt lost from ComfyUI's
+# queue gets no events of its own. Each ask is two requests and a parse of ComfyUI's queue, which lists every
+# prompt on it: a thousand prompts asked every few seconds cost the worker (and ComfyUI) more than following
+# their events.
 _QUIET_CHECK_SECONDS = 5.0
 _DISCONNECTED_CHECK_SECONDS = 1.0
 _FORCED_CHECK_SECONDS = 30.0
@@ -197,6 +199,10 @@ class PromptRun:
                     "ComfyUI WebSocket dropped; following the prompt through /history until it reconnects",
                 )
             if event is not None and self.tracker.concerns(event):
+                # The prompt's own news is as good as an ask: ComfyUI has it and is working on it. The forced
+                # ask is for a socket that carries only others' news (the queue's broadcasts), and at a
+                # thousand prompts each ask every 30 s was a fifth of the worker's event loop.
+                last_check = time.monotonic()
                 self._on_event(event)
                 if event.type == "executing" and event.data.get("node") is None:
                     # ComfyUI sends this after writing the history entry: the result is complete.

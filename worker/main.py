@@ -16,7 +16,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -68,6 +68,11 @@ _PROBE_TIMEOUT_S = 2.0
 # activity's end, queries): evicted, each wake replays its whole history, so the cache holds at least two
 # workflows per prompt the fleet may have at once (a large fleet's jobs, and the others around them).
 _CACHED_WORKFLOWS = 1000
+# Workflow tasks the worker takes at once (the SDK's default is 100). Each runs in a thread of its own and most
+# wait on a local activity's database write: at a thousand jobs, 100 at once held the GIL in turns with the
+# event loop that follows the prompts, and past the 10 s workflow task timeout each was done again. Fewer at
+# once finish sooner; the others wait in Temporal's task queue, where no timeout runs.
+_WORKFLOW_TASKS_AT_ONCE = 16
 
 
 @dataclass
@@ -87,12 +92,13 @@ async def connection_of_its_own(client: Client) -> Client:
 
 
 def build_workers(
-    client: Client, settings: Settings, engine: Engine, http: httpx.AsyncClient, image_http: httpx.AsyncClient,
-    probe_http: httpx.AsyncClient, backend_clients: dict[str, Client],
+    client: Client, settings: Settings, engine: Engine, comfy_http: dict[str, httpx.AsyncClient],
+    image_http: httpx.AsyncClient, probe_http: httpx.AsyncClient, backend_clients: dict[str, Client],
 ) -> GatewayWorkers:
     backends = configured_backends(settings)
     healths = {backend.id: BackendHealth(backend.id, backend.public_url) for backend in backends}
-    clients = {backend.id: ComfyClient(backend.url, http, healths[backend.id]) for backend in backends}
+    clients = {backend.id: ComfyClient(backend.url, comfy_http[backend.id], healths[backend.id])
+               for backend in backends}
     storage = build_storage(settings)
     # Webhooks go to users' URLs: the SSRF-safe client of image inputs (no proxy, pinned addresses).
     signer = WebhookSigner(settings.webhook_secret) if settings.webhook_secret else None
@@ -120,6 +126,7 @@ def build_workers(
         client,
         task_queue=settings.temporal_task_queue,
         max_cached_workflows=max(_CACHED_WORKFLOWS, 2 * prompts),
+        max_concurrent_workflow_tasks=_WORKFLOW_TASKS_AT_ONCE,
         workflows=[GenerationWorkflow, BatchWorkflow, RetentionWorkflow, WebhookDeliveryWorkflow],
         activities=[
             render.render_prompt, records.record_job, batches.record_batch, comfy.collect_outputs, comfy.cancel_prompt, inputs.stage_images,
@@ -207,22 +214,28 @@ async def running_worker(client: Client, settings: Settings, engine: Engine | No
     await ensure_retention_schedule(client, settings)
     # Image inputs are fetched from the internet with a client of their own: no cookies shared with the
     # ComfyUI client, and no proxy from the environment, which would defeat the address pinning.
-    # The ComfyUI clients of every backend share a connection pool: it must hold a connection for each prompt
-    # the fleet may follow at once, and the probes one per backend, or a large fleet's calls wait for the pool
-    # (httpx's default is 100) and its backends read as unreachable.
+    # Each backend's ComfyUI client has a connection pool of its own, with a connection for each prompt the
+    # backend may run (twice over), or its calls wait for the pool and the backend reads as unreachable. Not one
+    # pool for the fleet: httpcore looks through every connection of its pool on each request and each response,
+    # which at a thousand prompts was a tenth of the worker's event loop.
     backends = configured_backends(settings)
-    prompts = sum(backend.capacity(settings.comfyui_prefetch) for backend in backends)
     async with (
         serving_worker_metrics(settings.worker_metrics_address),
-        httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0),
-                          limits=httpx.Limits(max_connections=max(100, 2 * prompts))) as http,
+        AsyncExitStack() as pools,
         httpx.AsyncClient(trust_env=False) as image_http,
         httpx.AsyncClient(timeout=httpx.Timeout(_PROBE_TIMEOUT_S),
                           limits=httpx.Limits(max_connections=max(100, len(backends)))) as probe_http,
     ):
+        comfy_http = {
+            backend.id: await pools.enter_async_context(httpx.AsyncClient(
+                timeout=httpx.Timeout(30.0, connect=5.0),
+                limits=httpx.Limits(max_connections=max(10, 2 * backend.capacity(settings.comfyui_prefetch))),
+            ))
+            for backend in backends
+        }
         # The first backend's workers share the main worker's connection; each other backend has its own.
         backend_clients = {backend.id: await connection_of_its_own(client) for backend in backends[1:]}
-        built = build_workers(client, settings, engine, http, image_http, probe_http, backend_clients)
+        built = build_workers(client, settings, engine, comfy_http, image_http, probe_http, backend_clients)
         workers = built.workers
         await built.fleet.count_others()
         tasks = [asyncio.create_task(worker.run()) for worker in workers]
