@@ -39,7 +39,7 @@ from app.models import (
     prompt_id_for,
 )
 from app.temporal_client import register_search_attributes
-from tests.conftest import time_skipping_server
+from tests.conftest import start_time_skipping
 from tests.harness import assert_eventually, reset_job
 from workflows_temporal.generation import GenerationWorkflow
 from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
@@ -555,9 +555,7 @@ async def test_storage_that_keeps_failing_fails_the_job_once_its_tries_are_spent
     async def broken_storage(request: CollectOutputsInput) -> CollectOutputsResult:
         raise ApplicationError("disk full", type=ErrorCode.STORAGE_ERROR.value)
 
-    env = await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter, test_server_existing_path=time_skipping_server()
-    )
+    env = await start_time_skipping()
     try:
         await register_search_attributes(env.client)
         main = Worker(env.client, task_queue=task_queue, workflows=[GenerationWorkflow],

@@ -16,7 +16,6 @@ from aiohttp import web
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from standardwebhooks import Webhook
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -27,7 +26,7 @@ from app.models import JobState, JobStatus, OutputRef, RecordJobInput, WebhookDe
 from app.settings import Settings
 from app.storage import build_storage
 from app.webhooks.signing import WebhookSigner
-from tests.conftest import time_skipping_server
+from tests.conftest import start_time_skipping
 from tests.harness import serve_locally
 from workflows_temporal.webhook_delivery import WebhookDeliveryWorkflow, webhook_workflow_id
 
@@ -36,9 +35,7 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 @pytest.fixture(scope="module")
 async def skipping() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter, test_server_existing_path=time_skipping_server()
-    )
+    env = await start_time_skipping()
     try:
         yield env
     finally:
