@@ -25,14 +25,25 @@ ZERO_LENGTH_PROMPT = {
 WARM_UP_JOBS = 3
 
 
-def timed_prompt(seconds: float) -> dict:
-    """A job ComfyUI runs for about SECONDS: TestSleepProgress is never cached, so it and the SaveImage after it
-    run every time, where ZERO_LENGTH_PROMPT's nodes come from ComfyUI's cache after its first run."""
+def timed_prompt(seconds: float, steps: int = 1) -> dict:
+    """A job ComfyUI runs for about SECONDS, reporting STEPS progress steps: TestSleepProgress is never cached, so
+    it and the SaveImage after it run every time, where ZERO_LENGTH_PROMPT's nodes come from ComfyUI's cache after
+    its first run."""
     return {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "TestSleepProgress", "inputs": {"image": ["1", 0], "seconds": seconds, "steps": 1}},
+        "2": {"class_type": "TestSleepProgress", "inputs": {"image": ["1", 0], "seconds": seconds, "steps": steps}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "bench"}},
     }
+
+
+async def submit_prompts(api: httpx.AsyncClient, prompt: dict, count: int) -> list[str]:
+    """COUNT jobs of PROMPT posted one after the other; their ids."""
+    job_ids = []
+    for _ in range(count):
+        response = await api.post("/jobs", json={"workflowJson": prompt})
+        response.raise_for_status()
+        job_ids.append(response.json()["jobId"])
+    return job_ids
 
 
 def cpu_seconds(root_pids: list[int]) -> dict[str, float]:

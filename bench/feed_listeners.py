@@ -32,17 +32,9 @@ import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.embedded import Stack, percentile, simulated_stack  # noqa: E402
+from bench.embedded import Stack, percentile, simulated_stack, submit_prompts, timed_prompt  # noqa: E402
 
 FINAL = {"succeeded", "failed", "cancelled"}
-
-
-def stepped_prompt(seconds: float, steps: int) -> dict:
-    return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "TestSleepProgress", "inputs": {"image": ["1", 0], "seconds": seconds, "steps": steps}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "feed"}},
-    }
 
 
 @dataclass
@@ -198,12 +190,7 @@ async def run_round(stack: Stack, api_pid: int, listeners: int, args: argparse.N
         async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as api:
             cpu_before, reads_before = stack.cpu_seconds(), await metric(api, "gateway_feed_reads_total")
             started = time.monotonic()
-            prompt = stepped_prompt(args.steps * args.spacing, args.steps)
-            job_ids = []
-            for _ in range(args.jobs):
-                response = await api.post("/jobs", json={"workflowJson": prompt})
-                response.raise_for_status()
-                job_ids.append(response.json()["jobId"])
+            job_ids = await submit_prompts(api, timed_prompt(args.steps * args.spacing, args.steps), args.jobs)
             for pipe in pipes:
                 pipe.send(job_ids)
             answers = [await asyncio.to_thread(pipe.recv) for pipe in pipes]

@@ -29,16 +29,8 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.simulator.server import SIMULATOR_KEY, build_app  # noqa: E402
-from bench.embedded import _start_gateway, percentile  # noqa: E402
+from bench.embedded import _start_gateway, percentile, submit_prompts, timed_prompt  # noqa: E402
 from tests.harness import REPO_ROOT, free_port  # noqa: E402
-
-
-def stepped_prompt(seconds: float, steps: int) -> dict:
-    return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "TestSleepProgress", "inputs": {"image": ["1", 0], "seconds": seconds, "steps": steps}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "sse"}},
-    }
 
 
 async def follow(api: httpx.AsyncClient, job_id: str, arrivals: list[float]) -> None:
@@ -84,12 +76,7 @@ async def measure(args: argparse.Namespace, repo_root: Path) -> None:
                                        "COMFYUI_PREFETCH": "0", "MAX_CONCURRENCY": str(args.jobs)},
                 f"127.0.0.1:{free_port()}", repo_root)
             async with httpx.AsyncClient(base_url=api_url, timeout=60) as api:
-                prompt = stepped_prompt(args.steps * args.spacing, args.steps)
-                job_ids = []
-                for _ in range(args.jobs):
-                    response = await api.post("/jobs", json={"workflowJson": prompt})
-                    response.raise_for_status()
-                    job_ids.append(response.json()["jobId"])
+                job_ids = await submit_prompts(api, timed_prompt(args.steps * args.spacing, args.steps), args.jobs)
                 arrivals = {(job_id, n): [] for job_id in job_ids for n in range(args.streams)}
                 await asyncio.gather(*(follow(api, job_id, times) for (job_id, _), times in arrivals.items()))
         finally:
