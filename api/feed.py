@@ -9,9 +9,12 @@ what one does: Temporal and the worker nothing at all, the database one indexed 
 A listener that says where it left off (`Last-Event-ID`, a WebSocket `since`) first registers, so that nothing
 read from then on passes it by, then is told what it missed from the log itself (its own query, filtered by its
 owner and filters, within FEED_REPLAY_WINDOW_S and at most FEED_REPLAY_MAX_EVENTS of the newest), then the
-reader's events after those. Its queue holds FEED_LISTENER_QUEUE events: a listener that falls that far behind
-is dropped (its stream ends), and comes back with its last id, from the log again: it costs the process no
-memory beyond its queue.
+reader's events after those. That replay is read a page at a time, the next page only once the listener has sent
+the one before, and only a few listeners' pages at once: a client that connects with an old id and never reads
+holds one page, not its whole replay (a thousand such clients, each told 1,000 events at once, took the API to
+1.6 GB and held a submission for 27 s). Its queue holds FEED_LISTENER_QUEUE events: a listener that falls that
+far behind is dropped (its stream ends), and comes back with its last id, from the log again: it costs the
+process no memory beyond its queue and a page.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 from sse_starlette import ServerSentEvent
 
 from api.database import Database
-from app.feed_log import FeedFilter, feed_after, latest_feed_id, missed_events, prune_feed
+from app.feed_log import FeedFilter, feed_after, latest_feed_id, missed_page, prune_feed, replay_start
 from app.metrics import FEED_LISTENERS, FEED_READS
 from app.models import OutputRef
 from app.storage import OutputStorage
@@ -39,6 +42,9 @@ log = logging.getLogger(__name__)
 # Events read per query: a burst of more is read over several polls, one right after the other.
 _READ_AT_ONCE = 1000
 _PRUNE_EVERY_S = 60.0
+# A replay's page, and how many listeners' pages are read and encoded at once.
+_REPLAY_PAGE = 100
+_REPLAYS_AT_ONCE = 4
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,7 @@ class Feed:
         self._queue_size = queue_size
         self._listeners: set[_Listener] = set()
         self._reader: asyncio.Task[None] | None = None
+        self._replaying = asyncio.Semaphore(_REPLAYS_AT_ONCE)
         self._starting = asyncio.Lock()
         self.reads = 0  # the reader's queries (gateway_feed_reads counts them for GET /metrics): one per poll
 
@@ -100,10 +107,11 @@ class Feed:
         FEED_LISTENERS.inc()
         try:
             await self._ensure_reader()
-            # After the reader's start: what it will not read, the log still says.
-            missed = [] if since is None else await self._db.run(
-                missed_events, since, feed_filter, self._window_s, self._replay_max)
-            yield self._events(listener, since or 0, await self._views(missed))
+            # After the reader's start: what it will not read, the log still says. An id beyond the log's last
+            # (one from a database since restored) is told what comes from now on, not nothing.
+            if since is not None:
+                since = min(since, await self._db.run(latest_feed_id))
+            yield self._events(listener, since)
         finally:
             self._listeners.discard(listener)
             FEED_LISTENERS.dec()
@@ -136,11 +144,13 @@ class Feed:
             with suppress(asyncio.CancelledError):
                 await self._reader
 
-    async def _events(self, listener: _Listener, told: int, missed: list[FeedEvent]
-                      ) -> AsyncIterator[list[FeedEvent]]:
-        if missed:
-            told = missed[-1].id
-            yield missed
+    async def _events(self, listener: _Listener, since: int | None) -> AsyncIterator[list[FeedEvent]]:
+        told = 0
+        if since is not None:
+            told = since
+            async for page in self._replay(listener.filter, since):
+                told = page[-1].id
+                yield page
         queue = listener.queue
         while True:
             if listener.dropped and queue.empty():
@@ -153,6 +163,20 @@ class Feed:
             if batch:
                 told = batch[-1].id
                 yield batch
+
+    async def _replay(self, feed_filter: FeedFilter, since: int) -> AsyncIterator[list[FeedEvent]]:
+        """What a listener missed after `since`, a page at a time, each read when it has sent the one before."""
+        async with self._replaying:
+            after = await self._db.run(replay_start, since, feed_filter, self._window_s, self._replay_max)
+        while True:
+            async with self._replaying:
+                rows = await self._db.run(missed_page, after, feed_filter, self._window_s, _REPLAY_PAGE)
+                page = await self._views(rows)
+            if page:
+                yield page
+            if len(rows) < _REPLAY_PAGE:
+                return
+            after = rows[-1].id  # type: ignore[assignment]  # a stored row has its id
 
     async def _read(self, last_id: int) -> None:
         while True:
@@ -176,8 +200,17 @@ class Feed:
         """The events' public JSON, on a thread when the store signs its URLs with its SDK (boto3 is not for the
         event loop)."""
         if rows and self._storage.signs_urls:
-            return await asyncio.to_thread(lambda: [self._event(row) for row in rows])
-        return [self._event(row) for row in rows]
+            return await asyncio.to_thread(self._events_of, rows)
+        return self._events_of(rows)
+
+    def _events_of(self, rows: list[JobFeedRow]) -> list[FeedEvent]:
+        events = []
+        for row in rows:
+            try:
+                events.append(self._event(row))
+            except Exception:  # noqa: BLE001 — one event that cannot be told must not stop the feed for everyone
+                log.exception("feed event %s of job %s could not be told; it is left out", row.id, row.job_id)
+        return events
 
     def _event(self, row: JobFeedRow) -> FeedEvent:
         data = {"jobId": row.job_id, "status": row.status, "workflowId": row.template_id, "batchId": row.batch_id,

@@ -38,6 +38,8 @@ EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
 _SCOPE_KEY = "gateway.rate_limit"
 # How often a rate limit store that cannot be reached is reported in the log, at most.
 _STORE_WARNING_SECONDS = 60.0
+# The close code of a WebSocket over the address's rate limit (README, "The feed of all jobs").
+WS_CLOSE_RATE_LIMITED = 4429
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,9 @@ class RateLimitMiddleware:
         self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
@@ -147,6 +152,18 @@ class RateLimitMiddleware:
                 scope, receive, send_with_headers)
             return
         await self.app(scope, receive, send_with_headers)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket counts once by address, as it connects: a flood of connections, each trying a guessed key
+        in its first message, costs what a flood of requests does. Over the limit it is accepted and closed at
+        once with WS_CLOSE_RATE_LIMITED (browsers see no status of a refused handshake)."""
+        if (await self.limits.count("address", self.limits.client_address(scope))).allowed:
+            await self.app(scope, receive, send)
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": WS_CLOSE_RATE_LIMITED,
+                    "reason": "too many requests from this address; try again later"})
 
 
 @answers_with(ErrorCode.RATE_LIMITED)

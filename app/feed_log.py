@@ -89,26 +89,40 @@ def feed_after(session: Session, last_id: int, limit: int) -> list[JobFeedRow]:
     return [_utc(row) for row in rows]
 
 
-def missed_events(session: Session, since_id: int, feed_filter: FeedFilter, window_s: float, most: int
-                  ) -> list[JobFeedRow]:
-    """A reconnecting listener's events after `since_id` within the last `window_s`, the newest `most` of them
-    if it missed more, oldest first."""
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=window_s)
+def replay_start(session: Session, since_id: int, feed_filter: FeedFilter, window_s: float, most: int) -> int:
+    """Where a reconnecting listener's replay starts: after `since_id`, or, when it missed more than `most` events
+    within the last `window_s`, after the event just older than the newest `most` of them."""
+    older = session.exec(
+        select(JobFeedRow.id)
+        .where(col(JobFeedRow.id) > since_id, col(JobFeedRow.at) >= _cutoff(window_s), *feed_filter.conditions())
+        .order_by(col(JobFeedRow.id).desc())
+        .offset(most)
+        .limit(1)
+    ).first()
+    return since_id if older is None else older
+
+
+def missed_page(session: Session, after_id: int, feed_filter: FeedFilter, window_s: float, limit: int
+                ) -> list[JobFeedRow]:
+    """A page of a listener's replay: its events after `after_id` within the last `window_s`, oldest first."""
     rows = session.exec(
         select(JobFeedRow)
-        .where(col(JobFeedRow.id) > since_id, col(JobFeedRow.at) >= cutoff, *feed_filter.conditions())
-        .order_by(col(JobFeedRow.id).desc())
-        .limit(most)
+        .where(col(JobFeedRow.id) > after_id, col(JobFeedRow.at) >= _cutoff(window_s), *feed_filter.conditions())
+        .order_by(col(JobFeedRow.id))
+        .limit(limit)
     ).all()
-    return [_utc(row) for row in reversed(rows)]
+    return [_utc(row) for row in rows]
 
 
 def prune_feed(session: Session, window_s: float) -> int:
     """Drop the events older than the replay window; how many went."""
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=window_s)
-    result = session.execute(delete(JobFeedRow).where(col(JobFeedRow.at) < cutoff))
+    result = session.execute(delete(JobFeedRow).where(col(JobFeedRow.at) < _cutoff(window_s)))
     session.commit()
     return result.rowcount
+
+
+def _cutoff(window_s: float) -> datetime:
+    return datetime.now(timezone.utc) - timedelta(seconds=window_s)
 
 
 def _utc(row: JobFeedRow) -> JobFeedRow:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,10 @@ async def test_the_sse_feed_tells_each_caller_its_own_jobs_filtered_and_resumes_
         bad_status = await http.get("/events?status=done", headers={"X-API-Key": ALICE_KEY})
         assert bad_status.status_code == 400 and error_of(bad_status)["code"] == "VALIDATION_ERROR"
         assert error_of(bad_status)["details"]["fields"][0]["field"] == "status"
-        bad_id = await http.get("/events", headers={"X-API-Key": ALICE_KEY, "Last-Event-ID": "1.running.3.0"})
-        assert bad_id.status_code == 400 and error_of(bad_id)["details"]["fields"][0]["field"] == "Last-Event-ID"
+        # Not one of the feed's ids: not digits, a digit int() does not read, past the log's BIGINT, too long.
+        for bad in ("1.running.3.0", "\xb2".encode("latin-1"), str(2**63), "9" * 5000):
+            bad_id = await http.get("/events", headers={"X-API-Key": ALICE_KEY, "Last-Event-ID": bad})
+            assert bad_id.status_code == 400 and error_of(bad_id)["details"]["fields"][0]["field"] == "Last-Event-ID"
 
         alice, bob, admin = Listener(http, ALICE_KEY), Listener(http, BOB_KEY), Listener(http, ADMIN_KEY)
         alice_ended = Listener(http, ALICE_KEY, "?status=succeeded,failed")
@@ -134,9 +136,10 @@ async def test_the_sse_feed_tells_each_caller_its_own_jobs_filtered_and_resumes_
         for listener in (resumed, bob, admin, alice_ended, templated):
             await listener.stop()
 
-    # One reader for every listener: the log was read once per poll (and once for the resumed listener's missed
-    # events, and for where to start), not once per listener.
-    assert len(queries) == feed.reads + 2, (len(queries), feed.reads)
+    # One reader for every listener: the log was read once per poll, and once for where the reader starts, not
+    # once per listener; the resumed listener's replay read three times (the log's last id, where the replay
+    # starts, its one page).
+    assert len(queries) == feed.reads + 1 + 3, (len(queries), feed.reads)
     await assert_eventually(lambda: feed.listeners == 0, what="the listeners gone")
 
 
@@ -212,7 +215,31 @@ async def test_the_websocket_feed_authenticates_subscribes_resumes_and_closes_wi
         await bob.send(json.dumps({"type": "ping"}))
         assert json.loads(await asyncio.wait_for(bob.recv(), 10)) == {"type": "pong"}
 
-    for not_a_message in ("not json", b'{"type": "ping"}', "[]"):
+    # Whatever else comes closes with 4400 too, never with an error of the server: no JSON, binary, no object,
+    # too deep for the parser, a number too long to read, an id past the feed's, a second auth, and an unknown
+    # type whose name makes the reason longer than a close frame's 123 bytes.
+    for not_a_message in ("not json", b'{"type": "ping"}', "[]", "[" * 100_000, '{"type": "subscribe", "since": '
+                          + "9" * 5000 + "}", json.dumps({"type": "subscribe", "since": 2**70}),
+                          json.dumps({"type": "subscribe", "since": "5"}),
+                          json.dumps({"type": "auth", "token": BOB_KEY}), json.dumps({"type": "é" * 200})):
         async with socket(served, {"X-API-Key": ALICE_KEY}) as connection:
             await connection.send(not_a_message)
             assert await close_code(connection) == 4400, not_a_message
+
+
+async def test_websockets_count_against_the_address_rate_limit(
+        temporal_client: Client, comfyui: ComfyUITarget, tmp_path: Path, task_queue: str) -> None:
+    """Each connection costs a count, so guessing keys in first messages is limited as requests are."""
+    async with served_gateway(temporal_client, comfyui, tmp_path, task_queue, api_keys=API_KEYS,
+                              rate_limit_max=3, rate_limit_window_ms=60_000, ws_auth_timeout_s=0.5) as served:
+        codes = []
+        for guess in range(5):
+            async with socket(served) as connection:
+                with suppress(websockets.ConnectionClosed):  # over the limit, it is closed before it can send
+                    await connection.send(json.dumps({"type": "auth", "token": f"guess-{guess}"}))
+                codes.append(await close_code(connection))
+        assert codes == [4401, 4401, 4401, 4429, 4429]
+        assert connection.close_reason and "too many requests" in connection.close_reason
+        # Requests from that address are over the limit too: one count for both.
+        async with httpx.AsyncClient(base_url=served.url, headers={"X-API-Key": ALICE_KEY}) as http:
+            assert (await http.get("/jobs")).status_code == 429

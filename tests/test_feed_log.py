@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col
 
 from app.db import session_scope
-from app.feed_log import FeedFilter, feed_after, latest_feed_id, missed_events, prune_feed
+from app.feed_log import FeedFilter, feed_after, latest_feed_id, missed_page, prune_feed, replay_start
 from app.jobstore import close_ended_job, record_job, write_live_progress
 from app.errors import ErrorCode
 from app.models import JobError, JobEventInput, JobStatus, LiveProgress, OutputRef
@@ -78,7 +78,12 @@ def test_a_listener_is_told_what_it_missed_of_its_own_filtered_within_the_window
             record_job(session, record(state(job_id, JobStatus.failed, CREATED, owner=owner)))
 
         def missed(feed_filter: FeedFilter, most: int = 100) -> list[tuple[str, str]]:
-            return [(e.job_id, e.event) for e in missed_events(session, since, feed_filter, 300, most)]
+            """The replay as the feed reads it: where it starts, then pages (of 2 here) until one is short."""
+            told, after = [], replay_start(session, since, feed_filter, 300, most)
+            while page := missed_page(session, after, feed_filter, 300, 2):
+                told += [(e.job_id, e.event) for e in page]
+                after = page[-1].id
+            return told
 
         assert missed(FeedFilter(owner="alice")) == [(alice, "queued"), (alice, "running"), (alice, "failed")]
         assert missed(FeedFilter()) == missed(FeedFilter(owner="alice")) + missed(FeedFilter(owner="bob"))

@@ -13,7 +13,7 @@ from sqlmodel import Session
 
 from api.database import Database
 from api.feed import Feed, FeedEvent, ListenerDropped
-from app.feed_log import FeedFilter
+from app.feed_log import FeedFilter, latest_feed_id
 from app.jobstore import record_job
 from app.models import JobStatus
 from app.settings import Settings
@@ -92,3 +92,34 @@ async def test_a_listener_too_far_behind_is_dropped_and_resumes_from_the_log(eng
     async with feed.listen(FeedFilter(job_ids=frozenset({job_id})), heard[-1].id) as batches:
         await asyncio.wait_for(collect(batches, resumed, 1), 10)
     assert [event.name for event in resumed] == ["succeeded"]
+
+
+async def test_a_long_replay_comes_a_page_at_a_time_and_an_id_past_the_log_hears_what_comes(
+        engine: Engine, tmp_path: Path) -> None:
+    owner = f"owner-{uuid.uuid4()}"
+    with Session(engine) as session:
+        since = latest_feed_id(session)
+    jobs = [str(uuid.uuid4()) for _ in range(70)]
+    for job_id in jobs:  # 210 events: more than two pages, fewer than the replay's most (1,000 here)
+        await asyncio.to_thread(run_job, engine, job_id, owner, [JobStatus.queued, JobStatus.running,
+                                                                  JobStatus.succeeded])
+    storage = build_storage(Settings(_env_file=None, data_dir=tmp_path))
+    feed = Feed(Database(engine), storage, poll_s=0.05, window_s=300, replay_max=1000, queue_size=100)
+    pages: list[list[FeedEvent]] = []
+    async with feed.listen(FeedFilter(owner=owner), since) as batches:
+        async for batch in batches:
+            pages.append(batch)
+            if sum(map(len, pages)) >= 210:
+                break
+    # A client that reads nothing holds one page of its replay, not all of it.
+    assert [len(page) for page in pages] == [100, 100, 10]
+    ids = [event.id for page in pages for event in page]
+    assert ids == sorted(set(ids)) and {event.data["jobId"] for event in pages[0]} <= set(jobs)
+
+    # An id past the log's last (a database restored since): what comes from now on, not silence.
+    later = str(uuid.uuid4())
+    async with feed.listen(FeedFilter(owner=owner), 10**15) as batches:
+        await asyncio.to_thread(run_job, engine, later, owner, [JobStatus.queued])
+        heard: list[FeedEvent] = []
+        await asyncio.wait_for(collect(batches, heard, 1), 10)
+    assert [(event.data["jobId"], event.name) for event in heard] == [(later, "queued")]

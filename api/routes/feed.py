@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from sse_starlette import EventSourceResponse
 
 from api.auth import authenticate
@@ -36,6 +36,10 @@ ws_router = APIRouter(tags=["events"])
 
 _STATUSES = {status.value for status in JobStatus}
 _MAX_SUBSCRIPTIONS = 100
+# The feed's ids are the log's BIGINT ids: one past it is no id of the feed.
+MAX_FEED_ID = 2**63 - 1
+# A close frame's reason is at most 123 bytes.
+_REASON_BYTES = 120
 
 # WebSocket close codes (README, "The feed of all jobs").
 CLOSE_BAD_MESSAGE = 4400
@@ -95,7 +99,8 @@ async def feed_events(
     """Every job the caller may see, live: the feed of all jobs' changes, resumable across jobs."""
     since = None
     if last_event_id is not None:
-        if not last_event_id.isdigit():
+        if (not (last_event_id.isascii() and last_event_id.isdigit()) or len(last_event_id) > len(str(MAX_FEED_ID))
+                or int(last_event_id) > MAX_FEED_ID):
             raise validation_error([{"field": "Last-Event-ID", "message": "an event id of this feed (digits)"}])
         since = int(last_event_id)
     feed_filter = FeedFilter(owner=_owner_of(principal), statuses=_statuses(status, "status"),
@@ -127,7 +132,7 @@ class Subscribe(BaseModel):
     batch_id: str | None = Field(None, alias="batchId", max_length=64)
     workflow_id: str | None = Field(None, alias="workflowId", max_length=128)
     status: str | list[str] | None = None
-    since: int | None = Field(None, ge=0)
+    since: StrictInt | None = Field(None, ge=0, le=MAX_FEED_ID)
 
     @field_validator("job_id")
     @classmethod
@@ -178,7 +183,7 @@ class _Connection:
             await _stopped(task)
             await self.send({"type": "unsubscribed", "id": name})
         elif kind == "auth":
-            await self.send({"type": "authenticated"})  # once authenticated, another is harmless
+            raise _BadMessage("already authenticated: a connection's caller does not change")
         else:
             raise _BadMessage(f"unknown message type {kind!r}: subscribe, unsubscribe, ping or auth")
 
@@ -191,14 +196,19 @@ class _Connection:
             raise _BadMessage(f"{'.'.join(map(str, first['loc'])) or 'message'}: {first['msg']}") from None
         except ApiError as error:
             raise _BadMessage(error.message) from None
-        self._made += 1
-        name = subscribe.id or f"s{self._made}"
+        name = subscribe.id or self._new_name()
         if name in self._subscriptions:
             raise _BadMessage(f"subscription {name!r} exists already")
         if len(self._subscriptions) >= _MAX_SUBSCRIPTIONS:
             raise _BadMessage(f"at most {_MAX_SUBSCRIPTIONS} subscriptions per connection")
         await self.send({"type": "subscribed", "id": name})
         self._subscriptions[name] = asyncio.create_task(self._pump(name, feed_filter, subscribe.since))
+
+    def _new_name(self) -> str:
+        while True:  # one the client has not taken for a subscription of its own
+            self._made += 1
+            if (name := f"s{self._made}") not in self._subscriptions:
+                return name
 
     async def _pump(self, name: str, feed_filter: FeedFilter, since: int | None) -> None:
         last = since
@@ -217,6 +227,7 @@ class _Connection:
             with suppress(Exception):
                 await self.send({"type": "dropped", "id": name, "lastId": last})
         except Exception as error:  # noqa: BLE001 — a closed socket or an unreadable database end this subscription
+            self._subscriptions.pop(name, None)
             log.info("a feed subscription ends: %s", error)
 
     async def close(self) -> None:
@@ -241,7 +252,7 @@ async def _authenticated(websocket: WebSocket, settings: Settings) -> Principal:
         return authenticate(settings, api_key, bearer)
     try:
         message = json.loads(await asyncio.wait_for(websocket.receive_text(), settings.ws_auth_timeout_s))
-    except (TimeoutError, json.JSONDecodeError, KeyError):
+    except (TimeoutError, ValueError, RecursionError, KeyError):  # no JSON (or too deep, or a huge number)
         message = None
     token = message.get("token") if isinstance(message, dict) and message.get("type") == "auth" else None
     if not isinstance(token, str) or not token:
@@ -250,6 +261,11 @@ async def _authenticated(websocket: WebSocket, settings: Settings) -> Principal:
     principal = authenticate(settings, None, token) if token.count(".") == 2 else authenticate(settings, token, None)
     await websocket.send_text(json.dumps({"type": "authenticated"}))
     return principal
+
+
+def _close_reason(error: Exception) -> str:
+    reason = str(error) if isinstance(error, _BadMessage) else "a message is a JSON object with a type"
+    return reason.encode()[:_REASON_BYTES].decode(errors="ignore")
 
 
 @ws_router.websocket("/ws")
@@ -283,9 +299,9 @@ async def feed_socket(websocket: WebSocket) -> None:
                     if not isinstance(message, dict):
                         raise _BadMessage("a message is a JSON object with a type")
                     await connection.handle(message)
-                except (json.JSONDecodeError, _BadMessage) as error:
+                except (ValueError, RecursionError, _BadMessage) as error:  # ValueError: no JSON, or a huge number
                     await connection.close()
-                    await websocket.close(CLOSE_BAD_MESSAGE, str(error)[:120])
+                    await websocket.close(CLOSE_BAD_MESSAGE, _close_reason(error))
                     return
         except WebSocketDisconnect:
             pass
