@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 _READ_AT_ONCE = 1000
 _PRUNE_EVERY_S = 60.0
 # A replay's page, and how many listeners' pages are read and encoded at once.
-_REPLAY_PAGE = 100
+REPLAY_PAGE = 25
 _REPLAYS_AT_ONCE = 4
 
 
@@ -170,11 +170,11 @@ class Feed:
             after = await self._db.run(replay_start, since, feed_filter, self._window_s, self._replay_max)
         while True:
             async with self._replaying:
-                rows = await self._db.run(missed_page, after, feed_filter, self._window_s, _REPLAY_PAGE)
+                rows = await self._db.run(missed_page, after, feed_filter, self._window_s, REPLAY_PAGE)
                 page = await self._views(rows)
             if page:
                 yield page
-            if len(rows) < _REPLAY_PAGE:
+            if len(rows) < REPLAY_PAGE:
                 return
             after = rows[-1].id  # type: ignore[assignment]  # a stored row has its id
 

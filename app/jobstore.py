@@ -91,6 +91,10 @@ def record_job(session: Session, record: RecordJobInput) -> RecordedChange:
     _insert_events(session, job.job_id, record.events)
     if told != (row.status, row.attempts, len(row.outputs)):
         session.flush()
+        # The live columns as they are now, not as first read: a live write may have committed in between (the
+        # feed told 36% then this record's stale 35%). After the flush this transaction holds the row's write
+        # lock (SQLite's database lock), so no other write comes between this read and the commit.
+        session.refresh(row)
         append_feed(session, row, _feed_events(row, told))
     session.commit()
     return change

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from api.database import Database
-from api.feed import Feed, FeedEvent, ListenerDropped
+from api.feed import REPLAY_PAGE, Feed, FeedEvent, ListenerDropped
 from app.feed_log import FeedFilter, latest_feed_id
 from app.jobstore import record_job
 from app.models import JobStatus
@@ -100,7 +100,7 @@ async def test_a_long_replay_comes_a_page_at_a_time_and_an_id_past_the_log_hears
     with Session(engine) as session:
         since = latest_feed_id(session)
     jobs = [str(uuid.uuid4()) for _ in range(70)]
-    for job_id in jobs:  # 210 events: more than two pages, fewer than the replay's most (1,000 here)
+    for job_id in jobs:  # 210 events: several pages, fewer than the replay's most (1,000 here)
         await asyncio.to_thread(run_job, engine, job_id, owner, [JobStatus.queued, JobStatus.running,
                                                                   JobStatus.succeeded])
     storage = build_storage(Settings(_env_file=None, data_dir=tmp_path))
@@ -112,7 +112,7 @@ async def test_a_long_replay_comes_a_page_at_a_time_and_an_id_past_the_log_hears
             if sum(map(len, pages)) >= 210:
                 break
     # A client that reads nothing holds one page of its replay, not all of it.
-    assert [len(page) for page in pages] == [100, 100, 10]
+    assert [len(page) for page in pages] == [REPLAY_PAGE] * (210 // REPLAY_PAGE) + [210 % REPLAY_PAGE]
     ids = [event.id for page in pages for event in page]
     assert ids == sorted(set(ids)) and {event.data["jobId"] for event in pages[0]} <= set(jobs)
 

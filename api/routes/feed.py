@@ -231,9 +231,10 @@ class _Connection:
             log.info("a feed subscription ends: %s", error)
 
     async def close(self) -> None:
-        for task in self._subscriptions.values():
+        # Taken first: a subscription whose send fails meanwhile removes itself from the connection's.
+        subscriptions, self._subscriptions = self._subscriptions, {}
+        for task in subscriptions.values():
             await _stopped(task)
-        self._subscriptions.clear()
 
 
 async def _stopped(task: asyncio.Task[None]) -> None:
