@@ -12,18 +12,22 @@ owner and filters, within FEED_REPLAY_WINDOW_S and at most FEED_REPLAY_MAX_EVENT
 reader's events after those. That replay is read a page at a time, the next page only once the listener has sent
 the one before, and only a few listeners' pages at once: a client that connects with an old id and never reads
 holds one page, not its whole replay (a thousand such clients, each told 1,000 events at once, took the API to
-1.6 GB and held a submission for 27 s). Its queue holds FEED_LISTENER_QUEUE events: a listener that falls that
-far behind is dropped (its stream ends), and comes back with its last id, from the log again: it costs the
-process no memory beyond its queue and a page.
+1.6 GB and held a submission for 27 s); a WebSocket's subscriptions take that page in turns, and a listener that
+has just come reads its first page before the long replays read their next (one waited 11.6 s behind a thousand
+of them). A connection holds at most FEED_LISTENER_QUEUE events it has not written (a `Backlog`, across a
+WebSocket's subscriptions): one that falls that far behind is dropped (its stream ends, its socket is closed),
+and comes back with its last id, from the log again: it costs the process no memory beyond that and a page.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,20 +66,83 @@ class ListenerDropped(Exception):
     """The listener fell FEED_LISTENER_QUEUE events behind: its stream ends, and it resumes from its last id."""
 
 
+class Backlog:
+    """What one connection holds and has not written yet: the events handed to its listeners (an SSE stream's
+    one, a WebSocket's subscriptions together), from the reader's offer until the listener asks for more, at
+    most `most` of them; one event more and every listener of it is dropped (`overflowed` is set, for whoever
+    closes the connection). Its replays take turns, one page at a time: a socket of 100 replaying subscriptions
+    that never reads holds one page, not 100."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.held = 0
+        self.overflowed = asyncio.Event()
+        self.replay_turn = asyncio.Lock()
+
+    def add(self) -> bool:
+        """One event more held; False, and overflowed, when that is one too many."""
+        if self.overflowed.is_set():
+            return False
+        self.held += 1
+        if self.held > self.most:
+            self.overflowed.set()
+            return False
+        return True
+
+    def written(self, count: int) -> None:
+        self.held -= count
+
+
 class _Listener:
-    def __init__(self, feed_filter: FeedFilter, queue_size: int) -> None:
+    def __init__(self, feed_filter: FeedFilter, backlog: Backlog) -> None:
         self.filter = feed_filter
-        self.queue: asyncio.Queue[FeedEvent] = asyncio.Queue(queue_size)
-        self.dropped = False
+        # Bounded by the backlog, which may be shared with other listeners of one connection.
+        self.queue: asyncio.Queue[FeedEvent] = asyncio.Queue()
+        self.backlog = backlog
 
     def offer(self, event: FeedEvent) -> None:
-        if self.dropped or not self.filter.matches(event.row):
-            return
-        try:
+        if self.filter.matches(event.row) and self.backlog.add():
             self.queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.dropped = True
-            # Woken, it finds itself dropped: a get never waits on a full queue.
+        # Dropped, it finds out when it has taken what its queue holds: a get never waits on it then.
+
+
+class _ReplayTurns:
+    """At most `turns` replays' pages read and encoded at once, the waiting ones served fewest pages first, so
+    that a listener that has just come is told its first page before those a thousand long replays read next."""
+
+    def __init__(self, turns: int) -> None:
+        self._free = turns
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    @asynccontextmanager
+    async def turn(self, pages_read: int) -> AsyncIterator[None]:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting, (pages_read, next(self._arrivals), granted))
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._hand_on()  # granted just as it was cancelled: the turn goes to the next
+                else:
+                    self._waiting = [entry for entry in self._waiting if entry[2] is not granted]
+                    heapq.heapify(self._waiting)
+                raise
+        try:
+            yield
+        finally:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        while self._waiting:
+            granted = heapq.heappop(self._waiting)[2]
+            if not granted.done():
+                granted.set_result(None)
+                return
+        self._free += 1
 
 
 class Feed:
@@ -89,7 +156,7 @@ class Feed:
         self._queue_size = queue_size
         self._listeners: set[_Listener] = set()
         self._reader: asyncio.Task[None] | None = None
-        self._replaying = asyncio.Semaphore(_REPLAYS_AT_ONCE)
+        self._replay_turns = _ReplayTurns(_REPLAYS_AT_ONCE)
         self._starting = asyncio.Lock()
         self.reads = 0  # the reader's queries (gateway_feed_reads counts them for GET /metrics): one per poll
 
@@ -97,12 +164,18 @@ class Feed:
     def listeners(self) -> int:
         return len(self._listeners)
 
+    def backlog(self) -> Backlog:
+        """A connection's bound on what it holds unwritten (FEED_LISTENER_QUEUE events), for its listeners."""
+        return Backlog(self._queue_size)
+
     @asynccontextmanager
-    async def listen(self, feed_filter: FeedFilter, since: int | None
+    async def listen(self, feed_filter: FeedFilter, since: int | None, backlog: Backlog | None = None
                      ) -> AsyncIterator[AsyncIterator[list[FeedEvent]]]:
         """The events for `feed_filter` from now on, and first, with `since`, those after it that the log kept:
-        in batches, each what has come since the listener last asked (sent at once, in one write)."""
-        listener = _Listener(feed_filter, self._queue_size)
+        in batches, each what has come since the listener last asked (sent at once, in one write). A listener
+        asks for the next batch once it has written the one before. `backlog`: the connection's, when it has
+        other listeners; by default the listener's own."""
+        listener = _Listener(feed_filter, backlog or self.backlog())
         self._listeners.add(listener)
         FEED_LISTENERS.inc()
         try:
@@ -111,7 +184,8 @@ class Feed:
             # (one from a database since restored) is told what comes from now on, not nothing.
             if since is not None:
                 since = min(since, await self._db.run(latest_feed_id))
-            yield self._events(listener, since)
+            async with aclosing(self._events(listener, since)) as batches:
+                yield batches
         finally:
             self._listeners.discard(listener)
             FEED_LISTENERS.dec()
@@ -148,32 +222,39 @@ class Feed:
         told = 0
         if since is not None:
             told = since
-            async for page in self._replay(listener.filter, since):
-                told = page[-1].id
-                yield page
-        queue = listener.queue
+            async with aclosing(self._replay(listener, since)) as pages:
+                async for page in pages:
+                    told = page[-1].id
+                    yield page
+        queue, backlog = listener.queue, listener.backlog
         while True:
-            if listener.dropped and queue.empty():
+            if backlog.overflowed.is_set() and queue.empty():
                 raise ListenerDropped()
             batch = [await queue.get()]
             while not queue.empty():
                 batch.append(queue.get_nowait())
+            taken = len(batch)
             # What the replay told already, the reader may have read again.
             batch = [event for event in batch if event.id > told]
             if batch:
                 told = batch[-1].id
                 yield batch
+            backlog.written(taken)  # asked for more: what it was given is written
 
-    async def _replay(self, feed_filter: FeedFilter, since: int) -> AsyncIterator[list[FeedEvent]]:
-        """What a listener missed after `since`, a page at a time, each read when it has sent the one before."""
-        async with self._replaying:
+    async def _replay(self, listener: _Listener, since: int) -> AsyncIterator[list[FeedEvent]]:
+        """What a listener missed after `since`, a page at a time, each read when it has written the one before,
+        one page of its connection's at a time."""
+        feed_filter, pages_read = listener.filter, 0
+        async with self._replay_turns.turn(pages_read):
             after = await self._db.run(replay_start, since, feed_filter, self._window_s, self._replay_max)
         while True:
-            async with self._replaying:
-                rows = await self._db.run(missed_page, after, feed_filter, self._window_s, REPLAY_PAGE)
-                page = await self._views(rows)
-            if page:
-                yield page
+            async with listener.backlog.replay_turn:
+                async with self._replay_turns.turn(pages_read):
+                    rows = await self._db.run(missed_page, after, feed_filter, self._window_s, REPLAY_PAGE)
+                    page = await self._views(rows)
+                pages_read += 1
+                if page:
+                    yield page
             if len(rows) < REPLAY_PAGE:
                 return
             after = rows[-1].id  # type: ignore[assignment]  # a stored row has its id

@@ -126,8 +126,9 @@ class Settings(BaseSettings):
     feed_replay_max_events: int = Field(
         1000, ge=1, description="most events a reconnecting feed listener is told it missed (the newest)")
     feed_listener_queue: int = Field(
-        1000, ge=1, description="events a feed listener may fall behind before it is dropped (its stream ends; "
-                                "it reconnects with its last event id)")
+        1000, ge=1, description="events a feed connection may fall behind, across a WebSocket's subscriptions, "
+                                "before it is dropped (its stream ends, its socket is closed with 4408; it "
+                                "reconnects with its last event id)")
     ws_auth_timeout_s: float = Field(
         5.0, gt=0, le=60, description="how long WS /ws waits for the first message's credentials of a client that "
                                       "sent none in headers, before it closes with 4401")

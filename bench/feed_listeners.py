@@ -59,19 +59,38 @@ def _epoch(instant: str) -> float:
     return datetime.fromisoformat(instant).timestamp()
 
 
-async def sse_listener(http: httpx.AsyncClient, heard: Heard) -> None:
-    """The stream's events, split from its raw bytes (httpx's line iterator would make the client, not the API,
-    what the delays measure)."""
-    async with http.stream("GET", "/events") as response:
-        response.raise_for_status()
+async def sse_listener(api_url: str, heard: Heard) -> None:
+    """The stream's events, read off the socket itself: its chunks (chunked transfer coding) and its events split
+    from the raw bytes. Through httpx, the client's own work per chunk was a third of the round's CPU on the
+    cores the API shares, and so part of what the delays measured."""
+    url = httpx.URL(api_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(f"GET /events HTTP/1.1\r\nHost: {url.host}:{url.port}\r\nAccept: text/event-stream\r\n\r\n"
+                     .encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200") or b"transfer-encoding: chunked" not in head.lower():
+            raise RuntimeError(f"GET /events answered {head!r}")
         heard.connected.set()
-        pending = b""
-        async for chunk in response.aiter_raw():
-            *events, pending = (pending + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
+        body, pending = b"", b""
+        while data := await reader.read(1 << 16):
+            body += data
+            chunks = []
+            while (end := body.find(b"\r\n")) >= 0:
+                size = int(body[:end].split(b";", 1)[0], 16)
+                if len(body) < end + 2 + size + 2:
+                    break
+                chunks.append(body[end + 2:end + 2 + size])
+                body = body[end + 2 + size + 2:]
+            if not chunks:
+                continue
+            *events, pending = (pending + b"".join(chunks)).replace(b"\r\n", b"\n").split(b"\n\n")
             for event in events:
                 fields = dict(line.split(b": ", 1) for line in event.split(b"\n") if not line.startswith(b":"))
                 if b"data" in fields:
                     heard.hear(fields.get(b"event", b"").decode(), json.loads(fields[b"data"]))
+    finally:
+        writer.close()
 
 
 async def ws_listener(url: str, heard: Heard) -> None:
@@ -141,26 +160,24 @@ async def listen(api_url: str, listeners: int, ws_share: float, pipe: Connection
     """One client process's listeners: connected, then told the jobs to expect, then read until each has had
     every job's end; sends back their delays (ms) and the CPU it spent reading."""
     ws_count = round(listeners * ws_share)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=api_url, timeout=httpx.Timeout(60, read=None), limits=limits) as streams:
-        heard = [Heard() for _ in range(listeners)]
-        ws_url = api_url.replace("http", "ws") + "/ws"
-        tasks = [asyncio.create_task(ws_listener(ws_url, one) if n < ws_count else sse_listener(streams, one))
-                 for n, one in enumerate(heard)]
-        for one in heard:
-            await asyncio.wait_for(one.connected.wait(), 120)
-        pipe.send("connected")
-        job_ids = await asyncio.to_thread(pipe.recv)
-        cpu = time.process_time()
-        for one in heard:
-            one.expected = set(job_ids)
-            if one.expected <= one.ended:
-                one.done.set()
-        await asyncio.wait_for(asyncio.gather(*(one.done.wait() for one in heard)), 300)
-        cpu = time.process_time() - cpu
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    heard = [Heard() for _ in range(listeners)]
+    ws_url = api_url.replace("http", "ws") + "/ws"
+    tasks = [asyncio.create_task(ws_listener(ws_url, one) if n < ws_count else sse_listener(api_url, one))
+             for n, one in enumerate(heard)]
+    for one in heard:
+        await asyncio.wait_for(one.connected.wait(), 120)
+    pipe.send("connected")
+    job_ids = await asyncio.to_thread(pipe.recv)
+    cpu = time.process_time()
+    for one in heard:
+        one.expected = set(job_ids)
+        if one.expected <= one.ended:
+            one.done.set()
+    await asyncio.wait_for(asyncio.gather(*(one.done.wait() for one in heard)), 300)
+    cpu = time.process_time() - cpu
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     pipe.send(([delay * 1000 for one in heard for delay in one.delays], cpu))
 
 
@@ -217,7 +234,7 @@ async def measure(args: argparse.Namespace) -> None:
     print(f"{args.jobs} jobs at once, {args.steps} steps {args.spacing:g} s apart; listeners "
           f"{args.ws_share:.0%} WebSocket, the rest SSE; API RSS idle {idle_rss:.0f} MB")
     print(f"{'listeners':>9} {'events':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'API RSS MB':>10} "
-          f"{'api cpu s':>9} {'worker cpu s':>12} {'temporal cpu s':>14} {'feed reads/s':>12}")
+          f"{'api cpu s':>9} {'worker cpu s':>12} {'temporal cpu s':>14} {'feed reads/s':>12} {'client cpu s':>12}")
     for one in rounds:
         ms = one.delays_ms
         print(f"{one.listeners:>9} {one.events:>8} {percentile(ms, 0.5):>7.0f} {percentile(ms, 0.99):>7.0f} "

@@ -8,11 +8,13 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
+
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from api.database import Database
-from api.feed import REPLAY_PAGE, Feed, FeedEvent, ListenerDropped
+from api.feed import REPLAY_PAGE, Feed, FeedEvent, ListenerDropped, _ReplayTurns
 from app.feed_log import FeedFilter, latest_feed_id
 from app.jobstore import record_job
 from app.models import JobStatus
@@ -123,3 +125,85 @@ async def test_a_long_replay_comes_a_page_at_a_time_and_an_id_past_the_log_hears
         heard: list[FeedEvent] = []
         await asyncio.wait_for(collect(batches, heard, 1), 10)
     assert [(event.data["jobId"], event.name) for event in heard] == [(later, "queued")]
+
+
+
+async def test_a_connections_listeners_share_one_backlog_one_too_many_drops_them_all(
+        engine: Engine, tmp_path: Path) -> None:
+    feed = feed_of(engine, tmp_path, queue_size=3)
+    owner = f"owner-{uuid.uuid4()}"
+    backlog = feed.backlog()
+    async with (feed.listen(FeedFilter(owner=owner), None, backlog) as first,
+                feed.listen(FeedFilter(owner=owner), None, backlog) as second,
+                feed.listen(FeedFilter(owner=owner), None) as alone):
+        await assert_eventually(lambda: feed.reads > 0, what="the reader reading")
+        # Nobody writes meanwhile: two events for each of the connection's two listeners, four for its three.
+        await asyncio.to_thread(run_job, engine, str(uuid.uuid4()), owner, [JobStatus.queued, JobStatus.running])
+        await assert_eventually(lambda: backlog.overflowed.is_set(), what="the connection too far behind")
+        heard = {}
+        for name, batches in (("first", first), ("second", second)):
+            heard[name] = []
+            with pytest.raises(ListenerDropped):
+                async for batch in batches:
+                    heard[name].extend(event.name for event in batch)
+        alones: list[FeedEvent] = []
+        await asyncio.wait_for(collect(alone, alones, 2), 10)  # its own backlog: not dropped
+    # What each queue held when the fourth event was one too many.
+    assert sorted(heard.values()) == [["queued"], ["queued", "running"]]
+    assert [event.name for event in alones] == ["queued", "running"]
+
+
+async def test_a_connection_that_stops_reading_holds_one_page_of_its_replays(engine: Engine, tmp_path: Path) -> None:
+    owner = f"owner-{uuid.uuid4()}"
+    with Session(engine) as session:
+        since = latest_feed_id(session)
+    for _ in range(10):  # 30 events: two pages for each replay
+        await asyncio.to_thread(run_job, engine, str(uuid.uuid4()), owner, [JobStatus.queued, JobStatus.running,
+                                                                            JobStatus.succeeded])
+    feed = feed_of(engine, tmp_path)
+    backlog = feed.backlog()
+    async with (feed.listen(FeedFilter(owner=owner), since, backlog) as one,
+                feed.listen(FeedFilter(owner=owner), since, backlog) as other):
+        firsts = {asyncio.ensure_future(anext(one)): one, asyncio.ensure_future(anext(other)): other}
+        done, waiting = await asyncio.wait(firsts, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(0.3)  # time enough for the other's page, were it read
+        assert len(done) == 1 and len(waiting) == 1 and len(done.pop().result()) == REPLAY_PAGE
+        # Written (it asks for more): the other replay's page comes, before the first one's next.
+        (had,) = [batches for future, batches in firsts.items() if future not in waiting]
+        (had_not,) = [batches for future, batches in firsts.items() if future in waiting]
+        after = asyncio.ensure_future(anext(had))
+        assert len(await asyncio.wait_for(waiting.pop(), 10)) == REPLAY_PAGE
+        await asyncio.sleep(0.3)
+        assert not after.done()  # the other's page is not written yet
+        other_after = asyncio.ensure_future(anext(had_not))
+        assert len(await asyncio.wait_for(after, 10)) == 30 - REPLAY_PAGE
+        other_after.cancel()
+        await asyncio.gather(other_after, return_exceptions=True)
+
+
+
+async def test_replay_turns_go_to_the_replays_that_have_read_fewest_pages_first() -> None:
+    turns = _ReplayTurns(2)
+    order: list[str] = []
+    release = {name: asyncio.Event() for name in ("long1", "long2", "third", "fourth", "new", "gone")}
+
+    async def replay(name: str, pages_read: int) -> None:
+        async with turns.turn(pages_read):
+            order.append(name)
+            await release[name].wait()
+
+    tasks = {}
+    for name, pages_read in (("long1", 5), ("long2", 5), ("third", 3), ("fourth", 3), ("gone", 0), ("new", 0)):
+        tasks[name] = asyncio.create_task(replay(name, pages_read))
+        await asyncio.sleep(0)
+    assert order == ["long1", "long2"]  # two at once; the others wait
+    tasks["gone"].cancel()  # a client that went away while it waited takes no turn
+    await asyncio.sleep(0)
+    for name in ("long1", "long2", "new", "third", "fourth"):
+        release[name].set()
+        await asyncio.sleep(0.01)
+    # The one that had read no page went before those that had read three, which went in their order.
+    assert order == ["long1", "long2", "new", "third", "fourth"]
+    await asyncio.gather(*(task for name, task in tasks.items() if name != "gone"))
+    async with turns.turn(9), turns.turn(9):  # every turn given back
+        pass

@@ -45,6 +45,7 @@ _REASON_BYTES = 120
 CLOSE_BAD_MESSAGE = 4400
 CLOSE_AUTH_FAILED = 4401
 CLOSE_TRY_AGAIN = 1013  # every stream place is taken (TOO_MANY_STREAMS)
+CLOSE_TOO_FAR_BEHIND = 4408  # the socket's subscriptions together fell FEED_LISTENER_QUEUE events behind
 
 _FEED_STREAM = (
     "`text/event-stream` of every job the caller may see (an admin: all): each change of a job, as its own "
@@ -161,6 +162,9 @@ class _Connection:
         self._subscriptions: dict[str, asyncio.Task[None]] = {}
         self._sending = asyncio.Lock()
         self._made = 0
+        # What its subscriptions hold unwritten, together: a socket that stops reading holds at most that.
+        self._backlog = feed.backlog()
+        self._watch = asyncio.create_task(self._close_when_too_far_behind())
 
     async def send(self, message: dict[str, Any]) -> None:
         await self.send_text(json.dumps(message))
@@ -211,26 +215,35 @@ class _Connection:
                 return name
 
     async def _pump(self, name: str, feed_filter: FeedFilter, since: int | None) -> None:
-        last = since
         try:
             prefix = f'{{"type": "event", "subscription": {json.dumps(name)}, "id": '
-            async with self._feed.listen(feed_filter, since) as batches:
+            async with self._feed.listen(feed_filter, since, self._backlog) as batches:
                 async for batch in batches:
                     async with self._sending:
                         for event in batch:
                             await self._websocket.send_text(
                                 f'{prefix}{event.id}, "event": "{event.name}", "data": {event.data_json}}}')
-                            last = event.id
         except ListenerDropped:
-            # Too far behind: the subscription ends; subscribing again with `since` tells what it missed.
-            self._subscriptions.pop(name, None)
-            with suppress(Exception):
-                await self.send({"type": "dropped", "id": name, "lastId": last})
+            pass  # the socket fell too far behind: _close_when_too_far_behind closes it
         except Exception as error:  # noqa: BLE001 — a closed socket or an unreadable database end this subscription
             self._subscriptions.pop(name, None)
             log.info("a feed subscription ends: %s", error)
 
+    async def _close_when_too_far_behind(self) -> None:
+        """A socket whose subscriptions together hold FEED_LISTENER_QUEUE events unwritten is closed, as an SSE
+        stream that far behind ends: the client subscribes again with each subscription's last id as `since`."""
+        await self._backlog.overflowed.wait()
+        await self._stop_subscriptions()
+        with suppress(Exception):  # one that never reads: its close handshake times out, and the socket goes
+            await self._websocket.close(CLOSE_TOO_FAR_BEHIND, f"more than {self._backlog.most} events behind; "
+                                                              "subscribe again with since")
+
     async def close(self) -> None:
+        if asyncio.current_task() is not self._watch:
+            await _stopped(self._watch)
+        await self._stop_subscriptions()
+
+    async def _stop_subscriptions(self) -> None:
         # Taken first: a subscription whose send fails meanwhile removes itself from the connection's.
         subscriptions, self._subscriptions = self._subscriptions, {}
         for task in subscriptions.values():
