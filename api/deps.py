@@ -110,7 +110,8 @@ async def get_job_reader(request: Request, db: DatabaseDep, temporal: TemporalDe
 JobReaderDep = Annotated[JobReader, Depends(get_job_reader)]
 
 
-def get_run_times(request: Request) -> MeanRunTimes:
+async def get_run_times(request: Request) -> MeanRunTimes:
+    # async, as every dependency here that does no I/O: FastAPI runs a plain `def` dependency on a worker thread.
     return request.app.state.run_times
 
 

@@ -4,6 +4,7 @@ describe has found it current, the row alone is the job for a while, as long as 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
@@ -93,6 +94,15 @@ async def test_a_row_found_current_is_the_job_without_describe_until_it_says_oth
         expiring.live_views.forget(job_id)
         await expiring.read(job_id)
         assert describes == [job_id] * 4
+        # Past half its time, a read is the row still, and one describe in the background vouches for it anew.
+        renewing = JobReader(Database(engine), TemporalConnection(asked), live_views(), CurrentRows(vouch_seconds=2))
+        await renewing.read(job_id)
+        await asyncio.sleep(1.2)
+        await renewing.read(job_id)
+        assert describes == [job_id] * 5
+        await assert_eventually(lambda: describes == [job_id] * 6, timeout=5, what="the renewal's describe")
+        await asyncio.sleep(1.0)  # past the first vouch's time: the renewed one holds
+        assert renewing.current_rows.vouch(recorded.state)
 
         # Terminated in Temporal: the vouched-for row reads as running until the reconciler closes it, within
         # seconds, far sooner than the row would stop being vouched for.
@@ -104,6 +114,6 @@ async def test_a_row_found_current_is_the_job_without_describe_until_it_says_oth
             return status if status.is_terminal else None
 
         assert await assert_eventually(ended, timeout=10, interval=0.2) is JobStatus.cancelled
-        assert describes == [job_id] * 4
+        assert describes == [job_id] * 6
     finally:
         engine.dispose()

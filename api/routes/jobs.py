@@ -305,7 +305,7 @@ async def create_job(
         if snapshot.state.status.is_terminal:
             job = await public_job_off_loop(snapshot, storage, TemporalUi.of(settings))
             return JSONResponse(job.model_dump(mode="json", by_alias=True))
-        return await _accepted(db, settings, get_run_times(request), snapshot.state)
+        return await _accepted(db, settings, await get_run_times(request), snapshot.state)
 
 
 async def _wait_for_end(request: Request, waits: JobWaits, client: Client, job_id: str, seconds: float) -> bool:
@@ -360,7 +360,7 @@ async def _submit(
             snapshot, recorded_fingerprint = recorded
             _check_same_request(job_id, recorded_fingerprint, fingerprint)
             log.info("job %s: a repeat of its idempotency key", job_id, extra={"job_id": job_id})
-            return await _accepted(db, settings, get_run_times(request), snapshot.state)
+            return await _accepted(db, settings, await get_run_times(request), snapshot.state)
     else:
         job_id = str(uuid.uuid4())
     await check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
@@ -409,13 +409,13 @@ async def _submit(
         _check_same_request(job_id, job.request_fingerprint, fingerprint)
     _log_submitted(job, request_id_of(request.scope))
     if key is None and job.cached_result is None:
-        return await _accepted(db, settings, get_run_times(request), accepted_state(job))
+        return await _accepted(db, settings, await get_run_times(request), accepted_state(job))
     if job.cached_result is not None:
         # It only records the result: answered in moments, so the answer can truthfully be `succeeded`.
         with suppress(TimeoutError, WorkflowFailureError, RPCError):
             async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
                 await handle.result()
-    return await _accepted(db, settings, get_run_times(request), await _state_now(db, reader, job, closed))
+    return await _accepted(db, settings, await get_run_times(request), await _state_now(db, reader, job, closed))
 
 
 async def find_template(db: Database, template_id: str) -> TemplateRow:
