@@ -14,9 +14,9 @@ with nothing known ahead of it has none (it is being placed, and ComfyUI tells i
 A job's run time is the mean execution time of the latest successes of its template (raw graphs count as one
 template), else of any job; with no success yet there is no ETA. The means are shared by every estimate and read
 from the database at most once a second (`MeanRunTimes`): with a thousand jobs running, every read of one asked
-for the same mean (two queries while no job had succeeded yet). A running job's estimate needs nothing else, so
-with its mean known it is worked out without the database (`without_database`); its countdown and its place
-are the job's own, as read now. The wait is the work ahead (what the prompts
+for the same mean. A running job's estimate needs nothing else, so with its template's mean known it is worked
+out without the database (`without_database`); its countdown and its place are the job's own, as read now.
+That a template (or the whole gateway) has no success yet is not kept: the first one counts at once. The wait is the work ahead (what the prompts
 in ComfyUI still have to run, plus the waiting jobs' run times) shared by the slots of the backends that serve
 the queue: a fluid estimate, exact for one slot.
 
@@ -81,28 +81,25 @@ class InLine:
 
 class MeanRunTimes:
     """Mean run times in seconds by template, each read from the database at most once per `reuse_seconds` and
-    shared by every estimate; a template with no success yet takes any template's. Estimates run on worker
-    threads, hence the lock."""
+    shared by every estimate; a template with no success yet takes any template's. Only a mean is kept: that
+    there is none yet is asked again at each estimate. Estimates run on worker threads, hence the lock."""
 
     def __init__(self, reuse_seconds: float = MEANS_REUSE_SECONDS) -> None:
         self.reuse_seconds = reuse_seconds
         # (template, any template) → (when it expires, the mean read)
-        self._means: dict[tuple[str | None, bool], tuple[float, float | None]] = {}
+        self._means: dict[tuple[str | None, bool], tuple[float, float]] = {}
         self._lock = threading.Lock()
 
-    def known(self, template_id: str | None) -> tuple[bool, float | None]:
-        """Whether the template's run time is known without the database, and that run time."""
+    def known(self, template_id: str | None) -> float | None:
+        """The template's own mean run time, if it is known without the database."""
         own = self._fresh((template_id, False))
-        if own is not None and own[1] is not None:
-            return True, own[1]
-        fallback = self._fresh((None, True)) if own is not None else None
-        return (False, None) if fallback is None else (True, fallback[1])
+        return None if own is None else own[1]
 
     def of(self, session: Session, template_id: str | None) -> float | None:
         mean = self._read(session, template_id, any_template=False)
         return mean if mean is not None else self._read(session, None, any_template=True)
 
-    def _fresh(self, key: tuple[str | None, bool]) -> tuple[float, float | None] | None:
+    def _fresh(self, key: tuple[str | None, bool]) -> tuple[float, float] | None:
         with self._lock:
             entry = self._means.get(key)
         return entry if entry is not None and entry[0] > time.monotonic() else None
@@ -112,6 +109,8 @@ class MeanRunTimes:
         if (entry := self._fresh(key)) is not None:
             return entry[1]
         mean = _recent_mean(session, template_id, any_template=any_template)
+        if mean is None:
+            return None  # not kept: the first success must count at once, not a second later
         now = time.monotonic()
         with self._lock:
             if len(self._means) >= _MEANS_CAPACITY:
@@ -135,8 +134,8 @@ def without_database(job: InLine, run_times: MeanRunTimes, now: datetime) -> Que
     database must be asked (`estimate`)."""
     if job.status is not JobStatus.running and job.comfy_position != 0:
         return None
-    known, own = run_times.known(job.template_id)
-    return _running(own, job, now) if known else None
+    own = run_times.known(job.template_id)
+    return None if own is None else _running(own, job, now)
 
 
 def estimate(

@@ -123,14 +123,14 @@ def test_a_mean_run_time_is_read_once_a_while_yet_each_estimate_is_the_jobs_own(
         assert without_database(InLine.of(running), fresh, NOW) is None
 
 
-def test_a_template_that_never_ran_is_timed_by_any_templates_mean_once_both_are_read(engine: Engine) -> None:
+def test_that_a_template_has_no_success_yet_is_not_kept_so_its_first_counts_at_once(engine: Engine) -> None:
     run_times = MeanRunTimes(reuse_seconds=60)
     with Session(engine) as session:
-        _ran(session, "other", 3000)
         running = _job(session, JobStatus.running, started_at=NOW, created=_at(0))
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, None)
+        _ran(session, "other", 3000)  # any template's mean stands in
         assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 3.0)
-        assert without_database(InLine.of(running), run_times, NOW) == QueueEstimate(0, 3.0)
-        untimed = MeanRunTimes(reuse_seconds=60)
-        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, untimed) == QueueEstimate(0, 3.0)
-        other = _job(session, JobStatus.running, template="other", started_at=NOW, created=_at(0))
-        assert without_database(InLine.of(other), untimed, NOW) is None  # "other"'s own mean was not read
+        assert without_database(InLine.of(running), run_times, NOW) is None  # its own absence is asked again
+        _ran(session, "t", 5000)
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 5.0)
+        assert without_database(InLine.of(running), run_times, NOW) == QueueEstimate(0, 5.0)
