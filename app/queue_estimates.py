@@ -12,13 +12,15 @@ A job already in ComfyUI's queue has the place ComfyUI gives it; a running job h
 with nothing known ahead of it has none (it is being placed, and ComfyUI tells its place in a moment).
 
 A job's run time is the mean execution time of the latest successes of its template (raw graphs count as one
-template), else of any job; with no success yet there is no ETA. The means are shared by every estimate and read
-from the database at most once a second (`MeanRunTimes`): with a thousand jobs running, every read of one asked
-for the same mean. A running job's estimate needs nothing else, so with its template's mean known it is worked
-out without the database (`without_database`); its countdown and its place are the job's own, as read now.
-That a template (or the whole gateway) has no success yet is not kept: the first one counts at once. The wait is the work ahead (what the prompts
+template), else of any job; with no success yet there is no ETA. The wait is the work ahead (what the prompts
 in ComfyUI still have to run, plus the waiting jobs' run times) shared by the slots of the backends that serve
 the queue: a fluid estimate, exact for one slot.
+
+The means are shared by every estimate and read from the database at most once a second (`MeanRunTimes`):
+with a thousand jobs running, every read of one asked for the same mean. A running job's estimate needs
+nothing else, so with its template's mean known it is worked out without the database (`without_database`);
+its countdown and its place are the job's own, as read now. That a template (or the whole gateway) has no
+success yet is not kept: the first one counts at once.
 
 The live columns of a row are written about once a second (activities.live_row), so a prompt that reached
 ComfyUI a moment ago may still count as waiting in Temporal.

@@ -82,7 +82,8 @@ async def test_a_row_found_current_is_the_job_without_describe_until_it_says_oth
         assert recorded is not None and from_row.live == recorded.live  # the row's live columns
         assert current_rows.vouch(recorded.state)
         # A row that says another status, backend or attempt than describe found is not vouched for.
-        for changed in ({"status": JobStatus.queued}, {"backend": "elsewhere"}, {"attempts": recorded.state.attempts + 1}):
+        attempt = recorded.state.attempts
+        for changed in ({"status": JobStatus.queued}, {"backend": "elsewhere"}, {"attempts": attempt + 1}):
             assert not current_rows.vouch(recorded.state.model_copy(update=changed))
         # A read that must see the workflow as it is now describes it.
         await reader.read(job_id, reuse_live=False)

@@ -49,10 +49,12 @@ def test_a_waiting_job_counts_prompts_in_comfyui_higher_priorities_and_owners_tu
         # Bob's first turn comes after alice's first (it came first) and before her second.
         assert estimate(session, InLine.of(bobs), ONE_SLOT, NOW, MeanRunTimes()) == QueueEstimate(3, 1.5 + 10 + 2 + 2)
         # Alice's third waits for her first two and for bob's one turn.
-        assert estimate(session, InLine.of(alices[2]), ONE_SLOT, NOW, MeanRunTimes()) == QueueEstimate(5, 1.5 + 10 + 2 * 3 + 2)
+        assert estimate(session, InLine.of(alices[2]), ONE_SLOT, NOW, MeanRunTimes()) == QueueEstimate(
+            5, 1.5 + 10 + 2 * 3 + 2)
         # Two slots share the work ahead.
         two_slots = [Backend(id="gpu1", url="http://gpu1", slots=2)]
-        assert estimate(session, InLine.of(bobs), two_slots, NOW, MeanRunTimes()) == QueueEstimate(3, (1.5 + 10 + 2) / 2 + 2)
+        assert estimate(session, InLine.of(bobs), two_slots, NOW, MeanRunTimes()) == QueueEstimate(
+            3, (1.5 + 10 + 2) / 2 + 2)
 
 
 def test_a_prompt_in_comfyui_keeps_its_place_there_and_a_running_one_counts_down(engine: Engine) -> None:
