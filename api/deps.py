@@ -21,6 +21,7 @@ from api.temporal_connection import TemporalConnection
 from app.auth import Principal, Role
 from app.errors import ErrorCode
 from app.jobstore import JobSnapshot
+from app.queue_estimates import MeanRunTimes
 from app.settings import Settings
 from app.storage import OutputStorage
 from app.temporal_ui import TemporalUi
@@ -103,10 +104,18 @@ StorageDep = Annotated[OutputStorage, Depends(get_storage)]
 
 
 async def get_job_reader(request: Request, db: DatabaseDep, temporal: TemporalDep) -> JobReader:
-    return JobReader(db, temporal, request.app.state.live_views)
+    return JobReader(db, temporal, request.app.state.live_views, request.app.state.current_rows)
 
 
 JobReaderDep = Annotated[JobReader, Depends(get_job_reader)]
+
+
+async def get_run_times(request: Request) -> MeanRunTimes:
+    # async, as every dependency here that does no I/O: FastAPI runs a plain `def` dependency on a worker thread.
+    return request.app.state.run_times
+
+
+RunTimesDep = Annotated[MeanRunTimes, Depends(get_run_times)]
 
 
 def may_see(principal: Principal, owner: str | None) -> bool:

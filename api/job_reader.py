@@ -20,6 +20,18 @@ not, is only ever one the workflow wrote; and a workflow describe shows closed i
 So a running job's read costs Temporal one describe and the worker nothing: with a thousand jobs running,
 reads no longer queue behind the worker's event loop, which is busy following their prompts.
 
+Once describe has found a live job's row current, the row alone is the job for CURRENT_ROW_SECONDS after, as long
+as it still says the same status, backend and attempt (`CurrentRows`): each read reads the row anew, so every
+status the workflow records since shows at once, and a final one is the row's, as always; the live progress is
+the row's live columns (written about once a second, from what the heartbeat says). What the row cannot show
+in that time is what describe would catch: the workflow moving on while its record is under way (a moment, then
+the row says it), and a workflow that Temporal itself terminated or timed out, until the reconciler closes its
+row (within seconds) or the time runs out. So such a read may be a moment stale, and is never a guess: its
+status is one the workflow wrote. A read that must see the workflow as it is now (`reuse_live=False`) describes.
+A read in the second half of that time has one describe made in the background, which vouches for the row anew,
+or not (then the next read describes): a job read often is described about every 15 s, never on a reader's time.
+With a thousand jobs running, 20 clients reading them made a describe each (Temporal at most of a core).
+
 Queries run on the worker, beside the jobs themselves, so a live job's snapshot is shared by the reads that
 come while it is being made, and reused for a moment: however many clients poll, however often, each live job
 costs Temporal at most a few describes and the worker a few queries a second.
@@ -27,8 +39,11 @@ costs Temporal at most a few describes and the worker a few queries a second.
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from temporalio.client import (
@@ -54,6 +69,8 @@ from app.temporal_endings import ended_by_temporal, started_input, terminated_er
 from workflows_temporal.generation import GenerationWorkflow
 
 LIVE_VIEW_SECONDS = 0.25
+CURRENT_ROW_SECONDS = 30.0
+_CURRENT_ROWS_CAPACITY = 100_000
 _PROMPT_ACTIVITY = "run_prompt"
 # A worker answers a query in milliseconds; with no worker polling, Temporal would hold one for 30 s.
 _QUERY_TIMEOUT = timedelta(seconds=2)
@@ -68,6 +85,49 @@ LiveViews = SharedAnswers[JobSnapshot]
 
 def live_views() -> LiveViews:
     return LiveViews(reuse_seconds=LIVE_VIEW_SECONDS)
+
+
+@dataclass
+class CurrentRows:
+    """Live jobs whose rows describe found current, each with what its row said then and until when that
+    vouches for the row: a row that says something else (another status, backend or attempt) is described again."""
+
+    vouch_seconds: float = CURRENT_ROW_SECONDS
+    _rows: dict[str, tuple[float, tuple[JobStatus, str | None, int]]] = field(default_factory=dict)
+    _renewals: dict[str, asyncio.Task[object]] = field(default_factory=dict)
+
+    def vouch(self, state: JobState) -> bool:
+        found = self._rows.get(state.job_id)
+        return found is not None and found[0] > time.monotonic() and found[1] == _what_describe_checks(state)
+
+    def renew_if_due(self, job_id: str, describe: Callable[[], Awaitable[object]]) -> None:
+        """Past half its time, a row read is answered as vouched for while one describe, in the background,
+        vouches for it anew (or not): a job that is read often is not described on a reader's time again."""
+        found = self._rows.get(job_id)
+        if found is None or found[0] - time.monotonic() > self.vouch_seconds / 2 or job_id in self._renewals:
+            return
+        renewal = asyncio.create_task(describe())
+        self._renewals[job_id] = renewal
+
+        def renewed(done: asyncio.Task[object]) -> None:
+            self._renewals.pop(job_id, None)
+            if not done.cancelled() and done.exception() is not None:
+                self.forget(job_id)  # Temporal could not say: the next read describes on its own time
+
+        renewal.add_done_callback(renewed)
+
+    def found_current(self, state: JobState) -> None:
+        now = time.monotonic()
+        if len(self._rows) >= _CURRENT_ROWS_CAPACITY:
+            self._rows = {job_id: found for job_id, found in self._rows.items() if found[0] > now}
+        self._rows[state.job_id] = (now + self.vouch_seconds, _what_describe_checks(state))
+
+    def forget(self, job_id: str) -> None:
+        self._rows.pop(job_id, None)
+
+
+def _what_describe_checks(state: JobState) -> tuple[JobStatus, str | None, int]:
+    return state.status, state.backend, state.attempts
 
 
 def job_not_found(job_id: str) -> ApiError:
@@ -92,6 +152,7 @@ class JobReader:
     db: Database
     temporal: TemporalConnection
     live_views: LiveViews
+    current_rows: CurrentRows
 
     async def read(self, job_id: str, *, reuse_live: bool = True) -> JobSnapshot:
         """The job as it is now; with `reuse_live`, a live job's snapshot may be up to LIVE_VIEW_SECONDS old.
@@ -108,6 +169,11 @@ class JobReader:
             raise _temporal_unavailable()
         if not reuse_live:
             self.live_views.forget(job_id)
+            self.current_rows.forget(job_id)
+        elif recorded is not None and self.current_rows.vouch(recorded.state):
+            self.current_rows.renew_if_due(
+                job_id, lambda: self.live_views.get(job_id, lambda: self._from_temporal(client, job_id, recorded)))
+            return recorded
         async with turn_aside():  # mostly a wait for Temporal's answers
             return await self.live_views.get(job_id, lambda: self._from_temporal(client, job_id, recorded))
 
@@ -124,10 +190,13 @@ class JobReader:
         if description.workflow_type != _JOB_WORKFLOW_TYPE:
             raise job_not_found(job_id)  # another kind of workflow under this id: a batch's, say
         if description.status is not WorkflowExecutionStatus.RUNNING:
+            self.current_rows.forget(job_id)
             return await self._closed(client, handle, description)
         if recorded is not None and _row_is_current(recorded.state, description):
             state = recorded.state
+            self.current_rows.found_current(state)
         else:
+            self.current_rows.forget(job_id)
             state = await self._query(client, handle, recorded)
         if state.status.is_terminal:
             return JobSnapshot(state, LiveProgress())

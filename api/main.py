@@ -19,7 +19,7 @@ from temporalio.client import Client
 from api.codec_cors import CodecCors
 from api.errors import install_error_handlers
 from api.database import Database
-from api.job_reader import JobReader, live_views
+from api.job_reader import CurrentRows, JobReader, live_views
 from api.batch_streams import batch_feeds
 from api.event_streams import StreamPlaces
 from api.feed import Feed
@@ -41,6 +41,7 @@ from api.routes import audit, backends, batches, codec, events, feed, health, jo
 from app.codec import EncryptionCodec
 from app.comfy.backends import configured_backends, served_queues
 from app.db import make_engine
+from app.queue_estimates import MeanRunTimes
 from app.settings import Settings, get_settings
 from app.storage import build_storage
 from app.temporal_client import connect_temporal
@@ -94,9 +95,12 @@ def create_app(settings: Settings | None = None, temporal_client: Client | None 
         prepare_database(app.state.engine)
         app.state.storage = build_storage(settings)
         app.state.live_views = live_views()
+        app.state.current_rows = CurrentRows()
+        app.state.run_times = MeanRunTimes()
         app.state.job_waits = JobWaits(settings.api_max_concurrent_waits)
         app.state.job_feeds = job_feeds(
-            lambda: JobReader(Database(app.state.engine), app.state.temporal, app.state.live_views),
+            lambda: JobReader(Database(app.state.engine), app.state.temporal, app.state.live_views,
+                              app.state.current_rows),
             app.state.job_waits, settings.sse_poll_s)
         app.state.batch_feeds = batch_feeds(
             lambda batch_id: batch_json(Database(app.state.engine), app.state.temporal,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -93,9 +94,14 @@ class Probes:
     # backend id → what its last probe read of it (for GET /metrics); none for a backend that did not answer.
     readings: dict[str, BackendReading] = field(default_factory=dict)
 
-    async def refresh(self) -> ProbeResult:
+    async def refresh(self, spread_seconds: float = 0.0) -> ProbeResult:
+        """Probe everything once; with `spread_seconds`, the backends' probes start one after another over that
+        time rather than all at once: 16 backends' probes at once, two requests each, held the API's event loop
+        for tens of milliseconds each second, and every read that came meanwhile waited (bench/long_jobs.py)."""
+        step = spread_seconds / len(self.backends) if self.backends else 0.0
         comfyui, temporal, workers = await asyncio.gather(
-            asyncio.gather(*(self._comfyui_answers(backend) for backend in self.backends)),
+            asyncio.gather(*(self._comfyui_answers(backend, after=index * step)
+                             for index, backend in enumerate(self.backends))),
             self._temporal_answers(), self._workers_poll(),
         )
         self.latest = ProbeResult(
@@ -112,13 +118,17 @@ class Probes:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(PROBE_EVERY_SECONDS)
+            began = time.monotonic()
             try:
-                await self.refresh()
+                await self.refresh(spread_seconds=PROBE_EVERY_SECONDS)
             except Exception:  # a fault of the probe's own must not leave /health frozen at its last answer
                 log.exception("health probe failed")
+            # Each backend is probed about once a period, the spread included.
+            await asyncio.sleep(max(PROBE_EVERY_SECONDS - (time.monotonic() - began), PROBE_EVERY_SECONDS / 10))
 
-    async def _comfyui_answers(self, backend: Backend) -> bool:
+    async def _comfyui_answers(self, backend: Backend, after: float = 0.0) -> bool:
+        if after:
+            await asyncio.sleep(after)
         client = ComfyClient(backend.url, self.http)
         try:
             stats = await client.system_stats()

@@ -16,14 +16,22 @@ template), else of any job; with no success yet there is no ETA. The wait is the
 in ComfyUI still have to run, plus the waiting jobs' run times) shared by the slots of the backends that serve
 the queue: a fluid estimate, exact for one slot.
 
+The means are shared by every estimate and read from the database at most once a second (`MeanRunTimes`):
+with a thousand jobs running, every read of one asked for the same mean. A running job's estimate needs
+nothing else, so with its template's mean known it is worked out without the database (`without_database`);
+its countdown and its place are the job's own, as read now. That a template (or the whole gateway) has no
+success yet is not kept: the first one counts at once.
+
 The live columns of a row are written about once a second (activities.live_row), so a prompt that reached
 ComfyUI a moment ago may still count as waiting in Temporal.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, or_
@@ -36,6 +44,9 @@ from app.tables import JobRow
 
 # How many of a template's latest successes its run time is the mean of.
 RECENT_RUNS = 20
+# How long a mean run time read from the database serves every estimate.
+MEANS_REUSE_SECONDS = 1.0
+_MEANS_CAPACITY = 10_000
 
 
 @dataclass(frozen=True)
@@ -70,41 +81,73 @@ class InLine:
         )
 
 
-@dataclass
-class RunTimes:
-    """Mean run times in seconds, per template, read once per estimate."""
+class MeanRunTimes:
+    """Mean run times in seconds by template, each read from the database at most once per `reuse_seconds` and
+    shared by every estimate; a template with no success yet takes any template's. Only a mean is kept: that
+    there is none yet is asked again at each estimate. Estimates run on worker threads, hence the lock."""
 
-    session: Session
-    _means: dict[str | None, float | None] = field(default_factory=dict)
-    _any: list[float | None] = field(default_factory=list)
+    def __init__(self, reuse_seconds: float = MEANS_REUSE_SECONDS) -> None:
+        self.reuse_seconds = reuse_seconds
+        # (template, any template) → (when it expires, the mean read)
+        self._means: dict[tuple[str | None, bool], tuple[float, float]] = {}
+        self._lock = threading.Lock()
 
-    def of(self, template_id: str | None) -> float | None:
-        if template_id not in self._means:
-            self._means[template_id] = self._recent_mean(template_id, any_template=False)
-        mean = self._means[template_id]
-        if mean is not None:
-            return mean
-        if not self._any:
-            self._any.append(self._recent_mean(None, any_template=True))
-        return self._any[0]
+    def known(self, template_id: str | None) -> float | None:
+        """The template's own mean run time, if it is known without the database."""
+        own = self._fresh((template_id, False))
+        return None if own is None else own[1]
 
-    def _recent_mean(self, template_id: str | None, *, any_template: bool) -> float | None:
-        query = select(JobRow.execution_time_ms).where(
-            col(JobRow.status) == JobStatus.succeeded.value, col(JobRow.execution_time_ms).is_not(None))
-        if not any_template:
-            query = query.where(col(JobRow.template_id).is_(None) if template_id is None
-                                else col(JobRow.template_id) == template_id)
-        durations = self.session.exec(query.order_by(col(JobRow.completed_at).desc()).limit(RECENT_RUNS)).all()
-        return sum(durations) / len(durations) / 1000 if durations else None
+    def of(self, session: Session, template_id: str | None) -> float | None:
+        mean = self._read(session, template_id, any_template=False)
+        return mean if mean is not None else self._read(session, None, any_template=True)
+
+    def _fresh(self, key: tuple[str | None, bool]) -> tuple[float, float] | None:
+        with self._lock:
+            entry = self._means.get(key)
+        return entry if entry is not None and entry[0] > time.monotonic() else None
+
+    def _read(self, session: Session, template_id: str | None, *, any_template: bool) -> float | None:
+        key = (template_id, any_template)
+        if (entry := self._fresh(key)) is not None:
+            return entry[1]
+        mean = _recent_mean(session, template_id, any_template=any_template)
+        if mean is None:
+            return None  # not kept: the first success must count at once, not a second later
+        now = time.monotonic()
+        with self._lock:
+            if len(self._means) >= _MEANS_CAPACITY:
+                self._means = {known: entry for known, entry in self._means.items() if entry[0] > now}
+            self._means[key] = (now + self.reuse_seconds, mean)
+        return mean
 
 
-def estimate(session: Session, job: InLine, backends: list[Backend], now: datetime) -> QueueEstimate:
+def _recent_mean(session: Session, template_id: str | None, *, any_template: bool) -> float | None:
+    query = select(JobRow.execution_time_ms).where(
+        col(JobRow.status) == JobStatus.succeeded.value, col(JobRow.execution_time_ms).is_not(None))
+    if not any_template:
+        query = query.where(col(JobRow.template_id).is_(None) if template_id is None
+                            else col(JobRow.template_id) == template_id)
+    durations = session.exec(query.order_by(col(JobRow.completed_at).desc()).limit(RECENT_RUNS)).all()
+    return sum(durations) / len(durations) / 1000 if durations else None
+
+
+def without_database(job: InLine, run_times: MeanRunTimes, now: datetime) -> QueueEstimate | None:
+    """The estimate of a running job (or one ComfyUI runs) whose run time is known already; None when the
+    database must be asked (`estimate`)."""
+    if job.status is not JobStatus.running and job.comfy_position != 0:
+        return None
+    own = run_times.known(job.template_id)
+    return None if own is None else _running(own, job, now)
+
+
+def estimate(
+    session: Session, job: InLine, backends: list[Backend], now: datetime, run_times: MeanRunTimes
+) -> QueueEstimate:
     if job.status.is_terminal:
         return QueueEstimate(None, None)
-    run_times = RunTimes(session)
-    own = run_times.of(job.template_id)
+    own = run_times.of(session, job.template_id)
     if job.status is JobStatus.running or job.comfy_position == 0:
-        return QueueEstimate(0, _rounded(_remaining(own, job.started_at, now)))
+        return _running(own, job, now)
     if job.comfy_position is not None:
         # In ComfyUI's queue: behind the prompts ahead of it there, on its backend's one slot at a time.
         ahead = job.comfy_position
@@ -116,9 +159,9 @@ def estimate(session: Session, job: InLine, backends: list[Backend], now: dateti
     waiting = _waiting_ahead(session, job)
     work: float | None = 0.0
     for template_id, started_at in in_comfyui:
-        work = _plus(work, _remaining(run_times.of(template_id), started_at, now))
+        work = _plus(work, _remaining(run_times.of(session, template_id), started_at, now))
     for template_id, count in waiting.items():
-        run_time = run_times.of(template_id)
+        run_time = run_times.of(session, template_id)
         work = _plus(work, None if run_time is None else run_time * count)
     eta = None if work is None or own is None else work / slots + own
     ahead = len(in_comfyui) + sum(waiting.values())
@@ -173,6 +216,10 @@ def _waiting_ahead(session: Session, job: InLine) -> Counter[str | None]:
             turns = jobs[:own_turn] + [item for item in jobs[own_turn:own_turn + 1] if item[0] < job.created_at]
         ahead.update(template_id for _, template_id in turns)
     return ahead
+
+
+def _running(own: float | None, job: InLine, now: datetime) -> QueueEstimate:
+    return QueueEstimate(0, _rounded(_remaining(own, job.started_at, now)))
 
 
 def _remaining(run_time: float | None, started_at: datetime | None, now: datetime) -> float | None:

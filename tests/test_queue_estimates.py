@@ -12,7 +12,7 @@ from sqlmodel import Session
 from app.comfy.backends import Backend
 from app.jobstore import record_job, write_live_progress
 from app.models import JobState, JobStatus, LiveProgress, RecordJobInput
-from app.queue_estimates import InLine, QueueEstimate, estimate
+from app.queue_estimates import InLine, MeanRunTimes, QueueEstimate, estimate, without_database
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
 ONE_SLOT = [Backend(id="gpu1", url="http://gpu1", slots=1)]
@@ -47,12 +47,14 @@ def test_a_waiting_job_counts_prompts_in_comfyui_higher_priorities_and_owners_tu
         _job(session, JobStatus.queued, created=_at(-2), backend_tag="sdxl")  # waits in another queue
 
         # Bob's first turn comes after alice's first (it came first) and before her second.
-        assert estimate(session, InLine.of(bobs), ONE_SLOT, NOW) == QueueEstimate(3, 1.5 + 10 + 2 + 2)
+        assert estimate(session, InLine.of(bobs), ONE_SLOT, NOW, MeanRunTimes()) == QueueEstimate(3, 1.5 + 10 + 2 + 2)
         # Alice's third waits for her first two and for bob's one turn.
-        assert estimate(session, InLine.of(alices[2]), ONE_SLOT, NOW) == QueueEstimate(5, 1.5 + 10 + 2 * 3 + 2)
+        assert estimate(session, InLine.of(alices[2]), ONE_SLOT, NOW, MeanRunTimes()) == QueueEstimate(
+            5, 1.5 + 10 + 2 * 3 + 2)
         # Two slots share the work ahead.
         two_slots = [Backend(id="gpu1", url="http://gpu1", slots=2)]
-        assert estimate(session, InLine.of(bobs), two_slots, NOW) == QueueEstimate(3, (1.5 + 10 + 2) / 2 + 2)
+        assert estimate(session, InLine.of(bobs), two_slots, NOW, MeanRunTimes()) == QueueEstimate(
+            3, (1.5 + 10 + 2) / 2 + 2)
 
 
 def test_a_prompt_in_comfyui_keeps_its_place_there_and_a_running_one_counts_down(engine: Engine) -> None:
@@ -63,11 +65,11 @@ def test_a_prompt_in_comfyui_keeps_its_place_there_and_a_running_one_counts_down
         assert write_live_progress(session, prefetched.job_id, 0, LiveProgress(queue_position=1))
         waiting = _job(session, JobStatus.queued, priority=1, created=_at(2))
 
-        assert estimate(session, InLine.of(running), ONE_SLOT, NOW) == QueueEstimate(0, 3.0)
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, MeanRunTimes()) == QueueEstimate(0, 3.0)
         live = LiveProgress(queue_position=1)
-        assert estimate(session, InLine.of(prefetched, live), ONE_SLOT, NOW) == QueueEstimate(1, 8.0)
+        assert estimate(session, InLine.of(prefetched, live), ONE_SLOT, NOW, MeanRunTimes()) == QueueEstimate(1, 8.0)
         # A higher priority does not pass what ComfyUI already holds: 3 s left, 4 s prefetched, then its own 4 s.
-        assert estimate(session, InLine.of(waiting), ONE_SLOT, NOW) == QueueEstimate(2, 11.0)
+        assert estimate(session, InLine.of(waiting), ONE_SLOT, NOW, MeanRunTimes()) == QueueEstimate(2, 11.0)
 
 
 def test_a_tagged_job_waits_only_behind_its_own_queue_and_the_backends_with_its_tag(engine: Engine) -> None:
@@ -80,18 +82,57 @@ def test_a_tagged_job_waits_only_behind_its_own_queue_and_the_backends_with_its_
         record_job(session, RecordJobInput(job=on_gpu1, backend="gpu1"))
         tagged_ahead = _job(session, JobStatus.queued, created=_at(1), backend_tag="sdxl")
         tagged = _job(session, JobStatus.queued, created=_at(2), backend_tag="sdxl")
-        assert estimate(session, InLine.of(tagged), backends, NOW) == QueueEstimate(1, 2.0)
+        assert estimate(session, InLine.of(tagged), backends, NOW, MeanRunTimes()) == QueueEstimate(1, 2.0)
         # Nothing known ahead of it, yet waiting: being placed, its place not known until ComfyUI tells it.
-        assert estimate(session, InLine.of(tagged_ahead), backends, NOW) == QueueEstimate(None, 1.0)
+        assert estimate(session, InLine.of(tagged_ahead), backends, NOW, MeanRunTimes()) == QueueEstimate(None, 1.0)
 
 
 def test_without_a_run_to_time_by_there_is_a_place_but_no_eta(engine: Engine) -> None:
     with Session(engine) as session:
         _job(session, JobStatus.queued, created=_at(0))
         later = _job(session, JobStatus.queued, created=_at(1))
-        assert estimate(session, InLine.of(later), ONE_SLOT, NOW) == QueueEstimate(1, None)
+        assert estimate(session, InLine.of(later), ONE_SLOT, NOW, MeanRunTimes()) == QueueEstimate(1, None)
         # Any template's run time stands in for one that never ran.
         _ran(session, "other", 3000)
-        assert estimate(session, InLine.of(later), ONE_SLOT, NOW) == QueueEstimate(1, 6.0)
+        assert estimate(session, InLine.of(later), ONE_SLOT, NOW, MeanRunTimes()) == QueueEstimate(1, 6.0)
         ended = later.model_copy(update={"status": JobStatus.succeeded})
-        assert estimate(session, InLine.of(ended), ONE_SLOT, NOW) == QueueEstimate(None, None)
+        assert estimate(session, InLine.of(ended), ONE_SLOT, NOW, MeanRunTimes()) == QueueEstimate(None, None)
+
+
+def test_a_mean_run_time_is_read_once_a_while_yet_each_estimate_is_the_jobs_own(engine: Engine) -> None:
+    run_times = MeanRunTimes(reuse_seconds=60)
+    with Session(engine) as session:
+        _ran(session, "t", 4000)
+        running = _job(session, JobStatus.running, started_at=NOW - timedelta(seconds=1), created=_at(0))
+        queued = _job(session, JobStatus.queued, created=_at(1))
+        # Not read yet: the database must be asked, and then the mean is known without it.
+        assert without_database(InLine.of(running), run_times, NOW) is None
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 3.0)
+        assert without_database(InLine.of(running), run_times, NOW) == QueueEstimate(0, 3.0)
+        # The countdown is the job's, as read now, and so is its place: only the mean is shared.
+        assert without_database(InLine.of(running), run_times, NOW + timedelta(seconds=2)) == QueueEstimate(0, 1.0)
+        assert without_database(InLine.of(queued), run_times, NOW) is None
+        assert estimate(session, InLine.of(queued), ONE_SLOT, NOW, run_times) == QueueEstimate(1, 7.0)
+        moved = queued.model_copy(update={"status": JobStatus.running, "started_at": NOW})
+        assert without_database(InLine.of(moved), run_times, NOW) == QueueEstimate(0, 4.0)
+        in_comfyui = InLine.of(queued, LiveProgress(queue_position=0))
+        assert without_database(in_comfyui, run_times, NOW) == QueueEstimate(0, 4.0)
+        # A success since is in the mean once the mean is read again, not before.
+        _ran(session, "t", 8000)
+        assert without_database(InLine.of(running), run_times, NOW) == QueueEstimate(0, 3.0)
+        fresh = MeanRunTimes(reuse_seconds=0)
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, fresh) == QueueEstimate(0, 5.0)
+        assert without_database(InLine.of(running), fresh, NOW) is None
+
+
+def test_that_a_template_has_no_success_yet_is_not_kept_so_its_first_counts_at_once(engine: Engine) -> None:
+    run_times = MeanRunTimes(reuse_seconds=60)
+    with Session(engine) as session:
+        running = _job(session, JobStatus.running, started_at=NOW, created=_at(0))
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, None)
+        _ran(session, "other", 3000)  # any template's mean stands in
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 3.0)
+        assert without_database(InLine.of(running), run_times, NOW) is None  # its own absence is asked again
+        _ran(session, "t", 5000)
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 5.0)
+        assert without_database(InLine.of(running), run_times, NOW) == QueueEstimate(0, 5.0)

@@ -28,12 +28,14 @@ from api.deps import (
     JobReaderDep,
     JobWaitsDep,
     PrincipalDep,
+    RunTimesDep,
     SessionDep,
     SettingsDep,
     StorageDep,
     TemporalDep,
     TemporalUiDep,
     WaitDep,
+    get_run_times,
 )
 from api.errors import ApiError, invalid_input, validation_error
 from api.http_server import step_aside
@@ -64,7 +66,7 @@ from app.jobstore import (
 )
 from app.metrics import CACHE_HITS, CACHE_MISSES
 from app.priorities import Priority
-from app.queue_estimates import InLine, QueueEstimate, estimate
+from app.queue_estimates import InLine, MeanRunTimes, QueueEstimate, estimate, without_database
 from app.models import (
     DEFAULT_OUTPUT_QUALITY,
     DEFAULT_PRIORITY,
@@ -303,7 +305,7 @@ async def create_job(
         if snapshot.state.status.is_terminal:
             job = await public_job_off_loop(snapshot, storage, TemporalUi.of(settings))
             return JSONResponse(job.model_dump(mode="json", by_alias=True))
-        return await _accepted(db, settings, snapshot.state)
+        return await _accepted(db, settings, await get_run_times(request), snapshot.state)
 
 
 async def _wait_for_end(request: Request, waits: JobWaits, client: Client, job_id: str, seconds: float) -> bool:
@@ -358,7 +360,7 @@ async def _submit(
             snapshot, recorded_fingerprint = recorded
             _check_same_request(job_id, recorded_fingerprint, fingerprint)
             log.info("job %s: a repeat of its idempotency key", job_id, extra={"job_id": job_id})
-            return await _accepted(db, settings, snapshot.state)
+            return await _accepted(db, settings, await get_run_times(request), snapshot.state)
     else:
         job_id = str(uuid.uuid4())
     await check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
@@ -407,13 +409,13 @@ async def _submit(
         _check_same_request(job_id, job.request_fingerprint, fingerprint)
     _log_submitted(job, request_id_of(request.scope))
     if key is None and job.cached_result is None:
-        return await _accepted(db, settings, accepted_state(job))
+        return await _accepted(db, settings, await get_run_times(request), accepted_state(job))
     if job.cached_result is not None:
         # It only records the result: answered in moments, so the answer can truthfully be `succeeded`.
         with suppress(TimeoutError, WorkflowFailureError, RPCError):
             async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
                 await handle.result()
-    return await _accepted(db, settings, await _state_now(db, reader, job, closed))
+    return await _accepted(db, settings, await get_run_times(request), await _state_now(db, reader, job, closed))
 
 
 async def find_template(db: Database, template_id: str) -> TemplateRow:
@@ -549,11 +551,11 @@ async def _state_now(db: Database, reader: JobReader, job: GenerationInput, clos
     return accepted_state(job)
 
 
-async def _accepted(db: Database, settings: Settings, state: JobState) -> CreateJobResponse:
+async def _accepted(db: Database, settings: Settings, run_times: MeanRunTimes, state: JobState) -> CreateJobResponse:
     job_id = state.job_id
     eta = None
     if not state.status.is_terminal:
-        eta = (await _in_line(db, settings, JobSnapshot(state, LiveProgress()))).eta_seconds
+        eta = (await _in_line(db, settings, run_times, JobSnapshot(state, LiveProgress()))).eta_seconds
     return CreateJobResponse(job_id=job_id, status=state.status, eta_seconds=eta, poll_url=f"/jobs/{job_id}",
                              cache_hit=state.cache_hit, temporal_ui_url=TemporalUi.of(settings).workflow_url(job_id))
 
@@ -663,6 +665,7 @@ def get_jobs(
 async def get_job(
     job: JobDep, storage: StorageDep, ui: TemporalUiDep, request: Request, reader: JobReaderDep,
     temporal: TemporalDep, waits: JobWaitsDep, wait: WaitDep, db: DatabaseDep, settings: SettingsDep,
+    run_times: RunTimesDep,
 ) -> Job:
     """With `wait`, the job once it has ended, or as it is when the wait runs out: 200 both ways, and its
     `status` says which (`succeeded`, `failed`, `cancelled`: ended; `queued`, `running`: not yet)."""
@@ -671,13 +674,16 @@ async def get_job(
         with waits.place():
             ended = await _wait_for_end(request, waits, client, job.state.job_id, wait)
             job = await reader.read(job.state.job_id, reuse_live=not ended)
-    in_line = None if job.state.status.is_terminal else await _in_line(db, settings, job)
+    in_line = None if job.state.status.is_terminal else await _in_line(db, settings, run_times, job)
     return await public_job_off_loop(job, storage, ui, in_line)
 
 
-async def _in_line(db: Database, settings: Settings, job: JobSnapshot) -> QueueEstimate:
-    return await db.run(estimate, InLine.of(job.state, job.live), configured_backends(settings),
-                        datetime.now(timezone.utc))
+async def _in_line(db: Database, settings: Settings, run_times: MeanRunTimes, job: JobSnapshot) -> QueueEstimate:
+    in_line, now = InLine.of(job.state, job.live), datetime.now(timezone.utc)
+    # A running job's estimate, its run time known, is worked out here: no worker thread, no session.
+    if (known := without_database(in_line, run_times, now)) is not None:
+        return known
+    return await db.run(estimate, in_line, configured_backends(settings), now, run_times)
 
 
 @router.post("/{job_id}/cancel", response_model=CancelJobResponse)
