@@ -35,10 +35,12 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+@answers_with(ErrorCode.DATABASE_UNAVAILABLE)
 async def get_database(request: Request) -> Database:
     return Database(request.app.state.engine)
 
 
+@answers_with(ErrorCode.DATABASE_UNAVAILABLE)
 def get_session(request: Request) -> Iterator[Session]:
     """For sync routes, which FastAPI already runs on worker threads."""
     with Session(request.app.state.engine, expire_on_commit=False) as session:

@@ -9,6 +9,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -125,6 +127,17 @@ def install_error_handlers(app: FastAPI) -> None:
         # Nobody reads this answer; it is one rather than a 500 because the gateway is not at fault.
         error = validation_error([{"field": "body", "message": "the client disconnected before sending all of it"}])
         return error_response(error.status, error.code, error.message, error.details)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The driver's own words only: the statement and its parameters (prompts, keys' hashes) stay out of logs.
+        cause = exc.orig if isinstance(exc, OperationalError) else exc
+        reason = (str(cause).strip().splitlines() or [""])[0][:200]
+        log.warning("database unavailable on %s %s: %s: %s", request.method, request.url.path,
+                    type(cause).__name__, reason)
+        return error_response(http_status(ErrorCode.DATABASE_UNAVAILABLE), ErrorCode.DATABASE_UNAVAILABLE.value,
+                              "the database did not answer in time; try again", {}, {"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -57,6 +57,7 @@ class ErrorCode(str, Enum):
     WEBHOOK_DELIVERY_FAILED = "WEBHOOK_DELIVERY_FAILED"
     WEBHOOK_TARGET_REFUSED = "WEBHOOK_TARGET_REFUSED"
     TEMPORAL_UNAVAILABLE = "TEMPORAL_UNAVAILABLE"
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
     CONFIGURATION_ERROR = "CONFIGURATION_ERROR"
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
@@ -243,6 +244,13 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
         503, False, False, _REQUEST, "Temporal is not reachable; nothing was created or changed",
         remedy="send again, backing off; operators: start Temporal or fix `TEMPORAL_ADDRESS` (`comfyui-gateway "
         "health`)"),
+    ErrorCode.DATABASE_UNAVAILABLE: ErrorClass(
+        503, False, False, _REQUEST,
+        "the database did not answer in time (unreachable, every connection in use, or a lock held past its "
+        "timeout). A `POST /jobs` may have started its job before the fault",
+        remedy="send again after `Retry-After` seconds, with the same `Idempotency-Key` at `POST /jobs` (a job "
+        "already started is then answered, not made twice); operators: check `DATABASE_URL` and the database's "
+        "load (SQLite under many writers: PostgreSQL)"),
     ErrorCode.CONFIGURATION_ERROR: ErrorClass(
         500, False, False, _JOB, "the gateway's configuration cannot run the job (e.g. an unknown backend)",
         remedy="operators: fix what the message names (e.g. a backend missing from `COMFYUI_URLS`) and restart the "

@@ -1,0 +1,44 @@
+"""A database that cannot answer is a 503 the client may retry, never a 500, and its log line carries no SQL."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI, Request
+from sqlmodel import Session
+
+from api.database import Database
+from api.deps import get_database, get_session
+from app.db import make_engine
+from tests.harness import api_alone, api_alone_settings, asgi_client, error_of, free_port
+
+# PostgreSQL where nothing listens: the real driver's refusal, at connect.
+NOWHERE = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test?connect_timeout=2"
+
+
+async def test_an_unreachable_database_is_a_503_with_retry_after_and_a_quiet_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    unreachable = make_engine(NOWHERE)
+
+    def configure(app: FastAPI) -> None:
+        def session(_: Request) -> Iterator[Session]:
+            with Session(unreachable) as opened:
+                yield opened
+
+        app.dependency_overrides[get_session] = session
+        app.dependency_overrides[get_database] = lambda: Database(unreachable)
+
+    async with api_alone(api_alone_settings(tmp_path), configure) as app, asgi_client(app) as api:
+        with caplog.at_level(logging.WARNING, logger="api.errors"):
+            listed = await api.get("/jobs")  # a sync route's session
+            read = await api.get("/jobs/3f1c8a57-5b8e-4f5e-9a59-0d7c1f0e2b11")  # an async route's Database
+    for answer in (listed, read):
+        assert answer.status_code == 503, answer.text
+        assert error_of(answer)["code"] == "DATABASE_UNAVAILABLE" and answer.headers["Retry-After"] == "1"
+    logged = [record.getMessage() for record in caplog.records if "database unavailable" in record.getMessage()]
+    assert len(logged) == 2 and not any("SELECT" in line for line in logged), logged
+    unreachable.dispose()
