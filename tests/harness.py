@@ -36,6 +36,7 @@ from temporalio.client import Client, WorkflowHistory
 from api.deps import get_temporal
 from api.main import create_app
 from app.db import make_engine, migrate
+from app.models import PromptProgress
 from app.settings import Settings
 
 SHARED_COMFYUI = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
@@ -419,6 +420,18 @@ def error_of(response) -> dict:  # type: ignore[no-untyped-def]
     body = response.json()
     assert set(body) == {"error"}, body
     return body["error"]
+
+
+async def prompt_heartbeat(client: Client, job_id: str) -> PromptProgress | None:
+    """What Temporal holds of the job's prompt (the prompt activity's last heartbeat), if anything: what a retry
+    after a crash resumes from. The API's read may show progress before it gets there (from the row's live
+    columns, which the activity writes itself), so a test that kills a worker waits for this instead."""
+    description = await client.get_workflow_handle(job_id).describe()
+    for pending in description.raw_description.pending_activities:
+        if pending.activity_type.name == "run_prompt" and pending.heartbeat_details.payloads:
+            [details] = await client.data_converter.decode(pending.heartbeat_details.payloads)
+            return PromptProgress.model_validate(details)
+    return None
 
 
 async def comfy_history_for_job(simulator_url: str, job_id: str) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from tests.harness import (
     comfy_history_for_job,
     gateway_settings,
     migrate_database,
+    prompt_heartbeat,
     wait_for_job,
 )
 from worker.main import running_worker
@@ -186,9 +187,9 @@ async def test_a_retry_polled_by_another_backend_goes_back_to_the_prompts_own(
             fleet = Fleet(api, comfyui, gpu2)
             job_id = await fleet.submit({"workflowJson": comfyui.slow_prompt(5)})
 
-            async def followed() -> str | None:
-                job = (await api.get(f"/jobs/{job_id}")).json()
-                return job["backend"] if job["status"] == "running" and job["currentNode"] is not None else None
+            async def followed() -> str | None:  # the heartbeat that names the prompt's backend reached Temporal
+                heartbeat = await prompt_heartbeat(temporal_client, job_id)
+                return heartbeat.backend if heartbeat is not None and heartbeat.submitted and heartbeat.node else None
 
             backend = await assert_eventually(followed, timeout=30)
             crashing.kill()

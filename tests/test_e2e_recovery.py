@@ -20,6 +20,7 @@ from tests.harness import (
     comfy_history_for_job,
     gateway_settings,
     migrate_database,
+    prompt_heartbeat,
     wait_for_job,
 )
 from worker.main import running_worker
@@ -49,8 +50,8 @@ async def _job_across_a_worker_crash(
             job_id = (await api.post("/jobs", json={k: v for k, v in body.items() if v is not None})).json()["jobId"]
 
             async def followed() -> bool:  # its heartbeat, which says the prompt was queued, reached Temporal
-                job = (await api.get(f"/jobs/{job_id}")).json()
-                return job["status"] == "running" and job["currentNode"] is not None
+                heartbeat = await prompt_heartbeat(temporal_client, job_id)
+                return heartbeat is not None and heartbeat.submitted and heartbeat.node is not None
 
             await assert_eventually(followed, timeout=60)
             worker.kill()
