@@ -180,7 +180,12 @@ async def test_one_request_id_follows_a_job_from_the_api_to_its_webhook(gateway:
         (request_id, job_id, "solid_color")}
     assert len(prompt) == 2 and all(entry["activity"] == "run_prompt" and entry["run_id"] and entry["attempt"] == 1
                                     for entry in prompt)
-    [delivery] = [entry for entry in of_job if entry["logger"] == "activities.delivery"]
+
+    def delivery_logged() -> list[dict]:  # the delivery logs its line once the receiver has answered: a moment after
+        return [entry for entry in parsed(lines)
+                if entry.get("job_id") == job_id and entry["logger"] == "activities.delivery"]
+
+    [delivery] = await assert_eventually(delivery_logged, what="the delivery's log line")
     assert delivery["request_id"] == request_id and delivery["activity"] == "deliver_webhook"
     assert delivery["workflow_id"] == f"{job_id}:webhook:job.succeeded" and delivery["template_id"] == "solid_color"
     assert delivery["status_code"] == 204 and delivery["delivered"]
