@@ -103,6 +103,32 @@ def _allowed_methods(request: Request) -> str:
                      if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes))
 
 
+# SQLite's results that say "not now": busy or locked past the timeout, the file unopenable, the disk failing.
+_SQLITE_UNAVAILABLE = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_FULL"}
+# PostgreSQL's SQLSTATE classes and codes that say the same: connection (08), resources (53), a lock not
+# available (55P03), a statement cancelled (57014), the server shutting down (57P01-57P03).
+_POSTGRES_UNAVAILABLE_CLASSES = ("08", "53")
+_POSTGRES_UNAVAILABLE_CODES = {"55P03", "57014", "57P01", "57P02", "57P03"}
+
+
+def database_unavailable(exc: Exception) -> bool:
+    """Whether a database error means the database cannot answer now (a 503 worth retrying), not a fault of the
+    gateway's own (a missing table, a bad statement: SQLite raises OperationalError for those too)."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlite_name = getattr(exc.orig, "sqlite_errorname", None)
+    if sqlite_name is not None:
+        return "_".join(sqlite_name.split("_")[:2]) in _SQLITE_UNAVAILABLE  # SQLITE_BUSY_SNAPSHOT is SQLITE_BUSY
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:
+        return True  # psycopg's failures without a server's answer: no connection could be made or kept
+    return sqlstate.startswith(_POSTGRES_UNAVAILABLE_CLASSES) or sqlstate in _POSTGRES_UNAVAILABLE_CODES
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -131,6 +157,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
     async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        if not database_unavailable(exc):
+            return await _unexpected(request, exc)  # a missing table or a bad statement is the gateway's fault
         # The driver's own words only: the statement and its parameters (prompts, keys' hashes) stay out of logs.
         cause = exc.orig if isinstance(exc, OperationalError) else exc
         reason = (str(cause).strip().splitlines() or [""])[0][:200]

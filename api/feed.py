@@ -188,6 +188,8 @@ class Feed:
                 yield batches
         finally:
             self._listeners.discard(listener)
+            # What it never took: a WebSocket's backlog outlives one subscription (unsubscribed, say).
+            listener.backlog.written(listener.queue.qsize())
             FEED_LISTENERS.dec()
             if not self._listeners and self._reader is not None:
                 # Whoever listens next starts a reader of its own, from the latest event then.
@@ -236,10 +238,12 @@ class Feed:
             taken = len(batch)
             # What the replay told already, the reader may have read again.
             batch = [event for event in batch if event.id > told]
-            if batch:
-                told = batch[-1].id
-                yield batch
-            backlog.written(taken)  # asked for more: what it was given is written
+            try:
+                if batch:
+                    told = batch[-1].id
+                    yield batch
+            finally:
+                backlog.written(taken)  # asked for more, or gone: what it was given no longer counts
 
     async def _replay(self, listener: _Listener, since: int) -> AsyncIterator[list[FeedEvent]]:
         """What a listener missed after `since`, a page at a time, each read when it has written the one before,

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi import FastAPI, Request
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from api.database import Database
 from api.deps import get_database, get_session
+from api.errors import database_unavailable
 from app.db import make_engine
 from tests.harness import api_alone, api_alone_settings, asgi_client, error_of, free_port
 
@@ -42,3 +46,42 @@ async def test_an_unreachable_database_is_a_503_with_retry_after_and_a_quiet_log
     logged = [record.getMessage() for record in caplog.records if "database unavailable" in record.getMessage()]
     assert len(logged) == 2 and not any("SELECT" in line for line in logged), logged
     unreachable.dispose()
+
+
+def _error_of(engine_url: str, statement: str) -> OperationalError:
+    engine = create_engine(engine_url, connect_args={"timeout": 0})
+    try:
+        with engine.connect() as connection, pytest.raises(OperationalError) as raised:
+            connection.execute(text(statement))
+        return raised.value
+    finally:
+        engine.dispose()
+
+
+def test_a_locked_database_is_unavailable_and_a_missing_table_is_the_gateways_fault(tmp_path: Path) -> None:
+    path = tmp_path / "held.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE jobs (id TEXT)")
+    holder.execute("BEGIN EXCLUSIVE")  # every other connection is refused until it ends
+    try:
+        assert database_unavailable(_error_of(f"sqlite:///{path}", "SELECT * FROM jobs"))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert not database_unavailable(_error_of(f"sqlite:///{path}", "SELECT * FROM no_such_table"))
+
+
+async def test_a_database_without_the_gateways_tables_is_a_500_not_a_retry(tmp_path: Path) -> None:
+    empty = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+
+    def configure(app: FastAPI) -> None:
+        def session(_: Request) -> Iterator[Session]:
+            with Session(empty) as opened:
+                yield opened
+
+        app.dependency_overrides[get_session] = session
+
+    async with api_alone(api_alone_settings(tmp_path), configure) as app, asgi_client(app) as api:
+        listed = await api.get("/jobs")
+    assert listed.status_code == 500 and error_of(listed)["code"] == "INTERNAL_ERROR"
+    empty.dispose()

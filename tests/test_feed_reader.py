@@ -153,6 +153,25 @@ async def test_a_connections_listeners_share_one_backlog_one_too_many_drops_them
     assert [event.name for event in alones] == ["queued", "running"]
 
 
+async def test_what_a_subscription_held_is_given_back_when_it_ends(engine: Engine, tmp_path: Path) -> None:
+    """A WebSocket's backlog outlives each subscription: one that ends (unsubscribed) while it holds events, taken
+    or not, no longer counts them, or a socket that subscribes and unsubscribes would be closed as too far behind."""
+    feed = feed_of(engine, tmp_path, queue_size=3)
+    owner = f"owner-{uuid.uuid4()}"
+    backlog = feed.backlog()
+    async with feed.listen(FeedFilter(owner=owner), None, backlog) as first:
+        await assert_eventually(lambda: feed.reads > 0, what="the reader reading")
+        await asyncio.to_thread(run_job, engine, str(uuid.uuid4()), owner, [JobStatus.queued, JobStatus.running])
+        await assert_eventually(lambda: backlog.held == 2, what="both events held")
+        await anext(first)  # taken, not yet written: the subscription ends while it sends them
+    assert backlog.held == 0 and not backlog.overflowed.is_set()
+    async with feed.listen(FeedFilter(owner=owner), None, backlog) as second:
+        await asyncio.to_thread(run_job, engine, str(uuid.uuid4()), owner, [JobStatus.queued, JobStatus.running])
+        heard: list[FeedEvent] = []
+        await asyncio.wait_for(collect(second, heard, 2), 10)
+    assert [event.name for event in heard] == ["queued", "running"] and not backlog.overflowed.is_set()
+
+
 async def test_a_connection_that_stops_reading_holds_one_page_of_its_replays(engine: Engine, tmp_path: Path) -> None:
     owner = f"owner-{uuid.uuid4()}"
     with Session(engine) as session:
