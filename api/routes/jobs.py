@@ -35,7 +35,6 @@ from api.deps import (
     TemporalDep,
     TemporalUiDep,
     WaitDep,
-    get_run_times,
 )
 from api.errors import ApiError, invalid_input, validation_error
 from api.http_server import step_aside
@@ -285,14 +284,17 @@ async def create_job(
     principal: PrincipalDep,
     waits: JobWaitsDep,
     wait: WaitDep,
+    run_times: RunTimesDep,
     idempotency_key: IdempotencyKey = None,
 ) -> CreateJobResponse | JSONResponse:
     """With `wait`, `200` and the job as `GET /jobs/{jobId}` shows it once it has ended, or the `202` when
     the wait runs out first (its `status` then is the job's now)."""
     if wait is None:
-        return await _submit(body, request, db, settings, temporal, storage, reader, principal, idempotency_key)
+        return await _submit(body, request, db, settings, run_times, temporal, storage, reader, principal,
+                             idempotency_key)
     with waits.place():  # taken before the job is created: a refusal creates nothing
-        accepted = await _submit(body, request, db, settings, temporal, storage, reader, principal, idempotency_key)
+        accepted = await _submit(body, request, db, settings, run_times, temporal, storage, reader, principal,
+                                 idempotency_key)
         job_id = accepted.job_id
         ended = accepted.status.is_terminal  # a cache hit, or a repeat of a key whose job has ended
         if not ended and wait:
@@ -305,7 +307,7 @@ async def create_job(
         if snapshot.state.status.is_terminal:
             job = await public_job_off_loop(snapshot, storage, TemporalUi.of(settings))
             return JSONResponse(job.model_dump(mode="json", by_alias=True))
-        return await _accepted(db, settings, await get_run_times(request), snapshot.state)
+        return await _accepted(db, settings, run_times, snapshot.state)
 
 
 async def _wait_for_end(request: Request, waits: JobWaits, client: Client, job_id: str, seconds: float) -> bool:
@@ -337,6 +339,7 @@ async def _submit(
     request: Request,
     db: Database,
     settings: Settings,
+    run_times: MeanRunTimes,
     temporal: TemporalConnection,
     storage: OutputStorage,
     reader: JobReader,
@@ -360,7 +363,7 @@ async def _submit(
             snapshot, recorded_fingerprint = recorded
             _check_same_request(job_id, recorded_fingerprint, fingerprint)
             log.info("job %s: a repeat of its idempotency key", job_id, extra={"job_id": job_id})
-            return await _accepted(db, settings, await get_run_times(request), snapshot.state)
+            return await _accepted(db, settings, run_times, snapshot.state)
     else:
         job_id = str(uuid.uuid4())
     await check_active_jobs(principal, db, settings)  # after a repeat's answer: a repeat starts nothing
@@ -409,13 +412,13 @@ async def _submit(
         _check_same_request(job_id, job.request_fingerprint, fingerprint)
     _log_submitted(job, request_id_of(request.scope))
     if key is None and job.cached_result is None:
-        return await _accepted(db, settings, await get_run_times(request), accepted_state(job))
+        return await _accepted(db, settings, run_times, accepted_state(job))
     if job.cached_result is not None:
         # It only records the result: answered in moments, so the answer can truthfully be `succeeded`.
         with suppress(TimeoutError, WorkflowFailureError, RPCError):
             async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
                 await handle.result()
-    return await _accepted(db, settings, await get_run_times(request), await _state_now(db, reader, job, closed))
+    return await _accepted(db, settings, run_times, await _state_now(db, reader, job, closed))
 
 
 async def find_template(db: Database, template_id: str) -> TemplateRow:
