@@ -263,13 +263,19 @@ async def test_a_read_awaiting_temporal_sets_its_turn_aside_and_takes_one_again_
 
 async def served(request: Callable[[], Awaitable[httpx.Response]], patience: float = 10) -> httpx.Response:
     """The request's answer, sent again for `patience` seconds as a client does while the server is busy
-    (503 SERVER_BUSY)."""
+    (503 SERVER_BUSY) or closed a kept-alive connection as the request went out on it (the server's keep-alive
+    is 1.5 s here)."""
     deadline = time.monotonic() + patience
-    while (answer := await request()).status_code == 503 and error_of(answer)["code"] == "SERVER_BUSY":
-        if time.monotonic() > deadline:
-            break
+    while True:
+        try:
+            answer = await request()
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if answer.status_code != 503 or error_of(answer)["code"] != "SERVER_BUSY" or time.monotonic() > deadline:
+                return answer
         await asyncio.sleep(0.05)
-    return answer
 
 
 async def test_waiting_requests_hold_no_place_in_the_limits_and_end_when_their_client_goes(api_server: str) -> None:
@@ -277,13 +283,19 @@ async def test_waiting_requests_hold_no_place_in_the_limits_and_end_when_their_c
     than MAX_CONCURRENT_REQUESTS, reads and submissions, wait while other requests are served."""
     async with httpx.AsyncClient(base_url=api_server, timeout=60) as client:
         job_id = (await client.post("/jobs", json={"workflowId": "solid_color"})).json()["jobId"]
-        waiting = [asyncio.create_task(served(lambda: client.get(f"/jobs/{job_id}", params={"wait": 60})))
+
+        def wait_in(request: Callable[[], Awaitable[httpx.Response]]) -> asyncio.Task[httpx.Response]:
+            return asyncio.create_task(served(request, patience=30))
+
+        waiting = [wait_in(lambda: client.get(f"/jobs/{job_id}", params={"wait": 60}))
                    for _ in range(MAX_CONCURRENT_WAITS // 2)]
-        waiting += [asyncio.create_task(served(lambda: client.post("/jobs", params={"wait": 60},
-                                                                    json={"workflowId": "solid_color"})))
+        waiting += [wait_in(lambda: client.post("/jobs", params={"wait": 60}, json={"workflowId": "solid_color"}))
                     for _ in range(MAX_CONCURRENT_WAITS - len(waiting))]
 
         async def refused_wait() -> httpx.Response | None:  # every place taken: the waiters are in
+            if ended := [waiter for waiter in waiting if waiter.done()]:  # its place is free: no refusal to come
+                answer = ended[0].exception() or f"{ended[0].result().status_code} {ended[0].result().text}"
+                pytest.fail(f"a waiting request ended: {answer!r}")
             response = await served(lambda: client.post("/jobs", params={"wait": 0.01}, json={"workflowId": "x"}))
             return response if response.status_code == 503 else None
 
