@@ -139,10 +139,17 @@ class ComfyActivities:
         )
         # Jobs from before the fleet name their backend; later ones run on the backend that polled them.
         backend = request.backend or self._placed().backend
-        if progress.backend is not None and progress.backend != backend:
+        elsewhere = progress.backend if progress.backend != backend else None
+        if progress.backend is None and activity.info().attempt > 1 and self._placement is not None:
+            # The heartbeat that names the prompt's backend, sent just before the post, may never have reached
+            # Temporal (heartbeats are throttled: a worker killed within a second of the post). The prompt's slot
+            # lease, claimed in the database before the post, names the backend.
+            leased_to = await asyncio.to_thread(self._placement.fleet.leases.backends_leased_to, progress.prompt_id)
+            elsewhere = min(leased_to - {backend}, default=None)
+        if elsewhere is not None:
             raise ApplicationError(
-                f"prompt {progress.prompt_id} may be on backend {progress.backend}; not posted on {backend}",
-                {"backend": progress.backend, ELAPSED_SECONDS_DETAIL: progress.elapsed_seconds},
+                f"prompt {progress.prompt_id} may be on backend {elsewhere}; not posted on {backend}",
+                {"backend": elsewhere, ELAPSED_SECONDS_DETAIL: progress.elapsed_seconds},
                 type=PROMPT_ON_OTHER_BACKEND, non_retryable=True,
                 category=ApplicationErrorCategory.BENIGN,
             )

@@ -173,11 +173,15 @@ async def test_a_tag_of_the_job_or_its_template_routes_it_to_the_backend_that_ha
     assert refused.json()["error"]["details"]["fields"][0]["field"] == "backendTag"
 
 
+@pytest.mark.parametrize("killed", ["once its heartbeat named the backend", "as ComfyUI queued the prompt"])
 async def test_a_retry_polled_by_another_backend_goes_back_to_the_prompts_own(
-    temporal_client: Client, task_queue: str, comfyui: ComfyUITarget, gpu2: SimulatorProcess, tmp_path: Path
+    temporal_client: Client, task_queue: str, comfyui: ComfyUITarget, gpu2: SimulatorProcess, tmp_path: Path,
+    killed: str,
 ) -> None:
     """The worker dies mid-prompt: its lease on the prompt's backend lives on until it expires, so the retry is
-    polled by the other backend's worker, which must not post the prompt there."""
+    polled by the other backend's worker, which must not post the prompt there. Killed as ComfyUI queues the
+    prompt, the worker has most likely not sent the heartbeat that names the backend (heartbeats wait up to a
+    second after the one before): the prompt's lease row names it."""
     settings = fleet_settings(temporal_client, task_queue, tmp_path, comfyui, gpu2, comfyui_prefetch=0)
     migrate_database(settings)
     crashing = WorkerProcess(settings)
@@ -191,7 +195,17 @@ async def test_a_retry_polled_by_another_backend_goes_back_to_the_prompts_own(
                 heartbeat = await prompt_heartbeat(temporal_client, job_id)
                 return heartbeat.backend if heartbeat is not None and heartbeat.submitted and heartbeat.node else None
 
-            backend = await assert_eventually(followed, timeout=30)
+            async def queued_on() -> str | None:
+                for name in ("gpu1", "gpu2"):
+                    running, pending = await comfy_queue(fleet.url(name))
+                    if job_id in running + pending:
+                        return name
+                return None
+
+            if killed == "as ComfyUI queued the prompt":
+                backend = await assert_eventually(queued_on, timeout=30, interval=0.01)
+            else:
+                backend = await assert_eventually(followed, timeout=30)
             crashing.kill()
             async with running_worker(temporal_client, settings):
                 job = await wait_for_job(api, job_id, until=DONE, timeout=60)

@@ -53,6 +53,18 @@ def test_a_lease_not_renewed_expires_and_a_renewed_one_does_not(engine: Engine) 
     assert other.claim("gpu2", 1, "p4") is None
 
 
+def test_a_prompts_slot_row_names_its_backend_until_released_or_taken_over(engine: Engine) -> None:
+    crashed, other = SlotLeases(engine, "crashed", lease_seconds=0.2), SlotLeases(engine, "other")
+    released = crashed.claim("gpu2", 2, "p2")
+    assert crashed.claim("gpu1", 1, "p1") is not None and released is not None
+    crashed.release(released)
+    time.sleep(0.3)
+    # Expired, not yet taken over: the row still says where the prompt may be.
+    assert crashed.backends_leased_to("p1") == {"gpu1"} and crashed.backends_leased_to("p2") == set()
+    assert other.claim("gpu1", 1, "p3") is not None
+    assert other.backends_leased_to("p1") == set() and other.backends_leased_to("p3") == {"gpu1"}
+
+
 def test_claims_racing_for_the_last_slot_have_one_winner(engine: Engine) -> None:
     holders = [SlotLeases(engine, f"holder-{n}") for n in range(6)]
     won: list[object] = []

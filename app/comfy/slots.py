@@ -189,6 +189,15 @@ class SlotLeases:
                                [(lease.backend, lease.slot) for lease in chunk]))
                     .values(expires_at=expires))
 
+    def backends_leased_to(self, prompt_id: str) -> set[str]:
+        """The backends with a slot row that names the prompt, live or expired. A row goes only when its prompt
+        lets the slot go, or when another prompt takes the slot over once it has expired; and it is claimed before
+        the prompt is posted. So a row that names the prompt says the prompt was posted on that backend, or was
+        about to be."""
+        with self.engine.begin() as connection:
+            return set(connection.scalars(
+                select(BackendSlotRow.backend).where(BackendSlotRow.prompt_id == prompt_id)))
+
     def held_by_others(self) -> dict[str, int]:
         """backend → live leases on it that this process's running prompts do not hold: other processes', and
         this process's left to prompts still on ComfyUI (`abandon`) or not yet released."""
