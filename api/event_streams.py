@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Header
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Message, Receive, Scope, Send
 
-from api.errors import ApiError
+from api.errors import ApiError, database_unavailable
 from api.fanout import Subscription
 from app.errors import ErrorCode
 
@@ -188,6 +190,20 @@ def held_stream(places: StreamPlaces, events: AsyncIterator[ServerSentEvent], ke
     return _HeldStream(places, events, ping=keepalive_s)
 
 
+@contextmanager
+def ended_if_the_database_cannot_answer(what: str) -> Iterator[None]:
+    """A stream that has begun ends when the database cannot answer now (its 503 can no longer be sent): the
+    client's reconnect, with its Last-Event-ID, goes on from where it was. Any other database error is the
+    gateway's own fault, and goes on to the server's log with its traceback."""
+    try:
+        yield
+    except (OperationalError, PoolTimeout) as error:
+        if not database_unavailable(error):
+            raise
+        log.warning("%s: its event stream ends early: the database cannot answer (%s)", what,
+                    type(getattr(error, "orig", None) or error).__name__)
+
+
 def stream_response(
     places: StreamPlaces, subscribe: AbstractAsyncContextManager[Subscription[V]],
     view: Callable[[V], Awaitable[dict[str, Any]]], events: StreamEvents, what: str, keepalive_s: float,
@@ -200,14 +216,16 @@ def stream_response(
 
 async def _serve(subscribe: AbstractAsyncContextManager[Subscription[V]],
                  view: Callable[[V], Awaitable[dict[str, Any]]], events: StreamEvents, what: str) -> AsyncIterator[ServerSentEvent]:
-    async with subscribe as subscription:
-        try:
-            async for value in subscription:
-                for event in events.after(await view(value)):
-                    yield ServerSentEvent(json.dumps(event.data), event=event.name, id=event.id)
-                if events.ended:
-                    return
-        except ApiError as error:
-            # Temporal cannot answer just now: the stream ends, and the client's reconnect (with its
-            # Last-Event-ID) goes on from where it was.
-            log.warning("%s: its event stream ends early: %s", what, error.message)
+    with ended_if_the_database_cannot_answer(what):
+        async with subscribe as subscription:
+            try:
+                async for value in subscription:
+                    for event in events.after(await view(value)):
+                        yield ServerSentEvent(json.dumps(event.data), event=event.name, id=event.id)
+                    if events.ended:
+                        return
+            except ApiError as error:
+                # Temporal cannot answer just now: the stream ends, and the client's reconnect (with its
+                # Last-Event-ID) goes on from where it was.
+                log.warning("%s: its event stream ends early: %s", what, error.message)
+

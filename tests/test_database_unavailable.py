@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from sqlmodel import Session
 from api.database import Database
 from api.deps import get_database, get_session
 from api.errors import database_unavailable
+from api.event_streams import ended_if_the_database_cannot_answer
 from app.db import make_engine
 from tests.harness import api_alone, api_alone_settings, asgi_client, error_of, free_port
 
@@ -58,17 +59,42 @@ def _error_of(engine_url: str, statement: str) -> OperationalError:
         engine.dispose()
 
 
-def test_a_locked_database_is_unavailable_and_a_missing_table_is_the_gateways_fault(tmp_path: Path) -> None:
-    path = tmp_path / "held.db"
+def _locked_error(path: Path) -> OperationalError:
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("CREATE TABLE jobs (id TEXT)")
     holder.execute("BEGIN EXCLUSIVE")  # every other connection is refused until it ends
     try:
-        assert database_unavailable(_error_of(f"sqlite:///{path}", "SELECT * FROM jobs"))
+        return _error_of(f"sqlite:///{path}", "SELECT * FROM jobs")
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+def test_a_locked_database_is_unavailable_and_a_missing_table_is_the_gateways_fault(tmp_path: Path) -> None:
+    path = tmp_path / "held.db"
+    assert database_unavailable(_locked_error(path))
     assert not database_unavailable(_error_of(f"sqlite:///{path}", "SELECT * FROM no_such_table"))
+
+
+async def test_a_stream_under_way_ends_when_the_database_cannot_answer_and_fails_on_the_gateways_fault(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its 503 can no longer be sent: the stream ends with a warning (the client resumes from its last id),
+    where it raised to the server, which logs a traceback and cuts the answer off."""
+    path = tmp_path / "held.db"
+    locked, missing = _locked_error(path), _error_of(f"sqlite:///{path}", "SELECT * FROM no_such_table")
+
+    async def stream(error: Exception) -> AsyncIterator[str]:
+        with ended_if_the_database_cannot_answer("job x"):
+            yield "an event"
+            raise error
+
+    with caplog.at_level(logging.WARNING, logger="api.event_streams"):
+        assert [event async for event in stream(locked)] == ["an event"]
+    assert [record.getMessage() for record in caplog.records] == [
+        "job x: its event stream ends early: the database cannot answer (OperationalError)"]
+    with pytest.raises(OperationalError):
+        [event async for event in stream(missing)]
 
 
 async def test_a_database_without_the_gateways_tables_is_a_500_not_a_retry(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse
 
 from api.auth import authenticate
 from api.errors import ApiError, validation_error
-from api.event_streams import StreamPlaces, event_schema, held_stream
+from api.event_streams import StreamPlaces, ended_if_the_database_cannot_answer, event_schema, held_stream
 from api.feed import Feed, ListenerDropped
 from api.deps import PrincipalDep, SettingsDep
 from api.http_server import step_aside
@@ -112,13 +112,14 @@ async def feed_events(
 
 
 async def _sse(feed: Feed, feed_filter: FeedFilter, since: int | None) -> AsyncIterator[bytes]:
-    async with feed.listen(feed_filter, since) as batches:
-        try:
-            async for batch in batches:
-                yield b"".join(event.sse for event in batch)
-        except ListenerDropped:
-            # It fell too far behind: its stream ends, and its EventSource reconnects with its Last-Event-ID.
-            return
+    with ended_if_the_database_cannot_answer("the feed"):
+        async with feed.listen(feed_filter, since) as batches:
+            try:
+                async for batch in batches:
+                    yield b"".join(event.sse for event in batch)
+            except ListenerDropped:
+                # It fell too far behind: its stream ends, and its EventSource reconnects with its Last-Event-ID.
+                return
 
 
 class Subscribe(BaseModel):
