@@ -27,7 +27,9 @@ the row's live columns (written about once a second, from what the heartbeat say
 in that time is what describe would catch: the workflow moving on while its record is under way (a moment, then
 the row says it), and a workflow that Temporal itself terminated or timed out, until the reconciler closes its
 row (within seconds) or the time runs out. So such a read may be a moment stale, and is never a guess: its
-status is one the workflow wrote. A read that must see the workflow as it is now (`reuse_live=False`) describes.
+status is one the workflow wrote. A read that must see the workflow as it is now (`reuse_live=False`) describes
+it with a describe begun then: not one already under way, which began before what the reader must see (its
+cancel, a workflow's end), and no describe begun before it vouches for the row afterwards.
 A read in the second half of that time has one describe made in the background, which vouches for the row anew,
 or not (then the next read describes): a job read often is described about every 15 s, never on a reader's time.
 With a thousand jobs running, 20 clients reading them made a describe each (Temporal at most of a core).
@@ -93,18 +95,21 @@ class CurrentRows:
     vouches for the row: a row that says something else (another status, backend or attempt) is described again."""
 
     vouch_seconds: float = CURRENT_ROW_SECONDS
-    _rows: dict[str, tuple[float, tuple[JobStatus, str | None, int]]] = field(default_factory=dict)
+    # job id → (vouched for until, what describe found the row saying, when that describe began). A row found not
+    # current, or forgotten, stays as (0, None, when): a describe that began before then vouches for nothing.
+    _rows: dict[str, tuple[float, tuple[JobStatus, str | None, int] | None, float]] = field(default_factory=dict)
     _renewals: dict[str, asyncio.Task[object]] = field(default_factory=dict)
 
     def vouch(self, state: JobState) -> bool:
         found = self._rows.get(state.job_id)
-        return found is not None and found[0] > time.monotonic() and found[1] == _what_describe_checks(state)
+        return found is not None and found[1] == _what_describe_checks(state) and found[0] > time.monotonic()
 
     def renew_if_due(self, job_id: str, describe: Callable[[], Awaitable[object]]) -> None:
         """Past half its time, a row read is answered as vouched for while one describe, in the background,
         vouches for it anew (or not): a job that is read often is not described on a reader's time again."""
         found = self._rows.get(job_id)
-        if found is None or found[0] - time.monotonic() > self.vouch_seconds / 2 or job_id in self._renewals:
+        if (found is None or found[1] is None or found[0] - time.monotonic() > self.vouch_seconds / 2
+                or job_id in self._renewals):
             return
         renewal = asyncio.create_task(describe())
         self._renewals[job_id] = renewal
@@ -116,14 +121,24 @@ class CurrentRows:
 
         renewal.add_done_callback(renewed)
 
-    def found_current(self, state: JobState) -> None:
-        now = time.monotonic()
-        if len(self._rows) >= _CURRENT_ROWS_CAPACITY:
-            self._rows = {job_id: found for job_id, found in self._rows.items() if found[0] > now}
-        self._rows[state.job_id] = (now + self.vouch_seconds, _what_describe_checks(state))
+    def found_current(self, state: JobState, began: float) -> None:
+        """Describe, begun at `began`, found the row current."""
+        self._said(state.job_id, (time.monotonic() + self.vouch_seconds, _what_describe_checks(state), began))
 
-    def forget(self, job_id: str) -> None:
-        self._rows.pop(job_id, None)
+    def forget(self, job_id: str, began: float | None = None) -> None:
+        """No vouching for the row from now, or from when the describe that found it not current began: not by
+        a describe that began before either, whose answer may come later."""
+        self._said(job_id, (0.0, None, time.monotonic() if began is None else began))
+
+    def _said(self, job_id: str, found: tuple[float, tuple[JobStatus, str | None, int] | None, float]) -> None:
+        """What a describe (or a forget) said, unless one that began later has said otherwise."""
+        known = self._rows.get(job_id)
+        if known is not None and known[2] > found[2]:
+            return
+        if len(self._rows) >= _CURRENT_ROWS_CAPACITY:
+            now = time.monotonic()
+            self._rows = {key: entry for key, entry in self._rows.items() if entry[0] > now}
+        self._rows[job_id] = found
 
 
 def _what_describe_checks(state: JobState) -> tuple[JobStatus, str | None, int]:
@@ -168,16 +183,17 @@ class JobReader:
                 return recorded  # the projection, while the API waits for Temporal
             raise _temporal_unavailable()
         if not reuse_live:
-            self.live_views.forget(job_id)
             self.current_rows.forget(job_id)
         elif recorded is not None and self.current_rows.vouch(recorded.state):
             self.current_rows.renew_if_due(
                 job_id, lambda: self.live_views.get(job_id, lambda: self._from_temporal(client, job_id, recorded)))
             return recorded
         async with turn_aside():  # mostly a wait for Temporal's answers
-            return await self.live_views.get(job_id, lambda: self._from_temporal(client, job_id, recorded))
+            return await self.live_views.get(job_id, lambda: self._from_temporal(client, job_id, recorded),
+                                             fresh=not reuse_live)
 
     async def _from_temporal(self, client: Client, job_id: str, recorded: JobSnapshot | None) -> JobSnapshot:
+        began = time.monotonic()
         handle = client.get_workflow_handle(job_id)
         try:
             description = await handle.describe()
@@ -190,13 +206,13 @@ class JobReader:
         if description.workflow_type != _JOB_WORKFLOW_TYPE:
             raise job_not_found(job_id)  # another kind of workflow under this id: a batch's, say
         if description.status is not WorkflowExecutionStatus.RUNNING:
-            self.current_rows.forget(job_id)
+            self.current_rows.forget(job_id, began)
             return await self._closed(client, handle, description)
         if recorded is not None and _row_is_current(recorded.state, description):
             state = recorded.state
-            self.current_rows.found_current(state)
+            self.current_rows.found_current(state, began)
         else:
-            self.current_rows.forget(job_id)
+            self.current_rows.forget(job_id, began)
             state = await self._query(client, handle, recorded)
         if state.status.is_terminal:
             return JobSnapshot(state, LiveProgress())

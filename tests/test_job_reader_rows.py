@@ -10,7 +10,7 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 
 from api.database import Database
-from api.job_reader import CurrentRows, JobReader, _row_is_current, live_views
+from api.job_reader import CurrentRows, JobReader, LiveViews, _row_is_current, live_views
 from api.temporal_connection import TemporalConnection
 from app.db import make_engine, session_scope
 from app.jobstore import get_job_snapshot
@@ -70,11 +70,11 @@ async def test_a_row_found_current_is_the_job_without_describe_until_it_says_oth
     engine = make_engine(gateway.settings.resolved_database_url)
     try:
         current_rows = CurrentRows()
-        reader = JobReader(Database(engine), TemporalConnection(asked), live_views(), current_rows)
+        # No live view reused: each read reads the row.
+        reader = JobReader(Database(engine), TemporalConnection(asked), LiveViews(reuse_seconds=0), current_rows)
         described = await reader.read(job_id)
         assert described.state.status is JobStatus.running and describes == [job_id]
-        for _ in range(3):  # no live view reused: each read reads the row
-            reader.live_views.forget(job_id)
+        for _ in range(3):
             from_row = await reader.read(job_id)
             assert from_row.state == described.state and describes == [job_id]
         with session_scope(engine) as session:
@@ -89,10 +89,9 @@ async def test_a_row_found_current_is_the_job_without_describe_until_it_says_oth
         await reader.read(job_id, reuse_live=False)
         assert describes == [job_id, job_id]
         # Once the time it vouches for runs out, describe is asked again.
-        expiring = JobReader(Database(engine), TemporalConnection(asked), live_views(),
+        expiring = JobReader(Database(engine), TemporalConnection(asked), LiveViews(reuse_seconds=0),
                              CurrentRows(vouch_seconds=0))
         await expiring.read(job_id)
-        expiring.live_views.forget(job_id)
         await expiring.read(job_id)
         assert describes == [job_id] * 4
         # Past half its time, a read is the row still, and one describe in the background vouches for it anew.

@@ -1,0 +1,78 @@
+"""Answers shared between concurrent reads (api.shared_answers) and the rows describe vouched for
+(api.job_reader.CurrentRows): a read that must see a job as it is now never gets an answer, or a vouch, that a
+call begun before it made."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+from api.job_reader import CurrentRows
+from api.shared_answers import SharedAnswers
+from app.models import JobState, JobStatus
+
+
+class _Calls:
+    """Calls that each answer their own number once let go."""
+
+    def __init__(self) -> None:
+        self.made = 0
+        self.go: list[asyncio.Event] = []
+
+    def call(self) -> asyncio.Future[int]:
+        self.made += 1
+        number, go = self.made, asyncio.Event()
+        self.go.append(go)
+
+        async def answer() -> int:
+            await go.wait()
+            return number
+
+        return asyncio.ensure_future(answer())
+
+
+async def test_callers_share_the_call_under_way_and_its_answer_for_a_while() -> None:
+    answers, calls = SharedAnswers[int](reuse_seconds=60), _Calls()
+    first = asyncio.create_task(answers.get("job", calls.call))
+    second = asyncio.create_task(answers.get("job", calls.call))
+    await asyncio.sleep(0.01)
+    calls.go[0].set()
+    assert (await first, await second, calls.made) == (1, 1, 1)
+    assert await answers.get("job", calls.call) == 1 and calls.made == 1
+
+
+async def test_a_fresh_call_joins_no_call_under_way_and_an_earlier_answer_never_replaces_it() -> None:
+    answers, calls = SharedAnswers[int](reuse_seconds=60), _Calls()
+    under_way = asyncio.create_task(answers.get("job", calls.call))
+    await asyncio.sleep(0.01)
+    fresh = asyncio.create_task(answers.get("job", calls.call, fresh=True))
+    await asyncio.sleep(0.01)
+    after = asyncio.create_task(answers.get("job", calls.call))  # shares the fresh one
+    await asyncio.sleep(0.01)
+    assert calls.made == 2
+    calls.go[1].set()
+    assert (await fresh, await after) == (2, 2)
+    calls.go[0].set()  # the call begun first ends last
+    assert await under_way == 1
+    assert await answers.get("job", calls.call) == 2 and calls.made == 2
+
+
+def _running(job_id: str = "job") -> JobState:
+    return JobState(job_id=job_id, template_id="t", status=JobStatus.running, backend="gpu1", attempts=1,
+                    created_at=datetime.now(timezone.utc))
+
+
+def test_a_describe_begun_before_a_forget_vouches_for_nothing_and_one_begun_after_does() -> None:
+    rows, state = CurrentRows(), _running()
+    begun_before = time.monotonic()
+    rows.forget(state.job_id)  # a read that must see the workflow now
+    rows.found_current(state, begun_before)
+    assert not rows.vouch(state)
+    rows.found_current(state, time.monotonic())
+    assert rows.vouch(state)
+    # A describe that found the row not current, answering after an earlier one that found it current.
+    found_otherwise = time.monotonic()
+    rows.forget(state.job_id, found_otherwise)
+    rows.found_current(state, found_otherwise - 1)
+    assert not rows.vouch(state)
