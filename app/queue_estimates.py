@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -84,12 +85,15 @@ class InLine:
 class MeanRunTimes:
     """Mean run times in seconds by template, each read from the database at most once per `reuse_seconds` and
     shared by every estimate; a template with no success yet takes any template's. Only a mean is kept: that
-    there is none yet is asked again at each estimate. Estimates run on worker threads, hence the lock."""
+    there is none yet is asked again at each estimate, but estimates that ask while a read of the same mean is
+    under way share its answer (a burst of submissions before any success asked the same two queries each, and
+    held the API's database connections). Estimates run on worker threads, hence the lock."""
 
     def __init__(self, reuse_seconds: float = MEANS_REUSE_SECONDS) -> None:
         self.reuse_seconds = reuse_seconds
         # (template, any template) → (when it expires, the mean read)
         self._means: dict[tuple[str | None, bool], tuple[float, float]] = {}
+        self._reads: dict[tuple[str | None, bool], Future[float | None]] = {}
         self._lock = threading.Lock()
 
     def known(self, template_id: str | None) -> float | None:
@@ -110,7 +114,26 @@ class MeanRunTimes:
         key = (template_id, any_template)
         if (entry := self._fresh(key)) is not None:
             return entry[1]
-        mean = _recent_mean(session, template_id, any_template=any_template)
+        # Only an estimate that holds no connection yet waits for another's read: one waiting with a connection
+        # could hold the last one the read needs.
+        may_wait = not session.in_transaction()
+        with self._lock:
+            under_way = self._reads.get(key) if may_wait else None
+            if under_way is None:
+                reading = self._reads[key] = Future()
+        if under_way is not None:
+            return under_way.result()
+        try:
+            mean = _recent_mean(session, template_id, any_template=any_template)
+        except BaseException as error:
+            reading.set_exception(error)
+            raise
+        else:
+            reading.set_result(mean)
+        finally:
+            with self._lock:
+                if self._reads.get(key) is reading:
+                    del self._reads[key]
         if mean is None:
             return None  # not kept: the first success must count at once, not a second later
         now = time.monotonic()

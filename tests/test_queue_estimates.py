@@ -3,11 +3,14 @@ Temporal hands out before it (priority, owners' turns, first come), timed by rec
 
 from __future__ import annotations
 
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from app.comfy.backends import Backend
 from app.jobstore import record_job, write_live_progress
@@ -136,3 +139,34 @@ def test_that_a_template_has_no_success_yet_is_not_kept_so_its_first_counts_at_o
         _ran(session, "t", 5000)
         assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 5.0)
         assert without_database(InLine.of(running), run_times, NOW) == QueueEstimate(0, 5.0)
+
+
+def test_estimates_asking_at_once_share_one_read_of_a_mean_and_one_holding_a_connection_reads_its_own(
+    engine: Engine,
+) -> None:
+    reads: list[str] = []
+
+    def slow_mean_reads(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if "execution_time_ms" in statement and "ORDER BY" in statement:
+            reads.append(statement)
+            time.sleep(0.3)  # long enough for the other estimates to come while it runs
+
+    run_times = MeanRunTimes(reuse_seconds=60)
+    event.listen(engine, "before_cursor_execute", slow_mean_reads)
+    try:
+        def mean(holding_a_connection: bool) -> float | None:
+            with Session(engine) as session:
+                if holding_a_connection:
+                    session.exec(select(1)).all()
+                return run_times.of(session, "t")
+
+        with ThreadPoolExecutor(8) as threads:
+            shared = list(threads.map(mean, [False] * 8))
+        # No success yet: each of the two queries (the template's, then any template's) once, shared by all.
+        assert shared == [None] * 8 and len(reads) == 2, reads
+        reads.clear()
+        with ThreadPoolExecutor(4) as threads:
+            own = list(threads.map(mean, [True] * 4))
+        assert own == [None] * 4 and len(reads) == 8  # nothing kept: it was asked again, by each
+    finally:
+        event.remove(engine, "before_cursor_execute", slow_mean_reads)
