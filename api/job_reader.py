@@ -33,6 +33,9 @@ cancel, a workflow's end), and no describe begun before it vouches for the row a
 A read in the second half of that time has one describe made in the background, which vouches for the row anew,
 or not (then the next read describes): a job read often is described about every 15 s, never on a reader's time.
 With a thousand jobs running, 20 clients reading them made a describe each (Temporal at most of a core).
+So does a job's first read, of a row never described (since the API started): it is the row, at once, and what
+it cannot show is what a vouched read cannot show either; a row that describe then finds not current is described
+on the next read's time.
 
 Queries run on the worker, beside the jobs themselves, so a live job's snapshot is shared by the reads that
 come while it is being made, and reused for a moment: however many clients poll, however often, each live job
@@ -104,12 +107,17 @@ class CurrentRows:
         found = self._rows.get(state.job_id)
         return found is not None and found[1] == _what_describe_checks(state) and found[0] > time.monotonic()
 
-    def renew_if_due(self, job_id: str, describe: Callable[[], Awaitable[object]]) -> None:
-        """Past half its time, a row read is answered as vouched for while one describe, in the background,
-        vouches for it anew (or not): a job that is read often is not described on a reader's time again."""
+    def may_answer(self, state: JobState) -> bool:
+        """Whether the row may answer a read: vouched for, or never described (its first read, while a describe
+        in the background says whether it is current)."""
+        return state.job_id not in self._rows or self.vouch(state)
+
+    def describe_if_due(self, job_id: str, describe: Callable[[], Awaitable[object]]) -> None:
+        """A row read is answered while one describe, in the background, vouches for it (or not): for a row
+        never described, and past half of a vouch's time. A job read often is not described on a reader's time."""
         found = self._rows.get(job_id)
-        if (found is None or found[1] is None or found[0] - time.monotonic() > self.vouch_seconds / 2
-                or job_id in self._renewals):
+        due = found is None or (found[1] is not None and found[0] - time.monotonic() <= self.vouch_seconds / 2)
+        if not due or job_id in self._renewals:
             return
         renewal = asyncio.create_task(describe())
         self._renewals[job_id] = renewal
@@ -184,8 +192,8 @@ class JobReader:
             raise _temporal_unavailable()
         if not reuse_live:
             self.current_rows.forget(job_id)
-        elif recorded is not None and self.current_rows.vouch(recorded.state):
-            self.current_rows.renew_if_due(
+        elif recorded is not None and self.current_rows.may_answer(recorded.state):
+            self.current_rows.describe_if_due(
                 job_id, lambda: self.live_views.get(job_id, lambda: self._from_temporal(client, job_id, recorded)))
             return recorded
         async with turn_aside():  # mostly a wait for Temporal's answers

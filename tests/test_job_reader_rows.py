@@ -73,7 +73,10 @@ async def test_a_row_found_current_is_the_job_without_describe_until_it_says_oth
         # No live view reused: each read reads the row.
         reader = JobReader(Database(engine), TemporalConnection(asked), LiveViews(reuse_seconds=0), current_rows)
         described = await reader.read(job_id)
-        assert described.state.status is JobStatus.running and describes == [job_id]
+        # Its first read is its row, at once, while a describe in the background vouches for it.
+        assert described.state.status is JobStatus.running and describes == []
+        await assert_eventually(lambda: current_rows.vouch(described.state), timeout=5, what="the describe's vouch")
+        assert describes == [job_id]
         for _ in range(3):
             from_row = await reader.read(job_id)
             assert from_row.state == described.state and describes == [job_id]
@@ -92,11 +95,14 @@ async def test_a_row_found_current_is_the_job_without_describe_until_it_says_oth
         expiring = JobReader(Database(engine), TemporalConnection(asked), LiveViews(reuse_seconds=0),
                              CurrentRows(vouch_seconds=0))
         await expiring.read(job_id)
+        await assert_eventually(lambda: not expiring.current_rows.may_answer(described.state), timeout=5,
+                                what="the first read's describe, whose vouch ran out at once")
         await expiring.read(job_id)
         assert describes == [job_id] * 4
         # Past half its time, a read is the row still, and one describe in the background vouches for it anew.
         renewing = JobReader(Database(engine), TemporalConnection(asked), live_views(), CurrentRows(vouch_seconds=2))
         await renewing.read(job_id)
+        await assert_eventually(lambda: renewing.current_rows.vouch(described.state), timeout=5)
         await asyncio.sleep(1.2)
         await renewing.read(job_id)
         assert describes == [job_id] * 5
