@@ -111,6 +111,10 @@ _POSTGRES_UNAVAILABLE_CLASSES = ("08", "53")
 _POSTGRES_UNAVAILABLE_CODES = {"55P03", "57014", "57P01", "57P02", "57P03"}
 
 
+# What a database that cannot answer raises (database_unavailable tells which of these mean "not now").
+DATABASE_ERRORS = (OperationalError, PoolTimeout)
+
+
 def database_unavailable(exc: Exception) -> bool:
     """Whether a database error means the database cannot answer now (a 503 worth retrying), not a fault of the
     gateway's own (a missing table, a bad statement: SQLite raises OperationalError for those too)."""

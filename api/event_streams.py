@@ -23,12 +23,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Header
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Message, Receive, Scope, Send
 
-from api.errors import ApiError, database_unavailable
+from api.errors import DATABASE_ERRORS, ApiError, database_unavailable
 from api.fanout import Subscription
 from app.errors import ErrorCode
 
@@ -197,7 +195,7 @@ def ended_if_the_database_cannot_answer(what: str) -> Iterator[None]:
     gateway's own fault, and goes on to the server's log with its traceback."""
     try:
         yield
-    except (OperationalError, PoolTimeout) as error:
+    except DATABASE_ERRORS as error:
         if not database_unavailable(error):
             raise
         log.warning("%s: its event stream ends early: the database cannot answer (%s)", what,

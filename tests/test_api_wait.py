@@ -4,13 +4,25 @@ from Temporal), or when the wait runs out; the requests waiting on one job share
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from temporalio.client import Client
 
-from tests.harness import DONE, Gateway, assert_eventually, error_of, recorded_workflow, wait_for_job
+from api.database import Database
+from api.deps import get_database
+from app.db import make_engine
+from app.jobstore import get_job_snapshot
+from app.queue_estimates import estimate
+from tests.harness import DONE, Gateway, api_client, assert_eventually, error_of, recorded_workflow, wait_for_job
+
+T = TypeVar("T")
 from tests.test_auth import ADMIN, ALICE_KEY, API_KEYS, BOB
 
 
@@ -169,3 +181,33 @@ async def test_only_who_may_read_a_job_may_wait_on_it(gateway: Gateway) -> None:
     answers = await asyncio.gather(api.get(f"/jobs/{job_id}", params={"wait": 30}),
                                    api.get(f"/jobs/{job_id}", params={"wait": 30}, headers=ADMIN))
     assert [(answer.status_code, answer.json()["status"]) for answer in answers] == [(200, "succeeded")] * 2
+
+
+@dataclass(frozen=True)
+class _DatabaseAwayAfterTheStart(Database):
+    """The route's database, which cannot answer the reads a submission makes once its workflow has started:
+    its ETA, and its row after a wait."""
+
+    async def run(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if work in (estimate, get_job_snapshot):
+            raise PoolTimeout("QueuePool limit of size 5 overflow 10 reached, connection timed out, timeout 30.00")
+        return await super().run(work, *args, **kwargs)
+
+
+async def test_a_database_away_once_the_workflow_started_costs_the_eta_never_the_jobs_202(
+    gateway: Gateway, temporal_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 503 there would have the client send the job again, and run it twice."""
+    away = _DatabaseAwayAfterTheStart(make_engine(gateway.settings.resolved_database_url))
+    async with api_client(gateway.settings, temporal_client, {get_database: lambda: away}) as api:
+        with caplog.at_level(logging.WARNING, logger="api.routes.jobs"):
+            plain = await api.post("/jobs", json=unique_image())
+            waited = await api.post("/jobs", params={"wait": 0.01}, json={"workflowJson": gateway.comfyui.slow_prompt(1)})
+    for answer in (plain, waited):
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["etaSeconds"] is None
+    assert sum("the job is accepted without it" in record.getMessage() for record in caplog.records) == 3
+    jobs = [await wait_for_job(gateway.api, answer.json()["jobId"], until=DONE) for answer in (plain, waited)]
+    assert [job["status"] for job in jobs] == ["succeeded", "succeeded"]
+    assert (await gateway.api.get("/jobs")).json()["count"] == 2
+    away.engine.dispose()

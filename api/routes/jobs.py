@@ -36,7 +36,7 @@ from api.deps import (
     TemporalUiDep,
     WaitDep,
 )
-from api.errors import ApiError, invalid_input, validation_error
+from api.errors import DATABASE_ERRORS, ApiError, database_unavailable, invalid_input, validation_error
 from api.http_server import step_aside
 from api.database import Database
 from api.job_reader import JobReader
@@ -301,7 +301,13 @@ async def create_job(
             ended = await _wait_for_end(request, waits, temporal.require(), job_id, wait)
         # A job that has not ended is read from its row, never by a query of its live workflow, which would
         # wait for a worker (as `_state_now`).
-        snapshot = await (reader.read(job_id, reuse_live=False) if ended else db.run(get_job_snapshot, job_id))
+        try:
+            snapshot = await (reader.read(job_id, reuse_live=False) if ended else db.run(get_job_snapshot, job_id))
+        except DATABASE_ERRORS as error:
+            if not database_unavailable(error):
+                raise
+            _database_unavailable_after_start(job_id, "its answer after the wait")
+            return accepted
         if snapshot is None:
             return accepted
         if snapshot.state.status.is_terminal:
@@ -418,7 +424,14 @@ async def _submit(
         with suppress(TimeoutError, WorkflowFailureError, RPCError):
             async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
                 await handle.result()
-    return await _accepted(db, settings, run_times, await _state_now(db, reader, job, closed))
+    try:
+        state = await _state_now(db, reader, job, closed)
+    except DATABASE_ERRORS as error:
+        if not database_unavailable(error):
+            raise
+        _database_unavailable_after_start(job.job_id, "its state now")
+        state = accepted_state(job)
+    return await _accepted(db, settings, run_times, state)
 
 
 async def find_template(db: Database, template_id: str) -> TemplateRow:
@@ -558,9 +571,21 @@ async def _accepted(db: Database, settings: Settings, run_times: MeanRunTimes, s
     job_id = state.job_id
     eta = None
     if not state.status.is_terminal:
-        eta = (await _in_line(db, settings, run_times, JobSnapshot(state, LiveProgress()))).eta_seconds
+        try:
+            eta = (await _in_line(db, settings, run_times, JobSnapshot(state, LiveProgress()))).eta_seconds
+        except DATABASE_ERRORS as error:
+            if not database_unavailable(error):
+                raise
+            _database_unavailable_after_start(job_id, "its ETA")
     return CreateJobResponse(job_id=job_id, status=state.status, eta_seconds=eta, poll_url=f"/jobs/{job_id}",
                              cache_hit=state.cache_hit, temporal_ui_url=TemporalUi.of(settings).workflow_url(job_id))
+
+
+def _database_unavailable_after_start(job_id: str, what: str) -> None:
+    """The job exists (its workflow has started): a database that cannot answer now costs the answer `what`,
+    never the job's 202, which a 503 would have the client send again as a second job."""
+    log.warning("job %s: the database did not answer for %s; the job is accepted without it", job_id, what,
+                extra={"job_id": job_id})
 
 
 def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Principal) -> None:
