@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
@@ -112,19 +113,33 @@ def farm(count: int, parallel: int, root: Path) -> tuple[subprocess.Popen[bytes]
 
 
 async def submit_all(api: httpx.AsyncClient, jobs: int, prompt: dict, clients: int = 50) -> list[str]:
+    """Each job sent with an Idempotency-Key of its own, and sent again (the same key) after a 503 or a timeout,
+    as the README says a client should: a job the API started before it failed to answer is answered, not
+    made twice."""
     ids: list[str] = []
+    run = uuid.uuid4().hex
 
-    async def client(share: int) -> None:
-        for _ in range(share):
-            while (response := await api.post("/jobs", json={"workflowJson": prompt, "timeoutSeconds": 7200})
-                   ).status_code == 503:
-                print(f"  503 {response.json()['error']['code']}; again in 1 s", flush=True)
-                await asyncio.sleep(1)  # the API not connected to Temporal yet, or overloaded
+    async def submitted(key: str) -> httpx.Response:
+        while True:
+            try:
+                response = await api.post("/jobs", json={"workflowJson": prompt, "timeoutSeconds": 7200},
+                                          headers={"Idempotency-Key": key})
+            except httpx.TimeoutException:
+                print("  no answer in time; again", flush=True)
+                continue
+            if response.status_code != 503:
+                return response
+            print(f"  503 {response.json()['error']['code']}; again in 1 s", flush=True)
+            await asyncio.sleep(1)  # the API not connected to Temporal yet, or overloaded
+
+    async def client(number: int, share: int) -> None:
+        for job in range(share):
+            response = await submitted(f"long-jobs-{run}-{number}-{job}")
             if response.status_code != 202:
                 raise SystemExit(f"POST /jobs answered {response.status_code}: {response.text}")
             ids.append(response.json()["jobId"])
 
-    await asyncio.gather(*(client(jobs // clients + (index < jobs % clients)) for index in range(clients)))
+    await asyncio.gather(*(client(index, jobs // clients + (index < jobs % clients)) for index in range(clients)))
     return ids
 
 
