@@ -76,6 +76,7 @@ from workflows_temporal.generation import GenerationWorkflow
 LIVE_VIEW_SECONDS = 0.25
 CURRENT_ROW_SECONDS = 30.0
 _CURRENT_ROWS_CAPACITY = 100_000
+_NOT_CURRENT_KEPT_SECONDS = 60.0
 _PROMPT_ACTIVITY = "run_prompt"
 # A worker answers a query in milliseconds; with no worker polling, Temporal would hold one for 30 s.
 _QUERY_TIMEOUT = timedelta(seconds=2)
@@ -144,8 +145,11 @@ class CurrentRows:
         if known is not None and known[2] > found[2]:
             return
         if len(self._rows) >= _CURRENT_ROWS_CAPACITY:
+            # Kept: vouches still running, and for a while what a describe found not current (dropped, such a
+            # row would read as never described, and be answered again).
             now = time.monotonic()
-            self._rows = {key: entry for key, entry in self._rows.items() if entry[0] > now}
+            self._rows = {key: entry for key, entry in self._rows.items()
+                          if entry[0] > now or entry[2] > now - _NOT_CURRENT_KEPT_SECONDS}
         self._rows[job_id] = found
 
 

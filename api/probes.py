@@ -1,5 +1,5 @@
-"""What `/health` and `/ready` answer, found out in the background about once a second (a fleet of more than
-four backends: four of them a second) rather than per request: no burst of requests can multiply the calls to ComfyUI and Temporal, wedge the API's connection pool,
+"""What `/health` and `/ready` answer, found out in the background about once a second rather than per
+request: no burst of requests can multiply the calls to ComfyUI and Temporal, wedge the API's connection pool,
 or make a healthy ComfyUI look down.
 
 `/health`: does each ComfyUI answer, does Temporal; for `/metrics`, how long each ComfyUI's queue is and how much
@@ -34,9 +34,6 @@ from app.comfy.system_stats import DeviceMemory, device_memory
 log = logging.getLogger(__name__)
 
 PROBE_EVERY_SECONDS = 1.0
-# A fleet's backends are probed at most this many a second (each about every n/4 s), two requests each: at 16
-# backends a probe of every one each second took a fifth of the API's event loop (bench/long_jobs.py).
-BACKENDS_PROBED_A_SECOND = 4
 _LIVE_POLLER = timedelta(seconds=90)
 _PROBE_TIMEOUT = timedelta(seconds=2)
 
@@ -119,22 +116,15 @@ class Probes:
         answers = self.latest.comfyui if self.latest is not None else {}
         return next((backend for backend in self.backends if answers.get(backend.id)), self.backends[0])
 
-    @property
-    def period_seconds(self) -> float:
-        """How often each backend is probed: every second, or, past BACKENDS_PROBED_A_SECOND backends, as often as
-        that many a second allows."""
-        return max(PROBE_EVERY_SECONDS, len(self.backends) / BACKENDS_PROBED_A_SECOND)
-
     async def run(self) -> None:
-        period = self.period_seconds
         while True:
             began = time.monotonic()
             try:
-                await self.refresh(spread_seconds=period)
+                await self.refresh(spread_seconds=PROBE_EVERY_SECONDS)
             except Exception:  # a fault of the probe's own must not leave /health frozen at its last answer
                 log.exception("health probe failed")
             # Each backend is probed about once a period, the spread included.
-            await asyncio.sleep(max(period - (time.monotonic() - began), period / 10))
+            await asyncio.sleep(max(PROBE_EVERY_SECONDS - (time.monotonic() - began), PROBE_EVERY_SECONDS / 10))
 
     async def _comfyui_answers(self, backend: Backend, after: float = 0.0) -> bool:
         if after:

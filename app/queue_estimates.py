@@ -126,22 +126,24 @@ class MeanRunTimes:
         try:
             mean = _recent_mean(session, template_id, any_template=any_template)
         except BaseException as error:
+            self._done(key, reading)
             reading.set_exception(error)
             raise
-        else:
-            reading.set_result(mean)
-        finally:
-            with self._lock:
-                if self._reads.get(key) is reading:
-                    del self._reads[key]
-        if mean is None:
-            return None  # not kept: the first success must count at once, not a second later
         now = time.monotonic()
         with self._lock:
-            if len(self._means) >= _MEANS_CAPACITY:
-                self._means = {known: entry for known, entry in self._means.items() if entry[0] > now}
-            self._means[key] = (now + self.reuse_seconds, mean)
+            # Kept before the read is let go, so an estimate that comes between finds the mean.
+            if mean is not None:  # not kept: the first success must count at once, not a second later
+                if len(self._means) >= _MEANS_CAPACITY:
+                    self._means = {known: entry for known, entry in self._means.items() if entry[0] > now}
+                self._means[key] = (now + self.reuse_seconds, mean)
+        self._done(key, reading)
+        reading.set_result(mean)
         return mean
+
+    def _done(self, key: tuple[str | None, bool], reading: Future[float | None]) -> None:
+        with self._lock:
+            if self._reads.get(key) is reading:
+                del self._reads[key]
 
 
 def _recent_mean(session: Session, template_id: str | None, *, any_template: bool) -> float | None:

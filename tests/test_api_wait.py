@@ -21,9 +21,9 @@ from app.db import make_engine
 from app.jobstore import get_job_snapshot
 from app.queue_estimates import estimate
 from tests.harness import DONE, Gateway, api_client, assert_eventually, error_of, recorded_workflow, wait_for_job
+from tests.test_auth import ADMIN, ALICE_KEY, API_KEYS, BOB
 
 T = TypeVar("T")
-from tests.test_auth import ADMIN, ALICE_KEY, API_KEYS, BOB
 
 
 def metric(name: str) -> float:

@@ -47,11 +47,3 @@ async def test_without_a_spread_every_backend_is_probed_at_once() -> None:
         began = time.monotonic()
         await probes.refresh()
     assert len(asked) == 2 * len(BACKENDS) and max(at for at, _ in asked) - began < 0.4
-
-
-def test_each_backend_is_probed_every_second_and_a_large_fleet_four_backends_a_second() -> None:
-    def period(backends: int) -> float:
-        fleet = [Backend(id=f"gpu{number}", url=f"http://gpu{number}", slots=1) for number in range(backends)]
-        return Probes(backends=fleet, queues={}, temporal=TemporalConnection(), http=httpx.AsyncClient()).period_seconds
-
-    assert [period(count) for count in (1, 4, 8, 16)] == [1.0, 1.0, 2.0, 4.0]

@@ -162,8 +162,10 @@ def test_estimates_asking_at_once_share_one_read_of_a_mean_and_one_holding_a_con
 
         with ThreadPoolExecutor(8) as threads:
             shared = list(threads.map(mean, [False] * 8))
-        # No success yet: each of the two queries (the template's, then any template's) once, shared by all.
-        assert shared == [None] * 8 and len(reads) == 2, reads
+        # No success yet: each of the two queries (the template's, then any template's) about once, shared by all
+        # (the estimate that read the first holds a connection, so it reads the second itself, and one that was
+        # waiting may lead the second too: 3 at most, against 16 without sharing).
+        assert shared == [None] * 8 and len(reads) <= 3, reads
         reads.clear()
         with ThreadPoolExecutor(4) as threads:
             own = list(threads.map(mean, [True] * 4))

@@ -8,6 +8,7 @@ import asyncio
 import time
 from datetime import datetime, timezone
 
+from api import job_reader
 from api.job_reader import CurrentRows
 from api.shared_answers import SharedAnswers
 from app.models import JobState, JobStatus
@@ -76,3 +77,14 @@ def test_a_describe_begun_before_a_forget_vouches_for_nothing_and_one_begun_afte
     rows.forget(state.job_id, found_otherwise)
     rows.found_current(state, found_otherwise - 1)
     assert not rows.vouch(state)
+
+
+def test_a_row_found_not_current_stays_so_when_the_rows_are_pruned(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(job_reader, "_CURRENT_ROWS_CAPACITY", 3)
+    rows = CurrentRows(vouch_seconds=0)  # every vouch runs out at once: all are pruned
+    not_current = _running("not current")
+    rows.forget(not_current.job_id, time.monotonic())
+    for number in range(4):
+        rows.found_current(_running(f"job {number}"), time.monotonic())
+    assert not rows.may_answer(not_current)  # not taken for a row never described
+    assert rows.may_answer(_running("never read"))

@@ -303,10 +303,15 @@ async def create_job(
         # wait for a worker (as `_state_now`).
         try:
             snapshot = await (reader.read(job_id, reuse_live=False) if ended else db.run(get_job_snapshot, job_id))
+        except ApiError as error:
+            if error.code is not ErrorCode.TEMPORAL_UNAVAILABLE:
+                raise
+            _unanswered_after_start(job_id, "Temporal", "its answer after the wait")
+            return accepted
         except DATABASE_ERRORS as error:
             if not database_unavailable(error):
                 raise
-            _database_unavailable_after_start(job_id, "its answer after the wait")
+            _unanswered_after_start(job_id, "the database", "its answer after the wait")
             return accepted
         if snapshot is None:
             return accepted
@@ -429,7 +434,7 @@ async def _submit(
     except DATABASE_ERRORS as error:
         if not database_unavailable(error):
             raise
-        _database_unavailable_after_start(job.job_id, "its state now")
+        _unanswered_after_start(job.job_id, "the database", "its state now")
         state = accepted_state(job)
     return await _accepted(db, settings, run_times, state)
 
@@ -576,15 +581,15 @@ async def _accepted(db: Database, settings: Settings, run_times: MeanRunTimes, s
         except DATABASE_ERRORS as error:
             if not database_unavailable(error):
                 raise
-            _database_unavailable_after_start(job_id, "its ETA")
+            _unanswered_after_start(job_id, "the database", "its ETA")
     return CreateJobResponse(job_id=job_id, status=state.status, eta_seconds=eta, poll_url=f"/jobs/{job_id}",
                              cache_hit=state.cache_hit, temporal_ui_url=TemporalUi.of(settings).workflow_url(job_id))
 
 
-def _database_unavailable_after_start(job_id: str, what: str) -> None:
-    """The job exists (its workflow has started): a database that cannot answer now costs the answer `what`,
-    never the job's 202, which a 503 would have the client send again as a second job."""
-    log.warning("job %s: the database did not answer for %s; the job is accepted without it", job_id, what,
+def _unanswered_after_start(job_id: str, who: str, what: str) -> None:
+    """The job exists (its workflow has started): the database or Temporal not answering now costs the answer
+    `what`, never the job's 202, which a 503 would have the client send again as a second job."""
+    log.warning("job %s: %s did not answer for %s; the job is accepted without it", job_id, who, what,
                 extra={"job_id": job_id})
 
 
