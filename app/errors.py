@@ -247,7 +247,9 @@ ERROR_CLASSES: dict[ErrorCode, ErrorClass] = {
     ErrorCode.DATABASE_UNAVAILABLE: ErrorClass(
         503, False, False, _REQUEST,
         "the database did not answer in time (unreachable, every connection in use, or a lock held past its "
-        "timeout). A `POST /jobs` may have started its job before the fault",
+        "timeout). `POST /jobs` answers it only before its job is started: once the workflow has started, a "
+        "database that cannot answer costs the answer's `etaSeconds` (`null`) or, with `wait`, the finished job "
+        "(the `202` instead), never the `202` itself",
         remedy="send again after `Retry-After` seconds, with the same `Idempotency-Key` at `POST /jobs` (a job "
         "already started is then answered, not made twice); operators: check `DATABASE_URL` and the database's "
         "load (SQLite under many writers: PostgreSQL)"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from enum import Enum
@@ -48,7 +48,10 @@ def log_fields(**fields: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        _fields.reset(token)
+        # A workflow's coroutine closed by the garbage collector (its run evicted) ends in another context, where
+        # there is nothing to restore.
+        with suppress(ValueError):
+            _fields.reset(token)
 
 
 class ContextFilter(logging.Filter):
