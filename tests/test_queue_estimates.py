@@ -172,3 +172,24 @@ def test_estimates_asking_at_once_share_one_read_of_a_mean_and_one_holding_a_con
         assert own == [None] * 4 and len(reads) == 8  # nothing kept: it was asked again, by each
     finally:
         event.remove(engine, "before_cursor_execute", slow_mean_reads)
+
+
+def test_an_estimate_asks_each_templates_mean_once_however_many_of_its_jobs_are_ahead(engine: Engine) -> None:
+    mean_reads: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if "execution_time_ms" in statement and "ORDER BY" in statement:
+            mean_reads.append(statement)
+
+    with Session(engine) as session:
+        for minute in range(5):
+            _job(session, JobStatus.running, started_at=NOW, created=_at(minute))
+            _job(session, JobStatus.queued, created=_at(minute + 5))
+        waiting = _job(session, JobStatus.queued, created=_at(20))
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            # No success yet, so no mean is kept between reads: its own template's, then any template's, once.
+            assert estimate(session, InLine.of(waiting), ONE_SLOT, NOW, MeanRunTimes()) == QueueEstimate(10, None)
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+    assert len(mean_reads) == 2, mean_reads
