@@ -213,7 +213,9 @@ async def test_a_retry_polled_by_another_backend_goes_back_to_the_prompts_own(
             runs = await fleet.runs(job_id)
             assert len(runs[backend]) == 1 and sum(map(len, runs.values())) == 1, runs
             logs = (await api.get(f"/jobs/{job_id}/logs")).json()["events"]
-            assert sum(event["kind"] == "submitted" for event in logs) == 1
+            # Killed as ComfyUI queued the prompt, the worker may not have written its `submitted` line yet.
+            submitted = sum(event["kind"] == "submitted" for event in logs)
+            assert submitted == 1 or (submitted == 0 and killed == "as ComfyUI queued the prompt"), logs
             assert any(event["kind"] == "placement" for event in logs) and any(
                 event["kind"] == "reattached" for event in logs), logs
     finally:

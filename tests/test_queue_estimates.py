@@ -145,16 +145,22 @@ def test_estimates_asking_at_once_share_one_read_of_a_mean_and_one_holding_a_con
     engine: Engine,
 ) -> None:
     reads: list[str] = []
+    asking: list[bool] = []  # the estimates that have begun
 
     def slow_mean_reads(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
         if "execution_time_ms" in statement and "ORDER BY" in statement:
             reads.append(statement)
-            time.sleep(0.3)  # long enough for the other estimates to come while it runs
+            # Not done before every estimate has begun, and a moment more for them to reach the read under way.
+            deadline = time.monotonic() + 10
+            while len(asking) < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
 
     run_times = MeanRunTimes(reuse_seconds=60)
     event.listen(engine, "before_cursor_execute", slow_mean_reads)
     try:
         def mean(holding_a_connection: bool) -> float | None:
+            asking.append(True)
             with Session(engine) as session:
                 if holding_a_connection:
                     session.exec(select(1)).all()

@@ -66,7 +66,7 @@ def _running(job_id: str = "job") -> JobState:
 
 def test_a_describe_begun_before_a_forget_vouches_for_nothing_and_one_begun_after_does() -> None:
     rows, state = CurrentRows(), _running()
-    begun_before = time.monotonic()
+    begun_before = time.monotonic() - 1
     rows.forget(state.job_id)  # a read that must see the workflow now
     rows.found_current(state, begun_before)
     assert not rows.vouch(state)
