@@ -6,11 +6,11 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import suppress
 from datetime import datetime, timedelta, timezone
 from itertools import islice
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
@@ -101,6 +101,7 @@ from app.webhooks.targets import check_callback_url
 from workflows_temporal.generation import GenerationWorkflow
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 router = APIRouter(
     prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute, dependencies=[Depends(limit_principal)])
@@ -301,18 +302,9 @@ async def create_job(
             ended = await _wait_for_end(request, waits, temporal.require(), job_id, wait)
         # A job that has not ended is read from its row, never by a query of its live workflow, which would
         # wait for a worker (as `_state_now`).
-        try:
-            snapshot = await (reader.read(job_id, reuse_live=False) if ended else db.run(get_job_snapshot, job_id))
-        except ApiError as error:
-            if error.code is not ErrorCode.TEMPORAL_UNAVAILABLE:
-                raise
-            _unanswered_after_start(job_id, "Temporal", "its answer after the wait")
-            return accepted
-        except DATABASE_ERRORS as error:
-            if not database_unavailable(error):
-                raise
-            _unanswered_after_start(job_id, "the database", "its answer after the wait")
-            return accepted
+        snapshot = await _unless_unanswered(
+            job_id, "its answer after the wait",
+            reader.read(job_id, reuse_live=False) if ended else db.run(get_job_snapshot, job_id), None)
         if snapshot is None:
             return accepted
         if snapshot.state.status.is_terminal:
@@ -429,13 +421,8 @@ async def _submit(
         with suppress(TimeoutError, WorkflowFailureError, RPCError):
             async with asyncio.timeout(_CACHE_HIT_WAIT_SECONDS):
                 await handle.result()
-    try:
-        state = await _state_now(db, reader, job, closed)
-    except DATABASE_ERRORS as error:
-        if not database_unavailable(error):
-            raise
-        _unanswered_after_start(job.job_id, "the database", "its state now")
-        state = accepted_state(job)
+    state = await _unless_unanswered(job.job_id, "its state now", _state_now(db, reader, job, closed),
+                                     accepted_state(job))
     return await _accepted(db, settings, run_times, state)
 
 
@@ -576,21 +563,30 @@ async def _accepted(db: Database, settings: Settings, run_times: MeanRunTimes, s
     job_id = state.job_id
     eta = None
     if not state.status.is_terminal:
-        try:
-            eta = (await _in_line(db, settings, run_times, JobSnapshot(state, LiveProgress()))).eta_seconds
-        except DATABASE_ERRORS as error:
-            if not database_unavailable(error):
-                raise
-            _unanswered_after_start(job_id, "the database", "its ETA")
+        in_line = await _unless_unanswered(
+            job_id, "its ETA", _in_line(db, settings, run_times, JobSnapshot(state, LiveProgress())), None)
+        eta = in_line.eta_seconds if in_line is not None else None
     return CreateJobResponse(job_id=job_id, status=state.status, eta_seconds=eta, poll_url=f"/jobs/{job_id}",
                              cache_hit=state.cache_hit, temporal_ui_url=TemporalUi.of(settings).workflow_url(job_id))
 
 
-def _unanswered_after_start(job_id: str, who: str, what: str) -> None:
-    """The job exists (its workflow has started): the database or Temporal not answering now costs the answer
-    `what`, never the job's 202, which a 503 would have the client send again as a second job."""
+async def _unless_unanswered(job_id: str, what: str, answer: Awaitable[T], otherwise: T) -> T:
+    """`answer`, or `otherwise` when the database or Temporal cannot answer now. For what a submission reads once
+    its job exists (its workflow has started): the fault costs the answer `what`, never the job's 202, which a
+    503 would have the client send again as a second job."""
+    try:
+        return await answer
+    except ApiError as error:
+        if error.code is not ErrorCode.TEMPORAL_UNAVAILABLE:
+            raise
+        who = "Temporal"
+    except DATABASE_ERRORS as error:
+        if not database_unavailable(error):
+            raise
+        who = "the database"
     log.warning("job %s: %s did not answer for %s; the job is accepted without it", job_id, who, what,
                 extra={"job_id": job_id})
+    return otherwise
 
 
 def _check_raw_graph(body: CreateJobRequest, settings: Settings, principal: Principal) -> None:
