@@ -20,7 +20,8 @@ The means are shared by every estimate and read from the database at most once a
 with a thousand jobs running, every read of one asked for the same mean. A running job's estimate needs
 nothing else, so with its template's mean known it is worked out without the database (`without_database`);
 its countdown and its place are the job's own, as read now. That a template (or the whole gateway) has no
-success yet is not kept: the first one counts at once.
+success yet is kept the same way: the first one counts within a second, as every later one does, and at once
+once the API has shown a job succeeded.
 
 The live columns of a row are written about once a second (activities.live_row), so a prompt that reached
 ComfyUI a moment ago may still count as waiting in Temporal.
@@ -84,28 +85,44 @@ class InLine:
 
 class MeanRunTimes:
     """Mean run times in seconds by template, each read from the database at most once per `reuse_seconds` and
-    shared by every estimate; a template with no success yet takes any template's. Only a mean is kept: that
-    there is none yet is asked again at each estimate, but estimates that ask while a read of the same mean is
-    under way share its answer (a burst of submissions before any success asked the same two queries each, and
-    held the API's database connections). Estimates run on worker threads, hence the lock."""
+    shared by every estimate; a template with no success yet takes any template's. That there is none yet is
+    kept as long as a mean is, or until a read sees a job succeed (`succeeded`); so a template's first success
+    counts within `reuse_seconds`, as every later one does, and at once for a client that saw it (asked again
+    at each estimate, it cost every read of a running job two queries on a worker thread, a
+    fifth of the API's CPU with a thousand jobs running and none done yet: bench/long_jobs.py). Estimates that
+    ask while a read of the same mean is under way share its answer (a burst of submissions before any success
+    asked the same two queries each, and held the API's database connections). Estimates run on worker
+    threads, hence the lock."""
 
     def __init__(self, reuse_seconds: float = MEANS_REUSE_SECONDS) -> None:
         self.reuse_seconds = reuse_seconds
-        # (template, any template) → (when it expires, the mean read)
-        self._means: dict[tuple[str | None, bool], tuple[float, float]] = {}
+        # (template, any template) → (when it expires, the mean read; None: no success yet)
+        self._means: dict[tuple[str | None, bool], tuple[float, float | None]] = {}
         self._reads: dict[tuple[str | None, bool], Future[float | None]] = {}
+        self._absences_kept = False
         self._lock = threading.Lock()
 
-    def known(self, template_id: str | None) -> float | None:
-        """The template's own mean run time, if it is known without the database."""
+    def succeeded(self) -> None:
+        """A job was seen succeeding: that there was no success yet is asked again, so that a client that saw its
+        first job done has an ETA for its next at once."""
+        if self._absences_kept:
+            with self._lock:
+                self._means = {key: entry for key, entry in self._means.items() if entry[1] is not None}
+                self._absences_kept = False
+
+    def known(self, template_id: str | None) -> tuple[bool, float | None]:
+        """Whether what `of` answers is known without the database, and that answer."""
         own = self._fresh((template_id, False))
-        return None if own is None else own[1]
+        if own is None or own[1] is not None:
+            return own is not None, None if own is None else own[1]
+        fallback = self._fresh((None, True))
+        return fallback is not None, None if fallback is None else fallback[1]
 
     def of(self, session: Session, template_id: str | None) -> float | None:
         mean = self._read(session, template_id, any_template=False)
         return mean if mean is not None else self._read(session, None, any_template=True)
 
-    def _fresh(self, key: tuple[str | None, bool]) -> tuple[float, float] | None:
+    def _fresh(self, key: tuple[str | None, bool]) -> tuple[float, float | None] | None:
         with self._lock:
             entry = self._means.get(key)
         return entry if entry is not None and entry[0] > time.monotonic() else None
@@ -132,10 +149,10 @@ class MeanRunTimes:
         now = time.monotonic()
         with self._lock:
             # Kept before the read is let go, so an estimate that comes between finds the mean.
-            if mean is not None:  # not kept: the first success must count at once, not a second later
-                if len(self._means) >= _MEANS_CAPACITY:
-                    self._means = {known: entry for known, entry in self._means.items() if entry[0] > now}
-                self._means[key] = (now + self.reuse_seconds, mean)
+            if len(self._means) >= _MEANS_CAPACITY:
+                self._means = {known: entry for known, entry in self._means.items() if entry[0] > now}
+            self._means[key] = (now + self.reuse_seconds, mean)
+            self._absences_kept = self._absences_kept or mean is None
         self._done(key, reading)
         reading.set_result(mean)
         return mean
@@ -161,8 +178,8 @@ def without_database(job: InLine, run_times: MeanRunTimes, now: datetime) -> Que
     database must be asked (`estimate`)."""
     if job.status is not JobStatus.running and job.comfy_position != 0:
         return None
-    own = run_times.known(job.template_id)
-    return None if own is None else _running(own, job, now)
+    known, own = run_times.known(job.template_id)
+    return _running(own, job, now) if known else None
 
 
 def estimate(

@@ -128,17 +128,42 @@ def test_a_mean_run_time_is_read_once_a_while_yet_each_estimate_is_the_jobs_own(
         assert without_database(InLine.of(running), fresh, NOW) is None
 
 
-def test_that_a_template_has_no_success_yet_is_not_kept_so_its_first_counts_at_once(engine: Engine) -> None:
+def test_that_a_template_has_no_success_yet_is_kept_like_a_mean_and_its_first_counts_once_read_again(
+    engine: Engine,
+) -> None:
     run_times = MeanRunTimes(reuse_seconds=60)
     with Session(engine) as session:
         running = _job(session, JobStatus.running, started_at=NOW, created=_at(0))
+        assert without_database(InLine.of(running), run_times, NOW) is None  # nothing read yet
         assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, None)
-        _ran(session, "other", 3000)  # any template's mean stands in
-        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 3.0)
-        assert without_database(InLine.of(running), run_times, NOW) is None  # its own absence is asked again
+        # No success of its own nor of any template: known without the database, until read again.
+        assert without_database(InLine.of(running), run_times, NOW) == QueueEstimate(0, None)
+        _ran(session, "other", 3000)
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, None)
+        fresh = MeanRunTimes(reuse_seconds=60)
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, fresh) == QueueEstimate(0, 3.0)
+        # Its own absence and the fallback are both known: any template's mean stands in without the database.
+        assert without_database(InLine.of(running), fresh, NOW) == QueueEstimate(0, 3.0)
         _ran(session, "t", 5000)
-        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 5.0)
-        assert without_database(InLine.of(running), run_times, NOW) == QueueEstimate(0, 5.0)
+        assert without_database(InLine.of(running), fresh, NOW) == QueueEstimate(0, 3.0)
+        again = MeanRunTimes(reuse_seconds=0)
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, again) == QueueEstimate(0, 5.0)
+
+
+def test_a_success_seen_lets_an_absence_kept_be_asked_again_and_keeps_the_means(engine: Engine) -> None:
+    run_times = MeanRunTimes(reuse_seconds=60)
+    with Session(engine) as session:
+        _ran(session, "t", 4000)
+        running = _job(session, JobStatus.running, started_at=NOW, created=_at(0))
+        other = _job(session, JobStatus.running, template="u", started_at=NOW, created=_at(1))
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 4.0)
+        assert estimate(session, InLine.of(other), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 4.0)
+        _ran(session, "u", 2000)
+        assert without_database(InLine.of(other), run_times, NOW) == QueueEstimate(0, 4.0)  # u's absence kept
+        run_times.succeeded()  # a read showed a job succeeded: u's first success may be it
+        assert without_database(InLine.of(other), run_times, NOW) is None
+        assert estimate(session, InLine.of(other), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 2.0)
+        assert without_database(InLine.of(running), run_times, NOW) == QueueEstimate(0, 4.0)  # means stay
 
 
 def test_estimates_asking_at_once_share_one_read_of_a_mean_and_one_holding_a_connection_reads_its_own(
@@ -173,9 +198,11 @@ def test_estimates_asking_at_once_share_one_read_of_a_mean_and_one_holding_a_con
         # waiting may lead the second too: 3 at most, against 16 without sharing).
         assert shared == [None] * 8 and len(reads) <= 3, reads
         reads.clear()
+        assert [mean(False) for _ in range(3)] == [None] * 3 and not reads  # that there is none is kept
+        run_times = MeanRunTimes(reuse_seconds=60)  # nothing known: each asks for itself
         with ThreadPoolExecutor(4) as threads:
             own = list(threads.map(mean, [True] * 4))
-        assert own == [None] * 4 and len(reads) == 8  # nothing kept: it was asked again, by each
+        assert own == [None] * 4 and len(reads) == 8
     finally:
         event.remove(engine, "before_cursor_execute", slow_mean_reads)
 

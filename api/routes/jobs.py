@@ -308,6 +308,8 @@ async def create_job(
         if snapshot is None:
             return accepted
         if snapshot.state.status.is_terminal:
+            if snapshot.state.status is JobStatus.succeeded:
+                run_times.succeeded()
             job = await public_job_off_loop(snapshot, storage, TemporalUi.of(settings))
             return JSONResponse(job.model_dump(mode="json", by_alias=True))
         return await _accepted(db, settings, run_times, snapshot.state)
@@ -703,6 +705,8 @@ async def get_job(
         with waits.place():
             ended = await _wait_for_end(request, waits, client, job.state.job_id, wait)
             job = await reader.read(job.state.job_id, reuse_live=not ended)
+    if job.state.status is JobStatus.succeeded:
+        run_times.succeeded()
     in_line = None if job.state.status.is_terminal else await _in_line(db, settings, run_times, job)
     return await public_job_off_loop(job, storage, ui, in_line)
 
