@@ -34,6 +34,12 @@ from app.comfy.system_stats import DeviceMemory, device_memory
 log = logging.getLogger(__name__)
 
 PROBE_EVERY_SECONDS = 1.0
+# A round (one a second) probes at most this many backends, the next ones in turn: a backend's probe is two
+# requests and their answers' parse, and a fleet of 16 probed every second took a fifth of the API's event loop
+# while a thousand jobs ran (bench/long_jobs.py). So a larger fleet's backend is probed every
+# len(backends) / BACKENDS_PER_ROUND seconds (16: every 4 s). Placement does not wait on these: each backend's
+# worker probes it every second (app.comfy.prober).
+BACKENDS_PER_ROUND = 4
 _LIVE_POLLER = timedelta(seconds=90)
 _PROBE_TIMEOUT = timedelta(seconds=2)
 
@@ -93,22 +99,37 @@ class Probes:
     last_errors: dict[str, str] = field(default_factory=dict)
     # backend id → what its last probe read of it (for GET /metrics); none for a backend that did not answer.
     readings: dict[str, BackendReading] = field(default_factory=dict)
+    # Where the next round's turn of backends begins.
+    _next_backend: int = field(default=0, init=False)
 
-    async def refresh(self, spread_seconds: float = 0.0) -> ProbeResult:
-        """Probe everything once; with `spread_seconds`, the backends' probes start one after another over that
-        time rather than all at once: 16 backends' probes at once, two requests each, held the API's event loop
-        for tens of milliseconds each second, and every read that came meanwhile waited (bench/long_jobs.py)."""
-        step = spread_seconds / len(self.backends) if self.backends else 0.0
+    async def refresh(self, spread_seconds: float = 0.0, backends: list[Backend] | None = None) -> ProbeResult:
+        """Probe Temporal, its workers and BACKENDS (by default all) once; the others' answers are their last.
+        With `spread_seconds`, the backends' probes start one after another over that time rather than all at
+        once: 16 backends' probes at once, two requests each, held the API's event loop for tens of milliseconds
+        each second, and every read that came meanwhile waited (bench/long_jobs.py)."""
+        probed = self.backends if backends is None else backends
+        step = spread_seconds / len(probed) if probed else 0.0
         comfyui, temporal, workers = await asyncio.gather(
             asyncio.gather(*(self._comfyui_answers(backend, after=index * step)
-                             for index, backend in enumerate(self.backends))),
+                             for index, backend in enumerate(probed))),
             self._temporal_answers(), self._workers_poll(),
         )
+        answers = {backend.id: answered for backend, answered in zip(probed, comfyui)}
+        before = self.latest.comfyui if self.latest is not None else {}
         self.latest = ProbeResult(
-            comfyui={backend.id: answers for backend, answers in zip(self.backends, comfyui)},
+            comfyui={backend.id: answers.get(backend.id, before.get(backend.id, False)) for backend in self.backends},
             temporal=temporal, workers=workers, checked_at=datetime.now(timezone.utc),
         )
         return self.latest
+
+    def _turn(self) -> list[Backend]:
+        """The next BACKENDS_PER_ROUND backends, in turn (all of them, for a fleet no larger)."""
+        if len(self.backends) <= BACKENDS_PER_ROUND:
+            return self.backends
+        turn = [self.backends[(self._next_backend + index) % len(self.backends)]
+                for index in range(BACKENDS_PER_ROUND)]
+        self._next_backend = (self._next_backend + BACKENDS_PER_ROUND) % len(self.backends)
+        return turn
 
     def answering_backend(self) -> Backend:
         """A backend that answered the last probe (the first listed, when none did): for what any ComfyUI of the
@@ -120,10 +141,10 @@ class Probes:
         while True:
             began = time.monotonic()
             try:
-                await self.refresh(spread_seconds=PROBE_EVERY_SECONDS)
+                await self.refresh(spread_seconds=PROBE_EVERY_SECONDS, backends=self._turn())
             except Exception:  # a fault of the probe's own must not leave /health frozen at its last answer
                 log.exception("health probe failed")
-            # Each backend is probed about once a period, the spread included.
+            # A round takes about a period, the spread included.
             await asyncio.sleep(max(PROBE_EVERY_SECONDS - (time.monotonic() - began), PROBE_EVERY_SECONDS / 10))
 
     async def _comfyui_answers(self, backend: Backend, after: float = 0.0) -> bool:
