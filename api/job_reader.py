@@ -75,6 +75,10 @@ from workflows_temporal.generation import GenerationWorkflow
 
 LIVE_VIEW_SECONDS = 0.25
 CURRENT_ROW_SECONDS = 30.0
+# Background describes at once (`CurrentRows.describe_if_due`): a thousand jobs first read within seconds are all
+# due again together; unbounded, their describes flooded Temporal, and were still under way when the rows'
+# vouches ran out, so reads then waited seconds on them (bench/long_jobs.py: p99 2.6 s, 30 s into its window).
+BACKGROUND_DESCRIBES = 8
 _CURRENT_ROWS_CAPACITY = 100_000
 _NOT_CURRENT_KEPT_SECONDS = 60.0
 _PROMPT_ACTIVITY = "run_prompt"
@@ -103,6 +107,7 @@ class CurrentRows:
     # current, or forgotten, stays as (0, None, when): a describe that began before then vouches for nothing.
     _rows: dict[str, tuple[float, tuple[JobStatus, str | None, int] | None, float]] = field(default_factory=dict)
     _renewals: dict[str, asyncio.Task[object]] = field(default_factory=dict)
+    _describing: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(BACKGROUND_DESCRIBES))
 
     def vouch(self, state: JobState) -> bool:
         found = self._rows.get(state.job_id)
@@ -110,8 +115,14 @@ class CurrentRows:
 
     def may_answer(self, state: JobState) -> bool:
         """Whether the row may answer a read: vouched for, or never described (its first read, while a describe
-        in the background says whether it is current)."""
-        return state.job_id not in self._rows or self.vouch(state)
+        in the background says whether it is current), or its vouch ran out less than a vouch's time ago with the
+        describe that renews it under way (waiting its turn, or for Temporal): the read is what that describe is
+        about to vouch for, or not, and the row says what the workflow last recorded, as before."""
+        found = self._rows.get(state.job_id)
+        if found is None or self.vouch(state):
+            return True
+        return (state.job_id in self._renewals and found[1] == _what_describe_checks(state)
+                and found[0] + self.vouch_seconds > time.monotonic())
 
     def describe_if_due(self, job_id: str, describe: Callable[[], Awaitable[object]]) -> None:
         """A row read is answered while one describe, in the background, vouches for it (or not): for a row
@@ -120,7 +131,13 @@ class CurrentRows:
         due = found is None or (found[1] is not None and found[0] - time.monotonic() <= self.vouch_seconds / 2)
         if not due or job_id in self._renewals:
             return
-        renewal = asyncio.create_task(describe())
+
+        async def in_turn() -> object:
+            # A read that cannot wait for its turn (its row's vouch ran out) describes by itself meanwhile.
+            async with self._describing:
+                return await describe()
+
+        renewal = asyncio.create_task(in_turn())
         self._renewals[job_id] = renewal
 
         def renewed(done: asyncio.Task[object]) -> None:

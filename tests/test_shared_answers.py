@@ -12,6 +12,7 @@ from api import job_reader
 from api.job_reader import CurrentRows
 from api.shared_answers import SharedAnswers
 from app.models import JobState, JobStatus
+from tests.harness import assert_eventually
 
 
 class _Calls:
@@ -88,3 +89,41 @@ def test_a_row_found_not_current_stays_so_when_the_rows_are_pruned(monkeypatch) 
         rows.found_current(_running(f"job {number}"), time.monotonic())
     assert not rows.may_answer(not_current)  # not taken for a row never described
     assert rows.may_answer(_running("never read"))
+
+
+async def test_background_describes_take_turns_so_that_a_thousand_rows_due_together_do_not_flood_temporal() -> None:
+    rows = CurrentRows()
+    at_once, most = 0, 0
+    done: list[str] = []
+
+    async def describe(job_id: str) -> None:
+        nonlocal at_once, most
+        at_once += 1
+        most = max(most, at_once)
+        await asyncio.sleep(0.01)
+        at_once -= 1
+        done.append(job_id)
+
+    for number in range(40):  # each one's first read: due at once
+        rows.describe_if_due(f"job {number}", lambda job_id=f"job {number}": describe(job_id))
+    rows.describe_if_due("job 0", lambda: describe("again"))  # one already under way for it: not another
+    await assert_eventually(lambda: len(done) == 40, timeout=10, what="every describe")
+    assert most == job_reader.BACKGROUND_DESCRIBES and sorted(done) == sorted(f"job {n}" for n in range(40))
+
+
+async def test_a_row_whose_vouch_ran_out_answers_while_its_renewal_is_under_way_for_one_vouchs_time_more() -> None:
+    rows, state = CurrentRows(vouch_seconds=0.3), _running()
+    rows.found_current(state, time.monotonic())
+    await asyncio.sleep(0.35)
+    assert not rows.may_answer(state)  # ran out, nothing renewing it: the read describes
+    answer = asyncio.Event()
+
+    async def renewal() -> None:
+        await answer.wait()
+
+    rows.describe_if_due(state.job_id, renewal)
+    assert rows.may_answer(state)
+    assert not rows.may_answer(state.model_copy(update={"status": JobStatus.queued}))  # not what was vouched for
+    await asyncio.sleep(0.3)
+    assert not rows.may_answer(state)  # renewing for longer than a vouch's time: the read describes
+    answer.set()
