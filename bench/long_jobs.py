@@ -4,8 +4,9 @@ each run S = JOBS/B prompts at once (a real ComfyUI runs one: the simulator's pa
 fleet's GPUs without a Temporal worker and connection per GPU), behind `comfyui-gateway dev` with one backend
 per server of S slots (COMFYUI_URLS `;slots=S`, no prefetch).
 
-Once every job reads `running`, for --window seconds: the worker's RSS (its largest) and CPU, `GET /jobs/{id}`
-of jobs picked at random by 20 clients (p50/p95/p99), and every job's prompt activity's last heartbeat, whose
+Once every job reads `running`, for --window seconds: the worker's RSS (its largest), each part's CPU, `GET
+/jobs/{id}` of jobs picked at random by 20 clients in a process of their own (p50/p95/p99, and the API's own
+time for them from its request-duration histogram), and every job's prompt activity's last heartbeat, whose
 age must stay under COMFYUI_HEARTBEAT_TIMEOUT_S (a late one is a job Temporal would hand to another worker); a
 prompt activity on its second try is counted too. Then every job is cancelled (for 30 s at most), and the
 gateway's log is kept (long_jobs-gateway.log in the temporary directory). Targets: 1,000 jobs, worker RSS
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import random
 import shutil
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +40,7 @@ from temporalio.client import Client
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.drain import connection_limits  # noqa: E402
-from bench.embedded import _start_gateway, percentile  # noqa: E402
+from bench.embedded import _start_gateway, cpu_seconds, percentile  # noqa: E402
 from tests.harness import REPO_ROOT, free_port  # noqa: E402
 
 HEARTBEAT_TIMEOUT_S = 20.0
@@ -74,16 +77,6 @@ def rss_bytes(part: str, root_pid: int) -> int:
         with suppress(OSError):
             fields = dict(line.split(":", 1) for line in (process / "status").read_text().splitlines() if ":" in line)
             total += int(fields["VmRSS"].split()[0]) * 1024
-    return total
-
-
-def cpu_seconds(part: str, root_pid: int) -> float:
-    """The CPU time (user and system) the `comfyui-gateway PART` processes under ROOT_PID have used."""
-    total = 0.0
-    for process in parts(part, root_pid):
-        with suppress(OSError):
-            fields = (process / "stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
@@ -175,8 +168,48 @@ async def heartbeats(temporal: Client, job_ids: list[str], causes: set[str]) -> 
     return oldest, retried, missing
 
 
-async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: int, prompt: dict,
-                  window: float) -> None:
+def read_at_random(api_url: str, job_ids: list[str], window: float, clients: int = 20
+                   ) -> tuple[list[float], dict[str, int]]:
+    """`GET /jobs/{id}` of random jobs from CLIENTS clients, each reading again 50 ms after its answer, for WINDOW
+    seconds: the milliseconds each read took, and how many answers were not a running job (by status code, or
+    the status read). Run in a process of its own: in the bench's, its heartbeat sweeps (a thousand describes
+    decoded) held the readers' event loop, and their times with it."""
+
+    async def read() -> tuple[list[float], dict[str, int]]:
+        reads: list[float] = []
+        unexpected: dict[str, int] = {}
+        deadline = time.monotonic() + window
+        async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=connection_limits(clients)) as api:
+            async def client() -> None:
+                while time.monotonic() < deadline:
+                    job_id = random.choice(job_ids)
+                    begun = time.perf_counter()
+                    response = await api.get(f"/jobs/{job_id}")
+                    reads.append((time.perf_counter() - begun) * 1000)
+                    seen = response.json()["status"] if response.status_code == 200 else str(response.status_code)
+                    if seen != "running":
+                        unexpected[seen] = unexpected.get(seen, 0) + 1
+                    await asyncio.sleep(0.05)
+
+            await asyncio.gather(*(client() for _ in range(clients)))
+        return reads, unexpected
+
+    return asyncio.run(read())
+
+
+async def served_in(api: httpx.AsyncClient) -> dict[str, float]:
+    """The API's count of `GET /jobs/{id}` answered so far within each bound (`le`) of its request-duration
+    histogram."""
+    counts = {}
+    for line in (await api.get("/metrics")).text.splitlines():
+        if (line.startswith("gateway_http_request_duration_seconds_bucket{") and 'method="GET"' in line
+                and 'route="/jobs/{job_id}"' in line):
+            counts[line.split('le="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+async def measure(api_url: str, temporal_address: str, gateway_pid: int, simulators_pid: int, jobs: int,
+                  prompt: dict, window: float) -> None:
     temporal = await Client.connect(temporal_address)
     async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=connection_limits(60)) as api:
         started = time.monotonic()
@@ -189,19 +222,9 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: i
             await asyncio.sleep(5)
         print(f"all {jobs} running after {time.monotonic() - started:.1f} s")
 
-        reads: list[float] = []
         causes: set[str] = set()
         rss, oldest_beat, retried, missing = 0, 0.0, 0, 0
         deadline = time.monotonic() + window
-
-        async def reader() -> None:
-            while time.monotonic() < deadline:
-                job_id = random.choice(job_ids)
-                begun = time.perf_counter()
-                response = await api.get(f"/jobs/{job_id}")
-                reads.append((time.perf_counter() - begun) * 1000)
-                assert response.status_code == 200 and response.json()["status"] == "running", response.text
-                await asyncio.sleep(0.05)
 
         async def watcher() -> None:
             nonlocal rss, oldest_beat, retried, missing
@@ -214,11 +237,19 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: i
                 # activity out, and its second try is counted.
                 await asyncio.sleep(SWEEP_EVERY_SECONDS)
 
-        cpu_before, load_before, window_began = cpu_seconds("worker", gateway_pid), os.getloadavg()[0], time.monotonic()
-        await asyncio.gather(watcher(), *(reader() for _ in range(20)))
-        cores = (cpu_seconds("worker", gateway_pid) - cpu_before) / (time.monotonic() - window_began)
-        print(f"worker CPU over the window: {cores:.2f} of a core; load average {load_before:.1f} at its start, "
-              f"{os.getloadavg()[0]:.1f} at its end")
+        stack = [gateway_pid, simulators_pid, os.getpid()]
+        cpu_before, load_before, window_began = cpu_seconds(stack), os.getloadavg()[0], time.monotonic()
+        served_before = await served_in(api)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as readers:
+            reading = asyncio.get_running_loop().run_in_executor(readers, read_at_random, api_url, job_ids, window)
+            _, (reads, unexpected) = await asyncio.gather(watcher(), reading)
+            spent, lasted = cpu_seconds(stack), time.monotonic() - window_began  # the readers' process included
+        served = {bound: count - served_before.get(bound, 0.0) for bound, count in (await served_in(api)).items()}
+        cores = {part: (seconds - cpu_before.get(part, 0.0)) / lasted for part, seconds in spent.items()}
+        shown = ", ".join(f"{part} {share:.2f}" for part, share in sorted(cores.items(), key=lambda item: -item[1])
+                          if share >= 0.005)
+        print(f"CPU over the window, in cores: {shown} (the bench's own readers and sweeps are `python3`); load "
+              f"average {load_before:.1f} at its start, {os.getloadavg()[0]:.1f} at its end")
         print(f"worker RSS (largest): {rss / 2**20:.0f} MiB (target <= 1024)")
         print(f"oldest last heartbeat seen: {oldest_beat:.1f} s (late past {HEARTBEAT_TIMEOUT_S:g} s); "
               f"prompt activities on a second try: {retried}; jobs with no prompt activity: {missing}")
@@ -226,6 +257,11 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, jobs: i
             print(f"  a first try ended: {cause}")
         print(f"GET /jobs/{{id}} while they run: {len(reads)} reads, p50 {percentile(reads, 0.5):.1f} ms, "
               f"p95 {percentile(reads, 0.95):.1f} ms, p99 {percentile(reads, 0.99):.1f} ms (target p99 <= 50)")
+        if unexpected:
+            print(f"  answers that were not a running job: {unexpected}")
+        print("  the API's own time for them (its request-duration histogram, arrival to first byte): "
+              + ", ".join(f"{served[bound] / served['+Inf']:.1%} within {float(bound) * 1000:g} ms"
+                          for bound in ("0.005", "0.01", "0.025", "0.05", "0.1") if served.get("+Inf")))
         # The gateway and the simulators are stopped next: the cancels stop the prompts sooner, if they can.
         with suppress(TimeoutError):
             async with asyncio.timeout(30):
@@ -258,7 +294,7 @@ def main() -> None:
                 "COMFYUI_PREFETCH": "0", "COMFYUI_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
                 "API_MAX_CONCURRENT_REQUESTS": "2000",
             }, temporal_address, REPO_ROOT)
-            asyncio.run(measure(api_url, temporal_address, gateway.pid, arguments.jobs,
+            asyncio.run(measure(api_url, temporal_address, gateway.pid, simulators.pid, arguments.jobs,
                                 ticking_prompt(arguments.seconds, arguments.ticks), arguments.window))
         finally:
             try:
@@ -267,7 +303,9 @@ def main() -> None:
                     gateway.wait(timeout=120)
                     kept = Path(tempfile.gettempdir()) / "long_jobs-gateway.log"
                     shutil.copyfile(root / "gateway.log", kept)
-                    print(f"the gateway's log: {kept}")
+                    with open(kept, errors="replace") as lines:
+                        outages = sum("is unreachable" in line for line in lines)
+                    print(f"the gateway's log: {kept} ({outages} backends seen as unreachable)")
             finally:
                 simulators.kill()
                 simulators.wait()
