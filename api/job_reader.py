@@ -20,8 +20,9 @@ not, is only ever one the workflow wrote; and a workflow describe shows closed i
 So a running job's read costs Temporal one describe and the worker nothing: with a thousand jobs running,
 reads no longer queue behind the worker's event loop, which is busy following their prompts.
 
-Once describe has found a live job's row current, the row alone is the job for CURRENT_ROW_SECONDS after, as long
-as it still says the same status, backend and attempt (`CurrentRows`): each read reads the row anew, so every
+Once describe has found a live job's row current, the row alone is the job for CURRENT_ROW_SECONDS after (for up to
+as long again while the describe that renews it is under way, late), as long as it still says the same status,
+backend and attempt (`CurrentRows`): each read reads the row anew, so every
 status the workflow records since shows at once, and a final one is the row's, as always; the live progress is
 the row's live columns (written about once a second, from what the heartbeat says). What the row cannot show
 in that time is what describe would catch: the workflow moving on while its record is under way (a moment, then
@@ -132,9 +133,14 @@ class CurrentRows:
         if not due or job_id in self._renewals:
             return
 
+        scheduled = time.monotonic()
+
         async def in_turn() -> object:
             # A read that cannot wait for its turn (its row's vouch ran out) describes by itself meanwhile.
             async with self._describing:
+                said = self._rows.get(job_id)
+                if said is not None and said[2] > scheduled:
+                    return None  # a describe begun since has said what this one would, of a row as read later
                 return await describe()
 
         renewal = asyncio.create_task(in_turn())

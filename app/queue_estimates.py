@@ -86,7 +86,7 @@ class InLine:
 class MeanRunTimes:
     """Mean run times in seconds by template, each read from the database at most once per `reuse_seconds` and
     shared by every estimate; a template with no success yet takes any template's. That there is none yet is
-    kept as long as a mean is, or until a read sees a job succeed (`succeeded`); so a template's first success
+    kept as long as a mean is, or until a read shows a job of the template succeeded (`succeeded`); so a template's first success
     counts within `reuse_seconds`, as every later one does, and at once for a client that saw it (asked again
     at each estimate, it cost every read of a running job two queries on a worker thread, a
     fifth of the API's CPU with a thousand jobs running and none done yet: bench/long_jobs.py). Estimates that
@@ -99,16 +99,26 @@ class MeanRunTimes:
         # (template, any template) → (when it expires, the mean read; None: no success yet)
         self._means: dict[tuple[str | None, bool], tuple[float, float | None]] = {}
         self._reads: dict[tuple[str | None, bool], Future[float | None]] = {}
-        self._absences_kept = False
+        # The keys kept as "no success yet"; and the successes seen (`succeeded`), by template and of any
+        # (None): a read that began before one must not keep an absence it may have read before that success.
+        self._absent: set[tuple[str | None, bool]] = set()
+        self._seen: dict[tuple[str | None, bool], int] = {}
         self._lock = threading.Lock()
 
-    def succeeded(self) -> None:
-        """A job was seen succeeding: that there was no success yet is asked again, so that a client that saw its
-        first job done has an ETA for its next at once."""
-        if self._absences_kept:
-            with self._lock:
-                self._means = {key: entry for key, entry in self._means.items() if entry[1] is not None}
-                self._absences_kept = False
+    def succeeded(self, template_id: str | None) -> None:
+        """A job of the template was seen succeeding: that the template, or any, had no success yet is asked
+        again, so that a client that saw its first job done has an ETA for its next at once. Reads of jobs that
+        ended long ago drop nothing: their template's mean is known. Called on the event loop only."""
+        seen = ((template_id, False), (None, True))
+        for key in seen:
+            self._seen[key] = self._seen.get(key, 0) + 1
+        if self._absent.isdisjoint(seen):
+            return
+        with self._lock:
+            for key in seen:
+                if key in self._absent:
+                    self._means.pop(key, None)
+                    self._absent.discard(key)
 
     def known(self, template_id: str | None) -> tuple[bool, float | None]:
         """Whether what `of` answers is known without the database, and that answer."""
@@ -140,6 +150,7 @@ class MeanRunTimes:
                 reading = self._reads[key] = Future()
         if under_way is not None:
             return under_way.result()
+        seen = self._seen.get(key, 0)
         try:
             mean = _recent_mean(session, template_id, any_template=any_template)
         except BaseException as error:
@@ -151,8 +162,13 @@ class MeanRunTimes:
             # Kept before the read is let go, so an estimate that comes between finds the mean.
             if len(self._means) >= _MEANS_CAPACITY:
                 self._means = {known: entry for known, entry in self._means.items() if entry[0] > now}
-            self._means[key] = (now + self.reuse_seconds, mean)
-            self._absences_kept = self._absences_kept or mean is None
+                self._absent &= self._means.keys()
+            if mean is not None:
+                self._means[key] = (now + self.reuse_seconds, mean)
+                self._absent.discard(key)
+            elif seen == self._seen.get(key, 0):  # else a success seen since the read began may not be in it
+                self._means[key] = (now + self.reuse_seconds, mean)
+                self._absent.add(key)
         self._done(key, reading)
         reading.set_result(mean)
         return mean

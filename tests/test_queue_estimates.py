@@ -160,10 +160,31 @@ def test_a_success_seen_lets_an_absence_kept_be_asked_again_and_keeps_the_means(
         assert estimate(session, InLine.of(other), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 4.0)
         _ran(session, "u", 2000)
         assert without_database(InLine.of(other), run_times, NOW) == QueueEstimate(0, 4.0)  # u's absence kept
-        run_times.succeeded()  # a read showed a job succeeded: u's first success may be it
+        run_times.succeeded("t")  # a read showed one of t's jobs succeeded: t's mean is known, nothing to drop
+        assert without_database(InLine.of(other), run_times, NOW) == QueueEstimate(0, 4.0)
+        run_times.succeeded("u")  # one of u's: its first success may be it
         assert without_database(InLine.of(other), run_times, NOW) is None
         assert estimate(session, InLine.of(other), ONE_SLOT, NOW, run_times) == QueueEstimate(0, 2.0)
         assert without_database(InLine.of(running), run_times, NOW) == QueueEstimate(0, 4.0)  # means stay
+
+
+def test_an_absence_read_before_a_success_was_seen_is_not_kept(engine: Engine) -> None:
+    run_times = MeanRunTimes(reuse_seconds=60)
+
+    def success_seen_during_the_read(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if "execution_time_ms" in statement and "ORDER BY" in statement:
+            run_times.succeeded("t")  # as the API shows t's first success while the read is under way
+
+    with Session(engine) as session:
+        running = _job(session, JobStatus.running, started_at=NOW, created=_at(0))
+        event.listen(engine, "before_cursor_execute", success_seen_during_the_read)
+        try:
+            assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, None)
+        finally:
+            event.remove(engine, "before_cursor_execute", success_seen_during_the_read)
+        assert without_database(InLine.of(running), run_times, NOW) is None  # asked again, not kept
+        assert estimate(session, InLine.of(running), ONE_SLOT, NOW, run_times) == QueueEstimate(0, None)
+        assert without_database(InLine.of(running), run_times, NOW) == QueueEstimate(0, None)  # now kept
 
 
 def test_estimates_asking_at_once_share_one_read_of_a_mean_and_one_holding_a_connection_reads_its_own(

@@ -127,3 +127,23 @@ async def test_a_row_whose_vouch_ran_out_answers_while_its_renewal_is_under_way_
     await asyncio.sleep(0.3)
     assert not rows.may_answer(state)  # renewing for longer than a vouch's time: the read describes
     answer.set()
+
+
+async def test_a_background_describe_waiting_its_turn_is_dropped_once_a_later_one_has_vouched() -> None:
+    rows, state = CurrentRows(), _running()
+    release, described = asyncio.Event(), []
+
+    async def held() -> None:
+        await release.wait()
+
+    async def describe() -> None:
+        described.append(state.job_id)
+
+    for number in range(job_reader.BACKGROUND_DESCRIBES):  # every turn taken
+        rows.describe_if_due(f"busy {number}", held)
+    rows.describe_if_due(state.job_id, describe)  # waits for a turn
+    await asyncio.sleep(0.05)
+    rows.found_current(state, time.monotonic())  # a reader's own describe, begun since, vouched for the row
+    release.set()
+    await assert_eventually(lambda: not rows._renewals, timeout=5, what="every background describe done")
+    assert described == [] and rows.vouch(state)

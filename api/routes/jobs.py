@@ -309,7 +309,7 @@ async def create_job(
             return accepted
         if snapshot.state.status.is_terminal:
             if snapshot.state.status is JobStatus.succeeded:
-                run_times.succeeded()
+                run_times.succeeded(snapshot.state.template_id)
             job = await public_job_off_loop(snapshot, storage, TemporalUi.of(settings))
             return JSONResponse(job.model_dump(mode="json", by_alias=True))
         return await _accepted(db, settings, run_times, snapshot.state)
@@ -706,7 +706,7 @@ async def get_job(
             ended = await _wait_for_end(request, waits, client, job.state.job_id, wait)
             job = await reader.read(job.state.job_id, reuse_live=not ended)
     if job.state.status is JobStatus.succeeded:
-        run_times.succeeded()
+        run_times.succeeded(job.state.template_id)
     in_line = None if job.state.status.is_terminal else await _in_line(db, settings, run_times, job)
     return await public_job_off_loop(job, storage, ui, in_line)
 
