@@ -224,7 +224,6 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, simulat
 
         causes: set[str] = set()
         rss, oldest_beat, retried, missing = 0, 0.0, 0, 0
-        deadline = time.monotonic() + window
 
         async def watcher() -> None:
             nonlocal rss, oldest_beat, retried, missing
@@ -238,10 +237,13 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, simulat
                 await asyncio.sleep(SWEEP_EVERY_SECONDS)
 
         stack = [gateway_pid, simulators_pid, os.getpid()]
-        cpu_before, load_before, window_began = cpu_seconds(stack), os.getloadavg()[0], time.monotonic()
-        served_before = await served_in(api)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as readers:
-            reading = asyncio.get_running_loop().run_in_executor(readers, read_at_random, api_url, job_ids, window)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(readers, int)  # the readers' process started (and its imports done) first
+            cpu_before, load_before, window_began = cpu_seconds(stack), os.getloadavg()[0], time.monotonic()
+            served_before = await served_in(api)
+            deadline = time.monotonic() + window  # the watcher's, from when the readers' begins
+            reading = loop.run_in_executor(readers, read_at_random, api_url, job_ids, window)
             _, (reads, unexpected) = await asyncio.gather(watcher(), reading)
             spent, lasted = cpu_seconds(stack), time.monotonic() - window_began  # the readers' process included
         served = {bound: count - served_before.get(bound, 0.0) for bound, count in (await served_in(api)).items()}
