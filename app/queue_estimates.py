@@ -86,13 +86,13 @@ class InLine:
 class MeanRunTimes:
     """Mean run times in seconds by template, each read from the database at most once per `reuse_seconds` and
     shared by every estimate; a template with no success yet takes any template's. That there is none yet is
-    kept as long as a mean is, or until a read shows a job of the template succeeded (`succeeded`); so a template's first success
-    counts within `reuse_seconds`, as every later one does, and at once for a client that saw it (asked again
-    at each estimate, it cost every read of a running job two queries on a worker thread, a
-    fifth of the API's CPU with a thousand jobs running and none done yet: bench/long_jobs.py). Estimates that
-    ask while a read of the same mean is under way share its answer (a burst of submissions before any success
-    asked the same two queries each, and held the API's database connections). Estimates run on worker
-    threads, hence the lock."""
+    kept as long as a mean is, or until a read shows a job of the template succeeded (`succeeded`); so a
+    template's first success counts within `reuse_seconds`, as every later one does, and at once for a client
+    that saw it (asked again at each estimate, it cost every read of a running job two queries on a worker
+    thread, a fifth of the API's CPU with a thousand jobs running and none done yet: bench/long_jobs.py).
+    Estimates that ask while a read of the same mean is under way share its answer (a burst of submissions
+    before any success asked the same two queries each, and held the API's database connections). Estimates run
+    on worker threads, hence the lock."""
 
     def __init__(self, reuse_seconds: float = MEANS_REUSE_SECONDS) -> None:
         self.reuse_seconds = reuse_seconds
