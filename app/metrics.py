@@ -64,8 +64,8 @@ HTTP_REQUESTS = Counter(
 )
 HTTP_REQUEST_DURATION = Histogram(
     "gateway_http_request_duration_seconds",
-    "time from a request's arrival to its answer's first byte (an event stream: until it opens), by method and "
-    "route template", ["method", "route"],
+    "time from when the API begins to work on a request (a read once it has its read turn) to its answer's first "
+    "byte (an event stream: until it opens), by method and route template", ["method", "route"],
 )
 
 # --- the worker's (WORKER_REGISTRY) ------------------------------------------------------------------------------

@@ -261,7 +261,8 @@ async def measure(api_url: str, temporal_address: str, gateway_pid: int, simulat
               f"p95 {percentile(reads, 0.95):.1f} ms, p99 {percentile(reads, 0.99):.1f} ms (target p99 <= 50)")
         if unexpected:
             print(f"  answers that were not a running job: {unexpected}")
-        print("  the API's own time for them (its request-duration histogram, arrival to first byte): "
+        print("  the API's own time for them (its request-duration histogram, from the read's turn to its first "
+              "byte): "
               + ", ".join(f"{served[bound] / served['+Inf']:.1%} within {float(bound) * 1000:g} ms"
                           for bound in ("0.005", "0.01", "0.025", "0.05", "0.1") if served.get("+Inf")))
         # The gateway and the simulators are stopped next: the cancels stop the prompts sooner, if they can.
