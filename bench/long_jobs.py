@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from temporalio.api.enums.v1 import TimeoutType
 from temporalio.client import Client
 
@@ -200,12 +201,11 @@ def read_at_random(api_url: str, job_ids: list[str], window: float, clients: int
 async def served_in(api: httpx.AsyncClient) -> dict[str, float]:
     """The API's count of `GET /jobs/{id}` answered so far within each bound (`le`) of its request-duration
     histogram."""
-    counts = {}
-    for line in (await api.get("/metrics")).text.splitlines():
-        if (line.startswith("gateway_http_request_duration_seconds_bucket{") and 'method="GET"' in line
-                and 'route="/jobs/{job_id}"' in line):
-            counts[line.split('le="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
-    return counts
+    return {sample.labels["le"]: sample.value
+            for family in text_string_to_metric_families((await api.get("/metrics")).text)
+            for sample in family.samples
+            if sample.name == "gateway_http_request_duration_seconds_bucket"
+            and sample.labels.get("method") == "GET" and sample.labels.get("route") == "/jobs/{job_id}"}
 
 
 async def measure(api_url: str, temporal_address: str, gateway_pid: int, simulators_pid: int, jobs: int,
